@@ -1,0 +1,40 @@
+# meshtun — see README.md.
+GO        ?= go
+BIN       := bin/meshtun
+PKGS      := ./...
+# Integration tests create network namespaces and TUN devices: root only.
+INTEG_TIMEOUT ?= 20m
+
+.PHONY: all build test unit integration bench demo lint clean deps
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/meshtun
+
+deps:
+	bash scripts/install-deps.sh
+
+# Every test: lint, unit tests (with the race detector), then the integration
+# tests in network namespaces against the built binary.
+test: lint unit integration
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+
+integration: build
+	MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(INTEG_TIMEOUT) -v ./integration/...
+
+bench: build deps
+	bash scripts/bench.sh
+
+demo: build
+	@echo "make demo arrives with the embedded control plane (issue 7); for now: sudo $(BIN) proxy --help"
+
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin

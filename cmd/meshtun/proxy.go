@@ -1,0 +1,178 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/internal/logging"
+	"github.com/meshtun/meshtun/mesh"
+	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/upstream"
+	"github.com/meshtun/meshtun/netstack"
+	"github.com/meshtun/meshtun/tun"
+)
+
+type proxyFlags struct {
+	capture        string
+	tunName        string
+	tunMTU         int
+	mark           uint32
+	podIface       string
+	podIPs         []netip.Addr
+	inbound        bool
+	exclOutPorts   []tun.PortRange
+	exclOutCIDRs   []netip.Prefix
+	exclInPorts    []tun.PortRange
+	udpIdle        time.Duration
+	tcpIdle        time.Duration
+	connectTimeout time.Duration
+	logLevel       string
+	logFormat      string
+}
+
+func (f *proxyFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN) or "none" (open the TUN, change no routes)`)
+	fs.StringVar(&f.tunName, "tun-name", "meshtun0", "TUN device name")
+	fs.IntVar(&f.tunMTU, "tun-mtu", 65535, "TUN MTU (1280..65535); flows are terminated locally, so a large MTU costs nothing and saves per-packet work")
+	fs.Func("mark", "SO_MARK of the proxy's upstream sockets; marked traffic bypasses capture (default 0x539)", func(s string) error {
+		v, err := strconv.ParseUint(s, 0, 32)
+		if err != nil || v == 0 {
+			return fmt.Errorf("want a non-zero 32-bit number such as 0x539, got %q", s)
+		}
+		f.mark = uint32(v)
+		return nil
+	})
+	fs.StringVar(&f.podIface, "pod-iface", "", "the pod's network interface (default: the interface of the default route)")
+	fs.Func("pod-ips", "the pod's IPs, comma separated (default: the global addresses of --pod-iface)", func(s string) error {
+		ips, err := parseIPs(s)
+		f.podIPs = ips
+		return err
+	})
+	fs.BoolVar(&f.inbound, "inbound", true, "capture inbound TCP to the pod IPs")
+	fs.Func("exclude-outbound-ports", `outbound destination ports not captured, e.g. "3306,8000-8100" (traffic.sidecar.istio.io/excludeOutboundPorts)`, func(s string) (err error) {
+		f.exclOutPorts, err = tun.ParsePorts(s)
+		return err
+	})
+	fs.Func("exclude-outbound-cidrs", `outbound destinations not captured, e.g. "10.1.0.0/16,fd00::/8" (traffic.sidecar.istio.io/excludeOutboundIPRanges)`, func(s string) (err error) {
+		f.exclOutCIDRs, err = tun.ParseCIDRs(s)
+		return err
+	})
+	fs.Func("exclude-inbound-ports", `inbound ports not captured (traffic.sidecar.istio.io/excludeInboundPorts); 15000,15020,15021,15090 always are`, func(s string) (err error) {
+		f.exclInPorts, err = tun.ParsePorts(s)
+		return err
+	})
+	fs.DurationVar(&f.udpIdle, "udp-idle-timeout", 60*time.Second, "a UDP flow with no datagram either way for this long ends")
+	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", time.Hour, "a TCP flow idle in both directions for this long is closed (Envoy tcp_proxy idle_timeout); 0 disables")
+	fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "upstream TCP connect timeout (Istio's mesh connectTimeout)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warning, error, critical or off")
+	fs.StringVar(&f.logFormat, "log-format", "console", "console or json")
+}
+
+func parseIPs(s string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, tok := range strings.Split(s, ",") {
+		tok = strings.TrimSpace(tok)
+		if tok == "" {
+			continue
+		}
+		ip, err := netip.ParseAddr(tok)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not an IP address", tok)
+		}
+		out = append(out, ip.Unmap())
+	}
+	return out, nil
+}
+
+func runProxy(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("meshtun proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f := proxyFlags{mark: 0x539}
+	f.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "meshtun proxy: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if f.capture != "sidecar" && f.capture != "none" {
+		fmt.Fprintf(stderr, "meshtun proxy: -capture: want \"sidecar\" or \"none\", got %q\n", f.capture)
+		return 2
+	}
+	log, err := logging.New(logging.Options{Level: f.logLevel, Format: logging.Format(f.logFormat), Out: stderr})
+	if err != nil {
+		fmt.Fprintf(stderr, "meshtun proxy: %v\n", err)
+		return 2
+	}
+	if err := serveProxy(&f, log); err != nil {
+		log.Error().Err(err).Msg("proxy failed")
+		return 1
+	}
+	return 0
+}
+
+func serveProxy(f *proxyFlags, root zerolog.Logger) error {
+	log := logging.Component(root, "main")
+	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU})
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	off := dev.Offloads()
+	log.Info().Str("name", dev.Name()).Int("mtu", dev.MTU()).Bool("vnet_hdr", off.VNetHdr).
+		Bool("tso", off.TSO).Bool("gro", off.GRO).Int("batch_size", off.BatchSize).Msg("tun device open")
+
+	podIPs := f.podIPs
+	if f.capture == "sidecar" {
+		capt, err := tun.SetupCapture(tun.CaptureConfig{
+			TunName:              dev.Name(),
+			Mark:                 f.mark,
+			PodInterface:         f.podIface,
+			PodIPs:               f.podIPs,
+			Inbound:              f.inbound,
+			ExcludeOutboundPorts: f.exclOutPorts,
+			ExcludeOutboundCIDRs: f.exclOutCIDRs,
+			ExcludeInboundPorts:  f.exclInPorts,
+		}, logging.Component(root, "capture"))
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err := capt.Teardown(); err != nil {
+				log.Error().Err(err).Msg("capture teardown")
+			}
+		}()
+		podIPs = capt.PodIPs()
+	}
+
+	handler := &mesh.Passthrough{
+		Dialer:         &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout},
+		LocalIPs:       podIPs,
+		TCPIdleTimeout: f.tcpIdle,
+		Access:         accesslog.New(root),
+	}
+	st, err := netstack.New(dev.Dev(), handler, netstack.Config{UDPIdleTimeout: f.udpIdle}, logging.Component(root, "netstack"))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	log.Info().Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
+	sig := <-sigs
+	log.Info().Str("signal", sig.String()).Msg("shutting down")
+	return nil
+}

@@ -1,0 +1,76 @@
+// Package accesslog writes one line per finished flow, with the field
+// names of Istio's JSON access log (Envoy command operators in snake case),
+// so tools and people who read Envoy's logs find the same keys.
+package accesslog
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Entry is what is known about a flow when it ends.
+type Entry struct {
+	Transport       string // "tcp" or "udp"
+	Direction       string // "outbound" or "inbound"
+	Start           time.Time
+	DownstreamLocal netip.AddrPort // the original destination
+	DownstreamPeer  netip.AddrPort // the original source
+	UpstreamHost    netip.AddrPort
+	UpstreamLocal   netip.AddrPort
+	UpstreamCluster string
+	BytesReceived   int64 // from downstream
+	BytesSent       int64 // to downstream
+	ResponseFlags   string
+	Details         string // connection_termination_details / failure reason
+}
+
+// Logger emits entries. The zero value discards them.
+type Logger struct {
+	l       zerolog.Logger
+	enabled bool
+}
+
+// New returns a Logger writing through l with logger=access.
+func New(l zerolog.Logger) *Logger {
+	return &Logger{l: l.With().Str("logger", "access").Logger(), enabled: true}
+}
+
+// Log writes e at info level.
+func (a *Logger) Log(e *Entry) {
+	if a == nil || !a.enabled {
+		return
+	}
+	ev := a.l.Info()
+	if !ev.Enabled() {
+		return
+	}
+	flags := e.ResponseFlags
+	if flags == "" {
+		flags = "-"
+	}
+	ev = ev.Str("transport", e.Transport).
+		Str("direction", e.Direction).
+		Time("start_time", e.Start).
+		Int64("duration", time.Since(e.Start).Milliseconds()).
+		Str("downstream_remote_address", addr(e.DownstreamPeer)).
+		Str("downstream_local_address", addr(e.DownstreamLocal)).
+		Str("upstream_host", addr(e.UpstreamHost)).
+		Str("upstream_local_address", addr(e.UpstreamLocal)).
+		Str("upstream_cluster", e.UpstreamCluster).
+		Int64("bytes_received", e.BytesReceived).
+		Int64("bytes_sent", e.BytesSent).
+		Str("response_flags", flags)
+	if e.Details != "" {
+		ev = ev.Str("connection_termination_details", e.Details)
+	}
+	ev.Msg("access")
+}
+
+func addr(a netip.AddrPort) string {
+	if !a.IsValid() {
+		return "-"
+	}
+	return a.String()
+}

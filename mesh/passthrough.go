@@ -1,0 +1,140 @@
+// Package mesh turns captured flows into Envoy semantics.
+//
+// Until listeners and clusters arrive from configuration, Passthrough is
+// the whole of it: Istio's PassthroughCluster and InboundPassthroughCluster
+// (ORIGINAL_DST clusters) for every flow.
+package mesh
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/upstream"
+	"github.com/meshtun/meshtun/netstack"
+)
+
+// Istio's names for the passthrough clusters.
+const (
+	PassthroughCluster        = "PassthroughCluster"
+	InboundPassthroughCluster = "InboundPassthroughCluster"
+)
+
+// Passthrough forwards every flow to its original destination over a
+// marked socket. It dials before completing the client's handshake, so a
+// destination that refuses or does not answer is seen by the client as a
+// refused connection (RST) rather than an accepted one that closes.
+type Passthrough struct {
+	Dialer *upstream.Dialer
+	// LocalIPs are the pod's own addresses: flows to them are inbound.
+	LocalIPs []netip.Addr
+	// TCPIdleTimeout closes TCP flows idle in both directions (Envoy's
+	// tcp_proxy default is 1 h); 0 disables.
+	TCPIdleTimeout time.Duration
+	Access         *accesslog.Logger
+}
+
+var _ netstack.Handler = (*Passthrough)(nil)
+
+func (p *Passthrough) direction(dst netip.Addr) (string, string) {
+	for _, ip := range p.LocalIPs {
+		if ip == dst {
+			return "inbound", InboundPassthroughCluster
+		}
+	}
+	return "outbound", PassthroughCluster
+}
+
+// HandleTCP implements netstack.Handler.
+func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
+	dir, cluster := p.direction(req.ID.Dst.Addr())
+	e := accesslog.Entry{
+		Transport: "tcp", Direction: dir, Start: time.Now(),
+		DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src,
+		UpstreamHost: req.ID.Dst, UpstreamCluster: cluster,
+	}
+	up, err := p.Dialer.DialTCP(context.Background(), req.ID.Dst, netip.Addr{})
+	if err != nil {
+		req.Refuse()
+		e.ResponseFlags = "UF"
+		e.Details = err.Error()
+		p.Access.Log(&e)
+		return
+	}
+	e.UpstreamLocal = up.LocalAddr().(*net.TCPAddr).AddrPort()
+	down, err := req.Accept()
+	if err != nil {
+		up.SetLinger(0)
+		up.Close()
+		e.ResponseFlags = "DC"
+		e.Details = err.Error()
+		p.Access.Log(&e)
+		return
+	}
+	r := tcpproxy.Splice(down, up, p.TCPIdleTimeout)
+	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
+	p.Access.Log(&e)
+}
+
+// HandleUDP implements netstack.Handler: datagrams are relayed over a
+// connected, marked socket until the flow idles out.
+func (p *Passthrough) HandleUDP(f *netstack.UDPFlow) {
+	dir, cluster := p.direction(f.ID.Dst.Addr())
+	e := accesslog.Entry{
+		Transport: "udp", Direction: dir, Start: time.Now(),
+		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src,
+		UpstreamHost: f.ID.Dst, UpstreamCluster: cluster,
+	}
+	defer p.Access.Log(&e)
+	up, err := p.Dialer.DialUDP(context.Background(), f.ID.Dst)
+	if err != nil {
+		f.Close()
+		e.ResponseFlags = "UF"
+		e.Details = err.Error()
+		return
+	}
+	e.UpstreamLocal = up.LocalAddr().(*net.UDPAddr).AddrPort()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // upstream → client
+		defer wg.Done()
+		bp := udpBufPool.Get().(*[]byte)
+		defer udpBufPool.Put(bp)
+		for {
+			n, err := up.Read(*bp)
+			if err != nil {
+				if isRefused(err) {
+					continue // ICMP port unreachable from an earlier datagram
+				}
+				f.Close()
+				return
+			}
+			if _, err := f.WritePacket((*bp)[:n]); err != nil {
+				f.Close()
+				return
+			}
+			e.BytesSent += int64(n)
+		}
+	}()
+	bp := udpBufPool.Get().(*[]byte)
+	for {
+		n, err := f.ReadPacket(*bp)
+		if err != nil {
+			break
+		}
+		if _, err := up.Write((*bp)[:n]); err != nil && !isRefused(err) {
+			break
+		}
+		e.BytesReceived += int64(n)
+	}
+	udpBufPool.Put(bp)
+	f.Close()
+	up.Close()
+	wg.Wait()
+}
+
+var udpBufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}

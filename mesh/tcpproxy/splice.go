@@ -1,0 +1,211 @@
+// Package tcpproxy moves bytes between a downstream and an upstream TCP
+// connection the way Envoy's tcp_proxy does: both directions at once, a
+// FIN on one side becomes a FIN on the other (half-close), a reset becomes
+// a reset, and a connection idle in both directions is closed.
+package tcpproxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// bufSize is the copy buffer per direction. 128 KiB amortises the syscall
+// and stack-call cost over large reads (both the TUN path and the kernel
+// socket deliver up to 64 KiB segments) while keeping a flow's footprint
+// modest; buffers are pooled, so idle flows hold none between reads.
+const bufSize = 128 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// Result describes how a spliced connection ended.
+type Result struct {
+	Received int64 // bytes from downstream to upstream (Envoy's bytes_received)
+	Sent     int64 // bytes from upstream to downstream (Envoy's bytes_sent)
+
+	DownstreamReset bool // the downstream peer reset the connection
+	UpstreamReset   bool // the upstream peer reset the connection
+	IdleTimeout     bool // closed by the idle timeout
+}
+
+// ResponseFlags renders the result as Envoy's %RESPONSE_FLAGS% ("-" when
+// nothing is worth flagging).
+func (r Result) ResponseFlags() string {
+	switch {
+	case r.UpstreamReset:
+		return "UR"
+	case r.DownstreamReset:
+		return "DR"
+	case r.IdleTimeout:
+		return "IT"
+	}
+	return "-"
+}
+
+type direction struct {
+	n        int64
+	eof      bool // source sent FIN and it was forwarded
+	srcReset bool // reading the source failed with a reset
+	dstReset bool // writing the destination failed: the peer is gone
+	err      error
+}
+
+type directionResult struct {
+	toUp bool // downstream → upstream
+	d    direction
+}
+
+// Splice copies between down and up until both directions are finished,
+// then closes both. idle <= 0 disables the idle timeout.
+func Splice(down, up net.Conn, idle time.Duration) Result {
+	var activity atomic.Uint64
+	var idleFired atomic.Bool
+	var closeOnce sync.Once
+	closeBoth := func() {
+		closeOnce.Do(func() {
+			down.Close()
+			up.Close()
+		})
+	}
+
+	if idle > 0 {
+		stop := watchIdle(idle, &activity, func() {
+			idleFired.Store(true)
+			closeBoth()
+		})
+		defer stop()
+	}
+
+	results := make(chan directionResult, 2)
+	go func() { results <- directionResult{true, pipe(up, down, &activity)} }()
+	go func() { results <- directionResult{false, pipe(down, up, &activity)} }()
+
+	var res Result
+	for i := 0; i < 2; i++ {
+		r := <-results
+		if r.toUp {
+			res.Received = r.d.n
+		} else {
+			res.Sent = r.d.n
+		}
+		if r.d.eof {
+			continue // the other direction may still be flowing
+		}
+		// Any failure ends both directions. A reset read from one side is
+		// passed on as a reset to the other; a failed write means the
+		// destination peer is gone, so the source is reset too.
+		switch {
+		case r.d.srcReset && r.toUp:
+			res.DownstreamReset = true
+			resetConn(up)
+		case r.d.srcReset:
+			res.UpstreamReset = true
+			resetConn(down)
+		case r.d.dstReset && r.toUp:
+			res.UpstreamReset = true
+			resetConn(down)
+		case r.d.dstReset:
+			res.DownstreamReset = true
+			resetConn(up)
+		}
+		closeBoth()
+	}
+	closeBoth()
+	res.IdleTimeout = idleFired.Load()
+	return res
+}
+
+// pipe copies src to dst until EOF or an error.
+func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var d direction
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			activity.Add(1)
+			wn, werr := dst.Write(buf[:n])
+			d.n += int64(wn)
+			if werr != nil {
+				d.err = werr
+				d.dstReset = isReset(werr)
+				return d
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF {
+				d.eof = true
+				closeWrite(dst)
+				return d
+			}
+			d.err = rerr
+			d.srcReset = isReset(rerr)
+			return d
+		}
+	}
+}
+
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED)
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
+}
+
+// resetConn aborts c with a RST: Reset() for netstack flows, SO_LINGER 0
+// and close for kernel sockets.
+func resetConn(c net.Conn) {
+	switch v := c.(type) {
+	case interface{ Reset() }:
+		v.Reset()
+	case *net.TCPConn:
+		_ = v.SetLinger(0)
+		_ = v.Close()
+	default:
+		_ = c.Close()
+	}
+}
+
+// watchIdle calls fire once no activity was recorded for a full idle
+// period. Activity is a counter bumped per read, so the hot path pays one
+// atomic add and no clock read; the check runs every idle/4.
+func watchIdle(idle time.Duration, activity *atomic.Uint64, fire func()) (stop func()) {
+	tick := idle / 4
+	if tick <= 0 {
+		tick = idle
+	}
+	t := time.NewTicker(tick)
+	done := make(chan struct{})
+	go func() {
+		defer t.Stop()
+		last := activity.Load()
+		quiet := time.Duration(0)
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			if cur := activity.Load(); cur != last {
+				last, quiet = cur, 0
+				continue
+			}
+			quiet += tick
+			if quiet >= idle {
+				fire()
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
+}

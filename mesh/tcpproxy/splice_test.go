@@ -1,0 +1,189 @@
+package tcpproxy
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// pair returns the two ends of a loopback TCP connection.
+func pair(t testing.TB) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	acc := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		acc <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-acc
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// proxied sets up client ⇄ [down|Splice|up] ⇄ server and returns the
+// client and server ends plus the channel delivering Splice's result.
+func proxied(t testing.TB, idle time.Duration) (client, server *net.TCPConn, res <-chan Result) {
+	client, down := pair(t)
+	up, server := pair(t)
+	ch := make(chan Result, 1)
+	go func() { ch <- Splice(down, up, idle) }()
+	return client, server, ch
+}
+
+func waitResult(t *testing.T, ch <-chan Result) Result {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("Splice did not return")
+	}
+	return Result{}
+}
+
+func TestSpliceHalfCloseBothWays(t *testing.T) {
+	client, server, res := proxied(t, 0)
+	req := make([]byte, 300<<10)
+	rand.Read(req)
+	reply := make([]byte, 1<<20)
+	rand.Read(reply)
+
+	go func() {
+		client.Write(req)
+		client.CloseWrite() // request done; still reading the reply
+	}()
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(server)
+	if err != nil || !bytes.Equal(got, req) {
+		t.Fatalf("server got %d bytes (err %v), want the %d-byte request then EOF", len(got), err, len(req))
+	}
+	server.Write(reply)
+	server.Close()
+
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	back, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(back, reply) {
+		t.Fatalf("client got %d bytes (err %v), want the %d-byte reply then EOF", len(back), err, len(reply))
+	}
+	r := waitResult(t, res)
+	if r.Received != int64(len(req)) || r.Sent != int64(len(reply)) {
+		t.Fatalf("counted received=%d sent=%d, want %d and %d", r.Received, r.Sent, len(req), len(reply))
+	}
+	if r.ResponseFlags() != "-" {
+		t.Fatalf("flags %q, want -", r.ResponseFlags())
+	}
+}
+
+func TestSpliceUpstreamResetReachesClient(t *testing.T) {
+	client, server, res := proxied(t, 0)
+	client.Write([]byte("hi"))
+	buf := make([]byte, 2)
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(server, buf)
+	server.SetLinger(0)
+	server.Close() // RST
+
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := client.Read(make([]byte, 10))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read after upstream reset: %v, want ECONNRESET", err)
+	}
+	if r := waitResult(t, res); !r.UpstreamReset || r.ResponseFlags() != "UR" {
+		t.Fatalf("result %+v, want UpstreamReset (UR)", r)
+	}
+}
+
+func TestSpliceDownstreamResetReachesServer(t *testing.T) {
+	client, server, res := proxied(t, 0)
+	client.Write([]byte("hi"))
+	buf := make([]byte, 2)
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(server, buf)
+	client.SetLinger(0)
+	client.Close()
+
+	_, err := server.Read(make([]byte, 10))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("server read after client reset: %v, want ECONNRESET", err)
+	}
+	if r := waitResult(t, res); !r.DownstreamReset {
+		t.Fatalf("result %+v, want DownstreamReset", r)
+	}
+}
+
+func TestSpliceIdleTimeout(t *testing.T) {
+	client, server, res := proxied(t, 200*time.Millisecond)
+	client.Write([]byte("x"))
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(server, make([]byte, 1))
+	r := waitResult(t, res)
+	if !r.IdleTimeout || r.ResponseFlags() != "IT" {
+		t.Fatalf("result %+v, want IdleTimeout", r)
+	}
+	// Both peers see the connection end.
+	if _, err := server.Read(make([]byte, 1)); err == nil {
+		t.Fatal("server connection still open after idle timeout")
+	}
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatal("client connection still open after idle timeout")
+	}
+}
+
+func TestSpliceActivityDefersIdleTimeout(t *testing.T) {
+	client, server, res := proxied(t, 300*time.Millisecond)
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	// Traffic every 100 ms for 1 s keeps the flow alive past 3 idle periods.
+	for i := 0; i < 10; i++ {
+		client.Write([]byte("x"))
+		if _, err := io.ReadFull(server, make([]byte, 1)); err != nil {
+			t.Fatalf("round %d: %v (closed while active)", i, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	select {
+	case r := <-res:
+		t.Fatalf("splice ended while active: %+v", r)
+	default:
+	}
+	client.Close()
+	server.Close()
+	waitResult(t, res)
+}
+
+func BenchmarkSpliceLoopback(b *testing.B) {
+	client, server, res := proxied(b, 0)
+	chunk := make([]byte, 128<<10)
+	b.SetBytes(int64(len(chunk)))
+	b.ReportAllocs()
+	done := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, server)
+		close(done)
+	}()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		client.Write(chunk)
+	}
+	client.CloseWrite()
+	<-done
+	b.StopTimer()
+	server.Close()
+	<-res
+}

@@ -1,0 +1,519 @@
+package tun
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/rs/zerolog"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The rule block sits at the head of the rule list, in front of the
+// kernel's "lookup local", which moves from priority 0 to prioLocal: inbound
+// TCP for the pod's own address must be routed into the TUN before the
+// local table would deliver it to the pod's sockets.
+const (
+	prioMark       = 10 // fwmark <mark> goto prioLocal: the proxy's own sockets
+	prioLocalOut   = 11 // iif lo lookup local: local destinations stay local
+	prioExcludeOut = 12 // iif lo, excluded CIDR/port: goto prioLocal
+	prioCaptureOut = 13 // iif lo ipproto tcp|udp lookup <table>
+	prioExcludeIn  = 14 // iif <pod if> ipproto tcp dport <excluded>: goto prioLocal
+	prioCaptureIn  = 15 // iif <pod if> ipproto tcp to <pod IP> lookup <table>
+	prioLocal      = 20 // lookup local, moved from 0
+
+	// rtProto tags every rule and route capture adds (rtm_protocol), so the
+	// cleanup after a crash finds exactly its own and nothing else.
+	rtProto = 0x6d
+)
+
+// alwaysExcludedOut are destinations never captured: multicast, broadcast
+// and IPv6 link-local traffic is not a flow to proxy.
+var alwaysExcludedOut = []netip.Prefix{
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("255.255.255.255/32"),
+	netip.MustParsePrefix("ff00::/8"),
+	netip.MustParsePrefix("fe80::/10"),
+}
+
+// sysctlChange is one recorded sysctl value, restored at teardown.
+type sysctlChange struct {
+	Path string `json:"path"`
+	Old  string `json:"old"`
+}
+
+// state is what setup changed, written before the change, so that the
+// next setup can undo a crashed run exactly.
+type state struct {
+	Tun     string         `json:"tun"`
+	Table   int            `json:"table"`
+	Sysctls []sysctlChange `json:"sysctls"`
+}
+
+func statePath(dir string) string { return filepath.Join(dir, "capture.json") }
+
+// SetupCapture installs sidecar capture in the calling thread's network
+// namespace. It first removes what a crashed run may have left, so calling
+// it twice yields one set of rules. On error, whatever it did is undone.
+func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if err := CleanupStale(cfg.StateDir, log); err != nil {
+		return nil, err
+	}
+	tunLink, err := netlink.LinkByName(cfg.TunName)
+	if err != nil {
+		return nil, fmt.Errorf("capture: TUN %q: %w", cfg.TunName, err)
+	}
+	c := &Capture{cfg: cfg, podIf: cfg.PodInterface, podIPs: cfg.PodIPs}
+	if c.podIf == "" {
+		if c.podIf, err = defaultRouteInterface(); err != nil {
+			return nil, err
+		}
+	}
+	podLink, err := netlink.LinkByName(c.podIf)
+	if err != nil {
+		return nil, fmt.Errorf("capture: pod interface %q: %w", c.podIf, err)
+	}
+	if len(c.podIPs) == 0 {
+		if c.podIPs, err = globalAddrs(podLink); err != nil {
+			return nil, err
+		}
+	}
+	if c.inboundPorts, err = inboundCapturePorts(); err != nil {
+		return nil, err
+	}
+	if err := c.install(tunLink, log); err != nil {
+		if terr := c.Teardown(); terr != nil {
+			log.Error().Err(terr).Msg("undoing a failed capture setup")
+		}
+		return nil, err
+	}
+	log.Info().Str("tun", cfg.TunName).Str("pod_interface", c.podIf).Interface("pod_ips", c.podIPs).
+		Int("table", cfg.Table).Bool("inbound", cfg.Inbound).Msg("capture installed")
+	return c, nil
+}
+
+func (c *Capture) has(v6 bool) (netip.Addr, bool) {
+	for _, ip := range c.podIPs {
+		if ip.Is6() == v6 {
+			return ip, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+func (c *Capture) install(tunLink netlink.Link, log zerolog.Logger) error {
+	cfg := &c.cfg
+	_, hasV6 := c.has(true)
+
+	// 1. Record, then set, the sysctls.
+	st := state{Tun: cfg.TunName, Table: cfg.Table}
+	type want struct{ path, val string }
+	var wants []want
+	conf4 := func(dev, key string) string { return fmt.Sprintf("/proc/sys/net/ipv4/conf/%s/%s", dev, key) }
+	wants = append(wants,
+		// Replies of inbound flows leave the stack with the pod IP as source.
+		want{conf4(cfg.TunName, "accept_local"), "1"},
+		want{conf4(cfg.TunName, "rp_filter"), "0"})
+	if v, err := readSysctl(conf4("all", "rp_filter")); err == nil && v == "1" {
+		// The effective rp_filter is max(all, dev): strict would drop them.
+		wants = append(wants, want{conf4("all", "rp_filter"), "2"})
+	}
+	if cfg.Inbound {
+		// Inbound packets are forwarded pod-if → TUN, replies TUN → pod-if.
+		wants = append(wants, want{conf4(c.podIf, "forwarding"), "1"}, want{conf4(cfg.TunName, "forwarding"), "1"})
+		if hasV6 {
+			// IPv6 forwarding is only switched globally; keep accepting
+			// router advertisements on the pod interface if it did.
+			if v, err := readSysctl("/proc/sys/net/ipv6/conf/" + c.podIf + "/accept_ra"); err == nil && v == "1" {
+				wants = append(wants, want{"/proc/sys/net/ipv6/conf/" + c.podIf + "/accept_ra", "2"})
+			}
+			wants = append(wants, want{"/proc/sys/net/ipv6/conf/all/forwarding", "1"})
+		}
+	}
+	for _, w := range wants {
+		old, err := readSysctl(w.path)
+		if err != nil {
+			return fmt.Errorf("capture: sysctl %s: %w", w.path, err)
+		}
+		if old != w.val {
+			st.Sysctls = append(st.Sysctls, sysctlChange{Path: w.path, Old: old})
+		}
+	}
+	if err := writeState(cfg.StateDir, &st); err != nil {
+		return err
+	}
+	for _, w := range wants {
+		if err := writeSysctl(w.path, w.val); err != nil {
+			return fmt.Errorf("capture: sysctl %s=%s: %w", w.path, w.val, err)
+		}
+	}
+
+	// 2. The capture table: everything routed there goes into the TUN.
+	for _, v6 := range []bool{false, true} {
+		r := &netlink.Route{
+			LinkIndex: tunLink.Attrs().Index,
+			Table:     cfg.Table,
+			Dst:       defaultDst(v6),
+			Protocol:  rtProto,
+			Scope:     netlink.SCOPE_UNIVERSE,
+		}
+		if ip, ok := c.has(v6); ok {
+			r.Src = ip.AsSlice()
+		}
+		if err := netlink.RouteReplace(r); err != nil {
+			return fmt.Errorf("capture: route %v in table %d: %w", r.Dst, cfg.Table, err)
+		}
+	}
+
+	// 3. Move "lookup local" behind the capture rules.
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		local := newRule(fam, prioLocal)
+		local.Table = unix.RT_TABLE_LOCAL
+		if err := netlink.RuleAdd(local); err != nil {
+			return fmt.Errorf("capture: rule %s: %w", describe(local), err)
+		}
+		orig := netlink.NewRule()
+		orig.Family, orig.Priority, orig.Table = fam, 0, unix.RT_TABLE_LOCAL
+		if err := netlink.RuleDel(orig); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("capture: moving the local rule (family %d) from priority 0: %w", fam, err)
+		}
+	}
+
+	// 4. The capture rules.
+	for _, r := range c.rules() {
+		if err := netlink.RuleAdd(r); err != nil {
+			return fmt.Errorf("capture: rule %s: %w", describe(r), err)
+		}
+	}
+	return nil
+}
+
+// rulePorts converts a port range for a rule. The kernel refuses a range
+// ending at 65535 (fib_rule_port_range_valid), so that port is left out.
+func rulePorts(pr PortRange) *netlink.RulePortRange {
+	return netlink.NewRulePortRange(pr.Start, min(pr.End, 65534))
+}
+
+func newRule(family, prio int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = family
+	r.Priority = prio
+	r.Protocol = rtProto
+	return r
+}
+
+// rules returns the capture rules for both families (see the prio* consts).
+func (c *Capture) rules() []*netlink.Rule {
+	cfg := &c.cfg
+	var out []*netlink.Rule
+	mask := cfg.MarkMask
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		v6 := fam == unix.AF_INET6
+		gotoLocal := func(prio int) *netlink.Rule {
+			r := newRule(fam, prio)
+			r.Goto = prioLocal
+			return r
+		}
+		r := gotoLocal(prioMark)
+		r.Mark, r.Mask = cfg.Mark, &mask
+		out = append(out, r)
+
+		r = newRule(fam, prioLocalOut)
+		r.IifName, r.Table = "lo", unix.RT_TABLE_LOCAL
+		out = append(out, r)
+
+		for _, p := range append(append([]netip.Prefix(nil), alwaysExcludedOut...), cfg.ExcludeOutboundCIDRs...) {
+			if p.Addr().Is6() != v6 {
+				continue
+			}
+			r = gotoLocal(prioExcludeOut)
+			r.IifName, r.Dst = "lo", prefixToIPNet(p)
+			out = append(out, r)
+		}
+		for _, pr := range cfg.ExcludeOutboundPorts {
+			if pr.Start == 65535 {
+				continue // not expressible in a rule; see rulePorts
+			}
+			for _, proto := range []int{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+				r = gotoLocal(prioExcludeOut)
+				r.IifName, r.IPProto = "lo", proto
+				r.Dport = rulePorts(pr)
+				out = append(out, r)
+			}
+		}
+		for _, proto := range []int{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+			r = newRule(fam, prioCaptureOut)
+			r.IifName, r.IPProto, r.Table = "lo", proto, cfg.Table
+			out = append(out, r)
+		}
+		if !cfg.Inbound {
+			continue
+		}
+		for _, pr := range append(append([]PortRange(nil), AlwaysExcludedInboundPorts...), cfg.ExcludeInboundPorts...) {
+			if pr.Start == 65535 {
+				continue
+			}
+			r = gotoLocal(prioExcludeIn)
+			r.IifName, r.IPProto = c.podIf, unix.IPPROTO_TCP
+			r.Dport = rulePorts(pr)
+			out = append(out, r)
+		}
+		for _, ip := range c.podIPs {
+			if ip.Is6() != v6 {
+				continue
+			}
+			for _, pr := range c.inboundPorts {
+				r = newRule(fam, prioCaptureIn)
+				r.IifName, r.IPProto, r.Table = c.podIf, unix.IPPROTO_TCP, cfg.Table
+				r.Dst = prefixToIPNet(netip.PrefixFrom(ip, ip.BitLen()))
+				r.Dport = rulePorts(pr)
+				out = append(out, r)
+			}
+		}
+	}
+	return out
+}
+
+// Teardown removes the rules and routes and restores the sysctls and the
+// local rule exactly. It is idempotent.
+func (c *Capture) Teardown() error {
+	if c.undone {
+		return nil
+	}
+	c.undone = true
+	return CleanupStale(c.cfg.StateDir, zerolog.Nop())
+}
+
+// CleanupStale removes every rule and route tagged as capture's, puts
+// "lookup local" back at priority 0, and restores the sysctls recorded in
+// stateDir by the run that installed them (a crashed one included).
+func CleanupStale(stateDir string, log zerolog.Logger) error {
+	var errs []error
+	st, err := readState(stateDir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		// Local rule first, so local delivery never lapses.
+		if err := ensureLocalRule(fam); err != nil {
+			errs = append(errs, err)
+		}
+		rules, err := netlink.RuleList(fam)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("capture: listing rules: %w", err))
+			continue
+		}
+		n := 0
+		for i := range rules {
+			if rules[i].Protocol != rtProto {
+				continue
+			}
+			if err := netlink.RuleDel(&rules[i]); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("capture: deleting rule %s: %w", describe(&rules[i]), err))
+			}
+			n++
+		}
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: rtProto},
+			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("capture: listing routes: %w", err))
+			continue
+		}
+		for i := range routes {
+			if err := netlink.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
+				errs = append(errs, fmt.Errorf("capture: deleting route %v table %d: %w", routes[i].Dst, routes[i].Table, err))
+			}
+			n++
+		}
+		if n > 0 {
+			log.Info().Int("family", fam).Int("removed", n).Msg("capture rules and routes removed")
+		}
+	}
+	if st != nil {
+		for i := len(st.Sysctls) - 1; i >= 0; i-- {
+			s := st.Sysctls[i]
+			if err := writeSysctl(s.Path, s.Old); err != nil && !errors.Is(err, os.ErrNotExist) {
+				// A sysctl of the TUN device is gone with the device.
+				errs = append(errs, fmt.Errorf("capture: restoring %s=%s: %w", s.Path, s.Old, err))
+			}
+		}
+		if len(errs) == 0 {
+			if err := os.Remove(statePath(stateDir)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ensureLocalRule adds "0: from all lookup local" if it is missing.
+func ensureLocalRule(fam int) error {
+	rules, err := netlink.RuleList(fam)
+	if err != nil {
+		return fmt.Errorf("capture: listing rules: %w", err)
+	}
+	for _, r := range rules {
+		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL {
+			return nil
+		}
+	}
+	r := netlink.NewRule()
+	r.Family, r.Priority, r.Table = fam, 0, unix.RT_TABLE_LOCAL
+	if err := netlink.RuleAdd(r); err != nil {
+		return fmt.Errorf("capture: restoring the local rule at priority 0: %w", err)
+	}
+	return nil
+}
+
+// inboundCapturePorts are the destination ports inbound capture covers:
+// all but the local ephemeral range (net.ipv4.ip_local_port_range, which
+// IPv6 shares).
+//
+// Policy routing sees packets, not connections: without conntrack, a
+// reply to a connection this host opened — the proxy's own upstream
+// connections, or app traffic excluded from capture — would match an
+// inbound rule and be routed into the TUN. Such replies are always
+// addressed to a port of the ephemeral range, so leaving the range out
+// keeps them on their socket. Applications listening inside that range
+// are not captured inbound (README, "Capture").
+func inboundCapturePorts() ([]PortRange, error) {
+	v, err := readSysctl("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
+	var lo, hi int
+	if _, err := fmt.Sscanf(v, "%d %d", &lo, &hi); err != nil || lo < 1 || hi > 65535 || lo > hi {
+		return nil, fmt.Errorf("capture: net.ipv4.ip_local_port_range %q: want two ports", v)
+	}
+	var out []PortRange
+	if lo > 1 {
+		out = append(out, PortRange{1, uint16(lo - 1)})
+	}
+	if hi < 65534 {
+		out = append(out, PortRange{uint16(hi + 1), 65534})
+	}
+	return out, nil
+}
+
+func defaultDst(v6 bool) *net.IPNet {
+	if v6 {
+		return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+}
+
+// defaultRouteInterface is the interface of the main table's default route,
+// IPv4 first.
+func defaultRouteInterface() (string, error) {
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return "", fmt.Errorf("capture: listing routes: %w", err)
+		}
+		for _, r := range routes {
+			if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.LinkIndex > 0 {
+				l, err := netlink.LinkByIndex(r.LinkIndex)
+				if err == nil {
+					return l.Attrs().Name, nil
+				}
+			}
+		}
+	}
+	return "", errors.New("capture: no default route to find the pod interface; set it explicitly")
+}
+
+func globalAddrs(l netlink.Link) ([]netip.Addr, error) {
+	addrs, err := netlink.AddrList(l, unix.AF_UNSPEC)
+	if err != nil {
+		return nil, fmt.Errorf("capture: addresses of %s: %w", l.Attrs().Name, err)
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if ok && ip.Unmap().IsGlobalUnicast() {
+			out = append(out, ip.Unmap())
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("capture: %s has no global unicast address; set the pod IPs explicitly", l.Attrs().Name)
+	}
+	return out, nil
+}
+
+func describe(r *netlink.Rule) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d:", r.Priority)
+	if r.Mark != 0 {
+		fmt.Fprintf(&b, " fwmark %#x", r.Mark)
+	}
+	if r.IifName != "" {
+		fmt.Fprintf(&b, " iif %s", r.IifName)
+	}
+	if r.Dst != nil {
+		fmt.Fprintf(&b, " to %v", r.Dst)
+	}
+	if r.IPProto != 0 {
+		fmt.Fprintf(&b, " ipproto %d", r.IPProto)
+	}
+	if r.Dport != nil {
+		fmt.Fprintf(&b, " dport %d-%d", r.Dport.Start, r.Dport.End)
+	}
+	if r.Goto >= 0 {
+		fmt.Fprintf(&b, " goto %d", r.Goto)
+	} else {
+		fmt.Fprintf(&b, " lookup %d", r.Table)
+	}
+	return b.String()
+}
+
+func readSysctl(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func writeSysctl(path, val string) error {
+	return os.WriteFile(path, []byte(val), 0)
+}
+
+func readState(dir string) (*state, error) {
+	b, err := os.ReadFile(statePath(dir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("capture: state: %w", err)
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("capture: state %s: %w", statePath(dir), err)
+	}
+	return &st, nil
+}
+
+// writeState records st atomically (write to a temp file, rename).
+func writeState(dir string, st *state) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("capture: state dir: %w", err)
+	}
+	b, _ := json.Marshal(st)
+	tmp := statePath(dir) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return fmt.Errorf("capture: state: %w", err)
+	}
+	if err := os.Rename(tmp, statePath(dir)); err != nil {
+		return fmt.Errorf("capture: state: %w", err)
+	}
+	return nil
+}

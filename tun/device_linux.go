@@ -1,0 +1,57 @@
+package tun
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+	"golang.org/x/sys/unix"
+)
+
+// Open creates the TUN device, brings it up and adds its addresses. A
+// device of the same name left by a crashed run is deleted first.
+func Open(cfg DeviceConfig) (*Device, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if old, err := netlink.LinkByName(cfg.Name); err == nil {
+		if old.Type() != "tuntap" {
+			return nil, fmt.Errorf("tun: %s exists and is a %s device, not a TUN", cfg.Name, old.Type())
+		}
+		if err := netlink.LinkDel(old); err != nil {
+			return nil, fmt.Errorf("tun: deleting stale %s: %w", cfg.Name, err)
+		}
+	}
+	dev, err := wgtun.CreateTUN(cfg.Name, cfg.MTU)
+	if err != nil {
+		return nil, fmt.Errorf("tun: create %s: %w", cfg.Name, err)
+	}
+	d := &Device{dev: dev, name: cfg.Name, mtu: cfg.MTU}
+	if err := d.configure(cfg); err != nil {
+		dev.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Device) configure(cfg DeviceConfig) error {
+	link, err := netlink.LinkByName(d.name)
+	if err != nil {
+		return fmt.Errorf("tun: %s: %w", d.name, err)
+	}
+	d.index = link.Attrs().Index
+	for _, p := range cfg.Addrs {
+		a := &netlink.Addr{IPNet: prefixToIPNet(p)}
+		if p.Addr().Is6() {
+			a.Flags = unix.IFA_F_NODAD
+		}
+		if err := netlink.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("tun: %s: address %v: %w", d.name, p, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("tun: %s: set up: %w", d.name, err)
+	}
+	return nil
+}

@@ -1,0 +1,26 @@
+//go:build !linux
+
+package tun
+
+import (
+	"fmt"
+
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+// Open creates the TUN device (utun on darwin). Addresses and routes for
+// the laptop mode are configured by the capture code of that OS.
+func Open(cfg DeviceConfig) (*Device, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	dev, err := wgtun.CreateTUN(cfg.Name, cfg.MTU)
+	if err != nil {
+		return nil, fmt.Errorf("tun: create %s: %w", cfg.Name, err)
+	}
+	name, err := dev.Name()
+	if err != nil {
+		name = cfg.Name
+	}
+	return &Device{dev: dev, name: name, mtu: cfg.MTU}, nil
+}
