@@ -20,9 +20,9 @@ import (
 // (it needs at least 10 bytes); 16 keeps the IP header 8-byte aligned.
 const tunOffset = 16
 
-// outQueueLen bounds the packets gVisor may have queued for the device.
-// A full queue blocks the writing TCP endpoint (backpressure) instead of
-// dropping, which a drop-based queue would turn into retransmissions.
+// outQueueLen bounds the packets gVisor may have pending for the device.
+// A full list blocks the writing endpoint (backpressure) instead of
+// dropping, which would turn into retransmissions.
 const outQueueLen = 1024
 
 // linkEndpoint bridges a wireguard-go tun.Device and a gVisor NIC.
@@ -31,9 +31,11 @@ const outQueueLen = 1024
 // to BatchSize packets (wireguard-go has already split the kernel's TSO
 // super-packets) and passes them through gVisor's GRO, flushed once per
 // vector, so the stack sees few large segments. Outbound (stack → device)
-// goes through a bounded queue drained by one goroutine that writes vectors,
-// which lets wireguard-go coalesce consecutive segments of a flow (GRO on
-// write) into one virtio super-packet.
+// has no goroutine of its own: the stack goroutine that sends a packet
+// writes it, together with whatever other goroutines queued meanwhile, in
+// one vector, which lets wireguard-go coalesce consecutive segments of a
+// flow (GRO on write). An idle link thus adds no goroutine hand-off to a
+// packet's latency.
 type linkEndpoint struct {
 	dev   wgtun.Device
 	mtu   atomic.Uint32
@@ -47,7 +49,17 @@ type linkEndpoint struct {
 	gro         gro.GRO // owned by the inbound goroutine
 	badChecksum atomic.Uint64
 
-	outQ    chan *stack.PacketBuffer
+	// Outbound combining writer: producers append to pending; whoever
+	// holds writer drains pending to the device. No goroutine hand-off
+	// when idle, vectors of up to batch packets under load.
+	qmu     sync.Mutex
+	qcond   *sync.Cond // signalled when pending shrinks (backpressure)
+	pending []*stack.PacketBuffer
+	writer  sync.Mutex // held by the goroutine writing to the device
+	wbufs   [][]byte   // guarded by writer
+	wvec    [][]byte   // guarded by writer
+	wpkts   []*stack.PacketBuffer
+
 	done    chan struct{}
 	closing sync.Once
 	wg      sync.WaitGroup
@@ -64,9 +76,16 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 		dev:   dev,
 		batch: batch,
 		log:   log,
-		outQ:  make(chan *stack.PacketBuffer, outQueueLen),
 		done:  make(chan struct{}),
 	}
+	e.qcond = sync.NewCond(&e.qmu)
+	e.wbufs = make([][]byte, batch)
+	for i := range e.wbufs {
+		// Virtual size batch×MTU; only written bytes are touched.
+		e.wbufs[i] = make([]byte, tunOffset+int(mtu))
+	}
+	e.wvec = make([][]byte, 0, batch)
+	e.wpkts = make([]*stack.PacketBuffer, 0, batch)
 	e.mtu.Store(mtu)
 	e.gro.Init(true)
 	return e
@@ -131,42 +150,101 @@ func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
 		return
 	}
 	e.started = true
-	e.wg.Add(1)
 	go e.inboundLoop()
-	go e.outboundLoop()
 }
 
-// Wait implements stack.LinkEndpoint: it waits for the outbound goroutine.
-// The inbound one is blocked in the device's Read and ends when the
-// device's owner closes it, after the stack is gone.
-func (e *linkEndpoint) Wait() { e.wg.Wait() }
+// Wait implements stack.LinkEndpoint. The inbound goroutine is blocked in
+// the device's Read and ends when the device's owner closes it, after the
+// stack is gone; the outbound path has no goroutine.
+func (e *linkEndpoint) Wait() {}
 
 // Close implements stack.LinkEndpoint. It stops the outbound goroutine; the
 // inbound one ends when the device is closed by its owner.
 func (e *linkEndpoint) Close() {
 	e.closing.Do(func() {
 		close(e.done)
+		e.qmu.Lock()
+		for _, p := range e.pending {
+			p.DecRef()
+		}
+		e.pending = nil
+		e.qcond.Broadcast()
+		e.qmu.Unlock()
 	})
 }
 
-// WritePackets implements stack.LinkWriter. It only queues: the outbound
-// goroutine batches the writes to the device.
+// WritePackets implements stack.LinkWriter. The packets are appended to
+// the pending list; if no other goroutine is writing to the device, this
+// one becomes the writer and drains the list, its own packets included.
+// When the list is full, producers wait (backpressure, not drops).
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
+	e.qmu.Lock()
 	for _, pkt := range pkts.AsSlice() {
-		pkt.IncRef()
-		select {
-		case e.outQ <- pkt:
-			n++
-		case <-e.done:
-			pkt.DecRef()
+		for len(e.pending) >= outQueueLen && !isClosed(e.done) {
+			e.qcond.Wait()
+		}
+		if isClosed(e.done) {
+			e.qmu.Unlock()
 			if n == 0 {
 				return 0, &tcpip.ErrClosedForSend{}
 			}
 			return n, nil
 		}
+		pkt.IncRef()
+		e.pending = append(e.pending, pkt)
+		n++
 	}
+	e.qmu.Unlock()
+	e.flush()
 	return n, nil
+}
+
+// flush writes pending packets while this goroutine can hold the writer
+// role. After releasing it, pending is checked again: a producer that
+// appended while the role was held, and failed to take it, relies on that.
+func (e *linkEndpoint) flush() {
+	for e.writer.TryLock() {
+		for e.writeBatch() {
+		}
+		e.writer.Unlock()
+		e.qmu.Lock()
+		more := len(e.pending) > 0 && !isClosed(e.done)
+		e.qmu.Unlock()
+		if !more {
+			return
+		}
+	}
+}
+
+// writeBatch takes up to one vector of pending packets and writes it.
+// It reports whether it wrote anything. Called with writer held.
+func (e *linkEndpoint) writeBatch() bool {
+	e.qmu.Lock()
+	k := min(len(e.pending), e.batch)
+	e.wpkts = append(e.wpkts[:0], e.pending[:k]...)
+	rest := copy(e.pending, e.pending[k:])
+	clear(e.pending[rest:])
+	e.pending = e.pending[:rest]
+	if k > 0 {
+		e.qcond.Broadcast()
+	}
+	e.qmu.Unlock()
+	if k == 0 {
+		return false
+	}
+	e.wvec = e.wvec[:0]
+	for i, pkt := range e.wpkts {
+		n := tunOffset + copyPacket(e.wbufs[i][tunOffset:], pkt)
+		e.wvec = append(e.wvec, e.wbufs[i][:n])
+		pkt.DecRef()
+	}
+	clear(e.wpkts)
+	// A packet the kernel refuses (e.g. its route is gone) is lost as on a
+	// wire and TCP recovers; a closed device ends the stack anyway. Not
+	// logged: this is per packet.
+	_, _ = e.dev.Write(e.wvec, tunOffset)
+	return true
 }
 
 // inboundLoop reads packet vectors from the device and injects them into
@@ -235,53 +313,6 @@ func (e *linkEndpoint) deliver(b []byte) {
 	pkt.DecRef()
 }
 
-// outboundLoop drains the queue in vectors of up to BatchSize packets.
-func (e *linkEndpoint) outboundLoop() {
-	defer e.wg.Done()
-	mtu := int(e.mtu.Load())
-	bufs := make([][]byte, e.batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, tunOffset+mtu)
-	}
-	vec := make([][]byte, 0, e.batch)
-	pkts := make([]*stack.PacketBuffer, 0, e.batch)
-	for {
-		select {
-		case pkt := <-e.outQ:
-			pkts = append(pkts, pkt)
-		case <-e.done:
-			e.drainQueue()
-			return
-		}
-	fill:
-		for len(pkts) < e.batch {
-			select {
-			case pkt := <-e.outQ:
-				pkts = append(pkts, pkt)
-			default:
-				break fill
-			}
-		}
-		vec = vec[:0]
-		for i, pkt := range pkts {
-			n := tunOffset + copyPacket(bufs[i][tunOffset:], pkt)
-			vec = append(vec, bufs[i][:n])
-			pkt.DecRef()
-		}
-		clear(pkts)
-		pkts = pkts[:0]
-		if _, err := e.dev.Write(vec, tunOffset); err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				e.drainQueue()
-				return
-			}
-			// A packet the kernel refuses (e.g. a route gone) is lost
-			// like on a wire; TCP recovers. Not logged per packet.
-			continue
-		}
-	}
-}
-
 // copyPacket copies the packet's bytes (network header onwards) into dst
 // without the per-call slice AsSlices would allocate.
 func copyPacket(dst []byte, pkt *stack.PacketBuffer) int {
@@ -300,17 +331,6 @@ func copyPacket(dst []byte, pkt *stack.PacketBuffer) int {
 		n += copy(dst[n:], s)
 	}
 	return n
-}
-
-func (e *linkEndpoint) drainQueue() {
-	for {
-		select {
-		case pkt := <-e.outQ:
-			pkt.DecRef()
-		default:
-			return
-		}
-	}
 }
 
 func isClosed(c <-chan struct{}) bool {
