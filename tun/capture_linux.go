@@ -56,7 +56,17 @@ type state struct {
 	Sysctls []sysctlChange `json:"sysctls"`
 }
 
-func statePath(dir string) string { return filepath.Join(dir, "capture.json") }
+// statePath names the record after the network namespace (its inode), so
+// proxies in several namespaces of one host — tests, or pods sharing a
+// host path — never read each other's record.
+func statePath(dir string) string {
+	var st unix.Stat_t
+	name := "capture.json"
+	if err := unix.Stat("/proc/thread-self/ns/net", &st); err == nil {
+		name = fmt.Sprintf("capture-netns-%d.json", st.Ino)
+	}
+	return filepath.Join(dir, name)
+}
 
 // SetupCapture installs sidecar capture in the calling thread's network
 // namespace. It first removes what a crashed run may have left, so calling

@@ -22,7 +22,7 @@ type command struct {
 
 var commands = []command{
 	{"proxy", "capture the pod's traffic and proxy every flow", runProxy},
-	{"version", "print the version", func([]string, io.Writer, io.Writer) int { fmt.Println("meshtun", version); return 0 }},
+	{"version", "print the version", func(_ []string, stdout, _ io.Writer) int { fmt.Fprintln(stdout, "meshtun", version); return 0 }},
 }
 
 func usage(w io.Writer) {

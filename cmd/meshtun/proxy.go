@@ -26,6 +26,8 @@ type proxyFlags struct {
 	capture        string
 	tunName        string
 	tunMTU         int
+	tunAddrs       []netip.Prefix
+	stateDir       string
 	mark           uint32
 	podIface       string
 	podIPs         []netip.Addr
@@ -44,6 +46,11 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN) or "none" (open the TUN, change no routes)`)
 	fs.StringVar(&f.tunName, "tun-name", "meshtun0", "TUN device name")
 	fs.IntVar(&f.tunMTU, "tun-mtu", 65535, "TUN MTU (1280..65535); flows are terminated locally, so a large MTU costs nothing and saves per-packet work")
+	fs.Func("tun-addrs", "addresses to put on the TUN, comma separated CIDRs (none needed for capture)", func(s string) (err error) {
+		f.tunAddrs, err = tun.ParseCIDRs(s)
+		return err
+	})
+	fs.StringVar(&f.stateDir, "state-dir", "/run/meshtun", "where capture records what it changed, so a crashed run is undone by the next")
 	fs.Func("mark", "SO_MARK of the proxy's upstream sockets; marked traffic bypasses capture (default 0x539)", func(s string) error {
 		v, err := strconv.ParseUint(s, 0, 32)
 		if err != nil || v == 0 {
@@ -124,7 +131,7 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 
 func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	log := logging.Component(root, "main")
-	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU})
+	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
 	if err != nil {
 		return err
 	}
@@ -144,6 +151,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			ExcludeOutboundPorts: f.exclOutPorts,
 			ExcludeOutboundCIDRs: f.exclOutCIDRs,
 			ExcludeInboundPorts:  f.exclInPorts,
+			StateDir:             f.stateDir,
 		}, logging.Component(root, "capture"))
 		if err != nil {
 			return err
