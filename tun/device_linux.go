@@ -5,8 +5,8 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
-	wgtun "golang.zx2c4.com/wireguard/tun"
 	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
 // Open creates the TUN device, brings it up and adds its addresses. A

@@ -39,7 +39,6 @@ import (
 // TypedStructURL is the type URL unknown typed configs are wrapped in.
 const TypedStructURL = "type.googleapis.com/xds.type.v3.TypedStruct"
 
-
 // Load reads and validates the bootstrap at path.
 func Load(path string) (*bootstrapv3.Bootstrap, error) {
 	data, err := os.ReadFile(path)
