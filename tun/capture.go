@@ -74,7 +74,7 @@ type Capture struct {
 	podIf  string
 	undone bool
 
-	inboundPorts []PortRange // destination ports inbound capture covers
+	serverPorts []PortRange // ports outside the ephemeral range
 }
 
 // PodIPs are the pod addresses capture uses (given or discovered).

@@ -22,10 +22,10 @@ import (
 const (
 	prioMark       = 10 // fwmark <mark> goto prioLocal: the proxy's own sockets
 	prioLocalOut   = 11 // iif lo lookup local: local destinations stay local
-	prioExcludeOut = 12 // iif lo, excluded CIDR/port: goto prioLocal
+	prioExcludeOut = 12 // iif lo, excluded CIDR/port or server source port: goto prioLocal
 	prioCaptureOut = 13 // iif lo ipproto tcp|udp lookup <table>
 	prioExcludeIn  = 14 // iif <pod if> ipproto tcp dport <excluded>: goto prioLocal
-	prioCaptureIn  = 15 // iif <pod if> ipproto tcp to <pod IP> lookup <table>
+	prioCaptureIn  = 15 // iif <pod if> ipproto tcp to <pod IP> dport <server ports> lookup <table>
 	prioLocal      = 20 // lookup local, moved from 0
 
 	// rtProto tags every rule and route capture adds (rtm_protocol), so the
@@ -97,7 +97,7 @@ func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
 			return nil, err
 		}
 	}
-	if c.inboundPorts, err = inboundCapturePorts(); err != nil {
+	if c.serverPorts, err = serverPorts(); err != nil {
 		return nil, err
 	}
 	if err := c.install(tunLink, log); err != nil {
@@ -260,6 +260,15 @@ func (c *Capture) rules() []*netlink.Rule {
 				out = append(out, r)
 			}
 		}
+		// Server-side source ports: replies of connections accepted here.
+		for _, pr := range c.serverPorts {
+			for _, proto := range []int{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+				r = gotoLocal(prioExcludeOut)
+				r.IifName, r.IPProto = "lo", proto
+				r.Sport = rulePorts(pr)
+				out = append(out, r)
+			}
+		}
 		for _, proto := range []int{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
 			r = newRule(fam, prioCaptureOut)
 			r.IifName, r.IPProto, r.Table = "lo", proto, cfg.Table
@@ -281,7 +290,7 @@ func (c *Capture) rules() []*netlink.Rule {
 			if ip.Is6() != v6 {
 				continue
 			}
-			for _, pr := range c.inboundPorts {
+			for _, pr := range c.serverPorts {
 				r = newRule(fam, prioCaptureIn)
 				r.IifName, r.IPProto, r.Table = c.podIf, unix.IPPROTO_TCP, cfg.Table
 				r.Dst = prefixToIPNet(netip.PrefixFrom(ip, ip.BitLen()))
@@ -384,18 +393,25 @@ func ensureLocalRule(fam int) error {
 	return nil
 }
 
-// inboundCapturePorts are the destination ports inbound capture covers:
-// all but the local ephemeral range (net.ipv4.ip_local_port_range, which
-// IPv6 shares).
+// serverPorts splits the port space at the local ephemeral range
+// (net.ipv4.ip_local_port_range, which IPv6 shares): ports inside it are
+// the client side of connections this host opens, ports outside it the
+// server side of connections it accepts.
 //
-// Policy routing sees packets, not connections: without conntrack, a
-// reply to a connection this host opened — the proxy's own upstream
-// connections, or app traffic excluded from capture — would match an
-// inbound rule and be routed into the TUN. Such replies are always
-// addressed to a port of the ephemeral range, so leaving the range out
-// keeps them on their socket. Applications listening inside that range
-// are not captured inbound (README, "Capture").
-func inboundCapturePorts() ([]PortRange, error) {
+// Policy routing sees packets, not connections, and without conntrack a
+// reply would be taken for a new flow: the SYN-ACK of the proxy's own
+// upstream connection arriving on the pod interface, or an app's answer
+// on a connection that was not captured inbound (an excluded port, the
+// admin ports). Replies always travel between a server port and a client
+// port, so packets from a server port leave uncaptured, and inbound
+// capture covers only server ports: no reply matches a capture rule.
+// (Outbound capture cannot instead match client source ports: IPv6
+// connect() routes before choosing its port, with source port 0, and a
+// rule's port range cannot start at 0.)
+// The cost: an app listening inside the ephemeral range is not captured
+// inbound, and an outbound connection bound to a fixed source port outside
+// it is not captured (README, "Capture").
+func serverPorts() ([]PortRange, error) {
 	v, err := readSysctl("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
 		return nil, fmt.Errorf("capture: %w", err)
