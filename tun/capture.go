@@ -3,6 +3,10 @@ package tun
 import (
 	"fmt"
 	"net/netip"
+	"sync"
+
+	"github.com/rs/zerolog"
+	"github.com/vishvananda/netns"
 )
 
 // AlwaysExcludedInboundPorts are never captured inbound: the admin,
@@ -60,8 +64,23 @@ func (c *CaptureConfig) setDefaults() error {
 		c.StateDir = "/run/meshtun"
 	}
 	for _, ip := range c.PodIPs {
-		if !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() {
+		if !ip.IsValid() || ip.Is4In6() || ip.IsUnspecified() || ip.IsMulticast() || ip.IsLoopback() {
 			return fmt.Errorf("capture: PodIPs: %v is not a unicast address", ip)
+		}
+	}
+	for _, f := range []struct {
+		name  string
+		ports []PortRange
+	}{{"ExcludeOutboundPorts", c.ExcludeOutboundPorts}, {"ExcludeInboundPorts", c.ExcludeInboundPorts}} {
+		for _, pr := range f.ports {
+			if pr.Start == 0 || pr.End < pr.Start {
+				return fmt.Errorf("capture: %s: %d-%d is not a port range", f.name, pr.Start, pr.End)
+			}
+		}
+	}
+	for _, p := range c.ExcludeOutboundCIDRs {
+		if !p.IsValid() || p.Addr().Is4In6() {
+			return fmt.Errorf("capture: ExcludeOutboundCIDRs: %v is not a CIDR", p)
 		}
 	}
 	return nil
@@ -72,9 +91,13 @@ type Capture struct {
 	cfg    CaptureConfig
 	podIPs []netip.Addr
 	podIf  string
-	undone bool
+	log    zerolog.Logger
 
 	serverPorts []PortRange // ports outside the ephemeral range
+
+	mu     sync.Mutex
+	ns     netns.NsHandle // the network namespace capture is in
+	undone bool
 }
 
 // PodIPs are the pod addresses capture uses (given or discovered).

@@ -8,10 +8,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strings"
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -54,6 +57,29 @@ type state struct {
 	Tun     string         `json:"tun"`
 	Table   int            `json:"table"`
 	Sysctls []sysctlChange `json:"sysctls"`
+	// LocalRuleProto is the protocol of the "0: lookup local" rule
+	// capture moved, per family ("ipv4", "ipv6"): RTPROT_KERNEL unless
+	// someone re-created the rule.
+	LocalRuleProto map[string]uint8 `json:"local_rule_proto,omitempty"`
+	// NetnsCookie identifies the namespace the record is about. The file
+	// name has the namespace's inode number, which a later namespace may
+	// be given again; the cookie is never reused.
+	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
+}
+
+// netnsCookie identifies the calling thread's network namespace for the
+// lifetime of the system (SO_NETNS_COOKIE, Linux 5.14); 0 if unknown.
+func netnsCookie() uint64 {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0
+	}
+	defer unix.Close(fd)
+	c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0
+	}
+	return c
 }
 
 // statePath names the record after the network namespace (its inode), so
@@ -75,6 +101,10 @@ func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	// Every netlink socket and /proc/sys file below belongs to the
+	// namespace of the thread that opens it: stay on one thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	if err := CleanupStale(cfg.StateDir, log); err != nil {
 		return nil, err
 	}
@@ -82,7 +112,7 @@ func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("capture: TUN %q: %w", cfg.TunName, err)
 	}
-	c := &Capture{cfg: cfg, podIf: cfg.PodInterface, podIPs: cfg.PodIPs}
+	c := &Capture{cfg: cfg, podIf: cfg.PodInterface, podIPs: slices.Clone(cfg.PodIPs), log: log}
 	if c.podIf == "" {
 		if c.podIf, err = defaultRouteInterface(); err != nil {
 			return nil, err
@@ -100,9 +130,13 @@ func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
 	if c.serverPorts, err = serverPorts(); err != nil {
 		return nil, err
 	}
-	if err := c.install(tunLink, log); err != nil {
+	if c.ns, err = netns.Get(); err != nil {
+		return nil, fmt.Errorf("capture: network namespace: %w", err)
+	}
+	if err := c.install(tunLink); err != nil {
 		if terr := c.Teardown(); terr != nil {
 			log.Error().Err(terr).Msg("undoing a failed capture setup")
+			c.ns.Close()
 		}
 		return nil, err
 	}
@@ -120,41 +154,29 @@ func (c *Capture) has(v6 bool) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
-func (c *Capture) install(tunLink netlink.Link, log zerolog.Logger) error {
+func (c *Capture) install(tunLink netlink.Link) error {
 	cfg := &c.cfg
-	_, hasV6 := c.has(true)
 
-	// 1. Record, then set, the sysctls.
-	st := state{Tun: cfg.TunName, Table: cfg.Table}
-	type want struct{ path, val string }
-	var wants []want
-	conf4 := func(dev, key string) string { return fmt.Sprintf("/proc/sys/net/ipv4/conf/%s/%s", dev, key) }
-	wants = append(wants,
-		// Replies of inbound flows leave the stack with the pod IP as source.
-		want{conf4(cfg.TunName, "accept_local"), "1"},
-		want{conf4(cfg.TunName, "rp_filter"), "0"})
-	if v, err := readSysctl(conf4("all", "rp_filter")); err == nil && v == "1" {
-		// The effective rp_filter is max(all, dev): strict would drop them.
-		wants = append(wants, want{conf4("all", "rp_filter"), "2"})
-	}
-	if cfg.Inbound {
-		// Inbound packets are forwarded pod-if → TUN, replies TUN → pod-if.
-		wants = append(wants, want{conf4(c.podIf, "forwarding"), "1"}, want{conf4(cfg.TunName, "forwarding"), "1"})
-		if hasV6 {
-			// IPv6 forwarding is only switched globally; keep accepting
-			// router advertisements on the pod interface if it did.
-			if v, err := readSysctl("/proc/sys/net/ipv6/conf/" + c.podIf + "/accept_ra"); err == nil && v == "1" {
-				wants = append(wants, want{"/proc/sys/net/ipv6/conf/" + c.podIf + "/accept_ra", "2"})
-			}
-			wants = append(wants, want{"/proc/sys/net/ipv6/conf/all/forwarding", "1"})
+	// 1. Record what changes, then set the sysctls.
+	st := state{Tun: cfg.TunName, Table: cfg.Table, LocalRuleProto: map[string]uint8{}, NetnsCookie: netnsCookie()}
+	movedLocal := map[int]*netlink.Rule{}
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rules, err := netlink.RuleList(fam)
+		if err != nil {
+			return fmt.Errorf("capture: listing %s rules: %w", familyName(fam), err)
+		}
+		if r := localRuleAtZero(rules); r != nil {
+			movedLocal[fam] = r
+			st.LocalRuleProto[familyName(fam)] = r.Protocol
 		}
 	}
+	wants := c.sysctls()
 	for _, w := range wants {
 		old, err := readSysctl(w.path)
 		if err != nil {
 			return fmt.Errorf("capture: sysctl %s: %w", w.path, err)
 		}
-		if old != w.val {
+		if old != w.val || w.recordOnly {
 			st.Sysctls = append(st.Sysctls, sysctlChange{Path: w.path, Old: old})
 		}
 	}
@@ -162,6 +184,9 @@ func (c *Capture) install(tunLink netlink.Link, log zerolog.Logger) error {
 		return err
 	}
 	for _, w := range wants {
+		if w.recordOnly {
+			continue
+		}
 		if err := writeSysctl(w.path, w.val); err != nil {
 			return fmt.Errorf("capture: sysctl %s=%s: %w", w.path, w.val, err)
 		}
@@ -179,22 +204,37 @@ func (c *Capture) install(tunLink netlink.Link, log zerolog.Logger) error {
 		if ip, ok := c.has(v6); ok {
 			r.Src = ip.AsSlice()
 		}
-		if err := netlink.RouteReplace(r); err != nil {
+		err := netlink.RouteAdd(r)
+		if err != nil && v6 && r.Src != nil && errors.Is(err, unix.EINVAL) {
+			// The kernel refuses a source address that is still tentative
+			// (DAD running); source selection picks it later anyway.
+			c.log.Warn().Err(err).Str("src", net.IP(r.Src).String()).
+				Msg("IPv6 capture route without a source address: the pod address is not usable yet")
+			r.Src = nil
+			err = netlink.RouteAdd(r)
+		}
+		if errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("capture: table %d already has a default route capture did not add; set another Table", cfg.Table)
+		}
+		if err != nil {
 			return fmt.Errorf("capture: route %v in table %d: %w", r.Dst, cfg.Table, err)
 		}
 	}
 
-	// 3. Move "lookup local" behind the capture rules.
+	// 3. Move "lookup local" behind the capture rules: add ours first, so
+	// that local delivery never lapses, then delete the one at 0. Where
+	// there is none at 0, whoever moved it put it behind ours, or it
+	// would never have been at 0.
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		local := newRule(fam, prioLocal)
 		local.Table = unix.RT_TABLE_LOCAL
 		if err := netlink.RuleAdd(local); err != nil {
 			return fmt.Errorf("capture: rule %s: %w", describe(local), err)
 		}
-		orig := netlink.NewRule()
-		orig.Family, orig.Priority, orig.Table = fam, 0, unix.RT_TABLE_LOCAL
-		if err := netlink.RuleDel(orig); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("capture: moving the local rule (family %d) from priority 0: %w", fam, err)
+		if orig := movedLocal[fam]; orig != nil {
+			if err := netlink.RuleDel(orig); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("capture: moving the %s local rule from priority 0: %w", familyName(fam), err)
+			}
 		}
 	}
 
@@ -303,33 +343,76 @@ func (c *Capture) rules() []*netlink.Rule {
 }
 
 // Teardown removes the rules and routes and restores the sysctls and the
-// local rule exactly. It is idempotent.
+// local rule exactly. It acts on the namespace capture was set up in,
+// from any goroutine. It is idempotent; after an error it may be retried.
 func (c *Capture) Teardown() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.undone {
 		return nil
 	}
+	err := inNetns(c.ns, func() error { return CleanupStale(c.cfg.StateDir, c.log) })
+	if err != nil {
+		return err
+	}
 	c.undone = true
-	return CleanupStale(c.cfg.StateDir, zerolog.Nop())
+	c.ns.Close()
+	c.log.Info().Str("tun", c.cfg.TunName).Msg("capture removed")
+	return nil
+}
+
+// inNetns runs fn on a thread in the network namespace ns.
+func inNetns(ns netns.NsHandle, fn func() error) error {
+	runtime.LockOSThread()
+	cur, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("capture: network namespace: %w", err)
+	}
+	defer cur.Close()
+	if cur.Equal(ns) {
+		defer runtime.UnlockOSThread()
+		return fn()
+	}
+	if err := netns.Set(ns); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("capture: entering its network namespace: %w", err)
+	}
+	defer func() {
+		// A thread that cannot go back stays locked: the runtime ends it
+		// with this goroutine instead of reusing it in the wrong namespace.
+		if netns.Set(cur) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	return fn()
 }
 
 // CleanupStale removes every rule and route tagged as capture's, puts
-// "lookup local" back at priority 0, and restores the sysctls recorded in
-// stateDir by the run that installed them (a crashed one included).
+// "lookup local" back at priority 0 if capture had moved it, and restores
+// the sysctls recorded in stateDir by the run that installed them (a
+// crashed one included). It acts on the calling thread's namespace.
 func CleanupStale(stateDir string, log zerolog.Logger) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	var errs []error
 	st, err := readState(stateDir)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		// Local rule first, so local delivery never lapses.
-		if err := ensureLocalRule(fam); err != nil {
-			errs = append(errs, err)
-		}
 		rules, err := netlink.RuleList(fam)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("capture: listing rules: %w", err))
+			errs = append(errs, fmt.Errorf("capture: listing %s rules: %w", familyName(fam), err))
 			continue
+		}
+		// Local rule first, so local delivery never lapses.
+		proto := uint8(unix.RTPROT_KERNEL)
+		if p, ok := st.localRuleProto(fam); ok {
+			proto = p
+		}
+		if err := restoreLocalRule(fam, rules, proto); err != nil {
+			errs = append(errs, err)
 		}
 		n := 0
 		for i := range rules {
@@ -344,7 +427,7 @@ func CleanupStale(stateDir string, log zerolog.Logger) error {
 		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: rtProto},
 			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("capture: listing routes: %w", err))
+			errs = append(errs, fmt.Errorf("capture: listing %s routes: %w", familyName(fam), err))
 			continue
 		}
 		for i := range routes {
@@ -354,10 +437,12 @@ func CleanupStale(stateDir string, log zerolog.Logger) error {
 			n++
 		}
 		if n > 0 {
-			log.Info().Int("family", fam).Int("removed", n).Msg("capture rules and routes removed")
+			log.Info().Str("family", familyName(fam)).Int("removed", n).Msg("capture rules and routes removed")
 		}
 	}
 	if st != nil {
+		// In reverse: a global switch (ipv6 all.forwarding) is restored
+		// before the per-device values it overwrote.
 		for i := len(st.Sysctls) - 1; i >= 0; i-- {
 			s := st.Sysctls[i]
 			if err := writeSysctl(s.Path, s.Old); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -367,30 +452,116 @@ func CleanupStale(stateDir string, log zerolog.Logger) error {
 		}
 		if len(errs) == 0 {
 			if err := os.Remove(statePath(stateDir)); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, err)
+				errs = append(errs, fmt.Errorf("capture: state: %w", err))
 			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// ensureLocalRule adds "0: from all lookup local" if it is missing.
-func ensureLocalRule(fam int) error {
-	rules, err := netlink.RuleList(fam)
-	if err != nil {
-		return fmt.Errorf("capture: listing rules: %w", err)
+// localRuleAtZero finds "0: from all lookup local" (not capture's).
+func localRuleAtZero(rules []netlink.Rule) *netlink.Rule {
+	for i, r := range rules {
+		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && r.Protocol != rtProto && r.Goto < 0 &&
+			r.Src == nil && r.Dst == nil && r.IifName == "" && r.OifName == "" && r.Mark == 0 && r.IPProto == 0 {
+			return &rules[i]
+		}
 	}
+	return nil
+}
+
+func (st *state) localRuleProto(fam int) (uint8, bool) {
+	if st == nil {
+		return 0, false
+	}
+	p, ok := st.LocalRuleProto[familyName(fam)]
+	return p, ok
+}
+
+// restoreLocalRule puts "0: from all lookup local" back, with protocol
+// proto, if capture moved it: capture's own local rule is there and no
+// other is. Where someone else had moved the rule, it stays where they
+// put it.
+func restoreLocalRule(fam int, rules []netlink.Rule, proto uint8) error {
+	ours := false
 	for _, r := range rules {
-		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL {
+		if r.Table != unix.RT_TABLE_LOCAL || r.Goto >= 0 {
+			continue
+		}
+		if r.Protocol != rtProto {
 			return nil
 		}
+		ours = ours || r.Priority == prioLocal
+	}
+	if !ours {
+		return nil
 	}
 	r := netlink.NewRule()
 	r.Family, r.Priority, r.Table = fam, 0, unix.RT_TABLE_LOCAL
+	r.Protocol = proto
 	if err := netlink.RuleAdd(r); err != nil {
-		return fmt.Errorf("capture: restoring the local rule at priority 0: %w", err)
+		return fmt.Errorf("capture: restoring the %s local rule at priority 0: %w", familyName(fam), err)
 	}
 	return nil
+}
+
+func familyName(fam int) string {
+	if fam == unix.AF_INET6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+// sysctlWant is a sysctl value capture needs. recordOnly values are not
+// written but change with another (ipv6 all.forwarding sets every
+// device's); their old value is recorded to be restored.
+type sysctlWant struct {
+	path, val  string
+	recordOnly bool
+}
+
+// sysctls lists the sysctl values capture needs, in the order to set them.
+func (c *Capture) sysctls() []sysctlWant {
+	cfg := &c.cfg
+	conf4 := func(dev, key string) string { return "/proc/sys/net/ipv4/conf/" + dev + "/" + key }
+	conf6 := func(dev, key string) string { return "/proc/sys/net/ipv6/conf/" + dev + "/" + key }
+	wants := []sysctlWant{
+		// Replies of inbound flows leave the stack with the pod IP as
+		// source, arriving on the TUN.
+		{path: conf4(cfg.TunName, "accept_local"), val: "1"},
+		{path: conf4(cfg.TunName, "rp_filter"), val: "0"},
+	}
+	if v, err := readSysctl(conf4("all", "rp_filter")); err == nil && v == "1" {
+		// The effective rp_filter is max(all, dev): strict would drop them.
+		wants = append(wants, sysctlWant{path: conf4("all", "rp_filter"), val: "2"})
+	}
+	if !cfg.Inbound {
+		return wants
+	}
+	// Inbound packets are forwarded pod-if → TUN, replies TUN → pod-if.
+	wants = append(wants,
+		sysctlWant{path: conf4(c.podIf, "forwarding"), val: "1"},
+		sysctlWant{path: conf4(cfg.TunName, "forwarding"), val: "1"})
+	if _, hasV6 := c.has(true); !hasV6 {
+		return wants
+	}
+	// IPv6 forwarding is only checked globally. Keep accepting router
+	// advertisements on the pod interface if it did: accept_ra=1 stops
+	// when forwarding.
+	if v, err := readSysctl(conf6(c.podIf, "accept_ra")); err == nil && v == "1" {
+		wants = append(wants, sysctlWant{path: conf6(c.podIf, "accept_ra"), val: "2"})
+	}
+	if v, err := readSysctl(conf6("all", "forwarding")); err == nil && v != "1" {
+		// Writing all.forwarding overwrites default.forwarding and every
+		// device's value.
+		devs, _ := os.ReadDir("/proc/sys/net/ipv6/conf")
+		for _, d := range devs {
+			if d.Name() != "all" {
+				wants = append(wants, sysctlWant{path: conf6(d.Name(), "forwarding"), val: "1", recordOnly: true})
+			}
+		}
+	}
+	return append(wants, sysctlWant{path: conf6("all", "forwarding"), val: "1"})
 }
 
 // serverPorts splits the port space at the local ephemeral range
@@ -524,6 +695,14 @@ func readState(dir string) (*state, error) {
 	var st state
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("capture: state %s: %w", statePath(dir), err)
+	}
+	if cur := netnsCookie(); st.NetnsCookie != 0 && cur != 0 && st.NetnsCookie != cur {
+		// Left by a namespace that is gone and had this inode number:
+		// what it changed went with it.
+		if err := os.Remove(statePath(dir)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("capture: state: %w", err)
+		}
+		return nil, nil
 	}
 	return &st, nil
 }

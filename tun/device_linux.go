@@ -9,6 +9,9 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
+// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h).
+const addrGenModeNone = 1
+
 // Open creates the TUN device, brings it up and adds its addresses. A
 // device of the same name left by a crashed run is deleted first.
 func Open(cfg DeviceConfig) (*Device, error) {
@@ -41,6 +44,13 @@ func (d *Device) configure(cfg DeviceConfig) error {
 		return fmt.Errorf("tun: %s: %w", d.name, err)
 	}
 	d.index = link.Attrs().Index
+	// No IPv6 link-local address: without one the kernel runs no DAD and
+	// sends no router solicitations into the stack. Nothing needs one; a
+	// kernel without IPv6 has nothing to switch off.
+	if err := netlink.LinkSetIP6AddrGenMode(link, addrGenModeNone); err != nil &&
+		!errors.Is(err, unix.EAFNOSUPPORT) && !errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("tun: %s: IPv6 address generation: %w", d.name, err)
+	}
 	for _, p := range cfg.Addrs {
 		a := &netlink.Addr{IPNet: prefixToIPNet(p)}
 		if p.Addr().Is6() {

@@ -71,6 +71,9 @@ func ParseCIDRs(s string) ([]netip.Prefix, error) {
 			if err != nil {
 				return nil, fmt.Errorf("CIDR %q: not an address/prefix-length", tok)
 			}
+			if p.Addr().Is4In6() {
+				return nil, fmt.Errorf("CIDR %q: IPv4-mapped; write it as an IPv4 CIDR", tok)
+			}
 			out = append(out, p.Masked())
 		default:
 			a, err := netip.ParseAddr(tok)
