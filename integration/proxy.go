@@ -103,7 +103,7 @@ func (p *proxyProc) logLines() []string {
 func startProxy(t *testing.T, topo *topology, extra ...string) *proxyProc {
 	t.Helper()
 	bin := meshtunBin(t)
-	args := append([]string{"netns", "exec", topo.Pod, bin, "proxy", "--log-format", "json", "--log-level", "debug"}, extra...)
+	args := append([]string{"netns", "exec", topo.Pod, bin, "proxy", "--log-format", "json", "--log-level", "debug", "--state-dir", topo.StateDir}, extra...)
 	p := &proxyProc{
 		t:       t,
 		name:    "meshtun proxy " + strings.Join(extra, " "),

@@ -78,6 +78,10 @@ type topology struct {
 	SvcV4, SvcV6 netip.Addr // service addresses on the services loopback
 	// Svc2V4, Svc2V6 are second service addresses, for exclusion tests.
 	Svc2V4, Svc2V6 netip.Addr
+
+	// StateDir is the proxies' --state-dir: per topology, so a proxy
+	// killed by a test leaves no record behind on the host.
+	StateDir string
 }
 
 // ap formats ip:port the way the access log does ("[v6]:port" for IPv6).
@@ -91,7 +95,7 @@ func newTopology(t *testing.T) *topology {
 	xb, _ := rand.Int(rand.Reader, big.NewInt(200))
 	x := int(xb.Int64()) + 20 // 10.20.x.x .. 10.219.x.x
 	pfx6 := fmt.Sprintf("fd00:%d", x)
-	tp := &topology{
+	tp := &topology{StateDir: t.TempDir(),
 		Pod:      "mt" + suffix + "-pod",
 		Services: "mt" + suffix + "-svc",
 		PodIface: "eth0",
