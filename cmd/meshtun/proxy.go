@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -40,6 +41,7 @@ type proxyFlags struct {
 	connectTimeout time.Duration
 	logLevel       string
 	logFormat      string
+	cpuProfile     string
 }
 
 func (f *proxyFlags) register(fs *flag.FlagSet) {
@@ -83,6 +85,7 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "upstream TCP connect timeout (Istio's mesh connectTimeout)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warning, error, critical or off")
 	fs.StringVar(&f.logFormat, "log-format", "console", "console or json")
+	fs.StringVar(&f.cpuProfile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (for tuning)")
 }
 
 func parseIPs(s string) ([]netip.Addr, error) {
@@ -122,6 +125,19 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshtun proxy: %v\n", err)
 		return 2
 	}
+	if f.cpuProfile != "" {
+		pf, err := os.Create(f.cpuProfile)
+		if err != nil {
+			fmt.Fprintf(stderr, "meshtun proxy: -cpu-profile: %v\n", err)
+			return 2
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			fmt.Fprintf(stderr, "meshtun proxy: -cpu-profile: %v\n", err)
+			return 2
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if err := serveProxy(&f, log); err != nil {
 		log.Error().Err(err).Msg("proxy failed")
 		return 1
@@ -137,7 +153,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	}
 	defer dev.Close()
 	off := dev.Offloads()
-	log.Info().Str("name", dev.Name()).Int("mtu", dev.MTU()).Bool("vnet_hdr", off.VNetHdr).
+	log.Log().Str("level", "info").Str("name", dev.Name()).Int("mtu", dev.MTU()).Bool("vnet_hdr", off.VNetHdr).
 		Bool("tso", off.TSO).Bool("gro", off.GRO).Int("batch_size", off.BatchSize).Msg("tun device open")
 
 	podIPs := f.podIPs
@@ -179,7 +195,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
-	log.Info().Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
+	log.Log().Str("level", "info").Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
 	sig := <-sigs
 	log.Info().Str("signal", sig.String()).Msg("shutting down")
 	return nil

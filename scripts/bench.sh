@@ -1,0 +1,373 @@
+#!/usr/bin/env bash
+# bench.sh — the cost of meshtun's capture path, measured against the direct
+# path in the same run.
+#
+# Builds two network namespaces joined by a veth:
+#   mtb-pod  eth0 10.77.0.2/24 fd77::2/64, default route via mtb-svc
+#   mtb-svc  eth0 10.77.0.1/24 fd77::1/64, runs `iperf3 -s` and `rrbench server`
+# then, for BENCH_ROUNDS rounds, measures from the pod with no proxy
+# (DIRECT) and with `meshtun proxy` capturing the pod (CAPTURE); the order
+# flips every round (D C, C D, …) so drift hits both sides alike:
+#   iperf3 1 stream and 4 streams (bits/s received), 64-byte request/response
+#   latency on one connection (p50/p99), new connection + one RR (p50/p99).
+# Prints medians across rounds and writes them to $BENCH_OUT/bench-results.txt.
+#
+# Needs root, ip (iproute2), iperf3, awk, go (to build integration/cmd/rrbench).
+# Environment:
+#   BENCH_ROUNDS=3  BENCH_SECONDS=5  (iperf3 -t)
+#   BENCH_RR_N=20000  BENCH_CONNECT_N=2000   samples per latency test
+#   MESHTUN_BIN=bin/meshtun  MTU=   (passed as --tun-mtu when set)
+#   MESHTUN_LOG_LEVEL=warn   level of the measured proxies (info would add
+#                            an access-log line per flow)
+#   MESHTUN_ARGS=            extra `meshtun proxy` flags (word-split)
+#   BENCH_DIRECT_ONLY=1      skip everything that needs the proxy
+#   BENCH_OUT=/tmp/meshtun-bench   logs, raw iperf3 JSON, results
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+ROUNDS=${BENCH_ROUNDS:-3}
+SECONDS_PER_TEST=${BENCH_SECONDS:-5}
+RR_N=${BENCH_RR_N:-20000}
+CONNECT_N=${BENCH_CONNECT_N:-2000}
+BIN=${MESHTUN_BIN:-bin/meshtun}
+LOG_LEVEL=${MESHTUN_LOG_LEVEL:-warn}
+DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0}
+OUT=${BENCH_OUT:-/tmp/meshtun-bench}
+GO=${GO:-go}
+READY_TIMEOUT=${BENCH_READY_TIMEOUT:-30}
+
+POD=mtb-pod
+SVC=mtb-svc
+SVC_IP=10.77.0.1
+RR_PORT=7777
+IPERF_PORT=5201
+TUN=meshtun0
+
+log() { printf '%s bench: %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+	log "FAIL: $*"
+	exit 1
+}
+
+[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, veth, TUN)"
+for c in ip iperf3 awk "$GO"; do
+	command -v "$c" >/dev/null 2>&1 || die "$c not found (make deps installs iproute2 and iperf3)"
+done
+case $ROUNDS in '' | *[!0-9]* | 0) die "BENCH_ROUNDS=$ROUNDS: want a positive integer" ;; esac
+case $SECONDS_PER_TEST in '' | *[!0-9]* | 0) die "BENCH_SECONDS=$SECONDS_PER_TEST: want a positive integer" ;; esac
+
+if [ "$DIRECT_ONLY" != 1 ]; then
+	[ -x "$BIN" ] || die "MESHTUN_BIN=$BIN is not executable (run make build, or BENCH_DIRECT_ONLY=1)"
+	BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+	help=$("$BIN" proxy -h 2>&1 || true)
+	grep -q -- '-tun-mtu' <<<"$help" ||
+		die "$BIN has no 'proxy' command with --tun-mtu (use BENCH_DIRECT_ONLY=1 until it does)"
+fi
+
+mkdir -p "$OUT"
+rm -rf "${OUT:?}"/round* "$OUT"/proxy-*.log "$OUT"/samples.tsv "$OUT"/state
+SAMPLES=$OUT/samples.tsv
+RESULTS=$OUT/bench-results.txt
+: >"$SAMPLES"
+
+log "building rrbench"
+"$GO" build -o "$OUT/rrbench" ./integration/cmd/rrbench
+RRB=$OUT/rrbench
+
+# ---------------------------------------------------------------- cleanup
+PIDS=()
+PROXY_PID=
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	set +e
+	for pid in $PROXY_PID "${PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null
+	done
+	for pid in $PROXY_PID "${PIDS[@]}"; do
+		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
+	for ns in $POD $SVC; do
+		if [ -e "/run/netns/$ns" ]; then
+			# Anything still running in our namespaces was started by this script.
+			for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+			ip netns del "$ns"
+		fi
+	done
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- topology
+for ns in $POD $SVC; do
+	if [ -e "/run/netns/$ns" ]; then
+		log "removing $ns left by an earlier run"
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+		ip netns del "$ns"
+	fi
+done
+ip link del mtbp0 2>/dev/null || true
+
+log "creating namespaces $POD and $SVC"
+ip netns add $POD
+ip netns add $SVC
+ip link add mtbp0 type veth peer name mtbs0
+ip link set mtbp0 netns $POD
+ip link set mtbs0 netns $SVC
+ip -n $POD link set mtbp0 name eth0
+ip -n $SVC link set mtbs0 name eth0
+for ns in $POD $SVC; do
+	ip -n $ns link set lo up
+	ip -n $ns link set eth0 up
+done
+ip -n $POD addr add 10.77.0.2/24 dev eth0
+ip -n $POD addr add fd77::2/64 dev eth0 nodad
+ip -n $SVC addr add $SVC_IP/24 dev eth0
+ip -n $SVC addr add fd77::1/64 dev eth0 nodad
+ip -n $POD route add default via $SVC_IP
+ip -n $POD -6 route add default via fd77::1
+
+in_pod() { ip netns exec $POD "$@"; }
+
+ip netns exec $SVC iperf3 -s -p $IPERF_PORT >"$OUT/iperf3-server.log" 2>&1 &
+PIDS+=($!)
+ip netns exec $SVC "$RRB" server -listen ":$RR_PORT" >"$OUT/rrbench-server.log" 2>&1 &
+PIDS+=($!)
+
+# Both servers answer before anything is measured.
+for i in $(seq 50); do
+	if in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -n 1 -warmup 0 -timeout 1s >/dev/null 2>&1 &&
+		ip netns exec $SVC ss -ltnH "sport = :$IPERF_PORT" | grep -q .; then
+		break
+	fi
+	[ "$i" -lt 50 ] || die "servers in $SVC did not come up (see $OUT/*-server.log)"
+	sleep 0.1
+done
+
+# ---------------------------------------------------------------- proxy
+rules() { ip -n $POD rule show; ip -n $POD -6 rule show; }
+
+# info_suppressed LEVEL: true when LEVEL hides info lines (such as "proxy ready").
+info_suppressed() {
+	case $(printf '%s' "$1" | tr 'A-Z' 'a-z') in trace | debug | info | '') return 1 ;; *) return 0 ;; esac
+}
+
+# start_proxy LOG LEVEL: runs meshtun proxy in the pod, returns once it
+# captures; sets PROXY_PID and READY_HOW.
+start_proxy() {
+	local plog=$1 level=$2 base
+	local args=(proxy --log-format json --log-level "$level" --state-dir "$OUT/state")
+	[ -z "${MTU:-}" ] || args+=(--tun-mtu "$MTU")
+	# shellcheck disable=SC2206 # MESHTUN_ARGS is word-split on purpose
+	[ -z "${MESHTUN_ARGS:-}" ] || args+=($MESHTUN_ARGS)
+	! ip -n $POD link show $TUN >/dev/null 2>&1 || die "$TUN already exists in $POD: an earlier proxy is still running"
+	base=$(rules)
+	# Not through a shell function: $! must be the proxy itself (ip netns
+	# exec execs it), so that SIGTERM reaches meshtun.
+	ip netns exec $POD "$BIN" "${args[@]}" >"$plog" 2>&1 &
+	PROXY_PID=$!
+	READY_HOW=
+	local t0 i
+	t0=$(date +%s%N)
+	for i in $(seq $((READY_TIMEOUT * 20))); do
+		if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+			tail -n 20 "$plog" >&2
+			die "meshtun proxy exited before it was ready (log: $plog)"
+		fi
+		if grep -q '"message":"proxy ready"' "$plog"; then
+			READY_HOW="ready line"
+			break
+		fi
+		# At a level that hides the info-level ready line, the proxy is up
+		# once its TUN exists and capture has changed the routing rules;
+		# the probe below then proves the path answers.
+		if info_suppressed "$level" && [ "$(rules)" != "$base" ] && ip -n $POD link show $TUN >/dev/null 2>&1; then
+			READY_HOW="routing rules changed (ready line hidden at --log-level $level)"
+			break
+		fi
+		sleep 0.05
+	done
+	[ -n "$READY_HOW" ] || {
+		tail -n 20 "$plog" >&2
+		die "meshtun proxy not ready after ${READY_TIMEOUT}s (log: $plog)"
+	}
+	READY_MS=$((($(date +%s%N) - t0) / 1000000))
+	[ "/proc/$PROXY_PID/exe" -ef "$BIN" ] || die "pid $PROXY_PID is not $BIN"
+	# One exchange through the capture path before anything is timed.
+	for i in $(seq 10); do
+		in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -n 1 -warmup 0 -timeout 3s >/dev/null 2>&1 && return 0
+		sleep 0.2
+	done
+	die "no request/response through the capture path (log: $plog)"
+}
+
+# stop_proxy: SIGTERM, wait; the proxy must exit 0 and undo capture.
+stop_proxy() {
+	local pid=$PROXY_PID rc=0 i
+	kill -TERM "$pid"
+	for i in $(seq 150); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		log "WARNING: proxy did not exit 15s after SIGTERM; killing it"
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
+	wait "$pid" || rc=$?
+	PROXY_PID=
+	[ "$rc" -eq 0 ] || log "WARNING: proxy exited $rc after SIGTERM"
+	[ "$(rules)" = "$BASE_RULES" ] || log "WARNING: routing rules in $POD differ from before the proxy ran"
+	! ip -n $POD link show $TUN >/dev/null 2>&1 || log "WARNING: $TUN still exists after the proxy exited"
+}
+
+tun_tx_bytes() { in_pod cat /sys/class/net/$TUN/statistics/tx_bytes 2>/dev/null || echo 0; }
+
+# ---------------------------------------------------------------- measuring
+sample() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$SAMPLES"; }
+jfield() { sed -n "s/.*\"$2\":\\([0-9.eE+-]*\).*/\\1/p" <<<"$1"; }
+
+# iperf FILE ARGS…: one iperf3 run (retried once), prints received bits/s.
+iperf() {
+	local f=$1
+	shift
+	local try
+	for try in 1 2; do
+		if in_pod iperf3 -c $SVC_IP -p $IPERF_PORT -t "$SECONDS_PER_TEST" -J "$@" >"$f" 2>&1 && "$RRB" iperfsum "$f"; then
+			return 0
+		fi
+		log "iperf3 $* failed (try $try, output $f)"
+		sleep 1
+	done
+	return 1
+}
+
+measure() { # measure ROUND MODE
+	local r=$1 mode=$2 dir=$OUT/round$1 bps j
+	mkdir -p "$dir"
+	log "round $r/$ROUNDS $mode: iperf3 1 stream"
+	bps=$(iperf "$dir/$mode-iperf-P1.json") || die "iperf3 failed"
+	sample "$r" "$mode" tput1 "$bps"
+	log "round $r/$ROUNDS $mode: iperf3 4 streams"
+	bps=$(iperf "$dir/$mode-iperf-P4.json" -P 4) || die "iperf3 -P 4 failed"
+	sample "$r" "$mode" tput4 "$bps"
+	log "round $r/$ROUNDS $mode: rrbench 64 B x $RR_N"
+	j=$(in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -size 64 -n "$RR_N" -warmup 1000) || die "rrbench client failed"
+	echo "$j" >"$dir/$mode-rr.json"
+	sample "$r" "$mode" rr_p50 "$(jfield "$j" p50_us)"
+	sample "$r" "$mode" rr_p99 "$(jfield "$j" p99_us)"
+	log "round $r/$ROUNDS $mode: rrbench -connect x $CONNECT_N"
+	j=$(in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -size 64 -n "$CONNECT_N" -warmup 100 -connect) || die "rrbench -connect failed"
+	echo "$j" >"$dir/$mode-connect.json"
+	sample "$r" "$mode" conn_p50 "$(jfield "$j" p50_us)"
+	sample "$r" "$mode" conn_p99 "$(jfield "$j" p99_us)"
+}
+
+measure_capture() { # measure_capture ROUND
+	local r=$1 before after
+	start_proxy "$OUT/proxy-round$r.log" "$LOG_LEVEL"
+	log "round $r/$ROUNDS capture: proxy ready in ${READY_MS} ms ($READY_HOW)"
+	before=$(tun_tx_bytes)
+	measure "$r" capture
+	after=$(tun_tx_bytes)
+	# Proof the measured traffic went through the TUN, not around it.
+	[ $((after - before)) -gt 1000000 ] ||
+		die "only $((after - before)) bytes went into $TUN during the capture measurements: capture is not active"
+	sample "$r" capture tun_bytes $((after - before))
+	stop_proxy
+}
+
+BASE_RULES=$(rules)
+OFFLOADS="n/a (BENCH_DIRECT_ONLY=1)"
+STARTUP="n/a"
+if [ "$DIRECT_ONLY" != 1 ]; then
+	# A first start at info level shows the TUN's offloads, and checks the
+	# ready line the measured (warn-level) runs may not print.
+	log "probe start of the proxy at --log-level info"
+	start_proxy "$OUT/proxy-probe.log" info
+	STARTUP="${READY_MS} ms to \"proxy ready\""
+	line=$(grep -m1 '"message":"tun device open"' "$OUT/proxy-probe.log" || true)
+	if [ -n "$line" ]; then
+		OFFLOADS=""
+		for k in name mtu vnet_hdr tso gro batch_size; do
+			v=$(sed -n "s/.*\"$k\":\"\{0,1\}\([^\",}]*\).*/\1/p" <<<"$line")
+			OFFLOADS+="${OFFLOADS:+ }$k=${v:-?}"
+		done
+	else
+		OFFLOADS="unknown (no \"tun device open\" line in $OUT/proxy-probe.log)"
+	fi
+	log "tun: $OFFLOADS"
+	stop_proxy
+fi
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+for r in $(seq "$ROUNDS"); do
+	if [ "$DIRECT_ONLY" = 1 ]; then
+		measure "$r" direct
+	elif [ $((r % 2)) -eq 1 ]; then
+		measure "$r" direct
+		measure_capture "$r"
+	else
+		measure_capture "$r"
+		measure "$r" direct
+	fi
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- report
+# median MODE METRIC: the median over rounds, or "-" without samples.
+median() {
+	awk -F'\t' -v m="$1" -v k="$2" '$2 == m && $3 == k { print $4 }' "$SAMPLES" | sort -g |
+		awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+row() { # row LABEL METRIC KIND(tput|lat)
+	local d c
+	d=$(median direct "$2")
+	c=$(median capture "$2")
+	awk -v label="$1" -v d="$d" -v c="$c" -v kind="$3" 'BEGIN {
+		if (kind == "tput") {
+			ds = (d == "-") ? "-" : sprintf("%.2f", d / 1e9)
+			cs = (c == "-") ? "-" : sprintf("%.2f", c / 1e9)
+			x = (d == "-" || c == "-" || d == 0) ? "-" : sprintf("%.3fx", c / d)
+		} else {
+			ds = (d == "-") ? "-" : sprintf("%.1f", d)
+			cs = (c == "-") ? "-" : sprintf("%.1f", c)
+			x = (d == "-" || c == "-") ? "-" : sprintf("%+.1f us", c - d)
+		}
+		printf "%-26s | %10s | %10s | %s\n", label, ds, cs, x
+	}'
+}
+
+{
+	echo "meshtun bench $(date -u +%FT%TZ)  host: $(nproc) CPUs, kernel $(uname -r)"
+	if [ "$DIRECT_ONLY" != 1 ]; then
+		echo "binary: $BIN ($("$BIN" version 2>/dev/null || echo '?')), tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- 2>/dev/null || echo '+dirty')"
+		echo "proxy: --log-level $LOG_LEVEL${MTU:+ --tun-mtu $MTU}${MESHTUN_ARGS:+ $MESHTUN_ARGS}; startup $STARTUP"
+		echo "tun device open: $OFFLOADS"
+	else
+		echo "BENCH_DIRECT_ONLY=1: capture half skipped"
+	fi
+	echo "rounds: $ROUNDS (medians shown), iperf3 -t $SECONDS_PER_TEST, RR n=$RR_N, connect n=$CONNECT_N; loadavg $LOAD_START -> $LOAD_END"
+	echo
+	printf "%-26s | %10s | %10s | %s\n" metric direct capture "capture vs direct"
+	printf '%s\n' "---------------------------+------------+------------+------------------"
+	row "TCP 1 stream (Gbit/s)" tput1 tput
+	row "TCP 4 streams (Gbit/s)" tput4 tput
+	row "RR 64 B p50 (us)" rr_p50 lat
+	row "RR 64 B p99 (us)" rr_p99 lat
+	row "connect+RR p50 (us)" conn_p50 lat
+	row "connect+RR p99 (us)" conn_p99 lat
+	echo
+	echo "per round (round mode metric value): $SAMPLES"
+} >"$RESULTS"
+
+echo
+cat "$RESULTS"
+echo
+echo "results: $RESULTS (raw iperf3/rrbench output and proxy logs in $OUT)"
