@@ -1,0 +1,171 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+)
+
+// ConnectError is a failed connect to a picked host.
+type ConnectError struct {
+	Cluster string
+	Host    *Host
+	Timeout bool // connect_timeout expired (upstream_cx_connect_timeout)
+	Err     error
+}
+
+func (e *ConnectError) Error() string {
+	what := "connect"
+	if e.Timeout {
+		what = "connect timeout"
+	}
+	return fmt.Sprintf("cluster %q: %s to %s: %v", e.Cluster, what, e.Host.addr, e.Err)
+}
+
+func (e *ConnectError) Unwrap() error { return e.Err }
+
+// pick chooses the host for a new connection, or nil.
+func (c *Cluster) pick(origDst netip.AddrPort, exclude func(*Host) bool) *Host {
+	if c.origDst != nil {
+		return c.origDst.get(origDst)
+	}
+	return c.hosts.Load().pick(exclude)
+}
+
+// Connect picks a host and opens a TCP connection to it, the way Envoy's
+// tcp_proxy asks its cluster for one:
+//   - origDst is the downstream connection's original destination; only
+//     ORIGINAL_DST clusters use it (as the host to dial).
+//   - exclude, if not nil, rejects hosts already tried (tcp_proxy retries
+//     on another host up to max_connect_attempts); if every host is
+//     rejected, one is returned anyway.
+//   - With no host to pick it fails at once with ErrNoHealthyUpstream
+//     (upstream_cx_none_healthy); with the default-priority max_connections
+//     reached, with ErrOverflow (upstream_cx_overflow).
+//   - The dial is bounded by connect_timeout and ctx; a failure returns a
+//     *ConnectError and counts upstream_cx_connect_fail (plus
+//     upstream_cx_connect_timeout on timeout) and the host's cx_connect_fail.
+//
+// As in Envoy, upstream_cx_total = upstream_cx_active + upstream_cx_destroy:
+// a failed connect counts as created and destroyed.
+func (c *Cluster) Connect(ctx context.Context, origDst netip.AddrPort, exclude func(*Host) bool) (*UpstreamConn, error) {
+	h := c.pick(origDst, exclude)
+	if h == nil {
+		c.stats.cxNoneHealthy.Add(1)
+		return nil, c.errNoHealthy
+	}
+	res := c.resources[PriorityDefault]
+	if !res.cx.tryAcquire() {
+		c.stats.cxOverflow.Add(1)
+		return nil, c.errOverflow
+	}
+	c.stats.cxTotal.Add(1)
+	c.stats.cxActive.Add(1)
+	h.cxTotal.Add(1)
+	h.cxActive.Add(1)
+
+	dctx, cancel := context.WithTimeout(ctx, c.connectTimeout)
+	conn, err := c.dial(dctx, h.addr, c.sourceFor(h.addr.Addr()))
+	timedOut := err != nil && ctx.Err() == nil && (errors.Is(dctx.Err(), context.DeadlineExceeded) || isTimeout(err))
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil { // not abandoned by the caller
+			c.stats.cxConnectFail.Add(1)
+			h.cxConnectFail.Add(1)
+			if timedOut {
+				c.stats.cxConnectTimeout.Add(1)
+			}
+		}
+		c.released(h, res)
+		return nil, &ConnectError{Cluster: c.name, Host: h, Timeout: timedOut, Err: err}
+	}
+	return &UpstreamConn{conn: conn, host: h, c: c, res: res}, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// released undoes the accounting of one connection.
+func (c *Cluster) released(h *Host, res *Resources) {
+	c.stats.cxActive.Add(-1)
+	c.stats.cxDestroy.Add(1)
+	h.cxActive.Add(-1)
+	res.cx.release()
+}
+
+// UpstreamConn is a connection to a cluster host. Read and Write count the
+// cluster's upstream_cx_rx_bytes_total / upstream_cx_tx_bytes_total (one
+// atomic add per call); the first Close or Reset releases the connection's
+// stats and circuit-breaker slot. It deliberately does not implement
+// io.ReaderFrom/io.WriterTo, so io.Copy goes through the counting Read and
+// Write.
+type UpstreamConn struct {
+	conn   *net.TCPConn
+	host   *Host
+	c      *Cluster
+	res    *Resources
+	closed atomic.Bool
+}
+
+var _ net.Conn = (*UpstreamConn)(nil)
+
+// Host is the host the connection goes to.
+func (u *UpstreamConn) Host() *Host { return u.host }
+
+// Cluster is the cluster the connection belongs to.
+func (u *UpstreamConn) Cluster() *Cluster { return u.c }
+
+// TCPConn is the underlying socket; bytes moved through it directly are
+// not counted.
+func (u *UpstreamConn) TCPConn() *net.TCPConn { return u.conn }
+
+func (u *UpstreamConn) Read(p []byte) (int, error) {
+	n, err := u.conn.Read(p)
+	if n > 0 {
+		u.c.stats.rxBytes.Add(uint64(n))
+	}
+	return n, err
+}
+
+func (u *UpstreamConn) Write(p []byte) (int, error) {
+	n, err := u.conn.Write(p)
+	if n > 0 {
+		u.c.stats.txBytes.Add(uint64(n))
+	}
+	return n, err
+}
+
+// Close closes the socket; the first call also releases the connection
+// (upstream_cx_active, host cx_active, circuit breaker) and counts
+// upstream_cx_destroy.
+func (u *UpstreamConn) Close() error {
+	err := u.conn.Close()
+	if u.closed.CompareAndSwap(false, true) {
+		u.c.released(u.host, u.res)
+	}
+	return err
+}
+
+// CloseWrite sends a FIN (half-close).
+func (u *UpstreamConn) CloseWrite() error { return u.conn.CloseWrite() }
+
+// CloseRead shuts down the reading side.
+func (u *UpstreamConn) CloseRead() error { return u.conn.CloseRead() }
+
+// Reset aborts the connection with a RST (SO_LINGER 0, then Close).
+func (u *UpstreamConn) Reset() {
+	_ = u.conn.SetLinger(0)
+	_ = u.Close()
+}
+
+func (u *UpstreamConn) LocalAddr() net.Addr                { return u.conn.LocalAddr() }
+func (u *UpstreamConn) RemoteAddr() net.Addr               { return u.conn.RemoteAddr() }
+func (u *UpstreamConn) SetDeadline(t time.Time) error      { return u.conn.SetDeadline(t) }
+func (u *UpstreamConn) SetReadDeadline(t time.Time) error  { return u.conn.SetReadDeadline(t) }
+func (u *UpstreamConn) SetWriteDeadline(t time.Time) error { return u.conn.SetWriteDeadline(t) }
