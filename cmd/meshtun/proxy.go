@@ -18,12 +18,17 @@ import (
 	"github.com/meshtun/meshtun/internal/logging"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/bootstrap"
+	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 	"github.com/meshtun/meshtun/tun"
 )
 
 type proxyFlags struct {
+	bootstrap      string
+	outboundPort   uint
+	inboundPort    uint
 	capture        string
 	tunName        string
 	tunMTU         int
@@ -45,6 +50,9 @@ type proxyFlags struct {
 }
 
 func (f *proxyFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.bootstrap, "bootstrap", "", "Envoy v3 bootstrap (JSON or YAML) with static listeners and clusters; without it every flow passes through to its original destination")
+	fs.UintVar(&f.outboundPort, "outbound-port", 15001, "port of the listener that receives captured outbound flows (Istio's virtualOutbound)")
+	fs.UintVar(&f.inboundPort, "inbound-port", 15006, "port of the listener that receives captured inbound flows (Istio's virtualInbound)")
 	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN) or "none" (open the TUN, change no routes)`)
 	fs.StringVar(&f.tunName, "tun-name", "meshtun0", "TUN device name")
 	fs.IntVar(&f.tunMTU, "tun-mtu", 65535, "TUN MTU (1280..65535); flows are terminated locally, so a large MTU costs nothing and saves per-packet work")
@@ -138,6 +146,10 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if f.outboundPort > 65535 || f.inboundPort > 65535 {
+		fmt.Fprintf(stderr, "meshtun proxy: -outbound-port/-inbound-port: want a port number\n")
+		return 2
+	}
 	if err := serveProxy(&f, log); err != nil {
 		log.Error().Err(err).Msg("proxy failed")
 		return 1
@@ -147,6 +159,39 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 
 func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	log := logging.Component(root, "main")
+	dialer := &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout}
+	access := accesslog.New(root)
+	passthrough := &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: f.tcpIdle, Access: access}
+
+	// The configuration is read and validated before anything on the
+	// host changes: a bad bootstrap leaves no capture behind.
+	var handler netstack.Handler = passthrough
+	var dispatcher *mesh.Dispatcher
+	if f.bootstrap != "" {
+		b, err := bootstrap.Load(f.bootstrap)
+		if err != nil {
+			return err
+		}
+		snap, err := mesh.Build("static", b.GetStaticResources().GetListeners(), b.GetStaticResources().GetClusters(), nil, mesh.BuildOptions{
+			Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
+			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
+		})
+		if err != nil {
+			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
+		}
+		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough}
+		srv := &mesh.Server{D: dispatcher, Log: logging.Component(root, "conn_handler")}
+		if err := srv.Apply(snap); err != nil {
+			snap.Retire(nil)
+			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
+		}
+		defer func() {
+			srv.Close()
+			snap.Retire(nil)
+		}()
+		handler = dispatcher
+		log.Info().Str("bootstrap", f.bootstrap).Int("listeners", len(snap.Listeners)).Int("clusters", len(snap.Clusters)).Msg("static configuration applied")
+	}
 	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
 	if err != nil {
 		return err
@@ -180,11 +225,9 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 		podIPs = capt.PodIPs()
 	}
 
-	handler := &mesh.Passthrough{
-		Dialer:         &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout},
-		LocalIPs:       podIPs,
-		TCPIdleTimeout: f.tcpIdle,
-		Access:         accesslog.New(root),
+	passthrough.LocalIPs = podIPs
+	if dispatcher != nil {
+		dispatcher.LocalIPs = podIPs
 	}
 	st, err := netstack.New(dev.Dev(), handler, netstack.Config{UDPIdleTimeout: f.udpIdle}, logging.Component(root, "netstack"))
 	if err != nil {

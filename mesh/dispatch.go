@@ -1,0 +1,261 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/filterchain"
+	"github.com/meshtun/meshtun/mesh/sniff"
+	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/netstack"
+)
+
+// Dispatcher is the netstack.Handler of a configured proxy: captured
+// outbound flows enter the outbound virtual listener and are handed to the
+// listener of their original destination; inbound flows enter the inbound
+// virtual listener. The listener's filter chain then decides.
+type Dispatcher struct {
+	snap atomic.Pointer[Snapshot]
+
+	// LocalIPs are the pod's addresses: flows to them are inbound.
+	LocalIPs []netip.Addr
+	Access   *accesslog.Logger
+	// UDP handles UDP flows (no UDP listeners yet: they pass through).
+	UDP netstack.Handler
+}
+
+var _ netstack.Handler = (*Dispatcher)(nil)
+
+// Swap installs a new snapshot for new flows and returns the previous one.
+// Flows in progress keep the snapshot they started with.
+func (d *Dispatcher) Swap(s *Snapshot) *Snapshot { return d.snap.Swap(s) }
+
+// Snapshot returns the snapshot new flows use.
+func (d *Dispatcher) Snapshot() *Snapshot { return d.snap.Load() }
+
+func (d *Dispatcher) isLocal(ip netip.Addr) bool {
+	for _, l := range d.LocalIPs {
+		if l == ip {
+			return true
+		}
+	}
+	return false
+}
+
+// HandleUDP implements netstack.Handler.
+func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
+	if d.UDP == nil {
+		f.Close()
+		return
+	}
+	d.UDP.HandleUDP(f)
+}
+
+// HandleTCP implements netstack.Handler.
+func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
+	snap := d.snap.Load()
+	e := accesslog.Entry{Transport: "tcp", Start: time.Now(), DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src}
+	var recv *Listener
+	if snap != nil {
+		if d.isLocal(req.ID.Dst.Addr()) {
+			e.Direction, recv = "inbound", snap.inbound
+		} else {
+			e.Direction, recv = "outbound", snap.outbound
+			recv = snap.handOff(recv, req.ID.Dst)
+		}
+	}
+	if recv == nil {
+		// No listener takes the flow: like a port nobody listens on.
+		req.Refuse()
+		e.ResponseFlags, e.Details = "NR", "no listener"
+		d.Access.Log(&e)
+		return
+	}
+	recv.Stats.DownstreamCxTotal.Add(1)
+	recv.Stats.DownstreamCxActive.Add(1)
+	defer recv.Stats.DownstreamCxActive.Add(-1)
+	defer recv.Stats.DownstreamCxDestroy.Add(1)
+	serveFlow(snap, recv, &captured{req: req}, &e)
+	d.Access.Log(&e)
+}
+
+// flowSource abstracts how a flow's downstream connection is obtained: a
+// captured flow can still be refused with a RST before its handshake
+// completes; a connection accepted on a bound socket already exists.
+type flowSource interface {
+	id() netstack.FlowID
+	accept() (net.Conn, error)
+	refuse()
+}
+
+type captured struct{ req *netstack.TCPRequest }
+
+func (c *captured) id() netstack.FlowID { return c.req.ID }
+func (c *captured) accept() (net.Conn, error) {
+	conn, err := c.req.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return conn, nil
+}
+func (c *captured) refuse() { c.req.Refuse() }
+
+// accepted is a connection from a bound listener's socket.
+type accepted struct {
+	conn net.Conn
+	fid  netstack.FlowID
+}
+
+func (a *accepted) id() netstack.FlowID       { return a.fid }
+func (a *accepted) accept() (net.Conn, error) { return a.conn, nil }
+func (a *accepted) refuse()                   { resetConn(a.conn) }
+func resetConn(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+// serveFlow runs listener l on one flow: listener filters when its chains
+// need them, filter-chain selection, then tcp_proxy to a cluster.
+func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) {
+	fid := src.id()
+	info := filterchain.ConnInfo{
+		DstIP: fid.Dst.Addr(), DstPort: fid.Dst.Port(),
+		SrcIP: fid.Src.Addr(), SrcPort: fid.Src.Port(), DirectSrcIP: fid.Src.Addr(),
+		TransportProtocol: "raw_buffer",
+		Pipe:              l.Pipe != "",
+	}
+	wantTLS, wantHTTP := l.insp.wants(fid.Dst.Port())
+
+	// Without listener filters the chain is known from the SYN alone, so
+	// the upstream is dialed before the client's handshake completes: a
+	// refused or absent upstream reaches the client as a refused connect.
+	if !wantTLS && !wantHTTP {
+		chain := l.selectChain(&info)
+		if chain == nil {
+			l.Stats.NoFilterChainMatch.Add(1)
+			src.refuse()
+			e.ResponseFlags = "NR"
+			return
+		}
+		up, cl, flags, err := connect(snap, chain, fid.Dst, e)
+		if err != nil {
+			src.refuse()
+			e.ResponseFlags, e.Details = flags, err.Error()
+			return
+		}
+		down, err := src.accept()
+		if err != nil {
+			up.Reset()
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			return
+		}
+		splice(down, up, chain, cl, e)
+		return
+	}
+
+	down, err := src.accept()
+	if err != nil {
+		e.ResponseFlags, e.Details = "DC", err.Error()
+		return
+	}
+	l.Stats.DownstreamPreCxActive.Add(1)
+	pc := sniff.NewPeekConn(down, 0)
+	res, err := sniff.Inspect(context.Background(), pc, wantTLS, wantHTTP, l.insp.timeout)
+	l.Stats.DownstreamPreCxActive.Add(-1)
+	if err != nil {
+		if errors.Is(err, sniff.ErrTimeout) {
+			l.Stats.DownstreamListenerTimeout.Add(1)
+			if !l.insp.continueOnTimeout {
+				down.Close()
+				e.ResponseFlags, e.Details = "-", "listener filters timeout"
+				return
+			}
+		} else {
+			down.Close()
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			return
+		}
+	}
+	info.TransportProtocol = res.TransportProtocol
+	info.ServerName = res.ServerName
+	info.ApplicationProtocols = res.ApplicationProtocols
+	chain := l.selectChain(&info)
+	if chain == nil {
+		l.Stats.NoFilterChainMatch.Add(1)
+		down.Close()
+		e.ResponseFlags = "NR"
+		return
+	}
+	up, cl, flags, err := connect(snap, chain, fid.Dst, e)
+	if err != nil {
+		resetConn(down)
+		e.ResponseFlags, e.Details = flags, err.Error()
+		return
+	}
+	splice(pc, up, chain, cl, e)
+}
+
+func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
+	i, ok := l.matcher.Match(info)
+	switch {
+	case !ok:
+		return nil
+	case i < 0:
+		return l.Default
+	}
+	return l.Chains[i]
+}
+
+// connect runs tcp_proxy's upstream side: pick the cluster, then up to
+// max_connect_attempts connects, each to a host not tried before.
+func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.Entry) (*cluster.UpstreamConn, *cluster.Cluster, string, error) {
+	name := chain.TCP.pickCluster(rand.Uint32())
+	e.UpstreamCluster = name
+	cl := snap.Clusters[name]
+	var tried []*cluster.Host
+	exclude := func(h *cluster.Host) bool {
+		for _, t := range tried {
+			if t == h {
+				return true
+			}
+		}
+		return false
+	}
+	var lastErr error
+	for attempt := 0; attempt < chain.TCP.MaxConnectAttempts; attempt++ {
+		up, err := cl.Connect(context.Background(), origDst, exclude)
+		if err == nil {
+			e.UpstreamHost = up.Host().Address()
+			if la, ok := up.LocalAddr().(*net.TCPAddr); ok {
+				e.UpstreamLocal = la.AddrPort()
+			}
+			return up, cl, "", nil
+		}
+		lastErr = err
+		switch {
+		case errors.Is(err, cluster.ErrOverflow):
+			return nil, cl, "UO", err
+		case errors.Is(err, cluster.ErrNoHealthyUpstream):
+			return nil, cl, "UH", err
+		}
+		var ce *cluster.ConnectError
+		if errors.As(err, &ce) && ce.Host != nil {
+			tried = append(tried, ce.Host)
+		}
+	}
+	return nil, cl, "UF", lastErr
+}
+
+func splice(down net.Conn, up *cluster.UpstreamConn, chain *Chain, cl *cluster.Cluster, e *accesslog.Entry) {
+	r := tcpproxy.Splice(down, up, chain.TCP.IdleTimeout)
+	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
+}

@@ -1,0 +1,183 @@
+package mesh
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/netstack"
+)
+
+// Server owns the configuration in force: it swaps snapshots into the
+// Dispatcher and keeps one kernel socket per listener that binds (an IP
+// address or a Unix domain socket). Listeners that do not bind, and the
+// virtual listeners capture feeds, get no socket.
+type Server struct {
+	D   *Dispatcher
+	Log zerolog.Logger
+
+	mu     sync.Mutex
+	bound  map[string]*boundListener // by bind key
+	closed bool
+}
+
+type boundListener struct {
+	key string
+	ln  net.Listener
+	wg  sync.WaitGroup
+}
+
+func bindKey(l *Listener) string {
+	if l.Pipe != "" {
+		return "unix:" + l.Pipe
+	}
+	return "tcp:" + l.Addr.String()
+}
+
+// Apply makes snap the configuration for new flows: sockets for new
+// binding listeners are opened first (a bind failure rejects the snapshot
+// and changes nothing), then the snapshot is swapped in, then sockets of
+// listeners that are gone are closed. Connections already accepted keep
+// running on the snapshot they started with.
+func (s *Server) Apply(snap *Snapshot) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("server closed")
+	}
+	if s.bound == nil {
+		s.bound = make(map[string]*boundListener)
+	}
+	want := make(map[string]*Listener)
+	for _, l := range snap.Listeners {
+		if !l.BindToPort || l == snap.outbound || l == snap.inbound {
+			continue
+		}
+		want[bindKey(l)] = l
+	}
+	var opened []*boundListener
+	for key, l := range want {
+		if s.bound[key] != nil {
+			continue
+		}
+		b, err := s.listen(key, l)
+		if err != nil {
+			for _, o := range opened {
+				o.ln.Close()
+			}
+			return fmt.Errorf("listener %q: %w", l.Name, err)
+		}
+		opened = append(opened, b)
+	}
+	s.D.Swap(snap)
+	for _, b := range opened {
+		s.bound[b.key] = b
+		b.wg.Add(1)
+		go s.acceptLoop(b)
+	}
+	for key, b := range s.bound {
+		if want[key] == nil {
+			b.ln.Close()
+			delete(s.bound, key)
+		}
+	}
+	return nil
+}
+
+func (s *Server) listen(key string, l *Listener) (*boundListener, error) {
+	var ln net.Listener
+	var err error
+	if l.Pipe != "" {
+		// A socket file left by a previous run would make bind fail.
+		if fi, statErr := os.Lstat(l.Pipe); statErr == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(l.Pipe)
+		}
+		ln, err = net.Listen("unix", l.Pipe)
+		if err == nil && l.Proto.GetAddress().GetPipe().GetMode() != 0 {
+			err = os.Chmod(l.Pipe, os.FileMode(l.Proto.GetAddress().GetPipe().GetMode()))
+		}
+	} else {
+		ln, err = net.Listen("tcp", l.Addr.String())
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &boundListener{key: key, ln: ln}, nil
+}
+
+// acceptLoop serves one bound socket. The listener configuration is looked
+// up per connection in the snapshot in force, so an update that keeps the
+// address changes chains without touching the socket.
+func (s *Server) acceptLoop(b *boundListener) {
+	defer b.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := b.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// EMFILE and friends: back off instead of spinning.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.Log.Warn().Err(err).Str("listener", b.key).Msg("accept")
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		go s.serveConn(b.key, c)
+	}
+}
+
+func (s *Server) serveConn(key string, c net.Conn) {
+	snap := s.D.Snapshot()
+	var l *Listener
+	for _, cand := range snap.Listeners {
+		if bindKey(cand) == key {
+			l = cand
+			break
+		}
+	}
+	if l == nil {
+		c.Close()
+		return
+	}
+	fid := netstack.FlowID{Src: addrPortOf(c.RemoteAddr()), Dst: addrPortOf(c.LocalAddr())}
+	if l.Pipe != "" {
+		fid.Dst = netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
+	}
+	e := accesslog.Entry{Transport: "tcp", Direction: "listener", Start: time.Now(), DownstreamLocal: fid.Dst, DownstreamPeer: fid.Src}
+	l.Stats.DownstreamCxTotal.Add(1)
+	l.Stats.DownstreamCxActive.Add(1)
+	serveFlow(snap, l, &accepted{conn: c, fid: fid}, &e)
+	l.Stats.DownstreamCxActive.Add(-1)
+	l.Stats.DownstreamCxDestroy.Add(1)
+	s.D.Access.Log(&e)
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+// Close closes every bound socket and waits for the accept loops.
+func (s *Server) Close() {
+	s.mu.Lock()
+	s.closed = true
+	bound := s.bound
+	s.bound = nil
+	s.mu.Unlock()
+	for _, b := range bound {
+		b.ln.Close()
+		b.wg.Wait()
+	}
+}

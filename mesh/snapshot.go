@@ -1,0 +1,319 @@
+package mesh
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/filterchain"
+)
+
+// Roles says which listeners receive captured flows. Istio's defaults:
+// outbound capture lands on the listener at port 15001 (virtualOutbound),
+// inbound on 15006 (virtualInbound). No listener name is special.
+type Roles struct {
+	OutboundPort uint16
+	InboundPort  uint16
+}
+
+// IstioRoles are Istio's proxyListenPort and proxyInboundListenPort.
+var IstioRoles = Roles{OutboundPort: 15001, InboundPort: 15006}
+
+// Snapshot is an immutable, validated configuration. The dispatcher reads
+// it through an atomic pointer; a flow keeps the snapshot (and so the
+// listener, chain and cluster) it started with.
+type Snapshot struct {
+	Version   string
+	Listeners []*Listener // in configuration order
+	Clusters  map[string]*cluster.Cluster
+
+	clusterProtos map[string]*clusterv3.Cluster // what each cluster was built from
+
+	byName    map[string]*Listener
+	byAddr    map[netip.AddrPort]*Listener // exact IP:port hand-off targets
+	wildcard4 map[uint16]*Listener         // 0.0.0.0:port
+	wildcard6 map[uint16]*Listener         // [::]:port
+	outbound  *Listener                    // receives captured outbound flows
+	inbound   *Listener                    // receives captured inbound flows
+}
+
+// Listener is the runtime form of an Envoy Listener.
+type Listener struct {
+	Name           string
+	Proto          *listenerv3.Listener
+	Addr           netip.AddrPort // IP listeners
+	Pipe           string         // Unix domain socket path (address.pipe)
+	BindToPort     bool
+	UseOriginalDst bool
+	Direction      corev3.TrafficDirection
+	Chains         []*Chain
+	Default        *Chain
+	Stats          *ListenerStats
+
+	insp    inspection
+	matcher *filterchain.Matcher
+}
+
+// Chain is one filter chain: where its flows go.
+type Chain struct {
+	Name    string
+	TCP     *TCPProxy
+	Skipped []string // telemetry filters accepted and not run
+}
+
+// ListenerStats are Envoy's listener.<address>.* counters. They belong to
+// the listener's address, so a listener updated in place keeps them.
+type ListenerStats struct {
+	Prefix                    string // e.g. "listener.0.0.0.0_15001."
+	DownstreamCxTotal         atomic.Uint64
+	DownstreamCxActive        atomic.Int64
+	DownstreamCxDestroy       atomic.Uint64
+	NoFilterChainMatch        atomic.Uint64
+	DownstreamPreCxActive     atomic.Int64
+	DownstreamListenerTimeout atomic.Uint64 // downstream_pre_cx_timeout
+}
+
+// StatPrefix is Envoy's listener stat scope for an address: ':' becomes '_'.
+func listenerStatPrefix(l *listenerv3.Listener) string {
+	if l.GetStatPrefix() != "" {
+		return "listener." + l.GetStatPrefix() + "."
+	}
+	if p := l.GetAddress().GetPipe(); p != nil {
+		return "listener." + strings.ReplaceAll(p.GetPath(), ":", "_") + "."
+	}
+	sa := l.GetAddress().GetSocketAddress()
+	return "listener." + strings.ReplaceAll(fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue()), ":", "_") + "."
+}
+
+// BuildOptions carries what building a snapshot needs besides resources.
+type BuildOptions struct {
+	Roles   Roles
+	Cluster cluster.Options
+	// AddedViaAPI marks clusters that came over xDS (Envoy's added_via_api).
+	AddedViaAPI bool
+}
+
+// Build validates listeners and clusters into a Snapshot. prev, when not
+// nil, lends clusters whose configuration is unchanged (keeping their
+// hosts, connections and counters) and listener counters by address.
+// Every error names the resource and the field.
+func Build(version string, listeners []*listenerv3.Listener, clusters []*clusterv3.Cluster, prev *Snapshot, opts BuildOptions) (*Snapshot, error) {
+	s := &Snapshot{
+		Version:       version,
+		Clusters:      make(map[string]*cluster.Cluster, len(clusters)),
+		clusterProtos: make(map[string]*clusterv3.Cluster, len(clusters)),
+		byName:        make(map[string]*Listener, len(listeners)),
+		byAddr:        make(map[netip.AddrPort]*Listener),
+		wildcard4:     make(map[uint16]*Listener),
+		wildcard6:     make(map[uint16]*Listener),
+	}
+	var created []*cluster.Cluster
+	fail := func(err error) (*Snapshot, error) {
+		for _, c := range created {
+			c.Close()
+		}
+		return nil, err
+	}
+	for i, pb := range clusters {
+		name := pb.GetName()
+		if name == "" {
+			return fail(fmt.Errorf("clusters[%d]: name: must not be empty", i))
+		}
+		if _, dup := s.Clusters[name]; dup {
+			return fail(fmt.Errorf("cluster %q: duplicate name", name))
+		}
+		if prev != nil {
+			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
+				s.Clusters[name], s.clusterProtos[name] = old, pb
+				continue
+			}
+		}
+		co := opts.Cluster
+		co.AddedViaAPI = opts.AddedViaAPI
+		c, err := cluster.New(pb, co)
+		if err != nil {
+			return fail(err) // cluster.New names the cluster
+		}
+		created = append(created, c)
+		s.Clusters[name], s.clusterProtos[name] = c, pb
+	}
+	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok }
+	for i, pb := range listeners {
+		l, err := buildListener(pb, exists, prev)
+		if err != nil {
+			name := pb.GetName()
+			if name == "" {
+				name = fmt.Sprintf("listeners[%d]", i)
+			}
+			return fail(fmt.Errorf("listener %q: %w", name, err))
+		}
+		if _, dup := s.byName[l.Name]; dup {
+			return fail(fmt.Errorf("listener %q: duplicate name", l.Name))
+		}
+		s.byName[l.Name] = l
+		s.Listeners = append(s.Listeners, l)
+		if l.Pipe != "" {
+			continue
+		}
+		port := l.Addr.Port()
+		switch {
+		case opts.Roles.OutboundPort != 0 && port == opts.Roles.OutboundPort && l.Addr.Addr().IsUnspecified() && s.outbound == nil:
+			s.outbound = l
+		case opts.Roles.InboundPort != 0 && port == opts.Roles.InboundPort && l.Addr.Addr().IsUnspecified() && s.inbound == nil:
+			s.inbound = l
+		}
+		table := s.byAddr
+		key := l.Addr
+		if l.Addr.Addr().IsUnspecified() {
+			if l.Addr.Addr().Is4() {
+				if other := s.wildcard4[port]; other != nil {
+					return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
+				}
+				s.wildcard4[port] = l
+			} else {
+				if other := s.wildcard6[port]; other != nil {
+					return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
+				}
+				s.wildcard6[port] = l
+			}
+			continue
+		}
+		if other := table[key]; other != nil {
+			return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
+		}
+		table[key] = l
+	}
+	return s, nil
+}
+
+func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, prev *Snapshot) (*Listener, error) {
+	if err := pb.ValidateAll(); err != nil {
+		return nil, err
+	}
+	l := &Listener{
+		Name:           pb.GetName(),
+		Proto:          pb,
+		BindToPort:     pb.GetBindToPort() == nil || pb.GetBindToPort().GetValue(),
+		UseOriginalDst: pb.GetUseOriginalDst().GetValue(),
+		Direction:      pb.GetTrafficDirection(),
+	}
+	if l.Name == "" {
+		return nil, errors.New("name: must not be empty")
+	}
+	switch {
+	case pb.GetAddress().GetPipe() != nil:
+		l.Pipe = pb.GetAddress().GetPipe().GetPath()
+	case pb.GetAddress().GetSocketAddress() != nil:
+		sa := pb.GetAddress().GetSocketAddress()
+		if sa.GetProtocol() == corev3.SocketAddress_UDP {
+			return nil, errors.New("address.socket_address.protocol: UDP listeners are not supported yet (UDP flows pass through)")
+		}
+		ip, err := netip.ParseAddr(sa.GetAddress())
+		if err != nil {
+			return nil, fmt.Errorf("address.socket_address.address: %q is not an IP address", sa.GetAddress())
+		}
+		if sa.GetNamedPort() != "" {
+			return nil, errors.New("address.socket_address.named_port: not supported; use port_value")
+		}
+		l.Addr = netip.AddrPortFrom(ip.Unmap(), uint16(sa.GetPortValue()))
+	default:
+		return nil, errors.New("address: want socket_address or pipe")
+	}
+	if len(pb.GetAdditionalAddresses()) > 0 {
+		return nil, errors.New("additional_addresses: not supported")
+	}
+	if pb.GetFilterChainMatcher() != nil {
+		return nil, errors.New("filter_chain_matcher: not supported; use filter_chain_match")
+	}
+	var err error
+	if l.insp, err = parseListenerFilters(pb); err != nil {
+		return nil, err
+	}
+	for i, fc := range pb.GetFilterChains() {
+		c, err := buildChain(fc, clusterExists)
+		if err != nil {
+			return nil, fmt.Errorf("filter_chains[%d]%s: %w", i, chainLabel(fc), err)
+		}
+		l.Chains = append(l.Chains, c)
+	}
+	if dfc := pb.GetDefaultFilterChain(); dfc != nil {
+		if l.Default, err = buildChain(dfc, clusterExists); err != nil {
+			return nil, fmt.Errorf("default_filter_chain: %w", err)
+		}
+	}
+	if l.matcher, err = filterchain.Compile(pb.GetFilterChains(), pb.GetDefaultFilterChain()); err != nil {
+		return nil, err
+	}
+	prefix := listenerStatPrefix(pb)
+	if prev != nil {
+		if old := prev.byName[l.Name]; old != nil && old.Stats.Prefix == prefix {
+			l.Stats = old.Stats
+		}
+	}
+	if l.Stats == nil {
+		l.Stats = &ListenerStats{Prefix: prefix}
+	}
+	return l, nil
+}
+
+func chainLabel(fc *listenerv3.FilterChain) string {
+	if fc.GetName() == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (%s)", fc.GetName())
+}
+
+func buildChain(fc *listenerv3.FilterChain, clusterExists func(string) bool) (*Chain, error) {
+	if fc.GetTransportSocket() != nil {
+		return nil, errors.New("transport_socket: TLS termination is not supported")
+	}
+	tp, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists)
+	if err != nil {
+		return nil, err
+	}
+	return &Chain{Name: fc.GetName(), TCP: tp, Skipped: skipped}, nil
+}
+
+// Listener returns the listener named name.
+func (s *Snapshot) Listener(name string) *Listener { return s.byName[name] }
+
+// handOff finds the listener a captured flow to dst belongs to, as
+// Envoy's use_original_dst does from the receiving virtual listener:
+// exact IP:port, then the same family's wildcard for the port, else the
+// receiving listener itself. Listeners that bind are not hand-off targets
+// for flows that are already at their address.
+func (s *Snapshot) handOff(recv *Listener, dst netip.AddrPort) *Listener {
+	if recv != nil && !recv.UseOriginalDst {
+		return recv
+	}
+	if l := s.byAddr[dst]; l != nil && l != recv {
+		return l
+	}
+	wc := s.wildcard4
+	if dst.Addr().Is6() {
+		wc = s.wildcard6
+	}
+	if l := wc[dst.Port()]; l != nil && l != s.outbound && l != s.inbound {
+		return l
+	}
+	return recv
+}
+
+// Retire closes the clusters of s that next does not carry over. Call it
+// once next is in force; flows still using them keep working on their
+// open connections.
+func (s *Snapshot) Retire(next *Snapshot) {
+	for name, c := range s.Clusters {
+		if next == nil || next.Clusters[name] != c {
+			c.Close()
+		}
+	}
+}
