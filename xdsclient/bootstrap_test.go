@@ -1,0 +1,163 @@
+package xdsclient
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	// The UpstreamTlsContext in the TLS case is an Any; protojson resolves it
+	// through the registry.
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+)
+
+// istioBootstrap is the xDS part of the bootstrap istio-agent writes for a sidecar
+// that talks to istiod directly (envoy-rev.json), with the fields FromBootstrap reads.
+const istioBootstrap = `{
+  "node": {
+    "id": "sidecar~10.1.0.7~app-7d9f.default~default.svc.cluster.local",
+    "cluster": "app.default",
+    "metadata": {"ISTIO_VERSION": "1.27.0", "CLUSTER_ID": "Kubernetes"}
+  },
+  "dynamic_resources": {
+    "lds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+    "cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+    "ads_config": {
+      "api_type": "DELTA_GRPC",
+      "set_node_on_first_message_only": true,
+      "transport_api_version": "V3",
+      "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]
+    }
+  },
+  "static_resources": {
+    "clusters": [
+      {
+        "name": "prometheus_stats",
+        "type": "STATIC",
+        "connect_timeout": "0.250s",
+        "load_assignment": {"cluster_name": "prometheus_stats", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}}}]}]}
+      },
+      {
+        "name": "xds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15010}}}}]}]},
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 300}},
+        "typed_extension_protocol_options": {}
+      }
+    ]
+  }
+}`
+
+func parseBootstrap(t *testing.T, js string) *bootstrapv3.Bootstrap {
+	t.Helper()
+	var b bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal([]byte(js), &b); err != nil {
+		t.Fatalf("bootstrap: %v", err)
+	}
+	return &b
+}
+
+func TestFromBootstrap(t *testing.T) {
+	cfg, err := FromBootstrap(parseBootstrap(t, istioBootstrap))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Server != "127.0.0.1:15010" || !cfg.Delta || cfg.TLS != nil || cfg.InitialFetchTimeout != 0 ||
+		cfg.Keepalive != 300*time.Second || cfg.Node.GetId() != testNodeID || cfg.Node.GetCluster() != "app.default" {
+		t.Errorf("FromBootstrap = %+v", cfg)
+	}
+
+	errCases := []struct {
+		name, from, to, field string
+	}{
+		{"api_type REST", `"api_type": "DELTA_GRPC"`, `"api_type": "REST"`, "dynamic_resources.ads_config.api_type"},
+		{"missing cluster", `{"cluster_name": "xds-grpc"}`, `{"cluster_name": "xds-grpc-missing"}`, "cluster_name"},
+		{"lds_config not ads", `"lds_config": {"ads": {}`, `"lds_config": {"path_config_source": {"path": "/etc/lds.yaml"}`, "dynamic_resources.lds_config"},
+		{"cds_config missing", `"cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},`, ``, "dynamic_resources.cds_config"},
+		{"v2 transport", `"transport_api_version": "V3"`, `"transport_api_version": "V2"`, "dynamic_resources.ads_config.transport_api_version"},
+		{"logical dns", `"name": "xds-grpc",
+        "type": "STATIC"`, `"name": "xds-grpc",
+        "type": "ORIGINAL_DST"`, "static_resources.clusters[1].type"},
+	}
+	for _, tc := range errCases {
+		t.Run(tc.name, func(t *testing.T) {
+			js := strings.Replace(istioBootstrap, tc.from, tc.to, 1)
+			if js == istioBootstrap {
+				t.Fatalf("test case does not change the bootstrap")
+			}
+			_, err := FromBootstrap(parseBootstrap(t, js))
+			if err == nil || !strings.Contains(err.Error(), tc.field) {
+				t.Errorf("err = %v, want one naming %s", err, tc.field)
+			}
+		})
+	}
+
+	t.Run("sotw over a unix socket", func(t *testing.T) {
+		js := strings.Replace(istioBootstrap, `"DELTA_GRPC"`, `"GRPC"`, 1)
+		js = strings.Replace(js, `{"socket_address": {"address": "127.0.0.1", "port_value": 15010}}`, `{"pipe": {"path": "/etc/istio/proxy/XDS"}}`, 1)
+		cfg, err := FromBootstrap(parseBootstrap(t, js))
+		if err != nil || cfg.Delta || cfg.Server != "unix:///etc/istio/proxy/XDS" {
+			t.Errorf("FromBootstrap = %+v, %v", cfg, err)
+		}
+	})
+
+	t.Run("tls", func(t *testing.T) {
+		ca := filepath.Join(t.TempDir(), "root-cert.pem")
+		if err := os.WriteFile(ca, testCAPEM(t), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		tlsSocket := `"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+          "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+          "sni": "istiod.istio-system.svc",
+          "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": {"trusted_ca": {"filename": "` + ca + `"}}}}},
+        "typed_extension_protocol_options": {}`
+		js := strings.Replace(istioBootstrap, `"typed_extension_protocol_options": {}`, tlsSocket, 1)
+		cfg, err := FromBootstrap(parseBootstrap(t, js))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.TLS == nil || cfg.TLS.ServerName != "istiod.istio-system.svc" || cfg.TLS.RootCAs == nil {
+			t.Errorf("TLS = %+v", cfg.TLS)
+		}
+
+		js = strings.Replace(js, ca, ca+".missing", 1)
+		_, err = FromBootstrap(parseBootstrap(t, js))
+		if err == nil || !strings.Contains(err.Error(), "validation_context.trusted_ca.filename") {
+			t.Errorf("missing CA file: err = %v", err)
+		}
+	})
+}
+
+func testCAPEM(t *testing.T) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{Organization: []string{"cluster.local"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}

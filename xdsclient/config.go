@@ -1,0 +1,81 @@
+package xdsclient
+
+import (
+	"crypto/tls"
+	"errors"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/rs/zerolog"
+)
+
+// Defaults, as in Envoy and Istio's bootstrap.
+const (
+	DefaultBackoffBase = 500 * time.Millisecond // Envoy's xDS retry base interval
+	DefaultBackoffMax  = 30 * time.Second       // Envoy's xDS retry max interval
+	DefaultKeepalive   = 300 * time.Second      // Istio's xds-grpc cluster tcp_keepalive.keepalive_time
+	// EnvoyInitialFetchTimeout is Envoy's default initial_fetch_timeout, used by
+	// FromBootstrap when the bootstrap does not set one. Istio sets 0s.
+	EnvoyInitialFetchTimeout = 15 * time.Second
+
+	// stableStream is how long a stream must stay up for the backoff to start over.
+	stableStream = 30 * time.Second
+	// maxNackDelay bounds the spacing of identical repeated NACKs (see session.nack).
+	maxNackDelay = 5 * time.Second
+)
+
+// Config says where the control plane is and how to talk to it.
+type Config struct {
+	// Server is host:port, or unix:///absolute/path (unix:relative/path).
+	Server string
+	// Delta selects incremental xDS (DELTA_GRPC, istio-proxy's default); otherwise
+	// state of the world (GRPC).
+	Delta bool
+	// TLS secures the connection; nil means plaintext.
+	TLS *tls.Config
+	// Node identifies this proxy; it is sent on the first request of each stream
+	// (Envoy's set_node_on_first_message_only).
+	Node *corev3.Node
+	// InitialFetchTimeout bounds how long a cluster set waits for its endpoints and a
+	// listener set for its routes before using empty ones, and how long the first
+	// CDS response is waited for before listeners are requested. 0 waits forever
+	// (Istio's setting).
+	InitialFetchTimeout time.Duration
+	// BackoffBase and BackoffMax shape the reconnection backoff (exponential, full
+	// jitter). Zero means DefaultBackoffBase and DefaultBackoffMax.
+	BackoffBase, BackoffMax time.Duration
+	// Keepalive is the TCP keepalive idle time of the connection; zero means
+	// DefaultKeepalive, negative disables keepalive.
+	Keepalive time.Duration
+	// Log receives connection events and rejections.
+	Log zerolog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if c.BackoffBase <= 0 {
+		c.BackoffBase = DefaultBackoffBase
+	}
+	if c.BackoffMax <= 0 {
+		c.BackoffMax = DefaultBackoffMax
+	}
+	if c.BackoffMax < c.BackoffBase {
+		c.BackoffMax = c.BackoffBase
+	}
+	if c.Keepalive == 0 {
+		c.Keepalive = DefaultKeepalive
+	}
+	if c.Node == nil {
+		c.Node = &corev3.Node{}
+	}
+	return c
+}
+
+func (c Config) validate() error {
+	if c.Server == "" {
+		return errors.New("xdsclient: Config.Server is empty")
+	}
+	if c.InitialFetchTimeout < 0 {
+		return errors.New("xdsclient: Config.InitialFetchTimeout is negative")
+	}
+	return nil
+}

@@ -1,0 +1,183 @@
+package xdsclient
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+const (
+	resourceWrapperType = "type.googleapis.com/envoy.service.discovery.v3.Resource"
+	hcmType             = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+// rawResource is one resource of a response before decoding.
+type rawResource struct {
+	name    string // the name the server gave (delta, or a SotW Resource wrapper); "" if none
+	version string // delta per-resource version
+	any     *anypb.Any
+}
+
+// response is a DiscoveryResponse or DeltaDiscoveryResponse in one shape.
+type response struct {
+	kind      kind
+	nonce     string
+	version   string // version_info (SotW) or system_version_info (delta)
+	resources []rawResource
+	removed   []string // delta only
+	delta     bool
+}
+
+// validator is implemented by the generated protoc-gen-validate code of every Envoy
+// message; Envoy runs the same checks when it ingests a resource.
+type validator interface{ Validate() error }
+
+// decode turns the raw resources of r into entries. Any problem (a resource that
+// does not unmarshal, has the wrong type, no name, a name that differs from the one
+// the server gave, a duplicate, or fails validation) rejects the whole response with
+// an error naming the resource.
+func decode(r *response) ([]namedEntry, error) {
+	info := &kinds[r.kind]
+	out := make([]namedEntry, 0, len(r.resources))
+	seen := make(map[string]bool, len(r.resources))
+	for i, raw := range r.resources {
+		e, name, err := decodeOne(r.kind, raw)
+		if err != nil {
+			if name == "" {
+				return nil, fmt.Errorf("%s resources[%d]: %w", info.noun, i, err)
+			}
+			return nil, errResource(r.kind, name, err)
+		}
+		if seen[name] {
+			return nil, errResource(r.kind, name, errors.New("duplicate resource in response"))
+		}
+		seen[name] = true
+		out = append(out, namedEntry{name: name, entry: e})
+	}
+	for _, name := range r.removed {
+		if seen[name] {
+			return nil, errResource(r.kind, name, errors.New("both updated and removed in one response"))
+		}
+	}
+	return out, nil
+}
+
+type namedEntry struct {
+	name  string
+	entry *entry // nil for a TTL heartbeat: the resource is unchanged
+}
+
+// decodeOne decodes one resource; name is the best name known for error messages.
+// A named resource without a body is a TTL heartbeat (Envoy keeps the resource as it
+// is): decodeOne returns a nil entry for it.
+func decodeOne(k kind, raw rawResource) (e *entry, name string, err error) {
+	info := &kinds[k]
+	name = raw.name
+	a := raw.any
+	if a.GetTypeUrl() == resourceWrapperType { // SotW may wrap resources too
+		var w discoveryv3.Resource
+		if err := a.UnmarshalTo(&w); err != nil {
+			return nil, name, fmt.Errorf("decoding Resource wrapper: %w", err)
+		}
+		name, a = w.GetName(), w.GetResource()
+	}
+	if a == nil {
+		if name != "" {
+			return nil, name, nil
+		}
+		return nil, name, errors.New("no resource body")
+	}
+	if a.GetTypeUrl() != info.url {
+		return nil, name, fmt.Errorf("type %q in a %s response", a.GetTypeUrl(), info.url)
+	}
+	msg := info.new()
+	if err := proto.Unmarshal(a.GetValue(), msg); err != nil {
+		return nil, name, fmt.Errorf("decoding: %w", err)
+	}
+	got := info.name(msg)
+	switch {
+	case got == "":
+		return nil, name, errors.New("resource has no name")
+	case name != "" && name != got:
+		return nil, name, fmt.Errorf("resource name mismatch: the resource is named %q", got)
+	}
+	name = got
+	if v, ok := msg.(validator); ok {
+		if err := v.Validate(); err != nil {
+			return nil, name, err
+		}
+	}
+	e = &entry{msg: msg, version: raw.version}
+	if info.refs != nil {
+		if e.refs, err = info.refs(msg); err != nil {
+			return nil, name, err
+		}
+	}
+	return e, name, nil
+}
+
+// clusterRefs returns the EDS service name an EDS cluster needs.
+func clusterRefs(m proto.Message) ([]string, error) {
+	c := m.(*clusterv3.Cluster)
+	if c.GetType() != clusterv3.Cluster_EDS || c.GetClusterType() != nil {
+		return nil, nil
+	}
+	eds := c.GetEdsClusterConfig()
+	if src := eds.GetEdsConfig(); src != nil && src.GetAds() == nil {
+		return nil, errors.New("eds_cluster_config.eds_config: only ads is supported")
+	}
+	if n := eds.GetServiceName(); n != "" {
+		return []string{n}, nil
+	}
+	return []string{c.GetName()}, nil
+}
+
+// listenerRefs returns the RDS route configuration names the listener's HTTP
+// connection managers need, decoding each filter's typed_config the way Envoy does.
+func listenerRefs(m proto.Message) ([]string, error) {
+	l := m.(*listenerv3.Listener)
+	var names []string
+	scan := func(field string, fc *listenerv3.FilterChain) error {
+		for j, f := range fc.GetFilters() {
+			tc := f.GetTypedConfig()
+			if tc.GetTypeUrl() != hcmType {
+				continue
+			}
+			var hcm hcmv3.HttpConnectionManager
+			if err := proto.Unmarshal(tc.GetValue(), &hcm); err != nil {
+				return fmt.Errorf("%s.filters[%d].typed_config: decoding http_connection_manager: %w", field, j, err)
+			}
+			rds := hcm.GetRds()
+			if rds == nil {
+				continue
+			}
+			if rds.GetConfigSource().GetAds() == nil {
+				return fmt.Errorf("%s.filters[%d]: rds.config_source: only ads is supported", field, j)
+			}
+			if rds.GetRouteConfigName() == "" {
+				return fmt.Errorf("%s.filters[%d]: rds.route_config_name is empty", field, j)
+			}
+			names = append(names, rds.GetRouteConfigName())
+		}
+		return nil
+	}
+	for i, fc := range l.GetFilterChains() {
+		if err := scan(fmt.Sprintf("filter_chains[%d]", i), fc); err != nil {
+			return nil, err
+		}
+	}
+	if fc := l.GetDefaultFilterChain(); fc != nil {
+		if err := scan("default_filter_chain", fc); err != nil {
+			return nil, err
+		}
+	}
+	slices.Sort(names)
+	return slices.Compact(names), nil
+}
