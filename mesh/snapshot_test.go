@@ -1,0 +1,180 @@
+package mesh
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/filterchain"
+	"github.com/meshtun/meshtun/mesh/upstream"
+)
+
+func listener(t testing.TB, name, ip string, port uint32, useOrigDst bool, bind *bool, chains ...*listenerv3.FilterChain) *listenerv3.Listener {
+	l := &listenerv3.Listener{
+		Name: name,
+		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}},
+		UseOriginalDst: wrapperspb.Bool(useOrigDst),
+		FilterChains:   chains,
+	}
+	if bind != nil {
+		l.BindToPort = wrapperspb.Bool(*bind)
+	}
+	if len(chains) == 0 {
+		l.FilterChains = []*listenerv3.FilterChain{tcpChain(t, "", "PassthroughCluster", 0)}
+	}
+	return l
+}
+
+func tcpChain(t testing.TB, name, cl string, port uint32) *listenerv3.FilterChain {
+	a, err := anypb.New(&tcpproxyv3.TcpProxy{StatPrefix: cl, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cl}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := &listenerv3.FilterChain{Name: name, Filters: []*listenerv3.Filter{{Name: TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: a}}}}
+	if port != 0 {
+		fc.FilterChainMatch = &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(port)}
+	}
+	return fc
+}
+
+func passthroughClusters() []*clusterv3.Cluster {
+	return []*clusterv3.Cluster{
+		{Name: "PassthroughCluster", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST}, LbPolicy: clusterv3.Cluster_CLUSTER_PROVIDED},
+		{Name: "BlackHoleCluster", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC}},
+	}
+}
+
+func buildOpts() BuildOptions {
+	return BuildOptions{Roles: IstioRoles, Cluster: cluster.Options{Dialer: &upstream.Dialer{}}}
+}
+
+var no = false
+
+// The hand-off rules of Envoy's use_original_dst (connection_handler_impl
+// getBalancedHandlerByAddress): exact IP:port, then the wildcard of the
+// same family for the port, else the receiving listener.
+func TestHandOff(t *testing.T) {
+	ls := []*listenerv3.Listener{
+		listener(t, "virtualOutbound", "0.0.0.0", 15001, true, nil,
+			tcpChain(t, "virtualOutbound-blackhole", "BlackHoleCluster", 15001), tcpChain(t, "catchall", "PassthroughCluster", 0)),
+		listener(t, "virtualInbound", "0.0.0.0", 15006, false, nil),
+		listener(t, "10.96.0.10_53", "10.96.0.10", 53, false, &no),
+		listener(t, "0.0.0.0_80", "0.0.0.0", 80, false, &no),
+		listener(t, "[::]_80", "::", 80, false, &no),
+		listener(t, "fd00::10_443", "fd00::10", 443, false, &no),
+	}
+	s, err := Build("1", ls, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Retire(nil)
+	for _, tc := range []struct{ dst, want string }{
+		{"10.96.0.10:53", "10.96.0.10_53"},
+		{"10.96.0.11:53", "virtualOutbound"}, // no exact listener, no 0.0.0.0:53
+		{"10.96.0.10:80", "0.0.0.0_80"},      // wildcard for the port
+		{"[fd00::1]:80", "[::]_80"},          // the wildcard of the same family
+		{"[fd00::10]:443", "fd00::10_443"},
+		{"10.0.0.1:443", "virtualOutbound"},
+		{"10.0.0.1:15001", "virtualOutbound"}, // its own port: stays, hits the blackhole chain
+		{"10.0.0.1:15006", "virtualOutbound"}, // virtual listeners are not hand-off targets
+	} {
+		l := s.handOff(s.outbound, netip.MustParseAddrPort(tc.dst))
+		if l == nil || l.Name != tc.want {
+			t.Errorf("%s: handed to %v, want %s", tc.dst, l, tc.want)
+		}
+	}
+	if s.inbound == nil || s.inbound.Name != "virtualInbound" {
+		t.Fatalf("inbound role: %v", s.inbound)
+	}
+	// Only listeners that bind get sockets: 0.0.0.0_80 has bind_to_port false.
+	if l := s.Listener("0.0.0.0_80"); l.BindToPort {
+		t.Fatal("bind_to_port false not honoured")
+	}
+}
+
+func TestBuildErrorsNameTheResource(t *testing.T) {
+	for _, tc := range []struct {
+		ls   []*listenerv3.Listener
+		want string
+	}{
+		{[]*listenerv3.Listener{listener(t, "a", "10.0.0.1", 80, false, &no), listener(t, "b", "10.0.0.1", 80, false, &no)}, `listener "b": address 10.0.0.1:80: already used by listener "a"`},
+		{[]*listenerv3.Listener{listener(t, "a", "10.0.0.1", 80, false, &no), listener(t, "a", "10.0.0.2", 80, false, &no)}, `listener "a": duplicate name`},
+		{[]*listenerv3.Listener{listener(t, "bad-ip", "10.0.0.300", 80, false, &no)}, `listener "bad-ip": address.socket_address.address: "10.0.0.300" is not an IP address`},
+		{[]*listenerv3.Listener{listener(t, "c", "10.0.0.1", 80, false, &no, tcpChain(t, "x", "nope", 0))}, `listener "c": filter_chains[0] (x): filters[0] (envoy.filters.network.tcp_proxy): cluster: "nope" is not a known cluster`},
+	} {
+		_, err := Build("1", tc.ls, passthroughClusters(), nil, buildOpts())
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Build: %v, want %q", err, tc.want)
+		}
+	}
+	bad := append(passthroughClusters(), &clusterv3.Cluster{Name: "PassthroughCluster"})
+	if _, err := Build("1", nil, bad, nil, buildOpts()); err == nil || !strings.Contains(err.Error(), `cluster "PassthroughCluster": duplicate name`) {
+		t.Errorf("duplicate cluster: %v", err)
+	}
+}
+
+// A rebuilt snapshot keeps unchanged clusters (their hosts and counters)
+// and listener counters by address.
+func TestBuildReusesUnchanged(t *testing.T) {
+	ls := []*listenerv3.Listener{listener(t, "0.0.0.0_80", "0.0.0.0", 80, false, &no)}
+	s1, err := Build("1", ls, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1.Listener("0.0.0.0_80").Stats.DownstreamCxTotal.Add(7)
+	s2, err := Build("2", ls, passthroughClusters(), s1, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2.Clusters["PassthroughCluster"] != s1.Clusters["PassthroughCluster"] {
+		t.Fatal("unchanged cluster rebuilt")
+	}
+	if got := s2.Listener("0.0.0.0_80").Stats.DownstreamCxTotal.Load(); got != 7 {
+		t.Fatalf("listener counter %d after rebuild, want 7", got)
+	}
+	if s2.Listener("0.0.0.0_80").Stats.Prefix != "listener.0.0.0.0_80." {
+		t.Fatalf("stat prefix %q", s2.Listener("0.0.0.0_80").Stats.Prefix)
+	}
+	s1.Retire(s2)
+	s2.Retire(nil)
+}
+
+// BenchmarkDispatchMatch measures what a captured flow costs before any
+// I/O: the hand-off lookup and the filter-chain match, on an Istio-like
+// sidecar with many service listeners.
+func BenchmarkDispatchMatch(b *testing.B) {
+	ls := []*listenerv3.Listener{
+		listener(b, "virtualOutbound", "0.0.0.0", 15001, true, nil,
+			tcpChain(b, "virtualOutbound-blackhole", "BlackHoleCluster", 15001), tcpChain(b, "catchall", "PassthroughCluster", 0)),
+	}
+	for i := 0; i < 1000; i++ {
+		ip := fmt.Sprintf("10.96.%d.%d", i/250, i%250+1)
+		ls = append(ls, listener(b, ip+"_80", ip, 80, false, &no))
+	}
+	s, err := Build("1", ls, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Retire(nil)
+	dst := netip.MustParseAddrPort("10.96.2.100:80")
+	src := netip.MustParseAddrPort("10.0.0.2:40000")
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l := s.handOff(s.outbound, dst)
+		info := filterchain.ConnInfo{DstIP: dst.Addr(), DstPort: dst.Port(), SrcIP: src.Addr(), SrcPort: src.Port(), TransportProtocol: "raw_buffer"}
+		if l.selectChain(&info) == nil {
+			b.Fatal("no chain")
+		}
+	}
+}
