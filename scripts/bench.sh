@@ -42,6 +42,11 @@ SVC=mtb-svc
 SVC_IP=10.77.0.1
 RR_PORT=7777
 IPERF_PORT=5201
+# The "vip" mode runs the proxy on a bootstrap where this VIP (owned by no
+# interface) is a service listener whose STATIC cluster is SVC_IP: the
+# mesh path (hand-off, filter chain, cluster) instead of passthrough.
+VIP=10.77.9.10
+TARGET=$SVC_IP
 TUN=meshtun0
 
 log() { printf '%s bench: %s\n' "$(date +%T)" "$*" >&2; }
@@ -238,7 +243,7 @@ iperf() {
 	shift
 	local try
 	for try in 1 2; do
-		if in_pod iperf3 -c $SVC_IP -p $IPERF_PORT -t "$SECONDS_PER_TEST" -J "$@" >"$f" 2>&1 && "$RRB" iperfsum "$f"; then
+		if in_pod iperf3 -c $TARGET -p $IPERF_PORT -t "$SECONDS_PER_TEST" -J "$@" >"$f" 2>&1 && "$RRB" iperfsum "$f"; then
 			return 0
 		fi
 		log "iperf3 $* failed (try $try, output $f)"
@@ -257,12 +262,12 @@ measure() { # measure ROUND MODE
 	bps=$(iperf "$dir/$mode-iperf-P4.json" -P 4) || die "iperf3 -P 4 failed"
 	sample "$r" "$mode" tput4 "$bps"
 	log "round $r/$ROUNDS $mode: rrbench 64 B x $RR_N"
-	j=$(in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -size 64 -n "$RR_N" -warmup 1000) || die "rrbench client failed"
+	j=$(in_pod "$RRB" client -addr $TARGET:$RR_PORT -size 64 -n "$RR_N" -warmup 1000) || die "rrbench client failed"
 	echo "$j" >"$dir/$mode-rr.json"
 	sample "$r" "$mode" rr_p50 "$(jfield "$j" p50_us)"
 	sample "$r" "$mode" rr_p99 "$(jfield "$j" p99_us)"
 	log "round $r/$ROUNDS $mode: rrbench -connect x $CONNECT_N"
-	j=$(in_pod "$RRB" client -addr $SVC_IP:$RR_PORT -size 64 -n "$CONNECT_N" -warmup 100 -connect) || die "rrbench -connect failed"
+	j=$(in_pod "$RRB" client -addr $TARGET:$RR_PORT -size 64 -n "$CONNECT_N" -warmup 100 -connect) || die "rrbench -connect failed"
 	echo "$j" >"$dir/$mode-connect.json"
 	sample "$r" "$mode" conn_p50 "$(jfield "$j" p50_us)"
 	sample "$r" "$mode" conn_p99 "$(jfield "$j" p99_us)"
@@ -279,6 +284,35 @@ measure_capture() { # measure_capture ROUND
 	[ $((after - before)) -gt 1000000 ] ||
 		die "only $((after - before)) bytes went into $TUN during the capture measurements: capture is not active"
 	sample "$r" capture tun_bytes $((after - before))
+	stop_proxy
+}
+
+# vip_bootstrap writes the bootstrap of the "vip" mode.
+vip_bootstrap() {
+	local f=$OUT/vip-bootstrap.json listeners="" clusters="" port
+	for port in $IPERF_PORT $RR_PORT; do
+		listeners+="${listeners:+,}{\"name\":\"${VIP}_$port\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$port}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.tcp_proxy\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\",\"stat_prefix\":\"svc$port\",\"cluster\":\"outbound|$port||svc\"}}]}]}"
+		clusters+=",{\"name\":\"outbound|$port||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$port||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$port}}}}]}]}}"
+	done
+	cat >"$f" <<JSON
+{"static_resources":{"listeners":[
+ {"name":"virtualOutbound","address":{"socket_address":{"address":"0.0.0.0","port_value":15001}},"use_original_dst":true,
+  "filter_chains":[{"filters":[{"name":"envoy.filters.network.tcp_proxy","typed_config":{"@type":"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy","stat_prefix":"PassthroughCluster","cluster":"PassthroughCluster"}}]}]},
+ $listeners],
+ "clusters":[{"name":"PassthroughCluster","type":"ORIGINAL_DST","lb_policy":"CLUSTER_PROVIDED","connect_timeout":"5s"}$clusters]}}
+JSON
+	echo "$f"
+}
+
+measure_vip() { # measure_vip ROUND
+	local r=$1 saved=${MESHTUN_ARGS:-}
+	MESHTUN_ARGS="$saved --bootstrap $(vip_bootstrap)"
+	start_proxy "$OUT/proxy-vip-round$r.log" "$LOG_LEVEL"
+	MESHTUN_ARGS=$saved
+	log "round $r/$ROUNDS vip: proxy ready in ${READY_MS} ms ($READY_HOW)"
+	TARGET=$VIP
+	measure "$r" vip
+	TARGET=$SVC_IP
 	stop_proxy
 }
 
@@ -312,7 +346,9 @@ for r in $(seq "$ROUNDS"); do
 	elif [ $((r % 2)) -eq 1 ]; then
 		measure "$r" direct
 		measure_capture "$r"
+		measure_vip "$r"
 	else
+		measure_vip "$r"
 		measure_capture "$r"
 		measure "$r" direct
 	fi
@@ -327,20 +363,25 @@ median() {
 }
 
 row() { # row LABEL METRIC KIND(tput|lat)
-	local d c
+	local d c v
 	d=$(median direct "$2")
 	c=$(median capture "$2")
-	awk -v label="$1" -v d="$d" -v c="$c" -v kind="$3" 'BEGIN {
+	v=$(median vip "$2")
+	awk -v label="$1" -v d="$d" -v c="$c" -v v="$v" -v kind="$3" 'BEGIN {
 		if (kind == "tput") {
 			ds = (d == "-") ? "-" : sprintf("%.2f", d / 1e9)
 			cs = (c == "-") ? "-" : sprintf("%.2f", c / 1e9)
+			vs = (v == "-") ? "-" : sprintf("%.2f", v / 1e9)
 			x = (d == "-" || c == "-" || d == 0) ? "-" : sprintf("%.3fx", c / d)
+			y = (v == "-" || c == "-" || c == 0) ? "-" : sprintf("%.3fx", v / c)
 		} else {
 			ds = (d == "-") ? "-" : sprintf("%.1f", d)
 			cs = (c == "-") ? "-" : sprintf("%.1f", c)
+			vs = (v == "-") ? "-" : sprintf("%.1f", v)
 			x = (d == "-" || c == "-") ? "-" : sprintf("%+.1f us", c - d)
+			y = (v == "-" || c == "-") ? "-" : sprintf("%+.1f us", v - c)
 		}
-		printf "%-26s | %10s | %10s | %s\n", label, ds, cs, x
+		printf "%-26s | %10s | %10s | %10s | %-17s | %s\n", label, ds, cs, vs, x, y
 	}'
 }
 
@@ -355,8 +396,8 @@ row() { # row LABEL METRIC KIND(tput|lat)
 	fi
 	echo "rounds: $ROUNDS (medians shown), iperf3 -t $SECONDS_PER_TEST, RR n=$RR_N, connect n=$CONNECT_N; loadavg $LOAD_START -> $LOAD_END"
 	echo
-	printf "%-26s | %10s | %10s | %s\n" metric direct capture "capture vs direct"
-	printf '%s\n' "---------------------------+------------+------------+------------------"
+	printf "%-26s | %10s | %10s | %10s | %-17s | %s\n" metric direct capture vip "capture vs direct" "vip vs capture"
+	printf '%s\n' "---------------------------+------------+------------+------------+-------------------+-----------------"
 	row "TCP 1 stream (Gbit/s)" tput1 tput
 	row "TCP 4 streams (Gbit/s)" tput4 tput
 	row "RR 64 B p50 (us)" rr_p50 lat
