@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -330,6 +331,56 @@ func TestMeshMaxConnections(t *testing.T) {
 	}
 	if n := len(srv.accepted()); n != 2 {
 		t.Fatalf("upstream accepted %d, want 2", n)
+	}
+	stats := adminGet(t, topo, "/stats?filter=upstream_cx_overflow")
+	if !strings.Contains(stats, "cluster."+cl+".upstream_cx_overflow: 1\n") {
+		t.Fatalf("admin /stats does not count the overflow:\n%s", stats)
+	}
+}
+
+// adminGet fetches path from the proxy's admin API (127.0.0.1:15000 in
+// the pod) and returns the body; non-200 fails the test.
+func adminGet(t *testing.T, topo *topology, path string) string {
+	t.Helper()
+	c, err := dialTCP(topo.Pod, "127.0.0.1:15000", dialTimeout)
+	if err != nil {
+		t.Fatalf("admin: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n", path)
+	resp, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("admin %s: %v", path, err)
+	}
+	head, body, _ := strings.Cut(string(resp), "\r\n\r\n")
+	if !strings.HasPrefix(head, "HTTP/1.0 200") && !strings.HasPrefix(head, "HTTP/1.1 200") {
+		t.Fatalf("admin %s: %s", path, head)
+	}
+	return body
+}
+
+// TestAdminListenersAndNotReachableFromOutside: /listeners prints Envoy's
+// name::address lines, and the admin port is refused from outside the pod.
+func TestAdminListenersAndNotReachableFromOutside(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	v := vip(topo, false, 60)
+	cl := "outbound|80||web.default.svc.cluster.local"
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 80, cl)},
+		append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV4, 80))))
+	startProxy(t, topo, "--bootstrap", bs)
+	want := fmt.Sprintf("virtualOutbound::0.0.0.0:15001\nvirtualInbound::0.0.0.0:15006\n%s_80::%s:80\n", v, v)
+	if got := adminGet(t, topo, "/listeners"); got != want {
+		t.Fatalf("/listeners = %q, want %q", got, want)
+	}
+	c, err := dialTCP(topo.Services, ap(topo.PodV4, 15000), dialTimeout)
+	if err == nil {
+		c.Close()
+		t.Fatal("the admin port answered on the pod IP from the services namespace")
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("connect to pod-IP:15000: %v, want refused", err)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -13,11 +14,13 @@ import (
 	"syscall"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/rs/zerolog"
 
 	"github.com/meshtun/meshtun/internal/logging"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/admin"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
@@ -190,6 +193,14 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			snap.Retire(nil)
 		}()
 		handler = dispatcher
+		adminLn, err := listenAdmin(b.GetAdmin().GetAddress())
+		if err != nil {
+			return fmt.Errorf("bootstrap %s: admin.address: %w", f.bootstrap, err)
+		}
+		defer adminLn.Close()
+		adm := &admin.Server{D: dispatcher, Start: time.Now()}
+		go adm.Serve(adminLn)
+		log.Info().Str("address", adminLn.Addr().String()).Msg("admin listening")
 		log.Info().Str("bootstrap", f.bootstrap).Int("listeners", len(snap.Listeners)).Int("clusters", len(snap.Clusters)).Msg("static configuration applied")
 	}
 	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
@@ -242,4 +253,22 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	sig := <-sigs
 	log.Info().Str("signal", sig.String()).Msg("shutting down")
 	return nil
+}
+
+// listenAdmin opens the admin listener: the bootstrap's admin address (an
+// IP socket or a Unix domain socket), Istio's 127.0.0.1:15000 when unset.
+// Capture never takes port 15000 inbound, and loopback is not reachable
+// from outside the pod.
+func listenAdmin(a *corev3.Address) (net.Listener, error) {
+	if p := a.GetPipe(); p != nil {
+		if fi, err := os.Lstat(p.GetPath()); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(p.GetPath())
+		}
+		return net.Listen("unix", p.GetPath())
+	}
+	addr := "127.0.0.1:15000"
+	if sa := a.GetSocketAddress(); sa != nil {
+		addr = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
+	}
+	return net.Listen("tcp", addr)
 }

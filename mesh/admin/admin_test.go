@@ -1,0 +1,138 @@
+package admin
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+
+	"github.com/meshtun/meshtun/mesh"
+	"github.com/meshtun/meshtun/mesh/bootstrap"
+	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/upstream"
+)
+
+// newServer serves the repository's sample sidecar bootstrap.
+func newServer(t *testing.T) *httptest.Server {
+	t.Helper()
+	b, err := bootstrap.Load("../../examples/sidecar-bootstrap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := build(t, b)
+	d := &mesh.Dispatcher{}
+	d.Swap(snap)
+	ts := httptest.NewServer((&Server{D: d, Start: time.Now()}).Handler())
+	t.Cleanup(ts.Close)
+	return ts
+}
+
+func build(t *testing.T, b *bootstrapv3.Bootstrap) *mesh.Snapshot {
+	snap, err := mesh.Build("1", b.GetStaticResources().GetListeners(), b.GetStaticResources().GetClusters(), nil,
+		mesh.BuildOptions{Roles: mesh.IstioRoles, Cluster: cluster.Options{Dialer: &upstream.Dialer{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { snap.Retire(nil) })
+	return snap
+}
+
+func get(t *testing.T, ts *httptest.Server, path string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(ts.URL + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestListeners(t *testing.T) {
+	ts := newServer(t)
+	code, body := get(t, ts, "/listeners")
+	want := "virtualOutbound::0.0.0.0:15001\nvirtualInbound::0.0.0.0:15006\n10.96.0.20_9080::10.96.0.20:9080\n"
+	if code != 200 || body != want {
+		t.Fatalf("/listeners = %d %q, want %q", code, body, want)
+	}
+}
+
+func TestClusters(t *testing.T) {
+	ts := newServer(t)
+	_, body := get(t, ts, "/clusters")
+	c := "outbound|9080||reviews.default.svc.cluster.local"
+	for _, line := range []string{
+		c + "::observability_name::" + c,
+		c + "::default_priority::max_connections::1024",
+		c + "::high_priority::max_retries::3",
+		c + "::added_via_api::false",
+		c + "::10.250.1.10:9080::cx_active::0",
+		c + "::10.250.1.10:9080::rq_total::0",
+		c + "::10.250.1.11:9080::health_flags::healthy",
+		c + "::10.250.1.11:9080::weight::1",
+		c + "::10.250.1.11:9080::success_rate::-1",
+		"PassthroughCluster::observability_name::PassthroughCluster;",
+	} {
+		if !strings.Contains(body, line+"\n") {
+			t.Errorf("/clusters lacks %q", line)
+		}
+	}
+	// Per-host counters come sorted by name, as Envoy prints them.
+	var names []string
+	for _, l := range strings.Split(body, "\n") {
+		if strings.HasPrefix(l, c+"::10.250.1.10:9080::") {
+			names = append(names, strings.Split(l, "::")[2])
+		}
+	}
+	wantOrder := "cx_active cx_connect_fail cx_total rq_active rq_error rq_success rq_timeout rq_total hostname health_flags"
+	if got := strings.Join(names[:10], " "); got != wantOrder {
+		t.Errorf("host lines in order %q, want %q", got, wantOrder)
+	}
+	_, filtered := get(t, ts, "/clusters?filter=^Pass")
+	if strings.Contains(filtered, "BlackHole") || !strings.Contains(filtered, "PassthroughCluster::") {
+		t.Errorf("filter not applied:\n%s", filtered)
+	}
+}
+
+func TestStats(t *testing.T) {
+	ts := newServer(t)
+	_, body := get(t, ts, "/stats")
+	for _, line := range []string{
+		"server.state: 0", "server.live: 1", "listener_manager.workers_started: 1",
+		"cluster_manager.active_clusters: 4", "listener_manager.total_listeners_active: 3",
+		"listener.0.0.0.0_15001.downstream_cx_total: 0",
+		"cluster.PassthroughCluster.upstream_cx_total: 0",
+		"cluster.outbound|9080||reviews.default.svc.cluster.local.upstream_cx_overflow: 0",
+	} {
+		if !strings.Contains(body, line+"\n") {
+			t.Errorf("/stats lacks %q", line)
+		}
+	}
+	// pilot-agent's readiness query.
+	_, ready := get(t, ts, "/stats?usedonly&filter=^(server\\.state|listener_manager\\.workers_started)")
+	if ready != "listener_manager.workers_started: 1\nserver.state: 0\n" {
+		t.Errorf("readiness stats %q", ready)
+	}
+	if code, body := get(t, ts, "/stats?filter=(("); code != 400 || !strings.Contains(body, "Invalid re2 regex") {
+		t.Errorf("bad regex: %d %q", code, body)
+	}
+}
+
+func TestUnknownPathAndReady(t *testing.T) {
+	ts := newServer(t)
+	if code, body := get(t, ts, "/nope"); code != 404 || !strings.Contains(body, "admin commands are:") || !strings.Contains(body, "/listeners") {
+		t.Errorf("/nope = %d %q, want 404 with the help", code, body)
+	}
+	if code, body := get(t, ts, "/ready"); code != 200 || body != "LIVE\n" {
+		t.Errorf("/ready = %d %q", code, body)
+	}
+	empty := httptest.NewServer((&Server{D: &mesh.Dispatcher{}, Start: time.Now()}).Handler())
+	defer empty.Close()
+	if code, _ := get(t, empty, "/ready"); code != 503 {
+		t.Errorf("/ready before any config = %d, want 503", code)
+	}
+}
