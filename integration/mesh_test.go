@@ -404,3 +404,48 @@ func TestMeshBadBootstrap(t *testing.T) {
 		t.Fatalf("a failed start changed the namespace:\n%s", lineDiff(before, after))
 	}
 }
+
+// TestMeshUDPProxy: a UDP listener (udp_proxy) at a VIP sends captured
+// datagrams to its cluster's endpoint; other UDP still passes through.
+func TestMeshUDPProxy(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	echoSvc := startUDPEcho(t, topo.Services, ap(topo.SvcV4, 5353))
+	other := startUDPEcho(t, topo.Services, ap(topo.Svc2V4, 5353))
+	v := vip(topo, false, 70)
+	cl := "outbound|53||dns.default.svc.cluster.local"
+	udpL := obj{"name": fmt.Sprintf("%s_53", v), "bind_to_port": false,
+		"address": obj{"socket_address": obj{"address": v.String(), "port_value": 53, "protocol": "UDP"}},
+		"listener_filters": []obj{{"name": "envoy.filters.udp_listener.udp_proxy", "typed_config": obj{
+			"@type":       "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+			"stat_prefix": cl, "cluster": cl, "idle_timeout": "1s"}}}}
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), udpL},
+		append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV4, 5353))))
+	px := startProxy(t, topo, "--bootstrap", bs, "--udp-idle-timeout", "1s")
+	c, err := dialUDP(topo.Pod, ap(v, 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := udpRoundTrip(c, randomPayload(512), 5, time.Second); err != nil {
+		t.Fatalf("datagram to the UDP VIP: %v", err)
+	}
+	if got := echoSvc.sources(); len(got) != 1 {
+		t.Fatalf("endpoint saw sources %v, want the proxy's one session", got)
+	}
+	c2, err := dialUDP(topo.Pod, ap(topo.Svc2V4, 5353))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := udpRoundTrip(c2, randomPayload(100), 5, time.Second); err != nil {
+		t.Fatalf("unlisted UDP destination: %v", err)
+	}
+	if len(other.sources()) != 1 {
+		t.Fatalf("passthrough destination saw %v", other.sources())
+	}
+	e, ok := px.waitAccess(func(e AccessEntry) bool { return e.Transport == "udp" && e.DownstreamLocal == ap(v, 53) }, 5*time.Second)
+	if !ok || e.UpstreamCluster != cl || e.UpstreamHost != ap(topo.SvcV4, 5353) {
+		t.Fatalf("udp access line %+v (found %v), want cluster %s host %s", e, ok, cl, ap(topo.SvcV4, 5353))
+	}
+}

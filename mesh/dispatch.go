@@ -14,6 +14,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/sniff"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
 
@@ -27,8 +28,10 @@ type Dispatcher struct {
 	// LocalIPs are the pod's addresses: flows to them are inbound.
 	LocalIPs []netip.Addr
 	Access   *accesslog.Logger
-	// UDP handles UDP flows (no UDP listeners yet: they pass through).
+	// UDP handles UDP flows no UDP listener takes: they pass through.
 	UDP netstack.Handler
+	// Dialer opens the sockets of udp_proxy sessions.
+	Dialer *upstream.Dialer
 }
 
 var _ netstack.Handler = (*Dispatcher)(nil)
@@ -50,12 +53,37 @@ func (d *Dispatcher) isLocal(ip netip.Addr) bool {
 }
 
 // HandleUDP implements netstack.Handler.
+// A captured UDP flow to the address of a UDP listener becomes a udp_proxy
+// session to a host of its cluster; any other passes through.
 func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
-	if d.UDP == nil {
-		f.Close()
+	snap := d.snap.Load()
+	var l *Listener
+	if snap != nil && !d.isLocal(f.ID.Dst.Addr()) {
+		l = snap.udpListener(f.ID.Dst)
+	}
+	if l == nil || d.Dialer == nil {
+		if d.UDP == nil {
+			f.Close()
+			return
+		}
+		d.UDP.HandleUDP(f)
 		return
 	}
-	d.UDP.HandleUDP(f)
+	e := accesslog.Entry{Transport: "udp", Direction: "outbound", Start: time.Now(),
+		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src, UpstreamCluster: l.UDP.Cluster}
+	l.Stats.DownstreamCxTotal.Add(1)
+	l.Stats.DownstreamCxActive.Add(1)
+	defer l.Stats.DownstreamCxActive.Add(-1)
+	h, err := snap.Clusters[l.UDP.Cluster].PickHost(f.ID.Dst)
+	if err != nil {
+		f.Close()
+		e.ResponseFlags, e.Details = "UH", err.Error()
+		d.Access.Log(&e)
+		return
+	}
+	e.UpstreamHost = h.Address()
+	relayUDP(f, d.Dialer, h.Address(), &e)
+	d.Access.Log(&e)
 }
 
 // HandleTCP implements netstack.Handler.

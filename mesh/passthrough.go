@@ -9,7 +9,6 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/meshtun/meshtun/mesh/accesslog"
@@ -89,52 +88,6 @@ func (p *Passthrough) HandleUDP(f *netstack.UDPFlow) {
 		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src,
 		UpstreamHost: f.ID.Dst, UpstreamCluster: cluster,
 	}
-	defer p.Access.Log(&e)
-	up, err := p.Dialer.DialUDP(context.Background(), f.ID.Dst)
-	if err != nil {
-		f.Close()
-		e.ResponseFlags = "UF"
-		e.Details = err.Error()
-		return
-	}
-	e.UpstreamLocal = up.LocalAddr().(*net.UDPAddr).AddrPort()
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { // upstream → client
-		defer wg.Done()
-		bp := udpBufPool.Get().(*[]byte)
-		defer udpBufPool.Put(bp)
-		for {
-			n, err := up.Read(*bp)
-			if err != nil {
-				if isRefused(err) {
-					continue // ICMP port unreachable from an earlier datagram
-				}
-				f.Close()
-				return
-			}
-			if _, err := f.WritePacket((*bp)[:n]); err != nil {
-				f.Close()
-				return
-			}
-			e.BytesSent += int64(n)
-		}
-	}()
-	bp := udpBufPool.Get().(*[]byte)
-	for {
-		n, err := f.ReadPacket(*bp)
-		if err != nil {
-			break
-		}
-		if _, err := up.Write((*bp)[:n]); err != nil && !isRefused(err) {
-			break
-		}
-		e.BytesReceived += int64(n)
-	}
-	udpBufPool.Put(bp)
-	f.Close()
-	up.Close()
-	wg.Wait()
+	relayUDP(f, p.Dialer, f.ID.Dst, &e)
+	p.Access.Log(&e)
 }
-
-var udpBufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}

@@ -41,8 +41,11 @@ type Snapshot struct {
 	byAddr    map[netip.AddrPort]*Listener // exact IP:port hand-off targets
 	wildcard4 map[uint16]*Listener         // 0.0.0.0:port
 	wildcard6 map[uint16]*Listener         // [::]:port
-	outbound  *Listener                    // receives captured outbound flows
-	inbound   *Listener                    // receives captured inbound flows
+	udpByAddr map[netip.AddrPort]*Listener // UDP listeners by exact IP:port
+	udpWild4  map[uint16]*Listener
+	udpWild6  map[uint16]*Listener
+	outbound  *Listener // receives captured outbound flows
+	inbound   *Listener // receives captured inbound flows
 }
 
 // Listener is the runtime form of an Envoy Listener.
@@ -56,6 +59,7 @@ type Listener struct {
 	Direction      corev3.TrafficDirection
 	Chains         []*Chain
 	Default        *Chain
+	UDP            *UDPProxy // set for UDP listeners (udp_proxy listener filter)
 	Stats          *ListenerStats
 
 	insp    inspection
@@ -114,6 +118,9 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		byAddr:        make(map[netip.AddrPort]*Listener),
 		wildcard4:     make(map[uint16]*Listener),
 		wildcard6:     make(map[uint16]*Listener),
+		udpByAddr:     make(map[netip.AddrPort]*Listener),
+		udpWild4:      make(map[uint16]*Listener),
+		udpWild6:      make(map[uint16]*Listener),
 	}
 	var created []*cluster.Cluster
 	fail := func(err error) (*Snapshot, error) {
@@ -161,6 +168,28 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		s.byName[l.Name] = l
 		s.Listeners = append(s.Listeners, l)
 		if l.Pipe != "" {
+			continue
+		}
+		if l.UDP != nil {
+			tbl := s.udpByAddr
+			var wc map[uint16]*Listener
+			if l.Addr.Addr().IsUnspecified() {
+				wc = s.udpWild4
+				if l.Addr.Addr().Is6() {
+					wc = s.udpWild6
+				}
+			}
+			if wc != nil {
+				if other := wc[l.Addr.Port()]; other != nil {
+					return fail(fmt.Errorf("listener %q: address udp %v: already used by listener %q", l.Name, l.Addr, other.Name))
+				}
+				wc[l.Addr.Port()] = l
+			} else {
+				if other := tbl[l.Addr]; other != nil {
+					return fail(fmt.Errorf("listener %q: address udp %v: already used by listener %q", l.Name, l.Addr, other.Name))
+				}
+				tbl[l.Addr] = l
+			}
 			continue
 		}
 		port := l.Addr.Port()
@@ -213,9 +242,6 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 		l.Pipe = pb.GetAddress().GetPipe().GetPath()
 	case pb.GetAddress().GetSocketAddress() != nil:
 		sa := pb.GetAddress().GetSocketAddress()
-		if sa.GetProtocol() == corev3.SocketAddress_UDP {
-			return nil, errors.New("address.socket_address.protocol: UDP listeners are not supported yet (UDP flows pass through)")
-		}
 		ip, err := netip.ParseAddr(sa.GetAddress())
 		if err != nil {
 			return nil, fmt.Errorf("address.socket_address.address: %q is not an IP address", sa.GetAddress())
@@ -226,6 +252,18 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 		l.Addr = netip.AddrPortFrom(ip.Unmap(), uint16(sa.GetPortValue()))
 	default:
 		return nil, errors.New("address: want socket_address or pipe")
+	}
+	if sa := pb.GetAddress().GetSocketAddress(); sa != nil && sa.GetProtocol() == corev3.SocketAddress_UDP {
+		u, err := parseUDPListener(pb, clusterExists)
+		if err != nil {
+			return nil, err
+		}
+		if l.BindToPort {
+			return nil, errors.New("bind_to_port: UDP listeners that bind a socket are not supported; set bind_to_port false to receive captured UDP flows")
+		}
+		l.UDP = u
+		l.Stats = &ListenerStats{Prefix: "listener.udp_" + strings.TrimPrefix(listenerStatPrefix(pb), "listener.")}
+		return l, nil
 	}
 	if len(pb.GetAdditionalAddresses()) > 0 {
 		return nil, errors.New("additional_addresses: not supported")
@@ -284,6 +322,18 @@ func buildChain(fc *listenerv3.FilterChain, clusterExists func(string) bool) (*C
 
 // Listener returns the listener named name.
 func (s *Snapshot) Listener(name string) *Listener { return s.byName[name] }
+
+// udpListener finds the UDP listener for a captured datagram flow: exact
+// IP:port, then the same family's wildcard; nil means pass through.
+func (s *Snapshot) udpListener(dst netip.AddrPort) *Listener {
+	if l := s.udpByAddr[dst]; l != nil {
+		return l
+	}
+	if dst.Addr().Is6() {
+		return s.udpWild6[dst.Port()]
+	}
+	return s.udpWild4[dst.Port()]
+}
 
 // handOff finds the listener a captured flow to dst belongs to, as
 // Envoy's use_original_dst does from the receiving virtual listener:

@@ -10,6 +10,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	udpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -175,6 +176,49 @@ func BenchmarkDispatchMatch(b *testing.B) {
 		info := filterchain.ConnInfo{DstIP: dst.Addr(), DstPort: dst.Port(), SrcIP: src.Addr(), SrcPort: src.Port(), TransportProtocol: "raw_buffer"}
 		if l.selectChain(&info) == nil {
 			b.Fatal("no chain")
+		}
+	}
+}
+
+func udpListener(t *testing.T, bind bool, filters ...*listenerv3.ListenerFilter) *listenerv3.Listener {
+	return &listenerv3.Listener{
+		Name: "10.96.0.10_53",
+		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Protocol: corev3.SocketAddress_UDP, Address: "10.96.0.10", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 53}}}},
+		BindToPort:      wrapperspb.Bool(bind),
+		ListenerFilters: filters,
+	}
+}
+
+func TestUDPListeners(t *testing.T) {
+	udpProxy := func(cl string) *listenerv3.ListenerFilter {
+		a, err := anypb.New(&udpproxyv3.UdpProxyConfig{StatPrefix: "dns", RouteSpecifier: &udpproxyv3.UdpProxyConfig_Cluster{Cluster: cl}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &listenerv3.ListenerFilter{Name: UDPProxyFilter, ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: a}}
+	}
+	s, err := Build("1", []*listenerv3.Listener{udpListener(t, false, udpProxy("PassthroughCluster"))}, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Retire(nil)
+	if l := s.udpListener(netip.MustParseAddrPort("10.96.0.10:53")); l == nil || l.UDP.Cluster != "PassthroughCluster" || l.UDP.IdleTimeout.Seconds() != 60 {
+		t.Fatalf("UDP listener %+v", l)
+	}
+	if s.udpListener(netip.MustParseAddrPort("10.96.0.11:53")) != nil {
+		t.Fatal("UDP hand-off matched another address")
+	}
+	for _, tc := range []struct {
+		l    *listenerv3.Listener
+		want string
+	}{
+		{udpListener(t, false), "a UDP listener needs envoy.filters.udp_listener.udp_proxy"},
+		{udpListener(t, false, udpProxy("nope")), `cluster: "nope" is not a known cluster`},
+		{udpListener(t, true, udpProxy("PassthroughCluster")), "bind_to_port: UDP listeners that bind a socket are not supported"},
+	} {
+		if _, err := Build("1", []*listenerv3.Listener{tc.l}, passthroughClusters(), nil, buildOpts()); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Build: %v, want %q", err, tc.want)
 		}
 	}
 }

@@ -182,7 +182,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
 		}
-		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough}
+		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough, Dialer: dialer}
 		srv := &mesh.Server{D: dispatcher, Log: logging.Component(root, "conn_handler")}
 		if err := srv.Apply(snap); err != nil {
 			snap.Retire(nil)

@@ -169,3 +169,16 @@ func (u *UpstreamConn) RemoteAddr() net.Addr               { return u.conn.Remot
 func (u *UpstreamConn) SetDeadline(t time.Time) error      { return u.conn.SetDeadline(t) }
 func (u *UpstreamConn) SetReadDeadline(t time.Time) error  { return u.conn.SetReadDeadline(t) }
 func (u *UpstreamConn) SetWriteDeadline(t time.Time) error { return u.conn.SetWriteDeadline(t) }
+
+// PickHost chooses a host the way Connect does, without connecting: for
+// datagram proxies (udp_proxy), which open their own sockets to it. With
+// no host to pick it counts upstream_cx_none_healthy and returns
+// ErrNoHealthyUpstream.
+func (c *Cluster) PickHost(origDst netip.AddrPort) (*Host, error) {
+	h := c.pick(origDst, nil)
+	if h == nil {
+		c.stats.cxNoneHealthy.Add(1)
+		return nil, c.errNoHealthy
+	}
+	return h, nil
+}
