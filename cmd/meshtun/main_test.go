@@ -20,6 +20,7 @@ func TestBadInvocationsNameTheProblem(t *testing.T) {
 		{[]string{"proxy", "--log-level", "loud"}, `unknown log level "loud"`},
 		{[]string{"proxy", "--log-format", "xml"}, `unknown log format "xml"`},
 		{[]string{"proxy", "extra"}, `unexpected argument "extra"`},
+		{[]string{"proxy", "--concurrency", "-1"}, "-concurrency: want 0 or more"},
 	} {
 		var out, errb bytes.Buffer
 		code := run(tc.args, &out, &errb)

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -50,6 +51,7 @@ type proxyFlags struct {
 	logLevel       string
 	logFormat      string
 	cpuProfile     string
+	concurrency    int
 }
 
 func (f *proxyFlags) register(fs *flag.FlagSet) {
@@ -96,6 +98,7 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.connectTimeout, "connect-timeout", 10*time.Second, "upstream TCP connect timeout (Istio's mesh connectTimeout)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warning, error, critical or off")
 	fs.StringVar(&f.logFormat, "log-format", "console", "console or json")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "processors the data path runs on (GOMAXPROCS; Envoy's --concurrency, 0 means 1 as in Envoy). 1 measured best on a 2-core pod: fewer cross-CPU hand-offs, less contention with the app")
 	fs.StringVar(&f.cpuProfile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (for tuning)")
 }
 
@@ -149,6 +152,11 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if f.concurrency < 0 {
+		fmt.Fprintf(stderr, "meshtun proxy: -concurrency: want 0 or more, got %d\n", f.concurrency)
+		return 2
+	}
+	runtime.GOMAXPROCS(max(1, f.concurrency))
 	if f.outboundPort > 65535 || f.inboundPort > 65535 {
 		fmt.Fprintf(stderr, "meshtun proxy: -outbound-port/-inbound-port: want a port number\n")
 		return 2
