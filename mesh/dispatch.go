@@ -167,17 +167,9 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 	// the upstream is dialed before the client's handshake completes: a
 	// refused or absent upstream reaches the client as a refused connect.
 	if !wantTLS && !wantHTTP {
-		chain := l.selectChain(&info)
-		if chain == nil {
-			l.Stats.NoFilterChainMatch.Add(1)
+		chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
+		if !ok {
 			src.refuse()
-			e.ResponseFlags = "NR"
-			return
-		}
-		up, cl, flags, err := connect(snap, chain, fid.Dst, e)
-		if err != nil {
-			src.refuse()
-			e.ResponseFlags, e.Details = flags, err.Error()
 			return
 		}
 		down, err := src.accept()
@@ -186,7 +178,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 			e.ResponseFlags, e.Details = "DC", err.Error()
 			return
 		}
-		splice(down, up, chain, cl, e)
+		splice(down, up, chain, e)
 		return
 	}
 
@@ -216,20 +208,31 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 	info.TransportProtocol = res.TransportProtocol
 	info.ServerName = res.ServerName
 	info.ApplicationProtocols = res.ApplicationProtocols
-	chain := l.selectChain(&info)
+	chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
+	if !ok {
+		resetConn(down)
+		return
+	}
+	splice(pc, up, chain, e)
+}
+
+// chainAndUpstream selects the filter chain for info and connects its
+// upstream. On failure it records Envoy's response flag in e (NR: no
+// chain; UO, UH, UF: see connect) and reports false: the caller rejects
+// the downstream the way it can (refuse the SYN, or reset).
+func chainAndUpstream(snap *Snapshot, l *Listener, info *filterchain.ConnInfo, origDst netip.AddrPort, e *accesslog.Entry) (*Chain, *cluster.UpstreamConn, bool) {
+	chain := l.selectChain(info)
 	if chain == nil {
 		l.Stats.NoFilterChainMatch.Add(1)
-		down.Close()
 		e.ResponseFlags = "NR"
-		return
+		return nil, nil, false
 	}
-	up, cl, flags, err := connect(snap, chain, fid.Dst, e)
+	up, flags, err := connect(snap, chain, origDst, e)
 	if err != nil {
-		resetConn(down)
 		e.ResponseFlags, e.Details = flags, err.Error()
-		return
+		return nil, nil, false
 	}
-	splice(pc, up, chain, cl, e)
+	return chain, up, true
 }
 
 func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
@@ -245,7 +248,7 @@ func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
 
 // connect runs tcp_proxy's upstream side: pick the cluster, then up to
 // max_connect_attempts connects, each to a host not tried before.
-func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.Entry) (*cluster.UpstreamConn, *cluster.Cluster, string, error) {
+func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.Entry) (*cluster.UpstreamConn, string, error) {
 	name := chain.TCP.pickCluster(rand.Uint32())
 	e.UpstreamCluster = name
 	cl := snap.Clusters[name]
@@ -266,24 +269,24 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 			if la, ok := up.LocalAddr().(*net.TCPAddr); ok {
 				e.UpstreamLocal = la.AddrPort()
 			}
-			return up, cl, "", nil
+			return up, "", nil
 		}
 		lastErr = err
 		switch {
 		case errors.Is(err, cluster.ErrOverflow):
-			return nil, cl, "UO", err
+			return nil, "UO", err
 		case errors.Is(err, cluster.ErrNoHealthyUpstream):
-			return nil, cl, "UH", err
+			return nil, "UH", err
 		}
 		var ce *cluster.ConnectError
 		if errors.As(err, &ce) && ce.Host != nil {
 			tried = append(tried, ce.Host)
 		}
 	}
-	return nil, cl, "UF", lastErr
+	return nil, "UF", lastErr
 }
 
-func splice(down net.Conn, up *cluster.UpstreamConn, chain *Chain, cl *cluster.Cluster, e *accesslog.Entry) {
+func splice(down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {
 	r := tcpproxy.Splice(down, up, chain.TCP.IdleTimeout)
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
 }
