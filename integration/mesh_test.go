@@ -374,6 +374,14 @@ func TestAdminListenersAndNotReachableFromOutside(t *testing.T) {
 	if got := adminGet(t, topo, "/listeners"); got != want {
 		t.Fatalf("/listeners = %q, want %q", got, want)
 	}
+	// meshtun request (pilot-agent request) prints exactly the body.
+	out, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/listeners")
+	if err != nil || out != want {
+		t.Fatalf("meshtun request GET /listeners = %q, %v; want %q", out, err, want)
+	}
+	if _, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/no-such-endpoint"); err == nil || !strings.Contains(err.Error(), "unsuccessful status code 404") {
+		t.Fatalf("meshtun request on an unknown path: %v, want a failure naming the 404", err)
+	}
 	c, err := dialTCP(topo.Services, ap(topo.PodV4, 15000), dialTimeout)
 	if err == nil {
 		c.Close()

@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 )
@@ -41,5 +44,40 @@ func TestHelpAndVersion(t *testing.T) {
 	out.Reset()
 	if code := run([]string{"version"}, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "meshtun ") {
 		t.Fatalf("version: exit %d, %q", code, out.String())
+	}
+}
+
+func TestRequest(t *testing.T) {
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/listeners" && r.Method == http.MethodGet:
+			io.WriteString(w, "virtualOutbound::0.0.0.0:15001\n")
+		case r.URL.Path == "/drain_listeners" && r.Method == http.MethodPost:
+			io.WriteString(w, "OK\n")
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			io.WriteString(w, "admin commands are:\n")
+		}
+	}))
+	defer ts.Close()
+	addr := strings.TrimPrefix(ts.URL, "http://")
+	var out, errb bytes.Buffer
+	if code := run([]string{"request", "--admin-address", addr, "GET", "/listeners"}, &out, &errb); code != 0 || out.String() != "virtualOutbound::0.0.0.0:15001\n" {
+		t.Fatalf("GET /listeners: exit %d, out %q, err %q", code, out.String(), errb.String())
+	}
+	out.Reset()
+	if code := run([]string{"request", "--admin-address", addr, "post", "drain_listeners"}, &out, &errb); code != 0 || out.String() != "OK\n" {
+		t.Fatalf("POST drain_listeners: exit %d, %q", code, out.String())
+	}
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"request", "--admin-address", addr, "GET", "/nope"}, &out, &errb); code != 1 || out.Len() != 0 || !strings.Contains(errb.String(), "unsuccessful status code 404") {
+		t.Fatalf("GET /nope: exit %d, out %q, err %q", code, out.String(), errb.String())
+	}
+	if code := run([]string{"request", "FETCH", "/x"}, &out, &errb); code != 2 {
+		t.Fatalf("bad method: exit %d", code)
+	}
+	if code := run([]string{"request", "--admin-address", "127.0.0.1:1", "GET", "/x"}, &out, &errb); code != 1 {
+		t.Fatalf("unreachable admin: exit %d", code)
 	}
 }
