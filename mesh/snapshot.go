@@ -101,8 +101,10 @@ func listenerStatPrefix(l *listenerv3.Listener) string {
 type BuildOptions struct {
 	Roles   Roles
 	Cluster cluster.Options
-	// AddedViaAPI marks clusters that came over xDS (Envoy's added_via_api).
-	AddedViaAPI bool
+	// AddedViaAPI marks clusters that came over xDS (Envoy's added_via_api):
+	// all of them, or those named in DynamicClusters.
+	AddedViaAPI     bool
+	DynamicClusters map[string]bool
 }
 
 // Build validates listeners and clusters into a Snapshot. prev, when not
@@ -144,7 +146,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			}
 		}
 		co := opts.Cluster
-		co.AddedViaAPI = opts.AddedViaAPI
+		co.AddedViaAPI = opts.AddedViaAPI || opts.DynamicClusters[name]
 		c, err := cluster.New(pb, co)
 		if err != nil {
 			return fail(err) // cluster.New names the cluster

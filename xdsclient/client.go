@@ -181,7 +181,7 @@ func (c *Client) dial(ctx context.Context, addr string) (net.Conn, error) {
 	case strings.HasPrefix(addr, "\x00"):
 		network, addr = "unix", "@"+addr[1:]
 	}
-	d := net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: c.cfg.Keepalive > 0, Idle: c.cfg.Keepalive, Interval: -1, Count: -1}}
+	d := net.Dialer{Control: c.cfg.Control, KeepAliveConfig: net.KeepAliveConfig{Enable: c.cfg.Keepalive > 0, Idle: c.cfg.Keepalive, Interval: -1, Count: -1}}
 	if c.cfg.Keepalive < 0 {
 		d.KeepAlive = -1
 	}

@@ -3,6 +3,7 @@ package xdsclient
 import (
 	"crypto/tls"
 	"errors"
+	"syscall"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -49,6 +50,11 @@ type Config struct {
 	Keepalive time.Duration
 	// Log receives connection events and rejections.
 	Log zerolog.Logger
+
+	// Control, when set, is called on every socket the client opens before
+	// it connects (net.Dialer.Control). meshtun sets SO_MARK there: the
+	// control-plane connection must bypass the proxy's own capture.
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 func (c Config) withDefaults() Config {

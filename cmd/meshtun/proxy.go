@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"io"
@@ -27,6 +28,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 	"github.com/meshtun/meshtun/tun"
+	"github.com/meshtun/meshtun/xdsclient"
 )
 
 type proxyFlags struct {
@@ -183,10 +185,19 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 		if err != nil {
 			return err
 		}
-		snap, err := mesh.Build("static", b.GetStaticResources().GetListeners(), b.GetStaticResources().GetClusters(), nil, mesh.BuildOptions{
+		buildOpts := mesh.BuildOptions{
 			Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
 			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
-		})
+		}
+		var xcfg xdsclient.Config
+		ads := b.GetDynamicResources().GetAdsConfig() != nil
+		if ads {
+			// Validate the xDS part of the bootstrap before touching the host too.
+			if xcfg, err = xdsclient.FromBootstrap(b); err != nil {
+				return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
+			}
+		}
+		snap, err := mesh.Build("static", b.GetStaticResources().GetListeners(), b.GetStaticResources().GetClusters(), nil, buildOpts)
 		if err != nil {
 			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
 		}
@@ -201,6 +212,20 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			snap.Retire(nil)
 		}()
 		handler = dispatcher
+		if ads {
+			xcfg.Control = dialer.Control // the control-plane connection bypasses capture
+			xcfg.Log = logging.Component(root, "xds")
+			client := xdsclient.New(xcfg, &mesh.XDSApplier{
+				Server:          srv,
+				StaticListeners: b.GetStaticResources().GetListeners(),
+				StaticClusters:  b.GetStaticResources().GetClusters(),
+				Options:         buildOpts,
+			})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go client.Run(ctx)
+			log.Info().Str("server", xcfg.Server).Bool("delta", xcfg.Delta).Msg("xds client started")
+		}
 		adminLn, err := listenAdmin(b.GetAdmin().GetAddress())
 		if err != nil {
 			return fmt.Errorf("bootstrap %s: admin.address: %w", f.bootstrap, err)

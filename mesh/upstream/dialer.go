@@ -25,7 +25,9 @@ type Dialer struct {
 	ConnectTimeout time.Duration
 }
 
-func (d *Dialer) control(network, address string, c syscall.RawConn) error {
+// Control marks a socket before it connects; as a net.Dialer.Control it
+// lets other clients (the xDS client) open marked sockets too.
+func (d *Dialer) Control(network, address string, c syscall.RawConn) error {
 	if d.Mark == 0 {
 		return nil
 	}
@@ -42,7 +44,7 @@ func (d *Dialer) control(network, address string, c syscall.RawConn) error {
 // DialTCP connects to dst, optionally from the source address src (Envoy's
 // upstream_bind_config; the zero value lets the kernel choose).
 func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr) (*net.TCPConn, error) {
-	nd := net.Dialer{Timeout: d.ConnectTimeout, Control: d.control, KeepAlive: -1}
+	nd := net.Dialer{Timeout: d.ConnectTimeout, Control: d.Control, KeepAlive: -1}
 	if src.IsValid() {
 		nd.LocalAddr = &net.TCPAddr{IP: src.AsSlice(), Zone: src.Zone()}
 	}
@@ -57,7 +59,7 @@ func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr
 
 // DialUDP returns a connected UDP socket to dst.
 func (d *Dialer) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
-	nd := net.Dialer{Control: d.control}
+	nd := net.Dialer{Control: d.Control}
 	c, err := nd.DialContext(ctx, "udp", dst.String())
 	if err != nil {
 		return nil, err

@@ -1,0 +1,235 @@
+//go:build linux
+
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+const xdsNode = "sidecar~10.0.0.2~app.default~default.svc.cluster.local"
+
+// toProto turns one of the JSON building blocks into its proto.
+func toProto[T proto.Message](t *testing.T, o obj, m T) T {
+	t.Helper()
+	b, err := json.Marshal(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protojson.Unmarshal(b, m); err != nil {
+		t.Fatalf("%s: %v", b, err)
+	}
+	return m
+}
+
+// controlPlane is go-control-plane's ADS server, listening in a namespace.
+type controlPlane struct {
+	cache cachev3.SnapshotCache
+	mu    sync.Mutex
+	acks  map[string]int // type URL -> ACKs (delta requests with a nonce and no error)
+	nacks int
+}
+
+func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
+	t.Helper()
+	cp := &controlPlane{cache: cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil), acks: map[string]int{}}
+	lis, err := listenTCP(ns, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cb := serverv3.CallbackFuncs{StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+		cp.mu.Lock()
+		defer cp.mu.Unlock()
+		switch {
+		case r.GetErrorDetail() != nil:
+			cp.nacks++
+		case r.GetResponseNonce() != "":
+			cp.acks[r.GetTypeUrl()]++
+		}
+		return nil
+	}}
+	gs := grpc.NewServer()
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, cp.cache, cb))
+	go gs.Serve(lis)
+	t.Cleanup(func() { cancel(); gs.Stop() })
+	return cp
+}
+
+func (cp *controlPlane) ackCount(typ string) int {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return cp.acks[typ]
+}
+
+// xdsListener converts a listener; the Istio telemetry filter, whose type
+// no Go package here defines, is sent as istiod sends it: an opaque Any.
+func xdsListener(t *testing.T, l obj) *listenerv3.Listener {
+	t.Helper()
+	var opaque []int
+	chains, _ := l["filter_chains"].([]obj)
+	for i, fc := range chains {
+		fs := fc["filters"].([]obj)
+		if len(fs) > 0 && fs[0]["name"] == "istio.stats" {
+			fc["filters"] = fs[1:]
+			opaque = append(opaque, i)
+		}
+	}
+	pb := toProto(t, l, &listenerv3.Listener{})
+	for _, i := range opaque {
+		fc := pb.FilterChains[i]
+		fc.Filters = append([]*listenerv3.Filter{{Name: "istio.stats", ConfigType: &listenerv3.Filter_TypedConfig{
+			TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/stats.PluginConfig", Value: []byte{0x0a, 0x00}}}}}, fc.Filters...)
+	}
+	return pb
+}
+
+func (cp *controlPlane) push(t *testing.T, version string, listeners, clusters []obj, endpoints map[string][]netip.AddrPort) {
+	t.Helper()
+	res := map[resource.Type][]types.Resource{}
+	for _, l := range listeners {
+		res[resource.ListenerType] = append(res[resource.ListenerType], xdsListener(t, l))
+	}
+	for _, c := range clusters {
+		res[resource.ClusterType] = append(res[resource.ClusterType], toProto(t, c, &clusterv3.Cluster{}))
+	}
+	for name, eps := range endpoints {
+		c := staticCluster(name, "ROUND_ROBIN", eps...)["load_assignment"].(obj)
+		res[resource.EndpointType] = append(res[resource.EndpointType], toProto(t, c, &endpointv3.ClusterLoadAssignment{}))
+	}
+	snap, err := cachev3.NewSnapshot(version, res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.cache.SetSnapshot(context.Background(), xdsNode, snap); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func edsCluster(name string) obj {
+	return obj{"name": name, "type": "EDS", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
+		"eds_cluster_config": obj{"eds_config": obj{"ads": obj{}, "resource_api_version": "V3"}}}
+}
+
+// TestXDSDeltaServesAndFlipsCatchAll is xDS cases 1 and 5 over delta ADS:
+// the proxy takes listeners, an EDS cluster and its endpoints from
+// go-control-plane, serves a VIP through them, ACKs, and a push that
+// turns the catch-all into BlackHoleCluster refuses new flows to an
+// unregistered destination quickly.
+func TestXDSDeltaServesAndFlipsCatchAll(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	ep1 := startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
+	ep2 := startTCPServer(t, topo.Services, ap(topo.Svc2V4, 9080), echo)
+	ext := startTCPServer(t, topo.Services, ap(topo.SvcV4, 7000), echo)
+	v := vip(topo, false, 80)
+	cl := "outbound|9080||reviews.default.svc.cluster.local"
+	eps := map[string][]netip.AddrPort{cl: {netip.AddrPortFrom(topo.SvcV4, 9080), netip.AddrPortFrom(topo.Svc2V4, 9080)}}
+	cp.push(t, "1", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl)},
+		append(istioClusters(), edsCluster(cl)), eps)
+
+	bs := writeBootstrapObj(t, obj{
+		"node": obj{"id": xdsNode, "cluster": "app.default"},
+		"dynamic_resources": obj{
+			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
+			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+		},
+		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
+	})
+	px := startProxy(t, topo, "--bootstrap", bs)
+
+	// The first flows wait for the configuration to arrive.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := tcpEcho(topo.Pod, ap(v, 9080), 1024); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the VIP never served: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := tcpEcho(topo.Pod, ap(v, 9080), 1024); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a, b := len(ep1.accepted()), len(ep2.accepted()); a+b != 4 || a == 0 || b == 0 {
+		t.Fatalf("EDS endpoints accepted %d and %d, want 4 spread over both", a, b)
+	}
+	for _, typ := range []string{resource.ClusterType, resource.EndpointType, resource.ListenerType} {
+		if cp.ackCount(typ) == 0 {
+			t.Errorf("the control plane saw no ACK for %s", typ)
+		}
+	}
+	if _, err := tcpEcho(topo.Pod, ap(topo.SvcV4, 7000), 1024); err != nil {
+		t.Fatalf("ALLOW_ANY passthrough: %v", err)
+	}
+	before := len(ext.accepted())
+
+	// REGISTRY_ONLY by a push.
+	lacks := cp.ackCount(resource.ListenerType)
+	cp.push(t, "2", []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), serviceListener(v, 9080, cl)},
+		append(istioClusters(), edsCluster(cl)), eps)
+	deadline = time.Now().Add(5 * time.Second)
+	for cp.ackCount(resource.ListenerType) == lacks && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	acked := time.Now()
+	for {
+		c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 7000), time.Second)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Since(acked) > time.Second {
+			t.Fatal("an unregistered destination still connects 1s after the ACK of the BlackHole push")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := len(ext.accepted()); n > before+20 {
+		t.Fatalf("external server accepted %d connections after the push", n-before)
+	}
+	if _, err := tcpEcho(topo.Pod, ap(v, 9080), 1024); err != nil {
+		t.Fatalf("the registered VIP stopped working after the push: %v", err)
+	}
+	if e, ok := px.waitAccess(func(e AccessEntry) bool { return e.UpstreamCluster == "BlackHoleCluster" }, accessWait); !ok {
+		t.Fatalf("no BlackHoleCluster access line: %v", e)
+	}
+}
+
+func writeBootstrapObj(t *testing.T, o obj) string {
+	t.Helper()
+	b, err := json.MarshalIndent(o, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := t.TempDir() + "/bootstrap.json"
+	if err := writeFile(p, b); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func writeFile(p string, b []byte) error { return os.WriteFile(p, b, 0o644) }

@@ -1,0 +1,90 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+
+	"github.com/meshtun/meshtun/xdsclient"
+)
+
+// XDSApplier installs what the xDS client delivers: the bootstrap's static
+// resources plus the dynamic ones, validated into a new snapshot built off
+// the hot path and swapped in. A build or bind error is returned, which
+// the client turns into a NACK; the snapshot in force keeps serving.
+type XDSApplier struct {
+	Server          *Server
+	StaticListeners []*listenerv3.Listener
+	StaticClusters  []*clusterv3.Cluster
+	Options         BuildOptions
+	OnApplied       func(*Snapshot) // optional, after a successful swap
+
+	mu sync.Mutex // one Apply at a time
+}
+
+var _ xdsclient.Applier = (*XDSApplier)(nil)
+
+// Apply implements xdsclient.Applier.
+func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	listeners := append([]*listenerv3.Listener(nil), a.StaticListeners...)
+	for _, name := range sortedKeys(r.Listeners) {
+		listeners = append(listeners, r.Listeners[name])
+	}
+	clusters := append([]*clusterv3.Cluster(nil), a.StaticClusters...)
+	dynamic := make(map[string]bool, len(r.Clusters))
+	for _, name := range sortedKeys(r.Clusters) {
+		clusters = append(clusters, r.Clusters[name])
+		dynamic[name] = true
+	}
+	opts := a.Options
+	opts.DynamicClusters = dynamic
+	prev := a.Server.D.Snapshot()
+	version := fmt.Sprintf("cds:%s lds:%s", r.Versions[xdsclient.ClusterType], r.Versions[xdsclient.ListenerType])
+	snap, err := Build(version, listeners, clusters, prev, opts)
+	if err != nil {
+		return err
+	}
+	// Endpoints: EDS clusters take their assignment (an unchanged one is a
+	// no-op for a cluster carried over from prev).
+	for _, pb := range clusters {
+		if pb.GetType() != clusterv3.Cluster_EDS {
+			continue
+		}
+		svc := pb.GetEdsClusterConfig().GetServiceName()
+		if svc == "" {
+			svc = pb.GetName()
+		}
+		if cla := r.Endpoints[svc]; cla != nil {
+			if err := snap.Clusters[pb.GetName()].UpdateEndpoints(cla); err != nil {
+				snap.Retire(prev)
+				return err
+			}
+		}
+	}
+	if err := a.Server.Apply(snap); err != nil {
+		snap.Retire(prev)
+		return err
+	}
+	if prev != nil {
+		prev.Retire(snap)
+	}
+	if a.OnApplied != nil {
+		a.OnApplied(snap)
+	}
+	return nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
