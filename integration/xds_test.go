@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -44,10 +45,24 @@ func toProto[T proto.Message](t *testing.T, o obj, m T) T {
 
 // controlPlane is go-control-plane's ADS server, listening in a namespace.
 type controlPlane struct {
-	cache cachev3.SnapshotCache
-	mu    sync.Mutex
-	acks  map[string]int // type URL -> ACKs (delta requests with a nonce and no error)
-	nacks int
+	cache    cachev3.SnapshotCache
+	mu       sync.Mutex
+	acks     map[string]int // type URL -> ACKs (requests with a nonce and no error)
+	nacks    int
+	lastNack string
+	nackMsg  string
+}
+
+func (cp *controlPlane) setNackMsg(m string) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.nackMsg = m
+}
+
+func (cp *controlPlane) nack() (int, string) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return cp.nacks, cp.nackMsg
 }
 
 func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
@@ -58,17 +73,33 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	cb := serverv3.CallbackFuncs{StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+	count := func(typ, nonce string, nack bool) {
 		cp.mu.Lock()
 		defer cp.mu.Unlock()
 		switch {
-		case r.GetErrorDetail() != nil:
+		case nack:
 			cp.nacks++
-		case r.GetResponseNonce() != "":
-			cp.acks[r.GetTypeUrl()]++
+			cp.lastNack = typ
+		case nonce != "":
+			cp.acks[typ]++
 		}
-		return nil
-	}}
+	}
+	cb := serverv3.CallbackFuncs{
+		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
+			if r.GetErrorDetail() != nil {
+				cp.setNackMsg(r.GetErrorDetail().GetMessage())
+			}
+			return nil
+		},
+		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
+			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
+			if r.GetErrorDetail() != nil {
+				cp.setNackMsg(r.GetErrorDetail().GetMessage())
+			}
+			return nil
+		},
+	}
 	gs := grpc.NewServer()
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, cp.cache, cb))
 	go gs.Serve(lis)
@@ -131,13 +162,20 @@ func edsCluster(name string) obj {
 		"eds_cluster_config": obj{"eds_config": obj{"ads": obj{}, "resource_api_version": "V3"}}}
 }
 
-// TestXDSDeltaServesAndFlipsCatchAll is xDS cases 1 and 5 over delta ADS:
-// the proxy takes listeners, an EDS cluster and its endpoints from
-// go-control-plane, serves a VIP through them, ACKs, and a push that
-// turns the catch-all into BlackHoleCluster refuses new flows to an
-// unregistered destination quickly.
-func TestXDSDeltaServesAndFlipsCatchAll(t *testing.T) {
+// TestXDSServesNacksAndFlipsCatchAll is xDS cases 1, 2 and 5, over delta
+// and state-of-the-world ADS: the proxy takes listeners, an EDS cluster
+// and its endpoints from go-control-plane, serves a VIP through them and
+// ACKs; an invalid listener is NACKed naming it while traffic continues;
+// a push that turns the catch-all into BlackHoleCluster refuses new flows
+// to an unregistered destination within 1 s of its ACK.
+func TestXDSServesNacksAndFlipsCatchAll(t *testing.T) {
 	requireRoot(t)
+	for _, api := range []string{"DELTA_GRPC", "GRPC"} {
+		t.Run(api, func(t *testing.T) { xdsServesNacksAndFlips(t, api) })
+	}
+}
+
+func xdsServesNacksAndFlips(t *testing.T, api string) {
 	topo := newTopology(t)
 	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
 	ep1 := startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
@@ -187,6 +225,30 @@ func TestXDSDeltaServesAndFlipsCatchAll(t *testing.T) {
 		t.Fatalf("ALLOW_ANY passthrough: %v", err)
 	}
 	before := len(ext.accepted())
+
+	// An invalid listener (tcp_proxy to a cluster that does not exist) is
+	// NACKed, naming it; the previous configuration keeps serving.
+	n0, _ := cp.nack()
+	bad := serviceListener(vip(topo, false, 81), 9090, "no-such-cluster")
+	cp.push(t, "1b", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl), bad},
+		append(istioClusters(), edsCluster(cl)), eps)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		n, msg := cp.nack()
+		if n > n0 {
+			if !strings.Contains(msg, vip(topo, false, 81).String()+"_9090") || !strings.Contains(msg, "no-such-cluster") {
+				t.Fatalf("NACK error_detail %q does not name the listener and the missing cluster", msg)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the invalid listener was never NACKed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := tcpEcho(topo.Pod, ap(v, 9080), 1024); err != nil {
+		t.Fatalf("after the NACK the previous configuration stopped serving: %v", err)
+	}
 
 	// REGISTRY_ONLY by a push.
 	lacks := cp.ackCount(resource.ListenerType)
