@@ -5,6 +5,8 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -51,6 +53,7 @@ type controlPlane struct {
 	nacks    int
 	lastNack string
 	nackMsg  string
+	stop     func()
 }
 
 func (cp *controlPlane) setNackMsg(m string) {
@@ -103,7 +106,8 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 	gs := grpc.NewServer()
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, cp.cache, cb))
 	go gs.Serve(lis)
-	t.Cleanup(func() { cancel(); gs.Stop() })
+	cp.stop = func() { cancel(); gs.Stop() }
+	t.Cleanup(cp.stop)
 	return cp
 }
 
@@ -295,3 +299,130 @@ func writeBootstrapObj(t *testing.T, o obj) string {
 }
 
 func writeFile(p string, b []byte) error { return os.WriteFile(p, b, 0o644) }
+
+// TestXDSFlowsSurvivePushesAndRestart is xDS cases 3 and 4: 500 flows stay
+// open and intact while the control plane pushes 50 updates (endpoint
+// changes, an unrelated listener added and removed), then the control
+// plane is killed — traffic continues — and a new one on the same address
+// is reconnected to and its next update applied.
+func TestXDSFlowsSurvivePushesAndRestart(t *testing.T) {
+	requireRoot(t)
+	raiseNoFile(t, 8192)
+	topo := newTopology(t)
+	addr := ap(topo.GwV4, 15010)
+	cp := startControlPlane(t, topo.Services, addr)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
+	startTCPServer(t, topo.Services, ap(topo.Svc2V4, 9080), echo)
+	v, extra := vip(topo, false, 90), vip(topo, false, 91)
+	cl := "outbound|9080||reviews.default.svc.cluster.local"
+	e1, e2 := netip.AddrPortFrom(topo.SvcV4, 9080), netip.AddrPortFrom(topo.Svc2V4, 9080)
+	base := []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl)}
+	clusters := append(istioClusters(), edsCluster(cl))
+	cp.push(t, "1", base, clusters, map[string][]netip.AddrPort{cl: {e1, e2}})
+	bs := writeBootstrapObj(t, obj{
+		"node": obj{"id": xdsNode, "cluster": "app.default"},
+		"dynamic_resources": obj{
+			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
+			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+		},
+		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
+	})
+	startProxy(t, topo, "--bootstrap", bs)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := tcpEcho(topo.Pod, ap(v, 9080), 64); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the VIP never served: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// 500 flows, open for the whole push series.
+	const flows = 500
+	conns := make([]*net.TCPConn, flows)
+	for i := range conns {
+		c, err := dialTCP(topo.Pod, ap(v, 9080), dialTimeout)
+		if err != nil {
+			t.Fatalf("flow %d: %v", i, err)
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	roundAll := func(round int) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make(chan error, flows)
+		for i, c := range conns {
+			wg.Add(1)
+			go func(i int, c *net.TCPConn) {
+				defer wg.Done()
+				if err := pingPong(c, randomPayload(2048)); err != nil {
+					errs <- fmt.Errorf("flow %d round %d: %w", i, round, err)
+				}
+			}(i, c)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	}
+	roundAll(0)
+	for i := 0; i < 50; i++ {
+		ls := base
+		if i%2 == 0 {
+			ls = append(append([]obj(nil), base...), serviceListener(extra, 9080, cl))
+		}
+		eps := []netip.AddrPort{e1, e2}
+		if i%3 == 1 {
+			eps = []netip.AddrPort{e2}
+		}
+		cp.push(t, fmt.Sprintf("p%d", i), ls, clusters, map[string][]netip.AddrPort{cl: eps})
+		time.Sleep(20 * time.Millisecond)
+	}
+	roundAll(1)
+
+	// Control plane gone: traffic continues on the last configuration.
+	cp.stop()
+	if _, err := tcpEcho(topo.Pod, ap(v, 9080), 1024); err != nil {
+		t.Fatalf("with the control plane down: %v", err)
+	}
+	roundAll(2)
+	// A new control plane on the same address: reconnect, next update applied.
+	cp2 := startControlPlane(t, topo.Services, addr)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 9081), echo)
+	cl2 := "outbound|9081||details.default.svc.cluster.local"
+	newVIP := vip(topo, false, 92)
+	cp2.push(t, "r1", append(append([]obj(nil), base...), serviceListener(newVIP, 9081, cl2)),
+		append(append([]obj(nil), clusters...), staticCluster(cl2, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV4, 9081))),
+		map[string][]netip.AddrPort{cl: {e1, e2}})
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		if _, err := tcpEcho(topo.Pod, ap(newVIP, 9081), 64); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the update from the restarted control plane was never applied: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	roundAll(3)
+}
+
+// pingPong sends msg on a long-lived echo connection and reads it back
+// without closing anything: the flow stays open for the next round.
+func pingPong(c *net.TCPConn, msg []byte) error {
+	c.SetDeadline(time.Now().Add(echoTimeout))
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := readFull(c, got); err != nil {
+		return err
+	}
+	if string(got) != string(msg) {
+		return fmt.Errorf("echo corrupted")
+	}
+	return nil
+}
