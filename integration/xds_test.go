@@ -426,3 +426,73 @@ func pingPong(c *net.TCPConn, msg []byte) error {
 	}
 	return nil
 }
+
+// TestXDSListenerRemovedDrains is xDS case 6: a listener removed by a push
+// stops taking new flows (they go to the catch-all, here BlackHoleCluster:
+// refused) while its open flows go on, until --drain-duration closes them.
+func TestXDSListenerRemovedDrains(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
+	v := vip(topo, false, 95)
+	cl := "outbound|9080||reviews.default.svc.cluster.local"
+	eps := map[string][]netip.AddrPort{cl: {netip.AddrPortFrom(topo.SvcV4, 9080)}}
+	clusters := append(istioClusters(), edsCluster(cl))
+	cp.push(t, "1", []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), serviceListener(v, 9080, cl)}, clusters, eps)
+	bs := writeBootstrapObj(t, obj{
+		"node": obj{"id": xdsNode, "cluster": "app.default"},
+		"dynamic_resources": obj{
+			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
+			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+		},
+		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
+	})
+	px := startProxy(t, topo, "--bootstrap", bs, "--drain-duration", "1500ms")
+	var old *net.TCPConn
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := dialTCP(topo.Pod, ap(v, 9080), time.Second)
+		if err == nil {
+			if err = pingPong(c, []byte("before")); err == nil {
+				old = c
+				break
+			}
+			c.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the VIP never served: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	defer old.Close()
+
+	lacks := cp.ackCount(resource.ListenerType)
+	cp.push(t, "2", []obj{virtualOutbound("BlackHoleCluster"), virtualInbound()}, clusters, eps)
+	for cp.ackCount(resource.ListenerType) == lacks && time.Now().Before(deadline.Add(10*time.Second)) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	removed := time.Now()
+	// New flows to the removed listener's address go to the catch-all.
+	if c, err := dialTCP(topo.Pod, ap(v, 9080), time.Second); err == nil {
+		c.Close()
+		t.Fatal("a new flow still reached the removed listener")
+	}
+	// The open flow goes on while draining...
+	if err := pingPong(old, []byte("draining")); err != nil {
+		t.Fatalf("open flow cut at removal: %v", err)
+	}
+	// ...and is closed once the drain duration has passed.
+	old.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := old.Read(make([]byte, 16))
+	if err == nil || isTimeout(err) {
+		t.Fatalf("flow still open %v after removal (read: %v)", time.Since(removed), err)
+	}
+	if d := time.Since(removed); d < time.Second {
+		t.Fatalf("flow closed after %v, before the 1.5s drain", d)
+	}
+	if e, ok := px.waitAccess(func(e AccessEntry) bool { return strings.Contains(e.Raw, "listener drained") }, accessWait); !ok {
+		t.Fatalf("no access line saying the flow was drained: %v", e)
+	}
+}

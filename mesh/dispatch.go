@@ -178,7 +178,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 			e.ResponseFlags, e.Details = "DC", err.Error()
 			return
 		}
-		splice(down, up, chain, e)
+		splice(l, down, up, chain, e)
 		return
 	}
 
@@ -213,7 +213,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 		resetConn(down)
 		return
 	}
-	splice(pc, up, chain, e)
+	splice(l, pc, up, chain, e)
 }
 
 // chainAndUpstream selects the filter chain for info and connects its
@@ -286,7 +286,19 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 	return nil, "UF", lastErr
 }
 
-func splice(down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {
+func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {
+	// A flow outliving its listener's drain is closed (no goroutine: the
+	// callback is registered on the listener's context).
+	var drained atomic.Bool
+	stop := context.AfterFunc(l.drained, func() {
+		drained.Store(true)
+		down.Close()
+		up.Close()
+	})
 	r := tcpproxy.Splice(down, up, chain.TCP.IdleTimeout)
+	stop()
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
+	if drained.Load() {
+		e.Details = "listener drained"
+	}
 }

@@ -1,11 +1,13 @@
 package mesh
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -62,8 +64,14 @@ type Listener struct {
 	UDP            *UDPProxy // set for UDP listeners (udp_proxy listener filter)
 	Stats          *ListenerStats
 
-	insp    inspection
-	matcher *filterchain.Matcher
+	insp inspection
+
+	// drained is cancelled when the listener, removed or changed by an
+	// update, has drained for the drain duration: its remaining flows are
+	// then closed (Envoy's --drain-time-s).
+	drained     context.Context
+	stopDrained context.CancelFunc
+	matcher     *filterchain.Matcher
 }
 
 // Chain is one filter chain: where its flows go.
@@ -229,7 +237,10 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 	if err := pb.ValidateAll(); err != nil {
 		return nil, err
 	}
+	drained, stop := context.WithCancel(context.Background())
 	l := &Listener{
+		drained:        drained,
+		stopDrained:    stop,
 		Name:           pb.GetName(),
 		Proto:          pb,
 		BindToPort:     pb.GetBindToPort() == nil || pb.GetBindToPort().GetValue(),
@@ -297,6 +308,11 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 		if old := prev.byName[l.Name]; old != nil && old.Stats.Prefix == prefix {
 			l.Stats = old.Stats
 		}
+		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
+			// The same listener: its flows, old and new, drain together.
+			l.stopDrained()
+			l.drained, l.stopDrained = old.drained, old.stopDrained
+		}
 	}
 	if l.Stats == nil {
 		l.Stats = &ListenerStats{Prefix: prefix}
@@ -357,6 +373,25 @@ func (s *Snapshot) handOff(recv *Listener, dst netip.AddrPort) *Listener {
 		return l
 	}
 	return recv
+}
+
+// Drain starts draining, for d, every listener of s that next removes or
+// changes: flows already on it go on; once d has passed, those still open
+// are closed. New flows already use next. d <= 0 closes them at once.
+func (s *Snapshot) Drain(next *Snapshot, d time.Duration) (draining int) {
+	for _, l := range s.Listeners {
+		if n := next.Listener(l.Name); n != nil && n.drained == l.drained {
+			continue // unchanged: Build carried the listener over
+		}
+		draining++
+		stop := l.stopDrained
+		if d <= 0 {
+			stop()
+			continue
+		}
+		time.AfterFunc(d, stop)
+	}
+	return draining
 }
 
 // Retire closes the clusters of s that next does not carry over. Call it

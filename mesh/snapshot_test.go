@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -221,4 +222,48 @@ func TestUDPListeners(t *testing.T) {
 			t.Errorf("Build: %v, want %q", err, tc.want)
 		}
 	}
+}
+
+// A removed or changed listener drains; an unchanged one carries its drain
+// state (and its flows) over to the next snapshot.
+func TestDrainRemovedOrChanged(t *testing.T) {
+	a := listener(t, "a", "10.0.0.1", 80, false, &no)
+	b := listener(t, "b", "10.0.0.2", 80, false, &no)
+	s1, err := Build("1", []*listenerv3.Listener{a, b}, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2 := listener(t, "b", "10.0.0.2", 80, false, &no, tcpChain(t, "other", "BlackHoleCluster", 0)) // changed
+	s2, err := Build("2", []*listenerv3.Listener{a, b2}, passthroughClusters(), s1, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2.Listener("a").drained != s1.Listener("a").drained {
+		t.Fatal("unchanged listener did not carry its drain state over")
+	}
+	if n := s1.Drain(s2, 0); n != 1 {
+		t.Fatalf("%d listeners draining, want 1 (b changed)", n)
+	}
+	if s1.Listener("b").drained.Err() == nil {
+		t.Fatal("changed listener b not drained")
+	}
+	if s1.Listener("a").drained.Err() != nil || s2.Listener("b").drained.Err() != nil {
+		t.Fatal("an unchanged or new listener was drained")
+	}
+	s3, err := Build("3", []*listenerv3.Listener{b2}, passthroughClusters(), s2, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Drain(s3, 50*time.Millisecond) // a removed
+	if s2.Listener("a").drained.Err() != nil {
+		t.Fatal("drained before the drain duration")
+	}
+	select {
+	case <-s2.Listener("a").drained.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("removed listener never drained")
+	}
+	s1.Retire(s2)
+	s2.Retire(s3)
+	s3.Retire(nil)
 }

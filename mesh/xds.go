@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -22,6 +23,9 @@ type XDSApplier struct {
 	StaticClusters  []*clusterv3.Cluster
 	Options         BuildOptions
 	OnApplied       func(*Snapshot) // optional, after a successful swap
+	// DrainDuration is how long flows on a removed or changed listener may
+	// go on (Istio's drainDuration, 45 s by default).
+	DrainDuration time.Duration
 
 	mu sync.Mutex // one Apply at a time
 }
@@ -72,6 +76,7 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 		return err
 	}
 	if prev != nil {
+		prev.Drain(snap, a.DrainDuration)
 		prev.Retire(snap)
 	}
 	if a.OnApplied != nil {
