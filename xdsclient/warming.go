@@ -200,7 +200,11 @@ func (s *session) deps(ln *lane, primary entries, strict bool) (entries, bool) {
 //     are ACKed at once so that the server, which sends one response per type at a
 //     time, can send the rest; the data is used when the warming update completes.
 func (s *session) step(ln *lane) {
-	if ln.pending {
+	// As Envoy does, a listener update waits while a cluster update warms:
+	// it may name clusters that arrive with it, and applying it against
+	// the clusters in force would reject a valid configuration.
+	clustersWarming := ln.primary == kindListener && s.lanes[0].pending
+	if ln.pending && !clustersWarming {
 		if deps, ok := s.deps(ln, s.recv[ln.primary], true); ok {
 			hs := ln.held
 			ln.held, ln.pending = nil, false
@@ -208,6 +212,9 @@ func (s *session) step(ln *lane) {
 				s.cdsResolved = true
 			}
 			s.apply(ln, maps.Clone(s.recv[ln.primary]), deps, hs)
+			if ln.primary == kindCluster {
+				s.step(&s.lanes[1]) // a listener update held for these clusters
+			}
 			return
 		}
 	}
