@@ -55,6 +55,14 @@ type controlPlane struct {
 	lastNack string
 	nackMsg  string
 	stop     func()
+	nodeID   string
+	agent    string
+}
+
+func (cp *controlPlane) setNode(id, agent string) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.nodeID, cp.agent = id, agent
 }
 
 func (cp *controlPlane) setNackMsg(m string) {
@@ -90,6 +98,9 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 	}
 	cb := serverv3.CallbackFuncs{
 		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+			if r.GetNode() != nil {
+				cp.setNode(r.GetNode().GetId(), r.GetNode().GetUserAgentName())
+			}
 			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
 			if r.GetErrorDetail() != nil {
 				cp.setNackMsg(r.GetErrorDetail().GetMessage())
@@ -97,6 +108,9 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 			return nil
 		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
+			if r.GetNode() != nil {
+				cp.setNode(r.GetNode().GetId(), r.GetNode().GetUserAgentName())
+			}
 			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
 			if r.GetErrorDetail() != nil {
 				cp.setNackMsg(r.GetErrorDetail().GetMessage())
@@ -226,6 +240,11 @@ func xdsServesNacksAndFlips(t *testing.T, api string) {
 			t.Errorf("the control plane saw no ACK for %s", typ)
 		}
 	}
+	cp.mu.Lock()
+	if cp.nodeID != xdsNode || cp.agent != "meshtun" {
+		t.Errorf("node seen by the control plane: id %q user_agent_name %q", cp.nodeID, cp.agent)
+	}
+	cp.mu.Unlock()
 	if _, err := tcpEcho(topo.Pod, ap(topo.SvcV4, 7000), 1024); err != nil {
 		t.Fatalf("ALLOW_ANY passthrough: %v", err)
 	}

@@ -144,6 +144,20 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	defer cancel()
 	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(conn)
 	node := proto.Clone(c.cfg.Node).(*corev3.Node)
+	if node == nil {
+		node = &corev3.Node{}
+	}
+	// As Envoy identifies itself ("envoy" + build version), so does meshtun.
+	if node.GetUserAgentName() == "" {
+		node.UserAgentName = "meshtun"
+	}
+	if node.GetUserAgentVersionType() == nil {
+		v := c.cfg.UserAgentVersion
+		if v == "" {
+			v = "dev"
+		}
+		node.UserAgentVersionType = &corev3.Node_UserAgentVersion{UserAgentVersion: v}
+	}
 	s := newSession(c, ctx)
 	if c.cfg.Delta {
 		st, err := ads.DeltaAggregatedResources(sctx)

@@ -55,6 +55,10 @@ type Config struct {
 	// it connects (net.Dialer.Control). meshtun sets SO_MARK there: the
 	// control-plane connection must bypass the proxy's own capture.
 	Control func(network, address string, c syscall.RawConn) error
+
+	// UserAgentVersion is sent as node.user_agent_version (name "meshtun")
+	// unless the bootstrap's node sets them; default "dev".
+	UserAgentVersion string
 }
 
 func (c Config) withDefaults() Config {

@@ -217,6 +217,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 		if ads {
 			xcfg.Control = dialer.Control // the control-plane connection bypasses capture
 			xcfg.Log = logging.Component(root, "xds")
+			xcfg.UserAgentVersion = version
 			client := xdsclient.New(xcfg, &mesh.XDSApplier{
 				Server:          srv,
 				StaticListeners: b.GetStaticResources().GetListeners(),
