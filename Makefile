@@ -28,7 +28,7 @@ integration: build
 bench: build deps
 	bash scripts/bench.sh
 	# xDS scale: 10,000 services pushed to a live proxy (time to ACK, RSS).
-	MESHTUN_SCALE=10000 MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -run TestXDSScale -v ./integration/ | grep -E 'services:|--- '
+	MESHTUN_SCALE=10000 MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags scale -count=1 -run TestXDSScale -v ./integration/ | grep -E 'services:|--- '
 
 demo: build
 	@echo "make demo arrives with the embedded control plane (issue 7); for now: sudo $(BIN) proxy --help"

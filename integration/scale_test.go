@@ -1,0 +1,84 @@
+//go:build linux && scale
+
+package integration
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+)
+
+// TestXDSScale measures a 10,000-service push end to end: time from the
+// push to the proxy's LDS ACK, and the proxy's RSS. It is a measurement,
+// not a pass/fail test of speed: run it with MESHTUN_SCALE=10000 (make
+// bench does); it only checks that the configuration is served.
+func TestXDSScale(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("MESHTUN_SCALE"))
+	if n <= 0 {
+		n = 10000
+	}
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	for _, ip := range []netip.Addr{topo.SvcV4, topo.Svc2V4, topo.GwV4} {
+		startTCPServer(t, topo.Services, ap(ip, 8080), echo)
+	}
+	listeners := []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}
+	clusters := istioClusters()
+	eps := map[string][]netip.AddrPort{}
+	for i := 0; i < n; i++ {
+		v := netip.AddrFrom4([4]byte{10, 96, byte(i / 250), byte(i%250 + 1)})
+		cl := fmt.Sprintf("outbound|8080||svc%d.default.svc.cluster.local", i)
+		listeners = append(listeners, serviceListener(v, 8080, cl))
+		clusters = append(clusters, edsCluster(cl))
+		eps[cl] = []netip.AddrPort{netip.AddrPortFrom(topo.SvcV4, 8080), netip.AddrPortFrom(topo.Svc2V4, 8080), netip.AddrPortFrom(topo.GwV4, 8080)}
+	}
+	cp.push(t, "0", []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters(), nil)
+	bs := writeBootstrapObj(t, obj{
+		"node": obj{"id": xdsNode, "cluster": "app.default"},
+		"dynamic_resources": obj{
+			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
+			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+		},
+		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
+	})
+	px := startProxy(t, topo, "--bootstrap", bs, "--log-level", "warn")
+	deadline := time.Now().Add(20 * time.Second)
+	for cp.ackCount(resource.ListenerType) == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	rss := func(key string) string {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", px.cmd.Process.Pid))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, key+":") {
+				return strings.TrimSpace(strings.TrimPrefix(l, key+":"))
+			}
+		}
+		return "?"
+	}
+	t.Logf("before: VmRSS %s", rss("VmRSS"))
+	acks := cp.ackCount(resource.ListenerType)
+	start := time.Now()
+	cp.push(t, "1", listeners, clusters, eps)
+	built := time.Since(start)
+	set := time.Now()
+	for cp.ackCount(resource.ListenerType) == acks {
+		if time.Since(start) > 2*time.Minute {
+			t.Fatal("no LDS ACK within 2 minutes")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	applied := time.Since(set)
+	t.Logf("%d services: control plane built its snapshot in %v; the proxy received, applied and ACKed it %v later; VmRSS %s, VmHWM %s",
+		n, built.Round(time.Millisecond), applied.Round(time.Millisecond), rss("VmRSS"), rss("VmHWM"))
+	if _, err := tcpEcho(topo.Pod, ap(netip.AddrFrom4([4]byte{10, 96, byte((n - 1) / 250), byte((n-1)%250 + 1)}), 8080), 64); err != nil {
+		t.Fatalf("the last service does not serve: %v", err)
+	}
+}
