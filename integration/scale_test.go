@@ -40,15 +40,7 @@ func TestXDSScale(t *testing.T) {
 		eps[cl] = []netip.AddrPort{netip.AddrPortFrom(topo.SvcV4, 8080), netip.AddrPortFrom(topo.Svc2V4, 8080), netip.AddrPortFrom(topo.GwV4, 8080)}
 	}
 	cp.push(t, "0", []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters(), nil)
-	bs := writeBootstrapObj(t, obj{
-		"node": obj{"id": xdsNode, "cluster": "app.default"},
-		"dynamic_resources": obj{
-			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
-			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-		},
-		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
-	})
+	bs := adsBootstrap(t, topo, "DELTA_GRPC")
 	px := startProxy(t, topo, "--bootstrap", bs, "--log-level", "warn")
 	deadline := time.Now().Add(20 * time.Second)
 	for cp.ackCount(resource.ListenerType) == 0 && time.Now().Before(deadline) {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
@@ -24,6 +25,7 @@ import (
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -95,25 +97,22 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 			cp.acks[typ]++
 		}
 	}
+	seen := func(typ, nonce string, node *corev3.Node, detail *status.Status) {
+		if node != nil {
+			cp.setNode(node.GetId(), node.GetUserAgentName())
+		}
+		count(typ, nonce, detail != nil)
+		if detail != nil {
+			cp.setNackMsg(detail.GetMessage())
+		}
+	}
 	cb := serverv3.CallbackFuncs{
 		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
-			if r.GetNode() != nil {
-				cp.setNode(r.GetNode().GetId(), r.GetNode().GetUserAgentName())
-			}
-			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
-			if r.GetErrorDetail() != nil {
-				cp.setNackMsg(r.GetErrorDetail().GetMessage())
-			}
+			seen(r.GetTypeUrl(), r.GetResponseNonce(), r.GetNode(), r.GetErrorDetail())
 			return nil
 		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
-			if r.GetNode() != nil {
-				cp.setNode(r.GetNode().GetId(), r.GetNode().GetUserAgentName())
-			}
-			count(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail() != nil)
-			if r.GetErrorDetail() != nil {
-				cp.setNackMsg(r.GetErrorDetail().GetMessage())
-			}
+			seen(r.GetTypeUrl(), r.GetResponseNonce(), r.GetNode(), r.GetErrorDetail())
 			return nil
 		},
 	}
@@ -205,15 +204,7 @@ func xdsServesNacksAndFlips(t *testing.T, api string) {
 	cp.push(t, "1", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl)},
 		append(istioClusters(), edsCluster(cl)), eps)
 
-	bs := writeBootstrapObj(t, obj{
-		"node": obj{"id": xdsNode, "cluster": "app.default"},
-		"dynamic_resources": obj{
-			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
-			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-		},
-		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
-	})
+	bs := adsBootstrap(t, topo, "DELTA_GRPC")
 	px := startProxy(t, topo, "--bootstrap", bs)
 
 	// The first flows wait for the configuration to arrive.
@@ -338,15 +329,7 @@ func TestXDSFlowsSurvivePushesAndRestart(t *testing.T) {
 	base := []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl)}
 	clusters := append(istioClusters(), edsCluster(cl))
 	cp.push(t, "1", base, clusters, map[string][]netip.AddrPort{cl: {e1, e2}})
-	bs := writeBootstrapObj(t, obj{
-		"node": obj{"id": xdsNode, "cluster": "app.default"},
-		"dynamic_resources": obj{
-			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
-			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-		},
-		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
-	})
+	bs := adsBootstrap(t, topo, "DELTA_GRPC")
 	startProxy(t, topo, "--bootstrap", bs)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -459,15 +442,7 @@ func TestXDSListenerRemovedDrains(t *testing.T) {
 	eps := map[string][]netip.AddrPort{cl: {netip.AddrPortFrom(topo.SvcV4, 9080)}}
 	clusters := append(istioClusters(), edsCluster(cl))
 	cp.push(t, "1", []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), serviceListener(v, 9080, cl)}, clusters, eps)
-	bs := writeBootstrapObj(t, obj{
-		"node": obj{"id": xdsNode, "cluster": "app.default"},
-		"dynamic_resources": obj{
-			"ads_config": obj{"api_type": "DELTA_GRPC", "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
-			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
-		},
-		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
-	})
+	bs := adsBootstrap(t, topo, "DELTA_GRPC")
 	px := startProxy(t, topo, "--bootstrap", bs, "--drain-duration", "1500ms")
 	var old *net.TCPConn
 	deadline := time.Now().Add(10 * time.Second)
@@ -514,4 +489,19 @@ func TestXDSListenerRemovedDrains(t *testing.T) {
 	if e, ok := px.waitAccess(func(e AccessEntry) bool { return strings.Contains(e.Raw, "listener drained") }, accessWait); !ok {
 		t.Fatalf("no access line saying the flow was drained: %v", e)
 	}
+}
+
+// adsBootstrap is Istio's shape of an xDS bootstrap: ADS of the given
+// api_type to the static cluster xds-grpc, the control plane at
+// GwV4:15010 in the services namespace.
+func adsBootstrap(t *testing.T, topo *topology, api string) string {
+	return writeBootstrapObj(t, obj{
+		"node": obj{"id": xdsNode, "cluster": "app.default"},
+		"dynamic_resources": obj{
+			"ads_config": obj{"api_type": api, "transport_api_version": "V3", "grpc_services": []obj{{"envoy_grpc": obj{"cluster_name": "xds-grpc"}}}},
+			"cds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+			"lds_config": obj{"ads": obj{}, "resource_api_version": "V3"},
+		},
+		"static_resources": obj{"clusters": []obj{staticCluster("xds-grpc", "ROUND_ROBIN", netip.AddrPortFrom(topo.GwV4, 15010))}},
+	})
 }
