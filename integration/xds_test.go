@@ -230,6 +230,11 @@ func xdsServesNacksAndFlips(t *testing.T, api string) {
 			t.Errorf("the control plane saw no ACK for %s", typ)
 		}
 	}
+	// pilot-agent's readiness reads these from /stats.
+	stats := adminGet(t, topo, "/stats?usedonly&filter=^(cluster_manager\\.cds|listener_manager\\.lds)\\.update_success$")
+	if !strings.Contains(stats, "cluster_manager.cds.update_success: ") || !strings.Contains(stats, "listener_manager.lds.update_success: ") {
+		t.Errorf("admin /stats lacks the xDS update counters:\n%s", stats)
+	}
 	cp.mu.Lock()
 	if cp.nodeID != xdsNode || cp.agent != "meshtun" {
 		t.Errorf("node seen by the control plane: id %q user_agent_name %q", cp.nodeID, cp.agent)

@@ -214,6 +214,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			snap.Retire(nil)
 		}()
 		handler = dispatcher
+		var xdsStats func() map[string]uint64
 		if ads {
 			xcfg.Control = dialer.Control // the control-plane connection bypasses capture
 			xcfg.Log = logging.Component(root, "xds")
@@ -225,6 +226,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 				Options:         buildOpts,
 				DrainDuration:   f.drainDuration,
 			})
+			xdsStats = client.Stats
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			go client.Run(ctx)
@@ -235,7 +237,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			return fmt.Errorf("bootstrap %s: admin.address: %w", f.bootstrap, err)
 		}
 		defer adminLn.Close()
-		adm := &admin.Server{D: dispatcher, Start: time.Now()}
+		adm := &admin.Server{D: dispatcher, Start: time.Now(), Extra: xdsStats}
 		go adm.Serve(adminLn)
 		log.Info().Str("address", adminLn.Addr().String()).Msg("admin listening")
 		log.Info().Str("bootstrap", f.bootstrap).Int("listeners", len(snap.Listeners)).Int("clusters", len(snap.Clusters)).Msg("static configuration applied")

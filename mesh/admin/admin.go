@@ -23,6 +23,10 @@ import (
 type Server struct {
 	D     *mesh.Dispatcher
 	Start time.Time
+	// Extra adds stats of other components by full name, e.g. the xDS
+	// client's cluster_manager.cds.update_success (pilot-agent's readiness
+	// probe reads it).
+	Extra func() map[string]uint64
 
 	mux *http.ServeMux
 }
@@ -203,6 +207,11 @@ func (s *Server) collect() []stat {
 			for _, st := range c.Stats() {
 				add("cluster."+scope+"."+st.Name, st.Value, false)
 			}
+		}
+	}
+	if s.Extra != nil {
+		for name, v := range s.Extra() {
+			add(name, v, false)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })

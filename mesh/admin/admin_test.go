@@ -136,3 +136,21 @@ func TestUnknownPathAndReady(t *testing.T) {
 		t.Errorf("/ready before any config = %d, want 503", code)
 	}
 }
+
+func TestExtraStatsForReadiness(t *testing.T) {
+	b, err := bootstrap.Load("../../examples/sidecar-bootstrap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &mesh.Dispatcher{}
+	d.Swap(build(t, b))
+	ts := httptest.NewServer((&Server{D: d, Start: time.Now(), Extra: func() map[string]uint64 {
+		return map[string]uint64{"cluster_manager.cds.update_success": 2, "listener_manager.lds.update_success": 1, "listener_manager.lds.update_rejected": 0}
+	}}).Handler())
+	defer ts.Close()
+	// pilot-agent's first readiness query.
+	_, body := get(t, ts, "/stats?usedonly&filter=^(cluster_manager\\.cds|listener_manager\\.lds)\\.(update_success|update_rejected)$")
+	if body != "cluster_manager.cds.update_success: 2\nlistener_manager.lds.update_success: 1\n" {
+		t.Fatalf("readiness stats %q", body)
+	}
+}
