@@ -55,13 +55,7 @@ func (s *Server) Apply(snap *Snapshot) error {
 	if s.bound == nil {
 		s.bound = make(map[string]*boundListener)
 	}
-	want := make(map[string]*Listener)
-	for _, l := range snap.Listeners {
-		if !l.BindToPort || l == snap.outbound || l == snap.inbound {
-			continue
-		}
-		want[bindKey(l)] = l
-	}
+	want := snap.bound
 	var opened []*boundListener
 	for key, l := range want {
 		if s.bound[key] != nil {
@@ -137,13 +131,7 @@ func (s *Server) acceptLoop(b *boundListener) {
 
 func (s *Server) serveConn(key string, c net.Conn) {
 	snap := s.D.Snapshot()
-	var l *Listener
-	for _, cand := range snap.Listeners {
-		if bindKey(cand) == key {
-			l = cand
-			break
-		}
-	}
+	l := snap.bound[key] // precomputed: no per-connection scan
 	if l == nil {
 		c.Close()
 		return

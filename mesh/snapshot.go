@@ -46,8 +46,9 @@ type Snapshot struct {
 	udpByAddr map[netip.AddrPort]*Listener // UDP listeners by exact IP:port
 	udpWild4  map[uint16]*Listener
 	udpWild6  map[uint16]*Listener
-	outbound  *Listener // receives captured outbound flows
-	inbound   *Listener // receives captured inbound flows
+	bound     map[string]*Listener // binding listeners by bindKey
+	outbound  *Listener            // receives captured outbound flows
+	inbound   *Listener            // receives captured inbound flows
 }
 
 // Listener is the runtime form of an Envoy Listener.
@@ -131,6 +132,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		udpByAddr:     make(map[netip.AddrPort]*Listener),
 		udpWild4:      make(map[uint16]*Listener),
 		udpWild6:      make(map[uint16]*Listener),
+		bound:         make(map[string]*Listener),
 	}
 	var created []*cluster.Cluster
 	fail := func(err error) (*Snapshot, error) {
@@ -229,6 +231,11 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
 		}
 		table[key] = l
+	}
+	for _, l := range s.Listeners {
+		if l.BindToPort && l != s.outbound && l != s.inbound && l.UDP == nil {
+			s.bound[bindKey(l)] = l
+		}
 	}
 	return s, nil
 }
