@@ -429,16 +429,7 @@ func TestCaptureKeepsMovedLocalRule(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	before := dumpState(t)
-	c, err := SetupCapture(captureConfig(t), testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkRoutes(t, capturedRoutes)
-	if err := c.Teardown(); err != nil {
-		t.Fatal(err)
-	}
-	mustNotDiffer(t, "after teardown", before, dumpState(t))
+	captureRoundTrip(t)
 }
 
 // TestCaptureTeardownFromAnotherThread: Teardown acts on the namespace
@@ -478,16 +469,7 @@ func TestCaptureRecreatedLocalRule(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	before := dumpState(t)
-	c, err := SetupCapture(captureConfig(t), testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkRoutes(t, capturedRoutes)
-	if err := c.Teardown(); err != nil {
-		t.Fatal(err)
-	}
-	mustNotDiffer(t, "after teardown", before, dumpState(t))
+	captureRoundTrip(t)
 }
 
 // TestCleanupStaleForeignRecord: a record left by a namespace that is
@@ -522,4 +504,21 @@ func TestCleanupStaleForeignRecord(t *testing.T) {
 	if got := sysctl(t, "net/ipv4/conf/all/rp_filter"); got != "1" {
 		t.Errorf("this namespace's record was not applied: all.rp_filter = %s", got)
 	}
+}
+
+// captureRoundTrip sets capture up with the default test config, checks
+// the routing decisions it must make, tears it down and checks that the
+// namespace is exactly as before.
+func captureRoundTrip(t *testing.T) {
+	t.Helper()
+	before := dumpState(t)
+	c, err := SetupCapture(captureConfig(t), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRoutes(t, capturedRoutes)
+	if err := c.Teardown(); err != nil {
+		t.Fatal(err)
+	}
+	mustNotDiffer(t, "after teardown", before, dumpState(t))
 }
