@@ -252,15 +252,10 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 	name := chain.TCP.pickCluster(rand.Uint32())
 	e.UpstreamCluster = name
 	cl := snap.Clusters[name]
+	// exclude skips hosts already tried; built only after a failed attempt,
+	// so the usual single connect allocates no closure.
 	var tried []*cluster.Host
-	exclude := func(h *cluster.Host) bool {
-		for _, t := range tried {
-			if t == h {
-				return true
-			}
-		}
-		return false
-	}
+	var exclude func(*cluster.Host) bool
 	var lastErr error
 	for attempt := 0; attempt < chain.TCP.MaxConnectAttempts; attempt++ {
 		up, err := cl.Connect(context.Background(), origDst, exclude)
@@ -281,6 +276,16 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 		var ce *cluster.ConnectError
 		if errors.As(err, &ce) && ce.Host != nil {
 			tried = append(tried, ce.Host)
+		}
+		if exclude == nil {
+			exclude = func(h *cluster.Host) bool {
+				for _, t := range tried {
+					if t == h {
+						return true
+					}
+				}
+				return false
+			}
 		}
 	}
 	return nil, "UF", lastErr
