@@ -300,9 +300,20 @@ func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, 
 		down.Close()
 		up.Close()
 	})
+	st := chain.TCP.Stats
+	if st != nil {
+		st.DownstreamCxTotal.Add(1)
+	}
 	r := tcpproxy.Splice(down, up, chain.TCP.IdleTimeout)
 	stop()
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
+	if st != nil {
+		st.DownstreamRxBytes.Add(uint64(r.Received))
+		st.DownstreamTxBytes.Add(uint64(r.Sent))
+		if r.IdleTimeout {
+			st.IdleTimeout.Add(1)
+		}
+	}
 	if drained.Load() {
 		e.Details = "listener drained"
 	}

@@ -3,6 +3,7 @@ package mesh
 import (
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	udpatype "github.com/cncf/xds/go/udpa/type/v1"
@@ -50,6 +51,18 @@ type TCPProxy struct {
 	totalWeight        uint32
 	IdleTimeout        time.Duration // 0: disabled
 	MaxConnectAttempts int
+	Stats              *TCPStats // shared by every tcp_proxy with this StatPrefix
+}
+
+// TCPStats are Envoy's tcp.<stat_prefix>.* counters.
+type TCPStats struct {
+	Prefix              string // "tcp.<stat_prefix>."
+	DownstreamCxTotal   atomic.Uint64
+	DownstreamCxNoRoute atomic.Uint64
+	DownstreamRxBytes   atomic.Uint64 // downstream_cx_rx_bytes_total
+	DownstreamTxBytes   atomic.Uint64 // downstream_cx_tx_bytes_total
+	IdleTimeout         atomic.Uint64
+	UpstreamFlushTotal  atomic.Uint64
 }
 
 // WeightedTarget is one entry of tcp_proxy weighted_clusters.

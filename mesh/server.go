@@ -22,6 +22,9 @@ import (
 type Server struct {
 	D   *Dispatcher
 	Log zerolog.Logger
+	// Gate, when set, counts connections accepted on bound sockets and
+	// resets them once all listeners are drained.
+	Gate *Gate
 
 	mu     sync.Mutex
 	bound  map[string]*boundListener // by bind key
@@ -130,6 +133,14 @@ func (s *Server) acceptLoop(b *boundListener) {
 }
 
 func (s *Server) serveConn(key string, c net.Conn) {
+	if g := s.Gate; g != nil {
+		if g.closedOut.Load() {
+			resetConn(c)
+			return
+		}
+		g.active.Add(1)
+		defer g.active.Add(-1)
+	}
 	snap := s.D.Snapshot()
 	l := snap.bound[key] // precomputed: no per-connection scan
 	if l == nil {

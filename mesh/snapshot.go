@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sort"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,15 @@ type Snapshot struct {
 	bound     map[string]*Listener // binding listeners by bindKey
 	outbound  *Listener            // receives captured outbound flows
 	inbound   *Listener            // receives captured inbound flows
+
+	// tcpStats are the tcp.<stat_prefix>.* counters by prefix; chains with
+	// the same prefix share them, and a prefix still in use after an
+	// update keeps them, as Envoy's stat scopes do.
+	tcpStats map[string]*TCPStats
+
+	// Dump is what /config_dump shows: the resources as received, with
+	// their versions. Set before the snapshot is swapped in.
+	Dump *Dump
 }
 
 // Listener is the runtime form of an Envoy Listener.
@@ -165,6 +175,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		s.Clusters[name], s.clusterProtos[name] = c, pb
 	}
 	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok }
+	defer s.shareTCPStats(prev)
 	for i, pb := range listeners {
 		l, err := buildListener(pb, exists, prev)
 		if err != nil {
@@ -410,4 +421,45 @@ func (s *Snapshot) Retire(next *Snapshot) {
 			c.Close()
 		}
 	}
+}
+
+// shareTCPStats gives every tcp_proxy its tcp.<stat_prefix> counters.
+func (s *Snapshot) shareTCPStats(prev *Snapshot) {
+	s.tcpStats = make(map[string]*TCPStats)
+	get := func(prefix string) *TCPStats {
+		if st := s.tcpStats[prefix]; st != nil {
+			return st
+		}
+		if prev != nil {
+			if st := prev.tcpStats[prefix]; st != nil {
+				s.tcpStats[prefix] = st
+				return st
+			}
+		}
+		st := &TCPStats{Prefix: "tcp." + prefix + "."}
+		s.tcpStats[prefix] = st
+		return st
+	}
+	for _, l := range s.Listeners {
+		for _, c := range append(l.Chains[:len(l.Chains):len(l.Chains)], l.Default) {
+			if c == nil || c.TCP == nil {
+				continue
+			}
+			if c.TCP.Stats == nil {
+				c.TCP.Stats = get(c.TCP.StatPrefix)
+			} else {
+				s.tcpStats[c.TCP.StatPrefix] = c.TCP.Stats
+			}
+		}
+	}
+}
+
+// TCPStats returns the tcp.<stat_prefix>.* counters, sorted by prefix.
+func (s *Snapshot) TCPStats() []*TCPStats {
+	out := make([]*TCPStats, 0, len(s.tcpStats))
+	for _, st := range s.tcpStats {
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Prefix < out[j].Prefix })
+	return out
 }

@@ -26,8 +26,11 @@ type XDSApplier struct {
 	// DrainDuration is how long flows on a removed or changed listener may
 	// go on (Istio's drainDuration, 45 s by default).
 	DrainDuration time.Duration
+	// StaticDump is the bootstrap's part of /config_dump (StaticDump).
+	StaticDump *Dump
 
-	mu sync.Mutex // one Apply at a time
+	mu  sync.Mutex // one Apply at a time
+	rec recorder
 }
 
 var _ xdsclient.Applier = (*XDSApplier)(nil)
@@ -49,7 +52,10 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 	opts := a.Options
 	opts.DynamicClusters = dynamic
 	prev := a.Server.D.Snapshot()
-	version := fmt.Sprintf("cds:%s lds:%s", r.Versions[xdsclient.ClusterType], r.Versions[xdsclient.ListenerType])
+	version := "static"
+	if len(r.Versions) > 0 {
+		version = fmt.Sprintf("cds:%s lds:%s", r.Versions[xdsclient.ClusterType], r.Versions[xdsclient.ListenerType])
+	}
 	snap, err := Build(version, listeners, clusters, prev, opts)
 	if err != nil {
 		return err
@@ -71,10 +77,15 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 			}
 		}
 	}
+	// The dump is recorded only for a state that will be in force; a
+	// rejected one leaves the recorder as it was.
+	rec := recorder{prev: a.rec.prev, draining: append([]Record(nil), a.rec.draining...)}
+	snap.Dump = rec.next(a.StaticDump, r, a.DrainDuration, time.Now())
 	if err := a.Server.Apply(snap); err != nil {
 		snap.Retire(prev)
 		return err
 	}
+	a.rec = rec
 	if prev != nil {
 		prev.Drain(snap, a.DrainDuration)
 		prev.Retire(snap)
@@ -83,6 +94,17 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 		a.OnApplied(snap)
 	}
 	return nil
+}
+
+// Adopt carries over what old recorded of the resources in force (their
+// versions and update times, the listeners draining), for an applier that
+// replaces old after a bootstrap reload.
+func (a *XDSApplier) Adopt(old *XDSApplier) {
+	old.mu.Lock()
+	defer old.mu.Unlock()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.rec = recorder{prev: old.rec.prev, draining: append([]Record(nil), old.rec.draining...)}
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -3,6 +3,7 @@ package tun
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -64,4 +65,38 @@ func (d *Device) configure(cfg DeviceConfig) error {
 		return fmt.Errorf("tun: %s: set up: %w", d.name, err)
 	}
 	return nil
+}
+
+// OpenFile adopts an open TUN device by file descriptor, inherited from
+// the process that created it (meshtun agent keeps the device so that
+// capture, whose routes point at it, outlives a proxy restart). The
+// device keeps the addresses and flags its creator gave it; mtu is what
+// the stack is told.
+func OpenFile(fd int, mtu int) (*Device, error) {
+	if fd < 0 {
+		return nil, fmt.Errorf("tun: file descriptor %d: must be 0 or more", fd)
+	}
+	if mtu < 1280 || mtu > 65535 {
+		return nil, fmt.Errorf("tun: MTU %d: want 1280..65535", mtu)
+	}
+	// The poller needs a non-blocking descriptor; the creator's may not be.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("tun: file descriptor %d: %w", fd, err)
+	}
+	f := os.NewFile(uintptr(fd), fmt.Sprintf("tun-fd-%d", fd))
+	dev, err := wgtun.CreateTUNFromFile(f, mtu)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("tun: file descriptor %d is not a usable TUN device: %w", fd, err)
+	}
+	name, err := dev.Name()
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("tun: file descriptor %d: %w", fd, err)
+	}
+	d := &Device{dev: dev, name: name, mtu: mtu}
+	if link, err := netlink.LinkByName(name); err == nil {
+		d.index = link.Attrs().Index
+	}
+	return d, nil
 }

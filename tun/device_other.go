@@ -24,3 +24,9 @@ func Open(cfg DeviceConfig) (*Device, error) {
 	}
 	return &Device{dev: dev, name: name, mtu: cfg.MTU}, nil
 }
+
+// OpenFile adopts an inherited TUN file descriptor (Linux only: the
+// agent's fd hand-over is a sidecar feature).
+func OpenFile(fd int, mtu int) (*Device, error) {
+	return nil, fmt.Errorf("tun: --tun-fd is supported on Linux only")
+}

@@ -23,12 +23,10 @@ import (
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/admin"
-	"github.com/meshtun/meshtun/mesh/bootstrap"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 	"github.com/meshtun/meshtun/tun"
-	"github.com/meshtun/meshtun/xdsclient"
 )
 
 type proxyFlags struct {
@@ -55,6 +53,8 @@ type proxyFlags struct {
 	cpuProfile     string
 	concurrency    int
 	drainDuration  time.Duration
+	termDrain      time.Duration
+	tunFD          int
 }
 
 func (f *proxyFlags) register(fs *flag.FlagSet) {
@@ -102,6 +102,8 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warning, error, critical or off")
 	fs.StringVar(&f.logFormat, "log-format", "console", "console or json")
 	fs.DurationVar(&f.drainDuration, "drain-duration", 45*time.Second, "how long flows on a listener removed or changed by an xDS update may go on before they are closed (Istio's drainDuration)")
+	fs.DurationVar(&f.termDrain, "termination-drain-duration", 5*time.Second, "on SIGTERM, how long flows in progress may go on before the proxy exits; new inbound flows are refused at once (Istio's terminationDrainDuration)")
+	fs.IntVar(&f.tunFD, "tun-fd", -1, "use this inherited file descriptor of an open TUN device instead of creating one (the agent keeps the device, so capture survives a proxy restart)")
 	fs.IntVar(&f.concurrency, "concurrency", 1, "processors the data path runs on (GOMAXPROCS; Envoy's --concurrency, 0 means 1 as in Envoy). 1 measured best on a 2-core pod: fewer cross-CPU hand-offs, less contention with the app")
 	fs.StringVar(&f.cpuProfile, "cpu-profile", "", "write a Go CPU profile of the whole run to this file (for tuning)")
 }
@@ -177,72 +179,70 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	dialer := &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout}
 	access := accesslog.New(root)
 	passthrough := &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: f.tcpIdle, Access: access}
+	gate := &mesh.Gate{H: passthrough}
+	quit := make(chan string, 1)
+	requestQuit := func(why string) {
+		select {
+		case quit <- why:
+		default:
+		}
+	}
 
 	// The configuration is read and validated before anything on the
 	// host changes: a bad bootstrap leaves no capture behind.
-	var handler netstack.Handler = passthrough
 	var dispatcher *mesh.Dispatcher
+	var cfg *configSource
 	if f.bootstrap != "" {
-		b, err := bootstrap.Load(f.bootstrap)
-		if err != nil {
+		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough, Dialer: dialer}
+		srv := &mesh.Server{D: dispatcher, Log: logging.Component(root, "conn_handler"), Gate: gate}
+		cfg = &configSource{
+			path: f.bootstrap, root: root, log: log, srv: srv, drain: f.drainDuration, control: dialer.Control,
+			opts: mesh.BuildOptions{
+				Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
+				Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
+			},
+		}
+		if err := cfg.start(); err != nil {
 			return err
 		}
-		buildOpts := mesh.BuildOptions{
-			Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
-			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
-		}
-		var xcfg xdsclient.Config
-		ads := b.GetDynamicResources().GetAdsConfig() != nil
-		if ads {
-			// Validate the xDS part of the bootstrap before touching the host too.
-			if xcfg, err = xdsclient.FromBootstrap(b); err != nil {
-				return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
-			}
-		}
-		snap, err := mesh.Build("static", b.GetStaticResources().GetListeners(), b.GetStaticResources().GetClusters(), nil, buildOpts)
-		if err != nil {
-			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
-		}
-		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough, Dialer: dialer}
-		srv := &mesh.Server{D: dispatcher, Log: logging.Component(root, "conn_handler")}
-		if err := srv.Apply(snap); err != nil {
-			snap.Retire(nil)
-			return fmt.Errorf("bootstrap %s: %w", f.bootstrap, err)
-		}
 		defer func() {
+			cfg.stop()
 			srv.Close()
-			snap.Retire(nil)
+			if s := dispatcher.Snapshot(); s != nil {
+				s.Retire(nil)
+			}
 		}()
-		handler = dispatcher
-		var xdsStats func() map[string]uint64
-		if ads {
-			xcfg.Control = dialer.Control // the control-plane connection bypasses capture
-			xcfg.Log = logging.Component(root, "xds")
-			xcfg.UserAgentVersion = version
-			client := xdsclient.New(xcfg, &mesh.XDSApplier{
-				Server:          srv,
-				StaticListeners: b.GetStaticResources().GetListeners(),
-				StaticClusters:  b.GetStaticResources().GetClusters(),
-				Options:         buildOpts,
-				DrainDuration:   f.drainDuration,
-			})
-			xdsStats = client.Stats
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			go client.Run(ctx)
-			log.Info().Str("server", xcfg.Server).Bool("delta", xcfg.Delta).Msg("xds client started")
-		}
+		gate.H = dispatcher
+		b, _ := cfg.Bootstrap()
 		adminLn, err := listenAdmin(b.GetAdmin().GetAddress())
 		if err != nil {
 			return fmt.Errorf("bootstrap %s: admin.address: %w", f.bootstrap, err)
 		}
 		defer adminLn.Close()
-		adm := &admin.Server{D: dispatcher, Start: time.Now(), Extra: xdsStats}
+		adm := &admin.Server{
+			D: dispatcher, Start: time.Now(), Extra: cfg.Stats, Bootstrap: cfg.Bootstrap,
+			Concurrency: max(1, f.concurrency),
+			Drain: func(inboundOnly, graceful bool) {
+				if graceful && f.drainDuration > 0 {
+					time.AfterFunc(f.drainDuration, func() { gate.Close(inboundOnly) })
+					return
+				}
+				gate.Close(inboundOnly)
+			},
+			Quit: func() { requestQuit("quitquitquit") },
+		}
 		go adm.Serve(adminLn)
+		snap := dispatcher.Snapshot()
 		log.Info().Str("address", adminLn.Addr().String()).Msg("admin listening")
 		log.Info().Str("bootstrap", f.bootstrap).Int("listeners", len(snap.Listeners)).Int("clusters", len(snap.Clusters)).Msg("static configuration applied")
 	}
-	dev, err := tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
+	var dev *tun.Device
+	var err error
+	if f.tunFD >= 0 {
+		dev, err = tun.OpenFile(f.tunFD, f.tunMTU)
+	} else {
+		dev, err = tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
+	}
 	if err != nil {
 		return err
 	}
@@ -276,22 +276,63 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	}
 
 	passthrough.LocalIPs = podIPs
+	gate.LocalIPs = podIPs
 	if dispatcher != nil {
 		dispatcher.LocalIPs = podIPs
 	}
-	st, err := netstack.New(dev.Dev(), handler, netstack.Config{UDPIdleTimeout: f.udpIdle}, logging.Component(root, "netstack"))
+	st, err := netstack.New(dev.Dev(), gate, netstack.Config{UDPIdleTimeout: f.udpIdle}, logging.Component(root, "netstack"))
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 	log.Log().Str("level", "info").Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
-	sig := <-sigs
-	log.Info().Str("signal", sig.String()).Msg("shutting down")
-	return nil
+	for {
+		select {
+		case why := <-quit:
+			log.Info().Str("reason", why).Msg("shutting down")
+			return nil
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGHUP:
+				if cfg == nil {
+					log.Warn().Msg("SIGHUP: no bootstrap to reload")
+					continue
+				}
+				if err := cfg.Reload(); err != nil {
+					log.Error().Err(err).Msg("bootstrap reload rejected; the configuration in force keeps serving")
+				}
+				continue
+			case syscall.SIGTERM:
+				// Istio's termination: new inbound flows are refused at
+				// once (the pod is leaving its endpoints), outbound ones
+				// still served so the application can finish its own
+				// shutdown; the proxy exits when no flow is left or at
+				// the termination drain duration.
+				gate.Close(true)
+				log.Info().Int64("active_flows", gate.Active()).Dur("termination_drain_duration", f.termDrain).Msg("SIGTERM: draining")
+				ctx, cancel := context.WithTimeout(context.Background(), f.termDrain)
+				var done bool
+				go func() {
+					select {
+					case <-sigs: // a second signal: stop waiting
+						cancel()
+					case <-ctx.Done():
+					}
+				}()
+				done = gate.Wait(ctx)
+				cancel()
+				log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
+				return nil
+			default:
+				log.Info().Str("signal", sig.String()).Msg("shutting down")
+				return nil
+			}
+		}
+	}
 }
 
 // listenAdmin opens the admin listener: the bootstrap's admin address (an

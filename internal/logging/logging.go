@@ -10,7 +10,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -71,10 +74,133 @@ func New(o Options) (zerolog.Logger, error) {
 	default:
 		return zerolog.Nop(), fmt.Errorf("unknown log format %q (want console or json)", o.Format)
 	}
-	return zerolog.New(out).Level(lvl).With().Timestamp().Logger(), nil
+	registry.reset(lvl)
+	return zerolog.New(out).With().Timestamp().Logger(), nil
 }
 
-// Component returns a child logger tagged with an Envoy-style component name.
+// Component returns a child logger tagged with an Envoy-style component
+// name, whose level can be changed while the process runs (the admin
+// /logging endpoint).
 func Component(l zerolog.Logger, name string) zerolog.Logger {
-	return l.With().Str("logger", name).Logger()
+	return l.With().Str("logger", name).Logger().Hook(registry.level(name))
+}
+
+// Live levels. Each component has its own level; zerolog's global level is
+// kept at the lowest of them, so an event below every component's level is
+// dropped before it is formatted, and the per-component hook discards the
+// few that pass the global level but not their component's.
+var registry = levels{m: map[string]*componentLevel{}}
+
+type levels struct {
+	mu   sync.Mutex
+	def  zerolog.Level
+	m    map[string]*componentLevel
+	init bool
+}
+
+type componentLevel struct{ v atomic.Int32 }
+
+// Run implements zerolog.Hook.
+func (c *componentLevel) Run(e *zerolog.Event, lvl zerolog.Level, _ string) {
+	if lvl != zerolog.NoLevel && lvl < zerolog.Level(c.v.Load()) {
+		e.Discard()
+	}
+}
+
+func (r *levels) reset(def zerolog.Level) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.def, r.init = def, true
+	for _, c := range r.m {
+		c.v.Store(int32(def))
+	}
+	r.syncGlobal()
+}
+
+func (r *levels) level(name string) *componentLevel {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.init {
+		r.def, r.init = zerolog.InfoLevel, true
+	}
+	c := r.m[name]
+	if c == nil {
+		c = &componentLevel{}
+		c.v.Store(int32(r.def))
+		r.m[name] = c
+	}
+	return c
+}
+
+// syncGlobal sets zerolog's global level to the lowest component level.
+// Called with r.mu held.
+func (r *levels) syncGlobal() {
+	lowest := r.def
+	for _, c := range r.m {
+		lowest = min(lowest, zerolog.Level(c.v.Load()))
+	}
+	zerolog.SetGlobalLevel(lowest)
+}
+
+// Loggers returns every component logger's level, by name.
+func Loggers() map[string]zerolog.Level {
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	out := make(map[string]zerolog.Level, len(registry.m))
+	for n, c := range registry.m {
+		out[n] = zerolog.Level(c.v.Load())
+	}
+	return out
+}
+
+// LoggerNames returns the component names, sorted.
+func LoggerNames() []string {
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	out := make([]string, 0, len(registry.m))
+	for n := range registry.m {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// SetLevel changes one component's level, or every component's (and the
+// default for components created later) when name is "".
+func SetLevel(name string, lvl zerolog.Level) error {
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	if name == "" {
+		registry.def = lvl
+		for _, c := range registry.m {
+			c.v.Store(int32(lvl))
+		}
+	} else {
+		c := registry.m[name]
+		if c == nil {
+			return fmt.Errorf("unknown logger %q", name)
+		}
+		c.v.Store(int32(lvl))
+	}
+	registry.syncGlobal()
+	return nil
+}
+
+// LevelName is Envoy's spelling of a level.
+func LevelName(l zerolog.Level) string {
+	switch l {
+	case zerolog.TraceLevel:
+		return "trace"
+	case zerolog.DebugLevel:
+		return "debug"
+	case zerolog.InfoLevel:
+		return "info"
+	case zerolog.WarnLevel:
+		return "warning"
+	case zerolog.ErrorLevel:
+		return "error"
+	case zerolog.FatalLevel, zerolog.PanicLevel:
+		return "critical"
+	}
+	return "off"
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/rs/zerolog"
 )
 
 func TestParseLevel(t *testing.T) {
@@ -44,5 +46,46 @@ func TestJSONAndLevelFilter(t *testing.T) {
 func TestBadFormat(t *testing.T) {
 	if _, err := New(Options{Format: "xml"}); err == nil || !strings.Contains(err.Error(), "xml") {
 		t.Fatalf("want error naming the format, got %v", err)
+	}
+}
+
+func TestLiveLevels(t *testing.T) {
+	var buf bytes.Buffer
+	l, err := New(Options{Level: "info", Format: FormatJSON, Out: &buf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := Component(l, "alpha"), Component(l, "beta")
+	a.Debug().Msg("a-debug-dropped")
+	if err := SetLevel("alpha", zerolog.DebugLevel); err != nil {
+		t.Fatal(err)
+	}
+	a.Debug().Msg("a-debug-kept")
+	b.Debug().Msg("b-debug-dropped")
+	if err := SetLevel("", zerolog.ErrorLevel); err != nil {
+		t.Fatal(err)
+	}
+	a.Warn().Msg("a-warn-dropped")
+	b.Error().Msg("b-error-kept")
+	a.Log().Msg("a-nolevel-kept")
+	if err := SetLevel("gamma", zerolog.DebugLevel); err == nil || !strings.Contains(err.Error(), "gamma") {
+		t.Fatalf("unknown logger: err = %v", err)
+	}
+	out := buf.String()
+	for _, want := range []string{"a-debug-kept", "b-error-kept", "a-nolevel-kept"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %s in %s", want, out)
+		}
+	}
+	for _, bad := range []string{"dropped"} {
+		if strings.Contains(out, bad) {
+			t.Errorf("unexpected %s in %s", bad, out)
+		}
+	}
+	if got := Loggers()["alpha"]; got != zerolog.ErrorLevel {
+		t.Errorf("alpha level = %v", got)
+	}
+	if LevelName(zerolog.WarnLevel) != "warning" {
+		t.Error("LevelName(warn)")
 	}
 }

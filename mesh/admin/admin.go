@@ -7,6 +7,17 @@ package admin
 
 import (
 	"fmt"
+	"sync"
+	"sync/atomic"
+
+	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	"net"
 	"net/http"
 	"regexp"
@@ -27,8 +38,21 @@ type Server struct {
 	// client's cluster_manager.cds.update_success (pilot-agent's readiness
 	// probe reads it).
 	Extra func() map[string]uint64
+	// Bootstrap returns the bootstrap in force and when it was loaded, for
+	// /config_dump.
+	Bootstrap func() (*bootstrapv3.Bootstrap, time.Time)
+	// Concurrency is reported as server.concurrency.
+	Concurrency int
+	// Drain stops listeners taking new flows (/drain_listeners).
+	Drain func(inboundOnly, graceful bool)
+	// Quit asks the proxy to exit (/quitquitquit).
+	Quit func()
 
-	mux *http.ServeMux
+	mux           *http.ServeMux
+	healthFailed  atomic.Bool
+	drained       atomic.Bool
+	resetMu       sync.Mutex
+	resetBaseline map[string]uint64 // counter values at the last /reset_counters
 }
 
 type endpoint struct {
@@ -40,11 +64,20 @@ type endpoint struct {
 func (s *Server) endpoints() []endpoint {
 	return []endpoint{
 		{"/clusters", "upstream cluster status", false, s.clusters},
+		{"/config_dump", "dump current Envoy configs (resource=, name_regex=, include_eds)", false, s.configDump},
+		{"/drain_listeners", "drain listeners (inboundonly, graceful)", true, s.drainListeners},
+		{"/healthcheck/fail", "cause the server to fail health checks", true, s.healthcheckFail},
+		{"/healthcheck/ok", "cause the server to pass health checks", true, s.healthcheckOK},
 		{"/help", "print out list of admin commands", false, s.help},
-		{"/listeners", "print listener info", false, s.listeners},
+		{"/listeners", "print listener info (format=json)", false, s.listeners},
+		{"/logging", "query/change logging levels (level=, paths=, <logger>=)", true, s.logging},
+		{"/memory", "print current allocation/heap usage", false, s.memory},
+		{"/quitquitquit", "exit the server", true, s.quit},
 		{"/ready", "print server state, return 200 if LIVE, otherwise return 503", false, s.ready},
+		{"/reset_counters", "reset all counters to zero", true, s.resetCounters},
 		{"/server_info", "print server version/status information", false, s.serverInfo},
-		{"/stats", "print server stats", false, s.stats},
+		{"/stats", "print server stats (filter=, usedonly, format=json|prometheus)", false, s.stats},
+		{"/stats/prometheus", "print server stats in prometheus format (filter=, usedonly)", false, s.prometheus},
 	}
 }
 
@@ -89,9 +122,52 @@ func (s *Server) help(w http.ResponseWriter, r *http.Request) {
 	s.writeHelp(w)
 }
 
-// listeners prints Envoy's "name::address" lines.
+// format reads ?format=: "" or "text" is the text form; json is Envoy's
+// JSON; anything else is a 400 naming the choices.
+func format(w http.ResponseWriter, r *http.Request, choices ...string) (string, bool) {
+	f := r.URL.Query().Get("format")
+	if f == "" || f == "text" {
+		return "text", true
+	}
+	for _, c := range choices {
+		if f == c {
+			return f, true
+		}
+	}
+	http.Error(w, fmt.Sprintf("format=%s: unknown format; want text or %s", f, strings.Join(choices, " or ")), http.StatusBadRequest)
+	return "", false
+}
+
+func writeProto(w http.ResponseWriter, m proto.Message) {
+	b, err := dumpJSON.Marshal(m)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
+	w.Write([]byte("\n"))
+}
+
+// listeners prints Envoy's "name::address" lines, or with ?format=json
+// envoy.admin.v3.Listeners.
 func (s *Server) listeners(w http.ResponseWriter, r *http.Request) {
+	f, ok := format(w, r, "json")
+	if !ok {
+		return
+	}
 	snap := s.D.Snapshot()
+	if f == "json" {
+		out := &adminv3.Listeners{}
+		if snap != nil {
+			for _, l := range snap.Listeners {
+				out.ListenerStatuses = append(out.ListenerStatuses, &adminv3.ListenerStatus{
+					Name: l.Name, LocalAddress: l.Proto.GetAddress(), AdditionalLocalAddresses: addrs(l.Proto.GetAdditionalAddresses())})
+			}
+		}
+		writeProto(w, out)
+		return
+	}
 	w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
 	if snap == nil {
 		return
@@ -105,31 +181,48 @@ func (s *Server) listeners(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// clusters prints Envoy's per-cluster and per-host lines.
+func addrs(as []*listenerv3.AdditionalAddress) []*corev3.Address {
+	var out []*corev3.Address
+	for _, a := range as {
+		out = append(out, a.GetAddress())
+	}
+	return out
+}
+
+// clusters prints Envoy's per-cluster and per-host lines, or with
+// ?format=json envoy.admin.v3.Clusters.
 func (s *Server) clusters(w http.ResponseWriter, r *http.Request) {
 	re, ok := filterParam(w, r)
 	if !ok {
 		return
 	}
-	snap := s.D.Snapshot()
-	w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
-	if snap == nil {
+	f, ok := format(w, r, "json")
+	if !ok {
 		return
 	}
-	names := make([]string, 0, len(snap.Clusters))
-	for n := range snap.Clusters {
-		if re == nil || re.MatchString(n) {
-			names = append(names, n)
+	snap := s.D.Snapshot()
+	var names []string
+	if snap != nil {
+		for n := range snap.Clusters {
+			if re == nil || re.MatchString(n) {
+				names = append(names, n)
+			}
 		}
 	}
 	sort.Strings(names)
+	if f == "json" {
+		out := &adminv3.Clusters{}
+		for _, n := range names {
+			out.ClusterStatuses = append(out.ClusterStatuses, clusterStatus(snap.Clusters[n]))
+		}
+		writeProto(w, out)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
 	for _, n := range names {
 		c := snap.Clusters[n]
 		fmt.Fprintf(w, "%s::observability_name::%s\n", n, c.ObservabilityName())
-		for _, p := range []struct {
-			name string
-			pr   cluster.ResourcePriority
-		}{{"default_priority", cluster.PriorityDefault}, {"high_priority", cluster.PriorityHigh}} {
+		for _, p := range priorities {
 			th := c.Thresholds(p.pr)
 			fmt.Fprintf(w, "%s::%s::max_connections::%d\n", n, p.name, th.MaxConnections)
 			fmt.Fprintf(w, "%s::%s::max_pending_requests::%d\n", n, p.name, th.MaxPendingRequests)
@@ -159,6 +252,52 @@ func (s *Server) clusters(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+var priorities = []struct {
+	name string
+	pr   cluster.ResourcePriority
+	pb   corev3.RoutingPriority
+}{{"default_priority", cluster.PriorityDefault, corev3.RoutingPriority_DEFAULT}, {"high_priority", cluster.PriorityHigh, corev3.RoutingPriority_HIGH}}
+
+func clusterStatus(c *cluster.Cluster) *adminv3.ClusterStatus {
+	cs := &adminv3.ClusterStatus{
+		Name: c.Name(), AddedViaApi: c.AddedViaAPI(), ObservabilityName: c.ObservabilityName(),
+		EdsServiceName: c.EDSServiceName(), CircuitBreakers: &clusterv3.CircuitBreakers{},
+	}
+	for _, p := range priorities {
+		th := c.Thresholds(p.pr)
+		cs.CircuitBreakers.Thresholds = append(cs.CircuitBreakers.Thresholds, &clusterv3.CircuitBreakers_Thresholds{
+			Priority:           p.pb,
+			MaxConnections:     wrapperspb.UInt32(th.MaxConnections),
+			MaxPendingRequests: wrapperspb.UInt32(th.MaxPendingRequests),
+			MaxRequests:        wrapperspb.UInt32(th.MaxRequests),
+			MaxRetries:         wrapperspb.UInt32(th.MaxRetries),
+		})
+	}
+	for _, h := range c.Hosts() {
+		a := h.Address()
+		hs := &adminv3.HostStatus{
+			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+				Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())}}}},
+			HealthStatus: &adminv3.HostHealthStatus{EdsHealthStatus: h.HealthStatus()},
+			Weight:       h.Weight(),
+			Hostname:     h.Hostname(),
+			Priority:     h.Priority(),
+		}
+		if h.Region() != "" || h.Zone() != "" || h.SubZone() != "" {
+			hs.Locality = &corev3.Locality{Region: h.Region(), Zone: h.Zone(), SubZone: h.SubZone()}
+		}
+		for _, st := range h.Stats() {
+			t := adminv3.SimpleMetric_COUNTER
+			if st.Gauge {
+				t = adminv3.SimpleMetric_GAUGE
+			}
+			hs.Stats = append(hs.Stats, &adminv3.SimpleMetric{Name: st.Name, Value: st.Value, Type: t})
+		}
+		cs.HostStatuses = append(cs.HostStatuses, hs)
+	}
+	return cs
+}
+
 func filterParam(w http.ResponseWriter, r *http.Request) (*regexp.Regexp, bool) {
 	f := r.URL.Query().Get("filter")
 	if f == "" {
@@ -172,84 +311,34 @@ func filterParam(w http.ResponseWriter, r *http.Request) (*regexp.Regexp, bool) 
 	return re, true
 }
 
-// stat is one named value of the /stats output.
-type stat struct {
-	name  string
-	value uint64
-	used  bool
-}
-
-// collect gathers every stat with Envoy's full names.
-func (s *Server) collect() []stat {
-	var out []stat
-	add := func(name string, v uint64, used bool) { out = append(out, stat{name, v, used || v != 0}) }
-	snap := s.D.Snapshot()
-	add("server.live", 1, true)
-	add("server.state", 0, true) // 0 = LIVE
-	add("server.uptime", uint64(time.Since(s.Start).Seconds()), true)
-	if snap != nil {
-		add("listener_manager.total_listeners_active", uint64(len(snap.Listeners)), true)
-		add("listener_manager.workers_started", 1, true)
-		add("cluster_manager.active_clusters", uint64(len(snap.Clusters)), true)
-		for _, l := range snap.Listeners {
-			p := strings.TrimSuffix(l.Stats.Prefix, ".")
-			add(p+".downstream_cx_total", l.Stats.DownstreamCxTotal.Load(), false)
-			add(p+".downstream_cx_active", uint64(max(0, l.Stats.DownstreamCxActive.Load())), false)
-			add(p+".downstream_cx_destroy", l.Stats.DownstreamCxDestroy.Load(), false)
-			add(p+".no_filter_chain_match", l.Stats.NoFilterChainMatch.Load(), false)
-			add(p+".downstream_pre_cx_active", uint64(max(0, l.Stats.DownstreamPreCxActive.Load())), false)
-			add(p+".downstream_pre_cx_timeout", l.Stats.DownstreamListenerTimeout.Load(), false)
-		}
-		for _, c := range snap.Clusters {
-			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
-			// "PassthroughCluster;" → "PassthroughCluster").
-			scope := strings.TrimSuffix(c.ObservabilityName(), ";")
-			for _, st := range c.Stats() {
-				add("cluster."+scope+"."+st.Name, st.Value, false)
-			}
-		}
-	}
-	if s.Extra != nil {
-		for name, v := range s.Extra() {
-			add(name, v, false)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
-	return out
-}
-
-// stats prints "name: value" lines; ?filter=<re2> and ?usedonly as Envoy.
-func (s *Server) stats(w http.ResponseWriter, r *http.Request) {
-	re, ok := filterParam(w, r)
-	if !ok {
-		return
-	}
-	q := r.URL.Query()
-	_, usedOnly := q["usedonly"]
-	if f := q.Get("format"); f != "" && f != "text" {
-		http.Error(w, fmt.Sprintf("usage: /stats?format=(text) — format %q is not supported yet", f), http.StatusBadRequest)
-		return
-	}
-	w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
-	for _, st := range s.collect() {
-		if (usedOnly && !st.used) || (re != nil && !re.MatchString(st.name)) {
-			continue
-		}
-		fmt.Fprintf(w, "%s: %d\n", st.name, st.value)
-	}
-}
-
 func (s *Server) ready(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
-	if s.D.Snapshot() == nil {
+	st := s.state()
+	if st != adminv3.ServerInfo_LIVE {
 		w.WriteHeader(http.StatusServiceUnavailable)
-		fmt.Fprintln(w, "PRE_INITIALIZING")
-		return
 	}
-	fmt.Fprintln(w, "LIVE")
+	fmt.Fprintln(w, st.String())
+}
+
+// state is Envoy's server state: PRE_INITIALIZING until the first
+// configuration is in force, DRAINING while health checks are failed.
+func (s *Server) state() adminv3.ServerInfo_State {
+	switch {
+	case s.D.Snapshot() == nil:
+		return adminv3.ServerInfo_PRE_INITIALIZING
+	case s.healthFailed.Load():
+		return adminv3.ServerInfo_DRAINING
+	}
+	return adminv3.ServerInfo_LIVE
 }
 
 func (s *Server) serverInfo(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "application/json")
-	fmt.Fprintf(w, "{\n \"version\": \"meshtun\",\n \"state\": \"LIVE\",\n \"uptime_current_epoch\": \"%ds\"\n}\n", int(time.Since(s.Start).Seconds()))
+	up := time.Since(s.Start)
+	writeProto(w, &adminv3.ServerInfo{
+		Version:            "meshtun",
+		State:              s.state(),
+		UptimeCurrentEpoch: durationpb.New(up.Truncate(time.Second)),
+		UptimeAllEpochs:    durationpb.New(up.Truncate(time.Second)),
+		CommandLineOptions: &adminv3.CommandLineOptions{Concurrency: uint32(max(1, s.Concurrency))},
+	})
 }

@@ -1,0 +1,359 @@
+//go:build linux
+
+package integration
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	_ "github.com/meshtun/meshtun/mesh/admin" // the config types a dump carries
+)
+
+// adminDo sends one request to the pod's admin port and returns the
+// status code and body, whatever the status.
+func adminDo(t *testing.T, topo *topology, method, path string) (int, string) {
+	t.Helper()
+	c, err := dialTCP(topo.Pod, "127.0.0.1:15000", dialTimeout)
+	if err != nil {
+		t.Fatalf("admin: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "%s %s HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n", method, path)
+	resp, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("admin %s %s: %v", method, path, err)
+	}
+	head, body, _ := strings.Cut(string(resp), "\r\n\r\n")
+	status, _, _ := strings.Cut(strings.TrimPrefix(strings.TrimPrefix(head, "HTTP/1.1 "), "HTTP/1.0 "), " ")
+	code, _ := strconv.Atoi(status)
+	return code, body
+}
+
+// hostCounter reads one per-host counter from /clusters' text lines.
+func hostCounter(t *testing.T, topo *topology, cluster string, host netip.AddrPort, name string) int {
+	t.Helper()
+	prefix := fmt.Sprintf("%s::%s::%s::", cluster, host, name)
+	sc := bufio.NewScanner(strings.NewReader(adminGet(t, topo, "/clusters")))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), prefix); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				t.Fatalf("/clusters line %q: %v", sc.Text(), err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("/clusters has no line %s<N>", prefix)
+	return 0
+}
+
+// TestAdminLive reads a running proxy's admin API after real flows: per
+// host counters and tcp.<stat_prefix> stats move; the Prometheus output
+// parses with Prometheus's own parser and carries the cluster_name tag;
+// `meshtun request GET /config_dump` parses with protojson into Envoy's
+// admin types; /reset_counters zeroes counters.
+func TestAdminLive(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	startTCPServer(t, topo.Services, ap(topo.Svc2V4, 80), echo)
+	v := vip(topo, false, 61)
+	cl := "outbound|80||web.default.svc.cluster.local"
+	h1, h2 := netip.AddrPortFrom(topo.SvcV4, 80), netip.AddrPortFrom(topo.Svc2V4, 80)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 80, cl)},
+		append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", h1, h2)))
+	startProxy(t, topo, "--bootstrap", bs)
+
+	const flows = 4
+	for i := 0; i < flows; i++ {
+		c, err := dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := echoRoundTrip(c, randomPayload(1000), echoTimeout); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	// Counters settle when the flows' splices end.
+	deadline := time.Now().Add(5 * time.Second)
+	for hostCounter(t, topo, cl, h1, "cx_total")+hostCounter(t, topo, cl, h2, "cx_total") < flows && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if a, b := hostCounter(t, topo, cl, h1, "cx_total"), hostCounter(t, topo, cl, h2, "cx_total"); a != 2 || b != 2 {
+		t.Fatalf("per-host cx_total = %d and %d, want 2 and 2 (round robin over 4 flows)", a, b)
+	}
+	for time.Now().Before(deadline) && !strings.Contains(adminGet(t, topo, "/stats?filter=^tcp\\."), fmt.Sprintf("tcp.%s.downstream_cx_rx_bytes_total: %d\n", cl, flows*1000)) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	stats := adminGet(t, topo, "/stats?filter=^tcp\\.")
+	for _, want := range []string{
+		fmt.Sprintf("tcp.%s.downstream_cx_total: %d\n", cl, flows),
+		fmt.Sprintf("tcp.%s.downstream_cx_rx_bytes_total: %d\n", cl, flows*1000),
+		fmt.Sprintf("tcp.%s.downstream_cx_tx_bytes_total: %d\n", cl, flows*1000),
+	} {
+		if !strings.Contains(stats, want) {
+			t.Errorf("/stats lacks %q:\n%s", want, stats)
+		}
+	}
+
+	prom, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/stats/prometheus")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(prom))
+	if err != nil {
+		t.Fatalf("/stats/prometheus does not parse: %v", err)
+	}
+	got := -1.0
+	for _, m := range fams["envoy_cluster_upstream_cx_total"].GetMetric() {
+		if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetName() == "cluster_name" && m.GetLabel()[0].GetValue() == cl {
+			got = m.GetCounter().GetValue()
+		}
+	}
+	if got != flows {
+		t.Errorf("envoy_cluster_upstream_cx_total{cluster_name=%q} = %v, want %d", cl, got, flows)
+	}
+
+	dump, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/config_dump?include_eds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cd adminv3.ConfigDump
+	if err := protojson.Unmarshal([]byte(dump), &cd); err != nil {
+		t.Fatalf("config dump does not parse: %v", err)
+	}
+	var ld adminv3.ListenersConfigDump
+	var cld adminv3.ClustersConfigDump
+	for _, c := range cd.GetConfigs() {
+		switch {
+		case c.MessageIs(&ld):
+			c.UnmarshalTo(&ld)
+		case c.MessageIs(&cld):
+			c.UnmarshalTo(&cld)
+		}
+	}
+	if len(ld.GetStaticListeners()) != 3 || len(cld.GetStaticClusters()) != 4 {
+		t.Errorf("config dump: %d static listeners (want 3), %d static clusters (want 4)", len(ld.GetStaticListeners()), len(cld.GetStaticClusters()))
+	}
+
+	if out, err := nsRun(topo.Pod, meshtunBin(t), "request", "POST", "/reset_counters"); err != nil || out != "OK\n" {
+		t.Fatalf("POST /reset_counters: %q %v", out, err)
+	}
+	if n := hostCounter(t, topo, cl, h1, "cx_total"); n != 2 {
+		// Envoy's /reset_counters resets stats, not /clusters' host lines.
+		t.Logf("host cx_total after reset: %d", n)
+	}
+	if s := adminGet(t, topo, "/stats?filter=^cluster\\.outbound.*upstream_cx_total$"); s != fmt.Sprintf("cluster.%s.upstream_cx_total: 0\n", cl) {
+		t.Errorf("after /reset_counters: %q", s)
+	}
+	if _, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/reset_counters"); err == nil || !strings.Contains(err.Error(), "405") {
+		t.Errorf("GET /reset_counters: %v, want a 405 failure", err)
+	}
+	for _, path := range []string{"/stats?filter=(", "/config_dump?resource=nope", "/clusters?format=xml"} {
+		if code, body := adminDo(t, topo, "GET", path); code != 400 || body == "" {
+			t.Errorf("GET %s = %d %q, want 400 with a reason", path, code, body)
+		}
+	}
+}
+
+// TestAdminDrainAndQuit: POST /drain_listeners?inboundonly refuses new
+// inbound flows while outbound ones and open flows go on; POST
+// /quitquitquit makes the proxy exit 0.
+func TestAdminDrainAndQuit(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	px := startProxy(t, topo, "--bootstrap", bs)
+
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if err := pingPong(open, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := adminDo(t, topo, "POST", "/drain_listeners?inboundonly"); code != 200 || body != "OK\n" {
+		t.Fatalf("drain_listeners = %d %q", code, body)
+	}
+	start := time.Now()
+	c, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err == nil {
+		c.Close()
+		t.Fatal("a new inbound flow was accepted after drain_listeners?inboundonly")
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) > time.Second {
+		t.Fatalf("new inbound flow: %v after %v, want refused at once", err, time.Since(start))
+	}
+	if err := pingPong(open, []byte("still open")); err != nil {
+		t.Fatalf("open inbound flow after drain: %v", err)
+	}
+	out, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
+	if err != nil {
+		t.Fatalf("outbound flow after an inbound-only drain: %v", err)
+	}
+	if err := echoRoundTrip(out, []byte("out"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	out.Close()
+
+	if code, _ := adminDo(t, topo, "POST", "/quitquitquit"); code != 200 {
+		t.Fatalf("quitquitquit = %d", code)
+	}
+	select {
+	case <-px.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the proxy did not exit after /quitquitquit")
+	}
+	if px.waitErr != nil {
+		t.Fatalf("exit after /quitquitquit: %v, want status 0", px.waitErr)
+	}
+}
+
+// TestProxyReloadOnSIGHUP: the proxy re-reads its bootstrap on SIGHUP. A
+// flow opened before keeps its endpoint; new flows follow the new config;
+// an invalid file is rejected and the config in force keeps serving.
+func TestProxyReloadOnSIGHUP(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	s1 := startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	s2 := startTCPServer(t, topo.Services, ap(topo.Svc2V4, 80), echo)
+	v := vip(topo, false, 62)
+	cl := "outbound|80||web.default.svc.cluster.local"
+	listeners := []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 80, cl)}
+	bs := writeBootstrap(t, listeners, append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV4, 80))))
+	px := startProxy(t, topo, "--bootstrap", bs)
+
+	old, err := dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if err := pingPong(old, []byte("v1")); err != nil {
+		t.Fatal(err)
+	}
+
+	replace := func(src string) {
+		t.Helper()
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(bs+".tmp", b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(bs+".tmp", bs); err != nil {
+			t.Fatal(err)
+		}
+		if err := px.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Invalid: a listener pointing at a missing cluster.
+	replace(writeBootstrap(t, []obj{serviceListener(v, 80, "no-such-cluster")}, istioClusters()))
+	if !px.waitLine(func(l string) bool {
+		return strings.Contains(l, "bootstrap reload rejected") && strings.Contains(l, "no-such-cluster")
+	}, 5*time.Second) {
+		t.Fatal("an invalid bootstrap on SIGHUP was not reported")
+	}
+	c, err := dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+	if err != nil {
+		t.Fatalf("after a rejected reload: %v", err)
+	}
+	if err := echoRoundTrip(c, []byte("still v1"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := len(s2.accepted()); n != 0 {
+		t.Fatalf("second endpoint got %d flows before the reload", n)
+	}
+
+	// Valid: the cluster moves to the second endpoint.
+	replace(writeBootstrap(t, listeners, append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", netip.AddrPortFrom(topo.Svc2V4, 80)))))
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "bootstrap reloaded" }, 5*time.Second) {
+		t.Fatal("no reload after SIGHUP")
+	}
+	before := len(s1.accepted())
+	for i := 0; i < 3; i++ {
+		c, err := dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := echoRoundTrip(c, []byte("v2"), echoTimeout); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	if got := len(s2.accepted()); got != 3 || len(s1.accepted()) != before {
+		t.Fatalf("after reload: second endpoint %d flows (want 3), first endpoint %d new", got, len(s1.accepted())-before)
+	}
+	if err := pingPong(old, []byte("flow from before the reload")); err != nil {
+		t.Fatalf("flow opened before the reload: %v", err)
+	}
+}
+
+// TestProxySIGTERMDrains: on SIGTERM new inbound flows are refused at
+// once, an open flow goes on, and the proxy exits 0 as soon as it ends
+// (well before --termination-drain-duration).
+func TestProxySIGTERMDrains(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	px := startProxy(t, topo, "--bootstrap", bs, "--termination-drain-duration", "8s")
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if err := pingPong(open, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	if err := px.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "SIGTERM: draining" }, 5*time.Second) {
+		t.Fatal("no drain after SIGTERM")
+	}
+	if c, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout); err == nil {
+		c.Close()
+		t.Fatal("a new inbound flow was accepted while terminating")
+	} else if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("new inbound flow while terminating: %v, want refused", err)
+	}
+	if err := pingPong(open, []byte("during drain")); err != nil {
+		t.Fatalf("open flow during the drain: %v", err)
+	}
+	if px.exited() {
+		t.Fatal("the proxy exited with a flow still open")
+	}
+	closed := time.Now()
+	open.Close()
+	select {
+	case <-px.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the proxy did not exit once its last flow ended")
+	}
+	if px.waitErr != nil || time.Since(closed) > 3*time.Second {
+		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
+	}
+}

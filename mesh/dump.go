@@ -1,0 +1,117 @@
+package mesh
+
+import (
+	"sort"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/meshtun/meshtun/xdsclient"
+)
+
+// Record is one resource as the admin /config_dump shows it: the message
+// as received (telemetry filters meshtun skips included), the version it
+// arrived in and when it last changed.
+type Record struct {
+	Name        string
+	Version     string
+	LastUpdated time.Time
+	Msg         proto.Message
+	// DrainUntil is set on a listener removed or changed by an update: it
+	// is dumped in draining_state until then.
+	DrainUntil time.Time
+}
+
+// Dump is the configuration of a snapshot as received. It is immutable
+// once the snapshot is swapped in.
+type Dump struct {
+	StaticListeners, StaticClusters, StaticEndpoints []Record
+	// Dynamic (xDS) resources in force, sorted by name.
+	Listeners, Clusters, Routes, Endpoints []Record
+	DrainingListeners                      []Record
+	// Versions are the last accepted version_info by type URL.
+	Versions map[string]string
+}
+
+// StaticDump records the bootstrap's static resources, loaded at t.
+func StaticDump(listeners []*listenerv3.Listener, clusters []*clusterv3.Cluster, t time.Time) *Dump {
+	d := &Dump{}
+	for _, l := range listeners {
+		d.StaticListeners = append(d.StaticListeners, Record{Name: l.GetName(), LastUpdated: t, Msg: l})
+	}
+	for _, c := range clusters {
+		d.StaticClusters = append(d.StaticClusters, Record{Name: c.GetName(), LastUpdated: t, Msg: c})
+		if la := c.GetLoadAssignment(); la != nil {
+			d.StaticEndpoints = append(d.StaticEndpoints, Record{Name: c.GetName(), LastUpdated: t, Msg: la})
+		}
+	}
+	return d
+}
+
+// recorder turns successive accepted xDS states into Dumps: a resource
+// keeps the version and time it last changed, as in Envoy's dump.
+type recorder struct {
+	prev     map[string]map[string]Record // by type URL, then name
+	draining []Record
+}
+
+func (r *recorder) next(static *Dump, res *xdsclient.Resources, drain time.Duration, now time.Time) *Dump {
+	d := &Dump{Versions: make(map[string]string, len(res.Versions))}
+	if static != nil {
+		d.StaticListeners, d.StaticClusters, d.StaticEndpoints = static.StaticListeners, static.StaticClusters, static.StaticEndpoints
+	}
+	for k, v := range res.Versions {
+		d.Versions[k] = v
+	}
+	cur := make(map[string]map[string]Record, 4)
+	d.Listeners = track(r, cur, xdsclient.ListenerType, res.Listeners, res.Versions[xdsclient.ListenerType], now)
+	d.Clusters = track(r, cur, xdsclient.ClusterType, res.Clusters, res.Versions[xdsclient.ClusterType], now)
+	d.Routes = track(r, cur, xdsclient.RouteType, res.Routes, res.Versions[xdsclient.RouteType], now)
+	d.Endpoints = track(r, cur, xdsclient.EndpointType, res.Endpoints, res.Versions[xdsclient.EndpointType], now)
+
+	// Listeners removed or changed drain for the drain duration.
+	kept := r.draining[:0]
+	for _, rec := range r.draining {
+		if now.Before(rec.DrainUntil) {
+			kept = append(kept, rec)
+		}
+	}
+	r.draining = kept
+	for name, old := range r.prev[xdsclient.ListenerType] {
+		if n, ok := cur[xdsclient.ListenerType][name]; !ok || n.LastUpdated != old.LastUpdated {
+			old.DrainUntil = now.Add(drain)
+			r.draining = append(r.draining, old)
+		}
+	}
+	d.DrainingListeners = append([]Record(nil), r.draining...)
+	sortRecords(d.DrainingListeners)
+	r.prev = cur
+	return d
+}
+
+// track records the resources of one type: one unchanged since the last
+// state (the same message, or an equal one re-sent by a state-of-the-world
+// server) keeps its version and time.
+func track[M proto.Message](r *recorder, cur map[string]map[string]Record, typ string, in map[string]M, version string, now time.Time) []Record {
+	m := make(map[string]Record, len(in))
+	out := make([]Record, 0, len(in))
+	old := r.prev[typ]
+	for name, msg := range in {
+		rec, ok := old[name]
+		if !ok || (rec.Msg != proto.Message(msg) && !proto.Equal(rec.Msg, msg)) {
+			rec = Record{Name: name, Version: version, LastUpdated: now}
+		}
+		rec.Msg = msg
+		m[name] = rec
+		out = append(out, rec)
+	}
+	cur[typ] = m
+	sortRecords(out)
+	return out
+}
+
+func sortRecords(rs []Record) {
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Name < rs[j].Name })
+}
