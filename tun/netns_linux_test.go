@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -137,6 +138,19 @@ func podNet(t *testing.T) netlink.Link {
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		t.Fatal(err)
+	}
+	// The kernel adds the IPv6 address's local route from a work queue
+	// after the link comes up; wait for it (bounded) so that a test's
+	// "before" snapshot is not taken in the middle.
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		rs, _ := netlink.RouteListFiltered(unix.AF_INET6, &netlink.Route{Table: unix.RT_TABLE_LOCAL, Dst: prefixToIPNet(netip.MustParsePrefix("fd00:200::2/128"))},
+			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST)
+		if len(rs) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the IPv6 local route of eth0's address did not appear within 3s")
+		}
 	}
 	for _, gw := range []netip.Addr{gwV4, gwV6} {
 		r := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: gw.AsSlice(), Dst: defaultDst(gw.Is6())}
