@@ -54,6 +54,7 @@ type proxyFlags struct {
 	concurrency    int
 	drainDuration  time.Duration
 	termDrain      time.Duration
+	captureCIDRs   []netip.Prefix
 	tunFD          int
 }
 
@@ -61,7 +62,12 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.bootstrap, "bootstrap", "", "Envoy v3 bootstrap (JSON or YAML) with static listeners and clusters; without it every flow passes through to its original destination")
 	fs.UintVar(&f.outboundPort, "outbound-port", 15001, "port of the listener that receives captured outbound flows (Istio's virtualOutbound)")
 	fs.UintVar(&f.inboundPort, "inbound-port", 15006, "port of the listener that receives captured inbound flows (Istio's virtualInbound)")
-	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN) or "none" (open the TUN, change no routes)`)
+	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN), "local" (laptop mode: route only --capture-cidr into the TUN, nothing inbound) or "none" (open the TUN, change no routes)`)
+	fs.Func("capture-cidr", `with --capture local: destinations routed into the TUN, comma separated or repeated, e.g. the mesh's service range "10.96.0.0/12"`, func(s string) error {
+		ps, err := tun.ParseCIDRs(s)
+		f.captureCIDRs = append(f.captureCIDRs, ps...)
+		return err
+	})
 	fs.StringVar(&f.tunName, "tun-name", "meshtun0", "TUN device name")
 	fs.IntVar(&f.tunMTU, "tun-mtu", 65535, "TUN MTU (1280..65535); flows are terminated locally, so a large MTU costs nothing and saves per-packet work")
 	fs.Func("tun-addrs", "addresses to put on the TUN, comma separated CIDRs (none needed for capture)", func(s string) (err error) {
@@ -136,9 +142,19 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshtun proxy: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
-	if f.capture != "sidecar" && f.capture != "none" {
-		fmt.Fprintf(stderr, "meshtun proxy: -capture: want \"sidecar\" or \"none\", got %q\n", f.capture)
+	switch {
+	case f.capture != "sidecar" && f.capture != "none" && f.capture != "local":
+		fmt.Fprintf(stderr, "meshtun proxy: -capture: want \"sidecar\", \"local\" or \"none\", got %q\n", f.capture)
 		return 2
+	case f.capture == "local" && len(f.captureCIDRs) == 0:
+		fmt.Fprintf(stderr, "meshtun proxy: -capture local needs at least one -capture-cidr\n")
+		return 2
+	case f.capture != "local" && len(f.captureCIDRs) > 0:
+		fmt.Fprintf(stderr, "meshtun proxy: -capture-cidr applies to -capture local only\n")
+		return 2
+	}
+	if f.capture == "local" && runtime.GOOS == "darwin" && f.tunName == "meshtun0" {
+		f.tunName = "utun" // darwin names utun devices itself
 	}
 	log, err := logging.New(logging.Options{Level: f.logLevel, Format: logging.Format(f.logFormat), Out: stderr})
 	if err != nil {
@@ -177,6 +193,15 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	log := logging.Component(root, "main")
 	dialer := &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout}
+	if f.capture == "local" {
+		// Where there is no socket mark (darwin), the proxy's sockets are
+		// pinned to the outgoing interface so they skip the CIDR routes.
+		idx, err := tun.DefaultInterface()
+		if err != nil {
+			return fmt.Errorf("local capture: %w", err)
+		}
+		dialer.Interface = idx
+	}
 	access := accesslog.New(root)
 	passthrough := &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: f.tcpIdle, Access: access}
 	gate := &mesh.Gate{H: passthrough}
@@ -273,6 +298,19 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			}
 		}()
 		podIPs = capt.PodIPs()
+	}
+
+	if f.capture == "local" {
+		lc, err := tun.SetupLocal(tun.LocalConfig{TunName: dev.Name(), CIDRs: f.captureCIDRs, Mark: f.mark}, logging.Component(root, "capture"))
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err := lc.Teardown(); err != nil {
+				log.Error().Err(err).Msg("local capture teardown")
+			}
+		}()
+		podIPs = nil // nothing is inbound in laptop mode
 	}
 
 	passthrough.LocalIPs = podIPs

@@ -19,7 +19,12 @@ import (
 // Dialer opens marked upstream sockets.
 type Dialer struct {
 	// Mark is the SO_MARK value; 0 leaves sockets unmarked (no capture).
+	// Linux only: elsewhere it is ignored and Interface does the job.
 	Mark uint32
+	// Interface, when not 0, pins sockets to this interface index
+	// (IP_BOUND_IF on darwin): laptop mode's way around its own routes
+	// where there is no SO_MARK. Ignored on Linux.
+	Interface int
 	// ConnectTimeout bounds a TCP connect (Envoy's cluster connect_timeout;
 	// Istio's mesh default is 10 s).
 	ConnectTimeout time.Duration
@@ -28,15 +33,19 @@ type Dialer struct {
 // Control marks a socket before it connects; as a net.Dialer.Control it
 // lets other clients (the xDS client) open marked sockets too.
 func (d *Dialer) Control(network, address string, c syscall.RawConn) error {
-	if d.Mark == 0 {
+	if d.Mark == 0 && d.Interface == 0 {
 		return nil
 	}
 	var serr error
-	if err := c.Control(func(fd uintptr) { serr = setMark(int(fd), d.Mark) }); err != nil {
+	if err := c.Control(func(fd uintptr) {
+		if serr = setMark(int(fd), d.Mark); serr == nil && d.Interface != 0 {
+			serr = bindInterface(int(fd), network, d.Interface)
+		}
+	}); err != nil {
 		return err
 	}
 	if serr != nil {
-		return fmt.Errorf("upstream: SO_MARK %#x: %w", d.Mark, serr)
+		return fmt.Errorf("upstream: socket mark %#x / interface %d: %w", d.Mark, d.Interface, serr)
 	}
 	return nil
 }
