@@ -12,6 +12,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
+	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/sniff"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
@@ -110,7 +111,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	serveFlow(snap, recv, &captured{req: req}, &e)
+	serveFlow(snap, recv, &captured{req: req}, &e, d.Access)
 	d.Access.Log(&e)
 }
 
@@ -153,7 +154,7 @@ func resetConn(c net.Conn) {
 
 // serveFlow runs listener l on one flow: listener filters when its chains
 // need them, filter-chain selection, then tcp_proxy to a cluster.
-func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) {
+func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, access *accesslog.Logger) {
 	fid := src.id()
 	info := filterchain.ConnInfo{
 		DstIP: fid.Dst.Addr(), DstPort: fid.Dst.Port(),
@@ -167,6 +168,15 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 	// the upstream is dialed before the client's handshake completes: a
 	// refused or absent upstream reaches the client as a refused connect.
 	if !wantTLS && !wantHTTP {
+		if chain := l.selectChain(&info); chain != nil && chain.HTTP != nil {
+			down, err := src.accept()
+			if err != nil {
+				e.ResponseFlags, e.Details = "DC", err.Error()
+				return
+			}
+			serveHTTP(snap, l, chain, down, fid, e, access)
+			return
+		}
 		chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
 		if !ok {
 			src.refuse()
@@ -208,6 +218,10 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry) 
 	info.TransportProtocol = res.TransportProtocol
 	info.ServerName = res.ServerName
 	info.ApplicationProtocols = res.ApplicationProtocols
+	if chain := l.selectChain(&info); chain != nil && chain.HTTP != nil {
+		serveHTTP(snap, l, chain, pc, fid, e, access)
+		return
+	}
 	chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
 	if !ok {
 		resetConn(down)
@@ -289,6 +303,32 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 		}
 	}
 	return nil, "UF", lastErr
+}
+
+// serveHTTP runs the chain's http_connection_manager on an accepted
+// connection. Each request is logged (HTTP access line); the connection's
+// own entry keeps the byte counts. The listener's drain ends it gracefully:
+// in-flight requests finish, then Connection: close / GOAWAY.
+func serveHTTP(snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry, access *accesslog.Logger) {
+	e.Details = "http"
+	err := chain.HTTP.Serve(l.drained, down, snap, httpconn.ConnInfo{
+		Peer: fid.Src, Local: fid.Dst,
+		AccessLog: func(he httpconn.Entry) {
+			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
+				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
+				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
+				BytesReceived: he.BytesReceived, BytesSent: he.BytesSent, ResponseFlags: he.ResponseFlags.String(),
+				HTTP: &accesslog.HTTP{Method: he.Method, Path: he.Path, Protocol: he.Protocol, Authority: he.Authority,
+					RequestID: he.RequestID, UserAgent: he.UserAgent, XFF: he.XFF, ResponseCode: he.ResponseCode,
+					ResponseCodeDetails: he.ResponseCodeDetails, RouteName: he.RouteName,
+					UpstreamServiceTime: he.UpstreamServiceTime, Attempts: he.Attempts}}
+			access.Log(&re)
+		},
+	})
+	down.Close()
+	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, context.Canceled) {
+		e.ResponseFlags, e.Details = "DC", err.Error()
+	}
 }
 
 func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {

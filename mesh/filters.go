@@ -9,8 +9,14 @@ import (
 	udpatype "github.com/cncf/xds/go/udpa/type/v1"
 	xdstype "github.com/cncf/xds/go/xds/type/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshtun/meshtun/mesh/httpconn"
 )
 
 // Network filter names as Envoy and Istio write them.
@@ -111,44 +117,89 @@ func typeURLOf(a *anypb.Any) string {
 
 // parseNetworkFilters validates a chain's filters: exactly one terminal
 // tcp_proxy, Istio telemetry filters skipped, anything else an error.
-func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool) (*TCPProxy, []string, error) {
+func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool) (*TCPProxy, *httpconn.Config, []string, error) {
 	var tp *TCPProxy
+	var hcm *httpconn.Config
 	var skipped []string
 	for i, f := range filters {
 		field := fmt.Sprintf("filters[%d] (%s)", i, f.GetName())
 		if f.GetConfigDiscovery() != nil {
-			return nil, nil, fmt.Errorf("%s: config_discovery (ECDS) is not supported", field)
+			return nil, nil, nil, fmt.Errorf("%s: config_discovery (ECDS) is not supported", field)
 		}
 		url := typeURLOf(f.GetTypedConfig())
 		switch {
 		case f.GetName() == TCPProxyFilter || url == "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy":
-			if tp != nil {
-				return nil, nil, fmt.Errorf("%s: a second tcp_proxy; it is a terminal filter", field)
+			if tp != nil || hcm != nil {
+				return nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
 			}
 			if i != len(filters)-1 {
-				return nil, nil, fmt.Errorf("%s: tcp_proxy is a terminal filter and must be last", field)
+				return nil, nil, nil, fmt.Errorf("%s: tcp_proxy is a terminal filter and must be last", field)
 			}
 			var pb tcpproxyv3.TcpProxy
 			if err := f.GetTypedConfig().UnmarshalTo(&pb); err != nil {
-				return nil, nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy: %w", field, err)
+				return nil, nil, nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy: %w", field, err)
 			}
 			t, err := parseTCPProxy(&pb, clusterExists)
 			if err != nil {
-				return nil, nil, fmt.Errorf("%s: %w", field, err)
+				return nil, nil, nil, fmt.Errorf("%s: %w", field, err)
 			}
 			tp = t
 		case skippedNetworkFilters[f.GetName()] || skippedTypeURLs[url]:
 			skipped = append(skipped, f.GetName())
-		case f.GetName() == HCMFilter || strings.HasSuffix(url, "http_connection_manager.v3.HttpConnectionManager"):
-			return nil, nil, fmt.Errorf("%s: http_connection_manager is not supported yet", field)
+		case f.GetName() == HCMFilter || url == hcmType:
+			if tp != nil || hcm != nil {
+				return nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
+			}
+			if i != len(filters)-1 {
+				return nil, nil, nil, fmt.Errorf("%s: http_connection_manager is a terminal filter and must be last", field)
+			}
+			var pb hcmv3.HttpConnectionManager
+			if err := unmarshalTyped(f.GetTypedConfig(), &pb); err != nil {
+				return nil, nil, nil, fmt.Errorf("%s: typed_config: want %s: %w", field, strings.TrimPrefix(hcmType, "type.googleapis.com/"), err)
+			}
+			c, err := httpconn.ParseHCM(&pb)
+			if err != nil {
+				return nil, nil, nil, fmt.Errorf("%s: %w", field, err)
+			}
+			hcm = c
 		default:
-			return nil, nil, fmt.Errorf("%s: unknown network filter (type %q)", field, url)
+			return nil, nil, nil, fmt.Errorf("%s: unknown network filter (type %q)", field, url)
 		}
 	}
-	if tp == nil {
-		return nil, nil, fmt.Errorf("filters: no terminal filter (want %s)", TCPProxyFilter)
+	if tp == nil && hcm == nil {
+		return nil, nil, nil, fmt.Errorf("filters: no terminal filter (want %s or %s)", TCPProxyFilter, HCMFilter)
 	}
-	return tp, skipped, nil
+	return tp, hcm, skipped, nil
+}
+
+const hcmType = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+// unmarshalTyped decodes a typed_config into m, also when it arrives as
+// a TypedStruct (JSON fields under the real type's URL), as bootstraps and
+// some control planes send configs.
+func unmarshalTyped(a *anypb.Any, m proto.Message) error {
+	var fields *structpb.Struct
+	switch a.GetTypeUrl() {
+	case "type.googleapis.com/xds.type.v3.TypedStruct":
+		var ts xdstype.TypedStruct
+		if err := a.UnmarshalTo(&ts); err != nil {
+			return err
+		}
+		fields = ts.GetValue()
+	case "type.googleapis.com/udpa.type.v1.TypedStruct":
+		var ts udpatype.TypedStruct
+		if err := a.UnmarshalTo(&ts); err != nil {
+			return err
+		}
+		fields = ts.GetValue()
+	default:
+		return a.UnmarshalTo(m)
+	}
+	b, err := protojson.Marshal(fields)
+	if err != nil {
+		return err
+	}
+	return protojson.Unmarshal(b, m)
 }
 
 func parseTCPProxy(pb *tcpproxyv3.TcpProxy, clusterExists func(string) bool) (*TCPProxy, error) {

@@ -43,7 +43,7 @@ func TestParseNetworkFilters(t *testing.T) {
 		tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "PassthroughCluster", ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "PassthroughCluster"},
 			IdleTimeout: durationpb.New(5 * time.Minute), MaxConnectAttempts: wrapperspb.UInt32(3)}),
 	}
-	tp, skipped, err := parseNetworkFilters(filters, known)
+	tp, _, skipped, err := parseNetworkFilters(filters, known)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,11 +54,11 @@ func TestParseNetworkFilters(t *testing.T) {
 		t.Fatalf("skipped %v, want the two telemetry filters", skipped)
 	}
 
-	defaults, _, err := parseNetworkFilters(filters[2:3], known)
+	defaults, _, _, err := parseNetworkFilters(filters[2:3], known)
 	if err != nil || defaults.MaxConnectAttempts != 3 {
 		t.Fatal(err)
 	}
-	d2, _, _ := parseNetworkFilters([]*listenerv3.Filter{tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "x", ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "a"}})}, known)
+	d2, _, _, _ := parseNetworkFilters([]*listenerv3.Filter{tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "x", ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "a"}})}, known)
 	if d2.MaxConnectAttempts != 1 || d2.IdleTimeout != time.Hour {
 		t.Fatalf("defaults %+v, want Envoy's 1 attempt and 1 h idle timeout", d2)
 	}
@@ -82,7 +82,7 @@ func TestParseNetworkFiltersErrors(t *testing.T) {
 			Clusters: []*tcpproxyv3.TcpProxy_WeightedCluster_ClusterWeight{{Name: "a", Weight: 0}, {Name: "b", Weight: 0}}}}})}, "Weight: value must be greater than or equal to 1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := parseNetworkFilters(tc.filters, known)
+			_, _, _, err := parseNetworkFilters(tc.filters, known)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want one containing %q", err, tc.want)
 			}
@@ -93,7 +93,7 @@ func TestParseNetworkFiltersErrors(t *testing.T) {
 func TestWeightedClusterPick(t *testing.T) {
 	f := tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "s", ClusterSpecifier: &tcpproxyv3.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxyv3.TcpProxy_WeightedCluster{
 		Clusters: []*tcpproxyv3.TcpProxy_WeightedCluster_ClusterWeight{{Name: "a", Weight: 75}, {Name: "b", Weight: 25}}}}})
-	tp, _, err := parseNetworkFilters([]*listenerv3.Filter{f}, known)
+	tp, _, _, err := parseNetworkFilters([]*listenerv3.Filter{f}, known)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,10 +13,12 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
+	"github.com/meshtun/meshtun/mesh/httpconn"
 )
 
 // Roles says which listeners receive captured flows. Istio's defaults:
@@ -55,6 +57,15 @@ type Snapshot struct {
 	// the same prefix share them, and a prefix still in use after an
 	// update keeps them, as Envoy's stat scopes do.
 	tcpStats map[string]*TCPStats
+	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
+	httpStats map[string]*httpconn.Stats
+
+	// HTTP: compiled RDS route configurations, each cluster's upstream
+	// HTTP options, and the connection pools (see httpconn.Env).
+	routes      map[string]*httpconn.Routes
+	routeProtos map[string]*routev3.RouteConfiguration
+	httpOpts    map[string]cluster.HTTPOptions
+	pools       *httpconn.Pools
 
 	// Dump is what /config_dump shows: the resources as received, with
 	// their versions. Set before the snapshot is swapped in.
@@ -85,11 +96,13 @@ type Listener struct {
 	matcher     *filterchain.Matcher
 }
 
-// Chain is one filter chain: where its flows go.
+// Chain is one filter chain: where its flows go. Exactly one of TCP and
+// HTTP is set.
 type Chain struct {
 	Name    string
 	TCP     *TCPProxy
-	Skipped []string // telemetry filters accepted and not run
+	HTTP    *httpconn.Config // http_connection_manager
+	Skipped []string         // telemetry filters accepted and not run
 }
 
 // ListenerStats are Envoy's listener.<address>.* counters. They belong to
@@ -124,6 +137,11 @@ type BuildOptions struct {
 	// all of them, or those named in DynamicClusters.
 	AddedViaAPI     bool
 	DynamicClusters map[string]bool
+	// Routes are the RDS route configurations by name.
+	Routes map[string]*routev3.RouteConfiguration
+	// Pools are the proxy's upstream HTTP connection pools, shared by
+	// every snapshot (nil: the snapshot gets its own).
+	Pools *httpconn.Pools
 }
 
 // Build validates listeners and clusters into a Snapshot. prev, when not
@@ -143,6 +161,13 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		udpWild4:      make(map[uint16]*Listener),
 		udpWild6:      make(map[uint16]*Listener),
 		bound:         make(map[string]*Listener),
+		httpOpts:      make(map[string]cluster.HTTPOptions, len(clusters)),
+		routes:        make(map[string]*httpconn.Routes, len(opts.Routes)),
+		routeProtos:   opts.Routes,
+		pools:         opts.Pools,
+	}
+	if s.pools == nil {
+		s.pools = httpconn.NewPools()
 	}
 	var created []*cluster.Cluster
 	fail := func(err error) (*Snapshot, error) {
@@ -161,10 +186,15 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 		if prev != nil {
 			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
-				s.Clusters[name], s.clusterProtos[name] = old, pb
+				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
 				continue
 			}
 		}
+		ho, err := cluster.ParseHTTPOptions(pb)
+		if err != nil {
+			return fail(fmt.Errorf("cluster %q: %w", name, err))
+		}
+		s.httpOpts[name] = ho
 		co := opts.Cluster
 		co.AddedViaAPI = opts.AddedViaAPI || opts.DynamicClusters[name]
 		c, err := cluster.New(pb, co)
@@ -173,6 +203,18 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 		created = append(created, c)
 		s.Clusters[name], s.clusterProtos[name] = c, pb
+	}
+	for _, name := range sortedKeys(opts.Routes) {
+		rc := opts.Routes[name]
+		if prev != nil && prev.routeProtos[name] == rc && prev.routes[name] != nil {
+			s.routes[name] = prev.routes[name]
+			continue
+		}
+		r, err := httpconn.CompileRoutes(rc)
+		if err != nil {
+			return fail(fmt.Errorf("route_configuration %q: %w", name, err))
+		}
+		s.routes[name] = r
 	}
 	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok }
 	defer s.shareTCPStats(prev)
@@ -349,11 +391,11 @@ func buildChain(fc *listenerv3.FilterChain, clusterExists func(string) bool) (*C
 	if fc.GetTransportSocket() != nil {
 		return nil, errors.New("transport_socket: TLS termination is not supported")
 	}
-	tp, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists)
+	tp, hcm, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists)
 	if err != nil {
 		return nil, err
 	}
-	return &Chain{Name: fc.GetName(), TCP: tp, Skipped: skipped}, nil
+	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped}, nil
 }
 
 // Listener returns the listener named name.
@@ -423,9 +465,23 @@ func (s *Snapshot) Retire(next *Snapshot) {
 	}
 }
 
-// shareTCPStats gives every tcp_proxy its tcp.<stat_prefix> counters.
+// shareTCPStats gives every tcp_proxy its tcp.<stat_prefix> counters and
+// every http_connection_manager its http.<stat_prefix> ones.
 func (s *Snapshot) shareTCPStats(prev *Snapshot) {
 	s.tcpStats = make(map[string]*TCPStats)
+	s.httpStats = make(map[string]*httpconn.Stats)
+	getHTTP := func(prefix string) *httpconn.Stats {
+		if st := s.httpStats[prefix]; st != nil {
+			return st
+		}
+		if prev != nil && prev.httpStats[prefix] != nil {
+			s.httpStats[prefix] = prev.httpStats[prefix]
+			return s.httpStats[prefix]
+		}
+		st := new(httpconn.Stats)
+		s.httpStats[prefix] = st
+		return st
+	}
 	get := func(prefix string) *TCPStats {
 		if st := s.tcpStats[prefix]; st != nil {
 			return st
@@ -442,6 +498,9 @@ func (s *Snapshot) shareTCPStats(prev *Snapshot) {
 	}
 	for _, l := range s.Listeners {
 		for _, c := range append(l.Chains[:len(l.Chains):len(l.Chains)], l.Default) {
+			if c != nil && c.HTTP != nil {
+				c.HTTP.ShareStats(getHTTP(c.HTTP.StatPrefix))
+			}
 			if c == nil || c.TCP == nil {
 				continue
 			}
@@ -463,3 +522,22 @@ func (s *Snapshot) TCPStats() []*TCPStats {
 	sort.Slice(out, func(i, j int) bool { return out[i].Prefix < out[j].Prefix })
 	return out
 }
+
+// HTTPStats returns the http.<stat_prefix>. counters by prefix.
+func (s *Snapshot) HTTPStats() map[string]*httpconn.Stats { return s.httpStats }
+
+// The snapshot is the HTTP engine's view of the configuration
+// (httpconn.Env): a request uses the snapshot its connection started on.
+var _ httpconn.Env = (*Snapshot)(nil)
+
+// Routes implements httpconn.Env.
+func (s *Snapshot) Routes(name string) *httpconn.Routes { return s.routes[name] }
+
+// Cluster implements httpconn.Env.
+func (s *Snapshot) Cluster(name string) *cluster.Cluster { return s.Clusters[name] }
+
+// ClusterHTTP implements httpconn.Env.
+func (s *Snapshot) ClusterHTTP(name string) cluster.HTTPOptions { return s.httpOpts[name] }
+
+// Pools implements httpconn.Env.
+func (s *Snapshot) Pools() *httpconn.Pools { return s.pools }

@@ -51,6 +51,7 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 	}
 	opts := a.Options
 	opts.DynamicClusters = dynamic
+	opts.Routes = r.Routes
 	prev := a.Server.D.Snapshot()
 	version := "static"
 	if len(r.Versions) > 0 {
@@ -86,6 +87,11 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 		return err
 	}
 	a.rec = rec
+	if p := opts.Pools; p != nil {
+		// Pools of clusters that are gone drain (a replaced cluster's
+		// pool is replaced on its next request).
+		p.Retain(func(name string) bool { return snap.Clusters[name] != nil })
+	}
 	if prev != nil {
 		prev.Drain(snap, a.DrainDuration)
 		prev.Retire(snap)

@@ -24,6 +24,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/admin"
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 	"github.com/meshtun/meshtun/tun"
@@ -225,8 +226,10 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 			opts: mesh.BuildOptions{
 				Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
 				Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
+				Pools:   httpconn.NewPools(),
 			},
 		}
+		defer cfg.opts.Pools.Close()
 		if err := cfg.start(); err != nil {
 			return err
 		}

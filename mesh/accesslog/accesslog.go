@@ -24,6 +24,18 @@ type Entry struct {
 	BytesSent       int64 // to downstream
 	ResponseFlags   string
 	Details         string // connection_termination_details / failure reason
+	// HTTP is set on the line of one HTTP request.
+	HTTP *HTTP
+}
+
+// HTTP holds a request's fields, named as Istio's JSON access log.
+type HTTP struct {
+	Method, Path, Protocol, Authority string
+	RequestID, UserAgent, XFF         string
+	ResponseCode                      int
+	ResponseCodeDetails, RouteName    string
+	UpstreamServiceTime               time.Duration
+	Attempts                          int
 }
 
 // Logger emits entries. The zero value discards them.
@@ -65,7 +77,22 @@ func (a *Logger) Log(e *Entry) {
 	if e.Details != "" {
 		ev = ev.Str("connection_termination_details", e.Details)
 	}
+	if h := e.HTTP; h != nil {
+		ev = ev.Str("method", h.Method).Str("path", h.Path).Str("protocol", h.Protocol).
+			Int("response_code", h.ResponseCode).Str("authority", h.Authority).
+			Str("request_id", h.RequestID).Str("user_agent", dash(h.UserAgent)).Str("x_forwarded_for", dash(h.XFF)).
+			Str("response_code_details", dash(h.ResponseCodeDetails)).Str("route_name", dash(h.RouteName)).
+			Int64("upstream_service_time", h.UpstreamServiceTime.Milliseconds()).
+			Int("upstream_request_attempt_count", h.Attempts)
+	}
 	ev.Msg("access")
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func addr(a netip.AddrPort) string {

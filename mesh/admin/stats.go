@@ -74,7 +74,7 @@ func (s *Server) collect() []stat {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
 			// "PassthroughCluster;" → "PassthroughCluster").
 			scope := strings.TrimSuffix(c.ObservabilityName(), ";")
-			for _, st := range c.Stats() {
+			for _, st := range append(c.Stats(), c.HTTPStats().Stats()...) {
 				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, "cluster_name", scope, "cluster."+st.Name)
 			}
 		}
@@ -86,6 +86,11 @@ func (s *Server) collect() []stat {
 			tcp("downstream_cx_rx_bytes_total", t.DownstreamRxBytes.Load())
 			tcp("downstream_cx_tx_bytes_total", t.DownstreamTxBytes.Load())
 			tcp("idle_timeout", t.IdleTimeout.Load())
+		}
+		for prefix, hs := range snap.HTTPStats() {
+			for _, st := range hs.List() {
+				add("http."+prefix+"."+st.Name, st.Value, st.Gauge, "http_conn_manager_prefix", prefix, "http."+st.Name)
+			}
 		}
 	}
 	if s.Extra != nil {

@@ -1,0 +1,140 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/mesh/upstream"
+)
+
+func withHTTPOptions(t *testing.T, pb *clusterv3.Cluster, o *httpv3.HttpProtocolOptions) *clusterv3.Cluster {
+	a, err := anypb.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPOptionsKey: a}
+	return pb
+}
+
+func TestParseHTTPOptions(t *testing.T) {
+	base := func() *clusterv3.Cluster { return staticCluster("c", clusterv3.Cluster_ROUND_ROBIN) }
+	explicit := func(pc any) *httpv3.HttpProtocolOptions {
+		e := &httpv3.HttpProtocolOptions_ExplicitHttpConfig{}
+		switch v := pc.(type) {
+		case *corev3.Http2ProtocolOptions:
+			e.ProtocolConfig = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: v}
+		case *corev3.Http1ProtocolOptions:
+			e.ProtocolConfig = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: v}
+		case *corev3.Http3ProtocolOptions:
+			e.ProtocolConfig = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http3ProtocolOptions{Http3ProtocolOptions: v}
+		}
+		return &httpv3.HttpProtocolOptions{UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: e}}
+	}
+	for _, tc := range []struct {
+		name string
+		pb   *clusterv3.Cluster
+		want HTTPOptions
+		err  string
+	}{
+		{"default", base(), DefaultHTTPOptions, ""},
+		{"explicit h2", withHTTPOptions(t, base(), explicit(&corev3.Http2ProtocolOptions{})), HTTPOptions{Protocol: HTTP2, IdleTimeout: time.Hour}, ""},
+		{"explicit h1", withHTTPOptions(t, base(), explicit(&corev3.Http1ProtocolOptions{})), DefaultHTTPOptions, ""},
+		{"downstream", withHTTPOptions(t, base(), &httpv3.HttpProtocolOptions{
+			CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{IdleTimeout: durationpb.New(time.Minute), MaxRequestsPerConnection: wrapperspb.UInt32(7)},
+			UpstreamProtocolOptions:   &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{}},
+		}), HTTPOptions{Protocol: DownstreamProtocol, IdleTimeout: time.Minute, MaxRequestsPerConnection: 7}, ""},
+		{"h3", withHTTPOptions(t, base(), explicit(&corev3.Http3ProtocolOptions{})), HTTPOptions{}, "HTTP/3 is not supported"},
+	} {
+		got, err := ParseHTTPOptions(tc.pb)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s: %v, want %q", tc.name, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("%s: %+v %v, want %+v", tc.name, got, err, tc.want)
+		}
+	}
+}
+
+// TestConnectHostAccounting: ConnectHost dials the given host with
+// Connect's breaker and stats; PickHostFor honours exclude.
+func TestConnectHostAccounting(t *testing.T) {
+	a, b := startServer(t, "127.0.0.1", 0, false), startServer(t, "127.0.0.1", 0, false)
+	pb := staticCluster("h", clusterv3.Cluster_ROUND_ROBIN, hostsOf(a, b)...)
+	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(1)}}}
+	c := newTestCluster(t, pb)
+	first, err := c.PickHostFor(netip.AddrPort{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := c.PickHostFor(netip.AddrPort{}, func(h *Host) bool { return h == first })
+	if other == first {
+		t.Fatal("exclude ignored")
+	}
+	u, err := c.ConnectHost(context.Background(), other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.Host() != other || other.ActiveConnections() != 1 || stat(t, c, "upstream_cx_total") != 1 {
+		t.Errorf("accounting: host %v active %d total %d", u.Host().Address(), other.ActiveConnections(), stat(t, c, "upstream_cx_total"))
+	}
+	if _, err := c.ConnectHost(context.Background(), first); !errors.Is(err, ErrOverflow) {
+		t.Errorf("second connection with max_connections 1: %v", err)
+	}
+	u.Close()
+	if stat(t, c, "upstream_cx_active") != 0 {
+		t.Error("cx_active after close")
+	}
+}
+
+func TestHTTPStats(t *testing.T) {
+	c := newTestCluster(t, staticCluster("s", clusterv3.Cluster_ROUND_ROBIN))
+	s := c.HTTPStats()
+	if c.HTTPStats() != s {
+		t.Fatal("HTTPStats not stable")
+	}
+	s.CountResponse(200)
+	s.CountResponse(503)
+	s.CountResponse(503)
+	want := map[string]uint64{"upstream_rq_2xx": 1, "upstream_rq_5xx": 2, "upstream_rq_503": 2, "upstream_rq_200": 1, "upstream_rq_completed": 3}
+	for _, st := range s.Stats() {
+		if w, ok := want[st.Name]; ok && st.Value != w {
+			t.Errorf("%s = %d, want %d", st.Name, st.Value, w)
+		}
+		delete(want, st.Name)
+	}
+	if len(want) > 0 {
+		t.Errorf("missing %v", want)
+	}
+	// A collected cluster's entry goes away.
+	before := 0
+	httpStats.Range(func(_, _ any) bool { before++; return true })
+	func() {
+		c2, _ := New(staticCluster("gone", clusterv3.Cluster_ROUND_ROBIN), Options{Dialer: &upstream.Dialer{}})
+		c2.HTTPStats()
+	}()
+	for i := 0; i < 20; i++ {
+		runtime.GC()
+		n := 0
+		httpStats.Range(func(_, _ any) bool { n++; return true })
+		if n <= before {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Error("HTTPStats entry of a collected cluster was not removed")
+}

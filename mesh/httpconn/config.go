@@ -1,0 +1,311 @@
+package httpconn
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"time"
+
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
+)
+
+// Envoy's defaults for the connection manager.
+const (
+	DefaultStreamIdleTimeout = 5 * time.Minute
+	DefaultIdleTimeout       = time.Hour // common_http_protocol_options.idle_timeout
+	DefaultMaxHeadersKB      = 60        // max_request_headers_kb
+	DefaultServerName        = "envoy"
+)
+
+// Env is what the engine needs from the proxy's current configuration.
+// Each call is made per request, so an RDS or CDS update applies to the
+// next request of a connection already open (as in Envoy).
+type Env interface {
+	// Routes returns the RouteConfiguration delivered by RDS under name,
+	// nil if unknown (the request gets 404 with flag NR, as Envoy).
+	Routes(name string) *Routes
+	// Cluster returns a cluster by name, nil if unknown (503 NC).
+	Cluster(name string) *cluster.Cluster
+	// ClusterHTTP returns the cluster's upstream HTTP options
+	// (cluster.ParseHTTPOptions of its proto, computed once per update).
+	ClusterHTTP(name string) cluster.HTTPOptions
+	// Pools returns the proxy's upstream connection pools.
+	Pools() *Pools
+}
+
+// ConnInfo describes the downstream connection Serve runs on.
+type ConnInfo struct {
+	Peer  netip.AddrPort // the downstream client (original source)
+	Local netip.AddrPort // the original destination (ORIGINAL_DST clusters dial it)
+	// AccessLog, if set, receives one Entry per finished request.
+	AccessLog func(Entry)
+}
+
+// codec is the downstream codec_type.
+type codec uint8
+
+const (
+	codecAuto codec = iota
+	codecHTTP1
+	codecHTTP2
+)
+
+// Config is a validated envoy.filters.network.http_connection_manager.
+// It is immutable and shared by every connection of its filter chain.
+type Config struct {
+	StatPrefix string
+
+	codec                 codec
+	rdsName               string
+	routes                *Routes // inline route_config
+	filters               httpFilters
+	streamIdleTimeout     time.Duration
+	requestTimeout        time.Duration
+	requestHeadersTimeout time.Duration
+	idleTimeout           time.Duration
+	maxHeaderBytes        int
+	useRemoteAddress      bool
+	xffTrustedHops        uint32
+	skipXFFAppend         bool
+	serverName            string
+	serverTransform       hcmv3.HttpConnectionManager_ServerHeaderTransformation
+	generateRequestID     bool
+	preserveExternalID    bool
+	alwaysSetRequestID    bool
+	stripAnyHostPort      bool
+	stripMatchingHostPort bool
+	accessLogs            int
+
+	stats *Stats
+}
+
+// Stats are the connection manager's http.<stat_prefix>.* counters.
+type Stats struct {
+	DownstreamCxTotal      atomic.Uint64
+	DownstreamCxActive     atomic.Int64
+	DownstreamCxHTTP1Total atomic.Uint64
+	DownstreamCxHTTP2Total atomic.Uint64
+	DownstreamRqTotal      atomic.Uint64
+	DownstreamRqActive     atomic.Int64
+	DownstreamRqHTTP1Total atomic.Uint64
+	DownstreamRqHTTP2Total atomic.Uint64
+	DownstreamRq2xx        atomic.Uint64
+	DownstreamRq3xx        atomic.Uint64
+	DownstreamRq4xx        atomic.Uint64
+	DownstreamRq5xx        atomic.Uint64
+	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
+	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
+	NoRoute                atomic.Uint64 // no_route
+	NoCluster              atomic.Uint64 // no_cluster
+	RqRedirect             atomic.Uint64 // rq_redirect
+	RqDirectResponse       atomic.Uint64 // rq_direct_response
+	FaultAborts            atomic.Uint64 // fault.aborts_injected
+	FaultDelays            atomic.Uint64 // fault.delays_injected
+}
+
+// List returns the stats with Envoy's names relative to the
+// http.<stat_prefix>. scope.
+func (s *Stats) List() []cluster.Stat {
+	g := func(v int64) uint64 {
+		if v < 0 {
+			return 0
+		}
+		return uint64(v)
+	}
+	return []cluster.Stat{
+		{Name: "downstream_cx_active", Value: g(s.DownstreamCxActive.Load()), Gauge: true},
+		{Name: "downstream_cx_http1_total", Value: s.DownstreamCxHTTP1Total.Load()},
+		{Name: "downstream_cx_http2_total", Value: s.DownstreamCxHTTP2Total.Load()},
+		{Name: "downstream_cx_total", Value: s.DownstreamCxTotal.Load()},
+		{Name: "downstream_rq_2xx", Value: s.DownstreamRq2xx.Load()},
+		{Name: "downstream_rq_3xx", Value: s.DownstreamRq3xx.Load()},
+		{Name: "downstream_rq_4xx", Value: s.DownstreamRq4xx.Load()},
+		{Name: "downstream_rq_5xx", Value: s.DownstreamRq5xx.Load()},
+		{Name: "downstream_rq_active", Value: g(s.DownstreamRqActive.Load()), Gauge: true},
+		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
+		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
+		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
+		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
+		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
+		{Name: "fault.aborts_injected", Value: s.FaultAborts.Load()},
+		{Name: "fault.delays_injected", Value: s.FaultDelays.Load()},
+		{Name: "no_cluster", Value: s.NoCluster.Load()},
+		{Name: "no_route", Value: s.NoRoute.Load()},
+		{Name: "rq_direct_response", Value: s.RqDirectResponse.Load()},
+		{Name: "rq_redirect", Value: s.RqRedirect.Load()},
+	}
+}
+
+func (s *Stats) countCode(code int) {
+	switch code / 100 {
+	case 2:
+		s.DownstreamRq2xx.Add(1)
+	case 3:
+		s.DownstreamRq3xx.Add(1)
+	case 4:
+		s.DownstreamRq4xx.Add(1)
+	case 5:
+		s.DownstreamRq5xx.Add(1)
+	}
+}
+
+// Stats returns the connection manager's counters.
+func (c *Config) Stats() *Stats { return c.stats }
+
+// RDSName is rds.route_config_name, "" when route_config is inline.
+func (c *Config) RDSName() string { return c.rdsName }
+
+// InlineRoutes is the compiled inline route_config (nil with RDS).
+func (c *Config) InlineRoutes() *Routes { return c.routes }
+
+// HasAccessLog reports whether the HCM configures access_log (the engine
+// calls ConnInfo.AccessLog either way; the caller decides what to write).
+func (c *Config) HasAccessLog() bool { return c.accessLogs > 0 }
+
+// SkippedFilters are the HTTP filters accepted and not run.
+func (c *Config) SkippedFilters() []string {
+	return append(append([]string(nil), c.filters.noOps...), c.filters.skippedOptions...)
+}
+
+// ParseHCM validates an HttpConnectionManager. Errors name the field from
+// "http_connection_manager." down, e.g.
+// "http_connection_manager.route_config.virtual_hosts[1].routes[0].route: …".
+func ParseHCM(hcm *hcmv3.HttpConnectionManager) (*Config, error) {
+	c, err := parseHCM(hcm)
+	if err != nil {
+		return nil, at("http_connection_manager", err)
+	}
+	return c, nil
+}
+
+func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
+	if h == nil {
+		return nil, errors.New("missing")
+	}
+	if err := h.ValidateAll(); err != nil {
+		return nil, err
+	}
+	c := &Config{
+		StatPrefix:        h.GetStatPrefix(),
+		streamIdleTimeout: DefaultStreamIdleTimeout,
+		idleTimeout:       DefaultIdleTimeout,
+		maxHeaderBytes:    DefaultMaxHeadersKB << 10,
+		useRemoteAddress:  h.GetUseRemoteAddress().GetValue(),
+		xffTrustedHops:    h.GetXffNumTrustedHops(),
+		skipXFFAppend:     h.GetSkipXffAppend(),
+		serverName:        h.GetServerName(),
+		serverTransform:   h.GetServerHeaderTransformation(),
+		generateRequestID: true,
+		stripAnyHostPort:  h.GetStripAnyHostPort(),
+		accessLogs:        len(h.GetAccessLog()),
+		stats:             &Stats{},
+	}
+	c.stripMatchingHostPort = h.GetStripMatchingHostPort()
+	c.preserveExternalID = h.GetPreserveExternalRequestId()
+	c.alwaysSetRequestID = h.GetAlwaysSetRequestIdInResponse()
+	if c.serverName == "" {
+		c.serverName = DefaultServerName
+	}
+	if v := h.GetGenerateRequestId(); v != nil {
+		c.generateRequestID = v.GetValue()
+	}
+	switch h.GetCodecType() {
+	case hcmv3.HttpConnectionManager_AUTO:
+		c.codec = codecAuto
+	case hcmv3.HttpConnectionManager_HTTP1:
+		c.codec = codecHTTP1
+	case hcmv3.HttpConnectionManager_HTTP2:
+		c.codec = codecHTTP2
+	default:
+		return nil, fieldf("codec_type", "%s not supported", h.GetCodecType())
+	}
+	if d := h.GetStreamIdleTimeout(); d != nil {
+		c.streamIdleTimeout = d.AsDuration() // 0 disables
+	}
+	if d := h.GetRequestTimeout(); d != nil {
+		c.requestTimeout = d.AsDuration()
+	}
+	if d := h.GetRequestHeadersTimeout(); d != nil {
+		c.requestHeadersTimeout = d.AsDuration()
+	}
+	if d := h.GetCommonHttpProtocolOptions().GetIdleTimeout(); d != nil {
+		c.idleTimeout = d.AsDuration()
+	}
+	if v := h.GetMaxRequestHeadersKb(); v != nil {
+		c.maxHeaderBytes = int(v.GetValue()) << 10
+	}
+	if h.GetScopedRoutes() != nil {
+		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")
+	}
+	if h.GetHttp3ProtocolOptions() != nil {
+		return nil, fieldf("http3_protocol_options", "HTTP/3 is not supported")
+	}
+	if len(h.GetOriginalIpDetectionExtensions()) > 0 {
+		return nil, fieldf("original_ip_detection_extensions", "not supported")
+	}
+	switch {
+	case h.GetRds() != nil:
+		c.rdsName = h.GetRds().GetRouteConfigName()
+		if c.rdsName == "" {
+			return nil, fieldf("rds.route_config_name", "empty")
+		}
+	case h.GetRouteConfig() != nil:
+		rt, err := CompileRoutes(h.GetRouteConfig())
+		if err != nil {
+			return nil, at("route_config", err)
+		}
+		c.routes = rt
+	default:
+		return nil, fieldf("route_specifier", "want rds or route_config")
+	}
+	f, err := parseHTTPFilters(h.GetHttpFilters())
+	if err != nil {
+		return nil, err
+	}
+	c.filters = f
+	return c, nil
+}
+
+// hostname is %HOSTNAME%.
+var hostname, _ = os.Hostname()
+
+// fieldError is an error at a field path such as
+// "virtual_hosts[1].routes[0].route"; at() prepends the enclosing field.
+type fieldError struct {
+	path string
+	err  error
+}
+
+func (e *fieldError) Error() string { return e.path + ": " + e.err.Error() }
+func (e *fieldError) Unwrap() error { return e.err }
+
+// at places err under field: "field.inner.path: msg", or "field: msg"
+// when err names no field.
+func at(field string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var fe *fieldError
+	if errors.As(err, &fe) && fe == err {
+		sep := "."
+		if fe.path == "" || fe.path[0] == '[' {
+			sep = ""
+		}
+		return &fieldError{field + sep + fe.path, fe.err}
+	}
+	return &fieldError{field, err}
+}
+
+// fieldf is a leaf error at field.
+func fieldf(field, format string, args ...any) error {
+	return &fieldError{field, fmt.Errorf(format, args...)}
+}
+
+// ShareStats makes c count into s: the proxy gives every connection
+// manager with the same stat_prefix one Stats, kept across configuration
+// updates, as Envoy's stat scopes are. Call before c serves.
+func (c *Config) ShareStats(s *Stats) { c.stats = s }

@@ -1,0 +1,36 @@
+// Package httpconn is Envoy's HTTP connection manager
+// (envoy.filters.network.http_connection_manager) as a library: it parses
+// and validates the filter's config (ParseHCM) and route configurations
+// (CompileRoutes), and serves HTTP/1.1 and cleartext HTTP/2 on one
+// downstream connection (Config.Serve): virtual host and route matching,
+// the fault filter, and the router with retries, timeouts, circuit
+// breakers and per-cluster upstream connection pools (Pools).
+//
+// It follows Envoy's names and semantics (response flags, local reply
+// bodies, header names, stats); where it simplifies, the doc comment of
+// the affected function says how.
+//
+// # Why net/http
+//
+// The codecs are net/http's: Go 1.24+ serves HTTP/1.1 and HTTP/2 with
+// prior knowledge on the same plaintext connection (http.Protocols with
+// UnencryptedHTTP2, the preface decides, which is codec_type AUTO), and its
+// Transport speaks either to an upstream over connections we dial. So
+// there is no second HTTP/2 implementation (golang.org/x/net/http2 is the
+// same code, bundled in the standard library) and no hand-written HTTP/1
+// parser to harden: request smuggling, chunked-encoding and header-size
+// checks are the standard library's, fuzzed and maintained. Each
+// downstream connection gets its own http.Server on a one-connection
+// listener, which makes drain per connection (Server.Shutdown: in-flight
+// requests finish, HTTP/1.1 answers "Connection: close", HTTP/2 gets
+// GOAWAY). Upstream, one http.Transport per cluster and protocol keys its
+// persistent connections by host address, and its DialContext goes through
+// cluster.ConnectHost, so pooled connections count against
+// max_connections, carry the capture-bypass mark and show in cx stats.
+// The host is picked per request by the cluster's load balancer (with the
+// previous_hosts retry predicate) before the Transport runs.
+//
+// The cost is a few allocations per request that a purpose-built codec
+// would avoid (header map clone, request struct); route matching itself
+// allocates nothing.
+package httpconn

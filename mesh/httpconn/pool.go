@@ -1,0 +1,338 @@
+package httpconn
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
+)
+
+// Pools are the proxy's upstream HTTP connection pools: one per cluster,
+// holding persistent connections per host address (an http.Transport per
+// cluster and protocol keys its idle connections by the host's address).
+// Every connection is dialed through the cluster (ConnectHost), so circuit
+// breakers, the capture-bypass mark and cx stats apply to pooled
+// connections as to tcp_proxy's.
+//
+// A pool is found by cluster name with one lock-free map read. When the
+// cluster behind a name is replaced (CDS update) or removed (Retain,
+// Forget), its pool is drained: idle connections close at once, busy ones
+// when their request ends (within DrainGrace at the latest).
+type Pools struct {
+	m      sync.Map // cluster name → *clusterPool
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup // draining pools' sweepers
+}
+
+// DrainGrace bounds how long a removed pool's busy connections may finish
+// their requests before they are closed.
+var DrainGrace = time.Minute
+
+// NewPools returns empty pools.
+func NewPools() *Pools { return &Pools{} }
+
+type clusterPool struct {
+	c     *cluster.Cluster
+	opts  cluster.HTTPOptions
+	stats *cluster.HTTPStats
+	h1    *http.Transport // nil unless the cluster speaks HTTP/1.1
+	h2    *http.Transport // nil unless it speaks h2c
+
+	hosts sync.Map // *cluster.Host → *hostConns
+
+	mu     sync.Mutex
+	conns  map[*pooledConn]struct{}
+	closed atomic.Bool
+}
+
+// hostConns tracks one host's pooled connections and requests, to
+// coalesce dials: a request that finds no idle connection while one is
+// about to be returned waits for it instead of opening another (Go's
+// Transport dials for every such request; Envoy's pool does not).
+type hostConns struct {
+	open    atomic.Int64 // established pooled connections
+	dialing atomic.Int64
+	active  atomic.Int64 // requests in flight
+	waiting atomic.Int64 // requests waiting for a connection
+}
+
+func (cp *clusterPool) host(h *cluster.Host) *hostConns {
+	if v, ok := cp.hosts.Load(h); ok {
+		return v.(*hostConns)
+	}
+	v, _ := cp.hosts.LoadOrStore(h, new(hostConns))
+	return v.(*hostConns)
+}
+
+// errDialNotNeeded ends a dial whose request got a returning connection;
+// the Transport discards the error of a dial nobody waits for.
+var errDialNotNeeded = errors.New("httpconn: dial not needed")
+
+// dialNeeded waits (briefly) while the host's connections, open and being
+// dialed, outnumber its requests: one of them will be idle shortly. It
+// reports false once no request waits for a connection.
+func (hc *hostConns) dialNeeded() bool {
+	for i := 0; i < 25; i++ {
+		if hc.waiting.Load() == 0 {
+			return false
+		}
+		if hc.open.Load()+hc.dialing.Load() <= hc.active.Load() {
+			return true
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	return true
+}
+
+// errPoolsClosed fails requests after Close.
+var errPoolsClosed = errors.New("httpconn: connection pools closed")
+
+// get returns the pool of c, creating (or replacing a stale) one.
+func (p *Pools) get(c *cluster.Cluster, opts cluster.HTTPOptions) (*clusterPool, error) {
+	if v, ok := p.m.Load(c.Name()); ok {
+		if cp := v.(*clusterPool); cp.c == c && cp.opts == opts {
+			return cp, nil
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, errPoolsClosed
+	}
+	if v, ok := p.m.Load(c.Name()); ok {
+		cp := v.(*clusterPool)
+		if cp.c == c && cp.opts == opts {
+			return cp, nil
+		}
+		p.drainLocked(cp)
+	}
+	cp := newClusterPool(c, opts)
+	p.m.Store(c.Name(), cp)
+	return cp, nil
+}
+
+func newClusterPool(c *cluster.Cluster, opts cluster.HTTPOptions) *clusterPool {
+	cp := &clusterPool{c: c, opts: opts, stats: c.HTTPStats(), conns: map[*pooledConn]struct{}{}}
+	if opts.Protocol != cluster.HTTP2 {
+		cp.h1 = cp.transport(false)
+	}
+	if opts.Protocol != cluster.HTTP1 {
+		cp.h2 = cp.transport(true)
+	}
+	return cp
+}
+
+func (cp *clusterPool) transport(h2 bool) *http.Transport {
+	t := &http.Transport{
+		DisableCompression:  true, // bytes pass through as the upstream sent them
+		MaxIdleConnsPerHost: 4096, // Envoy keeps every idle connection
+		IdleConnTimeout:     cp.opts.IdleTimeout,
+		WriteBufferSize:     16 << 10,
+		ReadBufferSize:      16 << 10,
+	}
+	protos := new(http.Protocols)
+	if h2 {
+		protos.SetUnencryptedHTTP2(true)
+		t.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+		// For HTTP/2 this bounds concurrent dials, not connections:
+		// requests arriving together share the first connection instead
+		// of each dialing one (Envoy's pool also connects once and queues).
+		t.MaxConnsPerHost = 1
+		t.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return cp.dial(ctx, addr, true) }
+	} else {
+		protos.SetHTTP1(true)
+		t.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return cp.dial(ctx, addr, false) }
+	}
+	t.Protocols = protos
+	return t
+}
+
+// transportFor returns the transport for a request that came downstream
+// over HTTP/major.
+func (cp *clusterPool) transportFor(major int) *http.Transport {
+	switch {
+	case cp.h1 == nil:
+		return cp.h2
+	case cp.h2 == nil:
+		return cp.h1
+	case major == 2:
+		return cp.h2
+	}
+	return cp.h1
+}
+
+type hostKey struct{}
+
+// dial opens a pooled connection to the host the request picked (carried
+// in the context; the address identifies it otherwise).
+func (cp *clusterPool) dial(ctx context.Context, addr string, h2 bool) (net.Conn, error) {
+	if cp.closed.Load() {
+		return nil, errPoolsClosed
+	}
+	h, _ := ctx.Value(hostKey{}).(*cluster.Host)
+	if h == nil || h.Address().String() != addr {
+		h = nil
+		if ap, err := netip.ParseAddrPort(addr); err == nil {
+			for _, x := range cp.c.Hosts() {
+				if x.Address() == ap {
+					h = x
+					break
+				}
+			}
+		}
+		if h == nil {
+			return nil, errors.New("httpconn: no host " + addr + " in cluster " + cp.c.Name())
+		}
+	}
+	hc := cp.host(h)
+	hc.dialing.Add(1)
+	if !hc.dialNeeded() {
+		hc.dialing.Add(-1)
+		return nil, errDialNotNeeded
+	}
+	uc, err := cp.c.ConnectHost(ctx, h)
+	hc.dialing.Add(-1)
+	if err != nil {
+		return nil, err
+	}
+	hc.open.Add(1)
+	if h2 {
+		cp.stats.CxHTTP2Total.Add(1)
+	} else {
+		cp.stats.CxHTTP1Total.Add(1)
+	}
+	pc := &pooledConn{UpstreamConn: uc, cp: cp, hc: hc}
+	cp.mu.Lock()
+	cp.conns[pc] = struct{}{}
+	cp.mu.Unlock()
+	return pc, nil
+}
+
+// pooledConn is an upstream connection owned by a pool.
+type pooledConn struct {
+	*cluster.UpstreamConn
+	cp   *clusterPool
+	hc   *hostConns
+	once sync.Once
+}
+
+func (c *pooledConn) Close() error {
+	err := c.UpstreamConn.Close()
+	c.once.Do(func() {
+		c.hc.open.Add(-1)
+		c.cp.mu.Lock()
+		delete(c.cp.conns, c)
+		c.cp.mu.Unlock()
+	})
+	return err
+}
+
+func (cp *clusterPool) closeIdle() {
+	if cp.h1 != nil {
+		cp.h1.CloseIdleConnections()
+	}
+	if cp.h2 != nil {
+		cp.h2.CloseIdleConnections()
+	}
+}
+
+func (cp *clusterPool) open() int {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return len(cp.conns)
+}
+
+func (cp *clusterPool) closeAll() {
+	cp.mu.Lock()
+	conns := make([]*pooledConn, 0, len(cp.conns))
+	for c := range cp.conns {
+		conns = append(conns, c)
+	}
+	cp.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// drainLocked retires cp: no new connections; idle ones close now, busy
+// ones as they become idle, all by DrainGrace. p.mu is held.
+func (p *Pools) drainLocked(cp *clusterPool) {
+	if !cp.closed.CompareAndSwap(false, true) {
+		return
+	}
+	p.m.CompareAndDelete(cp.c.Name(), cp)
+	cp.closeIdle()
+	if cp.open() == 0 {
+		return
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		deadline := time.Now().Add(DrainGrace)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for range tick.C {
+			cp.closeIdle()
+			if cp.open() == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				cp.closeAll()
+				return
+			}
+		}
+	}()
+}
+
+// Forget drains the pool of cluster name (the cluster was removed).
+func (p *Pools) Forget(name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if v, ok := p.m.Load(name); ok {
+		p.drainLocked(v.(*clusterPool))
+	}
+}
+
+// Retain drains the pools of clusters for which keep is false: call it
+// after installing a configuration, with the new cluster set.
+func (p *Pools) Retain(keep func(name string) bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.m.Range(func(k, v any) bool {
+		if !keep(k.(string)) {
+			p.drainLocked(v.(*clusterPool))
+		}
+		return true
+	})
+}
+
+// Conns returns the number of open pooled connections of cluster name.
+func (p *Pools) Conns(name string) int {
+	if v, ok := p.m.Load(name); ok {
+		return v.(*clusterPool).open()
+	}
+	return 0
+}
+
+// Close closes every pool: idle connections at once, busy ones when their
+// request ends (by DrainGrace), and waits for that. Later requests fail
+// with 503 UO. Idempotent.
+func (p *Pools) Close() {
+	p.mu.Lock()
+	if !p.closed {
+		p.closed = true
+		p.m.Range(func(_, v any) bool {
+			p.drainLocked(v.(*clusterPool))
+			return true
+		})
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}

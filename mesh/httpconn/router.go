@@ -1,0 +1,906 @@
+package httpconn
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptrace"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
+)
+
+var (
+	errStreamIdle     = errors.New("stream idle timeout")
+	errRequestTimeout = errors.New("request timeout")
+)
+
+// maxRetryBuffer is how much of a request body is kept to replay it on a
+// retry (Envoy's per-connection buffer limit, 1 MiB); a larger body is
+// streamed and not retried.
+const maxRetryBuffer = 1 << 20
+
+// stream is one request/response exchange. Streams are pooled.
+type stream struct {
+	h    *connHandler
+	cfg  *Config
+	w    http.ResponseWriter
+	r    *http.Request
+	e    Entry
+	body *countingBody
+
+	ctx         context.Context // cancelled by idle/request timeouts and the downstream
+	cancel      context.CancelCauseFunc
+	idle        *idleWatch // nil without stream_idle_timeout
+	curPolicy   *retryPolicy
+	reqTimer    *time.Timer
+	wroteHeader bool
+	aborted     bool
+	target      string // request target: path and query
+}
+
+func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
+	*s = stream{h: h, cfg: h.cfg, w: w, r: r}
+	s.e = Entry{
+		Start:           time.Now(),
+		Method:          r.Method,
+		Authority:       r.Host,
+		Protocol:        r.Proto,
+		DownstreamPeer:  h.info.Peer,
+		DownstreamLocal: h.info.Local,
+	}
+	s.target = r.RequestURI
+	if s.target == "" || s.target[0] != '/' {
+		s.target = r.URL.RequestURI()
+	}
+	s.e.Path = s.target
+}
+
+func (s *stream) finish() {
+	if s.cancel != nil {
+		s.cancel(context.Canceled)
+	}
+	if s.idle != nil {
+		s.idle.t.Stop()
+	}
+	if s.reqTimer != nil {
+		s.reqTimer.Stop()
+	}
+	if s.body != nil {
+		s.e.BytesReceived = s.body.n.Load()
+	}
+	s.e.Duration = time.Since(s.e.Start)
+	s.cfg.stats.countCode(s.e.ResponseCode)
+	if log := s.h.info.AccessLog; log != nil {
+		log(s.e)
+	}
+	if s.aborted {
+		// Resets the HTTP/2 stream or closes the HTTP/1.1 connection;
+		// net/http recovers this panic silently.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func (s *stream) serve() {
+	r, cfg := s.r, s.cfg
+	s.e.UserAgent = r.UserAgent()
+
+	// Timers: stream_idle_timeout and request_timeout cancel the stream.
+	s.ctx, s.cancel = context.WithCancelCause(r.Context())
+	if d := cfg.streamIdleTimeout; d > 0 {
+		s.idle = &idleWatch{d: d, cancel: s.cancel}
+		s.idle.touch()
+		s.idle.t = time.AfterFunc(d, s.idle.fire)
+	}
+	hasBody := r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0
+	if hasBody {
+		s.body = &countingBody{rc: r.Body, idle: s.idle}
+		r.Body = s.body
+	}
+	if d := cfg.requestTimeout; d > 0 && hasBody {
+		cancel := s.cancel
+		s.reqTimer = time.AfterFunc(d, func() { cancel(errRequestTimeout) })
+		s.body.done = s.reqTimer
+	}
+
+	s.prepareHeaders()
+
+	routes := cfg.routes
+	if routes == nil {
+		routes = s.h.env.Routes(cfg.rdsName)
+	}
+	var vh *VirtualHost
+	var rt *Route
+	if routes != nil {
+		if vh = routes.findVHost(r); vh != nil {
+			rt = vh.match(r, s.target)
+		}
+	}
+	if rt != nil {
+		s.e.RouteName = rt.Name
+	}
+
+	// The cluster is chosen with the route, so that filters (fault's
+	// upstream_cluster) see it, as in Envoy.
+	var clusterName string
+	var wc *weightedCluster
+	if rt != nil && rt.action == actionRoute {
+		clusterName, wc = rt.pickCluster(r)
+		s.e.UpstreamCluster = clusterName
+	}
+
+	if f := cfg.filters.fault; cfg.filters.faultName != "" {
+		if pf, ok := perRoute(cfg.filters.faultName, rt, vh, routes); ok {
+			f = pf
+		}
+		if f != nil {
+			res, err := f.apply(s.ctx, r, clusterName)
+			if err != nil {
+				s.failStream(err)
+				return
+			}
+			if res.delayed {
+				s.e.ResponseFlags |= FlagDI
+				cfg.stats.FaultDelays.Add(1)
+			}
+			if res.abort != 0 {
+				s.e.ResponseFlags |= FlagFI
+				cfg.stats.FaultAborts.Add(1)
+				s.faultAbort(res)
+				return
+			}
+		}
+	}
+
+	if rt == nil {
+		cfg.stats.NoRoute.Add(1)
+		s.e.ResponseFlags |= FlagNR
+		s.localReply(http.StatusNotFound, "", "route_not_found")
+		return
+	}
+	switch rt.action {
+	case actionDirect:
+		cfg.stats.RqDirectResponse.Add(1)
+		s.directResponse(routes, vh, rt)
+	case actionRedirect:
+		cfg.stats.RqRedirect.Add(1)
+		s.redirect(routes, vh, rt)
+	default:
+		s.proxy(routes, vh, rt, clusterName, wc)
+	}
+}
+
+// perRoute finds the most specific typed_per_filter_config of a filter.
+func perRoute(name string, rt *Route, vh *VirtualHost, routes *Routes) (*faultConfig, bool) {
+	if rt != nil {
+		if f, ok := rt.faults.lookup(name); ok {
+			return f, true
+		}
+	}
+	if vh != nil {
+		if f, ok := vh.faults.lookup(name); ok {
+			return f, true
+		}
+	}
+	if routes != nil {
+		return routes.faults.lookup(name)
+	}
+	return nil, false
+}
+
+// failStream answers a stream whose context ended before a response.
+func (s *stream) failStream(err error) {
+	switch context.Cause(s.ctx) {
+	case errStreamIdle:
+		s.cfg.stats.DownstreamRqIdle.Add(1)
+		s.e.ResponseFlags |= FlagSI
+		s.localReply(http.StatusRequestTimeout, "stream timeout", "stream_idle_timeout")
+	case errRequestTimeout:
+		s.cfg.stats.DownstreamRqTimeout.Add(1)
+		s.localReply(http.StatusRequestTimeout, "request timeout", "request_overall_timeout")
+	default:
+		s.e.ResponseFlags |= FlagDC
+		s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+		if s.wroteHeader {
+			s.abort()
+		}
+	}
+}
+
+func (s *stream) faultAbort(res faultResult) {
+	if res.grpc >= 0 {
+		h := s.w.Header()
+		s.setServer(h)
+		h["Content-Type"] = []string{"application/grpc"}
+		h["Grpc-Status"] = []string{strconv.Itoa(res.grpc)}
+		h["Grpc-Message"] = []string{res.body}
+		s.e.ResponseCodeDetails = "fault_filter_abort"
+		s.writeHeader(http.StatusOK)
+		return
+	}
+	s.localReply(res.abort, res.body, "fault_filter_abort")
+}
+
+// prepareHeaders applies the connection manager's request edits that do
+// not depend on the route: x-request-id, x-forwarded-for/-proto, host
+// port stripping.
+func (s *stream) prepareHeaders() {
+	r, cfg := s.r, s.cfg
+	h := r.Header
+	if vs := h["X-Request-Id"]; len(vs) > 0 && vs[0] != "" {
+		s.e.RequestID = vs[0]
+	} else if cfg.generateRequestID {
+		s.e.RequestID = newUUID()
+		h["X-Request-Id"] = []string{s.e.RequestID}
+	}
+	if cfg.useRemoteAddress {
+		if !cfg.skipXFFAppend && s.h.info.Peer.IsValid() {
+			ip := s.h.info.Peer.Addr().String()
+			if vs := h["X-Forwarded-For"]; len(vs) > 0 {
+				h["X-Forwarded-For"] = []string{strings.Join(vs, ",") + "," + ip}
+			} else {
+				h["X-Forwarded-For"] = []string{ip}
+			}
+		}
+		h["X-Forwarded-Proto"] = []string{"http"}
+	} else if _, ok := h["X-Forwarded-Proto"]; !ok {
+		h["X-Forwarded-Proto"] = []string{"http"}
+	}
+	if vs := h["X-Forwarded-For"]; len(vs) > 0 {
+		s.e.XFF = vs[0]
+	}
+	switch {
+	case cfg.stripAnyHostPort:
+		r.Host = stripPort(r.Host)
+	case cfg.stripMatchingHostPort && s.h.info.Local.IsValid():
+		if p := strings.TrimPrefix(r.Host[len(stripPort(r.Host)):], ":"); p == strconv.Itoa(int(s.h.info.Local.Port())) {
+			r.Host = stripPort(r.Host)
+		}
+	}
+}
+
+// newUUID returns a random (version 4) UUID, as Envoy's x-request-id.
+func newUUID() string {
+	var b [16]byte
+	hi, lo := rand.Uint64(), rand.Uint64()
+	for i := 0; i < 8; i++ {
+		b[i], b[8+i] = byte(hi>>(8*i)), byte(lo>>(8*i))
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	const hex = "0123456789abcdef"
+	var out [36]byte
+	j := 0
+	for i, c := range b {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			out[j] = '-'
+			j++
+		}
+		out[j], out[j+1] = hex[c>>4], hex[c&0xf]
+		j += 2
+	}
+	return string(out[:])
+}
+
+// pickCluster resolves the route's cluster_specifier for one request.
+func (rt *Route) pickCluster(r *http.Request) (string, *weightedCluster) {
+	switch {
+	case rt.cluster != "":
+		return rt.cluster, nil
+	case rt.clusterHeader != "":
+		return firstHeader(r, rt.clusterHeader), nil
+	}
+	x := uint32((uint64(rand.Uint32()) * uint64(rt.totalWeight)) >> 32)
+	for i := range rt.weighted {
+		w := &rt.weighted[i]
+		if x < w.weight {
+			if w.header != "" {
+				return firstHeader(r, w.header), w
+			}
+			return w.name, w
+		}
+		x -= w.weight
+	}
+	w := &rt.weighted[len(rt.weighted)-1]
+	return w.name, w
+}
+
+func firstHeader(r *http.Request, k string) string {
+	if vs := r.Header[k]; len(vs) > 0 {
+		return vs[0]
+	}
+	return ""
+}
+
+func (s *stream) responseHeaderOps(h http.Header, routes *Routes, vh *VirtualHost, rt *Route, wc *weightedCluster) {
+	fc := &formatCtx{r: s.r, down: &s.h.info, proto: s.r.Proto, requestID: s.e.RequestID, authority: s.r.Host, routeName: s.e.RouteName, clusterNam: s.e.UpstreamCluster}
+	levels := [4]*headerOps{}
+	if wc != nil {
+		levels[0] = wc.rspOps
+	}
+	levels[1], levels[2], levels[3] = rt.rspOps, vh.rspOps, routes.rspOps
+	applyLevels(levels, routes.mostSpecific, h, nil, fc)
+}
+
+// applyLevels applies header edits from the most to the least specific
+// level (weighted cluster, route, virtual host, route configuration), so
+// a less specific level has the last word, as Envoy by default; with
+// most_specific_header_mutations_wins the order is reversed.
+func applyLevels(levels [4]*headerOps, mostSpecificWins bool, h http.Header, host *string, fc *formatCtx) {
+	if mostSpecificWins {
+		for i := len(levels) - 1; i >= 0; i-- {
+			levels[i].apply(h, host, fc)
+		}
+		return
+	}
+	for _, l := range levels {
+		l.apply(h, host, fc)
+	}
+}
+
+func (s *stream) directResponse(routes *Routes, vh *VirtualHost, rt *Route) {
+	h := s.w.Header()
+	s.setServer(h)
+	s.responseHeaderOps(h, routes, vh, rt, nil)
+	body := rt.direct.body
+	if body != "" {
+		h["Content-Type"] = []string{"text/plain"}
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	}
+	s.e.ResponseCodeDetails = "direct_response"
+	s.writeHeader(rt.direct.status)
+	if body != "" && s.r.Method != http.MethodHead {
+		n, _ := io.WriteString(s.w, body)
+		s.e.BytesSent += int64(n)
+	}
+}
+
+func (s *stream) redirect(routes *Routes, vh *VirtualHost, rt *Route) {
+	rd := &rt.redirect
+	path, query, hasQuery := strings.Cut(s.target, "?")
+	scheme := "http"
+	if rd.scheme != "" {
+		scheme = rd.scheme
+	}
+	host := s.r.Host
+	if rd.host != "" {
+		host = rd.host
+	}
+	switch {
+	case rd.port != "":
+		host = stripPort(host) + ":" + rd.port
+	case rd.scheme != "" && rd.scheme != "http":
+		// Envoy drops the default port of the original scheme.
+		if strings.HasSuffix(host, ":80") {
+			host = stripPort(host)
+		}
+	}
+	switch {
+	case rd.path != "":
+		if p, q, ok := strings.Cut(rd.path, "?"); ok {
+			path, query, hasQuery = p, q, q != ""
+		} else {
+			path = rd.path
+		}
+	case rd.prefix != "":
+		repl := rd.prefix
+		if repl == "\x00" {
+			repl = ""
+		}
+		path = repl + path[min(len(rt.path), len(path)):]
+	case rd.regex != nil:
+		path = rd.regex.ReplaceAllString(path, rd.regexSubst)
+	}
+	if rd.stripQuery {
+		hasQuery = false
+	}
+	loc := scheme + "://" + host + path
+	if hasQuery {
+		loc += "?" + query
+	}
+	h := s.w.Header()
+	s.setServer(h)
+	s.responseHeaderOps(h, routes, vh, rt, nil)
+	h["Location"] = []string{loc}
+	s.e.ResponseCodeDetails = "direct_response"
+	s.writeHeader(rd.code)
+}
+
+// rewritePath returns the upstream request target after prefix_rewrite
+// or regex_rewrite (ok=false when unchanged).
+func (rt *Route) rewritePath(target string) (string, bool) {
+	if rt.prefixRewrite == "" && rt.regexRewrite == nil {
+		return target, false
+	}
+	path, query, hasQuery := strings.Cut(target, "?")
+	if rt.regexRewrite != nil {
+		path = rt.regexRewrite.ReplaceAllString(path, rt.regexSubst)
+	} else if rt.pathKind == pathPrefix || rt.pathKind == pathSeparatedPrefix {
+		path = rt.prefixRewrite + path[min(len(rt.path), len(path)):]
+	} else {
+		path = rt.prefixRewrite
+	}
+	if hasQuery {
+		return path + "?" + query, true
+	}
+	return path, true
+}
+
+// countingBody is the downstream request body: it counts bytes, touches
+// the idle timer, stops request_timeout at its end, and remembers a read
+// error (a malformed body is the client's fault: 400).
+type countingBody struct {
+	rc   io.ReadCloser
+	n    atomic.Int64
+	idle *idleWatch
+	done *time.Timer
+	err  error
+	mu   sync.Mutex
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	b.n.Add(int64(n))
+	if b.idle != nil {
+		b.idle.touch()
+	}
+	if err != nil {
+		if err == io.EOF {
+			if b.done != nil {
+				b.done.Stop()
+			}
+		} else {
+			b.mu.Lock()
+			b.err = err
+			b.mu.Unlock()
+		}
+	}
+	return n, err
+}
+
+func (b *countingBody) Close() error { return b.rc.Close() }
+
+func (b *countingBody) readErr() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
+}
+
+// proxy is the router: it sends the request to a host of the cluster,
+// with retries, timeouts and circuit breakers, and relays the response.
+func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName string, wc *weightedCluster) {
+	cfg, r, env := s.cfg, s.r, s.h.env
+	cl := env.Cluster(clusterName)
+	if clusterName == "" || cl == nil {
+		cfg.stats.NoCluster.Add(1)
+		s.e.ResponseFlags |= FlagNC
+		s.localReply(rt.notFoundCode, "", "cluster_not_found")
+		return
+	}
+	cp, err := env.Pools().get(cl, env.ClusterHTTP(clusterName))
+	if err != nil {
+		s.e.ResponseFlags |= FlagUO
+		s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "upstream_reset_before_response_started{overflow}")
+		return
+	}
+	stats := cp.stats
+
+	// The upstream request's headers, built once for every attempt.
+	hdr := r.Header.Clone()
+	if hdr == nil {
+		hdr = http.Header{}
+	}
+	stripHopByHop(hdr, true)
+	delete(hdr, "Expect") // 100-continue is answered downstream (Envoy's default)
+	authority := r.Host
+	if wc != nil && wc.hostRewrite != "" {
+		authority = wc.hostRewrite
+	} else if rt.hostRewrite != "" {
+		authority = rt.hostRewrite
+	}
+	fc := &formatCtx{r: r, down: &s.h.info, proto: r.Proto, requestID: s.e.RequestID, authority: r.Host, routeName: rt.Name, clusterNam: clusterName}
+	levels := [4]*headerOps{nil, rt.reqOps, vh.reqOps, routes.reqOps}
+	if wc != nil {
+		levels[0] = wc.reqOps
+	}
+	applyLevels(levels, routes.mostSpecific, hdr, &authority, fc)
+	target, rewritten := rt.rewritePath(s.target)
+	if rewritten && !cfg.filters.suppressEnvoy {
+		hdr["X-Envoy-Original-Path"] = []string{s.target}
+	}
+	if _, ok := hdr["User-Agent"]; !ok {
+		hdr["User-Agent"] = nil // present and empty: Go's client adds none
+	}
+	policy := rt.retry
+	if policy == nil {
+		policy = vh.retry
+	}
+	s.curPolicy = policy
+	if rt.timeout > 0 && !cfg.filters.suppressEnvoy {
+		t := rt.timeout
+		if policy != nil && policy.perTry > 0 && policy.perTry < t {
+			t = policy.perTry
+		}
+		hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+	}
+
+	// The body, buffered when a retry may have to replay it.
+	numRetries := 0
+	if policy != nil {
+		numRetries = policy.numRetries
+	}
+	var body io.Reader
+	var buffered []byte
+	replayable := true
+	if s.body != nil {
+		body = s.body
+		if numRetries > 0 {
+			buf, err := io.ReadAll(io.LimitReader(s.body, maxRetryBuffer+1))
+			if err != nil {
+				s.requestBodyError(err)
+				return
+			}
+			if len(buf) > maxRetryBuffer {
+				body, replayable = io.MultiReader(bytes.NewReader(buf), s.body), false
+			} else {
+				buffered, body = buf, nil
+			}
+		} else {
+			replayable = false
+		}
+	}
+
+	gctx := s.ctx
+	if rt.timeout > 0 {
+		var cancel context.CancelFunc
+		gctx, cancel = context.WithTimeout(s.ctx, rt.timeout)
+		defer cancel()
+	}
+	if rt.idleTimeout >= 0 && s.idle != nil {
+		if rt.idleTimeout == 0 {
+			s.idle.t.Stop()
+		} else {
+			s.idle.d = rt.idleTimeout
+		}
+	}
+
+	tr := cp.transportFor(r.ProtoMajor)
+	var tried []*cluster.Host
+	var exclude func(*cluster.Host) bool
+	for attempt := 1; ; attempt++ {
+		s.e.Attempts = attempt
+		if attempt > 1 {
+			// The previous attempt's writer may still read its headers.
+			hdr = hdr.Clone()
+		}
+		h, err := cl.PickHostFor(s.h.info.Local, exclude)
+		if err != nil {
+			s.e.ResponseFlags |= FlagUH
+			s.localReply(http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream")
+			return
+		}
+		s.e.UpstreamHost = h.Address()
+		relRq, ok := cl.TryAcquireRequest()
+		if !ok {
+			s.overflow()
+			return
+		}
+		relPending, ok := cl.TryAcquirePending()
+		if !ok {
+			relRq()
+			s.overflow()
+			return
+		}
+		if vh.attemptReq {
+			hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(attempt)}
+		}
+		actx, acancel := gctx, context.CancelFunc(nil)
+		if policy != nil && policy.perTry > 0 {
+			actx, acancel = context.WithTimeout(gctx, policy.perTry)
+		}
+		hc := cp.host(h)
+		hc.active.Add(1)
+		hc.waiting.Add(1)
+		var gotConn atomic.Bool
+		connected := func() {
+			if gotConn.CompareAndSwap(false, true) {
+				hc.waiting.Add(-1)
+				relPending()
+			}
+		}
+		actx = context.WithValue(actx, hostKey{}, h)
+		actx = httptrace.WithClientTrace(actx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected() }})
+		out := &http.Request{
+			Method:     r.Method,
+			URL:        &url.URL{Scheme: "http", Host: h.Address().String()},
+			Proto:      "HTTP/1.1",
+			ProtoMajor: 1,
+			ProtoMinor: 1,
+			Header:     hdr,
+			Host:       authority,
+		}
+		setTarget(out.URL, target)
+		switch {
+		case buffered != nil:
+			out.Body = io.NopCloser(bytes.NewReader(buffered))
+			out.ContentLength = int64(len(buffered))
+		case body != nil:
+			out.Body = io.NopCloser(body)
+			out.ContentLength = r.ContentLength
+			if out.ContentLength == 0 {
+				out.ContentLength = -1
+			}
+		}
+		if out.ContentLength < 0 {
+			out.TransferEncoding = []string{"chunked"}
+		}
+		out = out.WithContext(actx)
+		h.BeginRequest()
+		sent := time.Now()
+		resp, err := tr.RoundTrip(out)
+		connected()
+		done := func(o cluster.RequestOutcome) {
+			hc.active.Add(-1)
+			h.EndRequest(o)
+			relRq()
+			if acancel != nil {
+				acancel()
+			}
+		}
+		if err != nil {
+			retriable, flag, code, msg, details, outcome := s.classify(err, gctx, actx, stats)
+			done(outcome)
+			if flag == 0 { // the stream ended (downstream gone, timeout, bad body)
+				return
+			}
+			if retriable && policy != nil && replayable {
+				if attempt <= numRetries {
+					if s.retry(cl, policy, attempt, &tried, &exclude, h) {
+						continue
+					}
+				} else {
+					s.e.ResponseFlags |= FlagURX
+					stats.RqRetryLimitExceeded.Add(1)
+				}
+			}
+			s.e.ResponseFlags |= flag
+			s.localReply(code, msg, details)
+			return
+		}
+		stats.CountResponse(resp.StatusCode)
+		if policy != nil && policy.retriableResponse(resp.StatusCode, resp.Header) {
+			if attempt <= numRetries && replayable {
+				if s.retry(cl, policy, attempt, &tried, &exclude, h) {
+					drain(resp.Body)
+					done(outcomeOf(resp.StatusCode))
+					continue
+				}
+			} else {
+				s.e.ResponseFlags |= FlagURX
+				stats.RqRetryLimitExceeded.Add(1)
+			}
+		} else if attempt > 1 {
+			stats.RqRetrySuccess.Add(1)
+		}
+		s.e.UpstreamServiceTime = time.Since(sent)
+		outcome := s.relay(resp, routes, vh, rt, wc, gctx, stats)
+		done(outcome)
+		return
+	}
+}
+
+func outcomeOf(code int) cluster.RequestOutcome {
+	if code >= 500 {
+		return cluster.RequestError
+	}
+	return cluster.RequestSuccess
+}
+
+// setTarget sets the upstream URL's path and query from the request
+// target without re-encoding it.
+func setTarget(u *url.URL, target string) {
+	p, q, _ := strings.Cut(target, "?")
+	u.RawQuery = q
+	if strings.HasPrefix(p, "//") || p == "" || p[0] != '/' {
+		if pp, err := url.PathUnescape(p); err == nil {
+			u.Path, u.RawPath = pp, p
+			return
+		}
+	}
+	u.Opaque = p
+}
+
+func drain(b io.ReadCloser) {
+	_, _ = io.CopyN(io.Discard, b, 64<<10)
+	b.Close()
+}
+
+func (s *stream) overflow() {
+	s.e.ResponseFlags |= FlagUO
+	s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "upstream_reset_before_response_started{overflow}")
+}
+
+func (s *stream) requestBodyError(err error) {
+	if s.ctx.Err() != nil {
+		s.failStream(err)
+		return
+	}
+	s.e.ResponseFlags |= FlagDPE
+	s.localReply(http.StatusBadRequest, "", "downstream_protocol_error")
+}
+
+// retry decides whether another attempt may go, takes a retry from the
+// max_retries breaker (upstream_rq_retry) and waits the back-off.
+func (s *stream) retry(cl *cluster.Cluster, p *retryPolicy, attempt int, tried *[]*cluster.Host, exclude *func(*cluster.Host) bool, h *cluster.Host) bool {
+	rel, ok := cl.TryAcquireRetry()
+	if !ok {
+		return false
+	}
+	defer rel()
+	if p.previousHosts {
+		*tried = append(*tried, h)
+		if *exclude == nil {
+			t := tried
+			*exclude = func(x *cluster.Host) bool {
+				for _, y := range *t {
+					if x == y {
+						return true
+					}
+				}
+				return false
+			}
+		}
+	}
+	t := time.NewTimer(p.backoff(attempt - 1))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.ctx.Done():
+		return false
+	}
+}
+
+// classify maps a RoundTrip error to Envoy's outcome. flag 0 means the
+// stream already ended (its reply, if any, is sent).
+func (s *stream) classify(err error, gctx, actx context.Context, stats *cluster.HTTPStats) (retriable bool, flag Flags, code int, msg, details string, outcome cluster.RequestOutcome) {
+	const prefix = "upstream connect error or disconnect/reset before headers. "
+	if s.body != nil {
+		if berr := s.body.readErr(); berr != nil && s.ctx.Err() == nil {
+			s.requestBodyError(berr)
+			return false, 0, 0, "", "", cluster.RequestError
+		}
+	}
+	switch {
+	case s.ctx.Err() != nil:
+		s.failStream(err)
+		return false, 0, 0, "", "", cluster.RequestError
+	case gctx.Err() != nil:
+		stats.RqTimeout.Add(1)
+		s.e.ResponseFlags |= FlagUT
+		s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
+		return false, 0, 0, "", "", cluster.RequestTimeout
+	case actx.Err() != nil:
+		stats.RqPerTryTimeout.Add(1)
+		return true, FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout
+	case errors.Is(err, cluster.ErrOverflow):
+		return false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError
+	case errors.Is(err, cluster.ErrNoHealthyUpstream):
+		return false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError
+	}
+	var ce *cluster.ConnectError
+	if errors.As(err, &ce) {
+		m := prefix + "reset reason: connection failure, transport failure reason: " + ce.Err.Error()
+		return s.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError
+	}
+	stats.RqRxReset.Add(1)
+	return s.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError
+}
+
+// retriableReset is filled in by proxy through the route's policy; here
+// it only reports whether a policy exists (checked again by the caller).
+func (s *stream) retriableReset(connectFailure bool) bool {
+	p := s.policy()
+	return p != nil && p.retriableReset(connectFailure)
+}
+
+func (s *stream) policy() *retryPolicy { return s.curPolicy }
+
+// relay sends the upstream response downstream.
+func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt *Route, wc *weightedCluster, gctx context.Context, stats *cluster.HTTPStats) cluster.RequestOutcome {
+	defer resp.Body.Close()
+	h := s.w.Header()
+	for k, vs := range resp.Header {
+		h[k] = vs
+	}
+	stripHopByHop(h, false)
+	if resp.ContentLength >= 0 && s.r.Method != http.MethodHead {
+		h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
+	}
+	s.responseHeaderOps(h, routes, vh, rt, wc)
+	if !s.cfg.filters.suppressEnvoy {
+		h["X-Envoy-Upstream-Service-Time"] = []string{strconv.FormatInt(s.e.UpstreamServiceTime.Milliseconds(), 10)}
+	}
+	if vh.attemptRsp {
+		h["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(s.e.Attempts)}
+	}
+	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
+		h["X-Request-Id"] = []string{s.e.RequestID}
+	}
+	s.setServer(h)
+	s.e.ResponseCodeDetails = "via_upstream"
+	s.writeHeader(resp.StatusCode)
+	outcome := outcomeOf(resp.StatusCode)
+
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	rc := http.NewResponseController(s.w)
+	var total int64
+	for {
+		n, rerr := resp.Body.Read(buf)
+		total += int64(n)
+		if rerr == nil && total == resp.ContentLength {
+			// Read the EOF before the last bytes go out: it returns the
+			// upstream connection to its pool, so the client's next
+			// request (sent as soon as it has this response) finds it.
+			var m int
+			m, rerr = resp.Body.Read(buf[n:])
+			n += m
+			total += int64(m)
+		}
+		if n > 0 {
+			if s.idle != nil {
+				s.idle.touch()
+			}
+			w, werr := s.w.Write(buf[:n])
+			s.e.BytesSent += int64(w)
+			if werr != nil {
+				s.e.ResponseFlags |= FlagDC
+				s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+				stats.RqTxReset.Add(1)
+				return outcome
+			}
+			_ = rc.Flush()
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			switch {
+			case s.ctx.Err() != nil:
+				if context.Cause(s.ctx) == errStreamIdle {
+					s.e.ResponseFlags |= FlagSI
+					s.cfg.stats.DownstreamRqIdle.Add(1)
+				} else {
+					s.e.ResponseFlags |= FlagDC
+				}
+			case gctx.Err() != nil:
+				s.e.ResponseFlags |= FlagUT
+				stats.RqTimeout.Add(1)
+				outcome = cluster.RequestTimeout
+			default:
+				s.e.ResponseFlags |= FlagUR
+				stats.RqRxReset.Add(1)
+				outcome = cluster.RequestError
+			}
+			s.e.ResponseCodeDetails = "upstream_reset_after_response_started"
+			s.abort()
+			return outcome
+		}
+	}
+	for k, vs := range resp.Trailer {
+		h[http.TrailerPrefix+k] = vs
+	}
+	return outcome
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}

@@ -1,0 +1,297 @@
+package httpconn
+
+import (
+	"context"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Serve runs HTTP on one accepted downstream connection until the
+// connection ends or ctx is done. On ctx done it drains, as Envoy does on
+// a listener drain: requests in flight finish; HTTP/1.1 responses then
+// carry "Connection: close" and idle connections close; HTTP/2 gets a
+// GOAWAY. The caller still bounds the drain (closing down ends Serve).
+//
+// codec_type AUTO tells HTTP/2 with prior knowledge (h2c) from HTTP/1.1 by
+// the connection preface.
+func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInfo) error {
+	st := c.stats
+	st.DownstreamCxTotal.Add(1)
+	st.DownstreamCxActive.Add(1)
+	defer st.DownstreamCxActive.Add(-1)
+
+	h := &connHandler{cfg: c, env: env, info: info}
+	protos := new(http.Protocols)
+	switch c.codec {
+	case codecHTTP1:
+		protos.SetHTTP1(true)
+	case codecHTTP2:
+		protos.SetUnencryptedHTTP2(true)
+	default:
+		// AUTO: decide by the preface here, as Envoy does: the first byte
+		// that differs from "PRI * HTTP/2.0…" means HTTP/1.1. (net/http's
+		// own detection waits for 24 bytes, which stalls a short HTTP/1
+		// request such as a malformed request line.)
+		// A drain while the client has sent nothing ends the connection.
+		raw := down
+		stop := context.AfterFunc(ctx, func() { _ = raw.SetReadDeadline(time.Now()) })
+		isH2, conn, err := sniffPreface(raw, c.idleTimeout)
+		stop()
+		if err != nil {
+			return nil // closed or silent before a request: nothing to serve
+		}
+		down = conn
+		if isH2 {
+			protos.SetUnencryptedHTTP2(true)
+		} else {
+			protos.SetHTTP1(true)
+		}
+	}
+	ln := newOneConnListener(down)
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: c.requestHeadersTimeout,
+		IdleTimeout:       c.idleTimeout,
+		// net/http allows 4096 bytes over MaxHeaderBytes for the request
+		// line and slack: the total matches max_request_headers_kb.
+		MaxHeaderBytes: max(c.maxHeaderBytes-4096, 1024),
+		ErrorLog:       discardLog,
+		Protocols:      protos,
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams:      1 << 20,
+			MaxReceiveBufferPerStream: 1 << 20,
+		},
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateClosed || s == http.StateHijacked {
+				ln.Close()
+			}
+		},
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln)
+	}()
+	select {
+	case <-served:
+		// The connection ended and closed the listener.
+		<-ln.connDone()
+	case <-ctx.Done():
+		_ = srv.Shutdown(context.WithoutCancel(ctx))
+		<-served
+	}
+	return nil
+}
+
+var discardLog = log.New(io.Discard, "", 0)
+
+const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+// sniffPreface reads until the bytes diverge from the HTTP/2 connection
+// preface or match all of it, and returns a conn that replays them.
+func sniffPreface(c net.Conn, timeout time.Duration) (bool, net.Conn, error) {
+	if timeout > 0 {
+		_ = c.SetReadDeadline(time.Now().Add(timeout))
+		defer c.SetReadDeadline(time.Time{})
+	}
+	buf := make([]byte, len(h2Preface))
+	n := 0
+	for n < len(buf) {
+		m, err := c.Read(buf[n:])
+		n += m
+		if string(buf[:n]) != h2Preface[:n] {
+			return false, &prefixConn{Conn: c, pre: buf[:n]}, nil
+		}
+		if err != nil {
+			return false, nil, err
+		}
+	}
+	return true, &prefixConn{Conn: c, pre: buf}, nil
+}
+
+// prefixConn replays bytes already read from Conn.
+type prefixConn struct {
+	net.Conn
+	pre []byte
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) {
+	if len(p.pre) > 0 {
+		n := copy(b, p.pre)
+		p.pre = p.pre[n:]
+		return n, nil
+	}
+	return p.Conn.Read(b)
+}
+
+// oneConnListener hands out one connection, then blocks until closed.
+type oneConnListener struct {
+	conn   net.Conn
+	taken  atomic.Bool
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newOneConnListener(c net.Conn) *oneConnListener {
+	return &oneConnListener{conn: c, closed: make(chan struct{})}
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	if l.taken.CompareAndSwap(false, true) {
+		return l.conn, nil
+	}
+	<-l.closed
+	return nil, net.ErrClosed
+}
+
+func (l *oneConnListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *oneConnListener) connDone() <-chan struct{} { return l.closed }
+
+func (l *oneConnListener) Addr() net.Addr { return l.conn.LocalAddr() }
+
+// connHandler serves the requests of one downstream connection.
+type connHandler struct {
+	cfg     *Config
+	env     Env
+	info    ConnInfo
+	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+}
+
+func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	cfg := h.cfg
+	st := cfg.stats
+	if h.counted.CompareAndSwap(false, true) {
+		if r.ProtoMajor == 2 {
+			st.DownstreamCxHTTP2Total.Add(1)
+		} else {
+			st.DownstreamCxHTTP1Total.Add(1)
+		}
+	}
+	st.DownstreamRqTotal.Add(1)
+	if r.ProtoMajor == 2 {
+		st.DownstreamRqHTTP2Total.Add(1)
+	} else {
+		st.DownstreamRqHTTP1Total.Add(1)
+	}
+	st.DownstreamRqActive.Add(1)
+
+	s := new(stream)
+	s.init(h, w, r)
+	defer func() {
+		st.DownstreamRqActive.Add(-1)
+		s.finish()
+	}()
+	s.serve()
+}
+
+// localReply answers from the proxy itself (no upstream response): with
+// a text/plain body as Envoy's local replies, or, for gRPC requests, as a
+// trailers-only gRPC response whose grpc-status maps the HTTP status.
+func (s *stream) localReply(code int, body, details string) {
+	s.e.ResponseCodeDetails = details
+	if s.wroteHeader {
+		s.abort()
+		return
+	}
+	h := s.w.Header()
+	clear(h)
+	s.setServer(h)
+	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
+		h["X-Request-Id"] = []string{s.e.RequestID}
+	}
+	if isGRPC(s.r) && code != http.StatusOK {
+		h["Content-Type"] = []string{"application/grpc"}
+		h["Grpc-Status"] = []string{strconv.Itoa(grpcStatusFor(code))}
+		if body != "" {
+			h["Grpc-Message"] = []string{body}
+		}
+		s.writeHeader(http.StatusOK)
+		s.e.ResponseCode = http.StatusOK
+		return
+	}
+	if body != "" {
+		h["Content-Type"] = []string{"text/plain"}
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	}
+	s.writeHeader(code)
+	if body != "" && s.r.Method != http.MethodHead {
+		n, _ := io.WriteString(s.w, body)
+		s.e.BytesSent += int64(n)
+	}
+}
+
+// grpcStatusFor is Envoy's Grpc::Utility::httpToGrpcStatus.
+func grpcStatusFor(code int) int {
+	switch code {
+	case 400:
+		return 13 // INTERNAL
+	case 401:
+		return 16 // UNAUTHENTICATED
+	case 403:
+		return 7 // PERMISSION_DENIED
+	case 404:
+		return 12 // UNIMPLEMENTED
+	case 429, 502, 503, 504:
+		return 14 // UNAVAILABLE
+	}
+	return 2 // UNKNOWN
+}
+
+func (s *stream) writeHeader(code int) {
+	s.wroteHeader = true
+	s.e.ResponseCode = code
+	s.w.WriteHeader(code)
+}
+
+// setServer applies server_header_transformation.
+func (s *stream) setServer(h http.Header) {
+	switch s.cfg.serverTransform {
+	case 0: // OVERWRITE
+		h["Server"] = []string{s.cfg.serverName}
+	case 1: // APPEND_IF_ABSENT
+		if _, ok := h["Server"]; !ok {
+			h["Server"] = []string{s.cfg.serverName}
+		}
+	}
+}
+
+// abort resets the downstream stream after its response started (HTTP/2
+// RST_STREAM, HTTP/1.1 connection close), as Envoy does when an upstream
+// fails mid-response.
+func (s *stream) abort() {
+	s.aborted = true
+}
+
+// idleWatch is the per-stream idle timer (stream_idle_timeout): it fires
+// when neither side moved a byte for d.
+type idleWatch struct {
+	d      time.Duration
+	last   atomic.Int64 // unix nanos of the last activity
+	t      *time.Timer
+	cancel context.CancelCauseFunc
+}
+
+func (iw *idleWatch) touch() { iw.last.Store(nanotime()) }
+
+func (iw *idleWatch) fire() {
+	idle := time.Duration(nanotime() - iw.last.Load())
+	if idle < iw.d {
+		iw.t.Reset(iw.d - idle)
+		return
+	}
+	iw.cancel(errStreamIdle)
+}
+
+var epoch = time.Now()
+
+func nanotime() int64 { return int64(time.Since(epoch)) }
