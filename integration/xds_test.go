@@ -245,18 +245,21 @@ func xdsServesNacksAndFlips(t *testing.T, api string) {
 	}
 	before := len(ext.accepted())
 
-	// An invalid listener (tcp_proxy to a cluster that does not exist) is
-	// NACKed, naming it; the previous configuration keeps serving.
+	// A listener meshtun cannot serve (tcp_proxy tunneling_config) is
+	// NACKed, naming it and the field; the previous configuration keeps
+	// serving. (A cluster not yet known is not an error over xDS, as in
+	// Envoy: LDS and CDS may arrive in either order.)
 	n0, _ := cp.nack()
-	bad := serviceListener(vip(topo, false, 81), 9090, "no-such-cluster")
+	bad := serviceListener(vip(topo, false, 81), 9090, cl)
+	bad["filter_chains"].([]obj)[0]["filters"].([]obj)[0]["typed_config"].(obj)["tunneling_config"] = obj{"hostname": "example.com:443"}
 	cp.push(t, "1b", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl), bad},
 		append(istioClusters(), edsCluster(cl)), eps)
 	deadline = time.Now().Add(10 * time.Second)
 	for {
 		n, msg := cp.nack()
 		if n > n0 {
-			if !strings.Contains(msg, vip(topo, false, 81).String()+"_9090") || !strings.Contains(msg, "no-such-cluster") {
-				t.Fatalf("NACK error_detail %q does not name the listener and the missing cluster", msg)
+			if !strings.Contains(msg, vip(topo, false, 81).String()+"_9090") || !strings.Contains(msg, "tunneling_config") {
+				t.Fatalf("NACK error_detail %q does not name the listener and the field", msg)
 			}
 			break
 		}

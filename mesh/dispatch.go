@@ -75,7 +75,14 @@ func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
 	l.Stats.DownstreamCxTotal.Add(1)
 	l.Stats.DownstreamCxActive.Add(1)
 	defer l.Stats.DownstreamCxActive.Add(-1)
-	h, err := snap.Clusters[l.UDP.Cluster].PickHost(f.ID.Dst)
+	cl := snap.Clusters[l.UDP.Cluster]
+	if cl == nil {
+		f.Close()
+		e.ResponseFlags, e.Details = "NC", "cluster not found"
+		d.Access.Log(&e)
+		return
+	}
+	h, err := cl.PickHost(f.ID.Dst)
 	if err != nil {
 		f.Close()
 		e.ResponseFlags, e.Details = "UH", err.Error()
@@ -266,6 +273,12 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 	name := chain.TCP.pickCluster(rand.Uint32())
 	e.UpstreamCluster = name
 	cl := snap.Clusters[name]
+	if cl == nil {
+		if st := chain.TCP.Stats; st != nil {
+			st.DownstreamCxNoRoute.Add(1)
+		}
+		return nil, "NC", errors.New("cluster not found")
+	}
 	// exclude skips hosts already tried; built only after a failed attempt,
 	// so the usual single connect allocates no closure.
 	var tried []*cluster.Host

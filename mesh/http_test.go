@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -9,6 +10,8 @@ import (
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshtun/meshtun/mesh/accesslog"
 )
 
 func hcmChain(t *testing.T, prefix, rds string) *listenerv3.FilterChain {
@@ -65,5 +68,30 @@ func TestHTTPChainsAndRoutes(t *testing.T) {
 	opts.Routes = map[string]*routev3.RouteConfiguration{"80": bad}
 	if _, err := Build("3", []*listenerv3.Listener{l}, passthroughClusters(), s2, opts); err == nil || !strings.Contains(err.Error(), `route_configuration "80"`) {
 		t.Fatalf("bad route configuration: %v", err)
+	}
+}
+
+// TestUnknownClusterAllowedOverXDS: a listener naming a cluster that has
+// not arrived is an error in a static bootstrap but accepted over xDS,
+// where its flows are refused with NC until the cluster exists.
+func TestUnknownClusterAllowedOverXDS(t *testing.T) {
+	l := listener(t, "10.96.0.1_80", "10.96.0.1", 80, false, nil, tcpChain(t, "", "outbound|80||later", 0))
+	opts := buildOpts()
+	if _, err := Build("1", []*listenerv3.Listener{l}, passthroughClusters(), nil, opts); err == nil || !strings.Contains(err.Error(), "outbound|80||later") {
+		t.Fatalf("strict build: %v", err)
+	}
+	opts.AllowUnknownClusters = true
+	s, err := Build("1", []*listenerv3.Listener{l}, passthroughClusters(), nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Retire(nil)
+	ch := s.Listener("10.96.0.1_80").Chains[0]
+	var e accesslog.Entry
+	if _, flags, err := connect(s, ch, netip.MustParseAddrPort("10.96.0.1:80"), &e); err == nil || flags != "NC" {
+		t.Fatalf("connect to a missing cluster: %q %v, want NC", flags, err)
+	}
+	if ch.TCP.Stats.DownstreamCxNoRoute.Load() != 1 {
+		t.Error("downstream_cx_no_route not counted")
 	}
 }

@@ -139,6 +139,13 @@ type BuildOptions struct {
 	DynamicClusters map[string]bool
 	// Routes are the RDS route configurations by name.
 	Routes map[string]*routev3.RouteConfiguration
+	// AllowUnknownClusters accepts listeners whose tcp_proxy or udp_proxy
+	// names a cluster not (yet) known, as Envoy does for xDS: CDS and LDS
+	// arrive independently and a control plane may send them in either
+	// order. Such a flow is refused (flag NC, downstream_cx_no_route)
+	// until the cluster exists. A static-only bootstrap keeps the strict
+	// check, which catches typos before anything starts.
+	AllowUnknownClusters bool
 	// Pools are the proxy's upstream HTTP connection pools, shared by
 	// every snapshot (nil: the snapshot gets its own).
 	Pools *httpconn.Pools
@@ -216,7 +223,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 		s.routes[name] = r
 	}
-	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok }
+	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok || opts.AllowUnknownClusters }
 	defer s.shareTCPStats(prev)
 	for i, pb := range listeners {
 		l, err := buildListener(pb, exists, prev)

@@ -139,14 +139,20 @@ func (e *linkEndpoint) IsAttached() bool {
 	return e.dispatcher != nil
 }
 
-// Attach implements stack.LinkEndpoint. The first attach starts the two
-// device goroutines.
+// Attach implements stack.LinkEndpoint.
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.dispatcher = d
 	e.gro.Dispatcher = d
-	if d == nil || e.started {
+}
+
+// start begins reading the device, once the NIC is fully configured and
+// enabled: packets read earlier would be dropped by a disabled NIC.
+func (e *linkEndpoint) start() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.dispatcher == nil || e.started {
 		return
 	}
 	e.started = true

@@ -130,7 +130,10 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 	s.ipstack.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
 
 	s.link = newLinkEndpoint(dev, uint32(cfg.MTU), log)
-	if err := s.ipstack.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun"}); err != nil {
+	// The NIC starts disabled: a packet already queued in the TUN (a SYN
+	// sent while a restarted proxy was down) must meet promiscuous mode,
+	// spoofing and the routes, not a half-configured NIC that drops it.
+	if err := s.ipstack.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun", Disabled: true}); err != nil {
 		s.ipstack.Destroy()
 		return nil, fmt.Errorf("netstack: create NIC: %s", err)
 	}
@@ -148,6 +151,11 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
+	if err := s.ipstack.EnableNIC(nicID); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("netstack: enable NIC: %s", err)
+	}
+	s.link.start()
 	return s, nil
 }
 
@@ -280,4 +288,25 @@ func (r *TCPRequest) Refuse() {
 	}
 	r.done = true
 	r.fr.Complete(true)
+}
+
+// Unflushed counts the TCP connections whose data the peer has not all
+// acknowledged yet: our FIN (and what precedes it) is still in flight
+// (FIN-WAIT-1, CLOSING, LAST-ACK), or the connection is still open. A
+// proxy about to exit waits for it to reach 0, or bytes it already
+// accepted for a client would die with the process.
+func (s *Stack) Unflushed() int {
+	n := 0
+	for _, ep := range s.ipstack.RegisteredEndpoints() {
+		te, ok := ep.(*tcp.Endpoint)
+		if !ok {
+			continue
+		}
+		switch te.EndpointState() {
+		case tcp.StateEstablished, tcp.StateSynRecv, tcp.StateFinWait1, tcp.StateClosing,
+			tcp.StateLastAck, tcp.StateCloseWait:
+			n++
+		}
+	}
+	return n
 }

@@ -65,6 +65,11 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.UintVar(&f.inboundPort, "inbound-port", 15006, "port of the listener that receives captured inbound flows (Istio's virtualInbound)")
 	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN), "local" (laptop mode: route only --capture-cidr into the TUN, nothing inbound) or "none" (open the TUN, change no routes)`)
 	fs.Func("capture-cidr", `with --capture local: destinations routed into the TUN, comma separated or repeated, e.g. the mesh's service range "10.96.0.0/12"`, func(s string) error {
+		for _, tok := range strings.Split(s, ",") {
+			if p, err := netip.ParsePrefix(strings.TrimSpace(tok)); err == nil && p != p.Masked() {
+				return fmt.Errorf("%v: host bits set (did you mean %v?)", p, p.Masked())
+			}
+		}
 		ps, err := tun.ParseCIDRs(s)
 		f.captureCIDRs = append(f.captureCIDRs, ps...)
 		return err
@@ -365,6 +370,12 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 					}
 				}()
 				done = gate.Wait(ctx)
+				// The flows are over, but what the proxy wrote to its
+				// clients may still be in the stack's send queues: wait
+				// (within the same deadline) for the peers to ACK it.
+				for done && st.Unflushed() > 0 && ctx.Err() == nil {
+					time.Sleep(10 * time.Millisecond)
+				}
 				cancel()
 				log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
 				return nil

@@ -79,13 +79,15 @@ func (c *configSource) start() error {
 // resources when a client has some.
 func (c *configSource) applyStatic(b *bootstrapv3.Bootstrap) error {
 	now := time.Now()
+	opts := c.opts
+	opts.AllowUnknownClusters = b.GetDynamicResources().GetAdsConfig() != nil
 	sr := b.GetStaticResources()
 	a := &mesh.XDSApplier{
 		Server:          c.srv,
 		StaticListeners: sr.GetListeners(),
 		StaticClusters:  sr.GetClusters(),
 		StaticDump:      mesh.StaticDump(sr.GetListeners(), sr.GetClusters(), now),
-		Options:         c.opts,
+		Options:         opts,
 		DrainDuration:   c.drain,
 	}
 	if c.applier != nil {
