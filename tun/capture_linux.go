@@ -194,25 +194,7 @@ func (c *Capture) install(tunLink netlink.Link) error {
 
 	// 2. The capture table: everything routed there goes into the TUN.
 	for _, v6 := range []bool{false, true} {
-		r := &netlink.Route{
-			LinkIndex: tunLink.Attrs().Index,
-			Table:     cfg.Table,
-			Dst:       defaultDst(v6),
-			Protocol:  rtProto,
-			Scope:     netlink.SCOPE_UNIVERSE,
-		}
-		if ip, ok := c.has(v6); ok {
-			r.Src = ip.AsSlice()
-		}
-		err := netlink.RouteAdd(r)
-		if err != nil && v6 && r.Src != nil && errors.Is(err, unix.EINVAL) {
-			// The kernel refuses a source address that is still tentative
-			// (DAD running); source selection picks it later anyway.
-			c.log.Warn().Err(err).Str("src", net.IP(r.Src).String()).
-				Msg("IPv6 capture route without a source address: the pod address is not usable yet")
-			r.Src = nil
-			err = netlink.RouteAdd(r)
-		}
+		r, err := c.setTunRoute(tunLink, v6, netlink.RouteAdd)
 		if errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("capture: table %d already has a default route capture did not add; set another Table", cfg.Table)
 		}
@@ -245,6 +227,32 @@ func (c *Capture) install(tunLink netlink.Link) error {
 		}
 	}
 	return nil
+}
+
+// setTunRoute adds (or, with netlink.RouteReplace, puts back) the capture
+// table's default route of one family: into the TUN, from the pod's
+// address of that family when it has one.
+func (c *Capture) setTunRoute(tunLink netlink.Link, v6 bool, set func(*netlink.Route) error) (*netlink.Route, error) {
+	r := &netlink.Route{
+		LinkIndex: tunLink.Attrs().Index,
+		Table:     c.cfg.Table,
+		Dst:       defaultDst(v6),
+		Protocol:  rtProto,
+		Scope:     netlink.SCOPE_UNIVERSE,
+	}
+	if ip, ok := c.has(v6); ok {
+		r.Src = ip.AsSlice()
+	}
+	err := set(r)
+	if err != nil && v6 && r.Src != nil && errors.Is(err, unix.EINVAL) {
+		// The kernel refuses a source address that is still tentative
+		// (DAD running); source selection picks it later anyway.
+		c.log.Warn().Err(err).Str("src", net.IP(r.Src).String()).
+			Msg("IPv6 capture route without a source address: the pod address is not usable yet")
+		r.Src = nil
+		err = set(r)
+	}
+	return r, err
 }
 
 // rulePorts converts a port range for a rule. The kernel refuses a range

@@ -12,6 +12,7 @@ package tun
 import (
 	"fmt"
 	"net/netip"
+	"os"
 
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
@@ -73,6 +74,19 @@ func (d *Device) Offloads() OffloadInfo {
 	b := d.dev.BatchSize()
 	v := b > 1
 	return OffloadInfo{VNetHdr: v, TSO: v, GRO: v, BatchSize: b}
+}
+
+// File is the device's open file, for handing the device to a child
+// process (exec.Cmd.ExtraFiles): meshtun agent keeps the device open, so
+// the interface and the capture routes through it survive a proxy that
+// exits, and each new proxy adopts it (tun.OpenFile). Handing it over puts
+// the shared descriptor in blocking mode (os.File.Fd); the adopter sets it
+// back. Nil where the platform's device has no file.
+func (d *Device) File() *os.File {
+	if f, ok := d.dev.(interface{ File() *os.File }); ok {
+		return f.File()
+	}
+	return nil
 }
 
 // Close closes the device; the kernel removes the interface and its routes.

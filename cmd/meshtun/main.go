@@ -22,6 +22,7 @@ type command struct {
 
 var commands = []command{
 	{"proxy", "capture the pod's traffic and proxy every flow", runProxy},
+	{"agent", "run capture and the supervised proxy from the injector's environment (pilot-agent)", runAgent},
 	{"request", "send a request to the local admin API and print the body (pilot-agent request)", runRequest},
 	{"version", "print the version", func(_ []string, stdout, _ io.Writer) int { fmt.Fprintln(stdout, "meshtun", version); return 0 }},
 }

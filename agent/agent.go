@@ -1,0 +1,298 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/internal/logging"
+	"github.com/meshtun/meshtun/tun"
+)
+
+// Config is a run of the agent.
+type Config struct {
+	Sources Sources
+	// BootstrapOut is where the bootstrap is written for the proxy (and
+	// for the user to read).
+	BootstrapOut string
+	Capture      CaptureOptions
+	// ProxyBinary is the meshtun binary to run as `proxy` (default: this
+	// executable); ProxyArgs are added to its flags.
+	ProxyBinary string
+	ProxyArgs   []string
+	// LogLevel and LogFormat are passed to the proxy.
+	LogLevel, LogFormat string
+	// StatusHost is the address the status and readiness ports bind
+	// ("" = every address).
+	StatusHost string
+	Restart    Backoff
+	// Watch are more files or directories whose change reloads the proxy
+	// (certificates, config); the bootstrap's own input files are always
+	// watched.
+	Watch         []string
+	WatchInterval time.Duration
+	// ShutdownGrace is how long past terminationDrainDuration the proxy
+	// may take to exit before it is killed (default 5s).
+	ShutdownGrace time.Duration
+	// Signals delivers SIGTERM/SIGINT: the first drains and exits, a
+	// second kills the proxy at once.
+	Signals <-chan os.Signal
+	// Output receives the proxy's output (the agent's log writer).
+	Output io.Writer
+}
+
+// Agent is a running meshtun agent.
+type Agent struct {
+	cfg  Config
+	log  zerolog.Logger
+	root zerolog.Logger
+
+	mu     sync.Mutex
+	in     *Inputs
+	js     []byte
+	b      *bootstrapv3.Bootstrap
+	podIPs []netip.Addr
+	prober atomic.Pointer[Prober]
+
+	dev     *tun.Device
+	capture *tun.Capture
+	sup     *Supervisor
+	status  *StatusServer
+
+	reloads, reloadErrors atomic.Int64
+	quit                  chan struct{}
+	quitOnce              sync.Once
+}
+
+// PrepareBootstrap loads the inputs, renders and validates the bootstrap.
+func PrepareBootstrap(src Sources) (*Inputs, []byte, *bootstrapv3.Bootstrap, error) {
+	in, err := Load(src)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	js, b, err := in.Render()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return in, js, b, nil
+}
+
+// Run runs the agent until a signal or /quitquitquit: bootstrap, capture,
+// status ports, the supervised proxy, reloads; then drain and teardown.
+// Errors before the proxy starts leave the host as it was. root is the
+// root logger; the agent logs as component "agent", capture as "capture".
+func Run(cfg Config, root zerolog.Logger) error {
+	log := logging.Component(root, "agent")
+	if cfg.ShutdownGrace <= 0 {
+		cfg.ShutdownGrace = 5 * time.Second
+	}
+	cfg.Capture.setDefaults()
+	if cfg.Output == nil {
+		cfg.Output = os.Stderr
+	}
+	a := &Agent{cfg: cfg, log: log, root: root, quit: make(chan struct{})}
+	in, js, b, err := PrepareBootstrap(cfg.Sources)
+	if err != nil {
+		return err
+	}
+	for _, w := range in.Warnings {
+		log.Warn().Msg(w)
+	}
+	if err := WriteFile(cfg.BootstrapOut, js); err != nil {
+		return err
+	}
+	a.in, a.js, a.b = in, js, b
+	log.Info().Str("path", cfg.BootstrapOut).Str("node", in.NodeID()).Str("cluster", in.ServiceCluster()).
+		Bool("xds", hasADS(b)).Msg("bootstrap written")
+
+	// The status ports first: a port in use fails the start before
+	// anything on the host changes.
+	pc := in.ProxyConfig
+	statusLn, err := net.Listen("tcp", net.JoinHostPort(cfg.StatusHost, strconv.Itoa(pc.StatusPort)))
+	if err != nil {
+		return fmt.Errorf("status port: %w", err)
+	}
+	defer statusLn.Close()
+	readyLn, err := net.Listen("tcp", net.JoinHostPort(cfg.StatusHost, strconv.Itoa(in.ReadinessPort)))
+	if err != nil {
+		return fmt.Errorf("readiness port: %w", err)
+	}
+	defer readyLn.Close()
+
+	if err := a.setupCapture(in); err != nil {
+		return err
+	}
+	defer a.teardownCapture()
+
+	a.sup = &Supervisor{
+		Command: a.proxyCommand,
+		Live: func(ctx context.Context) error {
+			return a.prober.Load().Live(ctx)
+		},
+		Backoff: cfg.Restart,
+		Output:  cfg.Output,
+		Log:     log,
+	}
+	if a.capture != nil {
+		a.sup.Capture, a.sup.CaptureBlocked = a.capture, true
+	}
+	a.status = &StatusServer{
+		Ready:        a.ready,
+		AgentMetrics: a.writeMetrics,
+		ProxyMetrics: a.proxyMetrics,
+		Quit:         func() { a.quitOnce.Do(func() { close(a.quit) }) },
+		Log:          log,
+	}
+	a.prober.Store(NewProber(AdminAddress(b), hasADS(b)))
+	statusSrv := serve(statusLn, a.status.StatusHandler())
+	readySrv := serve(readyLn, a.status.ReadinessHandler())
+	defer statusSrv.Close()
+	defer readySrv.Close()
+	log.Info().Str("status", statusLn.Addr().String()).Str("readiness", readyLn.Addr().String()).Msg("status ports listening")
+
+	runDone := make(chan struct{})
+	go func() {
+		defer close(runDone)
+		a.sup.Run()
+	}()
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	w := &Watcher{Paths: a.watched(in), Interval: cfg.WatchInterval, OnChange: a.reload}
+	go w.Run(watchCtx)
+
+	select {
+	case sig := <-cfg.Signals:
+		log.Info().Str("signal", sig.String()).Msg("terminating")
+	case <-a.quit:
+	}
+	stopWatch()
+	a.status.SetDraining()
+	grace := pc.TerminationDrainDuration + cfg.ShutdownGrace
+	// The proxy refuses new inbound flows at once (the pod is leaving its
+	// endpoints) and serves outbound ones, as Envoy's drain does under
+	// Istio, until the active flows end or the drain duration is over.
+	log.Info().Dur("termination_drain_duration", pc.TerminationDrainDuration).
+		Msg("draining: new inbound flows are refused; active flows may finish")
+	stopErr := make(chan error, 1)
+	go func() { stopErr <- a.sup.Stop(grace) }()
+	var serr error
+	for done := false; !done; {
+		select {
+		case serr = <-stopErr:
+			done = true
+		case sig := <-cfg.Signals:
+			log.Warn().Str("signal", sig.String()).Msg("second signal: killing the proxy")
+			a.sup.Kill()
+		}
+	}
+	<-runDone
+	if serr != nil {
+		return fmt.Errorf("proxy shutdown: %w", serr)
+	}
+	log.Info().Msg("proxy exited; agent done")
+	return nil
+}
+
+// proxyCommand is the child for the next start, from the current
+// bootstrap: `meshtun proxy` on the agent's TUN (fd 3) with capture left
+// to the agent.
+func (a *Agent) proxyCommand() (*exec.Cmd, error) {
+	a.mu.Lock()
+	in, b := a.in, a.b
+	a.mu.Unlock()
+	bin := a.cfg.ProxyBinary
+	if bin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		bin = exe
+	}
+	pc := in.ProxyConfig
+	co := a.cfg.Capture
+	args := []string{"proxy", "--bootstrap", a.cfg.BootstrapOut, "--capture", "none"}
+	var files []*os.File
+	if a.dev != nil {
+		f := a.dev.File()
+		if f == nil {
+			return nil, errors.New("the TUN device has no file to hand to the proxy")
+		}
+		files = []*os.File{f} // fd 3 in the child
+		args = append(args, "--tun-fd", "3")
+	} else {
+		args = append(args, "--tun-name", co.TunName)
+	}
+	args = append(args,
+		"--tun-mtu", strconv.Itoa(co.TunMTU),
+		"--termination-drain-duration", pc.TerminationDrainDuration.String(),
+		"--drain-duration", pc.DrainDuration.String(),
+		"--concurrency", strconv.Itoa(pc.Concurrency),
+		"--mark", fmt.Sprintf("%#x", co.Mark),
+	)
+	if a.cfg.LogLevel != "" {
+		args = append(args, "--log-level", a.cfg.LogLevel)
+	}
+	if a.cfg.LogFormat != "" {
+		args = append(args, "--log-format", a.cfg.LogFormat)
+	}
+	if len(a.podIPs) > 0 {
+		ips := make([]string, len(a.podIPs))
+		for i, ip := range a.podIPs {
+			ips[i] = ip.String()
+		}
+		args = append(args, "--pod-ips", strings.Join(ips, ","))
+	}
+	cmd := exec.Command(bin, append(args, a.cfg.ProxyArgs...)...)
+	cmd.ExtraFiles = files
+	cmd.Env = os.Environ()
+	// This child is probed at the admin address of the bootstrap it starts with.
+	a.prober.Store(NewProber(AdminAddress(b), hasADS(b)))
+	return cmd, nil
+}
+
+// ready is the pod's readiness: a proxy runs, is live, and has its
+// first configuration.
+func (a *Agent) ready(ctx context.Context) error {
+	if !a.sup.IsLive() {
+		if a.sup.Pid() == 0 {
+			return errors.New("proxy not running")
+		}
+		return errors.New("proxy starting")
+	}
+	return a.prober.Load().Ready(ctx)
+}
+
+func (a *Agent) proxyMetrics(ctx context.Context) ([]byte, error) {
+	if a.sup.Pid() == 0 {
+		return nil, errors.New("proxy not running")
+	}
+	code, body, err := a.prober.Load().Get(ctx, "/stats/prometheus")
+	if err != nil {
+		return nil, err
+	}
+	if code != 200 {
+		return nil, fmt.Errorf("proxy /stats/prometheus: %d", code)
+	}
+	return body, nil
+}
+
+func (a *Agent) writeMetrics(w io.Writer) {
+	metric(w, "meshtun_agent_proxy_restarts_total", "counter", "Times the agent restarted the proxy after it exited on its own.", float64(a.sup.Restarts()))
+	metric(w, "meshtun_agent_proxy_live", "gauge", "1 while a proxy runs and answers its admin /ready.", b2f(a.sup.IsLive()))
+	metric(w, "meshtun_agent_capture_blocked", "gauge", "1 while captured flows are refused because no proxy serves them.", b2f(a.sup.Blocked()))
+	metric(w, "meshtun_agent_reloads_total", "counter", "Bootstrap reloads sent to the proxy (SIGHUP) after a watched file changed.", float64(a.reloads.Load()))
+	metric(w, "meshtun_agent_reload_errors_total", "counter", "Watched-file changes not applied because the new inputs were invalid.", float64(a.reloadErrors.Load()))
+}

@@ -1,0 +1,319 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+
+	"github.com/meshtun/meshtun/mesh/bootstrap"
+)
+
+// The environment the Istio sidecar injector gives the proxy container.
+const (
+	EnvPodName        = "POD_NAME"
+	EnvPodNamespace   = "POD_NAMESPACE"
+	EnvInstanceIP     = "INSTANCE_IP"
+	EnvInstanceIPs    = "INSTANCE_IPS"
+	EnvServiceAccount = "SERVICE_ACCOUNT"
+	EnvProxyConfig    = "PROXY_CONFIG"
+	// EnvBootstrapOverride names an Envoy bootstrap fragment merged over
+	// the generated one (Istio's ISTIO_BOOTSTRAP_OVERRIDE).
+	EnvBootstrapOverride = "ISTIO_BOOTSTRAP_OVERRIDE"
+
+	metaPrefix      = "ISTIO_META_"
+	envLabelsJSON   = "ISTIO_METAJSON_LABELS"
+	envAnnotsJSON   = "ISTIO_METAJSON_ANNOTATIONS"
+	envPodPorts     = metaPrefix + "POD_PORTS"
+	envInterception = metaPrefix + "INTERCEPTION_MODE"
+	envIstioVersion = metaPrefix + "ISTIO_VERSION"
+	envClusterID    = metaPrefix + "CLUSTER_ID"
+	envWorkloadName = metaPrefix + "WORKLOAD_NAME"
+)
+
+// IstioVersion is reported as ISTIO_VERSION unless ISTIO_META_ISTIO_VERSION
+// says otherwise: istiod gates what it generates on the proxy's version,
+// and this is the release whose sidecar configuration meshtun follows.
+const IstioVersion = "1.26.0"
+
+// Default downward-API files of an injected pod.
+const (
+	DefaultLabelsFile      = "/etc/istio/pod/labels"
+	DefaultAnnotationsFile = "/etc/istio/pod/annotations"
+)
+
+// Sources says where the bootstrap's inputs come from besides the
+// environment. Every file is re-read by Load, so a reload sees changes.
+type Sources struct {
+	// Environ is the process environment, KEY=VALUE (os.Environ()).
+	Environ []string
+	// ProxyConfigFile is an optional ProxyConfig document (YAML or JSON,
+	// like mesh config's defaultConfig); PROXY_CONFIG overrides it field
+	// by field.
+	ProxyConfigFile string
+	// LabelsFile and AnnotationsFile are the downward-API files (key="value"
+	// lines); a file that does not exist means none.
+	LabelsFile, AnnotationsFile string
+	// DiscoveryAddress, when set, overrides ProxyConfig's.
+	DiscoveryAddress string
+	// ExtraBootstrap is an Envoy bootstrap fragment (JSON or YAML) merged
+	// over the generated bootstrap: static listeners and clusters are
+	// added, single fields replaced. Default: $ISTIO_BOOTSTRAP_OVERRIDE.
+	ExtraBootstrap string
+	// NoXDS leaves out dynamic_resources and the xds-grpc cluster: the
+	// proxy serves the static resources of ExtraBootstrap only.
+	NoXDS bool
+	// Domain is the DNS domain of the node id; default <ns>.svc.cluster.local.
+	Domain string
+	// ReadinessPort is reported as ENVOY_STATUS_PORT; default 15021.
+	ReadinessPort int
+}
+
+// Inputs is everything the bootstrap and the capture exclusions are built
+// from, read and validated.
+type Inputs struct {
+	PodName, Namespace, ServiceAccount string
+	InstanceIPs                        []netip.Addr
+	Domain                             string
+	Labels, Annotations                map[string]string
+	// Meta holds ISTIO_META_* variables (and proxyMetadata entries),
+	// without the prefix: node metadata as Istio passes it through.
+	Meta             map[string]string
+	InterceptionMode string
+	IstioVersion     string
+	ClusterID        string
+	PodPorts         string // ISTIO_META_POD_PORTS, a JSON list as a string
+	ProxyConfig      ProxyConfig
+	ReadinessPort    int
+	NoXDS            bool
+	// Extra is the parsed ExtraBootstrap, nil without one.
+	Extra     *bootstrapv3.Bootstrap
+	ExtraPath string
+	// Exclusions are the capture exclusions the pod's annotations ask for.
+	Exclusions Exclusions
+	// Warnings are inputs that were ignored, for the log.
+	Warnings []string
+}
+
+// Load reads and validates the inputs. Every error names the variable,
+// file or annotation at fault and the value.
+func Load(src Sources) (*Inputs, error) {
+	env := map[string]string{}
+	for _, kv := range src.Environ {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	in := &Inputs{
+		PodName:          env[EnvPodName],
+		Namespace:        env[EnvPodNamespace],
+		ServiceAccount:   env[EnvServiceAccount],
+		Meta:             map[string]string{},
+		InterceptionMode: "REDIRECT",
+		IstioVersion:     IstioVersion,
+		ClusterID:        "Kubernetes",
+		ProxyConfig:      DefaultProxyConfig(),
+		ReadinessPort:    src.ReadinessPort,
+		NoXDS:            src.NoXDS,
+	}
+	if in.ReadinessPort == 0 {
+		in.ReadinessPort = 15021
+	}
+	for _, req := range []struct{ name, val string }{{EnvPodName, in.PodName}, {EnvPodNamespace, in.Namespace}} {
+		if req.val == "" {
+			return nil, fmt.Errorf("%s: required (the injector sets it from the downward API)", req.name)
+		}
+		if strings.ContainsAny(req.val, "~ \t\n/") {
+			return nil, fmt.Errorf("%s: %q is not a Kubernetes name", req.name, req.val)
+		}
+	}
+	in.Domain = src.Domain
+	if in.Domain == "" {
+		in.Domain = in.Namespace + ".svc.cluster.local"
+	}
+	var err error
+	if in.InstanceIPs, err = instanceIPs(env); err != nil {
+		return nil, err
+	}
+
+	// ProxyConfig: defaults, then the file, then PROXY_CONFIG; proxyMetadata
+	// entries under ISTIO_META_ are node metadata, as in Istio.
+	var proxyMeta map[string]string
+	if src.ProxyConfigFile != "" {
+		doc, err := os.ReadFile(src.ProxyConfigFile)
+		if err != nil {
+			return nil, fmt.Errorf("proxy config file: %w", err)
+		}
+		m, w, err := applyProxyConfig(&in.ProxyConfig, doc, "proxy config file "+src.ProxyConfigFile)
+		if err != nil {
+			return nil, err
+		}
+		proxyMeta, in.Warnings = m, append(in.Warnings, w...)
+	}
+	if v, ok := env[EnvProxyConfig]; ok {
+		m, w, err := applyProxyConfig(&in.ProxyConfig, []byte(v), EnvProxyConfig)
+		if err != nil {
+			return nil, err
+		}
+		if m != nil {
+			proxyMeta = m
+		}
+		in.Warnings = append(in.Warnings, w...)
+	}
+	if src.DiscoveryAddress != "" {
+		if err := checkHostPort(src.DiscoveryAddress); err != nil {
+			return nil, fmt.Errorf("discovery address: %w", err)
+		}
+		in.ProxyConfig.DiscoveryAddress = src.DiscoveryAddress
+	}
+	pc := in.ProxyConfig
+	if pc.ProxyAdminPort == pc.StatusPort || pc.ProxyAdminPort == in.ReadinessPort || pc.StatusPort == in.ReadinessPort {
+		return nil, fmt.Errorf("%s: proxyAdminPort %d, statusPort %d and the readiness port %d must differ",
+			EnvProxyConfig, pc.ProxyAdminPort, pc.StatusPort, in.ReadinessPort)
+	}
+	for k, v := range proxyMeta {
+		if name, ok := strings.CutPrefix(k, metaPrefix); ok && name != "" {
+			in.Meta[name] = v
+		}
+	}
+	for k, v := range env {
+		if name, ok := strings.CutPrefix(k, metaPrefix); ok && name != "" {
+			in.Meta[name] = v
+		}
+	}
+
+	if v, ok := env[envInterception]; ok {
+		switch v {
+		case "REDIRECT", "TPROXY", "NONE":
+			in.InterceptionMode = v
+		default:
+			return nil, fmt.Errorf("%s: %q: want REDIRECT, TPROXY or NONE", envInterception, v)
+		}
+	}
+	if v := env[envIstioVersion]; v != "" {
+		in.IstioVersion = v
+	}
+	if v := env[envClusterID]; v != "" {
+		in.ClusterID = v
+	}
+	if v, ok := env[envPodPorts]; ok {
+		var ports []struct {
+			ContainerPort int `json:"containerPort"`
+		}
+		if err := json.Unmarshal([]byte(v), &ports); err != nil {
+			return nil, fmt.Errorf("%s: want a JSON list of container ports such as "+
+				`[{"name":"http","containerPort":8080,"protocol":"TCP"}]: %v`, envPodPorts, err)
+		}
+		for i, p := range ports {
+			if p.ContainerPort < 1 || p.ContainerPort > 65535 {
+				return nil, fmt.Errorf("%s: [%d].containerPort: %d is not a port number", envPodPorts, i, p.ContainerPort)
+			}
+		}
+		in.PodPorts = v
+	}
+
+	// Labels and annotations: the JSON variables, then the downward-API
+	// files, which win (they follow the pod's changes).
+	if in.Labels, err = podInfo(env, envLabelsJSON, src.LabelsFile); err != nil {
+		return nil, err
+	}
+	delete(in.Labels, "pod-template-hash") // differs per ReplicaSet, says nothing of the workload
+	if in.Annotations, err = podInfo(env, envAnnotsJSON, src.AnnotationsFile); err != nil {
+		return nil, err
+	}
+	var w []string
+	if in.Exclusions, w, err = exclusionsFrom(in.Annotations, annotationSource(env, src.AnnotationsFile)); err != nil {
+		return nil, err
+	}
+	in.Warnings = append(in.Warnings, w...)
+
+	extra := src.ExtraBootstrap
+	if extra == "" {
+		extra = env[EnvBootstrapOverride]
+	}
+	if extra != "" {
+		if in.Extra, err = bootstrap.Load(extra); err != nil {
+			return nil, fmt.Errorf("extra bootstrap: %w", err)
+		}
+		in.ExtraPath = extra
+	}
+	return in, nil
+}
+
+// instanceIPs reads INSTANCE_IP then INSTANCE_IPS (comma separated),
+// without duplicates; at least one is required: it is the node id.
+func instanceIPs(env map[string]string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, name := range []string{EnvInstanceIP, EnvInstanceIPs} {
+		v, ok := env[name]
+		if !ok {
+			continue
+		}
+		for _, tok := range strings.Split(v, ",") {
+			tok = strings.TrimSpace(tok)
+			if tok == "" {
+				continue
+			}
+			ip, err := netip.ParseAddr(tok)
+			if err != nil || ip.Zone() != "" {
+				return nil, fmt.Errorf("%s: %q is not an IP address", name, tok)
+			}
+			ip = ip.Unmap()
+			if !ip.IsGlobalUnicast() {
+				return nil, fmt.Errorf("%s: %v is not a unicast pod address", name, ip)
+			}
+			if !slices.Contains(out, ip) {
+				out = append(out, ip)
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New(EnvInstanceIP + " or " + EnvInstanceIPs + ": required (the pod's IP, from the downward API status.podIP)")
+	}
+	return out, nil
+}
+
+// podInfo merges a JSON map variable and a downward-API file.
+func podInfo(env map[string]string, jsonVar, file string) (map[string]string, error) {
+	out := map[string]string{}
+	if v, ok := env[jsonVar]; ok && v != "" {
+		if err := json.Unmarshal([]byte(v), &out); err != nil {
+			return nil, fmt.Errorf("%s: want a JSON object of strings: %v", jsonVar, err)
+		}
+	}
+	if file == "" {
+		return out, nil
+	}
+	b, err := os.ReadFile(file)
+	if errors.Is(err, os.ErrNotExist) {
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pod info: %w", err)
+	}
+	m, err := ParseDownwardAPI(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("pod info %s: %w", file, err)
+	}
+	for k, v := range m {
+		out[k] = v
+	}
+	return out, nil
+}
+
+func annotationSource(env map[string]string, file string) string {
+	if file != "" {
+		if _, err := os.Stat(file); err == nil {
+			return file
+		}
+	}
+	if _, ok := env[envAnnotsJSON]; ok {
+		return envAnnotsJSON
+	}
+	return "annotations"
+}

@@ -1,0 +1,120 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// xdsStatsFilter is pilot-agent's readiness query: the LDS and CDS update
+// counters (istio pilot/cmd/pilot-agent/status/util/stats.go).
+const xdsStatsFilter = `^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$`
+
+// Prober asks the proxy's admin API whether it serves, the way
+// pilot-agent asks Envoy.
+type Prober struct {
+	admin  string // host:port or unix:/path
+	xds    bool
+	client *http.Client
+}
+
+// NewProber probes the admin API at admin (host:port or unix:/path); xds
+// says whether readiness also needs the first xDS configuration.
+func NewProber(admin string, xds bool) *Prober {
+	network, addr := "tcp", admin
+	if p, ok := strings.CutPrefix(admin, "unix:"); ok {
+		network, addr = "unix", p
+	}
+	return &Prober{admin: admin, xds: xds, client: &http.Client{
+		Timeout: 2 * time.Second,
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, network, addr)
+			},
+			DisableKeepAlives: true, // a restarted proxy is a new server
+		},
+	}}
+}
+
+// Admin is the admin address probed.
+func (p *Prober) Admin() string { return p.admin }
+
+// Get fetches path from the admin API and returns the status and body.
+func (p *Prober) Get(ctx context.Context, path string) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://localhost"+path, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	return resp.StatusCode, body, err
+}
+
+// Live reports whether the proxy serves: its admin /ready answers 200
+// (LIVE).
+func (p *Prober) Live(ctx context.Context) error {
+	code, body, err := p.Get(ctx, "/ready")
+	if err != nil {
+		return fmt.Errorf("proxy admin %s: %w", p.admin, err)
+	}
+	if code != http.StatusOK {
+		return fmt.Errorf("proxy admin /ready: %d %s", code, strings.TrimSpace(string(body)))
+	}
+	return nil
+}
+
+// Ready reports whether the proxy can take the pod's traffic: it is live
+// and, when it is configured over xDS, has accepted its first listeners
+// and clusters (both update_success counters above 0, as pilot-agent
+// requires).
+func (p *Prober) Ready(ctx context.Context) error {
+	if err := p.Live(ctx); err != nil {
+		return err
+	}
+	if !p.xds {
+		return nil
+	}
+	code, body, err := p.Get(ctx, "/stats?usedonly&filter="+url.QueryEscape(xdsStatsFilter))
+	if err != nil {
+		return fmt.Errorf("proxy admin %s: %w", p.admin, err)
+	}
+	if code != http.StatusOK {
+		return fmt.Errorf("proxy admin /stats: %d", code)
+	}
+	st := parseStats(body)
+	cds, lds := st["cluster_manager.cds.update_success"], st["listener_manager.lds.update_success"]
+	if cds > 0 && lds > 0 {
+		return nil
+	}
+	return fmt.Errorf("config not received from the xDS server (cds updates: %d successful, %d rejected; lds updates: %d successful, %d rejected)",
+		cds, st["cluster_manager.cds.update_rejected"], lds, st["listener_manager.lds.update_rejected"])
+}
+
+// parseStats reads Envoy's text /stats: "name: value" lines.
+func parseStats(b []byte) map[string]uint64 {
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		name, val, ok := strings.Cut(sc.Text(), ": ")
+		if !ok {
+			continue
+		}
+		if v, err := strconv.ParseUint(strings.TrimSpace(val), 10, 64); err == nil {
+			out[strings.TrimSpace(name)] = v
+		}
+	}
+	return out
+}
