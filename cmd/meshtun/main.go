@@ -24,6 +24,8 @@ var commands = []command{
 	{"proxy", "capture the pod's traffic and proxy every flow", runProxy},
 	{"agent", "run capture and the supervised proxy from the injector's environment (pilot-agent)", runAgent},
 	{"request", "send a request to the local admin API and print the body (pilot-agent request)", runRequest},
+	{"controlplane", "serve sidecar configuration over ADS from a registry and a mesh profile (istiod)", runControlPlane},
+	{"profile", "list, dump or apply mesh profiles (istioctl profile dump / istioctl apply)", runProfile},
 	{"version", "print the version", func(_ []string, stdout, _ io.Writer) int { fmt.Fprintln(stdout, "meshtun", version); return 0 }},
 }
 

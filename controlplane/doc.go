@@ -1,0 +1,33 @@
+// Package controlplane is meshtun's embedded control plane, the istiod of a
+// meshtun mesh: it serves every connected sidecar, over ADS (delta and state
+// of the world, go-control-plane's server and snapshot cache), the
+// configuration Istio would generate for it from a registry of services
+// and external hosts and a mesh profile (Istio's MeshConfig).
+//
+// The pieces, by file:
+//
+//   - registry.go: the registry file, validated into hosts and a listener
+//     plan (every conflict is found here, so generation cannot fail);
+//   - profile.go: mesh profiles (MeshConfig / IstioOperator-shaped YAML)
+//     and the built-in ones;
+//   - decode.go: strict YAML decoding whose errors name the field and the
+//     valid choices;
+//   - generate.go: Istio-shaped resources: virtualOutbound/virtualInbound,
+//     a listener per service address and port (one builder per protocol),
+//     outbound|<port>||<host> clusters and their endpoints, and the
+//     PassthroughCluster, BlackHoleCluster and InboundPassthroughCluster;
+//   - node.go: the sidecar node id and its IPs;
+//   - server.go: per-node snapshots (shared by nodes of one IP-family
+//     class), ACK/NACK tracking, status;
+//   - order.go: the order a change goes out in (new clusters, then the
+//     listeners that use them, then removals), which meshtun's strict
+//     proxy and go-control-plane's ADS cache both need;
+//   - api.go: the token-authenticated HTTP API `meshtun profile` talks to;
+//   - watch.go: polling of the files; a bad change is rejected and the
+//     previous configuration keeps serving;
+//   - run.go: all of it wired together for `meshtun controlplane`.
+//
+// Why generate what Istio generates: a user who knows `istioctl
+// proxy-config` finds the same names, and the proxy is tested against the
+// same shapes it would get from istiod.
+package controlplane

@@ -1,0 +1,106 @@
+package controlplane
+
+import (
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+func servedNames(s *Server) (listeners, clusters string) {
+	r := s.served(nodeClass{v4: true})
+	var ls, cs []string
+	for _, l := range r.Listeners {
+		ls = append(ls, l.GetName())
+	}
+	for _, c := range r.Clusters {
+		if !strings.Contains(c.GetName(), "Cluster") {
+			cs = append(cs, c.GetName())
+		}
+	}
+	sort.Strings(cs)
+	return strings.Join(ls, " "), strings.Join(cs, " ")
+}
+
+// TestOrderMakeBeforeBreak steps through a change that replaces service a
+// by b with one node, whose ACKs the test plays: first b's cluster next to
+// a's under a's listeners, then b's listeners once the node ACKed the
+// clusters, then a's cluster dropped once it ACKed the listeners; content
+// changes meanwhile go out at once; a node that does not ACK is waited
+// for only stepWait.
+func TestOrderMakeBeforeBreak(t *testing.T) {
+	def, _ := BuiltinProfile("default")
+	reg := func(name, vip string) *Registry {
+		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: TCP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
+	s.stepWait = time.Hour
+	e := &nodeEntry{node: Node{ID: "n", IPs: nil}, clusters: 1, listeners: 1}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nodes["n"] = e
+	check := func(version, lis, cls string) {
+		t.Helper()
+		l, c := servedNames(s)
+		if s.versionString() != version || !strings.Contains(l, lis) || c != cls {
+			t.Fatalf("version %s listeners %q clusters %q; want %s, %s, %q (pending: %s)", s.versionString(), l, c, version, lis, cls, s.seq.describe())
+		}
+	}
+	ca, cb := "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
+
+	s.reg = reg("b", "10.96.0.2")
+	s.rebuild()
+	check("2", "10.96.0.1_80", ca+" "+cb) // 1: new cluster, old listeners
+	if s.step() {
+		t.Fatal("stepped without the node's ACK")
+	}
+	s.profile = mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {connectTimeout: 3s}\n")
+	s.rebuild() // a content change goes out at once; the sequence waits on
+	check("3", "10.96.0.1_80", ca+" "+cb)
+	e.clusters = 2
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the clusters")
+	}
+	check("4", "10.96.0.2_80", ca+" "+cb) // 2: new listeners, a's cluster kept
+	if s.step() {
+		t.Fatal("dropped a cluster before the node ACKed the listeners")
+	}
+	e.clusters, e.listeners = 4, 4
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the listeners")
+	}
+	check("5", "10.96.0.2_80", cb) // 3: unused cluster dropped
+	if s.seq.pending() || s.step() {
+		t.Fatalf("still pending: %s", s.seq.describe())
+	}
+	for _, c := range s.served(nodeClass{v4: true}).Clusters {
+		if c.GetName() == cb && c.GetConnectTimeout().AsDuration() != 3*time.Second {
+			t.Errorf("content of the profile change lost: %v", c.GetConnectTimeout())
+		}
+	}
+
+	// A node that never ACKs holds each step back for stepWait only. (It
+	// has not ACKed the clusters of version 5 either: one change of cluster
+	// names at a time, so c's cluster waits too.)
+	s.stepWait = 20 * time.Millisecond
+	s.reg = reg("c", "10.96.0.3")
+	s.rebuild()
+	check("6", "10.96.0.2_80", cb)
+	cc := "outbound|80||c.default.svc.cluster.local"
+	for i, want := range [][3]string{{"7", "10.96.0.2_80", cb + " " + cc}, {"8", "10.96.0.3_80", cb + " " + cc}, {"9", "10.96.0.3_80", cc}} {
+		if s.step() {
+			t.Fatalf("step %d went out before stepWait", i)
+		}
+		time.Sleep(30 * time.Millisecond)
+		if !s.step() {
+			t.Fatalf("step %d: the lagging node held the change back past stepWait", i)
+		}
+		check(want[0], want[1], want[2])
+	}
+}

@@ -1,0 +1,161 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Options configure a control plane.
+type Options struct {
+	// RegistryFile is watched; "" serves an empty registry.
+	RegistryFile string
+	// Profile is a profile file (watched), or the name of a built-in
+	// profile; "" is the built-in default.
+	Profile string
+	// XDSAddress serves ADS (default 0.0.0.0:15010), APIAddress the HTTP
+	// API (default 127.0.0.1:15014).
+	XDSAddress, APIAddress string
+	// StateDir receives the API token file.
+	StateDir     string
+	PollInterval time.Duration
+	Log          zerolog.Logger
+	// Ready, if set, is called once both listeners are up.
+	Ready func(xds, api net.Addr, tokenFile string)
+}
+
+// Run loads the files, writes the API token, serves ADS and the API and
+// watches the files until ctx is done. Invalid files at the start are an
+// error; later, an invalid change is rejected and the previous
+// configuration keeps serving.
+func Run(ctx context.Context, o Options) error {
+	if o.XDSAddress == "" {
+		o.XDSAddress = "0.0.0.0:15010"
+	}
+	if o.APIAddress == "" {
+		o.APIAddress = "127.0.0.1:15014"
+	}
+	var srv *Server
+	reg := EmptyRegistry()
+	var regWatch, profWatch *Watcher
+	if o.RegistryFile != "" {
+		regWatch = &Watcher{Path: o.RegistryFile, Interval: o.PollInterval, Log: o.Log,
+			Apply: func(data []byte) error {
+				r, err := ParseRegistry(o.RegistryFile, data)
+				if err != nil {
+					return err
+				}
+				if srv == nil {
+					reg = r
+				} else {
+					srv.SetRegistry(r)
+				}
+				return nil
+			},
+		}
+		if err := regWatch.Load(); err != nil {
+			return fmt.Errorf("registry: %w", err)
+		}
+	}
+	profile, _ := BuiltinProfile(DefaultProfileName)
+	if o.Profile != "" {
+		if p, err := BuiltinProfile(o.Profile); err == nil {
+			profile = p
+		} else {
+			profWatch = &Watcher{Path: o.Profile, Interval: o.PollInterval, Log: o.Log,
+				Apply: func(data []byte) error {
+					p, err := ParseProfile(o.Profile, data)
+					if err != nil {
+						return err
+					}
+					if srv == nil {
+						profile = p
+					} else {
+						srv.SetProfile(p)
+					}
+					return nil
+				},
+			}
+			if err := profWatch.Load(); err != nil {
+				return fmt.Errorf("profile: %w", err)
+			}
+		}
+	}
+	srv = NewServer(reg, profile, o.Log)
+	if regWatch != nil {
+		regWatch.Reject = srv.RejectRegistry
+	}
+	if profWatch != nil {
+		profWatch.Reject = srv.RejectProfile
+	}
+
+	token, err := NewToken()
+	if err != nil {
+		return err
+	}
+	tokenFile, err := WriteTokenFile(o.StateDir, token)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tokenFile)
+
+	xdsLis, err := net.Listen("tcp", o.XDSAddress)
+	if err != nil {
+		return fmt.Errorf("--xds-address: %w", err)
+	}
+	apiLis, err := net.Listen("tcp", o.APIAddress)
+	if err != nil {
+		xdsLis.Close()
+		return fmt.Errorf("--api-address: %w", err)
+	}
+	api := &API{Server: srv, Token: token, Log: o.Log}
+	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 2)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(ctx, xdsLis); err != nil {
+			errc <- fmt.Errorf("xds: %w", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		if err := hs.Serve(apiLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("api: %w", err)
+		}
+	}()
+	for _, w := range []*Watcher{regWatch, profWatch} {
+		if w != nil {
+			wg.Add(1)
+			go func() { defer wg.Done(); w.Run(ctx) }()
+		}
+	}
+	o.Log.Info().Str("xds_address", xdsLis.Addr().String()).Str("api_address", apiLis.Addr().String()).
+		Str("token_file", tokenFile).Str("version", srv.Version()).Int("hosts", len(reg.Hosts)).
+		Str("profile", profile.Metadata.Name).Msg("control plane ready")
+	if o.Ready != nil {
+		o.Ready(xdsLis.Addr(), apiLis.Addr(), tokenFile)
+	}
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-errc:
+	}
+	cancel()
+	sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer scancel()
+	hs.Shutdown(sctx)
+	wg.Wait()
+	return err
+}

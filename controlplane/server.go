@@ -1,0 +1,358 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/rs/zerolog"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+)
+
+// Server serves every connected sidecar its configuration over ADS (delta
+// and state of the world), generated from the registry and the mesh
+// profile in force. A change of either is pushed to every node as a new
+// snapshot version; nodes of one IP-family class share one snapshot.
+// order.go says in which order a change reaches the nodes.
+type Server struct {
+	log   zerolog.Logger
+	cache cachev3.SnapshotCache
+
+	mu      sync.Mutex // serializes configuration changes and node arrivals
+	reg     *Registry
+	profile *Profile
+	version uint64
+	seq     sequence                        // make-before-break state (order.go)
+	classes map[nodeClass]*cachev3.Snapshot // of the current version
+	nodes   map[string]*nodeEntry           // by node id
+	streams map[streamKey]string            // stream -> node id
+	// nonces maps a delta stream's cluster and listener response nonces
+	// to versions: a delta ACK carries only the nonce.
+	nonces   map[int64]map[string]string
+	advance  chan struct{} // a node moved on, or a step timed out
+	stepWait time.Duration // maxStepWait; shorter in tests
+
+	registryRejected atomic.Uint64
+	profileRejected  atomic.Uint64
+	lastRejection    atomic.Pointer[string]
+}
+
+type nodeEntry struct {
+	node     Node
+	streams  int
+	acks     uint64
+	nacks    uint64
+	lastNack string
+	// clusters and listeners are the highest versions of each the node
+	// ACKed (applied).
+	clusters, listeners uint64
+}
+
+type streamKey struct {
+	delta bool
+	id    int64
+}
+
+// NewServer returns a server for reg and profile (version 1).
+func NewServer(reg *Registry, profile *Profile, log zerolog.Logger) *Server {
+	s := &Server{
+		log:      log,
+		cache:    cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil),
+		reg:      reg,
+		profile:  profile,
+		nodes:    map[string]*nodeEntry{},
+		streams:  map[streamKey]string{},
+		nonces:   map[int64]map[string]string{},
+		advance:  make(chan struct{}, 1),
+		stepWait: maxStepWait,
+	}
+	s.mu.Lock()
+	s.rebuild()
+	s.mu.Unlock()
+	return s
+}
+
+// Serve runs the ADS gRPC service on lis until ctx is done.
+func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	gs := grpc.NewServer()
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, s.cache, s.Callbacks()))
+	stop := context.AfterFunc(ctx, gs.Stop)
+	defer stop()
+	done := make(chan struct{})
+	go func() { defer close(done); s.sequencer(ctx) }()
+	err := gs.Serve(lis)
+	stopped := ctx.Err() != nil
+	cancel()
+	<-done
+	if err == nil || stopped && errors.Is(err, grpc.ErrServerStopped) {
+		return nil
+	}
+	return err
+}
+
+// Callbacks learn each stream's node from its first request, give a new
+// node its snapshot, track what each node ACKed and NACKed, and forget a
+// node when its last stream closes.
+func (s *Server) Callbacks() serverv3.Callbacks {
+	return serverv3.CallbackFuncs{
+		StreamRequestFunc: func(id int64, r *discoveryv3.DiscoveryRequest) error {
+			return s.onRequest(streamKey{false, id}, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), r.GetVersionInfo(), r.GetErrorDetail())
+		},
+		StreamDeltaRequestFunc: func(id int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+			return s.onRequest(streamKey{true, id}, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), "", r.GetErrorDetail())
+		},
+		StreamDeltaResponseFunc: func(id int64, _ *discoveryv3.DeltaDiscoveryRequest, r *discoveryv3.DeltaDiscoveryResponse) {
+			if r.GetTypeUrl() != resource.ClusterType && r.GetTypeUrl() != resource.ListenerType {
+				return
+			}
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			m := s.nonces[id]
+			if m == nil || len(m) > 32 { // nonces a misbehaving client never ACKed
+				m = map[string]string{}
+				s.nonces[id] = m
+			}
+			m[r.GetNonce()] = r.GetSystemVersionInfo()
+		},
+		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.onClosed(streamKey{false, id}) },
+		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.onClosed(streamKey{true, id}) },
+	}
+}
+
+// onRequest handles every request of every stream; version is the SotW
+// version_info ("" in delta, where the nonce names the response).
+func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version string, nack *status.Status) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, known := s.streams[k]
+	if !known {
+		if n == nil {
+			return grpcstatus.Error(codes.InvalidArgument, "the first request of a stream must carry the node")
+		}
+		node, err := ParseNode(n)
+		if err != nil {
+			s.log.Warn().Err(err).Msg("node rejected")
+			return grpcstatus.Error(codes.InvalidArgument, err.Error())
+		}
+		id = node.ID
+		s.streams[k] = id
+		e := s.nodes[id]
+		if e == nil {
+			e = &nodeEntry{node: node}
+			s.nodes[id] = e
+			s.setSnapshot(id, node.class())
+			s.log.Info().Str("node", id).Interface("ips", node.IPs).Bool("delta", k.delta).Msg("node connected")
+		} else if e.node.class() != node.class() {
+			e.node = node
+			s.setSnapshot(id, node.class())
+		}
+		e.streams++
+	}
+	e := s.nodes[id]
+	if nonce == "" {
+		return nil
+	}
+	if k.delta {
+		version = s.nonces[k.id][nonce]
+		delete(s.nonces[k.id], nonce)
+	}
+	if nack != nil {
+		e.nacks++
+		e.lastNack = nack.GetMessage()
+		s.log.Warn().Str("node", id).Str("type", typeURL).Str("version", version).Str("error", nack.GetMessage()).
+			Msg("configuration rejected by the proxy (NACK)")
+		return nil
+	}
+	e.acks++
+	v, err := strconv.ParseUint(version, 10, 64)
+	if err != nil {
+		return nil
+	}
+	switch typeURL {
+	case resource.ClusterType:
+		e.clusters = max(e.clusters, v)
+	case resource.ListenerType:
+		e.listeners = max(e.listeners, v)
+	default:
+		return nil
+	}
+	if s.seq.pending() {
+		s.wake()
+	}
+	return nil
+}
+
+func (s *Server) onClosed(k streamKey) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, ok := s.streams[k]
+	if !ok {
+		return
+	}
+	delete(s.streams, k)
+	if k.delta {
+		delete(s.nonces, k.id)
+	}
+	if e := s.nodes[id]; e != nil {
+		e.streams--
+		if e.streams <= 0 {
+			delete(s.nodes, id)
+			s.cache.ClearSnapshot(id)
+			s.log.Info().Str("node", id).Msg("node disconnected")
+			if s.seq.pending() {
+				s.wake()
+			}
+		}
+	}
+}
+
+// wake makes the sequencer look at the nodes again.
+func (s *Server) wake() {
+	select {
+	case s.advance <- struct{}{}:
+	default:
+	}
+}
+
+// setSnapshot gives node id the current snapshot of its class. Called
+// with s.mu held; the cache's sends to stream watches never block (one
+// buffered response per type), so no stream waits on s.mu meanwhile.
+func (s *Server) setSnapshot(id string, c nodeClass) {
+	snap := s.classes[c]
+	if snap == nil {
+		snap = s.snapshot(c)
+		s.classes[c] = snap
+	}
+	if err := s.cache.SetSnapshot(context.Background(), id, snap); err != nil {
+		s.log.Error().Err(err).Str("node", id).Msg("set snapshot")
+	}
+}
+
+func (s *Server) versionString() string { return strconv.FormatUint(s.version, 10) }
+
+// push makes the next version and sets it for every node. Called with
+// s.mu held.
+func (s *Server) push(why string) {
+	start := time.Now()
+	s.version++
+	s.classes = map[nodeClass]*cachev3.Snapshot{}
+	for _, id := range sortedKeys(s.nodes) {
+		s.setSnapshot(id, s.nodes[id].node.class())
+	}
+	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.Hosts)).
+		Str("outbound_traffic_policy", string(s.profile.Spec.OutboundTrafficPolicy.Mode)).
+		Dur("took", time.Since(start)).Msg("configuration pushed")
+}
+
+// SetRegistry puts reg in force and pushes it; it returns the new version.
+func (s *Server) SetRegistry(reg *Registry) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reg = reg
+	s.rebuild()
+	return s.versionString()
+}
+
+// SetProfile puts p in force and pushes it; it returns the new version.
+func (s *Server) SetProfile(p *Profile) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.profile = p
+	s.rebuild()
+	return s.versionString()
+}
+
+// Profile is the profile in force.
+func (s *Server) Profile() *Profile {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.profile
+}
+
+// Version is the configuration version last pushed.
+func (s *Server) Version() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.versionString()
+}
+
+// RejectRegistry records a registry change that was refused: counted,
+// logged by the caller, the previous registry still in force.
+func (s *Server) RejectRegistry(err error) {
+	s.registryRejected.Add(1)
+	msg := err.Error()
+	s.lastRejection.Store(&msg)
+}
+
+// RejectProfile records a profile that was refused.
+func (s *Server) RejectProfile(err error) {
+	s.profileRejected.Add(1)
+	msg := err.Error()
+	s.lastRejection.Store(&msg)
+}
+
+// Status is the control plane's state, for its HTTP API.
+type Status struct {
+	Version               string       `json:"version"`
+	Profile               string       `json:"profile"`
+	OutboundTrafficPolicy OutboundMode `json:"outboundTrafficPolicy"`
+	Hosts                 int          `json:"hosts"`
+	// Pending is the step of a change still under way (order.go), if any.
+	Pending          string       `json:"pending,omitempty"`
+	RegistryRejected uint64       `json:"registryRejected"`
+	ProfileRejected  uint64       `json:"profileRejected"`
+	LastRejection    string       `json:"lastRejection,omitempty"`
+	Nodes            []NodeStatus `json:"nodes"`
+}
+
+// NodeStatus is one connected node.
+type NodeStatus struct {
+	ID        string       `json:"id"`
+	IPs       []netip.Addr `json:"ips"`
+	Streams   int          `json:"streams"`
+	Clusters  uint64       `json:"clustersVersion"`  // last ACKed
+	Listeners uint64       `json:"listenersVersion"` // last ACKed
+	ACKs      uint64       `json:"acks"`
+	NACKs     uint64       `json:"nacks"`
+	LastNACK  string       `json:"lastNack,omitempty"`
+}
+
+// Status reports the state.
+func (s *Server) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{
+		Version:               s.versionString(),
+		Profile:               s.profile.Metadata.Name,
+		OutboundTrafficPolicy: s.profile.Spec.OutboundTrafficPolicy.Mode,
+		Hosts:                 len(s.reg.Hosts),
+		Pending:               s.seq.describe(),
+		RegistryRejected:      s.registryRejected.Load(),
+		ProfileRejected:       s.profileRejected.Load(),
+		Nodes:                 []NodeStatus{},
+	}
+	if p := s.lastRejection.Load(); p != nil {
+		st.LastRejection = *p
+	}
+	for _, id := range sortedKeys(s.nodes) {
+		e := s.nodes[id]
+		st.Nodes = append(st.Nodes, NodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
+			Listeners: e.listeners, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
+	}
+	return st
+}
