@@ -225,7 +225,14 @@ func (a *Agent) proxyCommand() (*exec.Cmd, error) {
 	co := a.cfg.Capture
 	args := []string{"proxy", "--bootstrap", a.cfg.BootstrapOut, "--capture", "none"}
 	var files []*os.File
-	if a.dev != nil {
+	if co.Mode == "local" {
+		cidrs := make([]string, len(co.CIDRs))
+		for i, p := range co.CIDRs {
+			cidrs[i] = p.String()
+		}
+		args = []string{"proxy", "--bootstrap", a.cfg.BootstrapOut, "--capture", "local", "--capture-cidr", strings.Join(cidrs, ","),
+			"--tun-name", co.TunName}
+	} else if a.dev != nil {
 		f := a.dev.File()
 		if f == nil {
 			return nil, errors.New("the TUN device has no file to hand to the proxy")
@@ -248,7 +255,7 @@ func (a *Agent) proxyCommand() (*exec.Cmd, error) {
 	if a.cfg.LogFormat != "" {
 		args = append(args, "--log-format", a.cfg.LogFormat)
 	}
-	if len(a.podIPs) > 0 {
+	if len(a.podIPs) > 0 && co.Mode != "local" {
 		ips := make([]string, len(a.podIPs))
 		for i, ip := range a.podIPs {
 			ips[i] = ip.String()

@@ -28,6 +28,8 @@ type CaptureOptions struct {
 	ExcludeOutboundPorts []tun.PortRange
 	ExcludeOutboundCIDRs []netip.Prefix
 	ExcludeInboundPorts  []tun.PortRange
+	// CIDRs are laptop mode's (Mode "local") captured destinations.
+	CIDRs []netip.Prefix
 }
 
 func (co *CaptureOptions) setDefaults() {
@@ -55,7 +57,9 @@ func (a *Agent) setupCapture(in *Inputs) error {
 	}
 	a.cfg.Capture.Mode = mode
 	a.podIPs = co.PodIPs
-	if mode == "none" {
+	if mode == "none" || mode == "local" {
+		// Laptop mode: the proxy routes the CIDRs into its own TUN and
+		// takes them down when it exits; there is no pod traffic to hold.
 		return nil
 	}
 	if mode != "sidecar" {

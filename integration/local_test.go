@@ -5,6 +5,7 @@ package integration
 import (
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -74,5 +75,68 @@ func TestLocalModeCapturesOnlyCIDR(t *testing.T) {
 	}
 	if strings.Contains(before, "15002") {
 		t.Fatal("test premise: table 15002 in use before the start")
+	}
+}
+
+// TestAgentLocalMode is issue 7's laptop mode: `meshtun agent --mode local
+// --capture-cidr CIDR --discovery ADDR` takes its configuration from a
+// control plane and captures only the CIDR: a service VIP in it reaches
+// its endpoint through the proxy, other traffic is untouched, the default
+// route is not changed, and SIGTERM restores the namespace exactly.
+func TestAgentLocalMode(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	ep := startTCPServer(t, topo.Services, ap(topo.Svc2V4, 80), echo)
+	v := vip(topo, false, 64)
+	cl := "outbound|80||web.default.svc.cluster.local"
+	cp.push(t, "1", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 80, cl)},
+		append(istioClusters(), edsCluster(cl)), map[string][]netip.AddrPort{cl: {netip.AddrPortFrom(topo.Svc2V4, 80)}})
+	before := podState(t, topo.Pod)
+	defRoute, _ := nsRun(topo.Pod, "ip", "route", "show", "default")
+
+	ag := startAgent(t, topo, agentEnv(), "--mode", "local", "--capture-cidr", netip.PrefixFrom(v, 24).Masked().String(),
+		"--discovery", ap(topo.GwV4, 15010))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+		if err == nil {
+			err = echoRoundTrip(c, []byte("laptop"), echoTimeout)
+			c.Close()
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("VIP in the captured CIDR never served: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(ep.accepted()) == 0 {
+		t.Fatal("the VIP flow did not reach the service's endpoint")
+	}
+	if got, _ := nsRun(topo.Pod, "ip", "route", "show", "default"); got != defRoute {
+		t.Fatalf("local mode changed the default route: %q → %q", defRoute, got)
+	}
+	if rules, _ := nsRun(topo.Pod, "ip", "rule"); strings.Contains(rules, "15001") || strings.Contains(rules, "iif") {
+		t.Fatalf("local mode installed sidecar capture rules:\n%s", rules)
+	}
+	c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echoRoundTrip(c, []byte("direct"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if err := ag.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code, ok := ag.waitExit(15 * time.Second); !ok || code != 0 {
+		t.Fatalf("agent after SIGTERM: exited %v, status %d; want 0", ok, code)
+	}
+	if after := podState(t, topo.Pod); after != before {
+		t.Fatalf("the namespace differs after laptop mode:\n%s", lineDiff(before, after))
 	}
 }

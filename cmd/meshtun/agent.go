@@ -57,7 +57,19 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	printBootstrap := fs.Bool("print-bootstrap", false, "print the bootstrap the environment gives and exit (nothing is started or written)")
 	captureOnly := fs.Bool("capture-only", false, "install capture (blocked until the agent's proxy serves) and exit: the init container, like istio-init")
 	co := &cfg.Capture
-	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
+	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic), "local" (laptop mode, as --mode local) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
+	mode := fs.String("mode", "sidecar", `"sidecar" (in a pod, next to istiod) or "local" (a developer's machine: only --capture-cidr is routed into the TUN, nothing inbound; POD_NAME, POD_NAMESPACE and INSTANCE_IP default to the host name, "default" and the default route's address)`)
+	fs.Func("capture-cidr", `with --mode local: destinations routed into the TUN, comma separated or repeated (the mesh's service range, e.g. 10.96.0.0/12)`, func(s string) error {
+		for _, tok := range strings.Split(s, ",") {
+			if p, err := netip.ParsePrefix(strings.TrimSpace(tok)); err == nil && p != p.Masked() {
+				return fmt.Errorf("%v: host bits set (did you mean %v?)", p, p.Masked())
+			}
+		}
+		ps, err := tun.ParseCIDRs(s)
+		co.CIDRs = append(co.CIDRs, ps...)
+		return err
+	})
+	fs.StringVar(&cfg.Sources.DiscoveryAddress, "discovery", "", "same as --discovery-address")
 	fs.StringVar(&co.TunName, "tun-name", "meshtun0", "TUN device name")
 	fs.IntVar(&co.TunMTU, "tun-mtu", 65535, "TUN MTU")
 	fs.StringVar(&co.StateDir, "state-dir", "/run/meshtun", "where capture records what it changed (share it with the init container)")
@@ -112,8 +124,27 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshtun agent: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
-	if co.Mode != "" && co.Mode != "sidecar" && co.Mode != "none" {
-		fmt.Fprintf(stderr, "meshtun agent: -capture: want \"sidecar\" or \"none\", got %q\n", co.Mode)
+	switch *mode {
+	case "sidecar":
+	case "local":
+		if co.Mode != "" && co.Mode != "local" {
+			fmt.Fprintf(stderr, "meshtun agent: --mode local captures --capture-cidr only; drop --capture %s\n", co.Mode)
+			return 2
+		}
+		co.Mode = "local"
+	default:
+		fmt.Fprintf(stderr, "meshtun agent: -mode: want \"sidecar\" or \"local\", got %q\n", *mode)
+		return 2
+	}
+	switch {
+	case co.Mode != "" && co.Mode != "sidecar" && co.Mode != "none" && co.Mode != "local":
+		fmt.Fprintf(stderr, "meshtun agent: -capture: want \"sidecar\", \"local\" or \"none\", got %q\n", co.Mode)
+		return 2
+	case co.Mode == "local" && len(co.CIDRs) == 0:
+		fmt.Fprintf(stderr, "meshtun agent: --mode local needs at least one --capture-cidr\n")
+		return 2
+	case co.Mode != "local" && len(co.CIDRs) > 0:
+		fmt.Fprintf(stderr, "meshtun agent: --capture-cidr applies to --mode local only\n")
 		return 2
 	}
 	out := &agent.LockedWriter{W: stderr}
@@ -123,6 +154,9 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cfg.Sources.Environ = os.Environ()
+	if co.Mode == "local" {
+		cfg.Sources.Environ = agent.LocalEnviron(cfg.Sources.Environ)
+	}
 	if *captureOnly {
 		if err := agent.CaptureOnly(cfg.Capture, cfg.Sources, log); err != nil {
 			fmt.Fprintf(stderr, "meshtun agent: %v\n", err)

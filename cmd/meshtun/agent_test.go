@@ -79,6 +79,21 @@ func TestAgentBadEnvironment(t *testing.T) {
 	if code := run([]string{"agent", "--capture", "iptables"}, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "iptables") {
 		t.Errorf("--capture iptables: exit %d %q", code, stderr.String())
 	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--mode", "cloud"}, `-mode: want "sidecar" or "local", got "cloud"`},
+		{[]string{"--mode", "local"}, "--mode local needs at least one --capture-cidr"},
+		{[]string{"--capture-cidr", "10.96.0.0/12"}, "--capture-cidr applies to --mode local only"},
+		{[]string{"--mode", "local", "--capture-cidr", "10.96.0.1/12"}, "host bits set (did you mean 10.96.0.0/12?)"},
+		{[]string{"--mode", "local", "--capture", "sidecar", "--capture-cidr", "10.96.0.0/12"}, "drop --capture sidecar"},
+	} {
+		stderr.Reset()
+		if code := run(append([]string{"agent"}, tc.args...), &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%v: exit %d %q, want 2 and %q", tc.args, code, stderr.String(), tc.want)
+		}
+	}
 }
 
 // TestAgentRequest: `agent request` goes to the admin address in the
