@@ -16,12 +16,16 @@
 //     a listener per service address and port (one builder per protocol),
 //     outbound|<port>||<host> clusters and their endpoints, and the
 //     PassthroughCluster, BlackHoleCluster and InboundPassthroughCluster;
-//   - node.go: the sidecar node id and its IPs;
-//   - server.go: per-node snapshots (shared by nodes of one IP-family
-//     class), ACK/NACK tracking, status;
+//   - http.go: HTTP ports: one 0.0.0.0_<port> listener per port number
+//     with an http_connection_manager over RDS, and the route
+//     configuration "<port>" (a virtual host per host, matched on Host,
+//     and allow_any or block_all);
+//   - node.go: the sidecar node id, its IPs and namespace;
+//   - server.go: per-node snapshots (shared by nodes of one class: IP
+//     families and namespace), ACK/NACK tracking, status;
 //   - order.go: the order a change goes out in (new clusters, then the
-//     listeners that use them, then removals), which meshtun's strict
-//     proxy and go-control-plane's ADS cache both need;
+//     listeners and routes that use them, then removals), which meshtun's
+//     strict proxy and go-control-plane's ADS cache both need;
 //   - api.go: the token-authenticated HTTP API `meshtun profile` talks to;
 //   - watch.go: polling of the files; a bad change is rejected and the
 //     previous configuration keeps serving;

@@ -11,6 +11,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	filev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	origdstv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
@@ -56,6 +57,9 @@ type Resources struct {
 	Listeners []*listenerv3.Listener
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
+	// Routes are the RDS route configurations of the HTTP listeners, one
+	// per HTTP port number, named by it.
+	Routes []*routev3.RouteConfiguration
 }
 
 // Generate returns the sidecar configuration of node under reg and mesh.
@@ -65,8 +69,13 @@ func Generate(reg *Registry, mesh *MeshConfig, node Node) *Resources {
 
 // nodeClass is what makes one node's configuration differ from another's:
 // the IP families of the proxy (the wildcard addresses, the inbound bind
-// addresses, DNS lookup families). Nodes of one class share a snapshot.
-type nodeClass struct{ v4, v6 bool }
+// addresses, DNS lookup families) and its namespace (the short host names
+// of HTTP virtual hosts: "reviews" means reviews.<its namespace>). Nodes
+// of one class share a snapshot.
+type nodeClass struct {
+	v4, v6 bool
+	ns     string
+}
 
 // generator builds configuration for one registry and mesh config; the
 // parts every node shares are built once.
@@ -76,6 +85,7 @@ type generator struct {
 
 	listeners []*listenerv3.Listener // outbound, per address and port
 	wildcards []*listenerPlan        // outbound on the wildcard: per class
+	http      []*listenerPlan        // HTTP ports: a route configuration each, per class
 	clusters  []*clusterv3.Cluster   // EDS and ORIGINAL_DST clusters of hosts
 	endpoints []*endpointv3.ClusterLoadAssignment
 	dns       []route // ports of DNS-resolved hosts: clusters per class
@@ -85,6 +95,9 @@ type generator struct {
 func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 	g := &generator{reg: reg, mesh: mesh}
 	for _, pl := range reg.listeners {
+		if pl.protocol == ProtocolHTTP {
+			g.http = append(g.http, pl)
+		}
 		if pl.addr.Addr().IsUnspecified() {
 			g.wildcards = append(g.wildcards, pl)
 			continue
@@ -145,6 +158,10 @@ func (g *generator) forClass(c nodeClass) *Resources {
 	for _, rt := range g.dns {
 		r.Clusters = append(r.Clusters, g.dnsCluster(rt.host, rt.port, c))
 	}
+	for _, pl := range g.http {
+		r.Routes = append(r.Routes, g.routeConfiguration(pl, c))
+	}
+	sort.Slice(r.Routes, func(i, j int) bool { return r.Routes[i].GetName() < r.Routes[j].GetName() })
 	sort.Slice(r.Listeners, func(i, j int) bool { return r.Listeners[i].GetName() < r.Listeners[j].GetName() })
 	sort.Slice(r.Clusters, func(i, j int) bool { return r.Clusters[i].GetName() < r.Clusters[j].GetName() })
 	sort.Slice(r.Endpoints, func(i, j int) bool { return r.Endpoints[i].GetClusterName() < r.Endpoints[j].GetClusterName() })
@@ -272,13 +289,6 @@ func (g *generator) tcpListener(pl *listenerPlan) *listenerv3.Listener {
 	return l
 }
 
-// httpListener proxies HTTP ports as TCP for now. The HTTP connection
-// manager (routes by Host, Istio's 0.0.0.0_<port> listener with RDS) will
-// be built here.
-func (g *generator) httpListener(pl *listenerPlan) *listenerv3.Listener {
-	return g.tcpListener(pl)
-}
-
 // tlsListener: a single host at its own address is plain tcp_proxy, as
 // Istio does for a VIP; hosts sharing the address (the wildcard listener
 // of external hosts without addresses, or several hosts of one entry) get
@@ -320,7 +330,7 @@ func (g *generator) udpListener(pl *listenerPlan) *listenerv3.Listener {
 		ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&udpproxyv3.UdpProxyConfig{
 			StatPrefix:     cl,
 			RouteSpecifier: &udpproxyv3.UdpProxyConfig_Cluster{Cluster: cl},
-			AccessLog:      g.accessLog(),
+			AccessLog:      g.accessLog(false),
 		})},
 	}}
 	return l
@@ -332,14 +342,15 @@ func (g *generator) tcpProxy(cluster string) *listenerv3.Filter {
 		ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(&tcpproxyv3.TcpProxy{
 			StatPrefix:       cluster,
 			ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster},
-			AccessLog:        g.accessLog(),
+			AccessLog:        g.accessLog(false),
 		})},
 	}
 }
 
 // accessLog is the mesh's file access log (accessLogFile), with Istio's
-// JSON field names when accessLogEncoding is JSON.
-func (g *generator) accessLog() []*accesslogv3.AccessLog {
+// JSON field names when accessLogEncoding is JSON; http adds the request
+// fields.
+func (g *generator) accessLog(http bool) []*accesslogv3.AccessLog {
 	if g.mesh.AccessLogFile == "" {
 		return nil
 	}
@@ -348,6 +359,11 @@ func (g *generator) accessLog() []*accesslogv3.AccessLog {
 		fields := map[string]any{}
 		for k, v := range istioJSONLogFormat {
 			fields[k] = v
+		}
+		if http {
+			for k, v := range istioJSONLogFormatHTTP {
+				fields[k] = v
+			}
 		}
 		st, _ := structpb.NewStruct(fields)
 		fal.AccessLogFormat = &filev3.FileAccessLog_LogFormat{LogFormat: &corev3.SubstitutionFormatString{
@@ -371,6 +387,22 @@ var istioJSONLogFormat = map[string]string{
 	"duration":                       "%DURATION%",
 	"response_flags":                 "%RESPONSE_FLAGS%",
 	"connection_termination_details": "%CONNECTION_TERMINATION_DETAILS%",
+}
+
+// istioJSONLogFormatHTTP is the request part of the same format.
+var istioJSONLogFormatHTTP = map[string]string{
+	"method":                "%REQ(:METHOD)%",
+	"path":                  "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+	"protocol":              "%PROTOCOL%",
+	"response_code":         "%RESPONSE_CODE%",
+	"response_flags":        "%RESPONSE_FLAGS%",
+	"response_code_details": "%RESPONSE_CODE_DETAILS%",
+	"upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+	"x_forwarded_for":       "%REQ(X-FORWARDED-FOR)%",
+	"user_agent":            "%REQ(USER-AGENT)%",
+	"request_id":            "%REQ(X-REQUEST-ID)%",
+	"authority":             "%REQ(:AUTHORITY)%",
+	"route_name":            "%ROUTE_NAME%",
 }
 
 // baseCluster is what Istio's buildCluster and applyTrafficPolicy give
@@ -409,15 +441,18 @@ func defaultCircuitBreakers() *clusterv3.CircuitBreakers {
 // the cluster (Istio's maybeApplyEdsConfig).
 func (g *generator) edsCluster(h *Host, p Port) *clusterv3.Cluster {
 	c := g.baseCluster(ClusterName(p.Number, h.Name), clusterv3.Cluster_EDS)
-	c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{
-		ServiceName: c.Name,
-		EdsConfig: &corev3.ConfigSource{
-			ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
-			InitialFetchTimeout:   durationpb.New(0),
-			ResourceApiVersion:    corev3.ApiVersion_V3,
-		},
-	}
+	c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{ServiceName: c.Name, EdsConfig: adsConfigSource()}
 	return c
+}
+
+// adsConfigSource is Istio's config source of EDS and RDS: over ADS, no
+// initial fetch timeout.
+func adsConfigSource() *corev3.ConfigSource {
+	return &corev3.ConfigSource{
+		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
+		InitialFetchTimeout:   durationpb.New(0),
+		ResourceApiVersion:    corev3.ApiVersion_V3,
+	}
 }
 
 // originalDstCluster is an external host of resolution NONE: connections

@@ -15,6 +15,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -94,11 +96,15 @@ func golden(t *testing.T, r *Resources) []byte {
 	}
 	doc := struct {
 		Listeners []json.RawMessage `json:"listeners"`
+		Routes    []json.RawMessage `json:"routes"`
 		Clusters  []json.RawMessage `json:"clusters"`
 		Endpoints []json.RawMessage `json:"endpoints"`
 	}{}
 	for _, l := range r.Listeners {
 		doc.Listeners = append(doc.Listeners, enc(l))
+	}
+	for _, rc := range r.Routes {
+		doc.Routes = append(doc.Routes, enc(rc))
 	}
 	for _, c := range r.Clusters {
 		doc.Clusters = append(doc.Clusters, enc(c))
@@ -114,8 +120,9 @@ func golden(t *testing.T, r *Resources) []byte {
 }
 
 // TestGoldenConfig: the registry in testdata generates, per node class and
-// profile, exactly the listeners, clusters and endpoints of the golden
-// files (go test -run TestGoldenConfig -update rewrites them).
+// profile, exactly the listeners, route configurations, clusters and
+// endpoints of the golden files (go test -run TestGoldenConfig -update
+// rewrites them).
 func TestGoldenConfig(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
 	for _, tc := range goldenCases(t) {
@@ -165,10 +172,52 @@ func (noDNS) LookupNetIP(context.Context, string, string) ([]netip.Addr, error) 
 }
 
 // buildInProxy feeds r to the proxy's own snapshot builder, as its xDS
-// applier does: listeners and clusters through mesh.Build, then every EDS
-// cluster's assignment.
+// applier does: listeners, clusters and the route configurations (each
+// compiled) through mesh.Build, then every EDS cluster's assignment. Every
+// route configuration a listener names must be there, and no other (what
+// the proxy's xDS client hands over), and every cluster a route names
+// must exist (validate_clusters is false: the proxy would not check).
 func buildInProxy(r *Resources) error {
-	opts := mesh.BuildOptions{Roles: mesh.IstioRoles, AddedViaAPI: true,
+	routes := map[string]*routev3.RouteConfiguration{}
+	for _, rc := range r.Routes {
+		if routes[rc.GetName()] != nil {
+			return fmt.Errorf("route configuration %q: duplicate name", rc.GetName())
+		}
+		routes[rc.GetName()] = rc
+	}
+	named := map[string]bool{}
+	for _, l := range r.Listeners {
+		for _, fc := range append(l.GetFilterChains(), l.GetDefaultFilterChain()) {
+			for _, f := range fc.GetFilters() {
+				var hcm hcmv3.HttpConnectionManager
+				if f.GetTypedConfig().UnmarshalTo(&hcm) != nil {
+					continue
+				}
+				n := hcm.GetRds().GetRouteConfigName()
+				if routes[n] == nil {
+					return fmt.Errorf("listener %q: route configuration %q is missing", l.GetName(), n)
+				}
+				named[n] = true
+			}
+		}
+	}
+	clusters := map[string]bool{}
+	for _, c := range r.Clusters {
+		clusters[c.GetName()] = true
+	}
+	for n, rc := range routes {
+		if !named[n] {
+			return fmt.Errorf("route configuration %q: no listener names it", n)
+		}
+		for _, vh := range rc.GetVirtualHosts() {
+			for _, rt := range vh.GetRoutes() {
+				if c := rt.GetRoute().GetCluster(); c != "" && !clusters[c] {
+					return fmt.Errorf("route configuration %q: virtual host %q: cluster %q does not exist", n, vh.GetName(), c)
+				}
+			}
+		}
+	}
+	opts := mesh.BuildOptions{Roles: mesh.IstioRoles, AddedViaAPI: true, Routes: routes,
 		Cluster: cluster.Options{Dialer: &upstream.Dialer{}, Resolver: noDNS{}}}
 	snap, err := mesh.Build("test", r.Listeners, r.Clusters, nil, opts)
 	if err != nil {
@@ -196,7 +245,9 @@ func buildInProxy(r *Resources) error {
 
 // TestGeneratedConfigAcceptedByProxy: every resource generated for every
 // golden case, and for the example registry under each built-in profile,
-// is accepted by the proxy (mesh.Build and EDS updates).
+// is accepted by the proxy (mesh.Build with the route configurations
+// compiled, and EDS updates); every HTTP listener's route configuration
+// is there and names only clusters that exist.
 func TestGeneratedConfigAcceptedByProxy(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
 	for _, tc := range goldenCases(t) {

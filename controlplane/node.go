@@ -52,7 +52,7 @@ func ParseNode(n *corev3.Node) (Node, error) {
 }
 
 func (n Node) class() nodeClass {
-	var c nodeClass
+	c := nodeClass{ns: n.Namespace}
 	for _, ip := range n.IPs {
 		if ip.Is4() {
 			c.v4 = true

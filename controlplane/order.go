@@ -3,6 +3,7 @@ package controlplane
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"time"
@@ -22,7 +23,7 @@ import (
 // listeners uses, and ACKs a cluster set only once it has the endpoints of
 // every EDS cluster in it. And go-control-plane's state-of-the-world ADS
 // cache answers an endpoints request only if it names every assignment of
-// the snapshot. So:
+// the snapshot (a routes request likewise). So:
 //
 //   - a change to the set of cluster names goes out alone, and the next one
 //     only once every node has ACKed it (a node still warming the first set
@@ -34,10 +35,24 @@ import (
 //     clusters no listener uses any more are dropped once every node has
 //     ACKed those listeners.
 //
+// Route configurations (RDS) travel with the listeners: an HTTP listener
+// names its route configuration, and a route configuration names clusters
+// (validate_clusters is false, so a missing one would not be refused, but
+// its requests would fail with 503 NC). They are taken from the same
+// configuration as the listeners served, so the routes served are exactly
+// those the listeners name (the snapshot is consistent) and name only
+// clusters every node has ACKed; clusters are dropped only once every node
+// has ACKed the listeners and the routes that no longer use them. A delta
+// stream sends only resources that changed: a node whose listeners (or
+// routes) did not change in a version never ACKs that version of them, so
+// it counts as up to date once it has ACKed the version in which they last
+// changed for its class (classChanges).
+//
 // Changes of content (endpoints, a cluster's settings, the catch-all of a
-// listener) go out at once. A node that has not ACKed within maxStepWait
-// (it NACKs, or hangs) does not hold the others back: the next step goes
-// out anyway, with a warning naming it.
+// listener, allow_any/block_all) go out at once when no change of names is
+// under way. A node that has not ACKed within maxStepWait (it NACKs, or
+// hangs) does not hold the others back: the next step goes out anyway,
+// with a warning naming it.
 
 // maxStepWait bounds each step's wait for the nodes' ACKs.
 const maxStepWait = 5 * time.Second
@@ -80,7 +95,7 @@ func (q *sequence) describe() string {
 	case q.lis != q.target:
 		return fmt.Sprintf("the new listeners go out once every node has ACKed the clusters of version %d", q.clustersAt)
 	}
-	return fmt.Sprintf("unused clusters are removed once every node has ACKed the listeners of version %d", q.listenersAt)
+	return fmt.Sprintf("unused clusters are removed once every node has ACKed the listeners and routes of version %d", q.listenersAt)
 }
 
 func subset(a, b map[string]bool) bool {
@@ -137,7 +152,7 @@ func (s *Server) step() bool {
 		return false
 	}
 	now := time.Now()
-	clustersDone := s.ready("clusters", q.clustersAt, q.clustersT, now, func(e *nodeEntry) uint64 { return e.clusters })
+	clustersDone := s.ready("clusters", q.clustersAt, q.clustersT, now, func(e *nodeEntry) bool { return e.clusters < q.clustersAt })
 	want := q.target.clusterNames()
 	switch {
 	case !subset(want, q.names):
@@ -157,7 +172,11 @@ func (s *Server) step() bool {
 		q.listenersAt, q.listenersT = s.version+1, now
 		s.push("every node has the new clusters: the new listeners")
 	default: // clusters to drop
-		if !clustersDone || !s.ready("listeners", q.listenersAt, q.listenersT, now, func(e *nodeEntry) uint64 { return e.listeners }) {
+		if !clustersDone || !s.ready("listeners", q.listenersAt, q.listenersT, now, func(e *nodeEntry) bool {
+			return e.listeners < s.changes.need(e.node.class(), resource.ListenerType, q.listenersAt)
+		}) || !s.ready("routes", q.listenersAt, q.listenersT, now, func(e *nodeEntry) bool {
+			return e.routes < s.changes.need(e.node.class(), resource.RouteType, q.listenersAt)
+		}) {
 			return false
 		}
 		q.names = want
@@ -171,12 +190,12 @@ func (s *Server) step() bool {
 	return true
 }
 
-// ready reports whether every node has ACKed version v of what (or the
+// ready reports whether no node is behind on version v of what (or the
 // wait for it has timed out, which is logged with the lagging nodes).
-func (s *Server) ready(what string, v uint64, since, now time.Time, acked func(*nodeEntry) uint64) bool {
+func (s *Server) ready(what string, v uint64, since, now time.Time, behind func(*nodeEntry) bool) bool {
 	var lag []string
 	for id, e := range s.nodes {
-		if acked(e) < v {
+		if behind(e) {
 			lag = append(lag, id)
 		}
 	}
@@ -213,18 +232,20 @@ func (s *Server) sequencer(ctx context.Context) {
 	}
 }
 
-// served is what a node of class c receives now: lis's listeners, and the
-// served cluster names with their endpoints, each from target if it has
-// it, else from the newest earlier configuration that does.
+// served is what a node of class c receives now: lis's listeners and
+// routes, and the served cluster names with their endpoints, each from
+// target if it has it, else from the newest earlier configuration that
+// does.
 func (s *Server) served(c nodeClass) *Resources {
 	q := &s.seq
 	r := q.target.forClass(c)
 	if q.lis == q.target && len(q.names) == len(q.target.clusterNames()) {
 		return r
 	}
-	out := &Resources{Listeners: r.Listeners}
+	out := &Resources{Listeners: r.Listeners, Routes: r.Routes}
 	if q.lis != q.target {
-		out.Listeners = q.lis.forClass(c).Listeners
+		l := q.lis.forClass(c)
+		out.Listeners, out.Routes = l.Listeners, l.Routes
 	}
 	left := make(map[string]bool, len(q.names))
 	for n := range q.names {
@@ -271,6 +292,7 @@ func (s *Server) snapshot(c nodeClass) *cachev3.Snapshot {
 		resource.ListenerType: make([]types.Resource, 0, len(r.Listeners)),
 		resource.ClusterType:  make([]types.Resource, 0, len(r.Clusters)),
 		resource.EndpointType: make([]types.Resource, 0, len(r.Endpoints)),
+		resource.RouteType:    make([]types.Resource, 0, len(r.Routes)),
 	}
 	for _, l := range r.Listeners {
 		res[resource.ListenerType] = append(res[resource.ListenerType], l)
@@ -281,9 +303,14 @@ func (s *Server) snapshot(c nodeClass) *cachev3.Snapshot {
 	for _, e := range r.Endpoints {
 		res[resource.EndpointType] = append(res[resource.EndpointType], e)
 	}
+	for _, rc := range r.Routes {
+		res[resource.RouteType] = append(res[resource.RouteType], rc)
+	}
 	snap, err := cachev3.NewSnapshot(s.versionString(), res)
 	if err == nil {
-		err = snap.Consistent() // every EDS cluster has exactly its assignment
+		// Every EDS cluster has exactly its assignment, every RDS
+		// listener exactly its route configuration.
+		err = snap.Consistent()
 	}
 	if err == nil {
 		// Built now, under s.mu, so that nodes sharing the snapshot never
@@ -291,8 +318,50 @@ func (s *Server) snapshot(c nodeClass) *cachev3.Snapshot {
 		err = snap.ConstructVersionMap()
 	}
 	if err != nil {
-		// The generator gives every EDS cluster its assignment: a bug.
+		// The generator gives every EDS cluster its assignment and every
+		// HTTP listener its routes: a bug.
 		panic(fmt.Sprintf("controlplane: snapshot: %v", err))
 	}
 	return snap
+}
+
+// classChanges records, per node class, the listeners and routes last
+// served and the version in which each last changed.
+type classChanges map[nodeClass]*servedTypes
+
+type servedTypes struct {
+	hashes map[resource.Type]map[string]string // resource name -> content hash
+	at     map[resource.Type]uint64
+}
+
+var trackedTypes = []resource.Type{resource.ListenerType, resource.RouteType}
+
+// note records snap, version v's snapshot of class c.
+func (ch classChanges) note(c nodeClass, v uint64, snap *cachev3.Snapshot) {
+	st := ch[c]
+	if st == nil {
+		st = &servedTypes{hashes: map[resource.Type]map[string]string{}, at: map[resource.Type]uint64{}}
+		ch[c] = st
+	}
+	for _, typ := range trackedTypes {
+		h := snap.GetVersionMap(typ)
+		if old, seen := st.hashes[typ]; !seen || !maps.Equal(old, h) {
+			st.hashes[typ], st.at[typ] = h, v
+		}
+	}
+}
+
+// need is the version of typ a node of class c must have ACKed to be up to
+// date with version v: v, or the earlier version in which typ last changed
+// for c. With no resource of typ (no HTTP port: no routes) nothing is
+// needed: nothing the node has of that type is in use.
+func (ch classChanges) need(c nodeClass, typ resource.Type, v uint64) uint64 {
+	st := ch[c]
+	if st == nil {
+		return v
+	}
+	if len(st.hashes[typ]) == 0 {
+		return 0
+	}
+	return min(v, st.at[typ])
 }

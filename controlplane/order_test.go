@@ -104,3 +104,60 @@ func TestOrderMakeBeforeBreak(t *testing.T) {
 		check(want[0], want[1], want[2])
 	}
 }
+
+// TestOrderRoutesFollowListeners: replacing HTTP service a by b on port
+// 80, the route configuration "80" is served from the same configuration
+// as the listeners: while b's cluster is only being added it still routes
+// to a; once the node ACKed the clusters it routes to b; a's cluster is
+// dropped only once the node ACKed the listeners and the routes. At every
+// step what is served passes the proxy's builder and every cluster a
+// route names is served.
+func TestOrderRoutesFollowListeners(t *testing.T) {
+	def, _ := BuiltinProfile("default")
+	reg := func(name, vip string) *Registry {
+		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: HTTP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
+	s.stepWait = time.Hour
+	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nodes["n"] = e
+	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	check := func(version, vhost, cls string) {
+		t.Helper()
+		r := s.served(nodeClass{v4: true})
+		if err := buildInProxy(r); err != nil {
+			t.Fatalf("version %s: %v", version, err)
+		}
+		_, c := servedNames(s)
+		rc := findRoutes(r, "80")
+		if s.versionString() != version || rc == nil || rc.GetVirtualHosts()[0].GetName() != vhost || c != cls {
+			t.Fatalf("version %s vhost %v clusters %q; want %s, %s, %q (pending: %s)", s.versionString(), rc.GetVirtualHosts(), c, version, vhost, cls, s.seq.describe())
+		}
+	}
+	ca, cb := "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
+	va, vb := "a.default.svc.cluster.local:80", "b.default.svc.cluster.local:80"
+
+	s.reg = reg("b", "10.96.0.2")
+	s.rebuild()
+	check("2", va, ca+" "+cb) // new cluster, routes of before
+	e.clusters = 2
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the clusters")
+	}
+	check("3", vb, ca+" "+cb) // new routes, a's cluster kept
+	e.listeners = 3           // the listeners ACKed, not yet the routes
+	if s.step() {
+		t.Fatal("dropped a cluster before the node ACKed the routes")
+	}
+	e.routes = 3
+	if !s.step() {
+		t.Fatal("no step after the node ACKed listeners and routes")
+	}
+	check("4", vb, cb)
+}

@@ -31,8 +31,9 @@ import (
 // RegistryKind is the optional kind of a registry document.
 const RegistryKind = "Registry"
 
-// Protocol of a port. HTTP is proxied as TCP until the HTTP connection
-// manager arrives.
+// Protocol of a port. HTTP ports are served, as Istio serves them, by one
+// listener per port number (0.0.0.0_<port>, an http_connection_manager)
+// whose route configuration tells the hosts apart by the Host header.
 const (
 	ProtocolTCP  = "TCP"
 	ProtocolHTTP = "HTTP"
@@ -156,7 +157,8 @@ func ClusterName(port uint16, host string) string {
 }
 
 // listenerPlan is one outbound listener: an address (unspecified for the
-// wildcard) and a port, and the host ports it serves.
+// wildcard) and a port, and the host ports it serves. plan also uses it to
+// record which host ports use an address and port.
 type listenerPlan struct {
 	addr     netip.AddrPort
 	protocol string // the protocol of every route
@@ -511,12 +513,17 @@ func contains(ss []string, s string) bool {
 
 // plan groups every host port into the outbound listeners, as Istio does:
 // one listener per address and port (the VIP, each external address, or
-// the wildcard 0.0.0.0 for an external host without addresses). Several
-// hosts may share a listener only when all are TLS: their chains are told
-// apart by SNI. TCP and UDP on one address and port would be two listeners
-// of the same name, so they conflict too.
+// the wildcard 0.0.0.0 for an external host without addresses), except
+// for HTTP, whose ports share one wildcard listener per port number
+// (0.0.0.0_<port>, routes by Host). Several hosts may share an address and
+// port only when all are TLS (told apart by SNI) or all HTTP (by Host); TCP
+// and UDP on one address and port would be two listeners of the same name,
+// so they conflict too. The wildcard listener of an HTTP port and that of
+// a non-HTTP host without addresses on the same port would share a name:
+// a conflict as well.
 func (r *Registry) plan() error {
 	plans := map[netip.AddrPort]*listenerPlan{}
+	claims := map[netip.AddrPort]*listenerPlan{} // who uses each address and port
 	var order []netip.AddrPort
 	for _, h := range r.Hosts {
 		addrs := h.Addresses
@@ -526,13 +533,31 @@ func (r *Registry) plan() error {
 		for _, p := range h.Ports {
 			for _, a := range addrs {
 				k := netip.AddrPortFrom(a, p.Number)
+				c := claims[k]
+				if c == nil {
+					claims[k] = &listenerPlan{addr: k, protocol: p.Protocol, routes: []route{{host: h, port: p}}}
+					continue
+				}
+				if err := c.conflict(h, p); err != nil {
+					return err
+				}
+				c.routes = append(c.routes, route{host: h, port: p})
+			}
+			keys := addrs
+			if p.Protocol == ProtocolHTTP {
+				keys = []netip.Addr{netip.IPv4Unspecified()}
+			}
+			for _, a := range keys {
+				k := netip.AddrPortFrom(a, p.Number)
 				pl := plans[k]
 				if pl == nil {
 					pl = &listenerPlan{addr: k, protocol: p.Protocol}
 					plans[k] = pl
 					order = append(order, k)
-				} else if err := pl.conflict(h, p); err != nil {
-					return err
+				} else if pl.protocol != p.Protocol {
+					first := pl.routes[0]
+					return fmt.Errorf("%s: ports: %s port %d of %s conflicts with %s port %d of %s (%s): both need the wildcard listener %s (HTTP ports share it, one per port number; a host without addresses has its port there)",
+						h.label, p.Protocol, p.Number, h.Name, first.port.Protocol, first.port.Number, first.host.Name, first.host.label, listenerName(pl))
 				}
 				pl.routes = append(pl.routes, route{host: h, port: p})
 			}
@@ -547,22 +572,23 @@ func (r *Registry) plan() error {
 	return nil
 }
 
-// conflict says why host port p cannot join the listener, or nil.
-func (pl *listenerPlan) conflict(h *Host, p Port) error {
-	first := pl.routes[0]
-	where := pl.addr.String()
-	if pl.addr.Addr().IsUnspecified() {
+// conflict says why host port p cannot use the address and port of c, or
+// nil.
+func (c *listenerPlan) conflict(h *Host, p Port) error {
+	first := c.routes[0]
+	where := c.addr.String()
+	if c.addr.Addr().IsUnspecified() {
 		where += " (no addresses: the wildcard listener)"
 	}
-	if pl.protocol == ProtocolTLS && p.Protocol == ProtocolTLS {
-		for _, rt := range pl.routes {
+	if c.protocol == p.Protocol && (p.Protocol == ProtocolTLS || p.Protocol == ProtocolHTTP) {
+		for _, rt := range c.routes {
 			if rt.host.Name == h.Name {
 				return fmt.Errorf("%s: ports: %s %d is listed twice", h.label, h.Name, p.Number)
 			}
 		}
-		return nil // SNI tells them apart
+		return nil // SNI or the Host header tells them apart
 	}
-	return fmt.Errorf("%s: ports: %s port %d of %s conflicts with %s port %d of %s (%s) on %s; only TLS ports can share an address and port (told apart by SNI)",
+	return fmt.Errorf("%s: ports: %s port %d of %s conflicts with %s port %d of %s (%s) on %s; only TLS ports (told apart by SNI) or HTTP ports (told apart by Host) can share an address and port",
 		h.label, p.Protocol, p.Number, h.Name, first.port.Protocol, first.port.Number, first.host.Name, first.host.label, where)
 }
 

@@ -25,7 +25,8 @@ import (
 // Server serves every connected sidecar its configuration over ADS (delta
 // and state of the world), generated from the registry and the mesh
 // profile in force. A change of either is pushed to every node as a new
-// snapshot version; nodes of one IP-family class share one snapshot.
+// snapshot version; nodes of one class (IP families and namespace) share
+// one snapshot.
 // order.go says in which order a change reaches the nodes.
 type Server struct {
 	log   zerolog.Logger
@@ -37,10 +38,11 @@ type Server struct {
 	version uint64
 	seq     sequence                        // make-before-break state (order.go)
 	classes map[nodeClass]*cachev3.Snapshot // of the current version
+	changes classChanges                    // when each class's listeners and routes last changed
 	nodes   map[string]*nodeEntry           // by node id
 	streams map[streamKey]string            // stream -> node id
-	// nonces maps a delta stream's cluster and listener response nonces
-	// to versions: a delta ACK carries only the nonce.
+	// nonces maps a delta stream's cluster, listener and route response
+	// nonces to versions: a delta ACK carries only the nonce.
 	nonces   map[int64]map[string]string
 	advance  chan struct{} // a node moved on, or a step timed out
 	stepWait time.Duration // maxStepWait; shorter in tests
@@ -56,9 +58,9 @@ type nodeEntry struct {
 	acks     uint64
 	nacks    uint64
 	lastNack string
-	// clusters and listeners are the highest versions of each the node
-	// ACKed (applied).
-	clusters, listeners uint64
+	// clusters, listeners and routes are the highest versions of each the
+	// node ACKed (applied).
+	clusters, listeners, routes uint64
 }
 
 type streamKey struct {
@@ -74,6 +76,7 @@ func NewServer(reg *Registry, profile *Profile, log zerolog.Logger) *Server {
 		reg:      reg,
 		profile:  profile,
 		nodes:    map[string]*nodeEntry{},
+		changes:  classChanges{},
 		streams:  map[streamKey]string{},
 		nonces:   map[int64]map[string]string{},
 		advance:  make(chan struct{}, 1),
@@ -117,7 +120,9 @@ func (s *Server) Callbacks() serverv3.Callbacks {
 			return s.onRequest(streamKey{true, id}, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), "", r.GetErrorDetail())
 		},
 		StreamDeltaResponseFunc: func(id int64, _ *discoveryv3.DeltaDiscoveryRequest, r *discoveryv3.DeltaDiscoveryResponse) {
-			if r.GetTypeUrl() != resource.ClusterType && r.GetTypeUrl() != resource.ListenerType {
+			switch r.GetTypeUrl() {
+			case resource.ClusterType, resource.ListenerType, resource.RouteType:
+			default:
 				return
 			}
 			s.mu.Lock()
@@ -188,6 +193,8 @@ func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version 
 		e.clusters = max(e.clusters, v)
 	case resource.ListenerType:
 		e.listeners = max(e.listeners, v)
+	case resource.RouteType:
+		e.routes = max(e.routes, v)
 	default:
 		return nil
 	}
@@ -237,6 +244,7 @@ func (s *Server) setSnapshot(id string, c nodeClass) {
 	if snap == nil {
 		snap = s.snapshot(c)
 		s.classes[c] = snap
+		s.changes.note(c, s.version, snap)
 	}
 	if err := s.cache.SetSnapshot(context.Background(), id, snap); err != nil {
 		s.log.Error().Err(err).Str("node", id).Msg("set snapshot")
@@ -253,6 +261,11 @@ func (s *Server) push(why string) {
 	s.classes = map[nodeClass]*cachev3.Snapshot{}
 	for _, id := range sortedKeys(s.nodes) {
 		s.setSnapshot(id, s.nodes[id].node.class())
+	}
+	for c := range s.changes {
+		if s.classes[c] == nil {
+			delete(s.changes, c) // no node of c left: it starts afresh
+		}
 	}
 	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.Hosts)).
 		Str("outbound_traffic_policy", string(s.profile.Spec.OutboundTrafficPolicy.Mode)).
@@ -327,6 +340,7 @@ type NodeStatus struct {
 	Streams   int          `json:"streams"`
 	Clusters  uint64       `json:"clustersVersion"`  // last ACKed
 	Listeners uint64       `json:"listenersVersion"` // last ACKed
+	Routes    uint64       `json:"routesVersion"`    // last ACKed
 	ACKs      uint64       `json:"acks"`
 	NACKs     uint64       `json:"nacks"`
 	LastNACK  string       `json:"lastNack,omitempty"`
@@ -352,7 +366,7 @@ func (s *Server) Status() Status {
 	for _, id := range sortedKeys(s.nodes) {
 		e := s.nodes[id]
 		st.Nodes = append(st.Nodes, NodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
-			Listeners: e.listeners, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
+			Listeners: e.listeners, Routes: e.routes, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
 	}
 	return st
 }

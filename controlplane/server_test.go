@@ -42,6 +42,9 @@ func startProxyStub(t *testing.T, addr string, delta bool, nodeID string) *proxy
 		for _, n := range sortedKeys(r.Endpoints) {
 			res.Endpoints = append(res.Endpoints, r.Endpoints[n])
 		}
+		for _, n := range sortedKeys(r.Routes) {
+			res.Routes = append(res.Routes, r.Routes[n])
+		}
 		if err := buildInProxy(res); err != nil {
 			return err
 		}
@@ -94,6 +97,9 @@ func startServer(t *testing.T, reg *Registry, p *Profile) (*Server, string) {
 }
 
 func names(r *Resources) string {
+	if r == nil {
+		return ""
+	}
 	var out []string
 	for _, l := range r.Listeners {
 		out = append(out, "L "+l.GetName())
@@ -103,6 +109,9 @@ func names(r *Resources) string {
 	}
 	for _, e := range r.Endpoints {
 		out = append(out, "E "+e.GetClusterName())
+	}
+	for _, rc := range r.Routes {
+		out = append(out, "R "+rc.GetName())
 	}
 	sort.Strings(out)
 	return strings.Join(out, "\n")
@@ -122,7 +131,8 @@ func catchAllOf(t *testing.T, r *Resources) string {
 // TestADSServesSwitchesAndForgets runs the proxy's real xDS client, delta
 // and state of the world, against the server: the node receives exactly
 // what Generate gives its class and every update passes the proxy's
-// builder (ACK); a profile change reaches it within a second; a registry
+// builder (ACK); a profile change reaches it within a second (the
+// listeners and the HTTP route configuration's catch-all); a registry
 // change too; the node is listed with its ACKs while connected and
 // forgotten when it leaves.
 func TestADSServesSwitchesAndForgets(t *testing.T) {
@@ -138,15 +148,19 @@ func TestADSServesSwitchesAndForgets(t *testing.T) {
 			if !waitFor(5*time.Second, func() bool { r := px.accepted(); return r != nil && names(r) == want }) {
 				t.Fatalf("the proxy never accepted the generated configuration; last error %v; has:\n%v", px.client.LastError(), px.accepted())
 			}
-			if got := catchAllOf(t, px.accepted()); got != PassthroughCluster {
-				t.Fatalf("catch-all %s", got)
+			if got, vh := catchAllOf(t, px.accepted()), catchAllVHost(px.accepted(), "80"); got != PassthroughCluster || vh != AllowAnyVirtualHost {
+				t.Fatalf("catch-all %s, HTTP catch-all %q", got, vh)
 			}
 
+			// The mode switch flips virtualOutbound's catch-all and, in the
+			// route configuration of the HTTP port, allow_any to block_all.
 			strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n")
 			start := time.Now()
 			srv.SetProfile(strict)
-			if !waitFor(time.Second, func() bool { return catchAllOf(t, px.accepted()) == BlackHoleCluster }) {
-				t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile")
+			if !waitFor(time.Second, func() bool {
+				return catchAllOf(t, px.accepted()) == BlackHoleCluster && catchAllVHost(px.accepted(), "80") == BlockAllVirtualHost
+			}) {
+				t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile (HTTP catch-all %q)", catchAllVHost(px.accepted(), "80"))
 			}
 			t.Logf("profile change applied by the proxy after %v", time.Since(start))
 

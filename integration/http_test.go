@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
 	"strings"
 	"sync"
@@ -312,5 +313,38 @@ func TestHTTPThroughSidecar(t *testing.T) {
 	}
 	if _, ok := px.waitAccess(func(e AccessEntry) bool { return e.UpstreamCluster == cRatings }, 5*time.Second); !ok {
 		t.Error("no HTTP access line for ratings")
+	}
+
+	// An RDS update applies to the next request of a connection already
+	// open, as in Envoy: ratings' /api now goes to reviews-v1.
+	route["virtual_hosts"].([]obj)[1]["routes"] = []obj{routeTo("/", obj{"cluster": cV1})}
+	cp.pushHTTP(t, "2", listeners, clusters, map[string][]netip.AddrPort{
+		cV1: {netip.AddrPortFrom(topo.SvcV4, 9080)}, cV2: {netip.AddrPortFrom(topo.Svc2V4, 9080)},
+		cRatings: {netip.AddrPortFrom(topo.SvcV4, 9081)},
+		cFlaky:   {netip.AddrPortFrom(topo.SvcV4, 9082), netip.AddrPortFrom(topo.Svc2V4, 9082)},
+	}, []obj{route})
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var reused bool
+		req, _ := http.NewRequest("GET", urlRatings+"/api/c", nil)
+		req.Host = "ratings"
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+			GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}))
+		resp, err := good.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !reused {
+			t.Fatal("the keep-alive connection was not reused")
+		}
+		if string(b) == "reviews-v1 /api/c" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("an open connection still routes by the old route configuration: %q", b)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -118,7 +118,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	serveFlow(snap, recv, &captured{req: req}, &e, d.Access)
+	serveFlow(snap, recv, &captured{req: req}, &e, d)
 	d.Access.Log(&e)
 }
 
@@ -161,7 +161,7 @@ func resetConn(c net.Conn) {
 
 // serveFlow runs listener l on one flow: listener filters when its chains
 // need them, filter-chain selection, then tcp_proxy to a cluster.
-func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, access *accesslog.Logger) {
+func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, d *Dispatcher) {
 	fid := src.id()
 	info := filterchain.ConnInfo{
 		DstIP: fid.Dst.Addr(), DstPort: fid.Dst.Port(),
@@ -181,7 +181,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 				e.ResponseFlags, e.Details = "DC", err.Error()
 				return
 			}
-			serveHTTP(snap, l, chain, down, fid, e, access)
+			serveHTTP(d, snap, l, chain, down, fid, e)
 			return
 		}
 		chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
@@ -226,7 +226,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	info.ServerName = res.ServerName
 	info.ApplicationProtocols = res.ApplicationProtocols
 	if chain := l.selectChain(&info); chain != nil && chain.HTTP != nil {
-		serveHTTP(snap, l, chain, pc, fid, e, access)
+		serveHTTP(d, snap, l, chain, pc, fid, e)
 		return
 	}
 	chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
@@ -322,9 +322,10 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 // connection. Each request is logged (HTTP access line); the connection's
 // own entry keeps the byte counts. The listener's drain ends it gracefully:
 // in-flight requests finish, then Connection: close / GOAWAY.
-func serveHTTP(snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry, access *accesslog.Logger) {
+func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
-	err := chain.HTTP.Serve(l.drained, down, snap, httpconn.ConnInfo{
+	access := d.Access
+	err := chain.HTTP.Serve(l.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
 		Peer: fid.Src, Local: fid.Dst,
 		AccessLog: func(he httpconn.Entry) {
 			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
@@ -343,6 +344,28 @@ func serveHTTP(snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid net
 		e.ResponseFlags, e.Details = "DC", err.Error()
 	}
 }
+
+// liveEnv resolves routes and clusters in the snapshot in force at each
+// request, as Envoy applies RDS and CDS updates to the next request of a
+// connection already open: a long-lived keep-alive connection must not
+// keep egress that a REGISTRY_ONLY switch took away. The connection's
+// listener and its http_connection_manager stay those it started with.
+type liveEnv struct {
+	d     *Dispatcher
+	start *Snapshot
+}
+
+func (v liveEnv) snap() *Snapshot {
+	if s := v.d.snap.Load(); s != nil {
+		return s
+	}
+	return v.start
+}
+
+func (v liveEnv) Routes(name string) *httpconn.Routes         { return v.snap().Routes(name) }
+func (v liveEnv) Cluster(name string) *cluster.Cluster        { return v.snap().Cluster(name) }
+func (v liveEnv) ClusterHTTP(name string) cluster.HTTPOptions { return v.snap().ClusterHTTP(name) }
+func (v liveEnv) Pools() *httpconn.Pools                      { return v.start.Pools() }
 
 func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {
 	// A flow outliving its listener's drain is closed (no goroutine: the

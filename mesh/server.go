@@ -154,7 +154,7 @@ func (s *Server) serveConn(key string, c net.Conn) {
 	e := accesslog.Entry{Transport: "tcp", Direction: "listener", Start: time.Now(), DownstreamLocal: fid.Dst, DownstreamPeer: fid.Src}
 	l.Stats.DownstreamCxTotal.Add(1)
 	l.Stats.DownstreamCxActive.Add(1)
-	serveFlow(snap, l, &accepted{conn: c, fid: fid}, &e, s.D.Access)
+	serveFlow(snap, l, &accepted{conn: c, fid: fid}, &e, s.D)
 	l.Stats.DownstreamCxActive.Add(-1)
 	l.Stats.DownstreamCxDestroy.Add(1)
 	s.D.Access.Log(&e)

@@ -42,6 +42,8 @@ SVC=mtb-svc
 SVC_IP=10.77.0.1
 RR_PORT=7777
 IPERF_PORT=5201
+HTTP_PORT=8080
+HTTP_RATE=${BENCH_HTTP_RATE:-1000}
 # The "vip" mode runs the proxy on a bootstrap where this VIP (owned by no
 # interface) is a service listener whose STATIC cluster is SVC_IP: the
 # mesh path (hand-off, filter chain, cluster) instead of passthrough.
@@ -143,6 +145,8 @@ in_pod() { ip netns exec $POD "$@"; }
 ip netns exec $SVC iperf3 -s -p $IPERF_PORT >"$OUT/iperf3-server.log" 2>&1 &
 PIDS+=($!)
 ip netns exec $SVC "$RRB" server -listen ":$RR_PORT" >"$OUT/rrbench-server.log" 2>&1 &
+PIDS+=($!)
+ip netns exec $SVC "$RRB" httpserver -listen ":$HTTP_PORT" >"$OUT/rrbench-httpserver.log" 2>&1 &
 PIDS+=($!)
 
 # Both servers answer before anything is measured.
@@ -271,6 +275,17 @@ measure() { # measure ROUND MODE
 	echo "$j" >"$dir/$mode-connect.json"
 	sample "$r" "$mode" conn_p50 "$(jfield "$j" p50_us)"
 	sample "$r" "$mode" conn_p99 "$(jfield "$j" p99_us)"
+	# HTTP/1.1 keep-alive: in vip mode through the http_connection_manager
+	# (0.0.0.0-style listener with routes), elsewhere plain TCP.
+	log "round $r/$ROUNDS $mode: HTTP/1.1 at $HTTP_RATE req/s, 10 connections"
+	j=$(in_pod "$RRB" httpclient -url "http://$TARGET:$HTTP_PORT/" -host svc -conns 10 -rate "$HTTP_RATE" -duration "${SECONDS_PER_TEST}s") || die "httpclient failed"
+	echo "$j" >"$dir/$mode-http-rate.json"
+	sample "$r" "$mode" http_p50 "$(jfield "$j" p50_us)"
+	sample "$r" "$mode" http_p99 "$(jfield "$j" p99_us)"
+	log "round $r/$ROUNDS $mode: HTTP/1.1 as fast as possible, 10 connections"
+	j=$(in_pod "$RRB" httpclient -url "http://$TARGET:$HTTP_PORT/" -host svc -conns 10 -rate 0 -duration "${SECONDS_PER_TEST}s") || die "httpclient failed"
+	echo "$j" >"$dir/$mode-http-max.json"
+	sample "$r" "$mode" http_rps "$(jfield "$j" rps)"
 }
 
 measure_capture() { # measure_capture ROUND
@@ -294,6 +309,8 @@ vip_bootstrap() {
 		listeners+="${listeners:+,}{\"name\":\"${VIP}_$port\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$port}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.tcp_proxy\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\",\"stat_prefix\":\"svc$port\",\"cluster\":\"outbound|$port||svc\"}}]}]}"
 		clusters+=",{\"name\":\"outbound|$port||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$port||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$port}}}}]}]}}"
 	done
+	listeners+=",{\"name\":\"${VIP}_$HTTP_PORT\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$HTTP_PORT}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.http_connection_manager\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\",\"stat_prefix\":\"outbound_$HTTP_PORT\",\"route_config\":{\"name\":\"$HTTP_PORT\",\"virtual_hosts\":[{\"name\":\"svc\",\"domains\":[\"*\"],\"routes\":[{\"match\":{\"prefix\":\"/\"},\"route\":{\"cluster\":\"outbound|$HTTP_PORT||svc\"}}]}]},\"http_filters\":[{\"name\":\"envoy.filters.http.router\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\"}}]}}]}]}"
+	clusters+=",{\"name\":\"outbound|$HTTP_PORT||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$HTTP_PORT||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$HTTP_PORT}}}}]}]}}"
 	cat >"$f" <<JSON
 {"static_resources":{"listeners":[
  {"name":"virtualOutbound","address":{"socket_address":{"address":"0.0.0.0","port_value":15001}},"use_original_dst":true,
@@ -404,6 +421,9 @@ row() { # row LABEL METRIC KIND(tput|lat)
 	row "RR 64 B p99 (us)" rr_p99 lat
 	row "connect+RR p50 (us)" conn_p50 lat
 	row "connect+RR p99 (us)" conn_p99 lat
+	row "HTTP @${HTTP_RATE}/s p50 (us)" http_p50 lat
+	row "HTTP @${HTTP_RATE}/s p99 (us)" http_p99 lat
+	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | capture%s | vip (HCM)%s\n", v["direct"], v["capture"], v["vip"] }' "$SAMPLES"
 	echo
 	echo "per round (round mode metric value): $SAMPLES"
 } >"$RESULTS"

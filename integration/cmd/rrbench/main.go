@@ -8,6 +8,11 @@
 //	    -connect: each sample is a new connection: dial + one RR (+ close,
 //	    untimed), so it measures connection setup latency.
 //	    Prints one JSON line: {"mode","size","conns","n","p50_us","p90_us","p99_us","mean_us","max_us"}.
+//	rrbench httpserver -listen ADDR
+//	    HTTP/1.1 server answering every request with 64 bytes.
+//	rrbench httpclient -url URL [-host H] [-conns 10] [-rate 1000] [-duration 10s]
+//	    keep-alive GETs, fixed rate (open loop) or -rate 0 (as fast as
+//	    possible); prints {"mode","conns","n","rps","p50_us","p90_us","p99_us","max_us","errors"}.
 //	rrbench iperfsum FILE
 //	    prints end.sum_received.bits_per_second of an `iperf3 -J` report.
 //
@@ -41,6 +46,10 @@ func main() {
 		err = client(os.Args[2:])
 	case "iperfsum":
 		err = iperfSum(os.Args[2:])
+	case "httpserver":
+		err = httpServer(os.Args[2:])
+	case "httpclient":
+		err = httpClient(os.Args[2:])
 	default:
 		usage()
 	}
