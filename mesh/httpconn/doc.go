@@ -23,12 +23,16 @@
 // downstream connection gets its own http.Server on a one-connection
 // listener, which makes drain per connection (Server.Shutdown: in-flight
 // requests finish, HTTP/1.1 answers "Connection: close", HTTP/2 gets
-// GOAWAY). Upstream, one http.Transport per cluster and protocol keys its
-// persistent connections by host address, and its DialContext goes through
-// cluster.ConnectHost, so pooled connections count against
-// max_connections, carry the capture-bypass mark and show in cx stats.
-// The host is picked per request by the cluster's load balancer (with the
-// previous_hosts retry predicate) before the Transport runs.
+// GOAWAY). Upstream, HTTP/1.1 goes through h1Transport: keep-alive
+// connections per host address, the request written and the response read
+// on the stream's own goroutine (http.Transport's per-connection read and
+// write goroutines cost two hand-offs per request, the largest share of
+// the proxy's added latency on one or two processors); h2c uses one
+// http.Transport per cluster. Both dial through cluster.ConnectHost, so
+// pooled connections count against max_connections, carry the
+// capture-bypass mark and show in cx stats. The host is picked per request
+// by the cluster's load balancer (with the previous_hosts retry predicate)
+// before the transport runs.
 //
 // The cost is a few allocations per request that a purpose-built codec
 // would avoid (header map clone, request struct); route matching itself

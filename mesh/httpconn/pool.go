@@ -42,7 +42,7 @@ type clusterPool struct {
 	c     *cluster.Cluster
 	opts  cluster.HTTPOptions
 	stats *cluster.HTTPStats
-	h1    *http.Transport // nil unless the cluster speaks HTTP/1.1
+	h1    *h1Transport    // nil unless the cluster speaks HTTP/1.1
 	h2    *http.Transport // nil unless it speaks h2c
 
 	hosts sync.Map // *cluster.Host → *hostConns
@@ -121,42 +121,38 @@ func (p *Pools) get(c *cluster.Cluster, opts cluster.HTTPOptions) (*clusterPool,
 func newClusterPool(c *cluster.Cluster, opts cluster.HTTPOptions) *clusterPool {
 	cp := &clusterPool{c: c, opts: opts, stats: c.HTTPStats(), conns: map[*pooledConn]struct{}{}}
 	if opts.Protocol != cluster.HTTP2 {
-		cp.h1 = cp.transport(false)
+		cp.h1 = newH1Transport(cp)
 	}
 	if opts.Protocol != cluster.HTTP1 {
-		cp.h2 = cp.transport(true)
+		cp.h2 = cp.h2Transport()
 	}
 	return cp
 }
 
-func (cp *clusterPool) transport(h2 bool) *http.Transport {
+// h2Transport is the upstream h2c client: one multiplexed connection per
+// host, dialed through the cluster.
+func (cp *clusterPool) h2Transport() *http.Transport {
 	t := &http.Transport{
 		DisableCompression:  true, // bytes pass through as the upstream sent them
-		MaxIdleConnsPerHost: 4096, // Envoy keeps every idle connection
+		MaxIdleConnsPerHost: 4096,
 		IdleConnTimeout:     cp.opts.IdleTimeout,
 		WriteBufferSize:     16 << 10,
 		ReadBufferSize:      16 << 10,
-	}
-	protos := new(http.Protocols)
-	if h2 {
-		protos.SetUnencryptedHTTP2(true)
-		t.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+		HTTP2:               &http.HTTP2Config{MaxConcurrentStreams: 1 << 20},
 		// For HTTP/2 this bounds concurrent dials, not connections:
 		// requests arriving together share the first connection instead
 		// of each dialing one (Envoy's pool also connects once and queues).
-		t.MaxConnsPerHost = 1
-		t.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return cp.dial(ctx, addr, true) }
-	} else {
-		protos.SetHTTP1(true)
-		t.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return cp.dial(ctx, addr, false) }
+		MaxConnsPerHost: 1,
 	}
-	t.Protocols = protos
+	t.Protocols = new(http.Protocols)
+	t.Protocols.SetUnencryptedHTTP2(true)
+	t.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return cp.dial(ctx, addr, true) }
 	return t
 }
 
 // transportFor returns the transport for a request that came downstream
 // over HTTP/major.
-func (cp *clusterPool) transportFor(major int) *http.Transport {
+func (cp *clusterPool) transportFor(major int) http.RoundTripper {
 	switch {
 	case cp.h1 == nil:
 		return cp.h2
@@ -173,10 +169,17 @@ type hostKey struct{}
 // dial opens a pooled connection to the host the request picked (carried
 // in the context; the address identifies it otherwise).
 func (cp *clusterPool) dial(ctx context.Context, addr string, h2 bool) (net.Conn, error) {
+	h, _ := ctx.Value(hostKey{}).(*cluster.Host)
+	return cp.dialHost(ctx, addr, h, h2, true)
+}
+
+// dialHost connects to host h (found by addr when h is nil or another
+// host). coalesce lets a dial give way to a connection about to return to
+// http.Transport's pool; the h1 transport does not need it.
+func (cp *clusterPool) dialHost(ctx context.Context, addr string, h *cluster.Host, h2, coalesce bool) (*pooledConn, error) {
 	if cp.closed.Load() {
 		return nil, errPoolsClosed
 	}
-	h, _ := ctx.Value(hostKey{}).(*cluster.Host)
 	if h == nil || h.Address().String() != addr {
 		h = nil
 		if ap, err := netip.ParseAddrPort(addr); err == nil {
@@ -193,7 +196,7 @@ func (cp *clusterPool) dial(ctx context.Context, addr string, h2 bool) (net.Conn
 	}
 	hc := cp.host(h)
 	hc.dialing.Add(1)
-	if !hc.dialNeeded() {
+	if coalesce && !hc.dialNeeded() {
 		hc.dialing.Add(-1)
 		return nil, errDialNotNeeded
 	}
