@@ -145,6 +145,37 @@ func istioHTTPListener(port uint16) obj {
 			}}}}}}}
 }
 
+// load sends 1,000 GETs, 100 on each of 10 concurrent workers sharing c,
+// and counts the answers by their first word (the server's name).
+func load(t *testing.T, c *http.Client, url, host string) map[string]int {
+	t.Helper()
+	var mu sync.Mutex
+	counts := map[string]int{}
+	var wg sync.WaitGroup
+	for w := 0; w < 10; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 100; i++ {
+				req, _ := http.NewRequest("GET", url, nil)
+				req.Host = host
+				resp, err := c.Do(req)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				mu.Lock()
+				counts[strings.Fields(string(b) + " ?")[0]]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return counts
+}
+
 func routeTo(prefix string, action obj) obj {
 	return obj{"match": obj{"prefix": prefix}, "route": action}
 }
@@ -218,30 +249,7 @@ func TestHTTPThroughSidecar(t *testing.T) {
 				t.Errorf("ratings /: %d %q, want the prefix \"/\" route to reviews-v1", code, body)
 			}
 			// 80/20 over 1,000 requests, 10 at a time.
-			var mu sync.Mutex
-			counts := map[string]int{}
-			var wg sync.WaitGroup
-			for w := 0; w < 10; w++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for i := 0; i < 100; i++ {
-						req, _ := http.NewRequest("GET", urlReviews+"/", nil)
-						req.Host = "reviews"
-						resp, err := c.Do(req)
-						if err != nil {
-							t.Error(err)
-							return
-						}
-						b, _ := io.ReadAll(resp.Body)
-						resp.Body.Close()
-						mu.Lock()
-						counts[strings.Fields(string(b) + " ?")[0]]++
-						mu.Unlock()
-					}
-				}()
-			}
-			wg.Wait()
+			counts := load(t, c, urlReviews+"/", "reviews")
 			if n := counts["reviews-v1"]; n < 750 || n > 850 || counts["reviews-v1"]+counts["reviews-v2"] != 1000 {
 				t.Errorf("weighted 80/20 over 1000: %v", counts)
 			}
@@ -268,25 +276,7 @@ func TestHTTPThroughSidecar(t *testing.T) {
 	// Keep-alive pooling: 1,000 requests over 10 client connections.
 	before := ratings.accepts.Load()
 	c := podClient(topo, false, 10)
-	var wg sync.WaitGroup
-	for w := 0; w < 10; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < 100; i++ {
-				req, _ := http.NewRequest("GET", urlRatings+"/api/x", nil)
-				req.Host = "ratings"
-				resp, err := c.Do(req)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-			}
-		}()
-	}
-	wg.Wait()
+	load(t, c, urlRatings+"/api/x", "ratings")
 	c.CloseIdleConnections()
 	if n := ratings.accepts.Load() - before; n > 10 || n < 1 {
 		t.Errorf("1000 requests over 10 client connections used %d upstream connections, want 1..10", n)

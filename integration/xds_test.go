@@ -14,14 +14,11 @@ import (
 	"testing"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
@@ -154,24 +151,7 @@ func xdsListener(t *testing.T, l obj) *listenerv3.Listener {
 
 func (cp *controlPlane) push(t *testing.T, version string, listeners, clusters []obj, endpoints map[string][]netip.AddrPort) {
 	t.Helper()
-	res := map[resource.Type][]types.Resource{}
-	for _, l := range listeners {
-		res[resource.ListenerType] = append(res[resource.ListenerType], xdsListener(t, l))
-	}
-	for _, c := range clusters {
-		res[resource.ClusterType] = append(res[resource.ClusterType], toProto(t, c, &clusterv3.Cluster{}))
-	}
-	for name, eps := range endpoints {
-		c := staticCluster(name, "ROUND_ROBIN", eps...)["load_assignment"].(obj)
-		res[resource.EndpointType] = append(res[resource.EndpointType], toProto(t, c, &endpointv3.ClusterLoadAssignment{}))
-	}
-	snap, err := cachev3.NewSnapshot(version, res)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cp.cache.SetSnapshot(context.Background(), xdsNode, snap); err != nil {
-		t.Fatal(err)
-	}
+	cp.pushHTTP(t, version, listeners, clusters, endpoints, nil)
 }
 
 func edsCluster(name string) obj {

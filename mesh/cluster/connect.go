@@ -58,32 +58,7 @@ func (c *Cluster) Connect(ctx context.Context, origDst netip.AddrPort, exclude f
 		c.stats.cxNoneHealthy.Add(1)
 		return nil, c.errNoHealthy
 	}
-	res := c.resources[PriorityDefault]
-	if !res.cx.tryAcquire() {
-		c.stats.cxOverflow.Add(1)
-		return nil, c.errOverflow
-	}
-	c.stats.cxTotal.Add(1)
-	c.stats.cxActive.Add(1)
-	h.cxTotal.Add(1)
-	h.cxActive.Add(1)
-
-	dctx, cancel := context.WithTimeout(ctx, c.connectTimeout)
-	conn, err := c.dial(dctx, h.addr, c.sourceFor(h.addr.Addr()))
-	timedOut := err != nil && ctx.Err() == nil && (errors.Is(dctx.Err(), context.DeadlineExceeded) || isTimeout(err))
-	cancel()
-	if err != nil {
-		if ctx.Err() == nil { // not abandoned by the caller
-			c.stats.cxConnectFail.Add(1)
-			h.cxConnectFail.Add(1)
-			if timedOut {
-				c.stats.cxConnectTimeout.Add(1)
-			}
-		}
-		c.released(h, res)
-		return nil, &ConnectError{Cluster: c.name, Host: h, Timeout: timedOut, Err: err}
-	}
-	return &UpstreamConn{conn: conn, host: h, c: c, res: res}, nil
+	return c.ConnectHost(ctx, h)
 }
 
 func isTimeout(err error) bool {
