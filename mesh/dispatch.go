@@ -325,9 +325,9 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
 	access := d.Access
-	err := chain.HTTP.Serve(l.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
-		Peer: fid.Src, Local: fid.Dst,
-		AccessLog: func(he httpconn.Entry) {
+	var logReq func(httpconn.Entry)
+	if access.Enabled() {
+		logReq = func(he httpconn.Entry) {
 			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
 				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
 				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
@@ -337,7 +337,10 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 					ResponseCodeDetails: he.ResponseCodeDetails, RouteName: he.RouteName,
 					UpstreamServiceTime: he.UpstreamServiceTime, Attempts: he.Attempts}}
 			access.Log(&re)
-		},
+		}
+	}
+	err := chain.HTTP.Serve(l.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
+		Peer: fid.Src, Local: fid.Dst, AccessLog: logReq,
 	})
 	down.Close()
 	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, context.Canceled) {

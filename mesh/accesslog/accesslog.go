@@ -49,6 +49,12 @@ func New(l zerolog.Logger) *Logger {
 	return &Logger{l: l.With().Str("logger", "access").Logger(), enabled: true}
 }
 
+// Enabled reports whether Log would write: callers skip building an
+// entry per HTTP request when access logging is off (--log-level warn).
+func (a *Logger) Enabled() bool {
+	return a != nil && a.enabled && a.l.GetLevel() <= zerolog.InfoLevel && zerolog.GlobalLevel() <= zerolog.InfoLevel
+}
+
 // Log writes e at info level.
 func (a *Logger) Log(e *Entry) {
 	if a == nil || !a.enabled {
