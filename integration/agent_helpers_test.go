@@ -53,38 +53,7 @@ func startAgentNoWait(t *testing.T, topo *topology, env []string, extra ...strin
 	out := filepath.Join(t.TempDir(), "envoy-rev.json")
 	args := append([]string{"netns", "exec", topo.Pod, bin, "agent", "--log-format", "json", "--log-level", "debug",
 		"--state-dir", topo.StateDir, "--bootstrap-out", out, "--pod-labels-file", "", "--pod-annotations-file", ""}, extra...)
-	p := &proxyProc{
-		t:       t,
-		name:    "meshtun agent " + strings.Join(extra, " "),
-		changed: make(chan struct{}),
-		done:    make(chan struct{}),
-	}
-	p.cmd = exec.Command("ip", args...) // ip netns exec execs the binary: the pid is the agent's
-	p.cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
-	p.cmd.Stdout = p
-	p.cmd.Stderr = p
-	p.cmd.WaitDelay = 2 * time.Second
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", p.name, err)
-	}
-	go func() {
-		p.waitErr = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		if !p.exited() {
-			_ = p.cmd.Process.Kill()
-			select {
-			case <-p.done:
-			case <-time.After(5 * time.Second):
-				t.Errorf("%s: pid %d did not exit 5s after SIGKILL", p.name, p.cmd.Process.Pid)
-			}
-		}
-		if t.Failed() {
-			p.dumpLog()
-		}
-	})
+	p := startProc(t, "meshtun agent "+strings.Join(extra, " "), args, append([]string{"PATH=" + os.Getenv("PATH")}, env...), syscall.SIGKILL)
 	return &agentRun{proxyProc: p, bootstrap: out}
 }
 

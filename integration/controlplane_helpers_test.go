@@ -43,32 +43,7 @@ func startMeshtunControlPlane(t *testing.T, topo *topology, registry string, ext
 	args := append([]string{"netns", "exec", topo.Services, bin, "controlplane", "--log-format", "json", "--log-level", "debug",
 		"--registry", cp.registry, "--state-dir", filepath.Join(dir, "state"),
 		"--xds-address", ap(topo.GwV4, 15010), "--api-address", cpAPI}, extra...)
-	p := &proxyProc{t: t, name: "meshtun controlplane", changed: make(chan struct{}), done: make(chan struct{})}
-	p.cmd = exec.Command("ip", args...)
-	p.cmd.Stdout, p.cmd.Stderr = p, p
-	p.cmd.WaitDelay = 2 * time.Second
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", p.name, err)
-	}
-	go func() {
-		p.waitErr = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		if !p.exited() {
-			_ = p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(5 * time.Second):
-				_ = p.cmd.Process.Kill()
-				<-p.done
-			}
-		}
-		if t.Failed() {
-			p.dumpLog()
-		}
-	})
+	p := startProc(t, "meshtun controlplane", args, nil, syscall.SIGTERM)
 	if !p.waitLine(func(l string) bool { return logMessage(l) == "control plane ready" }, 10*time.Second) {
 		t.Fatalf("%s not ready after 10s (exited: %v %v); log:\n%s", p.name, p.exited(), p.waitErr, strings.Join(p.logLines(), "\n"))
 	}

@@ -96,23 +96,16 @@ func (p *proxyProc) logLines() []string {
 	return append([]string(nil), p.lines...)
 }
 
-// startProxy runs `meshtun proxy` in topo's pod namespace with JSON debug
-// logs and extra flags, and waits (10 s at most) for "proxy ready". The
-// process is killed at cleanup if still running; its log is dumped when
-// the test failed.
-func startProxy(t *testing.T, topo *topology, extra ...string) *proxyProc {
+// startProc runs `ip args...` (an `ip netns exec NS BIN ...`, which execs
+// the binary, so the pid is the binary's) with env (nil: the test's own),
+// collecting its output line by line. At cleanup a process still running
+// gets stop, then SIGKILL 5 s later; its log is dumped when the test failed.
+func startProc(t *testing.T, name string, args, env []string, stop syscall.Signal) *proxyProc {
 	t.Helper()
-	bin := meshtunBin(t)
-	args := append([]string{"netns", "exec", topo.Pod, bin, "proxy", "--log-format", "json", "--log-level", "debug", "--state-dir", topo.StateDir}, extra...)
-	p := &proxyProc{
-		t:       t,
-		name:    "meshtun proxy " + strings.Join(extra, " "),
-		changed: make(chan struct{}),
-		done:    make(chan struct{}),
-	}
-	p.cmd = exec.Command("ip", args...) // ip netns exec execs the binary: the pid is the proxy's
-	p.cmd.Stdout = p
-	p.cmd.Stderr = p
+	p := &proxyProc{t: t, name: name, changed: make(chan struct{}), done: make(chan struct{})}
+	p.cmd = exec.Command("ip", args...)
+	p.cmd.Env = env
+	p.cmd.Stdout, p.cmd.Stderr = p, p
 	p.cmd.WaitDelay = 2 * time.Second
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
@@ -124,17 +117,34 @@ func startProxy(t *testing.T, topo *topology, extra ...string) *proxyProc {
 	}()
 	t.Cleanup(func() {
 		if !p.exited() {
-			_ = p.cmd.Process.Kill()
+			_ = p.cmd.Process.Signal(stop)
 			select {
 			case <-p.done:
 			case <-time.After(5 * time.Second):
-				t.Errorf("%s: pid %d did not exit 5s after SIGKILL", p.name, p.cmd.Process.Pid)
+				_ = p.cmd.Process.Kill()
+				select {
+				case <-p.done:
+				case <-time.After(5 * time.Second):
+					t.Errorf("%s: pid %d did not exit 5s after SIGKILL", p.name, p.cmd.Process.Pid)
+				}
 			}
 		}
 		if t.Failed() {
 			p.dumpLog()
 		}
 	})
+	return p
+}
+
+// startProxy runs `meshtun proxy` in topo's pod namespace with JSON debug
+// logs and extra flags, and waits (10 s at most) for "proxy ready". The
+// process is killed at cleanup if still running; its log is dumped when
+// the test failed.
+func startProxy(t *testing.T, topo *topology, extra ...string) *proxyProc {
+	t.Helper()
+	bin := meshtunBin(t)
+	args := append([]string{"netns", "exec", topo.Pod, bin, "proxy", "--log-format", "json", "--log-level", "debug", "--state-dir", topo.StateDir}, extra...)
+	p := startProc(t, "meshtun proxy "+strings.Join(extra, " "), args, nil, syscall.SIGKILL)
 	if !p.waitLine(func(l string) bool { return logMessage(l) == "proxy ready" }, 10*time.Second) {
 		if p.exited() {
 			t.Fatalf("%s exited before it was ready (%v); log:\n%s", p.name, p.waitErr, strings.Join(p.logLines(), "\n"))

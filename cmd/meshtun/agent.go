@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -74,17 +73,13 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&co.TunMTU, "tun-mtu", 65535, "TUN MTU")
 	fs.StringVar(&co.StateDir, "state-dir", "/run/meshtun", "where capture records what it changed (share it with the init container)")
 	co.Mark = 0x539
-	fs.Func("mark", "SO_MARK of the proxy's upstream sockets (default 0x539)", func(s string) error {
-		v, err := strconv.ParseUint(s, 0, 32)
-		if err != nil || v == 0 {
-			return fmt.Errorf("want a non-zero 32-bit number such as 0x539, got %q", s)
-		}
-		co.Mark = uint32(v)
-		return nil
+	fs.Func("mark", "SO_MARK of the proxy's upstream sockets (default 0x539)", func(s string) (err error) {
+		co.Mark, err = parseMark(s)
+		return err
 	})
 	fs.StringVar(&co.PodInterface, "pod-iface", "", "the pod's interface (default: the default route's)")
 	fs.Func("pod-ips", "the pod's IPs for capture, comma separated (default: the pod interface's addresses)", func(s string) (err error) {
-		co.PodIPs, err = agentParseIPs(s)
+		co.PodIPs, err = parseIPs(s)
 		return err
 	})
 	fs.BoolVar(&co.Inbound, "inbound", true, "capture inbound TCP (the includeInboundPorts=\"\" annotation turns it off too)")
@@ -251,20 +246,4 @@ func runAgentRequest(args []string, stdout, stderr io.Writer) int {
 		rargs = append(rargs, "--admin-address", addr)
 	}
 	return runRequest(append(rargs, fs.Args()...), stdout, stderr)
-}
-
-// agentParseIPs parses a comma-separated list of IP addresses.
-func agentParseIPs(s string) ([]netip.Addr, error) {
-	var out []netip.Addr
-	for _, tok := range strings.Split(s, ",") {
-		if tok = strings.TrimSpace(tok); tok == "" {
-			continue
-		}
-		ip, err := netip.ParseAddr(tok)
-		if err != nil {
-			return nil, fmt.Errorf("%q is not an IP address", tok)
-		}
-		out = append(out, ip.Unmap())
-	}
-	return out, nil
 }

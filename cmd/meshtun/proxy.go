@@ -81,13 +81,9 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 		return err
 	})
 	fs.StringVar(&f.stateDir, "state-dir", "/run/meshtun", "where capture records what it changed, so a crashed run is undone by the next")
-	fs.Func("mark", "SO_MARK of the proxy's upstream sockets; marked traffic bypasses capture (default 0x539)", func(s string) error {
-		v, err := strconv.ParseUint(s, 0, 32)
-		if err != nil || v == 0 {
-			return fmt.Errorf("want a non-zero 32-bit number such as 0x539, got %q", s)
-		}
-		f.mark = uint32(v)
-		return nil
+	fs.Func("mark", "SO_MARK of the proxy's upstream sockets; marked traffic bypasses capture (default 0x539)", func(s string) (err error) {
+		f.mark, err = parseMark(s)
+		return err
 	})
 	fs.StringVar(&f.podIface, "pod-iface", "", "the pod's network interface (default: the interface of the default route)")
 	fs.Func("pod-ips", "the pod's IPs, comma separated (default: the global addresses of --pod-iface)", func(s string) error {
@@ -134,6 +130,15 @@ func parseIPs(s string) ([]netip.Addr, error) {
 		out = append(out, ip.Unmap())
 	}
 	return out, nil
+}
+
+// parseMark reads a --mark value: a non-zero 32-bit number, decimal or 0x hex.
+func parseMark(s string) (uint32, error) {
+	v, err := strconv.ParseUint(s, 0, 32)
+	if err != nil || v == 0 {
+		return 0, fmt.Errorf("want a non-zero 32-bit number such as 0x539, got %q", s)
+	}
+	return uint32(v), nil
 }
 
 func runProxy(args []string, stdout, stderr io.Writer) int {
