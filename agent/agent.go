@@ -273,13 +273,18 @@ func (a *Agent) proxyCommand() (*exec.Cmd, error) {
 // ready is the pod's readiness: a proxy runs, is live, and has its
 // first configuration.
 func (a *Agent) ready(ctx context.Context) error {
+	if a.sup.Pid() == 0 {
+		return errors.New("proxy not running")
+	}
+	// The proxy says why it is not ready (no configuration yet, say)
+	// before the supervisor's view is consulted.
+	if err := a.prober.Load().Ready(ctx); err != nil {
+		return err
+	}
 	if !a.sup.IsLive() {
-		if a.sup.Pid() == 0 {
-			return errors.New("proxy not running")
-		}
 		return errors.New("proxy starting")
 	}
-	return a.prober.Load().Ready(ctx)
+	return nil
 }
 
 func (a *Agent) proxyMetrics(ctx context.Context) ([]byte, error) {

@@ -76,17 +76,16 @@ func (p *Prober) Live(ctx context.Context) error {
 	return nil
 }
 
-// Ready reports whether the proxy can take the pod's traffic: it is live
-// and, when it is configured over xDS, has accepted its first listeners
-// and clusters (both update_success counters above 0, as pilot-agent
-// requires).
+// Ready reports whether the proxy can take the pod's traffic: when it is
+// configured over xDS, it has accepted its first listeners and clusters
+// (both update_success counters above 0, as pilot-agent requires), and it
+// is live.
 func (p *Prober) Ready(ctx context.Context) error {
-	if err := p.Live(ctx); err != nil {
-		return err
-	}
 	if !p.xds {
-		return nil
+		return p.Live(ctx)
 	}
+	// As pilot-agent: the configuration first (it says what is missing),
+	// then the server state.
 	code, body, err := p.Get(ctx, "/stats?usedonly&filter="+url.QueryEscape(xdsStatsFilter))
 	if err != nil {
 		return fmt.Errorf("proxy admin %s: %w", p.admin, err)
@@ -97,7 +96,7 @@ func (p *Prober) Ready(ctx context.Context) error {
 	st := parseStats(body)
 	cds, lds := st["cluster_manager.cds.update_success"], st["listener_manager.lds.update_success"]
 	if cds > 0 && lds > 0 {
-		return nil
+		return p.Live(ctx)
 	}
 	return fmt.Errorf("config not received from the xDS server (cds updates: %d successful, %d rejected; lds updates: %d successful, %d rejected)",
 		cds, st["cluster_manager.cds.update_rejected"], lds, st["listener_manager.lds.update_rejected"])

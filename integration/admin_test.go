@@ -4,11 +4,13 @@ package integration
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/netip"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -308,6 +310,75 @@ func TestProxyReloadOnSIGHUP(t *testing.T) {
 	}
 	if err := pingPong(old, []byte("flow from before the reload")); err != nil {
 		t.Fatalf("flow opened before the reload: %v", err)
+	}
+}
+
+// TestProxyReloadNewNodeKeepsXDS: a SIGHUP whose bootstrap changes the
+// node (as the agent's reload does when the pod's labels change) restarts
+// the xDS stream, but the configuration received over xDS keeps serving
+// meanwhile: no listener is removed and drained, a flow opened before the
+// reload lives on past --drain-duration, the update counters do not go
+// back, and the new stream's node is the new one.
+func TestProxyReloadNewNodeKeepsXDS(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
+	v := xdsService(t, cp, topo, "1", 63, netip.AddrPortFrom(topo.SvcV4, 9080))
+	bs := adsBootstrap(t, topo, "DELTA_GRPC")
+	px := startProxy(t, topo, "--bootstrap", bs, "--drain-duration", "1s")
+	old := dialUntil(t, topo, ap(v, 9080), 5*time.Second)
+	defer old.Close()
+	if err := pingPong(old, []byte("before the reload")); err != nil {
+		t.Fatal(err)
+	}
+
+	b, err := os.ReadFile(bs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc obj
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	doc["node"].(map[string]any)["metadata"] = obj{"LABELS": obj{"version": "v2"}}
+	next := writeBootstrapObj(t, doc)
+	if err := os.Rename(next, bs); err != nil {
+		t.Fatal(err)
+	}
+	if err := px.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if !px.waitLine(func(l string) bool {
+		return logMessage(l) == "bootstrap reloaded" && logField(l, "xds_restarted") == true
+	}, 5*time.Second) {
+		t.Fatal("no reload with a restarted xDS client after SIGHUP")
+	}
+	// Past the drain duration: a listener dropped and re-added by the
+	// reload would have closed the flow by now.
+	time.Sleep(1500 * time.Millisecond)
+	if err := pingPong(old, []byte("after the reload and the drain duration")); err != nil {
+		t.Fatalf("flow opened before the reload: %v", err)
+	}
+	if _, ok := px.waitAccess(func(e AccessEntry) bool { return strings.Contains(e.Raw, "listener drained") }, 0); ok {
+		t.Error("a listener was drained by a reload that only changed the node")
+	}
+	c, err := dialTCP(topo.Pod, ap(v, 9080), dialTimeout)
+	if err != nil {
+		t.Fatalf("new flow after the reload: %v", err)
+	}
+	if err := echoRoundTrip(c, []byte("new"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	stats := adminGet(t, topo, "/stats?filter=update_success")
+	for _, name := range []string{"cluster_manager.cds.update_success", "listener_manager.lds.update_success"} {
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + `: [2-9]`).MatchString(stats) {
+			t.Errorf("%s after a reconnecting reload, want >= 2 (both streams' updates):\n%s", name, stats)
+		}
+	}
+	if md := cp.lastNodeMetadata(); !strings.Contains(md, "v2") {
+		t.Errorf("the control plane's last node metadata %q, want the reloaded node's", md)
 	}
 }
 

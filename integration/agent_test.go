@@ -477,14 +477,33 @@ func TestAgentDrainOnSIGTERM(t *testing.T) {
 }
 
 // TestAgentWait is agent test 5: `meshtun agent wait` fails after its
-// timeout while the proxy has no xDS configuration (it is live, the pod
-// is not ready), and returns 0 once the control plane has pushed it.
+// timeout while the proxy has no xDS configuration (it runs, INITIALIZING
+// as Envoy is before its first CDS/LDS; the pod is not ready), and returns
+// 0 once the control plane has pushed it.
 func TestAgentWait(t *testing.T) {
 	requireRoot(t)
 	topo := newTopology(t)
 	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
 	startTCPServer(t, topo.Services, ap(topo.SvcV4, 9080), echo)
-	startAgent(t, topo, agentEnv(), "--discovery-address", ap(topo.GwV4, 15010))
+	ag := startAgentNoWait(t, topo, agentEnv(), "--discovery-address", ap(topo.GwV4, 15010))
+	if !ag.waitLine(func(l string) bool { return logMessage(l) == "proxy started" }, 15*time.Second) {
+		t.Fatalf("the agent did not start its proxy within 15s")
+	}
+	// The proxy's admin answers, but not LIVE: no configuration yet.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := nsRun(topo.Pod, meshtunBin(t), "request", "--admin-address", "127.0.0.1:15000", "GET", "/stats?filter=^server\\.state$")
+		if err == nil {
+			if !strings.Contains(out, "server.state: 3") {
+				t.Fatalf("proxy without its first xDS configuration: %q, want server.state: 3 (INITIALIZING)", out)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy's admin never answered: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 
 	code, stderr, took := agentWait(t, topo, "--timeout", "1s", "--period", "100ms")
 	if code == 0 || took < time.Second || took > 5*time.Second {

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -181,18 +182,24 @@ func waitServes(t *testing.T, topo *topology, dst string) {
 	}
 }
 
-// untilRefused polls a connect to dst until it is refused, within d of
-// since; it returns how long after since the refusal came.
+// untilRefused polls a connect to dst until it is refused (ECONNREFUSED:
+// a timeout is not a refusal), within d of since; it returns how long
+// after since the refusal came.
 func untilRefused(t *testing.T, topo *topology, dst string, since time.Time, d time.Duration) time.Duration {
 	t.Helper()
 	for {
-		c, err := dialTCP(topo.Pod, dst, time.Second)
-		if err != nil {
-			return time.Since(since)
+		c, err := dialTCP(topo.Pod, dst, 250*time.Millisecond)
+		took := time.Since(since)
+		if err == nil {
+			c.Close()
+		} else if errors.Is(err, syscall.ECONNREFUSED) {
+			if took > d {
+				t.Fatalf("%s refused %v after the change, want within %v", dst, took, d)
+			}
+			return took
 		}
-		c.Close()
-		if time.Since(since) > d {
-			t.Fatalf("%s still connects %v after the change", dst, time.Since(since))
+		if took > d {
+			t.Fatalf("%s not refused %v after the change (last: %v)", dst, took, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -209,13 +216,37 @@ func untilConnects(t *testing.T, topo *topology, dst string, since time.Time, d 
 			err = echoRoundTrip(c, randomPayload(64), echoTimeout)
 			c.Close()
 		}
+		took := time.Since(since)
 		if err == nil {
-			return time.Since(since)
+			if took > d {
+				t.Fatalf("%s works only %v after the change, want within %v", dst, took, d)
+			}
+			return took
 		}
-		if time.Since(since) > d {
-			t.Fatalf("%s still fails %v after the change: %v", dst, time.Since(since), err)
+		if took > d {
+			t.Fatalf("%s still fails %v after the change: %v", dst, took, err)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// dialUntil connects to dst from the pod, retrying for up to d (a
+// configuration on its way), and fails the test if it never connects.
+func dialUntil(t *testing.T, topo *topology, dst string, d time.Duration) *net.TCPConn {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		c, err := dialTCP(topo.Pod, dst, 250*time.Millisecond)
+		if err == nil {
+			if err = pingPong(c, []byte("ping")); err == nil {
+				return c
+			}
+			c.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never served within %v: %v", dst, d, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -55,12 +55,21 @@ type controlPlane struct {
 	stop     func()
 	nodeID   string
 	agent    string
+	nodeMeta string // the last node's metadata, as JSON
 }
 
-func (cp *controlPlane) setNode(id, agent string) {
+func (cp *controlPlane) setNode(node *corev3.Node) {
+	md, _ := protojson.Marshal(node.GetMetadata())
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
-	cp.nodeID, cp.agent = id, agent
+	cp.nodeID, cp.agent, cp.nodeMeta = node.GetId(), node.GetUserAgentName(), string(md)
+}
+
+// lastNodeMetadata is the metadata of the node last seen on a stream.
+func (cp *controlPlane) lastNodeMetadata() string {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return cp.nodeMeta
 }
 
 func (cp *controlPlane) setNackMsg(m string) {
@@ -96,7 +105,7 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 	}
 	seen := func(typ, nonce string, node *corev3.Node, detail *status.Status) {
 		if node != nil {
-			cp.setNode(node.GetId(), node.GetUserAgentName())
+			cp.setNode(node)
 		}
 		count(typ, nonce, detail != nil)
 		if detail != nil {

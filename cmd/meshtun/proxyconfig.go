@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,7 +40,26 @@ type configSource struct {
 	stopXDS   context.CancelFunc
 	xdsDone   chan struct{}
 	xdsServer string
+	// lastXDS is the last xDS configuration applied, by any client: a
+	// reload that restarts the client (a changed node) keeps serving it
+	// until the new stream delivers, instead of dropping every dynamic
+	// listener and cluster in between.
+	lastXDS *xdsclient.Resources
+	// prevStats are the counters of clients stopped by reloads, so the
+	// admin's update_success counters never go back (pilot-agent's
+	// readiness reads them).
+	prevStats map[string]uint64
+
+	// initialized is set once the first configuration is in force: at
+	// start without ADS, else when the first xDS update is applied. Until
+	// then the server is INITIALIZING, as Envoy is before its first
+	// CDS/LDS responses.
+	initialized atomic.Bool
 }
+
+// Initialized reports whether the first configuration is in force (the
+// admin's /ready and server.state).
+func (c *configSource) Initialized() bool { return c.initialized.Load() }
 
 // load reads and validates the bootstrap without applying anything.
 func (c *configSource) load() (*bootstrapv3.Bootstrap, *xdsclient.Config, error) {
@@ -71,6 +91,8 @@ func (c *configSource) start() error {
 	}
 	if xcfg != nil {
 		c.startXDS(*xcfg)
+	} else {
+		c.initialized.Store(true)
 	}
 	return nil
 }
@@ -94,10 +116,8 @@ func (c *configSource) applyStatic(b *bootstrapv3.Bootstrap) error {
 		a.Adopt(c.applier)
 	}
 	res := &xdsclient.Resources{}
-	if c.client != nil {
-		if acc := c.client.Accepted(); acc != nil {
-			res = acc
-		}
+	if c.lastXDS != nil && opts.AllowUnknownClusters {
+		res = c.lastXDS
 	}
 	if err := a.Apply(context.Background(), res); err != nil {
 		return fmt.Errorf("bootstrap %s: %w", c.path, err)
@@ -115,7 +135,20 @@ func (c *configSource) startXDS(xcfg xdsclient.Config) {
 	client := xdsclient.New(xcfg, xdsclient.ApplierFunc(func(ctx context.Context, r *xdsclient.Resources) error {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		return c.applier.Apply(ctx, r)
+		if _, ok := r.Versions[xdsclient.ListenerType]; !ok && c.lastXDS != nil {
+			// A client a reload restarted delivers clusters before it has
+			// listeners: the listeners (and their routes) in force stay
+			// until its first LDS response replaces them.
+			merged := *r
+			merged.Listeners, merged.Routes = c.lastXDS.Listeners, c.lastXDS.Routes
+			r = &merged
+		}
+		if err := c.applier.Apply(ctx, r); err != nil {
+			return err
+		}
+		c.lastXDS = r
+		c.initialized.Store(true)
+		return nil
 	}))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -156,14 +189,18 @@ func (c *configSource) Reload() error {
 	}
 	var cancel context.CancelFunc
 	var done chan struct{}
+	var stopped *xdsclient.Client
 	if restart && c.stopXDS != nil {
-		cancel, done = c.stopXDS, c.xdsDone
+		cancel, done, stopped = c.stopXDS, c.xdsDone, c.client
 		c.stopXDS, c.client = nil, nil
 	}
 	c.mu.Unlock()
 	if cancel != nil {
 		cancel()
 		<-done
+		c.mu.Lock()
+		c.keepStats(stopped)
+		c.mu.Unlock()
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -181,7 +218,8 @@ func (c *configSource) Reload() error {
 	}
 	if xcfg == nil && c.stopXDS != nil {
 		c.stopXDS()
-		c.stopXDS, c.client = nil, nil
+		c.keepStats(c.client)
+		c.stopXDS, c.client, c.lastXDS = nil, nil, nil
 	}
 	c.log.Info().Str("bootstrap", c.path).Bool("xds_restarted", restart && xcfg != nil).Msg("bootstrap reloaded")
 	return nil
@@ -208,13 +246,37 @@ func (c *configSource) Bootstrap() (*bootstrapv3.Bootstrap, time.Time) {
 	return c.b, c.loadedAt
 }
 
-// Stats returns the xDS client's counters for the admin /stats.
+// keepStats folds a stopped client's counters into prevStats (c.mu held).
+func (c *configSource) keepStats(cl *xdsclient.Client) {
+	if cl == nil {
+		return
+	}
+	if c.prevStats == nil {
+		c.prevStats = map[string]uint64{}
+	}
+	for k, v := range cl.Stats() {
+		if k != xdsclient.StatConnectedState { // a gauge: only the live client's counts
+			c.prevStats[k] += v
+		}
+	}
+}
+
+// Stats returns the xDS client's counters for the admin /stats, with
+// those of clients a reload replaced.
 func (c *configSource) Stats() map[string]uint64 {
 	c.mu.Lock()
-	cl := c.client
-	c.mu.Unlock()
-	if cl == nil {
+	defer c.mu.Unlock()
+	if c.client == nil && c.prevStats == nil {
 		return nil
 	}
-	return cl.Stats()
+	out := make(map[string]uint64, len(c.prevStats)+8)
+	for k, v := range c.prevStats {
+		out[k] = v
+	}
+	if c.client != nil {
+		for k, v := range c.client.Stats() {
+			out[k] += v
+		}
+	}
+	return out
 }

@@ -41,6 +41,11 @@ type Server struct {
 	// Bootstrap returns the bootstrap in force and when it was loaded, for
 	// /config_dump.
 	Bootstrap func() (*bootstrapv3.Bootstrap, time.Time)
+	// Initialized, when set, reports whether the first configuration is
+	// in force; until it does the server is INITIALIZING (Envoy waits for
+	// its first CDS and LDS responses before it is LIVE). Nil: a snapshot
+	// is enough.
+	Initialized func() bool
 	// Concurrency is reported as server.concurrency.
 	Concurrency int
 	// Drain stops listeners taking new flows (/drain_listeners).
@@ -320,12 +325,14 @@ func (s *Server) ready(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintln(w, st.String())
 }
 
-// state is Envoy's server state: PRE_INITIALIZING until the first
-// configuration is in force, DRAINING while health checks are failed.
+// state is Envoy's server state: PRE_INITIALIZING before any snapshot,
+// INITIALIZING until the first configuration is in force, DRAINING while health checks are failed.
 func (s *Server) state() adminv3.ServerInfo_State {
 	switch {
 	case s.D.Snapshot() == nil:
 		return adminv3.ServerInfo_PRE_INITIALIZING
+	case s.Initialized != nil && !s.Initialized():
+		return adminv3.ServerInfo_INITIALIZING
 	case s.healthFailed.Load():
 		return adminv3.ServerInfo_DRAINING
 	}

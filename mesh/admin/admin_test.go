@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -132,8 +133,30 @@ func TestUnknownPathAndReady(t *testing.T) {
 	}
 	empty := httptest.NewServer((&Server{D: &mesh.Dispatcher{}, Start: time.Now()}).Handler())
 	defer empty.Close()
-	if code, _ := get(t, empty, "/ready"); code != 503 {
-		t.Errorf("/ready before any config = %d, want 503", code)
+	if code, body := get(t, empty, "/ready"); code != 503 || body != "PRE_INITIALIZING\n" {
+		t.Errorf("/ready before any config = %d %q, want 503 PRE_INITIALIZING", code, body)
+	}
+
+	// With static resources in force but the first xDS response still to
+	// come, Envoy is INITIALIZING: /ready 503, server.state 3.
+	b, err := bootstrap.Load("../../examples/sidecar-bootstrap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &mesh.Dispatcher{}
+	d.Swap(build(t, b))
+	var initialized atomic.Bool
+	waiting := httptest.NewServer((&Server{D: d, Start: time.Now(), Initialized: initialized.Load}).Handler())
+	defer waiting.Close()
+	if code, body := get(t, waiting, "/ready"); code != 503 || body != "INITIALIZING\n" {
+		t.Errorf("/ready before the first xDS config = %d %q, want 503 INITIALIZING", code, body)
+	}
+	if _, body := get(t, waiting, "/stats?filter=^server\\.(state|live)$"); body != "server.live: 1\nserver.state: 3\n" {
+		t.Errorf("stats before the first xDS config: %q", body)
+	}
+	initialized.Store(true)
+	if code, body := get(t, waiting, "/ready"); code != 200 || body != "LIVE\n" {
+		t.Errorf("/ready once initialized = %d %q, want 200 LIVE", code, body)
 	}
 }
 
