@@ -31,10 +31,14 @@ bench: build deps
 	MESHTUN_SCALE=10000 MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags scale -count=1 -run TestXDSScale -v ./integration/ | grep -E 'services:|--- '
 
 # The README's first command: meshtun end to end in throwaway namespaces
-# (control plane, agent + proxy, sample servers), each step asserted.
+# (control plane, agent + proxy, sample servers), each step asserted; then
+# Ctrl-C'd at several points (mid-setup, agent starting, agent serving, a
+# profile just applied), each asserted to leave nothing behind.
+DEMO_INTERRUPT_POINTS ?= 1.veth 4.agent 5 8
 demo: build
 	$(GO) build -o bin/demoserver ./cmd/demoserver
 	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver bash scripts/demo.sh
+	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver DEMO_INTERRUPT_TEST="$(DEMO_INTERRUPT_POINTS)" bash scripts/demo.sh
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

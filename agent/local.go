@@ -2,14 +2,17 @@ package agent
 
 import (
 	"net"
+	"net/netip"
 	"os"
+	"slices"
 	"strings"
 )
 
 // LocalEnviron fills in, for laptop mode, what the sidecar injector would
 // have set: POD_NAME (the host name), POD_NAMESPACE ("default") and
-// INSTANCE_IP (the first global IPv4 address of an interface that is up).
-// Values already set are kept: a developer can pose as any workload.
+// INSTANCE_IP (the IPv4 source address of the default route — the address
+// the host's connections leave from; see hostIP). Values already set are
+// kept: a developer can pose as any workload.
 func LocalEnviron(env []string) []string {
 	have := map[string]bool{}
 	for _, kv := range env {
@@ -42,7 +45,66 @@ func LocalEnviron(env []string) []string {
 	return out
 }
 
+// defaultRoute is what hostIP needs of one of the host's IPv4 default
+// routes (defaultRoutes, per OS).
+type defaultRoute struct {
+	ifindex int
+	src     netip.Addr // the route's preferred source, if it names one
+	metric  int        // the lowest wins, as in the kernel
+}
+
+// hostIP is the IPv4 address the host's traffic leaves from: the preferred
+// source of the default route with the lowest metric, else the first
+// global IPv4 address of that route's interface. Only without a default
+// route (a laptop offline) is it the first global IPv4 address of any
+// interface that is up.
 func hostIP() string {
+	routes, _ := defaultRoutes()
+	if ip := chooseHostIP(routes, interfaceIPv4s); ip.IsValid() {
+		return ip.String()
+	}
+	return firstUpIPv4()
+}
+
+func chooseHostIP(routes []defaultRoute, addrs func(ifindex int) []netip.Addr) netip.Addr {
+	routes = slices.Clone(routes)
+	slices.SortStableFunc(routes, func(a, b defaultRoute) int { return a.metric - b.metric })
+	for _, r := range routes {
+		if r.src.Is4() && r.src.IsGlobalUnicast() {
+			return r.src
+		}
+		if r.ifindex <= 0 {
+			continue
+		}
+		for _, a := range addrs(r.ifindex) {
+			if a.Is4() && a.IsGlobalUnicast() {
+				return a
+			}
+		}
+	}
+	return netip.Addr{}
+}
+
+// interfaceIPv4s lists the IPv4 addresses of an interface, in the order
+// the OS reports them (the primary address first).
+func interfaceIPv4s(ifindex int) []netip.Addr {
+	ifi, err := net.InterfaceByIndex(ifindex)
+	if err != nil {
+		return nil
+	}
+	addrs, _ := ifi.Addrs()
+	var out []netip.Addr
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out
+}
+
+func firstUpIPv4() string {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return ""

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -16,5 +17,32 @@ func TestLocalEnviron(t *testing.T) {
 	kept := LocalEnviron([]string{"POD_NAME=me", "INSTANCE_IP=10.1.2.3"})
 	if strings.Join(kept, " ") != "POD_NAME=me INSTANCE_IP=10.1.2.3 POD_NAMESPACE=default" {
 		t.Errorf("LocalEnviron = %v", kept)
+	}
+}
+
+func TestChooseHostIP(t *testing.T) {
+	addrs := map[int][]netip.Addr{
+		1: {netip.MustParseAddr("127.0.0.1")},
+		2: {netip.MustParseAddr("169.254.3.4"), netip.MustParseAddr("10.1.0.5"), netip.MustParseAddr("10.1.0.6")},
+		3: {netip.MustParseAddr("fd00::3"), netip.MustParseAddr("192.168.7.9")},
+	}
+	lookup := func(i int) []netip.Addr { return addrs[i] }
+	for _, tc := range []struct {
+		name   string
+		routes []defaultRoute
+		want   string
+	}{
+		{"no default route", nil, "invalid IP"},
+		{"the route's interface, its first global IPv4", []defaultRoute{{ifindex: 2}}, "10.1.0.5"},
+		{"the route's preferred source first", []defaultRoute{{ifindex: 2, src: netip.MustParseAddr("10.1.0.6")}}, "10.1.0.6"},
+		{"the lowest metric wins, whatever the order",
+			[]defaultRoute{{ifindex: 2, metric: 600}, {ifindex: 3, metric: 100}}, "192.168.7.9"},
+		{"a route whose interface has no global IPv4 is passed over",
+			[]defaultRoute{{ifindex: 1, metric: 0}, {ifindex: 3, metric: 50}}, "192.168.7.9"},
+		{"no usable address", []defaultRoute{{ifindex: 1}, {ifindex: 9}}, "invalid IP"},
+	} {
+		if got := chooseHostIP(tc.routes, lookup).String(); got != tc.want {
+			t.Errorf("%s: chooseHostIP = %s, want %s", tc.name, got, tc.want)
+		}
 	}
 }

@@ -50,7 +50,8 @@ import (
 //
 // Changes of content (endpoints, a cluster's settings, the catch-all of a
 // listener, allow_any/block_all) go out at once when no change of names is
-// under way. A node that has not ACKed within maxStepWait (it NACKs, or
+// under way; a profile change goes out at once even then, in what that
+// change still serves from earlier configurations (remesh). A node that has not ACKed within maxStepWait (it NACKs, or
 // hangs) does not hold the others back: the next step goes out anyway,
 // with a warning naming it.
 
@@ -126,6 +127,7 @@ func (s *Server) rebuild() {
 		q.olds = append(q.olds, q.lis)
 	}
 	q.target = next
+	q.remesh()
 	if !s.step() {
 		s.push("configuration changed")
 	}
@@ -133,6 +135,42 @@ func (s *Server) rebuild() {
 		s.armTimer()
 		s.wake()
 	}
+}
+
+// remesh puts target's mesh configuration (the profile) into what a
+// change of names still serves from earlier configurations: the
+// listeners and routes held back, the clusters kept. A profile names no
+// cluster — it sets the catch-all (PassthroughCluster or BlackHoleCluster,
+// allow_any or block_all), access logs, timeouts — so it is content and
+// goes out at once, not after the wait for a lagging node's ACK of the
+// change of names under way. An earlier configuration of the same
+// registry simply becomes target: with only the profile changed, nothing
+// is left to sequence.
+func (q *sequence) remesh() {
+	next := q.target
+	done := map[*generator]*generator{}
+	conv := func(g *generator) *generator {
+		if g == next || g.mesh == next.mesh {
+			return g
+		}
+		if n, ok := done[g]; ok {
+			return n
+		}
+		n := next
+		if g.reg != next.reg {
+			n = newGenerator(g.reg, next.mesh)
+		}
+		done[g] = n
+		return n
+	}
+	q.lis = conv(q.lis)
+	olds := q.olds[:0]
+	for _, g := range q.olds {
+		if g = conv(g); g != next && !slices.Contains(olds, g) {
+			olds = append(olds, g)
+		}
+	}
+	q.olds = olds
 }
 
 // armTimer wakes the sequencer once the current wait may have timed out.

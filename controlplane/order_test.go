@@ -161,3 +161,120 @@ func TestOrderRoutesFollowListeners(t *testing.T) {
 	}
 	check("4", vb, cb)
 }
+
+// TestOrderProfileNotHeldBack: a profile change while a change of cluster
+// names waits for a node's ACK goes out at once — the catch-all of
+// virtualOutbound and of the HTTP route configuration, in the listeners
+// and routes that change still serves from before — at each step of the
+// sequence, which goes on where it was.
+func TestOrderProfileNotHeldBack(t *testing.T) {
+	def, _ := BuiltinProfile("default")
+	strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}, connectTimeout: 3s}\n")
+	reg := func(name, vip string) *Registry {
+		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: HTTP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
+	s.stepWait = time.Hour // the lagging node is waited for, longer than the test
+	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nodes["n"] = e
+	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	ca, cb := "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
+	va, vb := "a.default.svc.cluster.local:80", "b.default.svc.cluster.local:80"
+	check := func(version, catchAll, httpCatchAll, vhost, cls string) {
+		t.Helper()
+		r := s.served(nodeClass{v4: true})
+		if err := buildInProxy(r); err != nil {
+			t.Fatalf("version %s: %v", version, err)
+		}
+		_, c := servedNames(s)
+		rc := findRoutes(r, "80")
+		if s.versionString() != version || catchAllOf(t, r) != catchAll || catchAllVHost(r, "80") != httpCatchAll ||
+			rc == nil || rc.GetVirtualHosts()[0].GetName() != vhost || c != cls {
+			t.Fatalf("version %s catch-all %s/%s vhost %v clusters %q; want %s, %s/%s, %s, %q (pending: %s)", s.versionString(),
+				catchAllOf(t, r), catchAllVHost(r, "80"), rc.GetVirtualHosts(), c, version, catchAll, httpCatchAll, vhost, cls, s.seq.describe())
+		}
+	}
+
+	// Step 1 waits: b's cluster is out next to a's, the node has not
+	// ACKed it. REGISTRY_ONLY goes out at once, in a's listeners and routes.
+	s.reg = reg("b", "10.96.0.2")
+	s.rebuild()
+	check("2", PassthroughCluster, AllowAnyVirtualHost, va, ca+" "+cb)
+	s.profile = strict
+	s.rebuild()
+	check("3", BlackHoleCluster, BlockAllVirtualHost, va, ca+" "+cb)
+	for _, c := range s.served(nodeClass{v4: true}).Clusters {
+		if c.GetName() == ca && c.GetConnectTimeout().AsDuration() != 3*time.Second {
+			t.Errorf("the kept cluster %s has connect_timeout %v, want the new profile's 3s", ca, c.GetConnectTimeout().AsDuration())
+		}
+	}
+	// The sequence goes on: b's listeners and routes once the node ACKs
+	// the clusters, under the profile in force.
+	if s.step() {
+		t.Fatal("stepped without the node's ACK")
+	}
+	e.clusters = 3
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the clusters")
+	}
+	check("4", BlackHoleCluster, BlockAllVirtualHost, vb, ca+" "+cb)
+	// Step 3 waits for the node's ACK of b's listeners and routes; back to
+	// ALLOW_ANY meanwhile: at once, and the sequence is still at step 3
+	// (not back at the listeners: the registry is the same).
+	s.profile = def
+	s.rebuild()
+	check("5", PassthroughCluster, AllowAnyVirtualHost, vb, ca+" "+cb)
+	if s.seq.lis != s.seq.target || !strings.HasPrefix(s.seq.describe(), "unused clusters") {
+		t.Fatalf("a profile change set the sequence back: %s", s.seq.describe())
+	}
+	e.clusters, e.listeners, e.routes = 5, 5, 5
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the listeners and routes")
+	}
+	check("6", PassthroughCluster, AllowAnyVirtualHost, vb, cb)
+	if s.seq.pending() {
+		t.Fatalf("still pending: %s", s.seq.describe())
+	}
+}
+
+// TestADSProfileSwitchWithLaggingNode: a node that does not ACK a
+// registry change holds that change's next step back (up to maxStepWait),
+// but not a profile change: a connected proxy has REGISTRY_ONLY within a
+// second of SetProfile.
+func TestADSProfileSwitchWithLaggingNode(t *testing.T) {
+	reg := mustRegistry(t, "testdata/registry.yaml")
+	def, _ := BuiltinProfile("default")
+	srv, addr := startServer(t, reg, def)
+	const id = "sidecar~10.1.0.5~app.default~default.svc.cluster.local"
+	px := startProxyStub(t, addr, true, id)
+	if !waitFor(5*time.Second, func() bool { return catchAllOf(t, px.accepted()) == PassthroughCluster }) {
+		t.Fatalf("the proxy never accepted a configuration; last error %v", px.client.LastError())
+	}
+	// A node with no stream: it never ACKs.
+	srv.mu.Lock()
+	srv.nodes["sidecar~10.1.0.6~lag.default~default.svc.cluster.local"] = &nodeEntry{node: Node{ID: "lag"}}
+	srv.mu.Unlock()
+	more, err := ParseRegistry("more.yaml", []byte("services:\n- name: ratings\n  vip: 10.96.0.50\n  ports: [{port: 9080, protocol: TCP}]\n  endpoints: [{address: 10.1.9.9}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.SetRegistry(more)
+	if st := srv.Status(); st.Pending == "" {
+		t.Fatalf("test premise: the registry change is not waiting for the lagging node: %+v", st)
+	}
+	strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n")
+	start := time.Now()
+	srv.SetProfile(strict)
+	if !waitFor(time.Second, func() bool {
+		return catchAllOf(t, px.accepted()) == BlackHoleCluster && catchAllVHost(px.accepted(), "80") == BlockAllVirtualHost
+	}) {
+		t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile, a registry change waiting for a lagging node (%s)", srv.Status().Pending)
+	}
+	t.Logf("profile change applied by the proxy after %v, the registry change still pending: %s", time.Since(start), srv.Status().Pending)
+}

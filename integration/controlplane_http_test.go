@@ -135,9 +135,11 @@ func controlPlaneHTTP(t *testing.T, api string) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("%s: block_all in force %v after `profile apply` returned", api, time.Since(applied))
-	// New connections: the proxy serves a downstream connection with the
-	// snapshot it started on, so one kept alive from before the switch
-	// still has allow_any (a proxy limitation, not the control plane's).
+	// A connection accepted under REGISTRY_ONLY. Routes are resolved in
+	// the snapshot in force at each request (mesh/dispatch.go, liveEnv), so
+	// one kept alive from before the switch gets block_all as well (only
+	// its listener and http_connection_manager stay those it started with);
+	// the idle ones are closed so that this request exercises a new one.
 	c.CloseIdleConnections()
 	before = outside.accepts.Load()
 	if code, _ := get1(t, c, urlOutside+"/z", "unknown.example.com"); code != http.StatusBadGateway {

@@ -81,13 +81,16 @@ func TestLocalModeCapturesOnlyCIDR(t *testing.T) {
 // TestAgentLocalMode is issue 7's laptop mode: `meshtun agent --mode local
 // --capture-cidr CIDR --discovery ADDR` takes its configuration from a
 // control plane and captures only the CIDR: a service VIP in it reaches
-// its endpoint through the proxy, other traffic is untouched, the default
-// route is not changed, and SIGTERM restores the namespace exactly.
+// its endpoint through the proxy (one access line), other traffic —
+// outbound outside the CIDR, inbound — does not go through the proxy (no
+// access line), the default route is not changed, and SIGTERM restores
+// the namespace exactly.
 func TestAgentLocalMode(t *testing.T) {
 	requireRoot(t)
 	topo := newTopology(t)
 	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
 	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
 	ep := startTCPServer(t, topo.Services, ap(topo.Svc2V4, 80), echo)
 	v := vip(topo, false, 64)
 	cl := "outbound|80||web.default.svc.cluster.local"
@@ -122,14 +125,39 @@ func TestAgentLocalMode(t *testing.T) {
 	if rules, _ := nsRun(topo.Pod, "ip", "rule"); strings.Contains(rules, "15001") || strings.Contains(rules, "iif") {
 		t.Fatalf("local mode installed sidecar capture rules:\n%s", rules)
 	}
-	c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
-	if err != nil {
-		t.Fatal(err)
+	// The access log from here on: the line of the flow that succeeded
+	// above (earlier attempts, before the configuration arrived, may have
+	// their own) is written, and counted, first.
+	if _, ok := ag.waitAccess(func(e AccessEntry) bool { return e.UpstreamCluster == cl }, 5*time.Second); !ok {
+		t.Fatal("no access line for the VIP flow")
 	}
-	if err := echoRoundTrip(c, []byte("direct"), echoTimeout); err != nil {
-		t.Fatal(err)
+	seen := len(ag.accessLogs())
+	roundTrip := func(ns, addr, msg string) string {
+		t.Helper()
+		c, err := dialTCP(ns, addr, dialTimeout)
+		if err != nil {
+			t.Fatalf("%s: %v", msg, err)
+		}
+		defer c.Close()
+		if err := echoRoundTrip(c, []byte(msg), echoTimeout); err != nil {
+			t.Fatalf("%s: %v", msg, err)
+		}
+		return c.LocalAddr().String()
 	}
-	c.Close()
+	// Inside the CIDR: through the proxy, one access line for the flow.
+	src := roundTrip(topo.Pod, ap(v, 80), "vip")
+	if _, ok := ag.waitAccess(func(e AccessEntry) bool {
+		return e.DownstreamRemote == src && e.UpstreamCluster == cl
+	}, 5*time.Second); !ok {
+		t.Fatalf("no access line for the VIP flow from %s", src)
+	}
+	// Outside the CIDR, and inbound: straight through the kernel.
+	roundTrip(topo.Pod, ap(topo.SvcV4, 80), "direct")
+	roundTrip(topo.Services, ap(topo.PodV4, 8080), "inbound")
+	time.Sleep(200 * time.Millisecond) // an access line would be written at flow end
+	if got := ag.accessLogs()[seen:]; len(got) != 1 || got[0].DownstreamRemote != src {
+		t.Fatalf("access lines after the VIP flow from %s: %+v; want only that flow's (nothing outside the CIDR, nothing inbound)", src, got)
+	}
 	if err := ag.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

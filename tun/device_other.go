@@ -8,8 +8,9 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
-// Open creates the TUN device (utun on darwin). Addresses and routes for
-// the laptop mode are configured by the capture code of that OS.
+// Open creates the TUN device (utun on darwin), gives it cfg.Addrs and
+// brings it up (configureDevice). Laptop mode's routes are the capture
+// code's.
 func Open(cfg DeviceConfig) (*Device, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
@@ -21,6 +22,10 @@ func Open(cfg DeviceConfig) (*Device, error) {
 	name, err := dev.Name()
 	if err != nil {
 		name = cfg.Name
+	}
+	if err := configureDevice(name, cfg.Addrs); err != nil {
+		dev.Close()
+		return nil, err
 	}
 	return &Device{dev: dev, name: name, mtu: cfg.MTU}, nil
 }

@@ -16,16 +16,22 @@ type Local struct {
 	log zerolog.Logger
 }
 
-// SetupLocal routes cfg.CIDRs into the utun device. The proxy's own
-// sockets are pinned to the outgoing interface (see DefaultInterface), so
-// they never follow these routes.
+// SetupLocal routes cfg.CIDRs into the utun device. Open gave the device
+// its addresses and brought it up; SetupLocal makes sure it is up (a route
+// to a down utun carries nothing). The proxy's own sockets are pinned to
+// the outgoing interface (see DefaultInterface), so they never follow
+// these routes.
 func SetupLocal(cfg LocalConfig, log zerolog.Logger) (*Local, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	if err := configureDevice(cfg.TunName, nil); err != nil {
+		return nil, fmt.Errorf("local capture: %w", err)
+	}
 	l := &Local{cfg: cfg, log: log}
 	for i, p := range cfg.CIDRs {
-		if out, err := exec.Command("route", routeArgs("add", p.String(), p.Addr().Is6(), cfg.TunName)...).CombinedOutput(); err != nil {
+		c := routeCommand("add", p, cfg.TunName)
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			l.cfg.CIDRs = cfg.CIDRs[:i]
 			l.Teardown()
 			return nil, fmt.Errorf("local capture: route add %v -interface %s: %v: %s", p, cfg.TunName, err, strings.TrimSpace(string(out)))
@@ -35,19 +41,12 @@ func SetupLocal(cfg LocalConfig, log zerolog.Logger) (*Local, error) {
 	return l, nil
 }
 
-func routeArgs(op, cidr string, v6 bool, ifname string) []string {
-	args := []string{"-n", op}
-	if v6 {
-		args = append(args, "-inet6")
-	}
-	return append(args, "-net", cidr, "-interface", ifname)
-}
-
 // Teardown deletes the routes.
 func (l *Local) Teardown() error {
 	var errs []string
 	for _, p := range l.cfg.CIDRs {
-		if out, err := exec.Command("route", routeArgs("delete", p.String(), p.Addr().Is6(), l.cfg.TunName)...).CombinedOutput(); err != nil {
+		c := routeCommand("delete", p, l.cfg.TunName)
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Sprintf("%v: %v: %s", p, err, strings.TrimSpace(string(out))))
 		}
 	}
@@ -60,7 +59,7 @@ func (l *Local) Teardown() error {
 // DefaultInterface is the index of the interface of the default route,
 // which laptop mode pins the proxy's upstream sockets to.
 func DefaultInterface() (int, error) {
-	out, err := exec.Command("route", "-n", "get", "default").Output()
+	out, err := exec.Command(darwinRoute, "-n", "get", "default").Output()
 	if err != nil {
 		return 0, fmt.Errorf("route get default: %w", err)
 	}

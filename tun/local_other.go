@@ -4,6 +4,7 @@ package tun
 
 import (
 	"errors"
+	"net/netip"
 
 	"github.com/rs/zerolog"
 )
@@ -21,3 +22,12 @@ func (l *Local) Teardown() error { return nil }
 
 // DefaultInterface is not implemented on this OS.
 func DefaultInterface() (int, error) { return 0, errors.New("not supported on this OS") }
+
+// configureDevice brings nothing up: the OS brings its TUN devices up, and
+// addresses on the device are supported on Linux and darwin only.
+func configureDevice(name string, addrs []netip.Prefix) error {
+	if len(addrs) > 0 {
+		return errors.New("tun: addresses on the device: supported on Linux and darwin only")
+	}
+	return nil
+}
