@@ -428,3 +428,93 @@ func TestProxySIGTERMDrains(t *testing.T) {
 		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
 	}
 }
+
+// TestAdminUnixSocketIPv6 runs the proxy with its admin API on a Unix
+// socket (bootstrap admin.address.pipe) and an IPv6 service listener:
+// `meshtun request --bootstrap FILE` finds the socket in the bootstrap and
+// `--admin-address unix:PATH` names it; /listeners prints Envoy's lines
+// (IPv6 in brackets), /help lists the endpoints, nothing listens on
+// 127.0.0.1:15000; after one IPv6 flow the listener's stats are under
+// Envoy's scope listener.[<addr with ':'→'_'>]_80 and Prometheus carries
+// it as listener_address (Istio's regex), the tcp_proxy's as tcp_prefix.
+func TestAdminUnixSocketIPv6(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Services, ap(topo.SvcV6, 80), echo)
+	v6 := vip(topo, true, 62)
+	cl := "outbound|80||web6.default.svc.cluster.local"
+	sock := t.TempDir() + "/admin.sock"
+	svc := serviceListener(v6, 80, cl)
+	bs := writeBootstrapObj(t, obj{
+		"node":  obj{"id": "sidecar~10.0.0.2~test.default~default.svc.cluster.local", "cluster": "test.default"},
+		"admin": obj{"address": obj{"pipe": obj{"path": sock}}},
+		"static_resources": obj{
+			"listeners": []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), svc},
+			"clusters":  append(istioClusters(), staticCluster(cl, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV6, 80))),
+		},
+	})
+	startProxy(t, topo, "--bootstrap", bs)
+
+	request := func(args ...string) string {
+		t.Helper()
+		out, err := nsRun(topo.Pod, append([]string{meshtunBin(t), "request"}, args...)...)
+		if err != nil {
+			t.Fatalf("meshtun request %v: %v", args, err)
+		}
+		return out
+	}
+	wantListeners := fmt.Sprintf("virtualOutbound::0.0.0.0:15001\nvirtualInbound::0.0.0.0:15006\n%s::%s\n", svc["name"], netip.AddrPortFrom(v6, 80))
+	if got := request("--bootstrap", bs, "GET", "/listeners"); got != wantListeners {
+		t.Errorf("request --bootstrap GET /listeners = %q, want %q", got, wantListeners)
+	}
+	if got := request("--admin-address", "unix:"+sock, "GET", "/listeners"); got != wantListeners {
+		t.Errorf("request --admin-address unix: GET /listeners = %q, want %q", got, wantListeners)
+	}
+	if help := request("--bootstrap", bs, "GET", "/help"); !strings.HasPrefix(help, "admin commands are:\n") ||
+		!strings.Contains(help, "\n  /listeners: ") || !strings.Contains(help, "\n  /stats/prometheus: ") {
+		t.Errorf("/help = %q", help)
+	}
+	if c, err := dialTCP(topo.Pod, "127.0.0.1:15000", time.Second); err == nil {
+		c.Close()
+		t.Error("the admin also listens on 127.0.0.1:15000 with a pipe admin address")
+	}
+
+	c, err := dialTCP(topo.Pod, ap(v6, 80), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echoRoundTrip(c, randomPayload(100), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	scope := strings.ReplaceAll(netip.AddrPortFrom(v6, 80).String(), ":", "_") // "[fd00_…]_80"
+	want := fmt.Sprintf("listener.%s.downstream_cx_total: 1\n", scope)
+	filter := "/stats?filter=" + regexp.QuoteMeta("listener."+scope+".downstream_cx_total")
+	var got string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if got = request("--admin-address", "unix:"+sock, "GET", filter); got == want {
+			break
+		}
+	}
+	if got != want {
+		t.Fatalf("/stats %s = %q, want %q", filter, got, want)
+	}
+	prom := request("--bootstrap", bs, "GET", "/stats/prometheus")
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(prom))
+	if err != nil {
+		t.Fatalf("/stats/prometheus does not parse: %v", err)
+	}
+	found := false
+	for _, m := range fams["envoy_listener_downstream_cx_total"].GetMetric() {
+		if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetName() == "listener_address" && m.GetLabel()[0].GetValue() == scope {
+			found = m.GetCounter().GetValue() == 1
+		}
+	}
+	if !found {
+		t.Errorf("no envoy_listener_downstream_cx_total{listener_address=%q} 1 in:\n%s", scope, prom)
+	}
+	if !strings.Contains(prom, fmt.Sprintf("\nenvoy_tcp_downstream_cx_total{tcp_prefix=%q} 1\n", cl)) {
+		t.Errorf("no envoy_tcp_downstream_cx_total{tcp_prefix=%q} 1", cl)
+	}
+}

@@ -117,16 +117,34 @@ type ListenerStats struct {
 	DownstreamListenerTimeout atomic.Uint64 // downstream_pre_cx_timeout
 }
 
-// StatPrefix is Envoy's listener stat scope for an address: ':' becomes '_'.
+// listenerStatPrefix is Envoy's listener stat scope: "listener." + the
+// listener's stat_prefix, else "envoy_internal_<name>" for an internal
+// listener, else the address as Envoy prints it (Address::asString:
+// "0.0.0.0:15001", IPv6 "[::]:15001", a pipe's path), sanitized as
+// Envoy's Stats::Utility::sanitizeStatsName does when the scope is
+// created (":" becomes "_"), so IPv6 [::]:15001 is "listener.[__]_15001."
+// (envoy source/common/listener_manager/listener_impl.cc
+// listenerStatsScope; source/common/stats/utility.cc). Istio's
+// listener_address tag regex expects exactly this shape.
 func listenerStatPrefix(l *listenerv3.Listener) string {
-	if l.GetStatPrefix() != "" {
-		return "listener." + l.GetStatPrefix() + "."
+	var scope string
+	switch sa := l.GetAddress().GetSocketAddress(); {
+	case l.GetStatPrefix() != "":
+		scope = l.GetStatPrefix()
+	case l.GetInternalListener() != nil:
+		scope = "envoy_internal_" + l.GetName()
+	case l.GetAddress().GetPipe() != nil:
+		scope = l.GetAddress().GetPipe().GetPath()
+	default:
+		if ip, err := netip.ParseAddr(sa.GetAddress()); err == nil {
+			// inet_ntop's form, IPv6 in brackets: "[::]:15001".
+			scope = netip.AddrPortFrom(ip, uint16(sa.GetPortValue())).String()
+		} else {
+			scope = fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue())
+		}
 	}
-	if p := l.GetAddress().GetPipe(); p != nil {
-		return "listener." + strings.ReplaceAll(p.GetPath(), ":", "_") + "."
-	}
-	sa := l.GetAddress().GetSocketAddress()
-	return "listener." + strings.ReplaceAll(fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue()), ":", "_") + "."
+	// The replacements of Envoy's sanitizeStatsName.
+	return "listener." + strings.NewReplacer("://", "_", ":/", "_", ":", "_", "\x00", "_").Replace(scope) + "."
 }
 
 // BuildOptions carries what building a snapshot needs besides resources.

@@ -15,6 +15,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -57,7 +58,7 @@ type Server struct {
 	healthFailed  atomic.Bool
 	drained       atomic.Bool
 	resetMu       sync.Mutex
-	resetBaseline map[string]uint64 // counter values at the last /reset_counters
+	resetBaseline map[statKey]uint64 // raw counter values at the last /reset_counters
 }
 
 type endpoint struct {
@@ -238,7 +239,7 @@ func (s *Server) clusters(w http.ResponseWriter, r *http.Request) {
 		if e := c.EDSServiceName(); e != "" {
 			fmt.Fprintf(w, "%s::eds_service_name::%s\n", n, e)
 		}
-		for _, h := range c.Hosts() {
+		for _, h := range hostsByPriority(c) {
 			hp := fmt.Sprintf("%s::%s", n, h.Address())
 			for _, st := range h.Stats() {
 				fmt.Fprintf(w, "%s::%s::%d\n", hp, st.Name, st.Value)
@@ -278,7 +279,7 @@ func clusterStatus(c *cluster.Cluster) *adminv3.ClusterStatus {
 			MaxRetries:         wrapperspb.UInt32(th.MaxRetries),
 		})
 	}
-	for _, h := range c.Hosts() {
+	for _, h := range hostsByPriority(c) {
 		a := h.Address()
 		hs := &adminv3.HostStatus{
 			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
@@ -287,20 +288,39 @@ func clusterStatus(c *cluster.Cluster) *adminv3.ClusterStatus {
 			Weight:       h.Weight(),
 			Hostname:     h.Hostname(),
 			Priority:     h.Priority(),
+			// Envoy sets the locality whether or not it has a field set
+			// (MergeFrom of the host's locality), so readers find "locality": {}.
+			Locality: &corev3.Locality{Region: h.Region(), Zone: h.Zone(), SubZone: h.SubZone()},
 		}
-		if h.Region() != "" || h.Zone() != "" || h.SubZone() != "" {
-			hs.Locality = &corev3.Locality{Region: h.Region(), Zone: h.Zone(), SubZone: h.SubZone()}
+		if sr := h.SuccessRate(); sr >= 0 {
+			hs.SuccessRate = &typev3.Percent{Value: sr}
 		}
-		for _, st := range h.Stats() {
-			t := adminv3.SimpleMetric_COUNTER
-			if st.Gauge {
-				t = adminv3.SimpleMetric_GAUGE
+		// Envoy lists a host's counters, then its gauges (host->counters(),
+		// host->gauges()), each in name order.
+		for _, gauges := range []bool{false, true} {
+			for _, st := range h.Stats() {
+				if st.Gauge != gauges {
+					continue
+				}
+				t := adminv3.SimpleMetric_COUNTER
+				if st.Gauge {
+					t = adminv3.SimpleMetric_GAUGE
+				}
+				hs.Stats = append(hs.Stats, &adminv3.SimpleMetric{Name: st.Name, Value: st.Value, Type: t})
 			}
-			hs.Stats = append(hs.Stats, &adminv3.SimpleMetric{Name: st.Name, Value: st.Value, Type: t})
 		}
 		cs.HostStatuses = append(cs.HostStatuses, hs)
 	}
 	return cs
+}
+
+// hostsByPriority is the order Envoy's /clusters lists hosts in: by
+// priority level (it walks the priority set's host sets, 0 first), in
+// configuration order within one.
+func hostsByPriority(c *cluster.Cluster) []*cluster.Host {
+	hs := c.Hosts()
+	sort.SliceStable(hs, func(i, j int) bool { return hs[i].Priority() < hs[j].Priority() })
+	return hs
 }
 
 func filterParam(w http.ResponseWriter, r *http.Request) (*regexp.Regexp, bool) {

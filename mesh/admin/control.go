@@ -21,15 +21,16 @@ func ok(w http.ResponseWriter) {
 
 // resetCounters zeroes every counter as /stats shows it; gauges keep
 // their values. The live counters are untouched (other readers, and the
-// data path, never see a reset): /stats subtracts the values recorded here.
+// data path, never see a reset): /stats subtracts the values recorded here,
+// each for the counter it was read from (statKey), so a counter created
+// after the reset, even under an old name, counts from its own zero. The
+// new baseline replaces the old one in a single step: a concurrent /stats
+// sees one or the other, never raw values.
 func (s *Server) resetCounters(w http.ResponseWriter, r *http.Request) {
-	s.resetMu.Lock()
-	s.resetBaseline = nil
-	s.resetMu.Unlock()
-	base := map[string]uint64{}
-	for _, st := range s.collect() {
+	base := map[statKey]uint64{}
+	for _, st := range s.collectRaw() {
 		if !st.gauge {
-			base[st.name] = st.value
+			base[statKey{st.owner, st.name}] = st.value
 		}
 	}
 	s.resetMu.Lock()

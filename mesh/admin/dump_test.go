@@ -17,6 +17,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -154,7 +155,7 @@ func TestConfigDump(t *testing.T) {
 	for _, c := range cd.GetConfigs() {
 		types = append(types, strings.TrimPrefix(c.GetTypeUrl(), "type.googleapis.com/envoy.admin.v3."))
 	}
-	if got := strings.Join(types, ","); got != "BootstrapConfigDump,ClustersConfigDump,ListenersConfigDump,RoutesConfigDump,SecretsConfigDump" {
+	if got := strings.Join(types, ","); got != "BootstrapConfigDump,ClustersConfigDump,ListenersConfigDump,ScopedRoutesConfigDump,RoutesConfigDump,SecretsConfigDump" {
 		t.Fatalf("sections = %s", got)
 	}
 	// Re-marshal and compare: a lossless round trip.
@@ -470,6 +471,170 @@ func ioCopy(w *strings.Builder, resp *http.Response) (int64, error) {
 		n += int64(k)
 		if err != nil {
 			return n, nil
+		}
+	}
+}
+
+// applyWith pushes the fixture's resources at version, the ratings
+// cluster with connect_timeout ct, plus extra listeners.
+func (f *xdsFixture) applyWith(t *testing.T, version string, ct time.Duration, extra ...*listenerv3.Listener) {
+	t.Helper()
+	const cname = "outbound|7000||ratings.default.svc.cluster.local"
+	res := &xdsclient.Resources{
+		Clusters: map[string]*clusterv3.Cluster{cname: {
+			Name: cname, ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+			ConnectTimeout:   durationpb.New(ct),
+			EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}},
+		}},
+		Endpoints: map[string]*endpointv3.ClusterLoadAssignment{cname: {ClusterName: cname}},
+		Listeners: map[string]*listenerv3.Listener{},
+		Versions:  map[string]string{xdsclient.ClusterType: version, xdsclient.ListenerType: version, xdsclient.EndpointType: version},
+	}
+	for _, l := range append([]*listenerv3.Listener{dynListener(t, 7000, cname)}, extra...) {
+		res.Listeners[l.Name] = l
+	}
+	if err := f.a.Apply(context.Background(), res); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestConfigDumpScopedAndStaticRoutes: the dump has Envoy's sections in
+// Envoy's order (ScopedRoutesConfigDump, empty, between Listeners and
+// Routes; Endpoints only with include_eds), an HCM's inline route_config
+// is in RoutesConfigDump.static_route_configs as sent, stamped with its
+// listener's time; resource= takes the new fields; the dump round-trips
+// through protojson.
+func TestConfigDumpScopedAndStaticRoutes(t *testing.T) {
+	f := newXDSFixture(t)
+	rc := inlineRoute("inline-8080", "outbound|7000||ratings.default.svc.cluster.local")
+	f.applyWith(t, "v1", time.Second, hcmListener(t, "10.96.0.40_8080", "10.96.0.40", 8080, "10.96.0.40_8080", rc))
+
+	sections := func(cd *adminv3.ConfigDump) string {
+		var types []string
+		for _, c := range cd.GetConfigs() {
+			types = append(types, strings.TrimPrefix(c.GetTypeUrl(), "type.googleapis.com/envoy.admin.v3."))
+		}
+		return strings.Join(types, ",")
+	}
+	body := bodyOf(t, f, "/config_dump")
+	cd := unmarshalDump(t, body)
+	if got := sections(cd); got != "BootstrapConfigDump,ClustersConfigDump,ListenersConfigDump,ScopedRoutesConfigDump,RoutesConfigDump,SecretsConfigDump" {
+		t.Fatalf("sections = %s", got)
+	}
+	if again, err := dumpJSON.Marshal(cd); err != nil || strings.TrimSpace(string(again)) != strings.TrimSpace(body) {
+		t.Fatalf("round trip differs (err %v)", err)
+	}
+	var sd adminv3.ScopedRoutesConfigDump
+	if err := cd.Configs[3].UnmarshalTo(&sd); err != nil || len(sd.GetInlineScopedRouteConfigs())+len(sd.GetDynamicScopedRouteConfigs()) != 0 {
+		t.Errorf("scoped routes: %v %v", err, &sd)
+	}
+	var ld adminv3.ListenersConfigDump
+	cd.Configs[2].UnmarshalTo(&ld)
+	var listenerUpdated time.Time
+	for _, dl := range ld.GetDynamicListeners() {
+		if dl.GetName() == "10.96.0.40_8080" {
+			listenerUpdated = dl.GetActiveState().GetLastUpdated().AsTime()
+		}
+	}
+	var rd adminv3.RoutesConfigDump
+	if err := cd.Configs[4].UnmarshalTo(&rd); err != nil || len(rd.GetStaticRouteConfigs()) != 1 {
+		t.Fatalf("routes dump: %v %v", err, &rd)
+	}
+	src := rd.GetStaticRouteConfigs()[0]
+	var got routev3.RouteConfiguration
+	if err := src.GetRouteConfig().UnmarshalTo(&got); err != nil || !proto.Equal(&got, rc) {
+		t.Errorf("static route config %v (err %v), want %v", &got, err, rc)
+	}
+	if listenerUpdated.IsZero() || !src.GetLastUpdated().AsTime().Equal(listenerUpdated) {
+		t.Errorf("static route config last_updated %v, want its listener's %v", src.GetLastUpdated().AsTime(), listenerUpdated)
+	}
+
+	cd = unmarshalDump(t, bodyOf(t, f, "/config_dump?include_eds"))
+	if got := sections(cd); got != "BootstrapConfigDump,ClustersConfigDump,EndpointsConfigDump,ListenersConfigDump,ScopedRoutesConfigDump,RoutesConfigDump,SecretsConfigDump" {
+		t.Errorf("sections with include_eds = %s", got)
+	}
+
+	cd = unmarshalDump(t, bodyOf(t, f, "/config_dump?resource=static_route_configs"))
+	var one adminv3.RoutesConfigDump_StaticRouteConfig
+	if len(cd.GetConfigs()) != 1 || cd.Configs[0].UnmarshalTo(&one) != nil || one.GetRouteConfig() == nil {
+		t.Errorf("resource=static_route_configs: %v", cd)
+	}
+	for _, res := range []string{"inline_scoped_route_configs", "dynamic_scoped_route_configs"} {
+		if cd := unmarshalDump(t, bodyOf(t, f, "/config_dump?resource="+res)); len(cd.GetConfigs()) != 0 {
+			t.Errorf("resource=%s: %v", res, cd)
+		}
+	}
+	if code, body := get(t, f.ts, "/config_dump?resource=nope"); code != 400 || !strings.Contains(body, "static_route_configs") || !strings.Contains(body, "inline_scoped_route_configs") {
+		t.Errorf("resource=nope: %d %q, want 400 listing the new fields", code, body)
+	}
+	if cd := unmarshalDump(t, bodyOf(t, f, "/config_dump?resource=static_route_configs&name_regex=^other")); len(cd.GetConfigs()) != 0 {
+		t.Errorf("name_regex did not filter static route configs: %v", cd)
+	}
+}
+
+// TestResetCountersFollowCounters: the /reset_counters baseline belongs to
+// the counter it was read from: a cluster re-created by an update (fresh
+// counters, same name) counts from its own zero, not from the old
+// cluster's value.
+func TestResetCountersFollowCounters(t *testing.T) {
+	f := newXDSFixture(t)
+	const cname = "outbound|7000||ratings.default.svc.cluster.local"
+	f.applyWith(t, "v1", time.Second)
+	old := f.d.Snapshot().Clusters[cname]
+	for range 5 {
+		old.HTTPStats().CountResponse(200)
+	}
+	const q = "/stats?filter=^cluster\\.outbound\\|7000.*\\.upstream_rq_(completed|200)$"
+	if got := bodyOf(t, f, q); got != "cluster."+cname+".upstream_rq_200: 5\ncluster."+cname+".upstream_rq_completed: 5\n" {
+		t.Fatalf("before reset: %q", got)
+	}
+	post(t, f, "/reset_counters")
+	if got := bodyOf(t, f, q); got != "cluster."+cname+".upstream_rq_200: 0\ncluster."+cname+".upstream_rq_completed: 0\n" {
+		t.Fatalf("after reset: %q", got)
+	}
+	// A changed cluster is a new cluster with zeroed counters.
+	f.applyWith(t, "v2", 2*time.Second)
+	c := f.d.Snapshot().Clusters[cname]
+	if c == old {
+		t.Fatal("the changed cluster was not re-created")
+	}
+	for range 7 {
+		c.HTTPStats().CountResponse(200)
+	}
+	if got := bodyOf(t, f, q); got != "cluster."+cname+".upstream_rq_200: 7\ncluster."+cname+".upstream_rq_completed: 7\n" {
+		t.Errorf("re-created cluster after a reset: %q, want its own 7 requests", got)
+	}
+}
+
+// TestResetCountersAtomic: a /stats served while /reset_counters runs
+// sees the old or the new baseline, never the raw counters.
+func TestResetCountersAtomic(t *testing.T) {
+	f := newXDSFixture(t)
+	f.push(t, "v1", 7000)
+	f.d.Snapshot().Listeners[0].Stats.DownstreamCxTotal.Add(1000)
+	h := f.srv.Handler()
+	do := func(method, path string) string {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(method, path, nil))
+		return w.Body.String()
+	}
+	do(http.MethodPost, "/reset_counters")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 200 {
+			do(http.MethodPost, "/reset_counters")
+		}
+	}()
+	const want = "listener.0.0.0.0_15001.downstream_cx_total: 0\n"
+	for i := 0; ; i++ {
+		select {
+		case <-done:
+			return
+		default:
+		}
+		if got := do(http.MethodGet, "/stats?filter=^listener\\.0\\.0\\.0\\.0_15001\\.downstream_cx_total$"); got != want {
+			t.Fatalf("read %d during resets: %q, want %q", i, got, want)
 		}
 	}
 }

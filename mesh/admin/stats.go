@@ -8,34 +8,64 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"weak"
 )
 
-// stat is one named value of /stats, with what the Prometheus form needs:
-// Envoy's tag extraction turns cluster.<name>.x into envoy_cluster_x with
-// cluster_name="<name>" (Istio's bootstrap tags: cluster_name,
-// listener_address, tcp_prefix).
+// stat is one named value of /stats. owner identifies the object that
+// holds the counter (see statKey); the Prometheus form derives its metric
+// name and labels from name alone, by Istio's tag extraction (tags.go).
 type stat struct {
-	name     string
-	value    uint64
-	gauge    bool
-	used     bool
-	family   string // Prometheus metric name
-	tagName  string // "" when the name carries no tag
-	tagValue string
+	name  string
+	value uint64
+	gauge bool
+	used  bool
+	owner any
 }
+
+// statKey identifies one counter for /reset_counters: its name and a weak
+// reference to the object that holds it (a listener's, cluster's,
+// tcp_proxy's or HCM's stats; nil for the process-wide ones). A cluster
+// re-created with zeroed counters is a new holder, so a baseline taken
+// from the old one never applies to it (a baseline keyed by name alone
+// would hide the new cluster's first N requests); a weak reference keeps a
+// retired holder collectable, and once collected it never matches again.
+type statKey struct {
+	owner any
+	name  string
+}
+
+// holder returns the identity collect records for stats held by p.
+func holder[T any](p *T) any { return weak.Make(p) }
 
 // collect gathers every stat with Envoy's full names, counters net of the
 // last /reset_counters.
 func (s *Server) collect() []stat {
-	var out []stat
-	add := func(name string, v uint64, gauge bool, tagName, tagValue, rest string) {
-		fam := "envoy_" + sanitize(name)
-		if tagName != "" {
-			fam = "envoy_" + sanitize(rest)
+	out := s.collectRaw()
+	s.resetMu.Lock()
+	base := s.resetBaseline
+	s.resetMu.Unlock()
+	if base != nil {
+		for i := range out {
+			st := &out[i]
+			if st.gauge {
+				continue
+			}
+			if b, ok := base[statKey{st.owner, st.name}]; ok && st.value >= b {
+				st.value -= b
+				st.used = st.used && st.value != 0
+			}
 		}
-		out = append(out, stat{name: name, value: v, gauge: gauge, used: v != 0, family: fam, tagName: tagName, tagValue: tagValue})
 	}
-	plain := func(name string, v uint64, gauge bool) { add(name, v, gauge, "", "", "") }
+	return out
+}
+
+// collectRaw gathers every stat as its holder counts it, sorted by name.
+func (s *Server) collectRaw() []stat {
+	var out []stat
+	add := func(name string, v uint64, gauge bool, owner any) {
+		out = append(out, stat{name: name, value: v, gauge: gauge, used: v != 0, owner: owner})
+	}
+	plain := func(name string, v uint64, gauge bool) { add(name, v, gauge, nil) }
 	snap := s.D.Snapshot()
 	live, state := uint64(1), uint64(s.state())
 	if s.healthFailed.Load() || snap == nil {
@@ -60,9 +90,8 @@ func (s *Server) collect() []stat {
 		out[len(out)-1].used = true
 		plain("cluster_manager.active_clusters", uint64(len(snap.Clusters)), true)
 		for _, l := range snap.Listeners {
-			p := strings.TrimSuffix(l.Stats.Prefix, ".")
-			addr := strings.TrimPrefix(p, "listener.")
-			lst := func(n string, v uint64, g bool) { add(p+"."+n, v, g, "listener_address", addr, "listener."+n) }
+			p, owner := l.Stats.Prefix, holder(l.Stats)
+			lst := func(n string, v uint64, g bool) { add(p+n, v, g, owner) }
 			lst("downstream_cx_total", l.Stats.DownstreamCxTotal.Load(), false)
 			lst("downstream_cx_active", uint64(max(0, l.Stats.DownstreamCxActive.Load())), true)
 			lst("downstream_cx_destroy", l.Stats.DownstreamCxDestroy.Load(), false)
@@ -73,14 +102,14 @@ func (s *Server) collect() []stat {
 		for _, c := range snap.Clusters {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
 			// "PassthroughCluster;" → "PassthroughCluster").
-			scope := strings.TrimSuffix(c.ObservabilityName(), ";")
+			scope, owner := strings.TrimSuffix(c.ObservabilityName(), ";"), holder(c)
 			for _, st := range append(c.Stats(), c.HTTPStats().Stats()...) {
-				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, "cluster_name", scope, "cluster."+st.Name)
+				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
 			}
 		}
 		for _, t := range snap.TCPStats() {
-			prefix := strings.TrimSuffix(strings.TrimPrefix(t.Prefix, "tcp."), ".")
-			tcp := func(n string, v uint64) { add(t.Prefix+n, v, false, "tcp_prefix", prefix, "tcp."+n) }
+			owner := holder(t)
+			tcp := func(n string, v uint64) { add(t.Prefix+n, v, false, owner) }
 			tcp("downstream_cx_total", t.DownstreamCxTotal.Load())
 			tcp("downstream_cx_no_route", t.DownstreamCxNoRoute.Load())
 			tcp("downstream_cx_rx_bytes_total", t.DownstreamRxBytes.Load())
@@ -88,8 +117,9 @@ func (s *Server) collect() []stat {
 			tcp("idle_timeout", t.IdleTimeout.Load())
 		}
 		for prefix, hs := range snap.HTTPStats() {
+			owner := holder(hs)
 			for _, st := range hs.List() {
-				add("http."+prefix+"."+st.Name, st.Value, st.Gauge, "http_conn_manager_prefix", prefix, "http."+st.Name)
+				add("http."+prefix+"."+st.Name, st.Value, st.Gauge, owner)
 			}
 		}
 	}
@@ -98,16 +128,6 @@ func (s *Server) collect() []stat {
 			plain(name, v, strings.HasSuffix(name, "connected_state"))
 		}
 	}
-	s.resetMu.Lock()
-	for i := range out {
-		if base, ok := s.resetBaseline[out[i].name]; ok && !out[i].gauge {
-			if out[i].value >= base {
-				out[i].value -= base
-			}
-			out[i].used = out[i].used && out[i].value != 0 || out[i].name == "listener_manager.workers_started"
-		}
-	}
-	s.resetMu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
 	return out
 }
@@ -180,30 +200,52 @@ func (s *Server) selected(w http.ResponseWriter, r *http.Request) ([]stat, bool)
 	return out, true
 }
 
-// prometheus serves the text exposition format, one family per metric
-// name with its TYPE line, as Envoy's /stats/prometheus.
+// prometheus serves the text exposition format as Envoy's
+// /stats/prometheus: each stat's name goes through Istio's tag extraction
+// (tags.go), the rest becomes the metric name ("envoy_" + '.'→'_'), one
+// family per metric name with its TYPE line.
 func (s *Server) prometheus(w http.ResponseWriter, r *http.Request) {
 	sel, ok := s.selected(w, r)
 	if !ok {
 		return
 	}
-	sort.SliceStable(sel, func(i, j int) bool { return sel[i].family < sel[j].family })
+	type sample struct {
+		family, labels string
+		value          uint64
+		gauge          bool
+	}
+	samples := make([]sample, 0, len(sel))
+	var lb strings.Builder
+	for _, st := range sel {
+		rest, tags := extractTags(st.name)
+		lb.Reset()
+		for i, t := range tags {
+			if i > 0 {
+				lb.WriteByte(',')
+			}
+			fmt.Fprintf(&lb, "%s=\"%s\"", sanitize(t.name), escapeLabel(t.value))
+		}
+		samples = append(samples, sample{"envoy_" + sanitize(rest), lb.String(), st.value, st.gauge})
+	}
+	// Envoy writes the counters, then the gauges, each sorted by metric name.
+	sort.SliceStable(samples, func(i, j int) bool {
+		if samples[i].gauge != samples[j].gauge {
+			return !samples[i].gauge
+		}
+		return samples[i].family < samples[j].family
+	})
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	var last string
-	for _, st := range sel {
-		if st.family != last {
+	for _, m := range samples {
+		if m.family != last {
 			t := "counter"
-			if st.gauge {
+			if m.gauge {
 				t = "gauge"
 			}
-			fmt.Fprintf(w, "# TYPE %s %s\n", st.family, t)
-			last = st.family
+			fmt.Fprintf(w, "# TYPE %s %s\n", m.family, t)
+			last = m.family
 		}
-		if st.tagName != "" {
-			fmt.Fprintf(w, "%s{%s=\"%s\"} %d\n", st.family, st.tagName, escapeLabel(st.tagValue), st.value)
-		} else {
-			fmt.Fprintf(w, "%s{} %d\n", st.family, st.value)
-		}
+		fmt.Fprintf(w, "%s{%s} %d\n", m.family, m.labels, m.value)
 	}
 }
 
