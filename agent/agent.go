@@ -72,9 +72,13 @@ type Agent struct {
 	sup     *Supervisor
 	status  *StatusServer
 
-	reloads, reloadErrors atomic.Int64
-	quit                  chan struct{}
-	quitOnce              sync.Once
+	// reloadSignals counts the SIGHUPs sent to the proxy; whether it
+	// applied them is the proxy's own server.bootstrap_reload.* stats
+	// (merged into the status port's scrape). reloadErrors counts changes
+	// never signalled because the new inputs were invalid.
+	reloadSignals, reloadErrors atomic.Int64
+	quit                        chan struct{}
+	quitOnce                    sync.Once
 }
 
 // PrepareBootstrap loads the inputs, renders and validates the bootstrap.
@@ -168,16 +172,17 @@ func Run(cfg Config, root zerolog.Logger) error {
 		defer close(runDone)
 		a.sup.Run()
 	}()
-	watchCtx, stopWatch := context.WithCancel(context.Background())
-	defer stopWatch()
 	w := &Watcher{Paths: a.watched(in), Interval: cfg.WatchInterval, OnChange: a.reload}
-	go w.Run(watchCtx)
+	stopWatch := w.Start()
+	defer stopWatch()
 
 	select {
 	case sig := <-cfg.Signals:
 		log.Info().Str("signal", sig.String()).Msg("terminating")
 	case <-a.quit:
 	}
+	// No reload may be in flight once the drain starts: a SIGHUP sent
+	// after the SIGTERM would reach a draining proxy.
 	stopWatch()
 	a.status.SetDraining()
 	grace := pc.TerminationDrainDuration + cfg.ShutdownGrace
@@ -305,6 +310,6 @@ func (a *Agent) writeMetrics(w io.Writer) {
 	metric(w, "meshtun_agent_proxy_restarts_total", "counter", "Times the agent restarted the proxy after it exited on its own.", float64(a.sup.Restarts()))
 	metric(w, "meshtun_agent_proxy_live", "gauge", "1 while a proxy runs and answers its admin /ready.", b2f(a.sup.IsLive()))
 	metric(w, "meshtun_agent_capture_blocked", "gauge", "1 while captured flows are refused because no proxy serves them.", b2f(a.sup.Blocked()))
-	metric(w, "meshtun_agent_reloads_total", "counter", "Bootstrap reloads sent to the proxy (SIGHUP) after a watched file changed.", float64(a.reloads.Load()))
-	metric(w, "meshtun_agent_reload_errors_total", "counter", "Watched-file changes not applied because the new inputs were invalid.", float64(a.reloadErrors.Load()))
+	metric(w, "meshtun_agent_reload_signals_total", "counter", "Reload signals (SIGHUP) sent to the proxy after a watched file changed; the proxy counts the reloads it applied as envoy_server_bootstrap_reload_update_success.", float64(a.reloadSignals.Load()))
+	metric(w, "meshtun_agent_reload_errors_total", "counter", "Watched-file changes not sent to the proxy because the new inputs were invalid or the bootstrap could not be written.", float64(a.reloadErrors.Load()))
 }

@@ -1,10 +1,10 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/rs/zerolog"
 
@@ -65,7 +65,7 @@ func (a *Agent) setupCapture(in *Inputs) error {
 	if mode != "sidecar" {
 		return fmt.Errorf("capture mode %q: want sidecar or none", mode)
 	}
-	dev, capt, err := installCapture(co, in.Exclusions, a.root)
+	dev, capt, err := installCapture(co, in.Exclusions, agentPorts(in.ProxyConfig, in.ReadinessPort), a.root)
 	if err != nil {
 		return err
 	}
@@ -78,24 +78,52 @@ func (a *Agent) setupCapture(in *Inputs) error {
 	return nil
 }
 
-// installCapture opens the TUN and sets up capture with the exclusions of
-// the flags and of the annotations together. log is the root logger.
-func installCapture(co CaptureOptions, ex Exclusions, log zerolog.Logger) (*tun.Device, *tun.Capture, error) {
-	dev, err := tun.Open(tun.DeviceConfig{Name: co.TunName, MTU: co.TunMTU})
-	if err != nil {
-		return nil, nil, err
+// agentPorts are the agent's and the proxy's own ports that inbound
+// capture must leave alone, as it does Istio's defaults
+// (tun.AlwaysExcludedInboundPorts): the admin port, the status port and
+// the readiness port, when configured elsewhere. A probe or a scrape must
+// get an answer while no proxy serves.
+func agentPorts(pc ProxyConfig, readinessPort int) []tun.PortRange {
+	var out []tun.PortRange
+	for _, p := range []int{pc.ProxyAdminPort, pc.StatusPort, readinessPort} {
+		if p < 1 || p > 65535 {
+			continue
+		}
+		pr := tun.PortRange{Start: uint16(p), End: uint16(p)}
+		covered := slices.ContainsFunc(append(slices.Clone(tun.AlwaysExcludedInboundPorts), out...), func(r tun.PortRange) bool {
+			return r.Start <= pr.Start && pr.End <= r.End
+		})
+		if !covered {
+			out = append(out, pr)
+		}
 	}
-	capt, err := tun.SetupCapture(tun.CaptureConfig{
-		TunName:              dev.Name(),
+	return out
+}
+
+// captureConfig is the capture of the flags' options, the annotations'
+// exclusions and the agent's own ports together.
+func captureConfig(co CaptureOptions, tunName string, ex Exclusions, ports []tun.PortRange) tun.CaptureConfig {
+	return tun.CaptureConfig{
+		TunName:              tunName,
 		Mark:                 co.Mark,
 		PodInterface:         co.PodInterface,
 		PodIPs:               co.PodIPs,
 		Inbound:              co.Inbound && !ex.NoInbound,
 		ExcludeOutboundPorts: append(slices.Clone(co.ExcludeOutboundPorts), ex.OutboundPorts...),
 		ExcludeOutboundCIDRs: append(slices.Clone(co.ExcludeOutboundCIDRs), ex.OutboundCIDRs...),
-		ExcludeInboundPorts:  append(slices.Clone(co.ExcludeInboundPorts), ex.InboundPorts...),
+		ExcludeInboundPorts:  append(append(slices.Clone(co.ExcludeInboundPorts), ex.InboundPorts...), ports...),
 		StateDir:             co.StateDir,
-	}, logging.Component(log, "capture"))
+	}
+}
+
+// installCapture opens the TUN and sets up capture (captureConfig). log
+// is the root logger.
+func installCapture(co CaptureOptions, ex Exclusions, ports []tun.PortRange, log zerolog.Logger) (*tun.Device, *tun.Capture, error) {
+	dev, err := tun.Open(tun.DeviceConfig{Name: co.TunName, MTU: co.TunMTU})
+	if err != nil {
+		return nil, nil, err
+	}
+	capt, err := tun.SetupCapture(captureConfig(co, dev.Name(), ex, ports), logging.Component(log, "capture"))
 	if err != nil {
 		dev.Close()
 		return nil, nil, err
@@ -119,9 +147,33 @@ func (a *Agent) teardownCapture() {
 // place. The TUN goes with the process, but blocked routes do not need
 // it: until the sidecar's agent takes over (its setup replaces this
 // capture), the pod's captured traffic is refused, never sent uncaptured.
+//
+// Interception mode NONE (--capture none, or ISTIO_META_INTERCEPTION_MODE
+// NONE without --capture) captures nothing: the injector adds no
+// istio-init to such a pod, and its sidecar agent installs no capture, so
+// the init container changes nothing and says so. Laptop mode has no init
+// container: --capture local is an error.
 func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	co.setDefaults()
 	log := logging.Component(root, "agent")
+	env := environ(src)
+	im, err := interceptionMode(env)
+	if err != nil {
+		return err
+	}
+	switch {
+	case co.Mode == "local":
+		return errors.New("--capture-only: laptop mode (--mode local, --capture local) has no init container; its proxy routes the CIDRs itself")
+	case co.Mode == "none" || co.Mode == "" && im == "NONE":
+		why := "--capture none"
+		if co.Mode == "" {
+			why = envInterception + "=NONE"
+		}
+		log.Info().Str("reason", why).Msg("capture-only: interception mode NONE, no capture installed; nothing changed")
+		return nil
+	case co.Mode != "" && co.Mode != "sidecar":
+		return fmt.Errorf("capture mode %q: want sidecar or none", co.Mode)
+	}
 	ex, warnings, err := LoadExclusions(src)
 	if err != nil {
 		return err
@@ -129,7 +181,17 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	for _, w := range warnings {
 		log.Warn().Msg(w)
 	}
-	dev, capt, err := installCapture(co, ex, root)
+	// The agent's ports stay uncaptured from the start; without
+	// PROXY_CONFIG they are Istio's defaults, which capture always excludes.
+	pc := DefaultProxyConfig()
+	if _, _, err := loadProxyConfig(&pc, src, env); err != nil {
+		return err
+	}
+	readiness := src.ReadinessPort
+	if readiness == 0 {
+		readiness = 15021
+	}
+	dev, capt, err := installCapture(co, ex, agentPorts(pc, readiness), root)
 	if err != nil {
 		return err
 	}
@@ -145,12 +207,7 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 // LoadExclusions reads only the capture annotations (an init container
 // has no pod identity to build a bootstrap from).
 func LoadExclusions(src Sources) (Exclusions, []string, error) {
-	env := map[string]string{}
-	for _, kv := range src.Environ {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			env[k] = v
-		}
-	}
+	env := environ(src)
 	annots, err := podInfo(env, envAnnotsJSON, src.AnnotationsFile)
 	if err != nil {
 		return Exclusions{}, nil, err

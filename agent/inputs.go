@@ -103,12 +103,7 @@ type Inputs struct {
 // Load reads and validates the inputs. Every error names the variable,
 // file or annotation at fault and the value.
 func Load(src Sources) (*Inputs, error) {
-	env := map[string]string{}
-	for _, kv := range src.Environ {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			env[k] = v
-		}
-	}
+	env := environ(src)
 	in := &Inputs{
 		PodName:          env[EnvPodName],
 		Namespace:        env[EnvPodNamespace],
@@ -141,30 +136,11 @@ func Load(src Sources) (*Inputs, error) {
 		return nil, err
 	}
 
-	// ProxyConfig: defaults, then the file, then PROXY_CONFIG; proxyMetadata
-	// entries under ISTIO_META_ are node metadata, as in Istio.
-	var proxyMeta map[string]string
-	if src.ProxyConfigFile != "" {
-		doc, err := os.ReadFile(src.ProxyConfigFile)
-		if err != nil {
-			return nil, fmt.Errorf("proxy config file: %w", err)
-		}
-		m, w, err := applyProxyConfig(&in.ProxyConfig, doc, "proxy config file "+src.ProxyConfigFile)
-		if err != nil {
-			return nil, err
-		}
-		proxyMeta, in.Warnings = m, append(in.Warnings, w...)
+	proxyMeta, w, err := loadProxyConfig(&in.ProxyConfig, src, env)
+	if err != nil {
+		return nil, err
 	}
-	if v, ok := env[EnvProxyConfig]; ok {
-		m, w, err := applyProxyConfig(&in.ProxyConfig, []byte(v), EnvProxyConfig)
-		if err != nil {
-			return nil, err
-		}
-		if m != nil {
-			proxyMeta = m
-		}
-		in.Warnings = append(in.Warnings, w...)
-	}
+	in.Warnings = append(in.Warnings, w...)
 	if src.DiscoveryAddress != "" {
 		if err := checkHostPort(src.DiscoveryAddress); err != nil {
 			return nil, fmt.Errorf("discovery address: %w", err)
@@ -187,13 +163,8 @@ func Load(src Sources) (*Inputs, error) {
 		}
 	}
 
-	if v, ok := env[envInterception]; ok {
-		switch v {
-		case "REDIRECT", "TPROXY", "NONE":
-			in.InterceptionMode = v
-		default:
-			return nil, fmt.Errorf("%s: %q: want REDIRECT, TPROXY or NONE", envInterception, v)
-		}
+	if in.InterceptionMode, err = interceptionMode(env); err != nil {
+		return nil, err
 	}
 	if v := env[envIstioVersion]; v != "" {
 		in.IstioVersion = v
@@ -226,7 +197,6 @@ func Load(src Sources) (*Inputs, error) {
 	if in.Annotations, err = podInfo(env, envAnnotsJSON, src.AnnotationsFile); err != nil {
 		return nil, err
 	}
-	var w []string
 	if in.Exclusions, w, err = exclusionsFrom(in.Annotations, annotationSource(env, src.AnnotationsFile)); err != nil {
 		return nil, err
 	}
@@ -243,6 +213,58 @@ func Load(src Sources) (*Inputs, error) {
 		in.ExtraPath = extra
 	}
 	return in, nil
+}
+
+// loadProxyConfig applies the ProxyConfig file, then PROXY_CONFIG, over
+// pc; proxyMetadata entries under ISTIO_META_ are node metadata, as in
+// Istio.
+func loadProxyConfig(pc *ProxyConfig, src Sources, env map[string]string) (proxyMeta map[string]string, warnings []string, err error) {
+	if src.ProxyConfigFile != "" {
+		doc, err := os.ReadFile(src.ProxyConfigFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("proxy config file: %w", err)
+		}
+		m, w, err := applyProxyConfig(pc, doc, "proxy config file "+src.ProxyConfigFile)
+		if err != nil {
+			return nil, nil, err
+		}
+		proxyMeta, warnings = m, append(warnings, w...)
+	}
+	if v, ok := env[EnvProxyConfig]; ok {
+		m, w, err := applyProxyConfig(pc, []byte(v), EnvProxyConfig)
+		if err != nil {
+			return nil, nil, err
+		}
+		if m != nil {
+			proxyMeta = m
+		}
+		warnings = append(warnings, w...)
+	}
+	return proxyMeta, warnings, nil
+}
+
+// interceptionMode is ISTIO_META_INTERCEPTION_MODE, REDIRECT by default.
+func interceptionMode(env map[string]string) (string, error) {
+	v, ok := env[envInterception]
+	if !ok {
+		return "REDIRECT", nil
+	}
+	switch v {
+	case "REDIRECT", "TPROXY", "NONE":
+		return v, nil
+	}
+	return "", fmt.Errorf("%s: %q: want REDIRECT, TPROXY or NONE", envInterception, v)
+}
+
+// environ is src.Environ as a map.
+func environ(src Sources) map[string]string {
+	env := map[string]string{}
+	for _, kv := range src.Environ {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	return env
 }
 
 // instanceIPs reads INSTANCE_IP then INSTANCE_IPS (comma separated),

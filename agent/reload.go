@@ -53,7 +53,9 @@ func (a *Agent) reload(changed []string) {
 	a.mu.Lock()
 	a.in, a.js, a.b = in, js, b
 	a.mu.Unlock()
-	a.reloads.Add(1)
 	signalled := a.sup.Signal(syscall.SIGHUP)
+	if signalled {
+		a.reloadSignals.Add(1)
+	}
 	log.Info().Bool("proxy_signalled", signalled).Msg("bootstrap rewritten; proxy reloading")
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -91,6 +92,42 @@ type child struct {
 	readyCh  chan struct{} // signalled when the child logs readyMarker
 	lastLine atomic.Value  // string: the child's last output line
 	stopped  atomic.Bool   // it got SIGTERM from Stop
+
+	// Signals for a child that has not written a line yet wait for its
+	// first one (or for it to be live): until its main function has
+	// installed its handlers (the proxy does so first thing, before any
+	// output), a SIGHUP would kill it by the default action, in the Go
+	// runtime's and the packages' initialization.
+	sigMu   sync.Mutex
+	spoke   bool
+	pending []os.Signal
+}
+
+// signal sends sig now, or with the child's first line.
+func (c *child) signal(sig os.Signal) error {
+	c.sigMu.Lock()
+	defer c.sigMu.Unlock()
+	if !c.spoke {
+		if !slices.Contains(c.pending, sig) {
+			c.pending = append(c.pending, sig)
+		}
+		return nil
+	}
+	return c.cmd.Process.Signal(sig)
+}
+
+// spokeOnce marks the child as handling signals and sends those held.
+func (c *child) spokeOnce() {
+	c.sigMu.Lock()
+	defer c.sigMu.Unlock()
+	if c.spoke {
+		return
+	}
+	c.spoke = true
+	for _, sig := range c.pending {
+		_ = c.cmd.Process.Signal(sig)
+	}
+	c.pending = nil
 }
 
 func (s *Supervisor) init() {
@@ -125,6 +162,8 @@ func (s *Supervisor) Pid() int {
 }
 
 // Signal sends sig to the running proxy; it reports whether one runs.
+// A proxy that has not written its first line yet gets sig with that
+// line: before, it may not handle signals yet.
 func (s *Supervisor) Signal(sig os.Signal) bool {
 	s.mu.Lock()
 	c := s.cur
@@ -132,7 +171,7 @@ func (s *Supervisor) Signal(sig os.Signal) bool {
 	if c == nil || c.cmd.Process == nil {
 		return false
 	}
-	return c.cmd.Process.Signal(sig) == nil
+	return c.signal(sig) == nil
 }
 
 // Run starts the proxy and keeps one running until Stop; it returns when
@@ -274,6 +313,7 @@ func (s *Supervisor) runOnce() (time.Duration, error) {
 			return
 		}
 		liveAt = time.Now()
+		c.spokeOnce() // serving (even with its log off): it handles signals
 		s.live.Store(true)
 		s.unblock()
 		s.Log.Info().Int("pid", cmd.Process.Pid).Msg("proxy live")
@@ -361,6 +401,7 @@ func (w *lineWriter) Write(b []byte) (int, error) {
 		}
 		line := w.partial[:i+1]
 		_, _ = w.out.Write(line)
+		w.c.spokeOnce()
 		text := string(bytes.TrimSpace(line))
 		if text != "" {
 			w.c.lastLine.Store(text)

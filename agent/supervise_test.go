@@ -29,8 +29,15 @@ func TestMain(m *testing.M) {
 
 // fakeProxy behaves like `meshtun proxy` as far as the supervisor sees:
 // "crash" exits 1 at once; "serve" logs the ready line, reloads on SIGHUP
-// and exits 0 on SIGTERM; "stubborn" logs ready and ignores SIGTERM.
+// and exits 0 on SIGTERM; "slowstart" serves after 300 ms without signal
+// handlers; "stubborn" logs ready and ignores SIGTERM.
 func fakeProxy(mode string) int {
+	if mode == "slowstart" {
+		// A proxy still in its initialization: no handlers yet, so a
+		// SIGHUP now would kill it.
+		time.Sleep(300 * time.Millisecond)
+		mode = "serve"
+	}
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP)
 	switch mode {
@@ -269,4 +276,29 @@ func TestSupervisorStartFailure(t *testing.T) {
 		t.Error(err)
 	}
 	<-done
+}
+
+// TestSupervisorSignalWaitsForFirstLine: a reload signal for a proxy that
+// has not written anything yet (still initializing, no handlers) is held
+// until its first line instead of killing it: no restart, and the reload
+// happens.
+func TestSupervisorSignalWaitsForFirstLine(t *testing.T) {
+	s, _, out, logs := fakeSupervisor(t, "slowstart")
+	runDone := make(chan struct{})
+	go func() {
+		defer close(runDone)
+		s.Run()
+	}()
+	waitFor(t, "the proxy started", 5*time.Second, func() bool { return s.Pid() != 0 })
+	if !s.Signal(syscall.SIGHUP) {
+		t.Fatal("Signal reports no proxy running")
+	}
+	waitFor(t, "the held SIGHUP applied", 5*time.Second, func() bool { return strings.Contains(out.String(), "bootstrap reloaded") })
+	if err := s.Stop(5 * time.Second); err != nil {
+		t.Errorf("stop: %v", err)
+	}
+	<-runDone
+	if n := s.Restarts(); n != 0 {
+		t.Errorf("%d restarts: the SIGHUP killed the initializing proxy\n%s", n, logs.String())
+	}
 }

@@ -25,8 +25,36 @@ type Watcher struct {
 	OnChange func(changed []string)
 }
 
-// Run polls until ctx ends.
+// Start runs the watcher in a goroutine of its own; stop ends it and
+// returns once it has, so no OnChange is in progress or to come.
+func (w *Watcher) Start() (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	prev := w.fingerprints() // a change from now on is seen
+	go func() {
+		defer close(done)
+		w.poll(ctx, prev)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// Run polls until ctx ends; an OnChange in progress finishes first.
 func (w *Watcher) Run(ctx context.Context) {
+	w.poll(ctx, w.fingerprints())
+}
+
+func (w *Watcher) fingerprints() map[string][32]byte {
+	prev := make(map[string][32]byte, len(w.Paths))
+	for _, p := range w.Paths {
+		prev[p] = fingerprint(p)
+	}
+	return prev
+}
+
+func (w *Watcher) poll(ctx context.Context, prev map[string][32]byte) {
 	if len(w.Paths) == 0 {
 		return
 	}
@@ -36,11 +64,7 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 	// A change is reported once the contents held still for one interval:
 	// a file written in place is seen empty or half written first.
-	prev := make(map[string][32]byte, len(w.Paths))
 	pending := make(map[string][32]byte)
-	for _, p := range w.Paths {
-		prev[p] = fingerprint(p)
-	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
@@ -64,7 +88,7 @@ func (w *Watcher) Run(ctx context.Context) {
 			}
 			pending[p] = fp
 		}
-		if len(changed) > 0 {
+		if len(changed) > 0 && ctx.Err() == nil {
 			w.OnChange(changed)
 		}
 	}

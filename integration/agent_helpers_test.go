@@ -130,7 +130,8 @@ func readiness(topo *topology) (int, string) {
 	return code, strings.TrimSpace(body)
 }
 
-// agentMetric reads one sample of the agent's merged /stats/prometheus.
+// agentMetric reads one untagged sample of the agent's merged
+// /stats/prometheus (the agent's or the proxy's).
 func agentMetric(t *testing.T, topo *topology, name string) float64 {
 	t.Helper()
 	code, body, err := httpGetIn(topo.Pod, "127.0.0.1:15020", "/stats/prometheus", 5*time.Second)
@@ -138,7 +139,11 @@ func agentMetric(t *testing.T, topo *topology, name string) float64 {
 		t.Fatalf("agent /stats/prometheus: %d %v", code, err)
 	}
 	for _, l := range strings.Split(body, "\n") {
-		if v, ok := strings.CutPrefix(l, name+" "); ok {
+		v, ok := strings.CutPrefix(l, name+" ")
+		if !ok { // the proxy's untagged samples are name{} value
+			v, ok = strings.CutPrefix(l, name+"{} ")
+		}
+		if ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
 				t.Fatalf("%s: %v", l, err)

@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -284,6 +285,7 @@ func TestAgentReloadOnWatchedFile(t *testing.T) {
 		t.Fatalf("v1 endpoint accepted %d, want the old flow", n)
 	}
 
+	reloadedAt := len(ag.logLines())
 	writeFileAtomic(t, extra, config("reviews-v2", topo.Svc2V4))
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -315,8 +317,16 @@ func TestAgentReloadOnWatchedFile(t *testing.T) {
 	if err := echoRoundTrip(old, randomPayload(256<<10), echoTimeout); err != nil {
 		t.Fatalf("flow opened before the reload did not finish intact: %v", err)
 	}
-	if n := agentMetric(t, topo, "meshtun_agent_reloads_total"); n != 1 {
-		t.Errorf("reloads %v, want 1", n)
+	// The proxy reloaded: it says so, and counts it; the agent counts the
+	// signal it sent.
+	if n := reloadLines(ag, reloadedAt); n != 1 {
+		t.Errorf("the proxy logged %d \"bootstrap reloaded\" after the change, want 1", n)
+	}
+	if n := agentMetric(t, topo, "meshtun_agent_reload_signals_total"); n != 1 {
+		t.Errorf("reload signals %v, want 1", n)
+	}
+	if n := agentMetric(t, topo, "envoy_server_bootstrap_reload_update_success"); n != 1 {
+		t.Errorf("reloads the proxy applied %v, want 1", n)
 	}
 	// The scrape merges the proxy's metrics into the agent's.
 	if code, body, err := httpGetIn(topo.Pod, "127.0.0.1:15020", "/stats/prometheus", 5*time.Second); err != nil || code != 200 ||
@@ -339,19 +349,87 @@ func TestAgentReloadOnWatchedFile(t *testing.T) {
 		t.Errorf("reload errors %v, want 1", n)
 	}
 
-	// A renewed certificate in a watched directory reloads the proxy.
+	// The extra file repaired: a reload (the proxy's second).
+	mark := len(ag.logLines())
 	writeFileAtomic(t, extra, config("reviews-v2", topo.Svc2V4))
+	if !ag.waitLine(func(string) bool { return reloadLines(ag, mark) > 0 }, 10*time.Second) {
+		t.Fatal("the repaired extra file did not reload the proxy")
+	}
+	if n := agentMetric(t, topo, "envoy_server_bootstrap_reload_update_success"); n != 2 {
+		t.Errorf("reloads the proxy applied %v, want 2", n)
+	}
+
+	// A renewed certificate in a watched directory, alone, reloads the
+	// proxy: its log says so after the change, the bootstrap in force is
+	// a newly loaded one (config_dump's last_updated), and the proxy
+	// counts the reload it applied.
+	loadedBefore := bootstrapLoadedAt(t, topo)
+	mark = len(ag.logLines())
 	writeFileAtomic(t, filepath.Join(certs, "cert-chain.pem"), []byte("two"))
-	deadline = time.Now().Add(10 * time.Second)
-	for agentMetric(t, topo, "meshtun_agent_reloads_total") < 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("the certificate change did not reload the proxy")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !ag.waitLine(func(string) bool { return reloadLines(ag, mark) > 0 }, 10*time.Second) {
+		t.Fatal("the certificate change did not reload the proxy (no \"bootstrap reloaded\" after it)")
+	}
+	named := false
+	for _, l := range ag.logLines()[mark:] {
+		named = named || logMessage(l) == "bootstrap rewritten; proxy reloading" && strings.Contains(l, certs)
+	}
+	if !named {
+		t.Error("the agent's reload does not name the changed certificate directory")
+	}
+	if loaded := bootstrapLoadedAt(t, topo); loaded == loadedBefore {
+		t.Errorf("config_dump's bootstrap last_updated %s unchanged by the certificate reload", loaded)
+	}
+	if n := agentMetric(t, topo, "envoy_server_bootstrap_reload_update_success"); n != 3 {
+		t.Errorf("reloads the proxy applied %v, want 3", n)
+	}
+	if n := agentMetric(t, topo, "envoy_server_bootstrap_reload_update_rejected"); n != 0 {
+		t.Errorf("reloads the proxy rejected %v, want 0", n)
+	}
+	if n := agentMetric(t, topo, "meshtun_agent_reload_signals_total"); n != 3 {
+		t.Errorf("reload signals %v, want 3", n)
 	}
 	if _, err := tcpEcho(topo.Pod, ap(v, 9080), 512); err != nil {
 		t.Fatalf("after the certificate reload: %v", err)
 	}
+}
+
+// reloadLines counts the proxy's "bootstrap reloaded" lines from line
+// from on.
+func reloadLines(ag *agentRun, from int) int {
+	n := 0
+	lines := ag.logLines()
+	for _, l := range lines[min(from, len(lines)):] {
+		if logMessage(l) == "bootstrap reloaded" {
+			n++
+		}
+	}
+	return n
+}
+
+// bootstrapLoadedAt is the last_updated of the proxy's bootstrap in its
+// config_dump: when the bootstrap in force was loaded.
+func bootstrapLoadedAt(t *testing.T, topo *topology) string {
+	t.Helper()
+	out, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/config_dump")
+	if err != nil {
+		t.Fatalf("config_dump: %v", err)
+	}
+	var d struct {
+		Configs []struct {
+			Type        string `json:"@type"`
+			LastUpdated string `json:"last_updated"`
+		} `json:"configs"`
+	}
+	if err := json.Unmarshal([]byte(out), &d); err != nil {
+		t.Fatalf("config_dump: %v", err)
+	}
+	for _, c := range d.Configs {
+		if strings.HasSuffix(c.Type, ".BootstrapConfigDump") && c.LastUpdated != "" {
+			return c.LastUpdated
+		}
+	}
+	t.Fatalf("config_dump has no bootstrap last_updated:\n%.2000s", out)
+	return ""
 }
 
 // TestAgentDrainOnSIGTERM is agent test 4: on SIGTERM with 20 active
@@ -659,4 +737,213 @@ func TestAgentCrashFailsClosed(t *testing.T) {
 		t.Fatalf("agent exit %v %d", ok, code)
 	}
 	compareRestored(t, topo, "after the second agent's exit", before)
+}
+
+// TestProxySIGHUPDuringStartup: a SIGHUP the agent sends while the proxy
+// is still starting (a watched file changed) queues a reload, applied
+// once the configuration is in force; it does not kill the proxy (the
+// default action), which the agent would count as a crash and back off.
+// The signal goes out as soon as the proxy's first line is logged, before
+// it opens the TUN and installs capture.
+func TestProxySIGHUPDuringStartup(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	args := []string{"netns", "exec", topo.Pod, meshtunBin(t), "proxy", "--log-format", "json", "--log-level", "debug",
+		"--state-dir", topo.StateDir, "--bootstrap", bs}
+	px := startProc(t, "meshtun proxy (SIGHUP at start)", args, nil, syscall.SIGKILL)
+	if !px.waitLine(func(l string) bool { return logMessage(l) != "" }, 10*time.Second) {
+		t.Fatalf("the proxy logged nothing (%v)", px.waitErr)
+	}
+	if err := px.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	var readyAt int
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "proxy ready" }, 10*time.Second) {
+		t.Fatalf("the proxy did not become ready after a SIGHUP during its startup (exited: %v, %v)", px.exited(), px.waitErr)
+	}
+	for i, l := range px.logLines() {
+		if logMessage(l) == "proxy ready" {
+			readyAt = i
+		}
+	}
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "bootstrap reloaded" }, 5*time.Second) {
+		t.Fatal("the SIGHUP received during startup was not applied as a reload")
+	}
+	for i, l := range px.logLines() {
+		if logMessage(l) == "bootstrap reloaded" && i < readyAt {
+			t.Errorf("the reload ran before the proxy was ready (line %d, ready at %d)", i, readyAt)
+		}
+	}
+	if out, err := nsRun(topo.Pod, meshtunBin(t), "request", "GET", "/stats?filter=^server\\.bootstrap_reload\\."); err != nil ||
+		!strings.Contains(out, "server.bootstrap_reload.update_success: 1\n") {
+		t.Errorf("reload stats %q (%v), want one success", out, err)
+	}
+	if px.exited() {
+		t.Fatalf("the proxy exited: %v", px.waitErr)
+	}
+}
+
+// TestProxySIGHUPDuringDrain: a SIGHUP that reaches a draining proxy (a
+// reload racing the pod's termination) is not the "second signal" that
+// ends the drain: the open flow goes on, and the proxy exits when it ends.
+func TestProxySIGHUPDuringDrain(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	px := startProxy(t, topo, "--bootstrap", bs, "--termination-drain-duration", "20s")
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if err := pingPong(open, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	if err := px.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "SIGTERM: draining" }, 5*time.Second) {
+		t.Fatal("no drain after SIGTERM")
+	}
+	if err := px.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if !px.waitLine(func(l string) bool { return logMessage(l) == "SIGHUP while draining: ignored" }, 5*time.Second) {
+		t.Fatalf("the proxy did not ignore a SIGHUP while draining (exited: %v)", px.exited())
+	}
+	time.Sleep(200 * time.Millisecond)
+	if px.exited() {
+		t.Fatalf("a SIGHUP ended the drain: the proxy exited (%v) with a flow open", px.waitErr)
+	}
+	if err := pingPong(open, []byte("during the drain, after the SIGHUP")); err != nil {
+		t.Fatalf("open flow after a SIGHUP during the drain: %v", err)
+	}
+	closed := time.Now()
+	open.Close()
+	select {
+	case <-px.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the proxy did not exit once its last flow ended")
+	}
+	if px.waitErr != nil || time.Since(closed) > 3*time.Second {
+		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
+	}
+}
+
+// TestAgentTerminationDrainDeadline: a flow still open when
+// terminationDrainDuration (2 s here) is over does not keep the pod: the
+// proxy exits at the deadline, closing the flow, and the agent exits 0
+// within about 2 s of it.
+func TestAgentTerminationDrainDeadline(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, "0.0.0.0:9090", echo)
+	extra := filepath.Join(t.TempDir(), "extra.json")
+	writeFileAtomic(t, extra, bootstrapExtra(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters()))
+	const drain = 2 * time.Second
+	ag := startAgent(t, topo, agentEnv(`PROXY_CONFIG={"terminationDrainDuration":"2s"}`), "--no-xds", "--bootstrap-extra", extra)
+	if code, stderr, _ := agentWait(t, topo, "--timeout", "10s", "--period", "100ms"); code != 0 {
+		t.Fatalf("agent wait: exit %d: %s", code, stderr)
+	}
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 9090), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if err := pingPong(open, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	termAt := time.Now()
+	if err := ag.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// Within the drain the flow still works...
+	time.Sleep(drain / 2)
+	if err := pingPong(open, []byte("during the drain")); err != nil {
+		t.Fatalf("open flow %v into the drain: %v", time.Since(termAt).Round(time.Millisecond), err)
+	}
+	// ...and the flow, never closed by the client, does not keep the agent.
+	code, ok := ag.waitExit(drain + 2*time.Second - time.Since(termAt))
+	took := time.Since(termAt)
+	if !ok {
+		t.Fatalf("agent still running %v after SIGTERM with terminationDrainDuration %v", took.Round(time.Millisecond), drain)
+	}
+	t.Logf("agent exited %v after SIGTERM", took.Round(time.Millisecond))
+	if code != 0 {
+		t.Errorf("agent exit status %d, want 0", code)
+	}
+	if took < drain-200*time.Millisecond {
+		t.Errorf("agent exited %v after SIGTERM, before the drain deadline %v, with a flow open", took, drain)
+	}
+	if !ag.waitLine(func(l string) bool {
+		return logMessage(l) == "drained, shutting down" && logField(l, "all_flows_ended") == false
+	}, time.Second) {
+		t.Error("the proxy did not report ending its drain at the deadline with a flow still open")
+	}
+	// The flow ended with the proxy.
+	_ = open.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := open.Write([]byte("after")); err == nil {
+		buf := make([]byte, 16)
+		if _, err := open.Read(buf); err == nil {
+			t.Error("the flow still echoes after the proxy exited")
+		} else if isTimeout(err) {
+			t.Errorf("the flow hangs after the proxy exited instead of being closed: %v", err)
+		}
+	}
+}
+
+// TestAgentExclusionsFromAnnotations: the downward-API annotations file
+// (traffic.sidecar.istio.io/excludeOutboundPorts and
+// excludeOutboundIPRanges) makes the agent's capture leave those flows
+// alone: the proxy logs no access line for them and the server sees the
+// application's own socket (the pod's IP and the client's port), while a
+// flow not excluded is captured (an access line; the server sees the
+// proxy's upstream socket).
+func TestAgentExclusionsFromAnnotations(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	captured := ap(topo.SvcV4, 8080)
+	exclPort := ap(topo.SvcV4, 8081)
+	exclCIDR := ap(topo.Svc2V4, 8080)
+	servers := map[string]*tcpServer{}
+	for _, a := range []string{captured, exclPort, exclCIDR} {
+		servers[a] = startTCPServer(t, topo.Services, a, echo)
+	}
+	dir := t.TempDir()
+	annots := filepath.Join(dir, "annotations")
+	writeFileAtomic(t, annots, []byte(fmt.Sprintf("traffic.sidecar.istio.io/excludeOutboundPorts=\"8081\"\n"+
+		"traffic.sidecar.istio.io/excludeOutboundIPRanges=\"%s/32\"\n", topo.Svc2V4)))
+	extra := filepath.Join(dir, "extra.json")
+	writeFileAtomic(t, extra, bootstrapExtra(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters()))
+	ag := startAgent(t, topo, agentEnv(), "--no-xds", "--bootstrap-extra", extra, "--pod-annotations-file", annots)
+
+	// Excluded flows first, then the captured one: once its line is in,
+	// an excluded flow that was captured would have logged.
+	for _, f := range []struct{ name, dst string }{{"excluded port", exclPort}, {"excluded CIDR", exclCIDR}} {
+		local, err := tcpEcho(topo.Pod, f.dst, 64<<10)
+		if err != nil {
+			t.Errorf("%s: %v", f.name, err)
+			continue
+		}
+		if acc := servers[f.dst].accepted(); len(acc) != 1 || acc[0].String() != local {
+			t.Errorf("%s: the server saw %v, want the application's socket %s (uncaptured)", f.name, acc, local)
+		}
+	}
+	local, err := tcpEcho(topo.Pod, captured, 64<<10)
+	if err != nil {
+		t.Fatalf("captured flow: %v", err)
+	}
+	expectAccess(t, ag.proxyProc, wantAccess{Transport: "tcp", Direction: "outbound", DownstreamLocal: captured,
+		DownstreamRemote: local, Cluster: "PassthroughCluster", Received: 64 << 10, Sent: 64 << 10}, accessWait)
+	if acc := servers[captured].accepted(); len(acc) != 1 || acc[0].String() == local {
+		t.Errorf("captured flow: the server saw %v, want the proxy's upstream socket, not the application's %s", acc, local)
+	}
+	time.Sleep(noEntryGrace)
+	for _, dst := range []string{exclPort, exclCIDR} {
+		if es := ag.accessMatching(byDst(dst)); len(es) > 0 {
+			t.Errorf("traffic to excluded %s was captured:\n%s", dst, entriesText(es))
+		}
+	}
 }

@@ -54,7 +54,7 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	var cfg agent.Config
 	agentSources(fs, &cfg.Sources, &cfg.BootstrapOut)
 	printBootstrap := fs.Bool("print-bootstrap", false, "print the bootstrap the environment gives and exit (nothing is started or written)")
-	captureOnly := fs.Bool("capture-only", false, "install capture (blocked until the agent's proxy serves) and exit: the init container, like istio-init")
+	captureOnly := fs.Bool("capture-only", false, "install capture (blocked until the agent's proxy serves) and exit: the init container, like istio-init; with interception mode NONE (--capture none, ISTIO_META_INTERCEPTION_MODE=NONE) it changes nothing")
 	co := &cfg.Capture
 	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic), "local" (laptop mode, as --mode local) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
 	mode := fs.String("mode", "sidecar", `"sidecar" (in a pod, next to istiod) or "local" (a developer's machine: only --capture-cidr is routed into the TUN, nothing inbound; POD_NAME, POD_NAMESPACE and INSTANCE_IP default to the host name, "default" and the default route's address)`)
@@ -140,6 +140,9 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 		return 2
 	case co.Mode != "local" && len(co.CIDRs) > 0:
 		fmt.Fprintf(stderr, "meshtun agent: --capture-cidr applies to --mode local only\n")
+		return 2
+	case *captureOnly && co.Mode == "local":
+		fmt.Fprintf(stderr, "meshtun agent: --capture-only: laptop mode has no init container (its proxy routes --capture-cidr itself)\n")
 		return 2
 	}
 	out := &agent.LockedWriter{W: stderr}

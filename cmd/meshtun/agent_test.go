@@ -2,12 +2,18 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 )
@@ -138,4 +144,109 @@ func TestAgentWaitTimesOut(t *testing.T) {
 		!strings.Contains(stderr.String(), "503 proxy not running") {
 		t.Errorf("exit %d stderr %q", code, stderr.String())
 	}
+}
+
+// TestAgentCaptureOnlyInterceptionNone: the init container under
+// interception mode NONE installs nothing and exits 0, saying so; laptop
+// mode has no init container and is refused as a usage error. Every case
+// names a TUN that cannot be opened, so an attempt to capture exits 1 and
+// never changes the network namespace the test runs in.
+func TestAgentCaptureOnlyInterceptionNone(t *testing.T) {
+	bad := []string{"--tun-name", "no/such/tun-device-name", "--state-dir", t.TempDir(), "--pod-annotations-file", ""}
+	for _, tc := range []struct {
+		name string
+		mode string
+		args []string
+	}{
+		{"ISTIO_META_INTERCEPTION_MODE=NONE", "NONE", nil},
+		{"--capture none", "REDIRECT", []string{"--capture", "none"}},
+	} {
+		setAgentEnv(t, "ISTIO_META_INTERCEPTION_MODE", tc.mode)
+		var stdout, stderr bytes.Buffer
+		code := run(append(append([]string{"agent", "--capture-only"}, bad...), tc.args...), &stdout, &stderr)
+		if code != 0 || !strings.Contains(stderr.String(), "no capture installed") {
+			t.Errorf("%s: exit %d %q, want 0 and the no-op said", tc.name, code, stderr.String())
+		}
+	}
+	setAgentEnv(t)
+	var stdout, stderr bytes.Buffer
+	if code := run(append([]string{"agent", "--capture-only"}, bad...), &stdout, &stderr); code != 1 {
+		t.Errorf("REDIRECT with an impossible TUN: exit %d %q, want 1 (capture attempted)", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := run(append([]string{"agent", "--capture-only", "--mode", "local", "--capture-cidr", "10.96.0.0/12"}, bad...), &stdout, &stderr); code != 2 ||
+		!strings.Contains(stderr.String(), "--capture-only: laptop mode has no init container") {
+		t.Errorf("--capture-only --mode local: exit %d %q, want 2", code, stderr.String())
+	}
+}
+
+// TestProxySignals: the proxy's signals are sorted from the start of the
+// run. SIGHUPs before anyone reads them queue one reload (not lost, not
+// many), a SIGTERM behind them is not lost; during the drain a SIGHUP is
+// ignored and only a second SIGTERM/SIGINT ends it early.
+func TestProxySignals(t *testing.T) {
+	in := make(chan os.Signal, 8)
+	s := startProxySignals(in)
+	defer s.stop()
+	for i := 0; i < 5; i++ {
+		in <- syscall.SIGHUP
+	}
+	in <- syscall.SIGTERM
+	select {
+	case sig := <-s.term:
+		if sig != syscall.SIGTERM {
+			t.Fatalf("term %v, want SIGTERM", sig)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the SIGTERM behind the SIGHUPs was lost")
+	}
+	select {
+	case <-s.reload:
+	default:
+		t.Fatal("SIGHUPs received before the reader: no reload pending")
+	}
+	select {
+	case <-s.reload:
+		t.Fatal("5 SIGHUPs queued more than one reload")
+	default:
+	}
+
+	var logs bytes.Buffer
+	log := zerolog.New(&zerologSyncWriter{w: &logs})
+	ctx, wait := s.awaitDrainEnd(time.Minute, log)
+	in <- syscall.SIGHUP
+	time.Sleep(100 * time.Millisecond)
+	if ctx.Err() != nil {
+		t.Fatal("a SIGHUP ended the drain")
+	}
+	in <- syscall.SIGINT
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a second signal did not end the drain")
+	}
+	wait()
+	if got := logs.String(); !strings.Contains(got, "SIGHUP while draining: ignored") || !strings.Contains(got, "second signal: ending the drain now") {
+		t.Errorf("drain log:\n%s", got)
+	}
+	// A drain that runs to its deadline ends there.
+	ctx, wait = s.awaitDrainEnd(50*time.Millisecond, log)
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the drain did not end at its deadline")
+	}
+	wait()
+}
+
+// zerologSyncWriter serializes writes (the drain watch logs from its goroutine).
+type zerologSyncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (z *zerologSyncWriter) Write(b []byte) (int, error) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.w.Write(b)
 }

@@ -142,6 +142,11 @@ func parseMark(s string) (uint32, error) {
 }
 
 func runProxy(args []string, stdout, stderr io.Writer) int {
+	// Signals are taken first thing: a SIGHUP the agent sends while the
+	// proxy starts (a watched file changed) must queue a reload, not kill
+	// the process by the default action.
+	sigs := notifyProxySignals()
+	defer sigs.stop()
 	fs := flag.NewFlagSet("meshtun proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	f := proxyFlags{mark: 0x539}
@@ -194,14 +199,103 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshtun proxy: -outbound-port/-inbound-port: want a port number\n")
 		return 2
 	}
-	if err := serveProxy(&f, log); err != nil {
+	if err := serveProxy(&f, log, sigs); err != nil {
 		log.Error().Err(err).Msg("proxy failed")
 		return 1
 	}
 	return 0
 }
 
-func serveProxy(f *proxyFlags, root zerolog.Logger) error {
+// proxySignals receives the proxy's signals from the start of the run
+// and sorts them: SIGHUPs coalesce into one pending reload (applied once
+// the configuration source exists, so one that arrives during startup
+// waits for it), SIGTERM/SIGINT queue in order (the first drains, a
+// second ends the drain). Its goroutine is owned by the run and ends with
+// stop.
+type proxySignals struct {
+	in     chan os.Signal
+	reload chan struct{}  // a reload is pending
+	term   chan os.Signal // SIGTERM/SIGINT received, in order
+	quit   chan struct{}
+	done   chan struct{}
+	notify bool // in is registered with signal.Notify
+}
+
+func notifyProxySignals() *proxySignals {
+	in := make(chan os.Signal, 8)
+	signal.Notify(in, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	s := startProxySignals(in)
+	s.notify = true
+	return s
+}
+
+// startProxySignals sorts the signals arriving on in.
+func startProxySignals(in chan os.Signal) *proxySignals {
+	s := &proxySignals{in: in, reload: make(chan struct{}, 1), term: make(chan os.Signal, 2),
+		quit: make(chan struct{}), done: make(chan struct{})}
+	go s.run()
+	return s
+}
+
+func (s *proxySignals) run() {
+	defer close(s.done)
+	for {
+		select {
+		case <-s.quit:
+			return
+		case sig := <-s.in:
+			if sig == syscall.SIGHUP {
+				select {
+				case s.reload <- struct{}{}:
+				default: // one is pending already: it reads the latest file
+				}
+				continue
+			}
+			select {
+			case s.term <- sig:
+			default: // the first ends the run, the second the drain: more change nothing
+			}
+		}
+	}
+}
+
+func (s *proxySignals) stop() {
+	if s.notify {
+		signal.Stop(s.in)
+	}
+	close(s.quit)
+	<-s.done
+}
+
+// awaitDrainEnd returns a context that ends at timeout or when a second
+// SIGTERM/SIGINT arrives; a SIGHUP meanwhile is ignored (the proxy is
+// leaving, and a reload must not cut the drain short). wait ends the
+// watch and waits for its goroutine.
+func (s *proxySignals) awaitDrainEnd(timeout time.Duration, log zerolog.Logger) (ctx context.Context, wait func()) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case sig := <-s.term:
+				log.Warn().Str("signal", sig.String()).Msg("second signal: ending the drain now")
+				cancel()
+				return
+			case <-s.reload:
+				log.Info().Msg("SIGHUP while draining: ignored")
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ctx, func() {
+		cancel()
+		<-done
+	}
+}
+
+func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 	log := logging.Component(root, "main")
 	dialer := &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout}
 	if f.capture == "local" {
@@ -337,57 +431,43 @@ func serveProxy(f *proxyFlags, root zerolog.Logger) error {
 	}
 	defer st.Close()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	log.Log().Str("level", "info").Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
 	for {
 		select {
 		case why := <-quit:
 			log.Info().Str("reason", why).Msg("shutting down")
 			return nil
-		case sig := <-sigs:
-			switch sig {
-			case syscall.SIGHUP:
-				if cfg == nil {
-					log.Warn().Msg("SIGHUP: no bootstrap to reload")
-					continue
-				}
-				if err := cfg.Reload(); err != nil {
-					log.Error().Err(err).Msg("bootstrap reload rejected; the configuration in force keeps serving")
-				}
+		case <-sigs.reload:
+			if cfg == nil {
+				log.Warn().Msg("SIGHUP: no bootstrap to reload")
 				continue
-			case syscall.SIGTERM:
-				// Istio's termination: new inbound flows are refused at
-				// once (the pod is leaving its endpoints), outbound ones
-				// still served so the application can finish its own
-				// shutdown; the proxy exits when no flow is left or at
-				// the termination drain duration.
-				gate.Close(true)
-				log.Info().Int64("active_flows", gate.Active()).Dur("termination_drain_duration", f.termDrain).Msg("SIGTERM: draining")
-				ctx, cancel := context.WithTimeout(context.Background(), f.termDrain)
-				var done bool
-				go func() {
-					select {
-					case <-sigs: // a second signal: stop waiting
-						cancel()
-					case <-ctx.Done():
-					}
-				}()
-				done = gate.Wait(ctx)
-				// The flows are over, but what the proxy wrote to its
-				// clients may still be in the stack's send queues: wait
-				// (within the same deadline) for the peers to ACK it.
-				for done && st.Unflushed() > 0 && ctx.Err() == nil {
-					time.Sleep(10 * time.Millisecond)
-				}
-				cancel()
-				log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
-				return nil
-			default:
+			}
+			if err := cfg.Reload(); err != nil {
+				log.Error().Err(err).Msg("bootstrap reload rejected; the configuration in force keeps serving")
+			}
+		case sig := <-sigs.term:
+			if sig != syscall.SIGTERM {
 				log.Info().Str("signal", sig.String()).Msg("shutting down")
 				return nil
 			}
+			// Istio's termination: new inbound flows are refused at once
+			// (the pod is leaving its endpoints), outbound ones still
+			// served so the application can finish its own shutdown; the
+			// proxy exits when no flow is left or at the termination
+			// drain duration.
+			gate.Close(true)
+			log.Info().Int64("active_flows", gate.Active()).Dur("termination_drain_duration", f.termDrain).Msg("SIGTERM: draining")
+			ctx, endWatch := sigs.awaitDrainEnd(f.termDrain, log)
+			done := gate.Wait(ctx)
+			// The flows are over, but what the proxy wrote to its
+			// clients may still be in the stack's send queues: wait
+			// (within the same deadline) for the peers to ACK it.
+			for done && st.Unflushed() > 0 && ctx.Err() == nil {
+				time.Sleep(10 * time.Millisecond)
+			}
+			endWatch()
+			log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
+			return nil
 		}
 	}
 }

@@ -55,7 +55,18 @@ type configSource struct {
 	// then the server is INITIALIZING, as Envoy is before its first
 	// CDS/LDS responses.
 	initialized atomic.Bool
+
+	// reloaded and rejected count the bootstrap reloads (SIGHUP) applied
+	// and refused: the outcome the agent's signal counter cannot see.
+	reloaded, rejected atomic.Uint64
 }
+
+// The admin stats of bootstrap reloads, named as Envoy names the outcome
+// of a configuration update (update_success, update_rejected).
+const (
+	statReloadSuccess  = "server.bootstrap_reload.update_success"
+	statReloadRejected = "server.bootstrap_reload.update_rejected"
+)
 
 // Initialized reports whether the first configuration is in force (the
 // admin's /ready and server.state).
@@ -174,7 +185,17 @@ func (c *configSource) stop() {
 // Reload re-reads the bootstrap file. Static resources are swapped in like
 // an xDS update; when the node or the xDS settings changed the client
 // reconnects with the new ones (the config in force serves meanwhile).
+// The outcome is counted in the admin stats.
 func (c *configSource) Reload() error {
+	if err := c.reload(); err != nil {
+		c.rejected.Add(1)
+		return err
+	}
+	c.reloaded.Add(1)
+	return nil
+}
+
+func (c *configSource) reload() error {
 	b, xcfg, err := c.load()
 	if err != nil {
 		return err
@@ -261,15 +282,14 @@ func (c *configSource) keepStats(cl *xdsclient.Client) {
 	}
 }
 
-// Stats returns the xDS client's counters for the admin /stats, with
-// those of clients a reload replaced.
+// Stats returns the bootstrap reload counters and the xDS client's
+// counters for the admin /stats, with those of clients a reload replaced.
 func (c *configSource) Stats() map[string]uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.client == nil && c.prevStats == nil {
-		return nil
-	}
-	out := make(map[string]uint64, len(c.prevStats)+8)
+	out := make(map[string]uint64, len(c.prevStats)+10)
+	out[statReloadSuccess] = c.reloaded.Load()
+	out[statReloadRejected] = c.rejected.Load()
 	for k, v := range c.prevStats {
 		out[k] = v
 	}
