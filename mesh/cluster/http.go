@@ -194,6 +194,10 @@ type HTTPStats struct {
 	RqTxReset            atomic.Uint64 // upstream_rq_tx_reset
 	CxHTTP1Total         atomic.Uint64 // upstream_cx_http1_total
 	CxHTTP2Total         atomic.Uint64 // upstream_cx_http2_total
+	// RetryOrShadowAbandoned counts requests whose body outgrew the retry
+	// buffer (per_connection_buffer_limit_bytes), so that they went on
+	// without retries (retry_or_shadow_abandoned).
+	RetryOrShadowAbandoned atomic.Uint64
 
 	class [6]atomic.Uint64   // upstream_rq_1xx … upstream_rq_5xx (index = code/100)
 	code  [500]atomic.Uint64 // upstream_rq_<code> for 100…599
@@ -222,6 +226,7 @@ func (s *HTTPStats) Stats() []Stat {
 		{"upstream_rq_tx_reset", s.RqTxReset.Load(), false},
 		{"upstream_cx_http1_total", s.CxHTTP1Total.Load(), false},
 		{"upstream_cx_http2_total", s.CxHTTP2Total.Load(), false},
+		{"retry_or_shadow_abandoned", s.RetryOrShadowAbandoned.Load(), false},
 	}
 	for i := 1; i < 6; i++ {
 		out = append(out, Stat{"upstream_rq_" + strconv.Itoa(i) + "xx", s.class[i].Load(), false})

@@ -32,7 +32,10 @@
 // pooled connections count against max_connections, carry the
 // capture-bypass mark and show in cx stats. The host is picked per request
 // by the cluster's load balancer (with the previous_hosts retry predicate)
-// before the transport runs.
+// before the transport runs. Request bodies stream upstream as they arrive
+// while a bounded copy is kept for retries (retryBody, Envoy's retry
+// buffering); a request is pending (max_pending_requests) only while it
+// waits for a new connection.
 //
 // The cost is a few allocations per request that a purpose-built codec
 // would avoid (header map clone, request struct); route matching itself

@@ -7,8 +7,9 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
@@ -27,6 +28,8 @@ type h1Transport struct {
 	mu     sync.Mutex
 	idle   map[string][]*h1Conn // by host address, most recent last
 	closed bool
+
+	resent atomic.Uint64 // requests resent after a reused connection failed
 }
 
 type h1Conn struct {
@@ -35,26 +38,71 @@ type h1Conn struct {
 	bw       *bufio.Writer
 	addr     string
 	idleFrom time.Time
+
+	// The idle check (alive): the socket's RawConn and the peek callback
+	// are made once per connection so that a check allocates nothing.
+	raw     syscall.RawConn
+	peekFn  func(fd uintptr) bool
+	peekBuf [1]byte
+	peekN   int
+	peekErr error
 }
 
-var errH1Closed = errors.New("httpconn: upstream pool closed")
+// errPendingOverflow: max_pending_requests is reached (503 UO, as Envoy's
+// upstream_rq_pending_overflow).
+var errPendingOverflow = errors.New("httpconn: upstream pending requests overflow (circuit breaker max_pending_requests)")
+
+func newH1Conn(pc *pooledConn, addr string) *h1Conn {
+	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	if tc := pc.TCPConn(); tc != nil {
+		if raw, err := tc.SyscallConn(); err == nil {
+			c.raw = raw
+			c.peekFn = c.peek
+		}
+	}
+	return c
+}
+
+// alive reports whether an idle connection can carry a request: the
+// upstream has not closed or reset it and sent nothing unasked. It peeks
+// at the kernel socket without blocking (MSG_PEEK|MSG_DONTWAIT): no
+// goroutine watches idle connections, so this is where a keep-alive
+// connection the upstream closed while idle is found and dropped, before
+// a request is written into it.
+func (c *h1Conn) alive() bool {
+	if c.br.Buffered() > 0 {
+		return false // bytes after the last response: out of step
+	}
+	if c.raw == nil {
+		return true
+	}
+	if err := c.raw.Read(c.peekFn); err != nil {
+		return false
+	}
+	return peekIdle(c.peekN, c.peekErr)
+}
 
 func newH1Transport(cp *clusterPool) *h1Transport {
 	return &h1Transport{cp: cp, idle: map[string][]*h1Conn{}}
 }
 
-// get returns an idle connection to addr, or nil.
+// get returns an idle connection to addr, or nil. Connections past the
+// pool's idle timeout or found dead are closed and skipped; the liveness
+// check runs outside the lock.
 func (t *h1Transport) get(addr string) *h1Conn {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	to := t.cp.opts.IdleTimeout
 	for {
+		t.mu.Lock()
 		cs := t.idle[addr]
 		if len(cs) == 0 {
+			t.mu.Unlock()
 			return nil
 		}
 		c := cs[len(cs)-1]
+		cs[len(cs)-1] = nil
 		t.idle[addr] = cs[:len(cs)-1]
-		if to := t.cp.opts.IdleTimeout; to > 0 && time.Since(c.idleFrom) > to {
+		t.mu.Unlock()
+		if (to > 0 && time.Since(c.idleFrom) > to) || !c.alive() {
 			c.pc.Close()
 			continue
 		}
@@ -87,34 +135,54 @@ func (t *h1Transport) CloseIdleConnections() {
 	}
 }
 
-// RoundTrip sends req on a pooled connection to req.URL.Host (the host the
-// router picked, in the context) and reads the response head. A request on
-// a reused connection that fails before any response byte (the upstream
-// closed it while idle) is sent once more on a new connection when its
-// body can be sent again, as http.Transport does.
+// RoundTrip is http.RoundTripper for callers that carry the picked host
+// in the request's context (hostKey); the router calls roundTrip.
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	ctx := req.Context()
+	h, _ := req.Context().Value(hostKey{}).(*cluster.Host)
+	return t.roundTrip(req.Context(), req, h)
+}
+
+// roundTrip sends req under ctx (req's own context is not used: the
+// router saves the request copy WithContext would make) on a pooled
+// connection to req.URL.Host, the address of h, and reads the response
+// head.
+//
+// Only a request that needs a new connection is pending: it holds a
+// max_pending_requests slot while it dials, as in Envoy, where a request
+// that finds a ready connection is never queued.
+//
+// A request on a reused connection that fails before the upstream can
+// have processed any of it (the write failed, or the connection closed
+// before a response byte: the upstream had closed it while idle and the
+// idle check at checkout lost the race with its FIN) is sent once more on
+// a new connection, when its body can be sent again (GetBody: empty, or
+// still within its retry/resend buffer).
+func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *cluster.Host) (*http.Response, error) {
 	addr := req.URL.Host
 	for try := 0; ; try++ {
-		c := t.get(addr)
+		var c *h1Conn
+		if try == 0 {
+			c = t.get(addr)
+		}
 		reused := c != nil
 		if c == nil {
-			h, _ := ctx.Value(hostKey{}).(*cluster.Host)
+			relPending, ok := t.cp.c.TryAcquirePending()
+			if !ok {
+				return nil, errPendingOverflow
+			}
 			pc, err := t.cp.dialHost(ctx, addr, h, false, false)
+			relPending()
 			if err != nil {
 				return nil, err
 			}
-			c = &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
-		}
-		if tr := httptrace.ContextClientTrace(ctx); tr != nil && tr.GotConn != nil {
-			tr.GotConn(httptrace.GotConnInfo{Conn: c.pc, Reused: reused})
+			c = newH1Conn(pc, addr)
 		}
 		resp, err, retry := t.exchange(ctx, c, req)
 		if err == nil {
 			return resp, nil
 		}
 		c.pc.Close()
-		if !reused || !retry || try > 0 || (req.Body != nil && req.GetBody == nil) {
+		if !reused || !retry || (req.Body != nil && req.GetBody == nil) {
 			return nil, err
 		}
 		if req.GetBody != nil {
@@ -122,14 +190,16 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			if gerr != nil {
 				return nil, err
 			}
-			req = req.Clone(ctx)
-			req.Body = b
+			r2 := *req
+			r2.Body = b
+			req = &r2
 		}
+		t.resent.Add(1)
 	}
 }
 
 // exchange writes req and reads the response head on c. retry reports
-// that nothing of a response arrived (the request may be resent).
+// that no byte of a response arrived (the request may be resent).
 func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request) (*http.Response, error, bool) {
 	// Cancellation (per-try timeout, downstream gone) unblocks the I/O.
 	stop := context.AfterFunc(ctx, func() { c.pc.SetDeadline(time.Unix(1, 0)) })
@@ -141,12 +211,17 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		stop()
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
 	}
+	// The first response byte tells a dead connection (EOF, reset, EPIPE
+	// with nothing received) from a failed response.
+	if _, err := c.br.Peek(1); err != nil {
+		stop()
+		return nil, ctxErr(ctx, err), ctx.Err() == nil
+	}
 	for {
 		resp, err := http.ReadResponse(c.br, req)
 		if err != nil {
 			stop()
-			// Nothing buffered: the connection closed before any byte.
-			return nil, ctxErr(ctx, err), ctx.Err() == nil && c.br.Buffered() == 0 && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF))
+			return nil, ctxErr(ctx, err), false
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 1xx informational: the final response follows

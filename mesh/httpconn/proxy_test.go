@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -96,13 +97,16 @@ func TestWeightedClusters(t *testing.T) {
 
 // TestRetryPreviousHosts: a host that answers 503 is retried on the other
 // host, never itself again (previous_hosts); counters show the retries.
+// The bad host has nearly all the weight, so that without the predicate
+// weighted round robin would pick it again for the retry (with equal
+// weights plain rotation alternates and the test could not tell).
 func TestRetryPreviousHosts(t *testing.T) {
 	bad := startUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(503)
 		io.WriteString(w, "bad")
 	})
 	good := startUpstream(t, named("good"))
-	env := newEnv(t, staticCluster("c", bad.addr, good.addr))
+	env := newEnv(t, weightedStatic("c", []netip.AddrPort{bad.addr, good.addr}, []uint32{100, 1}))
 	r := prefixRoute("/", "c")
 	routeAction(r).RetryPolicy = &routev3.RetryPolicy{
 		RetryOn:            "5xx",
@@ -391,7 +395,11 @@ func TestDrain(t *testing.T) {
 }
 
 // TestTimeouts: the route timeout gives 504 UT; a per-try timeout is
-// retried; a route timeout of 0 disables it.
+// retried only under retry_on conditions that cover an upstream that does
+// not respond (5xx, gateway-error, reset: Envoy's "disconnect/reset/read
+// timeout"), not under connect-failure (which Envoy documents as not
+// including request timeouts), reset-before-request (the request was
+// sent) or retriable-status-codes; a route timeout of 0 disables it.
 func TestTimeouts(t *testing.T) {
 	u := startUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if d, err := time.ParseDuration(r.Header.Get("X-Sleep")); err == nil {
@@ -409,7 +417,14 @@ func TestTimeouts(t *testing.T) {
 	routeAction(r2).RetryPolicy = &routev3.RetryPolicy{RetryOn: "reset", NumRetries: wrapperspb.UInt32(2), PerTryTimeout: durationpb.New(50 * time.Millisecond)}
 	r3 := prefixRoute("/none", "c")
 	routeAction(r3).Timeout = durationpb.New(0)
-	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r1, r2, r3)))), env)
+	var noRetry []*routev3.Route
+	for _, on := range []string{"connect-failure", "reset-before-request", "retriable-status-codes", "refused-stream,unavailable"} {
+		r := prefixRoute("/"+on, "c")
+		routeAction(r).RetryPolicy = &routev3.RetryPolicy{RetryOn: on, NumRetries: wrapperspb.UInt32(2), RetriableStatusCodes: []uint32{504},
+			PerTryTimeout: durationpb.New(50 * time.Millisecond)}
+		noRetry = append(noRetry, r)
+	}
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, append([]*routev3.Route{r1, r2, r3}, noRetry...)...)))), env)
 	c := client(false)
 
 	start := time.Now()
@@ -432,6 +447,20 @@ func TestTimeouts(t *testing.T) {
 	}
 	if e := p.lastEntry(t); !e.ResponseFlags.Has(FlagUT|FlagURX) || e.Attempts != 3 {
 		t.Errorf("per-try: flags %s attempts %d", e.ResponseFlags, e.Attempts)
+	}
+	for _, r := range noRetry {
+		path := r.GetMatch().GetPrefix()
+		before := clusterStat(t, env.clusters["c"], "upstream_rq_per_try_timeout")
+		resp, _ = get(t, c, p, "x", path, hdr("X-Sleep", "1s"))
+		if resp.StatusCode != 504 {
+			t.Errorf("%s: per-try timeout: %d, want 504", path, resp.StatusCode)
+		}
+		if e := p.lastEntry(t); !e.ResponseFlags.Has(FlagUT) || e.ResponseFlags.Has(FlagURX) || e.Attempts != 1 {
+			t.Errorf("retry_on %s: flags %s attempts %d, want UT after 1 attempt (a per-try timeout is not retried)", path[1:], e.ResponseFlags, e.Attempts)
+		}
+		if v := clusterStat(t, env.clusters["c"], "upstream_rq_per_try_timeout"); v != before+1 {
+			t.Errorf("%s: upstream_rq_per_try_timeout +%d, want +1", path, v-before)
+		}
 	}
 	resp, body = get(t, c, p, "x", "/none", hdr("X-Sleep", "300ms"))
 	if resp.StatusCode != 200 || body != "ok" {

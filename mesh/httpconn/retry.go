@@ -27,6 +27,7 @@ const (
 	retryGRPCResourceExhausted
 	retryGRPCUnavailable
 	retryGRPCInternal
+	retryResetBeforeRequest
 )
 
 var retryOnNames = map[string]retryOn{
@@ -42,7 +43,7 @@ var retryOnNames = map[string]retryOn{
 	"resource-exhausted":         retryGRPCResourceExhausted,
 	"unavailable":                retryGRPCUnavailable,
 	"internal":                   retryGRPCInternal,
-	"reset-before-request":       retryReset,
+	"reset-before-request":       retryResetBeforeRequest,
 	"envoy-ratelimited":          0, // no rate limit filter: never true
 	"retriable-headers":          0,
 	"http3-post-connect-failure": 0,
@@ -114,12 +115,27 @@ func compileRetry(p *routev3.RetryPolicy, field string) (*retryPolicy, error) {
 }
 
 // retriableReset reports whether a failure without response (connect
-// failure, reset, per-try timeout) is retried (Envoy's wouldRetryFromReset).
+// failure, reset) is retried (Envoy's wouldRetryFromReset): 5xx,
+// gateway-error and reset retry any; connect-failure and
+// reset-before-request only a connect failure, where no byte of the
+// request reached the upstream (a reset after the request was written
+// counts as started, as Envoy's upstream_request_started).
 func (p *retryPolicy) retriableReset(connectFailure bool) bool {
 	if p.on&(retry5xx|retryGatewayError|retryReset) != 0 {
 		return true
 	}
-	return connectFailure && p.on&retryConnectFailure != 0
+	return connectFailure && p.on&(retryConnectFailure|retryResetBeforeRequest) != 0
+}
+
+// retriableTimeout reports whether a per-try timeout is retried. Envoy
+// resets the attempt and asks wouldRetryFromReset with the request
+// started: 5xx, gateway-error and reset retry it ("does not respond at
+// all (disconnect/reset/read timeout)"); connect-failure explicitly does
+// not cover request timeouts, reset-before-request does not apply to a
+// request already sent, and the status-code conditions
+// (retriable-status-codes, retriable-4xx, gRPC) only look at responses.
+func (p *retryPolicy) retriableTimeout() bool {
+	return p.on&(retry5xx|retryGatewayError|retryReset) != 0
 }
 
 // retriableResponse reports whether a response is retried (Envoy's

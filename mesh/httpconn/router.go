@@ -1,13 +1,13 @@
 package httpconn
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptrace"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -39,7 +39,7 @@ type stream struct {
 
 	ctx         context.Context // cancelled by idle/request timeouts and the downstream
 	cancel      context.CancelCauseFunc
-	idle        *idleWatch // nil without stream_idle_timeout
+	idle        idleWatch // armed by stream_idle_timeout or the route's idle_timeout
 	curPolicy   *retryPolicy
 	reqTimer    *time.Timer
 	wroteHeader bool
@@ -68,9 +68,7 @@ func (s *stream) finish() {
 	if s.cancel != nil {
 		s.cancel(context.Canceled)
 	}
-	if s.idle != nil {
-		s.idle.t.Stop()
-	}
+	s.idle.stop()
 	if s.reqTimer != nil {
 		s.reqTimer.Stop()
 	}
@@ -95,14 +93,14 @@ func (s *stream) serve() {
 
 	// Timers: stream_idle_timeout and request_timeout cancel the stream.
 	s.ctx, s.cancel = context.WithCancelCause(r.Context())
+	s.idle.cancel = s.cancel
+	s.idle.touch()
 	if d := cfg.streamIdleTimeout; d > 0 {
-		s.idle = &idleWatch{d: d, cancel: s.cancel}
-		s.idle.touch()
-		s.idle.t = time.AfterFunc(d, s.idle.fire)
+		s.idle.arm(d)
 	}
 	hasBody := r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0
 	if hasBody {
-		s.body = &countingBody{rc: r.Body, idle: s.idle}
+		s.body = &countingBody{rc: r.Body, idle: &s.idle}
 		r.Body = s.body
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
@@ -241,19 +239,7 @@ func (s *stream) prepareHeaders() {
 		s.e.RequestID = newUUID()
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
-	if cfg.useRemoteAddress {
-		if !cfg.skipXFFAppend && s.h.info.Peer.IsValid() {
-			ip := s.h.info.Peer.Addr().String()
-			if vs := h["X-Forwarded-For"]; len(vs) > 0 {
-				h["X-Forwarded-For"] = []string{strings.Join(vs, ",") + "," + ip}
-			} else {
-				h["X-Forwarded-For"] = []string{ip}
-			}
-		}
-		h["X-Forwarded-Proto"] = []string{"http"}
-	} else if _, ok := h["X-Forwarded-Proto"]; !ok {
-		h["X-Forwarded-Proto"] = []string{"http"}
-	}
+	cfg.mutateForwarded(h, s.h.info.Peer.Addr())
 	if vs := h["X-Forwarded-For"]; len(vs) > 0 {
 		s.e.XFF = vs[0]
 	}
@@ -265,6 +251,102 @@ func (s *stream) prepareHeaders() {
 			r.Host = stripPort(r.Host)
 		}
 	}
+}
+
+// mutateForwarded applies Envoy's x-forwarded-for, x-forwarded-proto,
+// x-envoy-external-address and x-envoy-internal rules
+// (config_http_conn_man_headers_x-forwarded-for) for a request from peer:
+//
+//   - The trusted client address: with use_remote_address, the peer, or
+//     with xff_num_trusted_hops N > 0 the N-th XFF address from the right;
+//     without, the (N+1)-th from the right (the peer if XFF is shorter).
+//   - The request is internal, with use_remote_address, iff it has no XFF
+//     and the peer is internal (RFC 1918, RFC 4193, loopback); without, iff
+//     XFF is one internal address. x-envoy-internal: true is set on
+//     internal requests and removed from external ones.
+//   - Only with use_remote_address is XFF appended to (the peer, unless
+//     skip_xff_append) and x-envoy-external-address set, to the trusted
+//     client address of an external request; x-forwarded-proto is then
+//     overwritten (http: downstream connections are cleartext) unless a
+//     trusted hop (N > 0) set it. Otherwise XFF is left as it came and
+//     x-forwarded-proto only added when missing.
+//
+// Without XFF and use_remote_address (a mesh sidecar's usual request) it
+// allocates nothing.
+func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) {
+	n := int(c.xffTrustedHops)
+	var xff string
+	switch vs := h["X-Forwarded-For"]; len(vs) {
+	case 0:
+	case 1:
+		xff = vs[0]
+	default:
+		xff = strings.Join(vs, ",")
+	}
+	internal := false
+	if c.useRemoteAddress {
+		internal = xff == "" && peer.IsValid() && isInternalAddr(peer)
+		if !internal {
+			trusted := ""
+			if n > 0 {
+				trusted, _ = xffFromRight(xff, n)
+			}
+			if trusted == "" && peer.IsValid() {
+				trusted = peer.Unmap().String()
+			}
+			if trusted != "" {
+				h["X-Envoy-External-Address"] = []string{trusted}
+			}
+		}
+		if !c.skipXFFAppend && peer.IsValid() {
+			ip := peer.Unmap().String()
+			if xff != "" {
+				ip = xff + "," + ip
+			}
+			h["X-Forwarded-For"] = []string{ip}
+		}
+		if _, ok := h["X-Forwarded-Proto"]; n == 0 || !ok {
+			h["X-Forwarded-Proto"] = []string{"http"}
+		}
+	} else {
+		if xff != "" && strings.IndexByte(xff, ',') < 0 {
+			a, err := netip.ParseAddr(strings.TrimSpace(xff))
+			internal = err == nil && isInternalAddr(a)
+		}
+		if _, ok := h["X-Forwarded-Proto"]; !ok {
+			h["X-Forwarded-Proto"] = []string{"http"}
+		}
+	}
+	if internal {
+		h["X-Envoy-Internal"] = []string{"true"}
+	} else if _, ok := h["X-Envoy-Internal"]; ok {
+		delete(h, "X-Envoy-Internal")
+	}
+}
+
+// xffFromRight returns the n-th (1-based) address of a comma-separated
+// XFF from the right, or false if XFF has fewer.
+func xffFromRight(xff string, n int) (string, bool) {
+	if xff == "" || n < 1 {
+		return "", false
+	}
+	for i := 1; ; i++ {
+		j := strings.LastIndexByte(xff, ',')
+		if i == n {
+			return strings.TrimSpace(xff[j+1:]), true
+		}
+		if j < 0 {
+			return "", false
+		}
+		xff = xff[:j]
+	}
+}
+
+// isInternalAddr is Envoy's default internal address test: RFC 1918 and
+// RFC 4193 (unique local) addresses and loopback.
+func isInternalAddr(a netip.Addr) bool {
+	a = a.Unmap()
+	return a.IsPrivate() || a.IsLoopback()
 }
 
 // newUUID returns a random (version 4) UUID, as Envoy's x-request-id.
@@ -449,9 +531,7 @@ type countingBody struct {
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.rc.Read(p)
 	b.n.Add(int64(n))
-	if b.idle != nil {
-		b.idle.touch()
-	}
+	b.idle.touch()
 	if err != nil {
 		if err == io.EOF {
 			if b.done != nil {
@@ -532,31 +612,24 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
 	}
 
-	// The body, buffered when a retry may have to replay it.
+	// The body streams upstream as it arrives; a copy is kept so that a
+	// retry can replay it (up to maxRetryBuffer: beyond, the request is no
+	// longer retriable, retry_or_shadow_abandoned) or, without retries, so
+	// that a request caught by a dead keep-alive connection can be resent
+	// (up to resendBuffer).
 	numRetries := 0
 	if policy != nil {
 		numRetries = policy.numRetries
 	}
-	var body io.Reader
-	var buffered []byte
-	replayable := true
+	var rb *retryBody
 	if s.body != nil {
-		body = s.body
 		if numRetries > 0 {
-			buf, err := io.ReadAll(io.LimitReader(s.body, maxRetryBuffer+1))
-			if err != nil {
-				s.requestBodyError(err)
-				return
-			}
-			if len(buf) > maxRetryBuffer {
-				body, replayable = io.MultiReader(bytes.NewReader(buf), s.body), false
-			} else {
-				buffered, body = buf, nil
-			}
+			rb = newRetryBody(s.body, maxRetryBuffer, &stats.RetryOrShadowAbandoned)
 		} else {
-			replayable = false
+			rb = newRetryBody(s.body, resendBuffer, nil)
 		}
 	}
+	replayable := func() bool { return rb == nil || rb.replayable() }
 
 	gctx := s.ctx
 	if rt.timeout > 0 {
@@ -564,15 +637,14 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		gctx, cancel = context.WithTimeout(s.ctx, rt.timeout)
 		defer cancel()
 	}
-	if rt.idleTimeout >= 0 && s.idle != nil {
-		if rt.idleTimeout == 0 {
-			s.idle.t.Stop()
-		} else {
-			s.idle.d = rt.idleTimeout
-		}
+	if rt.idleTimeout >= 0 {
+		// The route's idle_timeout replaces the connection manager's for
+		// this stream, also when that one is disabled.
+		s.idle.arm(rt.idleTimeout)
 	}
 
 	tr := cp.transportFor(r.ProtoMajor)
+	h1, _ := tr.(*h1Transport)
 	var tried []*cluster.Host
 	var exclude func(*cluster.Host) bool
 	for attempt := 1; ; attempt++ {
@@ -593,12 +665,6 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			s.overflow()
 			return
 		}
-		relPending, ok := cl.TryAcquirePending()
-		if !ok {
-			relRq()
-			s.overflow()
-			return
-		}
 		if vh.attemptReq {
 			hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(attempt)}
 		}
@@ -608,16 +674,14 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		}
 		hc := cp.host(h)
 		hc.active.Add(1)
-		hc.waiting.Add(1)
-		var gotConn atomic.Bool
-		connected := func() {
-			if gotConn.CompareAndSwap(false, true) {
-				hc.waiting.Add(-1)
-				relPending()
+		done := func(o cluster.RequestOutcome) {
+			hc.active.Add(-1)
+			h.EndRequest(o)
+			relRq()
+			if acancel != nil {
+				acancel()
 			}
 		}
-		actx = context.WithValue(actx, hostKey{}, h)
-		actx = httptrace.WithClientTrace(actx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected() }})
 		out := &http.Request{
 			Method:     r.Method,
 			URL:        &url.URL{Scheme: "http", Host: h.Address().String()},
@@ -628,32 +692,29 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			Host:       authority,
 		}
 		setTarget(out.URL, target)
-		switch {
-		case buffered != nil:
-			out.Body = io.NopCloser(bytes.NewReader(buffered))
-			out.ContentLength = int64(len(buffered))
-		case body != nil:
-			out.Body = io.NopCloser(body)
+		if rb != nil {
+			a, ok := rb.attempt()
+			if !ok { // not replayable since the retry was decided
+				h.BeginRequest()
+				done(cluster.RequestError)
+				s.e.ResponseFlags |= FlagUR
+				s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: retry buffer overflow", "upstream_reset_before_response_started{retry_buffer_overflow}")
+				return
+			}
+			out.Body, out.GetBody = a, rb.getBody
 			out.ContentLength = r.ContentLength
-			if out.ContentLength == 0 {
+			if out.ContentLength <= 0 {
 				out.ContentLength = -1
+				out.TransferEncoding = []string{"chunked"}
 			}
 		}
-		if out.ContentLength < 0 {
-			out.TransferEncoding = []string{"chunked"}
-		}
-		out = out.WithContext(actx)
 		h.BeginRequest()
 		sent := time.Now()
-		resp, err := tr.RoundTrip(out)
-		connected()
-		done := func(o cluster.RequestOutcome) {
-			hc.active.Add(-1)
-			h.EndRequest(o)
-			relRq()
-			if acancel != nil {
-				acancel()
-			}
+		var resp *http.Response
+		if h1 != nil {
+			resp, err = h1.roundTrip(actx, out, h)
+		} else {
+			resp, err = s.roundTripH2(tr, out, actx, cl, hc, h)
 		}
 		if err != nil {
 			retriable, flag, code, msg, details, outcome := s.classify(err, gctx, actx, stats)
@@ -661,7 +722,7 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			if flag == 0 { // the stream ended (downstream gone, timeout, bad body)
 				return
 			}
-			if retriable && policy != nil && replayable {
+			if retriable && policy != nil && replayable() {
 				if attempt <= numRetries {
 					if s.retry(cl, policy, attempt, &tried, &exclude, h) {
 						continue
@@ -677,13 +738,13 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		}
 		stats.CountResponse(resp.StatusCode)
 		if policy != nil && policy.retriableResponse(resp.StatusCode, resp.Header) {
-			if attempt <= numRetries && replayable {
+			if attempt <= numRetries && replayable() {
 				if s.retry(cl, policy, attempt, &tried, &exclude, h) {
 					drain(resp.Body)
 					done(outcomeOf(resp.StatusCode))
 					continue
 				}
-			} else {
+			} else if attempt > numRetries {
 				s.e.ResponseFlags |= FlagURX
 				stats.RqRetryLimitExceeded.Add(1)
 			}
@@ -695,6 +756,38 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		done(outcome)
 		return
 	}
+}
+
+// roundTripH2 sends one attempt over the cluster's h2c transport. The
+// request is pending (max_pending_requests) only while the host has no
+// established connection to multiplex it on (the h1 transport decides for
+// itself: a pending request is one that must dial); the client trace
+// ends the pending state and tells the dial coalescer that the request
+// has its connection.
+func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx context.Context, cl *cluster.Cluster, hc *hostConns, h *cluster.Host) (*http.Response, error) {
+	var relPending func()
+	if hc.open.Load() == 0 {
+		rel, ok := cl.TryAcquirePending()
+		if !ok {
+			return nil, errPendingOverflow
+		}
+		relPending = rel
+	}
+	hc.waiting.Add(1)
+	var gotConn atomic.Bool
+	connected := func() {
+		if gotConn.CompareAndSwap(false, true) {
+			hc.waiting.Add(-1)
+			if relPending != nil {
+				relPending()
+			}
+		}
+	}
+	ctx := context.WithValue(actx, hostKey{}, h)
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected() }})
+	resp, err := tr.RoundTrip(out.WithContext(ctx))
+	connected()
+	return resp, err
 }
 
 func outcomeOf(code int) cluster.RequestOutcome {
@@ -790,8 +883,9 @@ func (s *stream) classify(err error, gctx, actx context.Context, stats *cluster.
 		return false, 0, 0, "", "", cluster.RequestTimeout
 	case actx.Err() != nil:
 		stats.RqPerTryTimeout.Add(1)
-		return true, FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout
-	case errors.Is(err, cluster.ErrOverflow):
+		p := s.policy()
+		return p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout
+	case errors.Is(err, cluster.ErrOverflow), errors.Is(err, errPendingOverflow):
 		return false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError
 	case errors.Is(err, cluster.ErrNoHealthyUpstream):
 		return false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError
@@ -858,9 +952,7 @@ func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt 
 			total += int64(m)
 		}
 		if n > 0 {
-			if s.idle != nil {
-				s.idle.touch()
-			}
+			s.idle.touch()
 			w, werr := s.w.Write(buf[:n])
 			s.e.BytesSent += int64(w)
 			if werr != nil {

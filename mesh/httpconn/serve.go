@@ -272,23 +272,68 @@ func (s *stream) abort() {
 	s.aborted = true
 }
 
-// idleWatch is the per-stream idle timer (stream_idle_timeout): it fires
-// when neither side moved a byte for d.
+// idleWatch is the per-stream idle timer (stream_idle_timeout, or the
+// route's idle_timeout): it fires when neither side moved a byte for d.
+// touch is one atomic store, cheap enough for every body read and write;
+// the timer is only re-armed when it fires early. mu orders arm (the
+// route replacing the timeout) against fire, so a shorter route timeout
+// is never overwritten by a re-arm computed from the old one.
 type idleWatch struct {
-	d      time.Duration
-	last   atomic.Int64 // unix nanos of the last activity
-	t      *time.Timer
+	last   atomic.Int64 // nanotime of the last activity
 	cancel context.CancelCauseFunc
+
+	mu sync.Mutex
+	d  time.Duration // 0: disarmed
+	t  *time.Timer
 }
 
 func (iw *idleWatch) touch() { iw.last.Store(nanotime()) }
 
-func (iw *idleWatch) fire() {
-	idle := time.Duration(nanotime() - iw.last.Load())
-	if idle < iw.d {
-		iw.t.Reset(iw.d - idle)
+// arm sets the idle timeout to d, counted from the last activity; 0
+// disables it (a route's idle_timeout of 0 turns off the connection
+// manager's). Called on the stream goroutine.
+func (iw *idleWatch) arm(d time.Duration) {
+	iw.mu.Lock()
+	defer iw.mu.Unlock()
+	iw.d = d
+	if d <= 0 {
+		if iw.t != nil {
+			iw.t.Stop()
+		}
 		return
 	}
+	rem := max(d-time.Duration(nanotime()-iw.last.Load()), time.Nanosecond)
+	if iw.t == nil {
+		// Created stopped and started by Reset once iw.t is set, so that
+		// fire, which re-arms through iw.t, never sees it unset.
+		iw.t = time.AfterFunc(time.Duration(1<<62), iw.fire)
+	}
+	iw.t.Reset(rem)
+}
+
+// stop disarms the watch for good (the stream ended).
+func (iw *idleWatch) stop() {
+	iw.mu.Lock()
+	iw.d = 0
+	if iw.t != nil {
+		iw.t.Stop()
+	}
+	iw.mu.Unlock()
+}
+
+func (iw *idleWatch) fire() {
+	iw.mu.Lock()
+	d := iw.d
+	if d <= 0 {
+		iw.mu.Unlock()
+		return
+	}
+	if idle := time.Duration(nanotime() - iw.last.Load()); idle < d {
+		iw.t.Reset(d - idle)
+		iw.mu.Unlock()
+		return
+	}
+	iw.mu.Unlock()
 	iw.cancel(errStreamIdle)
 }
 
