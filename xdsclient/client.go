@@ -34,6 +34,9 @@ type Client struct {
 	initialized atomic.Bool
 	running     atomic.Bool
 	stats       stats
+	// warming is what the current stream holds back while it warms (nil:
+	// nothing); see Warming.
+	warming atomic.Pointer[Warming]
 
 	mu      sync.Mutex
 	lastErr error
@@ -178,6 +181,8 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 
 	err = s.run()
 	s.stop()
+	// A new stream starts again from the accepted state: nothing warms.
+	c.warming.Store(nil)
 	cancel() // ends the receive goroutine's Recv
 	s.wg.Wait()
 	return true, time.Since(start), err

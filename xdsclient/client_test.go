@@ -284,3 +284,38 @@ func TestInitialFetchTimeout(t *testing.T) {
 		eventually(t, wait, "CDS ACK", func() bool { return srv.acked(ClusterType, "v1", delta) })
 	})
 }
+
+// TestWarmingIsVisible: while a listener waits for its route configuration
+// and a cluster for its endpoints, Warming reports them (the admin dumps
+// them as warming states); once what they wait for arrives, nothing warms.
+func TestWarmingIsVisible(t *testing.T) {
+	modes(t, func(t *testing.T, delta bool) {
+		srv := startXDS(t, "127.0.0.1:0", newCache())
+		c1 := edsCluster("outbound|80||a.default.svc.cluster.local")
+		l1 := httpListener(t, "0.0.0.0_80", 80, "80")
+		// The listener names route "80" and the cluster its assignment;
+		// neither is in the snapshot.
+		srv.set(t, snapshot(t, "v1", c1))
+		rec := &recorder{t: t}
+		cl := startClient(t, srv.addr, delta, time.Minute, rec)
+		eventually(t, wait, "cluster warming", func() bool {
+			w := cl.Warming()
+			return w != nil && w.Clusters[c1.GetName()].Msg != nil && len(w.Listeners) == 0
+		})
+		if r := cl.Warming().Clusters[c1.GetName()]; r.Since.IsZero() || (!delta && r.Version != "v1") {
+			t.Errorf("warming cluster %+v, want its arrival time and version", r)
+		}
+		if cl.Accepted() != nil {
+			t.Fatal("a configuration was applied while its only cluster warms")
+		}
+		srv.set(t, snapshot(t, "v2", c1, assignment(c1.GetName(), "10.0.0.1", 80), l1))
+		eventually(t, wait, "listener warming", func() bool {
+			w := cl.Warming()
+			return w != nil && w.Listeners[l1.GetName()].Msg != nil && len(w.Clusters) == 0
+		})
+		rec.waitApply(t, wait, "cluster in force", func(r *Resources) bool { return r.Clusters[c1.GetName()] != nil })
+		srv.set(t, snapshot(t, "v3", c1, assignment(c1.GetName(), "10.0.0.1", 80), l1, routeConfig("80", c1.GetName())))
+		rec.waitApply(t, wait, "listener in force", func(r *Resources) bool { return r.Listeners[l1.GetName()] != nil })
+		eventually(t, wait, "nothing warming", func() bool { return cl.Warming() == nil })
+	})
+}

@@ -46,6 +46,7 @@ func (s *session) handle(r *response) {
 	}
 	s.step(ln)
 	s.maybeStartListeners()
+	s.publishWarming()
 }
 
 // merge applies a decoded response to the server's view of its kind. An entry whose
@@ -162,6 +163,7 @@ func (s *session) startFetchTimer(dep kind, name string, d time.Duration) {
 		s.recv[dep][name] = synthesized(dep, name)
 		s.step(s.laneOf(dep))
 		s.maybeStartListeners()
+		s.publishWarming()
 	})
 	s.fetchTimers[dep][name] = t
 }

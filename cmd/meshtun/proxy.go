@@ -353,6 +353,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 		defer adminLn.Close()
 		adm := &admin.Server{
 			D: dispatcher, Start: time.Now(), Extra: cfg.Stats, Bootstrap: cfg.Bootstrap, Initialized: cfg.Initialized,
+			Warming:     cfg.Warming,
 			Concurrency: max(1, f.concurrency),
 			Drain: func(inboundOnly, graceful bool) {
 				if graceful && f.drainDuration > 0 {

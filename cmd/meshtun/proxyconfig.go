@@ -300,3 +300,15 @@ func (c *configSource) Stats() map[string]uint64 {
 	}
 	return out
 }
+
+// Warming returns what the xDS client holds back while it warms, for the
+// admin's /config_dump.
+func (c *configSource) Warming() *xdsclient.Warming {
+	c.mu.Lock()
+	cl := c.client
+	c.mu.Unlock()
+	if cl == nil {
+		return nil
+	}
+	return cl.Warming()
+}

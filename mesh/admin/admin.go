@@ -29,6 +29,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // Server is the admin HTTP handler.
@@ -47,6 +48,10 @@ type Server struct {
 	// its first CDS and LDS responses before it is LIVE). Nil: a snapshot
 	// is enough.
 	Initialized func() bool
+	// Warming, when set, returns the listeners and clusters received over
+	// xDS that are not in force yet (nil: none), for /config_dump's
+	// warming states.
+	Warming func() *xdsclient.Warming
 	// Concurrency is reported as server.concurrency.
 	Concurrency int
 	// Drain stops listeners taking new flows (/drain_listeners).

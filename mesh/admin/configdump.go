@@ -3,8 +3,10 @@ package admin
 import (
 	"encoding/base64"
 	"fmt"
+	"maps"
 	"net/http"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -26,6 +28,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshtun/meshtun/mesh"
+	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // dumpJSON is how Envoy prints its admin protos: field names as in the
@@ -152,6 +155,19 @@ func (s *Server) dumpParts(includeEDS bool, re *regexp.Regexp) []proto.Message {
 				VersionInfo: rec.Version, Cluster: anyOf(rec.Msg), LastUpdated: ts(rec.LastUpdated)})
 		}
 	}
+	var warm *xdsclient.Warming
+	if s.Warming != nil {
+		warm = s.Warming()
+	}
+	if warm != nil {
+		for _, name := range slices.Sorted(maps.Keys(warm.Clusters)) {
+			if keep(name) {
+				r := warm.Clusters[name]
+				cd.DynamicWarmingClusters = append(cd.DynamicWarmingClusters, &adminv3.ClustersConfigDump_DynamicCluster{
+					VersionInfo: r.Version, Cluster: anyOf(r.Msg), LastUpdated: ts(r.Since)})
+			}
+		}
+	}
 	parts = append(parts, cd)
 
 	if includeEDS {
@@ -178,8 +194,9 @@ func (s *Server) dumpParts(includeEDS bool, re *regexp.Regexp) []proto.Message {
 				Listener: anyOf(rec.Msg), LastUpdated: ts(rec.LastUpdated)})
 		}
 	}
-	// One DynamicListener per name: its active state, and its draining
-	// state while a replaced or removed version drains.
+	// One DynamicListener per name: its active state, its warming state
+	// while a new version waits for its routes, and its draining state
+	// while a replaced or removed version drains.
 	byName := map[string]*adminv3.ListenersConfigDump_DynamicListener{}
 	var names []string
 	dl := func(name string) *adminv3.ListenersConfigDump_DynamicListener {
@@ -194,6 +211,14 @@ func (s *Server) dumpParts(includeEDS bool, re *regexp.Regexp) []proto.Message {
 	for _, rec := range d.Listeners {
 		if keep(rec.Name) {
 			dl(rec.Name).ActiveState = listenerState(rec)
+		}
+	}
+	if warm != nil {
+		for name, r := range warm.Listeners {
+			if keep(name) {
+				dl(name).WarmingState = &adminv3.ListenersConfigDump_DynamicListenerState{
+					VersionInfo: r.Version, Listener: anyOf(r.Msg), LastUpdated: ts(r.Since)}
+			}
 		}
 	}
 	now := time.Now()
