@@ -518,3 +518,67 @@ func TestAdminUnixSocketIPv6(t *testing.T) {
 		t.Errorf("no envoy_tcp_downstream_cx_total{tcp_prefix=%q} 1", cl)
 	}
 }
+
+// TestAdminConfigDumpWarmingLive: on a live proxy, a listener whose RDS
+// route configuration has not arrived is dumped with a warming_state and no
+// active_state, and /ready says INITIALIZING; once the route arrives it is
+// active and nothing warms.
+func TestAdminConfigDumpWarmingLive(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	listeners := []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), istioHTTPListener(80)}
+	cp.pushHTTP(t, "1", listeners, istioClusters(), nil, nil) // route "80" missing
+	startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, "DELTA_GRPC"))
+
+	state := func() (*adminv3.ListenersConfigDump_DynamicListener, bool) {
+		cd := &adminv3.ConfigDump{}
+		if err := protojson.Unmarshal([]byte(adminGet(t, topo, "/config_dump?resource=dynamic_listeners&name_regex=^0\\.0\\.0\\.0_80$")), cd); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range cd.GetConfigs() {
+			dl := &adminv3.ListenersConfigDump_DynamicListener{}
+			if c.UnmarshalTo(dl) == nil && dl.GetName() == "0.0.0.0_80" {
+				return dl, true
+			}
+		}
+		return nil, false
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		dl, ok := state()
+		if ok && dl.GetWarmingState() != nil {
+			if dl.GetActiveState() != nil || dl.GetWarmingState().GetVersionInfo() != "1" {
+				t.Fatalf("warming 0.0.0.0_80: %v, want only a warming state of version 1", dl)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("0.0.0.0_80 never dumped as warming: %v", dl)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// meshtun request exits non-zero on the 503, naming the status and body.
+	if _, err := nsRun(topo.Pod, meshtunBin(t), "request", "--admin-address", "127.0.0.1:15000", "GET", "/ready"); err == nil ||
+		!strings.Contains(err.Error(), "status code 503") || !strings.Contains(err.Error(), "INITIALIZING") {
+		t.Errorf("/ready while the first listeners warm: %v, want 503 INITIALIZING", err)
+	}
+
+	route := obj{"name": "80", "virtual_hosts": []obj{{"name": "allow_any", "domains": []string{"*"},
+		"routes": []obj{routeTo("/", obj{"cluster": "PassthroughCluster"})}}}}
+	cp.pushHTTP(t, "2", listeners, istioClusters(), nil, []obj{route})
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		dl, ok := state()
+		if ok && dl.GetActiveState() != nil && dl.GetWarmingState() == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("0.0.0.0_80 not active once its route arrived: %v", dl)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if out, _ := nsRun(topo.Pod, meshtunBin(t), "request", "--admin-address", "127.0.0.1:15000", "GET", "/ready"); strings.TrimSpace(out) != "LIVE" {
+		t.Errorf("/ready once the listeners are in force: %q, want LIVE", out)
+	}
+}

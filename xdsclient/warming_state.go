@@ -11,7 +11,7 @@ import (
 // (Envoy's warming state, shown in the admin /config_dump).
 type WarmingResource struct {
 	Msg     proto.Message
-	Version string    // per-resource version (delta), else the response's version_info
+	Version string    // version_info of the response it came in (delta: system_version_info)
 	Since   time.Time // when this version arrived
 }
 
@@ -50,10 +50,9 @@ func (s *session) publishWarming() {
 			if k == kindListener {
 				dst, old = w.Listeners, prev.listeners()
 			}
-			r := WarmingResource{Msg: e.msg, Version: e.version, Since: time.Now()}
-			if r.Version == "" {
-				r.Version = s.recvVersion[k]
-			}
+			// As Envoy's dump: the version_info of the response it came in
+			// (delta: system_version_info), like the active state's.
+			r := WarmingResource{Msg: e.msg, Version: s.recvVersion[k], Since: time.Now()}
 			if o, ok := old[name]; ok && o.Msg == e.msg {
 				r.Since = o.Since
 			}

@@ -51,7 +51,8 @@ type configSource struct {
 	prevStats map[string]uint64
 
 	// initialized is set once the first configuration is in force: at
-	// start without ADS, else when the first xDS update is applied. Until
+	// start without ADS, else when the first xDS update with listeners is
+	// applied. Until
 	// then the server is INITIALIZING, as Envoy is before its first
 	// CDS/LDS responses.
 	initialized atomic.Bool
@@ -158,7 +159,11 @@ func (c *configSource) startXDS(xcfg xdsclient.Config) {
 			return err
 		}
 		c.lastXDS = r
-		c.initialized.Store(true)
+		if _, ok := r.Versions[xdsclient.ListenerType]; ok {
+			// Envoy is LIVE once its first CDS and LDS responses (with
+			// the listeners' routes) are in force, not at the first CDS.
+			c.initialized.Store(true)
+		}
 		return nil
 	}))
 	ctx, cancel := context.WithCancel(context.Background())
