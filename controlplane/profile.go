@@ -159,9 +159,12 @@ type MeshConfig struct {
 	DefaultConfig  ProxyConfig `json:"defaultConfig" yaml:"defaultConfig"`
 }
 
-// Metadata names a profile.
+// Metadata names a profile. Namespace is accepted so that an IstioOperator
+// written for istioctl (metadata.namespace: istio-system) applies as is;
+// there is one mesh profile, so it selects nothing.
 type Metadata struct {
-	Name string `json:"name" yaml:"name"`
+	Name      string `json:"name" yaml:"name"`
+	Namespace string `json:"namespace,omitempty" yaml:"namespace,omitempty"`
 }
 
 // Profile is a mesh profile document in its canonical (MeshConfig) form:

@@ -73,6 +73,14 @@ func TestProfileOverlaysItsBase(t *testing.T) {
 		p.Spec.ConnectTimeout != Duration(1500*time.Millisecond) || p.Spec.OutboundTrafficPolicy.Mode != AllowAny {
 		t.Errorf("got %+v", p)
 	}
+	// An IstioOperator as written for istioctl, namespace included.
+	p, err = ParseProfile("p", []byte("apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata:\n  name: strict\n  namespace: istio-system\nspec:\n  meshConfig:\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Metadata.Name != "strict" || p.Metadata.Namespace != "istio-system" || p.Spec.OutboundTrafficPolicy.Mode != RegistryOnly {
+		t.Errorf("istioctl-style IstioOperator: got %+v", p)
+	}
 }
 
 // TestProfileDumpHasEveryFieldModeFirst: a dump lists every field, the
