@@ -582,3 +582,64 @@ func TestAdminConfigDumpWarmingLive(t *testing.T) {
 		t.Errorf("/ready once the listeners are in force: %q, want LIVE", out)
 	}
 }
+
+// TestAdminGracefulDrain: POST /drain_listeners?inboundonly&graceful (what
+// pilot-agent sends on SIGTERM) keeps inbound listeners accepting for the
+// drain duration, then refuses new inbound flows; open flows go on and
+// outbound flows are never refused.
+func TestAdminGracefulDrain(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	startProxy(t, topo, "--bootstrap", bs, "--drain-duration", "1500ms")
+
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if code, body := adminDo(t, topo, "POST", "/drain_listeners?inboundonly&graceful"); code != 200 || body != "OK\n" {
+		t.Fatalf("drain_listeners?graceful = %d %q", code, body)
+	}
+	start := time.Now()
+	// Within the drain duration, inbound flows are still taken.
+	c, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatalf("inbound flow %v into a graceful drain: %v, want accepted", time.Since(start), err)
+	}
+	if err := echoRoundTrip(c, []byte("during"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	for {
+		c, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), 250*time.Millisecond)
+		took := time.Since(start)
+		if err != nil {
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("inbound flow %v after a graceful drain: %v, want refused", took, err)
+			}
+			if took < 1200*time.Millisecond {
+				t.Fatalf("inbound flows refused %v into a 1.5s graceful drain", took)
+			}
+			break
+		}
+		c.Close()
+		if took > 4*time.Second {
+			t.Fatalf("inbound flows still accepted %v after a 1.5s graceful drain", took)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := pingPong(open, []byte("still open")); err != nil {
+		t.Fatalf("open inbound flow after the drain: %v", err)
+	}
+	out, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
+	if err != nil {
+		t.Fatalf("outbound flow after an inbound-only drain: %v", err)
+	}
+	if err := echoRoundTrip(out, []byte("out"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+	out.Close()
+}
