@@ -139,7 +139,9 @@ func applyProxyConfig(pc *ProxyConfig, doc []byte, source string) (meta map[stri
 				return nil, nil, fmt.Errorf("%s: want a number of workers 0..1024 (0: every core), got %s", field, raw)
 			}
 			if n == 0 {
-				n = runtime.NumCPU()
+				// Every core the pod may use: GOMAXPROCS follows the
+				// cgroup's CPU limit (Go 1.25+), NumCPU would count the node's.
+				n = runtime.GOMAXPROCS(0)
 			}
 			pc.Concurrency = n
 		case "holdApplicationUntilProxyStarts":
