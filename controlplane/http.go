@@ -54,7 +54,8 @@ func RouteName(port uint16) string { return strconv.Itoa(int(port)) }
 // sets upgrade_configs (websocket), request_id_extension, tracing and the
 // telemetry HTTP filters; meshtun's proxy proxies no upgrades and runs no
 // telemetry filters, so they are left out rather than accepted and
-// ignored. normalize_path is kept as Istio sets it (the proxy accepts it).
+// ignored. normalize_path and path_with_escaped_slashes_action are Istio's
+// (the proxy normalizes the path before routing, as Envoy).
 func (g *generator) httpListener(pl *listenerPlan) *listenerv3.Listener {
 	l := outboundBase(pl, corev3.SocketAddress_TCP)
 	hcm := &hcmv3.HttpConnectionManager{

@@ -58,7 +58,10 @@ func controlPlaneHTTP(t *testing.T, api string) {
 	startHTTPServer(t, topo.Services, ap(topo.Svc2V4, 8080), "svc2")
 	outside := startHTTPServer(t, topo.Services, ap(topo.SvcV4, 80), "outside") // registered nowhere
 	v1, v2 := vip(topo, false, 60), vip(topo, false, 61)
-	cp := startMeshtunControlPlane(t, topo, registryDoc(httpServiceDoc("svc1", v1, topo.SvcV4), httpServiceDoc("svc2", v2, topo.Svc2V4)))
+	// The demo profile (accessLogFile /dev/stdout) gives the HTTP
+	// connection managers the access_log this test reads request lines
+	// from: without one the proxy, as Envoy, logs no request.
+	cp := startMeshtunControlPlane(t, topo, registryDoc(httpServiceDoc("svc1", v1, topo.SvcV4), httpServiceDoc("svc2", v2, topo.Svc2V4)), "--profile", "demo")
 	px := startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, api))
 
 	url1, urlOutside := "http://"+ap(v1, 80), "http://"+ap(topo.SvcV4, 80)
@@ -119,7 +122,7 @@ func controlPlaneHTTP(t *testing.T, api string) {
 	}
 
 	// REGISTRY_ONLY: block_all answers 502 within a second of the apply.
-	code, out, errs := cp.applyProfile(t, "registry-only.yaml", profileRegistryOnly)
+	code, out, errs := cp.applyProfile(t, "registry-only.yaml", profileRegistryOnlyAccessLog)
 	applied := time.Now()
 	if code != 0 || !strings.Contains(out, "REGISTRY_ONLY") {
 		t.Fatalf("profile apply REGISTRY_ONLY: exit %d\n%s%s", code, out, errs)

@@ -12,7 +12,10 @@ import (
 
 const (
 	profileRegistryOnly = "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: registry-only}\nspec:\n  outboundTrafficPolicy:\n    mode: REGISTRY_ONLY\n"
-	profileAllowAny     = "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy:\n    mode: ALLOW_ANY\n"
+	// profileRegistryOnlyAccessLog keeps the demo profile's access log
+	// (the HTTP request lines) across the switch.
+	profileRegistryOnlyAccessLog = "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: registry-only}\nspec:\n  accessLogFile: /dev/stdout\n  outboundTrafficPolicy:\n    mode: REGISTRY_ONLY\n"
+	profileAllowAny              = "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec:\n  outboundTrafficPolicy:\n    mode: ALLOW_ANY\n"
 )
 
 // TestControlPlaneProfileSwitchesProxy runs `meshtun controlplane` on a

@@ -131,14 +131,20 @@ func (cp *controlPlane) pushHTTP(t *testing.T, version string, listeners, cluste
 }
 
 // istioHTTPListener is Istio's outbound HTTP listener for a port: bound to
-// nothing, every VIP:port flow handed to it, routes from RDS.
+// nothing, every VIP:port flow handed to it, routes from RDS, path
+// normalization and the file access log on /dev/stdout as Istio sets them
+// (meshConfig.accessLogFile; without an access_log no request is logged).
 func istioHTTPListener(port uint16) obj {
 	return obj{"name": fmt.Sprintf("0.0.0.0_%d", port), "address": sockAddr(netip.IPv4Unspecified(), port),
 		"bind_to_port": false, "traffic_direction": "OUTBOUND",
 		"filter_chains": []obj{{"filters": []obj{{"name": "envoy.filters.network.http_connection_manager", "typed_config": obj{
-			"@type":       "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-			"stat_prefix": fmt.Sprintf("outbound_0.0.0.0_%d", port),
-			"rds":         obj{"route_config_name": fmt.Sprint(port), "config_source": obj{"ads": obj{}, "resource_api_version": "V3"}},
+			"@type":                            "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+			"stat_prefix":                      fmt.Sprintf("outbound_0.0.0.0_%d", port),
+			"rds":                              obj{"route_config_name": fmt.Sprint(port), "config_source": obj{"ads": obj{}, "resource_api_version": "V3"}},
+			"normalize_path":                   true,
+			"path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+			"access_log": []obj{{"name": "envoy.access_loggers.file", "typed_config": obj{
+				"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": "/dev/stdout"}}},
 			"http_filters": []obj{
 				{"name": "istio.stats", "typed_config": obj{"@type": "type.googleapis.com/stats.PluginConfig"}},
 				{"name": "envoy.filters.http.router", "typed_config": obj{"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
@@ -336,5 +342,135 @@ func TestHTTPThroughSidecar(t *testing.T) {
 			t.Fatalf("an open connection still routes by the old route configuration: %q", b)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestHTTPMalformedRequestsThroughSidecar: malformed requests reaching
+// Istio's 0.0.0.0_80 through capture are each answered on their own
+// connection — a bad request line 400, headers over max_request_headers_kb
+// (60 KiB) 431 as Envoy answers, an invalid chunked body 400 — while a
+// well-formed keep-alive connection opened before them goes on exchanging
+// requests throughout on the same connection. A path with a dot segment
+// is normalized before routing (normalize_path, as Istio sets it).
+func TestHTTPMalformedRequestsThroughSidecar(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
+	ratings := startHTTPServer(t, topo.Services, ap(topo.SvcV4, 9081), "ratings")
+	startHTTPServer(t, topo.Services, ap(topo.Svc2V4, 9081), "other")
+	const cRatings, cOther = "outbound|80||ratings.default.svc.cluster.local", "outbound|80||other.default.svc.cluster.local"
+	vipRatings := vip(topo, false, 73)
+	route := obj{"name": "80", "validate_clusters": false, "virtual_hosts": []obj{
+		{"name": "ratings.default.svc.cluster.local:80", "domains": []string{"ratings", vipRatings.String()},
+			"routes": []obj{routeTo("/api", obj{"cluster": cRatings}), routeTo("/", obj{"cluster": cOther})}},
+	}}
+	clusters := append(istioClusters(), edsCluster(cRatings), edsCluster(cOther))
+	listeners := []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), istioHTTPListener(80)}
+	cp.pushHTTP(t, "1", listeners, clusters, map[string][]netip.AddrPort{
+		cRatings: {netip.AddrPortFrom(topo.SvcV4, 9081)}, cOther: {netip.AddrPortFrom(topo.Svc2V4, 9081)},
+	}, []obj{route})
+	px := startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, "DELTA_GRPC"))
+	waitReady := time.Now().Add(10 * time.Second)
+	for !strings.Contains(adminGet(t, topo, "/listeners"), "0.0.0.0_80::") {
+		if time.Now().After(waitReady) {
+			t.Fatal("0.0.0.0_80 never arrived")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	addr := ap(vipRatings, 80)
+	c := podClient(topo, false, 1)
+	defer c.CloseIdleConnections()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if code, body := get1(t, c, "http://"+addr+"/api/x", "ratings"); code == 200 && body == "ratings /api/x" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("ratings never routed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// normalize_path: "/api/../x" is "/x", the "/" route's.
+	if code, body := get1(t, c, "http://"+addr+"/api/../x", "ratings"); code != 200 || body != "other /x" {
+		t.Errorf("/api/../x: %d %q, want the normalized /x on other", code, body)
+	}
+
+	// The well-formed keep-alive connection, exchanging until the bad
+	// requests are done.
+	good, err := dialTCP(topo.Pod, addr, dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer good.Close()
+	before := ratings.accepts.Load()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	var exchanges atomic.Int64
+	go func() {
+		br := bufio.NewReader(good)
+		for {
+			good.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.WriteString(good, "GET /api/ok HTTP/1.1\r\nHost: ratings\r\n\r\n"); err != nil {
+				done <- err
+				return
+			}
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				done <- err
+				return
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || string(b) != "ratings /api/ok" {
+				done <- fmt.Errorf("%d %q", resp.StatusCode, b)
+				return
+			}
+			n := exchanges.Add(1)
+			select {
+			case <-stop:
+				if n >= 2 {
+					done <- nil
+					return
+				}
+			default:
+			}
+		}
+	}()
+
+	big := strings.Repeat("a", 61<<10)
+	for _, tc := range []struct{ name, req, want string }{
+		{"bad request line", "GARBAGE\r\n\r\n", "HTTP/1.1 400"},
+		{"oversized headers", "GET /api/x HTTP/1.1\r\nHost: ratings\r\nX-Big: " + big + "\r\n\r\n", "HTTP/1.1 431"},
+		{"invalid chunk size", "POST /api/x HTTP/1.1\r\nHost: ratings\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", "HTTP/1.1 400"},
+		{"bad chunk terminator", "POST /api/x HTTP/1.1\r\nHost: ratings\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", "HTTP/1.1 400"},
+	} {
+		bad, err := dialTCP(topo.Pod, addr, dialTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bad.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(bad, tc.req)
+		status, err := bufio.NewReader(bad).ReadString('\n')
+		bad.Close()
+		if !strings.HasPrefix(status, tc.want) {
+			t.Errorf("%s: answered %q (%v), want %s", tc.name, strings.TrimSpace(status), err, tc.want)
+		}
+	}
+	close(stop)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("the keep-alive connection failed during the malformed requests after %d exchanges: %v", exchanges.Load(), err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the keep-alive connection stalled")
+	}
+	// Still the one connection, and the proxy still serves new ones.
+	if code, body := get1(t, c, "http://"+addr+"/api/after", "ratings"); code != 200 || body != "ratings /api/after" {
+		t.Errorf("after the malformed requests: %d %q", code, body)
+	}
+	t.Logf("%d exchanges on the keep-alive connection; ratings accepted %d upstream connections meanwhile", exchanges.Load(), ratings.accepts.Load()-before)
+	if _, ok := px.waitAccess(func(e AccessEntry) bool { return e.UpstreamCluster == cRatings }, 5*time.Second); !ok {
+		t.Error("no HTTP access line for ratings")
 	}
 }

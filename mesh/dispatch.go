@@ -319,14 +319,16 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 }
 
 // serveHTTP runs the chain's http_connection_manager on an accepted
-// connection. Each request is logged (HTTP access line); the connection's
-// own entry keeps the byte counts. The listener's drain ends it gracefully:
+// connection. Each request is logged (HTTP access line) when the
+// connection manager has an access_log, as in Envoy, and the proxy's log
+// level lets access lines through; the connection's own entry, like a
+// tcp_proxy flow's, is written either way and keeps the byte counts. The listener's drain ends it gracefully:
 // in-flight requests finish, then Connection: close / GOAWAY.
 func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
 	access := d.Access
 	var logReq func(httpconn.Entry)
-	if access.Enabled() {
+	if access.Enabled() && chain.HTTP.HasAccessLog() {
 		logReq = func(he httpconn.Entry) {
 			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
 				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,

@@ -226,6 +226,14 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		if err != nil {
 			return fail(err) // cluster.New names the cluster
 		}
+		if prev != nil {
+			if old := prev.Clusters[name]; old != nil {
+				// Stats are kept by cluster name across updates, as in
+				// Envoy: the HTTP request counters of the cluster this
+				// one replaces go on counting.
+				c.ShareHTTPStats(old.HTTPStats())
+			}
+		}
 		created = append(created, c)
 		s.Clusters[name], s.clusterProtos[name] = c, pb
 	}

@@ -13,6 +13,7 @@ import (
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	udpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
@@ -266,4 +267,62 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 	s1.Retire(s2)
 	s2.Retire(s3)
 	s3.Retire(nil)
+}
+
+// TestHTTPClusterStatsSurviveCDSUpdate: a CDS update that changes a
+// cluster builds a new one, whose HTTP request counters (upstream_rq_2xx,
+// upstream_rq_timeout, …) go on from the old ones', as Envoy keeps
+// cluster.<name>.* by name; a cluster removed and added back starts anew.
+func TestHTTPClusterStatsSurviveCDSUpdate(t *testing.T) {
+	ls := []*listenerv3.Listener{listener(t, "0.0.0.0_80", "0.0.0.0", 80, false, &no)}
+	s1, err := Build("1", ls, passthroughClusters(), nil, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1.Clusters["BlackHoleCluster"].HTTPStats().CountResponse(200)
+	s1.Clusters["BlackHoleCluster"].HTTPStats().RqTimeout.Add(2)
+
+	changed := passthroughClusters()
+	changed[1].ConnectTimeout = durationpb.New(3 * time.Second)
+	s2, err := Build("2", ls, changed, s1, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1, c2 := s1.Clusters["BlackHoleCluster"], s2.Clusters["BlackHoleCluster"]
+	if c1 == c2 {
+		t.Fatal("changed cluster not rebuilt")
+	}
+	st := c2.HTTPStats()
+	if st.RqCompleted.Load() != 1 || st.RqTimeout.Load() != 2 {
+		t.Fatalf("after the update: upstream_rq_completed %d, upstream_rq_timeout %d, want 1 and 2", st.RqCompleted.Load(), st.RqTimeout.Load())
+	}
+	c2.HTTPStats().CountResponse(503)
+	if got := c2.HTTPStats().Stats(); !hasStat(got, "upstream_rq_200", 1) || !hasStat(got, "upstream_rq_503", 1) || !hasStat(got, "upstream_rq_completed", 2) {
+		t.Fatalf("stats after the update: %v", got)
+	}
+	s1.Retire(s2)
+
+	s3, err := Build("3", ls, changed[:1], s2, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Retire(s3)
+	s4, err := Build("4", ls, passthroughClusters(), s3, buildOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := s4.Clusters["BlackHoleCluster"].HTTPStats().RqCompleted.Load(); v != 0 {
+		t.Fatalf("re-added cluster: upstream_rq_completed %d, want 0", v)
+	}
+	s3.Retire(s4)
+	s4.Retire(nil)
+}
+
+func hasStat(st []cluster.Stat, name string, v uint64) bool {
+	for _, s := range st {
+		if s.Name == name {
+			return s.Value == v
+		}
+	}
+	return false
 }

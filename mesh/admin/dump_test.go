@@ -573,9 +573,10 @@ func TestConfigDumpScopedAndStaticRoutes(t *testing.T) {
 }
 
 // TestResetCountersFollowCounters: the /reset_counters baseline belongs to
-// the counter it was read from: a cluster re-created by an update (fresh
-// counters, same name) counts from its own zero, not from the old
-// cluster's value.
+// the counter it was read from: the HTTP request counters of a cluster
+// re-created by an update carry on (kept by name, as in Envoy), and so
+// does their baseline, so the re-created cluster shows only the requests
+// since the reset.
 func TestResetCountersFollowCounters(t *testing.T) {
 	f := newXDSFixture(t)
 	const cname = "outbound|7000||ratings.default.svc.cluster.local"
@@ -592,7 +593,7 @@ func TestResetCountersFollowCounters(t *testing.T) {
 	if got := bodyOf(t, f, q); got != "cluster."+cname+".upstream_rq_200: 0\ncluster."+cname+".upstream_rq_completed: 0\n" {
 		t.Fatalf("after reset: %q", got)
 	}
-	// A changed cluster is a new cluster with zeroed counters.
+	// A changed cluster is a new cluster; its HTTP counters go on.
 	f.applyWith(t, "v2", 2*time.Second)
 	c := f.d.Snapshot().Clusters[cname]
 	if c == old {
@@ -602,7 +603,10 @@ func TestResetCountersFollowCounters(t *testing.T) {
 		c.HTTPStats().CountResponse(200)
 	}
 	if got := bodyOf(t, f, q); got != "cluster."+cname+".upstream_rq_200: 7\ncluster."+cname+".upstream_rq_completed: 7\n" {
-		t.Errorf("re-created cluster after a reset: %q, want its own 7 requests", got)
+		t.Errorf("re-created cluster after a reset: %q, want the 7 requests since the reset", got)
+	}
+	if v := c.HTTPStats().RqCompleted.Load(); v != 12 {
+		t.Errorf("raw upstream_rq_completed %d after the update, want 12 (5 before it, 7 after)", v)
 	}
 }
 

@@ -103,8 +103,14 @@ func (s *Server) collectRaw() []stat {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
 			// "PassthroughCluster;" → "PassthroughCluster").
 			scope, owner := strings.TrimSuffix(c.ObservabilityName(), ";"), holder(c)
-			for _, st := range append(c.Stats(), c.HTTPStats().Stats()...) {
+			for _, st := range c.Stats() {
 				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
+			}
+			// The HTTP request counters outlive a re-created cluster
+			// (Cluster.ShareHTTPStats): their holder is their own.
+			hs := c.HTTPStats()
+			for _, st := range hs.Stats() {
+				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, holder(hs))
 			}
 		}
 		for _, t := range snap.TCPStats() {

@@ -142,6 +142,12 @@ func (c *Cluster) PickHostFor(origDst netip.AddrPort, exclude func(*Host) bool) 
 	return h, nil
 }
 
+// MembershipVersion changes whenever the cluster's hosts change (EDS, DNS,
+// ORIGINAL_DST hosts added or swept; it is membership_change): HTTP
+// connection pools compare it on each request, one atomic load, to find
+// out when to drop what they keep for hosts that are gone.
+func (c *Cluster) MembershipVersion() uint64 { return c.stats.membershipChange.Load() }
+
 // ConnectHost opens a TCP connection to h, a host of this cluster chosen by
 // PickHostFor, with Connect's accounting: the default-priority
 // max_connections breaker (ErrOverflow, upstream_cx_overflow),
@@ -244,6 +250,18 @@ func (s *HTTPStats) Stats() []Stat {
 // Cluster: keyed by a weak pointer, the entry is deleted when the cluster
 // is garbage collected. Readers take no lock once the entry exists.
 var httpStats sync.Map // weak.Pointer[Cluster] → *HTTPStats
+
+// ShareHTTPStats makes c count its HTTP request stats into s: the proxy
+// gives a cluster replaced by a CDS update the HTTPStats of the cluster
+// it replaces, as Envoy keeps cluster.<name>.* stats by name across
+// updates (the counters would otherwise restart from 0 on every change of
+// the cluster's config). Call it before c serves a request.
+func (c *Cluster) ShareHTTPStats(s *HTTPStats) {
+	k := weak.Make(c)
+	if _, loaded := httpStats.Swap(k, s); !loaded {
+		runtime.AddCleanup(c, func(k weak.Pointer[Cluster]) { httpStats.Delete(k) }, k)
+	}
+}
 
 // HTTPStats returns the cluster's HTTP request counters (created on first
 // use). Callers on a hot path should keep the pointer: the lookup is a

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
@@ -78,7 +79,8 @@ type Config struct {
 	alwaysSetRequestID    bool
 	stripAnyHostPort      bool
 	stripMatchingHostPort bool
-	accessLogs            int
+	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
+	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
 
 	stats *Stats
 }
@@ -105,6 +107,12 @@ type Stats struct {
 	RqDirectResponse       atomic.Uint64 // rq_direct_response
 	FaultAborts            atomic.Uint64 // fault.aborts_injected
 	FaultDelays            atomic.Uint64 // fault.delays_injected
+	// FailedPathNormalization counts requests answered 400 by path
+	// handling (downstream_rq_failed_path_normalization).
+	FailedPathNormalization atomic.Uint64
+	// RedirectedWithNormalizedPath counts UNESCAPE_AND_REDIRECT redirects
+	// (downstream_rq_redirected_with_normalized_path).
+	RedirectedWithNormalizedPath atomic.Uint64
 }
 
 // List returns the stats with Envoy's names relative to the
@@ -126,9 +134,11 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_4xx", Value: s.DownstreamRq4xx.Load()},
 		{Name: "downstream_rq_5xx", Value: s.DownstreamRq5xx.Load()},
 		{Name: "downstream_rq_active", Value: g(s.DownstreamRqActive.Load()), Gauge: true},
+		{Name: "downstream_rq_failed_path_normalization", Value: s.FailedPathNormalization.Load()},
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
+		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
 		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
 		{Name: "fault.aborts_injected", Value: s.FaultAborts.Load()},
@@ -162,9 +172,51 @@ func (c *Config) RDSName() string { return c.rdsName }
 // InlineRoutes is the compiled inline route_config (nil with RDS).
 func (c *Config) InlineRoutes() *Routes { return c.routes }
 
-// HasAccessLog reports whether the HCM configures access_log (the engine
-// calls ConnInfo.AccessLog either way; the caller decides what to write).
-func (c *Config) HasAccessLog() bool { return c.accessLogs > 0 }
+// HasAccessLog reports whether the HCM's access_log asks for one entry per
+// request, as Envoy writes one only through the connection manager's own
+// access_log: without one, the caller passes no ConnInfo.AccessLog and a
+// request costs no entry. See writesAccessLog for the loggers that count.
+func (c *Config) HasAccessLog() bool { return c.accessLog }
+
+// Access loggers that write meshtun's access log: Envoy's file logger
+// (Istio's meshConfig.accessLogFile, usually /dev/stdout) and the stream
+// loggers (stdout, stderr). meshtun has one access log, written with
+// Istio's JSON field names where its log goes, so the file's path and
+// log_format are not honoured, nor access_log filters; loggers it cannot
+// deliver to (gRPC ALS, OpenTelemetry) write nothing.
+var accessLoggerNames = map[string]bool{
+	"envoy.access_loggers.file":   true,
+	"envoy.file_access_log":       true, // Envoy's deprecated name
+	"envoy.access_loggers.stdout": true,
+	"envoy.access_loggers.stderr": true,
+	"envoy.access_loggers.stream": true,
+}
+
+var accessLoggerTypes = map[string]bool{
+	"type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog":     true,
+	"type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog": true,
+	"type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog": true,
+}
+
+// writesAccessLog reports whether access_log holds a logger meshtun
+// writes, recognised by its typed_config type (which decides in Envoy) or,
+// when the config is untyped or a TypedStruct wrapper, by its name.
+func writesAccessLog(als []*accesslogv3.AccessLog) bool {
+	for _, al := range als {
+		switch u := al.GetTypedConfig().GetTypeUrl(); u {
+		case "", "type.googleapis.com/udpa.type.v1.TypedStruct", "type.googleapis.com/xds.type.v3.TypedStruct":
+		default:
+			if accessLoggerTypes[u] {
+				return true
+			}
+			continue
+		}
+		if accessLoggerNames[al.GetName()] {
+			return true
+		}
+	}
+	return false
+}
 
 // SkippedFilters are the HTTP filters accepted and not run.
 func (c *Config) SkippedFilters() []string {
@@ -201,7 +253,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		serverTransform:   h.GetServerHeaderTransformation(),
 		generateRequestID: true,
 		stripAnyHostPort:  h.GetStripAnyHostPort(),
-		accessLogs:        len(h.GetAccessLog()),
+		accessLog:         writesAccessLog(h.GetAccessLog()),
 		stats:             &Stats{},
 	}
 	c.stripMatchingHostPort = h.GetStripMatchingHostPort()
@@ -237,6 +289,21 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	}
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
+	}
+	// Path handling, applied before routing (pathNorm.apply). Unset
+	// normalize_path is false (Envoy's runtime default for
+	// http_connection_manager.normalize_path is 0%); Istio sets it true.
+	c.paths = pathNorm{
+		normalize:      h.GetNormalizePath().GetValue(),
+		mergeSlashes:   h.GetMergeSlashes(),
+		escapedSlashes: h.GetPathWithEscapedSlashesAction(),
+	}
+	switch a := h.GetPathWithEscapedSlashesAction(); a {
+	case hcmv3.HttpConnectionManager_IMPLEMENTATION_SPECIFIC_DEFAULT, hcmv3.HttpConnectionManager_KEEP_UNCHANGED,
+		hcmv3.HttpConnectionManager_REJECT_REQUEST, hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT,
+		hcmv3.HttpConnectionManager_UNESCAPE_AND_FORWARD:
+	default:
+		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d", int32(a))
 	}
 	if h.GetScopedRoutes() != nil {
 		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")

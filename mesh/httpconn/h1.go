@@ -38,6 +38,7 @@ type h1Conn struct {
 	bw       *bufio.Writer
 	addr     string
 	idleFrom time.Time
+	killFn   func() // kill as a func, made once: the cancel callback of every exchange
 
 	// The idle check (alive): the socket's RawConn and the peek callback
 	// are made once per connection so that a check allocates nothing.
@@ -54,6 +55,7 @@ var errPendingOverflow = errors.New("httpconn: upstream pending requests overflo
 
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	c.killFn = c.kill
 	if tc := pc.TCPConn(); tc != nil {
 		if raw, err := tc.SyscallConn(); err == nil {
 			c.raw = raw
@@ -62,6 +64,9 @@ func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	}
 	return c
 }
+
+// kill unblocks the connection's I/O for good (a cancelled exchange).
+func (c *h1Conn) kill() { c.pc.SetDeadline(time.Unix(1, 0)) }
 
 // alive reports whether an idle connection can carry a request: the
 // upstream has not closed or reset it and sent nothing unasked. It peeks
@@ -135,11 +140,43 @@ func (t *h1Transport) CloseIdleConnections() {
 	}
 }
 
+// closeIdleExcept closes the idle connections to addresses keep rejects
+// (hosts no longer in the cluster) and those idle past the pool's idle
+// timeout, and drops the addresses left without any: run by the pool's
+// sweep (clusterPool.sweep), since get, which otherwise finds them, is
+// never called again for an address that left the cluster.
+func (t *h1Transport) closeIdleExcept(keep func(addr string) bool) {
+	to := t.cp.opts.IdleTimeout
+	now := time.Now()
+	var closing []*h1Conn
+	t.mu.Lock()
+	for addr, cs := range t.idle {
+		kept := cs[:0]
+		for _, c := range cs {
+			if !keep(addr) || (to > 0 && now.Sub(c.idleFrom) > to) {
+				closing = append(closing, c)
+			} else {
+				kept = append(kept, c)
+			}
+		}
+		clear(cs[len(kept):])
+		if len(kept) == 0 {
+			delete(t.idle, addr)
+		} else {
+			t.idle[addr] = kept
+		}
+	}
+	t.mu.Unlock()
+	for _, c := range closing {
+		c.pc.Close()
+	}
+}
+
 // RoundTrip is http.RoundTripper for callers that carry the picked host
 // in the request's context (hostKey); the router calls roundTrip.
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	h, _ := req.Context().Value(hostKey{}).(*cluster.Host)
-	return t.roundTrip(req.Context(), req, h)
+	return t.roundTrip(req.Context(), req, h, nil)
 }
 
 // roundTrip sends req under ctx (req's own context is not used: the
@@ -157,7 +194,10 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // idle check at checkout lost the race with its FIN) is sent once more on
 // a new connection, when its body can be sent again (GetBody: empty, or
 // still within its retry/resend buffer).
-func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *cluster.Host) (*http.Response, error) {
+//
+// body, if not nil, is where the response body wrapper is made (the
+// stream's, reused across its attempts); it must not be in use.
+func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *cluster.Host, body *h1Body) (*http.Response, error) {
 	addr := req.URL.Host
 	for try := 0; ; try++ {
 		var c *h1Conn
@@ -177,7 +217,7 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 			}
 			c = newH1Conn(pc, addr)
 		}
-		resp, err, retry := t.exchange(ctx, c, req)
+		resp, err, retry := t.exchange(ctx, c, req, body)
 		if err == nil {
 			return resp, nil
 		}
@@ -200,9 +240,9 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 
 // exchange writes req and reads the response head on c. retry reports
 // that no byte of a response arrived (the request may be resent).
-func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request) (*http.Response, error, bool) {
+func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request, body *h1Body) (*http.Response, error, bool) {
 	// Cancellation (per-try timeout, downstream gone) unblocks the I/O.
-	stop := context.AfterFunc(ctx, func() { c.pc.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, c.killFn)
 	if err := req.Write(c.bw); err != nil {
 		stop()
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
@@ -226,7 +266,11 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 1xx informational: the final response follows
 		}
-		resp.Body = &h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx}
+		if body == nil {
+			body = new(h1Body)
+		}
+		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx}
+		resp.Body = body
 		return resp, nil, false
 	}
 }

@@ -47,6 +47,13 @@ type clusterPool struct {
 
 	hosts sync.Map // *cluster.Host → *hostConns
 
+	// The sweep (maybeSweep) drops what the pool keeps for hosts that
+	// left the cluster.
+	sweptVersion atomic.Uint64 // the cluster's MembershipVersion last swept
+	sweepPending atomic.Bool   // a removed host was busy: sweep again
+	nextSweep    atomic.Int64  // nanotime before which no sweep runs
+	sweepMu      sync.Mutex
+
 	mu     sync.Mutex
 	conns  map[*pooledConn]struct{}
 	closed atomic.Bool
@@ -69,6 +76,83 @@ func (cp *clusterPool) host(h *cluster.Host) *hostConns {
 	}
 	v, _ := cp.hosts.LoadOrStore(h, new(hostConns))
 	return v.(*hostConns)
+}
+
+// sweepInterval bounds how often a pool sweeps: ORIGINAL_DST clusters
+// change membership with every new destination.
+const sweepInterval = 100 * time.Millisecond
+
+// maybeSweep runs the sweep when the cluster's membership changed since
+// the last one (or a removed host was still busy then), lazily from the
+// requests of the cluster: no goroutine per pool. The check is two atomic
+// loads.
+func (cp *clusterPool) maybeSweep() {
+	v := cp.c.MembershipVersion()
+	if v == cp.sweptVersion.Load() && !cp.sweepPending.Load() {
+		return
+	}
+	now := nanotime()
+	if now < cp.nextSweep.Load() || !cp.sweepMu.TryLock() {
+		return
+	}
+	defer cp.sweepMu.Unlock()
+	cp.sweptVersion.Store(v) // a change during the sweep makes another
+	cp.nextSweep.Store(now + int64(sweepInterval))
+	cp.sweepPending.Store(cp.sweep())
+}
+
+// sweep drops the per-host entries of hosts no longer in the cluster (EDS
+// removed them, or an ORIGINAL_DST cleanup swept them) and closes their
+// idle connections, as Envoy drains the pools of removed hosts; h1 idle
+// connections past the idle timeout close too. A removed host with
+// requests in flight keeps its entry until a later sweep, when its
+// connections are idle. It reports whether to sweep again: after any
+// removal once more, for a request that picked the host just before.
+func (cp *clusterPool) sweep() (again bool) {
+	hosts := cp.c.Hosts()
+	live := make(map[*cluster.Host]struct{}, len(hosts))
+	liveAddr := make(map[string]struct{}, len(hosts))
+	for _, h := range hosts {
+		live[h] = struct{}{}
+		liveAddr[h.Address().String()] = struct{}{}
+	}
+	var gone map[*hostConns]bool
+	cp.hosts.Range(func(k, v any) bool {
+		h, hc := k.(*cluster.Host), v.(*hostConns)
+		if _, ok := live[h]; ok {
+			return true
+		}
+		again = true
+		if hc.active.Load() > 0 || hc.dialing.Load() > 0 || hc.waiting.Load() > 0 {
+			return true
+		}
+		if gone == nil {
+			gone = map[*hostConns]bool{}
+		}
+		gone[hc] = true
+		cp.hosts.Delete(k)
+		return true
+	})
+	if cp.h1 != nil {
+		cp.h1.closeIdleExcept(func(addr string) bool { _, ok := liveAddr[addr]; return ok })
+	}
+	if len(gone) == 0 {
+		return again
+	}
+	// What is left of the removed hosts' connections (h2c ones, which
+	// http.Transport keeps) carries no request: close it.
+	var closing []*pooledConn
+	cp.mu.Lock()
+	for pc := range cp.conns {
+		if gone[pc.hc] {
+			closing = append(closing, pc)
+		}
+	}
+	cp.mu.Unlock()
+	for _, pc := range closing {
+		pc.Close()
+	}
+	return again
 }
 
 // errDialNotNeeded ends a dial whose request got a returning connection;
@@ -98,6 +182,7 @@ var errPoolsClosed = errors.New("httpconn: connection pools closed")
 func (p *Pools) get(c *cluster.Cluster, opts cluster.HTTPOptions) (*clusterPool, error) {
 	if v, ok := p.m.Load(c.Name()); ok {
 		if cp := v.(*clusterPool); cp.c == c && cp.opts == opts {
+			cp.maybeSweep()
 			return cp, nil
 		}
 	}
@@ -120,6 +205,7 @@ func (p *Pools) get(c *cluster.Cluster, opts cluster.HTTPOptions) (*clusterPool,
 
 func newClusterPool(c *cluster.Cluster, opts cluster.HTTPOptions) *clusterPool {
 	cp := &clusterPool{c: c, opts: opts, stats: c.HTTPStats(), conns: map[*pooledConn]struct{}{}}
+	cp.sweptVersion.Store(c.MembershipVersion())
 	if opts.Protocol != cluster.HTTP2 {
 		cp.h1 = newH1Transport(cp)
 	}

@@ -39,16 +39,21 @@ type stream struct {
 
 	ctx         context.Context // cancelled by idle/request timeouts and the downstream
 	cancel      context.CancelCauseFunc
-	idle        idleWatch // armed by stream_idle_timeout or the route's idle_timeout
 	curPolicy   *retryPolicy
 	reqTimer    *time.Timer
 	wroteHeader bool
 	aborted     bool
 	target      string // request target: path and query
+
+	streamReuse // kept when pooled (streampool.go)
 }
 
 func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
-	*s = stream{h: h, cfg: h.cfg, w: w, r: r}
+	keep := s.streamReuse
+	if keep.idle == nil {
+		keep.idle = new(idleWatch)
+	}
+	*s = stream{h: h, cfg: h.cfg, w: w, r: r, streamReuse: keep}
 	s.e = Entry{
 		Start:           time.Now(),
 		Method:          r.Method,
@@ -80,7 +85,9 @@ func (s *stream) finish() {
 	if log := s.h.info.AccessLog; log != nil {
 		log(s.e)
 	}
-	if s.aborted {
+	aborted := s.aborted
+	s.release()
+	if aborted {
 		// Resets the HTTP/2 stream or closes the HTTP/1.1 connection;
 		// net/http recovers this panic silently.
 		panic(http.ErrAbortHandler)
@@ -93,22 +100,26 @@ func (s *stream) serve() {
 
 	// Timers: stream_idle_timeout and request_timeout cancel the stream.
 	s.ctx, s.cancel = context.WithCancelCause(r.Context())
-	s.idle.cancel = s.cancel
-	s.idle.touch()
+	s.idle.reset(s.cancel)
 	if d := cfg.streamIdleTimeout; d > 0 {
 		s.idle.arm(d)
 	}
 	hasBody := r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0
 	if hasBody {
-		s.body = &countingBody{rc: r.Body, idle: &s.idle}
+		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
-		cancel := s.cancel
-		s.reqTimer = time.AfterFunc(d, func() { cancel(errRequestTimeout) })
+		ctx, cancel, w := s.ctx, s.cancel, s.w
+		s.reqTimer = time.AfterFunc(d, func() { requestTimedOut(ctx, cancel, w) })
 		s.body.done = s.reqTimer
 	}
 
+	// Path handling comes first, as in Envoy: nothing may see the path
+	// before it is normalized.
+	if !s.normalizePath() {
+		return
+	}
 	s.prepareHeaders()
 
 	routes := cfg.routes
@@ -632,10 +643,22 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 	replayable := func() bool { return rb == nil || rb.replayable() }
 
 	gctx := s.ctx
+	var routeDeadline int64 // nanotime; 0: no route timeout
 	if rt.timeout > 0 {
-		var cancel context.CancelFunc
-		gctx, cancel = context.WithTimeout(s.ctx, rt.timeout)
-		defer cancel()
+		// The route timeout cancels gctx from the stream's reusable timer
+		// (context.WithTimeout would make a timer and a timer context per
+		// request). gctx has no Deadline; nothing reads it.
+		var gcancel context.CancelCauseFunc
+		gctx, gcancel = context.WithCancelCause(s.ctx)
+		if s.rto == nil {
+			s.rto = new(deadlineTimer)
+		}
+		routeDeadline = nanotime() + int64(rt.timeout)
+		s.rto.start(rt.timeout, gcancel)
+		defer func() {
+			s.rto.stop()
+			gcancel(context.Canceled)
+		}()
 	}
 	if rt.idleTimeout >= 0 {
 		// The route's idle_timeout replaces the connection manager's for
@@ -645,7 +668,6 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 
 	tr := cp.transportFor(r.ProtoMajor)
 	h1, _ := tr.(*h1Transport)
-	var tried []*cluster.Host
 	var exclude func(*cluster.Host) bool
 	for attempt := 1; ; attempt++ {
 		s.e.Attempts = attempt
@@ -670,7 +692,13 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		}
 		actx, acancel := gctx, context.CancelFunc(nil)
 		if policy != nil && policy.perTry > 0 {
-			actx, acancel = context.WithTimeout(gctx, policy.perTry)
+			if routeDeadline != 0 && routeDeadline-nanotime() < int64(policy.perTry) {
+				// The route timeout comes first: as WithTimeout does
+				// under a parent with an earlier deadline.
+				actx, acancel = context.WithCancel(gctx)
+			} else {
+				actx, acancel = context.WithTimeout(gctx, policy.perTry)
+			}
 		}
 		hc := cp.host(h)
 		hc.active.Add(1)
@@ -682,14 +710,35 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 				acancel()
 			}
 		}
-		out := &http.Request{
-			Method:     r.Method,
-			URL:        &url.URL{Scheme: "http", Host: h.Address().String()},
-			Proto:      "HTTP/1.1",
-			ProtoMajor: 1,
-			ProtoMinor: 1,
-			Header:     hdr,
-			Host:       authority,
+		var out *http.Request
+		if h1 != nil {
+			// The h1 transport is done with the previous attempt's
+			// request (synchronous): the stream's own is reused.
+			if s.h1s == nil {
+				s.h1s = new(h1Scratch)
+			}
+			sc := s.h1s
+			sc.url = url.URL{Scheme: "http", Host: sc.hostString(h.Address())}
+			sc.req = http.Request{
+				Method:     r.Method,
+				URL:        &sc.url,
+				Proto:      "HTTP/1.1",
+				ProtoMajor: 1,
+				ProtoMinor: 1,
+				Header:     hdr,
+				Host:       authority,
+			}
+			out = &sc.req
+		} else {
+			out = &http.Request{
+				Method:     r.Method,
+				URL:        &url.URL{Scheme: "http", Host: h.Address().String()},
+				Proto:      "HTTP/1.1",
+				ProtoMajor: 1,
+				ProtoMinor: 1,
+				Header:     hdr,
+				Host:       authority,
+			}
 		}
 		setTarget(out.URL, target)
 		if rb != nil {
@@ -712,7 +761,7 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		sent := time.Now()
 		var resp *http.Response
 		if h1 != nil {
-			resp, err = h1.roundTrip(actx, out, h)
+			resp, err = h1.roundTrip(actx, out, h, &s.h1s.body)
 		} else {
 			resp, err = s.roundTripH2(tr, out, actx, cl, hc, h)
 		}
@@ -724,7 +773,7 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			}
 			if retriable && policy != nil && replayable() {
 				if attempt <= numRetries {
-					if s.retry(cl, policy, attempt, &tried, &exclude, h) {
+					if s.retry(cl, policy, attempt, &s.tried, &exclude, h) {
 						continue
 					}
 				} else {
@@ -739,7 +788,7 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		stats.CountResponse(resp.StatusCode)
 		if policy != nil && policy.retriableResponse(resp.StatusCode, resp.Header) {
 			if attempt <= numRetries && replayable() {
-				if s.retry(cl, policy, attempt, &tried, &exclude, h) {
+				if s.retry(cl, policy, attempt, &s.tried, &exclude, h) {
 					drain(resp.Body)
 					done(outcomeOf(resp.StatusCode))
 					continue

@@ -185,7 +185,7 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	st.DownstreamRqActive.Add(1)
 
-	s := new(stream)
+	s := streamPool.Get().(*stream)
 	s.init(h, w, r)
 	defer func() {
 		st.DownstreamRqActive.Add(-1)
@@ -289,6 +289,18 @@ type idleWatch struct {
 
 func (iw *idleWatch) touch() { iw.last.Store(nanotime()) }
 
+// reset readies the watch (new or pooled with its stream) for a stream
+// whose context cancel ends: disarmed, idle counted from now. A fire left
+// from the previous stream finds it disarmed, or re-arms it from the new
+// stream's own state (it reads cancel and d under mu).
+func (iw *idleWatch) reset(cancel context.CancelCauseFunc) {
+	iw.mu.Lock()
+	iw.cancel = cancel
+	iw.d = 0
+	iw.mu.Unlock()
+	iw.touch()
+}
+
 // arm sets the idle timeout to d, counted from the last activity; 0
 // disables it (a route's idle_timeout of 0 turns off the connection
 // manager's). Called on the stream goroutine.
@@ -315,6 +327,7 @@ func (iw *idleWatch) arm(d time.Duration) {
 func (iw *idleWatch) stop() {
 	iw.mu.Lock()
 	iw.d = 0
+	iw.cancel = nil
 	if iw.t != nil {
 		iw.t.Stop()
 	}
@@ -333,8 +346,9 @@ func (iw *idleWatch) fire() {
 		iw.mu.Unlock()
 		return
 	}
+	cancel := iw.cancel
 	iw.mu.Unlock()
-	iw.cancel(errStreamIdle)
+	cancel(errStreamIdle)
 }
 
 var epoch = time.Now()

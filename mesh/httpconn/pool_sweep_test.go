@@ -1,0 +1,90 @@
+package httpconn
+
+import (
+	"net/netip"
+	"testing"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+)
+
+func edsCluster(name string) *clusterv3.Cluster {
+	pb := staticCluster(name)
+	pb.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
+	pb.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{
+		EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}
+	pb.LoadAssignment = nil
+	return pb
+}
+
+func assignment(name string, addrs ...netip.AddrPort) *endpointv3.ClusterLoadAssignment {
+	return staticCluster(name, addrs...).GetLoadAssignment()
+}
+
+// TestPoolForgetsRemovedHosts: once EDS removes a host, the pool closes
+// its idle connections and drops its per-host entry (and, for h1, its
+// idle list), on the cluster's next request; the remaining host's
+// keep-alive connection stays.
+func TestPoolForgetsRemovedHosts(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		a, b := startUpstream(t, named("a")), startUpstream(t, named("b"))
+		pb := edsCluster("c")
+		if h2 {
+			pb = withH2(pb)
+		}
+		env := newEnv(t, pb)
+		cl := env.clusters["c"]
+		if err := cl.UpdateEndpoints(assignment("c", a.addr, b.addr)); err != nil {
+			t.Fatal(err)
+		}
+		p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
+		c := client(false)
+		seen := map[string]bool{}
+		for i := 0; i < 4; i++ {
+			resp, body := get(t, c, p, "x", "/")
+			if resp.StatusCode != 200 {
+				t.Fatalf("h2=%v: %d", h2, resp.StatusCode)
+			}
+			seen[body] = true
+		}
+		if !seen["a"] || !seen["b"] {
+			t.Fatalf("h2=%v: requests reached %v, want both hosts", h2, seen)
+		}
+		eventually(t, "two pooled connections", func() bool { return env.pools.Conns("c") == 2 })
+		v, _ := env.pools.m.Load("c")
+		cp := v.(*clusterPool)
+		hostEntries := func() int {
+			n := 0
+			cp.hosts.Range(func(any, any) bool { n++; return true })
+			return n
+		}
+		if n := hostEntries(); n != 2 {
+			t.Fatalf("h2=%v: %d host entries, want 2", h2, n)
+		}
+
+		if err := cl.UpdateEndpoints(assignment("c", a.addr)); err != nil {
+			t.Fatal(err)
+		}
+		if resp, body := get(t, c, p, "x", "/"); resp.StatusCode != 200 || body != "a" {
+			t.Fatalf("h2=%v: after the update: %d %q", h2, resp.StatusCode, body)
+		}
+		eventually(t, "the removed host's connection closed", func() bool { return env.pools.Conns("c") == 1 })
+		if n := hostEntries(); n != 1 {
+			t.Errorf("h2=%v: %d host entries after the removal, want 1", h2, n)
+		}
+		if cp.h1 != nil {
+			cp.h1.mu.Lock()
+			_, stale := cp.h1.idle[b.addr.String()]
+			cp.h1.mu.Unlock()
+			if stale {
+				t.Errorf("h1 idle list still holds the removed host %s", b.addr)
+			}
+		}
+		before := a.accepts.Load()
+		if resp, body := get(t, c, p, "x", "/"); resp.StatusCode != 200 || body != "a" || a.accepts.Load() != before {
+			t.Errorf("h2=%v: the remaining host's keep-alive connection was not reused (%d %q, %d new)", h2, resp.StatusCode, body, a.accepts.Load()-before)
+		}
+		c.CloseIdleConnections()
+	}
+}
