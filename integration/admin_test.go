@@ -643,3 +643,52 @@ func TestAdminGracefulDrain(t *testing.T) {
 	}
 	out.Close()
 }
+
+// TestAdminLoggingLive: POST /logging changes levels of the running proxy:
+// ?access=warning silences the access log of new flows, another logger's
+// change does not turn it back on, ?access=info restores it.
+func TestAdminLoggingLive(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	px := startProxy(t, topo, "--bootstrap", bs)
+
+	flow := func() string {
+		t.Helper()
+		c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := echoRoundTrip(c, []byte("log me?"), echoTimeout); err != nil {
+			t.Fatal(err)
+		}
+		local := c.LocalAddr().String()
+		c.Close()
+		return local
+	}
+	logged := func(src string, d time.Duration) bool {
+		_, ok := px.waitAccess(func(e AccessEntry) bool { return e.DownstreamRemote == src }, d)
+		return ok
+	}
+	if !logged(flow(), accessWait) {
+		t.Fatal("no access line at --log-level debug")
+	}
+	for _, q := range []string{"/logging?access=warning", "/logging?upstream=trace"} {
+		if code, body := adminDo(t, topo, "POST", q); code != 200 || !strings.Contains(body, "access: warning") {
+			t.Fatalf("POST %s = %d %q", q, code, body)
+		}
+	}
+	if src := flow(); logged(src, 500*time.Millisecond) {
+		t.Fatal("an access line was written with the access logger at warning")
+	}
+	if code, body := adminDo(t, topo, "POST", "/logging?access=info"); code != 200 || !strings.Contains(body, "access: info") {
+		t.Fatalf("POST /logging?access=info = %d %q", code, body)
+	}
+	if !logged(flow(), accessWait) {
+		t.Fatal("no access line after /logging?access=info")
+	}
+	if code, body := adminDo(t, topo, "POST", "/logging?acces=info"); code != 400 || !strings.Contains(body, `unknown logger "acces"`) {
+		t.Errorf("POST /logging?acces=info = %d %q, want 400 naming the logger", code, body)
+	}
+}

@@ -307,7 +307,9 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 		}
 		dialer.Interface = idx
 	}
-	access := accesslog.New(root)
+	// The access log is a logger of its own in /logging ("access"), so
+	// that lowering another component's level does not turn it on.
+	access := accesslog.NewGated(root, logging.ComponentGate("access"))
 	passthrough := &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: f.tcpIdle, Access: access}
 	gate := &mesh.Gate{H: passthrough}
 	quit := make(chan string, 1)

@@ -89,3 +89,37 @@ func TestLiveLevels(t *testing.T) {
 		t.Error("LevelName(warn)")
 	}
 }
+
+// TestComponentGate: a logger built elsewhere follows its component's live
+// level through the gate, both ways, and is not turned on by another
+// component's change.
+func TestComponentGate(t *testing.T) {
+	var buf bytes.Buffer
+	root, err := New(Options{Level: "warn", Format: FormatJSON, Out: &buf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := ComponentGate("gated")
+	l := root.Hook(g)
+	_ = Component(root, "other")
+	if g.Allows(zerolog.InfoLevel) {
+		t.Fatal("gate allows info at --log-level warn")
+	}
+	if err := SetLevel("other", zerolog.DebugLevel); err != nil {
+		t.Fatal(err)
+	}
+	l.Info().Msg("hidden")
+	if g.Allows(zerolog.InfoLevel) || strings.Contains(buf.String(), "hidden") {
+		t.Fatalf("another component's level turned the gated logger on: %q", buf.String())
+	}
+	if err := SetLevel("gated", zerolog.InfoLevel); err != nil {
+		t.Fatal(err)
+	}
+	l.Info().Msg("shown")
+	if !g.Allows(zerolog.InfoLevel) || !strings.Contains(buf.String(), "shown") {
+		t.Fatalf("gate at info: %q", buf.String())
+	}
+	if _, ok := Loggers()["gated"]; !ok {
+		t.Error("the gated component is not listed (/logging)")
+	}
+}

@@ -42,6 +42,14 @@ type HTTP struct {
 type Logger struct {
 	l       zerolog.Logger
 	enabled bool
+	gate    Gate // nil: the logger's own and the global level decide
+}
+
+// Gate is a live level the access log follows as well (the admin's
+// /logging?access=<level>).
+type Gate interface {
+	zerolog.Hook
+	Allows(zerolog.Level) bool
 }
 
 // New returns a Logger writing through l with logger=access.
@@ -49,15 +57,23 @@ func New(l zerolog.Logger) *Logger {
 	return &Logger{l: l.With().Str("logger", "access").Logger(), enabled: true}
 }
 
+// NewGated is New, with entries written only while gate allows info.
+func NewGated(l zerolog.Logger, gate Gate) *Logger {
+	a := New(l.Hook(gate))
+	a.gate = gate
+	return a
+}
+
 // Enabled reports whether Log would write: callers skip building an
 // entry per HTTP request when access logging is off (--log-level warn).
 func (a *Logger) Enabled() bool {
-	return a != nil && a.enabled && a.l.GetLevel() <= zerolog.InfoLevel && zerolog.GlobalLevel() <= zerolog.InfoLevel
+	return a != nil && a.enabled && a.l.GetLevel() <= zerolog.InfoLevel && zerolog.GlobalLevel() <= zerolog.InfoLevel &&
+		(a.gate == nil || a.gate.Allows(zerolog.InfoLevel))
 }
 
 // Log writes e at info level.
 func (a *Logger) Log(e *Entry) {
-	if a == nil || !a.enabled {
+	if a == nil || !a.enabled || (a.gate != nil && !a.gate.Allows(zerolog.InfoLevel)) {
 		return
 	}
 	ev := a.l.Info()
