@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"regexp"
@@ -175,25 +176,47 @@ func TestAdminLive(t *testing.T) {
 	}
 }
 
+// drainPod is the drain tests' pod: an inbound echo server on PodV4:8080,
+// an outbound one on SvcV4:80, a passthrough proxy started with extra
+// flags, and one inbound flow open through it.
+func drainPod(t *testing.T, extra ...string) (*topology, *proxyProc, *net.TCPConn) {
+	t.Helper()
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
+	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
+	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
+	px := startProxy(t, topo, append([]string{"--bootstrap", bs}, extra...)...)
+	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { open.Close() })
+	if err := pingPong(open, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	return topo, px, open
+}
+
+// outboundServes checks that a new outbound flow from the pod echoes (an
+// inbound-only drain leaves outbound traffic alone).
+func outboundServes(t *testing.T, topo *topology) {
+	t.Helper()
+	out, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
+	if err != nil {
+		t.Fatalf("outbound flow after an inbound-only drain: %v", err)
+	}
+	defer out.Close()
+	if err := echoRoundTrip(out, []byte("out"), echoTimeout); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestAdminDrainAndQuit: POST /drain_listeners?inboundonly refuses new
 // inbound flows while outbound ones and open flows go on; POST
 // /quitquitquit makes the proxy exit 0.
 func TestAdminDrainAndQuit(t *testing.T) {
 	requireRoot(t)
-	topo := newTopology(t)
-	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
-	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
-	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
-	px := startProxy(t, topo, "--bootstrap", bs)
-
-	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer open.Close()
-	if err := pingPong(open, []byte("before")); err != nil {
-		t.Fatal(err)
-	}
+	topo, px, open := drainPod(t)
 	if code, body := adminDo(t, topo, "POST", "/drain_listeners?inboundonly"); code != 200 || body != "OK\n" {
 		t.Fatalf("drain_listeners = %d %q", code, body)
 	}
@@ -209,14 +232,7 @@ func TestAdminDrainAndQuit(t *testing.T) {
 	if err := pingPong(open, []byte("still open")); err != nil {
 		t.Fatalf("open inbound flow after drain: %v", err)
 	}
-	out, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
-	if err != nil {
-		t.Fatalf("outbound flow after an inbound-only drain: %v", err)
-	}
-	if err := echoRoundTrip(out, []byte("out"), echoTimeout); err != nil {
-		t.Fatal(err)
-	}
-	out.Close()
+	outboundServes(t, topo)
 
 	if code, _ := adminDo(t, topo, "POST", "/quitquitquit"); code != 200 {
 		t.Fatalf("quitquitquit = %d", code)
@@ -387,18 +403,7 @@ func TestProxyReloadNewNodeKeepsXDS(t *testing.T) {
 // (well before --termination-drain-duration).
 func TestProxySIGTERMDrains(t *testing.T) {
 	requireRoot(t)
-	topo := newTopology(t)
-	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
-	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
-	px := startProxy(t, topo, "--bootstrap", bs, "--termination-drain-duration", "8s")
-	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer open.Close()
-	if err := pingPong(open, []byte("before")); err != nil {
-		t.Fatal(err)
-	}
+	topo, px, open := drainPod(t, "--termination-drain-duration", "8s")
 	if err := px.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -589,17 +594,7 @@ func TestAdminConfigDumpWarmingLive(t *testing.T) {
 // outbound flows are never refused.
 func TestAdminGracefulDrain(t *testing.T) {
 	requireRoot(t)
-	topo := newTopology(t)
-	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
-	startTCPServer(t, topo.Services, ap(topo.SvcV4, 80), echo)
-	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
-	startProxy(t, topo, "--bootstrap", bs, "--drain-duration", "1500ms")
-
-	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer open.Close()
+	topo, _, open := drainPod(t, "--drain-duration", "1500ms")
 	if code, body := adminDo(t, topo, "POST", "/drain_listeners?inboundonly&graceful"); code != 200 || body != "OK\n" {
 		t.Fatalf("drain_listeners?graceful = %d %q", code, body)
 	}
@@ -634,14 +629,7 @@ func TestAdminGracefulDrain(t *testing.T) {
 	if err := pingPong(open, []byte("still open")); err != nil {
 		t.Fatalf("open inbound flow after the drain: %v", err)
 	}
-	out, err := dialTCP(topo.Pod, ap(topo.SvcV4, 80), dialTimeout)
-	if err != nil {
-		t.Fatalf("outbound flow after an inbound-only drain: %v", err)
-	}
-	if err := echoRoundTrip(out, []byte("out"), echoTimeout); err != nil {
-		t.Fatal(err)
-	}
-	out.Close()
+	outboundServes(t, topo)
 }
 
 // TestAdminLoggingLive: POST /logging changes levels of the running proxy:

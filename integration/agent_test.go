@@ -789,18 +789,7 @@ func TestProxySIGHUPDuringStartup(t *testing.T) {
 // ends the drain: the open flow goes on, and the proxy exits when it ends.
 func TestProxySIGHUPDuringDrain(t *testing.T) {
 	requireRoot(t)
-	topo := newTopology(t)
-	startTCPServer(t, topo.Pod, ap(topo.PodV4, 8080), echo)
-	bs := writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())
-	px := startProxy(t, topo, "--bootstrap", bs, "--termination-drain-duration", "20s")
-	open, err := dialTCP(topo.Services, ap(topo.PodV4, 8080), dialTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer open.Close()
-	if err := pingPong(open, []byte("before")); err != nil {
-		t.Fatal(err)
-	}
+	_, px, open := drainPod(t, "--termination-drain-duration", "20s")
 	if err := px.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
