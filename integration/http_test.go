@@ -130,6 +130,21 @@ func (cp *controlPlane) pushHTTP(t *testing.T, version string, listeners, cluste
 	}
 }
 
+// startHTTPProxy starts a proxy on delta ADS and waits (10 s at most)
+// until the pushed 0.0.0.0_80 listener is in force.
+func startHTTPProxy(t *testing.T, topo *topology) *proxyProc {
+	t.Helper()
+	px := startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, "DELTA_GRPC"))
+	waitReady := time.Now().Add(10 * time.Second)
+	for !strings.Contains(adminGet(t, topo, "/listeners"), "0.0.0.0_80::") {
+		if time.Now().After(waitReady) {
+			t.Fatal("0.0.0.0_80 never arrived")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return px
+}
+
 // istioHTTPListener is Istio's outbound HTTP listener for a port: bound to
 // nothing, every VIP:port flow handed to it, routes from RDS, path
 // normalization and the file access log on /dev/stdout as Istio sets them
@@ -232,14 +247,7 @@ func TestHTTPThroughSidecar(t *testing.T) {
 		cRatings: {netip.AddrPortFrom(topo.SvcV4, 9081)},
 		cFlaky:   {netip.AddrPortFrom(topo.SvcV4, 9082), netip.AddrPortFrom(topo.Svc2V4, 9082)},
 	}, []obj{route})
-	px := startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, "DELTA_GRPC"))
-	waitReady := time.Now().Add(10 * time.Second)
-	for !strings.Contains(adminGet(t, topo, "/listeners"), "0.0.0.0_80::") {
-		if time.Now().After(waitReady) {
-			t.Fatal("0.0.0.0_80 never arrived")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	px := startHTTPProxy(t, topo)
 	urlReviews := "http://" + ap(vipReviews, 80)
 	urlRatings := "http://" + ap(vipRatings, 80)
 
@@ -369,14 +377,7 @@ func TestHTTPMalformedRequestsThroughSidecar(t *testing.T) {
 	cp.pushHTTP(t, "1", listeners, clusters, map[string][]netip.AddrPort{
 		cRatings: {netip.AddrPortFrom(topo.SvcV4, 9081)}, cOther: {netip.AddrPortFrom(topo.Svc2V4, 9081)},
 	}, []obj{route})
-	px := startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, "DELTA_GRPC"))
-	waitReady := time.Now().Add(10 * time.Second)
-	for !strings.Contains(adminGet(t, topo, "/listeners"), "0.0.0.0_80::") {
-		if time.Now().After(waitReady) {
-			t.Fatal("0.0.0.0_80 never arrived")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	px := startHTTPProxy(t, topo)
 	addr := ap(vipRatings, 80)
 	c := podClient(topo, false, 1)
 	defer c.CloseIdleConnections()
