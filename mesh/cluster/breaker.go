@@ -104,6 +104,35 @@ type Resources struct {
 	c        *Cluster
 
 	cx, pending, rq, retries limit
+
+	// cxFreed is closed when a connection slot is released, for HTTP
+	// requests waiting for max_connections (ConnectionReleased); nil while
+	// nobody waits, so a release costs one atomic load.
+	cxFreed atomic.Pointer[chan struct{}]
+}
+
+// connectionReleased returns a channel closed by the next release of a
+// connection slot (see Cluster.ConnectionReleased).
+func (r *Resources) connectionReleased() <-chan struct{} {
+	for {
+		if p := r.cxFreed.Load(); p != nil {
+			return *p
+		}
+		ch := make(chan struct{})
+		if r.cxFreed.CompareAndSwap(nil, &ch) {
+			return ch
+		}
+	}
+}
+
+// releaseCx gives back a connection slot and wakes its waiters.
+func (r *Resources) releaseCx() {
+	r.cx.release()
+	if r.cxFreed.Load() != nil {
+		if p := r.cxFreed.Swap(nil); p != nil {
+			close(*p)
+		}
+	}
 }
 
 func newResources(c *Cluster, p ResourcePriority, th Thresholds) *Resources {
@@ -206,6 +235,17 @@ func (c *Cluster) Resources(p ResourcePriority) *Resources {
 
 // Thresholds returns the circuit-breaker limits of priority p.
 func (c *Cluster) Thresholds(p ResourcePriority) Thresholds { return c.Resources(p).th }
+
+// ConnectionReleased returns a channel that is closed the next time one of
+// the cluster's connections (default priority, as ConnectHost counts them)
+// closes and frees a max_connections slot. An HTTP request that got
+// ErrOverflow waits on it as pending, as in Envoy, where a request the
+// pool cannot give a connection to is queued, not failed: take the channel
+// before the ConnectHost that may overflow, so a release in between is not
+// missed.
+func (c *Cluster) ConnectionReleased() <-chan struct{} {
+	return c.resources[PriorityDefault].connectionReleased()
+}
 
 // TryAcquirePending is Resources(PriorityDefault).TryAcquirePending.
 func (c *Cluster) TryAcquirePending() (release func(), ok bool) {

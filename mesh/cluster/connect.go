@@ -71,7 +71,7 @@ func (c *Cluster) released(h *Host, res *Resources) {
 	c.stats.cxActive.Add(-1)
 	c.stats.cxDestroy.Add(1)
 	h.cxActive.Add(-1)
-	res.cx.release()
+	res.releaseCx()
 }
 
 // UpstreamConn is a connection to a cluster host. Read and Write count the

@@ -153,7 +153,8 @@ func (c *Cluster) MembershipVersion() uint64 { return c.stats.membershipChange.L
 // max_connections breaker (ErrOverflow, upstream_cx_overflow),
 // connect_timeout, cluster and host cx stats, and the capture-bypass
 // dialer. HTTP connection pools dial through it so that every pooled
-// connection is a counted cluster connection.
+// connection is a counted cluster connection; on ErrOverflow an HTTP
+// request waits as pending for ConnectionReleased instead of failing.
 func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, error) {
 	if h == nil {
 		return nil, errors.New("cluster: ConnectHost: nil host")

@@ -92,12 +92,23 @@ func TestConnectHostAccounting(t *testing.T) {
 	if u.Host() != other || other.ActiveConnections() != 1 || stat(t, c, "upstream_cx_total") != 1 {
 		t.Errorf("accounting: host %v active %d total %d", u.Host().Address(), other.ActiveConnections(), stat(t, c, "upstream_cx_total"))
 	}
+	freed := c.ConnectionReleased()
 	if _, err := c.ConnectHost(context.Background(), first); !errors.Is(err, ErrOverflow) {
 		t.Errorf("second connection with max_connections 1: %v", err)
+	}
+	select {
+	case <-freed:
+		t.Error("ConnectionReleased fired with no connection closed")
+	default:
 	}
 	u.Close()
 	if stat(t, c, "upstream_cx_active") != 0 {
 		t.Error("cx_active after close")
+	}
+	select {
+	case <-freed:
+	default:
+		t.Error("ConnectionReleased not closed by the connection's close")
 	}
 }
 

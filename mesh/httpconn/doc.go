@@ -35,7 +35,9 @@
 // before the transport runs. Request bodies stream upstream as they arrive
 // while a bounded copy is kept for retries (retryBody, Envoy's retry
 // buffering); a request is pending (max_pending_requests) only while it
-// waits for a new connection.
+// waits for a new connection: while one is dialed, or, over HTTP/1.1 with
+// the cluster at max_connections, until a connection is released to the
+// pool (Envoy queues such a request rather than failing it).
 //
 // The cost is a few allocations per request that a purpose-built codec
 // would avoid (header map clone, request struct); route matching itself

@@ -25,9 +25,10 @@ import (
 type h1Transport struct {
 	cp *clusterPool
 
-	mu     sync.Mutex
-	idle   map[string][]*h1Conn // by host address, most recent last
-	closed bool
+	mu      sync.Mutex
+	idle    map[string][]*h1Conn   // by host address, most recent last
+	waiters map[string][]*h1Waiter // by host address, oldest first
+	closed  bool
 
 	resent atomic.Uint64 // requests resent after a reused connection failed
 }
@@ -122,9 +123,130 @@ func (t *h1Transport) put(c *h1Conn) {
 		c.pc.Close()
 		return
 	}
+	if len(t.waiters) > 0 {
+		if ws := t.waiters[c.addr]; len(ws) > 0 {
+			// A request waits for a connection (max_connections): it
+			// takes this one, oldest first, as Envoy's pending queue.
+			w := ws[0]
+			copy(ws, ws[1:])
+			ws[len(ws)-1] = nil
+			if ws = ws[:len(ws)-1]; len(ws) == 0 {
+				delete(t.waiters, c.addr)
+			} else {
+				t.waiters[c.addr] = ws
+			}
+			t.mu.Unlock()
+			w.ch <- c // buffered: never blocks
+			return
+		}
+	}
 	c.idleFrom = time.Now()
 	t.idle[c.addr] = append(t.idle[c.addr], c)
 	t.mu.Unlock()
+}
+
+// h1Waiter is a request waiting, as pending, for a connection to its host
+// while the cluster's max_connections is reached.
+type h1Waiter struct{ ch chan *h1Conn } // buffered 1: put hands over without blocking
+
+// takeOrWait returns an idle connection to addr, or, when there is none,
+// registers w to be handed the next one put back (both under t.mu, so a
+// connection put in between is not missed). The idle connection is not
+// checked here; the caller does it.
+func (t *h1Transport) takeOrWait(addr string, w *h1Waiter) *h1Conn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if cs := t.idle[addr]; len(cs) > 0 {
+		c := cs[len(cs)-1]
+		cs[len(cs)-1] = nil
+		t.idle[addr] = cs[:len(cs)-1]
+		return c
+	}
+	if t.waiters == nil {
+		t.waiters = map[string][]*h1Waiter{}
+	}
+	t.waiters[addr] = append(t.waiters[addr], w)
+	return nil
+}
+
+// cancelWait unregisters w; if put already chose it, the connection it
+// was handed is returned.
+func (t *h1Transport) cancelWait(addr string, w *h1Waiter) *h1Conn {
+	t.mu.Lock()
+	ws := t.waiters[addr]
+	for i, x := range ws {
+		if x == w {
+			copy(ws[i:], ws[i+1:])
+			ws[len(ws)-1] = nil
+			if ws = ws[:len(ws)-1]; len(ws) == 0 {
+				delete(t.waiters, addr)
+			} else {
+				t.waiters[addr] = ws
+			}
+			t.mu.Unlock()
+			return nil
+		}
+	}
+	t.mu.Unlock()
+	return <-w.ch // put removed w and is handing it a connection
+}
+
+// connect returns a new connection to addr (host h) for a pending
+// request. While the cluster's max_connections is reached (ConnectHost
+// fails with ErrOverflow, counting upstream_cx_overflow) the request does
+// not fail, as in Envoy's pool: it waits, still pending, for whichever
+// comes first: a connection to its host released to the pool (handed over
+// by put), a connection slot freed anywhere in the cluster (then it dials
+// again), or the end of ctx (route timeout, downstream gone). handed
+// reports a connection that carried requests before.
+func (t *h1Transport) connect(ctx context.Context, addr string, h *cluster.Host) (c *h1Conn, handed bool, err error) {
+	cl := t.cp.c
+	res := cl.Resources(cluster.PriorityDefault)
+	var freed <-chan struct{}
+	var w *h1Waiter
+	for {
+		if freed == nil && res.Connections() >= int64(res.Thresholds().MaxConnections) {
+			// Armed before the dial that may overflow, so that a release
+			// in between wakes us.
+			freed = cl.ConnectionReleased()
+		}
+		pc, err := t.cp.dialHost(ctx, addr, h, false, false)
+		if err == nil {
+			return newH1Conn(pc, addr), false, nil
+		}
+		if !errors.Is(err, cluster.ErrOverflow) {
+			return nil, false, err
+		}
+		if freed == nil {
+			// The breaker filled up since the check: arm, try again.
+			freed = cl.ConnectionReleased()
+			continue
+		}
+		if w == nil {
+			w = &h1Waiter{ch: make(chan *h1Conn, 1)}
+		}
+		if c := t.takeOrWait(addr, w); c != nil {
+			if c.alive() {
+				return c, true, nil
+			}
+			c.pc.Close() // frees a slot: dial again
+			continue
+		}
+		select {
+		case c := <-w.ch:
+			return c, true, nil
+		case <-freed:
+			freed = nil
+			if c := t.cancelWait(addr, w); c != nil {
+				return c, true, nil
+			}
+		case <-ctx.Done():
+			if c := t.cancelWait(addr, w); c != nil {
+				t.put(c) // to the next waiter, or idle
+			}
+			return nil, false, ctx.Err()
+		}
+	}
 }
 
 // CloseIdleConnections closes the connections no request uses.
@@ -185,8 +307,9 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // head.
 //
 // Only a request that needs a new connection is pending: it holds a
-// max_pending_requests slot while it dials, as in Envoy, where a request
-// that finds a ready connection is never queued.
+// max_pending_requests slot while it dials, or while it waits for a
+// connection because max_connections is reached (connect), as in Envoy,
+// where a request that finds a ready connection is never queued.
 //
 // A request on a reused connection that fails before the upstream can
 // have processed any of it (the write failed, or the connection closed
@@ -210,19 +333,19 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 			if !ok {
 				return nil, errPendingOverflow
 			}
-			pc, err := t.cp.dialHost(ctx, addr, h, false, false)
+			nc, handed, err := t.connect(ctx, addr, h)
 			relPending()
 			if err != nil {
 				return nil, err
 			}
-			c = newH1Conn(pc, addr)
+			c, reused = nc, handed
 		}
 		resp, err, retry := t.exchange(ctx, c, req, body)
 		if err == nil {
 			return resp, nil
 		}
 		c.pc.Close()
-		if !reused || !retry || (req.Body != nil && req.GetBody == nil) {
+		if !reused || try > 0 || !retry || (req.Body != nil && req.GetBody == nil) {
 			return nil, err
 		}
 		if req.GetBody != nil {

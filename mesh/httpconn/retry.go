@@ -182,3 +182,102 @@ func (p *retryPolicy) backoff(n int) time.Duration {
 	}
 	return time.Duration(rand.Int64N(int64(ceil)) + 1)
 }
+
+// requestOverrides applies the router's request headers (an internal
+// request's: the connection manager strips them from others) to the
+// route's timeout and retry policy, as Envoy's router does:
+//
+//   - x-envoy-upstream-rq-timeout-ms replaces the route timeout (0
+//     disables it) and x-envoy-upstream-rq-per-try-timeout-ms the per-try
+//     timeout, ignored when not below the global one (finalTimeout); both
+//     are consumed, not forwarded.
+//   - x-envoy-retry-on and x-envoy-retry-grpc-on add conditions to the
+//     route's retry_on (a route without a retry policy gets Envoy's
+//     default one: 1 retry, 25 ms base back-off); unknown names are
+//     ignored, as Envoy does for headers. x-envoy-retriable-status-codes
+//     adds codes for retriable-status-codes, and x-envoy-max-retries then
+//     replaces num_retries (RetryStateImpl).
+//
+// The route's policy is shared, so a changed one is a copy; a request
+// without these headers costs a few map lookups and allocates nothing.
+func requestOverrides(h http.Header, timeout time.Duration, p *retryPolicy) (time.Duration, *retryPolicy) {
+	perTry := time.Duration(-1)
+	if vs, ok := h["X-Envoy-Upstream-Rq-Timeout-Ms"]; ok {
+		if ms, err := strconv.ParseUint(firstOf(vs), 10, 32); err == nil {
+			timeout = time.Duration(ms) * time.Millisecond
+		}
+		delete(h, "X-Envoy-Upstream-Rq-Timeout-Ms")
+	}
+	if vs, ok := h["X-Envoy-Upstream-Rq-Per-Try-Timeout-Ms"]; ok {
+		if ms, err := strconv.ParseUint(firstOf(vs), 10, 32); err == nil {
+			perTry = time.Duration(ms) * time.Millisecond
+		}
+		delete(h, "X-Envoy-Upstream-Rq-Per-Try-Timeout-Ms")
+	}
+	var on retryOn
+	rOn, hasOn := h["X-Envoy-Retry-On"]
+	gOn, hasGOn := h["X-Envoy-Retry-Grpc-On"]
+	if hasOn {
+		on |= parseRetryOnHeader(firstOf(rOn), false)
+	}
+	if hasGOn {
+		on |= parseRetryOnHeader(firstOf(gOn), true)
+	}
+	if perTry < 0 && on == 0 {
+		return timeout, p
+	}
+	var np retryPolicy
+	if p != nil {
+		np = *p
+	} else {
+		np = retryPolicy{numRetries: 1, base: 25 * time.Millisecond, max: 250 * time.Millisecond}
+	}
+	if perTry >= 0 {
+		np.perTry = perTry
+	}
+	if timeout > 0 && np.perTry >= timeout {
+		np.perTry = 0
+	}
+	np.on |= on
+	if np.on&retryRetriableStatusCodes != 0 {
+		if vs, ok := h["X-Envoy-Retriable-Status-Codes"]; ok {
+			codes := append([]int(nil), np.codes...)
+			for _, c := range strings.Split(firstOf(vs), ",") {
+				if n, err := strconv.Atoi(strings.TrimSpace(c)); err == nil && n >= 100 && n < 600 {
+					codes = append(codes, n)
+				}
+			}
+			np.codes = codes
+		}
+	}
+	if np.on != 0 {
+		if vs, ok := h["X-Envoy-Max-Retries"]; ok {
+			if n, err := strconv.ParseUint(firstOf(vs), 10, 32); err == nil {
+				np.numRetries = int(n)
+			}
+		}
+	}
+	return timeout, &np
+}
+
+// parseRetryOnHeader parses an x-envoy-retry-on (grpc false) or
+// x-envoy-retry-grpc-on (grpc true) value; names of the other header or
+// unknown ones are ignored.
+func parseRetryOnHeader(v string, grpc bool) retryOn {
+	const grpcBits = retryGRPCCancelled | retryGRPCDeadlineExceeded | retryGRPCResourceExhausted | retryGRPCUnavailable | retryGRPCInternal
+	var on retryOn
+	for tok := range strings.SplitSeq(v, ",") {
+		bit := retryOnNames[strings.TrimSpace(tok)]
+		if (bit&grpcBits != 0) == grpc {
+			on |= bit
+		}
+	}
+	return on
+}
+
+func firstOf(vs []string) string {
+	if len(vs) == 0 {
+		return ""
+	}
+	return vs[0]
+}

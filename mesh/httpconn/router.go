@@ -43,6 +43,7 @@ type stream struct {
 	reqTimer    *time.Timer
 	wroteHeader bool
 	aborted     bool
+	internal    bool   // Envoy's internal request (x-envoy-internal set)
 	target      string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
@@ -108,6 +109,7 @@ func (s *stream) serve() {
 	if hasBody {
 		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
+		s.idle.watchBody(s.ctx, s.w, s.body)
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
 		ctx, cancel, w := s.ctx, s.cancel, s.w
@@ -125,6 +127,14 @@ func (s *stream) serve() {
 	routes := cfg.routes
 	if routes == nil {
 		routes = s.h.env.Routes(cfg.rdsName)
+	}
+	if !s.internal && routes != nil {
+		// The rest of cleanInternalHeaders (prepareHeaders did the
+		// x-envoy-* part): the route configuration's
+		// internal_only_headers, before matching, as in Envoy.
+		for _, k := range routes.internalOnly {
+			delete(r.Header, k)
+		}
 	}
 	var vh *VirtualHost
 	var rt *Route
@@ -250,7 +260,7 @@ func (s *stream) prepareHeaders() {
 		s.e.RequestID = newUUID()
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
-	cfg.mutateForwarded(h, s.h.info.Peer.Addr())
+	s.internal = cfg.mutateForwarded(h, s.h.info.Peer.Addr())
 	if vs := h["X-Forwarded-For"]; len(vs) > 0 {
 		s.e.XFF = vs[0]
 	}
@@ -281,10 +291,14 @@ func (s *stream) prepareHeaders() {
 //     overwritten (http: downstream connections are cleartext) unless a
 //     trusted hop (N > 0) set it. Otherwise XFF is left as it came and
 //     x-forwarded-proto only added when missing.
+//   - A request that is not internal loses the x-envoy-* headers that
+//     steer Envoy (cleanInternalHeaders): a client outside must not pick
+//     its own retries or timeouts.
 //
-// Without XFF and use_remote_address (a mesh sidecar's usual request) it
-// allocates nothing.
-func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) {
+// It reports whether the request is internal. Without XFF and
+// use_remote_address (a mesh sidecar's usual request) it allocates
+// nothing.
+func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) (internal bool) {
 	n := int(c.xffTrustedHops)
 	var xff string
 	switch vs := h["X-Forwarded-For"]; len(vs) {
@@ -294,7 +308,6 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) {
 	default:
 		xff = strings.Join(vs, ",")
 	}
-	internal := false
 	if c.useRemoteAddress {
 		internal = xff == "" && peer.IsValid() && isInternalAddr(peer)
 		if !internal {
@@ -330,8 +343,42 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) {
 	}
 	if internal {
 		h["X-Envoy-Internal"] = []string{"true"}
-	} else if _, ok := h["X-Envoy-Internal"]; ok {
+	} else {
 		delete(h, "X-Envoy-Internal")
+		cleanInternalHeaders(h, c.useRemoteAddress)
+	}
+	return internal
+}
+
+// cleanInternalHeaders is Envoy's ConnectionManagerUtility::
+// cleanInternalHeaders for a request that is not internal: it removes the
+// x-envoy-* request headers that tell Envoy (this router, or an Envoy
+// further on) how to retry, time out, trace or account the request, which
+// only a trusted, internal hop may set; and, for an edge request (edge:
+// use_remote_address), the decorator and downstream-service ones. The
+// route configuration's internal_only_headers are removed by the stream
+// (they depend on the route configuration). One pass over the request's
+// keys with a prefix test, so a request without x-envoy-* headers pays a
+// few comparisons, not a delete per name.
+func cleanInternalHeaders(h http.Header, edge bool) {
+	const prefix = "X-Envoy-"
+	for k := range h {
+		if len(k) <= len(prefix) || k[:len(prefix)] != prefix {
+			continue
+		}
+		switch k[len(prefix):] {
+		case "Retriable-Status-Codes", "Retriable-Header-Names",
+			"Retry-On", "Retry-Grpc-On", "Max-Retries",
+			"Upstream-Alt-Stat-Name",
+			"Upstream-Rq-Timeout-Ms", "Upstream-Rq-Per-Try-Timeout-Ms",
+			"Upstream-Rq-Timeout-Alt-Response", "Expected-Rq-Timeout-Ms",
+			"Force-Trace", "Ip-Tags", "Original-Url", "Hedge-On-Per-Try-Timeout":
+			delete(h, k)
+		case "Decorator-Operation", "Downstream-Service-Cluster", "Downstream-Service-Node":
+			if edge {
+				delete(h, k)
+			}
+		}
 	}
 }
 
@@ -537,6 +584,10 @@ type countingBody struct {
 	done *time.Timer
 	err  error
 	mu   sync.Mutex
+
+	// ended is set once a read returned an error (io.EOF included): the
+	// idle watch then no longer needs to unblock a read.
+	ended atomic.Bool
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
@@ -544,6 +595,7 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	b.n.Add(int64(n))
 	b.idle.touch()
 	if err != nil {
+		b.ended.Store(true)
 		if err == io.EOF {
 			if b.done != nil {
 				b.done.Stop()
@@ -614,13 +666,22 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 	if policy == nil {
 		policy = vh.retry
 	}
+	timeout := rt.timeout
+	if s.internal {
+		// Only an internal request can still carry them.
+		timeout, policy = requestOverrides(hdr, timeout, policy)
+	}
 	s.curPolicy = policy
-	if rt.timeout > 0 && !cfg.filters.suppressEnvoy {
-		t := rt.timeout
-		if policy != nil && policy.perTry > 0 && policy.perTry < t {
+	if !cfg.filters.suppressEnvoy {
+		// Envoy's expected timeout: the per-try timeout, else the
+		// global one.
+		t := timeout
+		if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
 			t = policy.perTry
 		}
-		hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		if t > 0 {
+			hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		}
 	}
 
 	// The body streams upstream as it arrives; a copy is kept so that a
@@ -644,7 +705,7 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 
 	gctx := s.ctx
 	var routeDeadline int64 // nanotime; 0: no route timeout
-	if rt.timeout > 0 {
+	if timeout > 0 {
 		// The route timeout cancels gctx from the stream's reusable timer
 		// (context.WithTimeout would make a timer and a timer context per
 		// request). gctx has no Deadline; nothing reads it.
@@ -653,8 +714,8 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 		if s.rto == nil {
 			s.rto = new(deadlineTimer)
 		}
-		routeDeadline = nanotime() + int64(rt.timeout)
-		s.rto.start(rt.timeout, gcancel)
+		routeDeadline = nanotime() + int64(timeout)
+		s.rto.start(timeout, gcancel)
 		defer func() {
 			s.rto.stop()
 			gcancel(context.Canceled)
