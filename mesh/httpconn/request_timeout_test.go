@@ -1,9 +1,7 @@
 package httpconn
 
 import (
-	"bufio"
 	"io"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -31,22 +29,8 @@ func TestRequestTimeout(t *testing.T) {
 	p := startProxy(t, cfg, env)
 
 	// The body stalls half way: 408 once request_timeout passes.
-	conn, err := net.Dial("tcp", p.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
-	start := time.Now()
-	io.WriteString(conn, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if el := time.Since(start); resp.StatusCode != http.StatusRequestTimeout || string(body) != "request timeout" || el < 200*time.Millisecond || el > 2*time.Second {
-		t.Fatalf("stalled body: %d %q after %v, want 408 \"request timeout\" after ~200ms", resp.StatusCode, body, el)
+	if code, body, el := stalledPOST(t, p.addr); code != http.StatusRequestTimeout || body != "request timeout" || el < 200*time.Millisecond || el > 2*time.Second {
+		t.Fatalf("stalled body: %d %q after %v, want 408 \"request timeout\" after ~200ms", code, body, el)
 	}
 	e := p.waitEntries(t, 1)[0]
 	if e.ResponseCodeDetails != "request_overall_timeout" || e.ResponseCode != 408 {
@@ -60,11 +44,11 @@ func TestRequestTimeout(t *testing.T) {
 	// request_timeout to answer.
 	c := client(false)
 	req, _ := http.NewRequest("POST", "http://"+p.addr+"/slow", strings.NewReader("0123456789"))
-	resp, err = c.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ = io.ReadAll(resp.Body)
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 200 || string(body) != "ok" {
 		t.Errorf("complete request, slow upstream: %d %q, want 200", resp.StatusCode, body)

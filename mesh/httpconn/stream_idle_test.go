@@ -42,7 +42,30 @@ func TestStreamIdleTimeoutStalledBody(t *testing.T) {
 	}
 
 	// HTTP/1.1: 5 of 10 body bytes, then silence.
-	conn, err := net.Dial("tcp", p.addr)
+	code, b, el := stalledPOST(t, p.addr)
+	check("h1", code, b, el, 1)
+
+	// h2c: the same over a stream whose body pipe stalls.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	req, _ := http.NewRequest("POST", "http://"+p.addr+"/up", pr)
+	req.ContentLength = 10
+	go pw.Write([]byte("hello"))
+	start := time.Now()
+	resp, err := client(true).Do(req)
+	if err != nil {
+		t.Fatalf("h2c: %v after %v", err, time.Since(start))
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	check("h2c", resp.StatusCode, string(body), time.Since(start), 2)
+}
+
+// stalledPOST sends an HTTP/1.1 POST with 5 of its 10 body bytes, then
+// waits (5 s at most) for the proxy's answer: status, body, time taken.
+func stalledPOST(t *testing.T, addr string) (int, string, time.Duration) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,24 +75,9 @@ func TestStreamIdleTimeoutStalledBody(t *testing.T) {
 	io.WriteString(conn, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
-		t.Fatalf("h1: %v after %v", err, time.Since(start))
+		t.Fatalf("stalled POST: %v after %v", err, time.Since(start))
 	}
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	check("h1", resp.StatusCode, string(b), time.Since(start), 1)
-
-	// h2c: the same over a stream whose body pipe stalls.
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	req, _ := http.NewRequest("POST", "http://"+p.addr+"/up", pr)
-	req.ContentLength = 10
-	go pw.Write([]byte("hello"))
-	start = time.Now()
-	resp, err = client(true).Do(req)
-	if err != nil {
-		t.Fatalf("h2c: %v after %v", err, time.Since(start))
-	}
-	b, _ = io.ReadAll(resp.Body)
-	resp.Body.Close()
-	check("h2c", resp.StatusCode, string(b), time.Since(start), 2)
+	return resp.StatusCode, string(b), time.Since(start)
 }
