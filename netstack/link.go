@@ -42,11 +42,15 @@ type linkEndpoint struct {
 	batch int
 	log   zerolog.Logger
 
-	mu         sync.RWMutex
-	dispatcher stack.NetworkDispatcher
-	started    bool
+	mu      sync.Mutex // guards started
+	started bool
+	// dispatcher is the NIC's, swapped by Attach (nil: detached). GRO
+	// delivers through live, which reads it per packet: the NIC's removal
+	// (Attach(nil)) races with the inbound goroutine, and GRO's own
+	// Dispatcher field is not safe to change under it.
+	dispatcher atomic.Pointer[dispatcherRef]
 
-	gro         gro.GRO // owned by the inbound goroutine
+	gro         gro.GRO // owned by the inbound goroutine; delivers to live
 	badChecksum atomic.Uint64
 
 	// Outbound combining writer: producers append to pending; whoever
@@ -88,7 +92,35 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	e.wpkts = make([]*stack.PacketBuffer, 0, batch)
 	e.mtu.Store(mtu)
 	e.gro.Init(true)
+	e.gro.Dispatcher = (*liveDispatcher)(e)
 	return e
+}
+
+type dispatcherRef struct{ d stack.NetworkDispatcher }
+
+// liveDispatcher is the stack.NetworkDispatcher GRO delivers to: the
+// endpoint's current dispatcher, or nothing once detached.
+type liveDispatcher linkEndpoint
+
+func (l *liveDispatcher) current() stack.NetworkDispatcher {
+	if r := (*linkEndpoint)(l).dispatcher.Load(); r != nil {
+		return r.d
+	}
+	return nil
+}
+
+// DeliverNetworkPacket implements stack.NetworkDispatcher.
+func (l *liveDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if d := l.current(); d != nil {
+		d.DeliverNetworkPacket(p, pkt)
+	}
+}
+
+// DeliverLinkPacket implements stack.NetworkDispatcher.
+func (l *liveDispatcher) DeliverLinkPacket(p tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if d := l.current(); d != nil {
+		d.DeliverLinkPacket(p, pkt)
+	}
 }
 
 // MTU implements stack.LinkEndpoint.
@@ -134,17 +166,17 @@ func (e *linkEndpoint) SetOnCloseAction(func()) {}
 
 // IsAttached implements stack.LinkEndpoint.
 func (e *linkEndpoint) IsAttached() bool {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	return e.dispatcher != nil
+	return e.dispatcher.Load() != nil
 }
 
-// Attach implements stack.LinkEndpoint.
+// Attach implements stack.LinkEndpoint. It may run while the inbound
+// goroutine delivers (the NIC's removal calls Attach(nil)).
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.dispatcher = d
-	e.gro.Dispatcher = d
+	if d == nil {
+		e.dispatcher.Store(nil)
+		return
+	}
+	e.dispatcher.Store(&dispatcherRef{d: d})
 }
 
 // start begins reading the device, once the NIC is fully configured and
@@ -152,7 +184,7 @@ func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
 func (e *linkEndpoint) start() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.dispatcher == nil || e.started {
+	if e.dispatcher.Load() == nil || e.started {
 		return
 	}
 	e.started = true
@@ -280,10 +312,7 @@ func (e *linkEndpoint) inboundLoop() {
 				return
 			}
 		}
-		e.mu.RLock()
-		d := e.dispatcher
-		e.mu.RUnlock()
-		if d == nil {
+		if e.dispatcher.Load() == nil {
 			continue
 		}
 		for i := 0; i < n; i++ {
