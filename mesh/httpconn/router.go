@@ -41,6 +41,7 @@ type stream struct {
 	cancel      context.CancelCauseFunc
 	curPolicy   *retryPolicy
 	reqTimer    *time.Timer
+	unblock     *bodyUnblock // a request with a body: how timeouts end a stalled read
 	wroteHeader bool
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
@@ -78,6 +79,9 @@ func (s *stream) finish() {
 	if s.reqTimer != nil {
 		s.reqTimer.Stop()
 	}
+	if s.unblock != nil {
+		s.unblock.finish()
+	}
 	if s.body != nil {
 		s.e.BytesReceived = s.body.n.Load()
 	}
@@ -109,11 +113,11 @@ func (s *stream) serve() {
 	if hasBody {
 		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
-		s.idle.watchBody(s.ctx, s.w, s.body)
+		s.unblock = newBodyUnblock(s.ctx, s.w, s.body)
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
-		ctx, cancel, w := s.ctx, s.cancel, s.w
-		s.reqTimer = time.AfterFunc(d, func() { requestTimedOut(ctx, cancel, w) })
+		cancel := s.cancel
+		s.reqTimer = time.AfterFunc(d, func() { cancel(errRequestTimeout) })
 		s.body.done = s.reqTimer
 	}
 

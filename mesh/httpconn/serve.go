@@ -278,25 +278,60 @@ func (s *stream) abort() {
 // the timer is only re-armed when it fires early. mu orders arm (the
 // route replacing the timeout) against fire, so a shorter route timeout
 // is never overwritten by a re-arm computed from the old one.
-//
-// Cancelling the stream alone does not end a stream whose client stalls
-// mid-body: the router is then blocked reading the body on the stream's
-// goroutine (it streams it upstream). So while the body is unfinished
-// (body set by watchBody and not at its end), fire also moves the
-// downstream read deadline to now, as request_timeout does
-// (requestTimedOut): the read fails and the stream answers 408 "stream
-// timeout", as Envoy. A stream with a body keeps its idle watch out of
-// the pool (stream.release), so w and body never outlive their stream.
+// Firing cancels the stream with errStreamIdle; a stream blocked reading
+// a stalled body is ended by its bodyUnblock.
 type idleWatch struct {
 	last   atomic.Int64 // nanotime of the last activity
 	cancel context.CancelCauseFunc
 
+	mu sync.Mutex
+	d  time.Duration // 0: disarmed
+	t  *time.Timer
+}
+
+// bodyUnblock ends a stream whose client stalls mid-body. Cancelling the
+// stream is not enough then: the router is blocked reading the body on
+// the stream's goroutine (it streams it upstream). When a timeout cancels
+// the stream (request_timeout or stream_idle_timeout) while the body is
+// unfinished, the downstream read deadline is moved to now: the read
+// fails and the stream answers 408, and an HTTP/1.1 connection closes
+// (its unread body is in the way), as in Envoy. A complete request (say,
+// a GET waiting for its upstream) keeps its connection readable.
+//
+// The deadline is moved under mu and only before finish: once the
+// handler returns, the ResponseWriter belongs to the next request (HTTP/1.1)
+// or is gone (HTTP/2, where touching it would crash).
+type bodyUnblock struct {
+	stop func() bool // context.AfterFunc's
+
 	mu   sync.Mutex
-	d    time.Duration // 0: disarmed
-	t    *time.Timer
-	ctx  context.Context     // the stream's, to tell our cancel won
-	w    http.ResponseWriter // set by watchBody: the read deadline to move
+	done bool
+	w    http.ResponseWriter
 	body *countingBody
+}
+
+func newBodyUnblock(ctx context.Context, w http.ResponseWriter, body *countingBody) *bodyUnblock {
+	u := &bodyUnblock{w: w, body: body}
+	u.stop = context.AfterFunc(ctx, func() {
+		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle {
+			return
+		}
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		if !u.done && !u.body.ended.Load() {
+			_ = http.NewResponseController(u.w).SetReadDeadline(time.Now())
+		}
+	})
+	return u
+}
+
+// finish is called by the stream before its handler returns.
+func (u *bodyUnblock) finish() {
+	u.stop()
+	u.mu.Lock()
+	u.done = true
+	u.w, u.body = nil, nil
+	u.mu.Unlock()
 }
 
 func (iw *idleWatch) touch() { iw.last.Store(nanotime()) }
@@ -309,17 +344,8 @@ func (iw *idleWatch) reset(cancel context.CancelCauseFunc) {
 	iw.mu.Lock()
 	iw.cancel = cancel
 	iw.d = 0
-	iw.ctx, iw.w, iw.body = nil, nil, nil
 	iw.mu.Unlock()
 	iw.touch()
-}
-
-// watchBody tells the watch that the stream (ctx, w) reads the downstream
-// body b: a fire while b is unfinished must also unblock that read.
-func (iw *idleWatch) watchBody(ctx context.Context, w http.ResponseWriter, b *countingBody) {
-	iw.mu.Lock()
-	iw.ctx, iw.w, iw.body = ctx, w, b
-	iw.mu.Unlock()
 }
 
 // arm sets the idle timeout to d, counted from the last activity; 0
@@ -349,7 +375,6 @@ func (iw *idleWatch) stop() {
 	iw.mu.Lock()
 	iw.d = 0
 	iw.cancel = nil
-	iw.ctx, iw.w, iw.body = nil, nil, nil
 	if iw.t != nil {
 		iw.t.Stop()
 	}
@@ -368,16 +393,9 @@ func (iw *idleWatch) fire() {
 		iw.mu.Unlock()
 		return
 	}
-	cancel, ctx, w, body := iw.cancel, iw.ctx, iw.w, iw.body
+	cancel := iw.cancel
 	iw.mu.Unlock()
 	cancel(errStreamIdle)
-	// Only when this fire's cause won (a stream that finished first
-	// cancelled with its own) and the body is still being read: a
-	// complete request (say, a GET waiting for its upstream) keeps its
-	// connection readable, as in Envoy.
-	if w != nil && !body.ended.Load() && context.Cause(ctx) == errStreamIdle {
-		_ = http.NewResponseController(w).SetReadDeadline(time.Now())
-	}
 }
 
 var epoch = time.Now()
