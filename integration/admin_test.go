@@ -197,6 +197,22 @@ func drainPod(t *testing.T, extra ...string) (*topology, *proxyProc, *net.TCPCon
 	return topo, px, open
 }
 
+// exitsAfterLastFlow closes a draining proxy's last open flow and checks
+// that the proxy then exits 0 within 3 s.
+func exitsAfterLastFlow(t *testing.T, px *proxyProc, open *net.TCPConn) {
+	t.Helper()
+	closed := time.Now()
+	open.Close()
+	select {
+	case <-px.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the proxy did not exit once its last flow ended")
+	}
+	if px.waitErr != nil || time.Since(closed) > 3*time.Second {
+		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
+	}
+}
+
 // outboundServes checks that a new outbound flow from the pod echoes (an
 // inbound-only drain leaves outbound traffic alone).
 func outboundServes(t *testing.T, topo *topology) {
@@ -422,16 +438,7 @@ func TestProxySIGTERMDrains(t *testing.T) {
 	if px.exited() {
 		t.Fatal("the proxy exited with a flow still open")
 	}
-	closed := time.Now()
-	open.Close()
-	select {
-	case <-px.done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the proxy did not exit once its last flow ended")
-	}
-	if px.waitErr != nil || time.Since(closed) > 3*time.Second {
-		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
-	}
+	exitsAfterLastFlow(t, px, open)
 }
 
 // TestAdminUnixSocketIPv6 runs the proxy with its admin API on a Unix

@@ -809,16 +809,7 @@ func TestProxySIGHUPDuringDrain(t *testing.T) {
 	if err := pingPong(open, []byte("during the drain, after the SIGHUP")); err != nil {
 		t.Fatalf("open flow after a SIGHUP during the drain: %v", err)
 	}
-	closed := time.Now()
-	open.Close()
-	select {
-	case <-px.done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the proxy did not exit once its last flow ended")
-	}
-	if px.waitErr != nil || time.Since(closed) > 3*time.Second {
-		t.Fatalf("exit: %v after %v, want status 0 soon after the last flow", px.waitErr, time.Since(closed))
-	}
+	exitsAfterLastFlow(t, px, open)
 }
 
 // TestAgentTerminationDrainDeadline: a flow still open when

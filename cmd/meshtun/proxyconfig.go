@@ -50,11 +50,10 @@ type configSource struct {
 	// readiness reads them).
 	prevStats map[string]uint64
 
-	// initialized is set once the first configuration is in force: at
-	// start without ADS, else when the first xDS update with listeners is
-	// applied. Until
-	// then the server is INITIALIZING, as Envoy is before its first
-	// CDS/LDS responses.
+	// initialized is set once the first configuration is in force: without
+	// ADS when the bootstrap is applied (at start or by a reload), else
+	// when the first xDS update with listeners is. Until then the server
+	// is INITIALIZING, as Envoy is before its first CDS/LDS responses.
 	initialized atomic.Bool
 
 	// reloaded and rejected count the bootstrap reloads (SIGHUP) applied
@@ -242,10 +241,12 @@ func (c *configSource) reload() error {
 	if xcfg != nil && c.stopXDS == nil {
 		c.startXDS(*xcfg)
 	}
-	if xcfg == nil && c.stopXDS != nil {
-		c.stopXDS()
-		c.keepStats(c.client)
-		c.stopXDS, c.client, c.lastXDS = nil, nil, nil
+	if xcfg == nil {
+		// No ADS any more (its client was stopped above, as a changed
+		// dynamic_resources restarts it): the static resources are the
+		// whole configuration, and they are in force.
+		c.lastXDS = nil
+		c.initialized.Store(true)
 	}
 	c.log.Info().Str("bootstrap", c.path).Bool("xds_restarted", restart && xcfg != nil).Msg("bootstrap reloaded")
 	return nil

@@ -85,26 +85,22 @@ func Component(l zerolog.Logger, name string) zerolog.Logger {
 	return l.With().Str("logger", name).Logger().Hook(registry.level(name))
 }
 
-// Live levels. Each component has its own level; zerolog's global level is
-// kept at the lowest of them, so an event below every component's level is
-// dropped before it is formatted, and the per-component hook discards the
-// few that pass the global level but not their component's.
 // Gate is a component's live level for a logger built elsewhere (the
-// access log): as a hook it discards events below the level, and Allows
-// lets a caller skip building one. Changes made through SetLevel (the
-// admin's /logging) apply at once.
+// access log), which checks Allows before it builds an event. Changes
+// made through SetLevel (the admin's /logging) apply at once.
 type Gate struct{ c *componentLevel }
 
 // ComponentGate registers component name, like Component, and returns
 // its gate.
 func ComponentGate(name string) Gate { return Gate{registry.level(name)} }
 
-// Run implements zerolog.Hook.
-func (g Gate) Run(e *zerolog.Event, lvl zerolog.Level, msg string) { g.c.Run(e, lvl, msg) }
-
 // Allows reports whether an event at lvl would be written.
 func (g Gate) Allows(lvl zerolog.Level) bool { return lvl >= zerolog.Level(g.c.v.Load()) }
 
+// Live levels. Each component has its own level; zerolog's global level is
+// kept at the lowest of them, so an event below every component's level is
+// dropped before it is formatted, and the per-component hook discards the
+// few that pass the global level but not their component's.
 var registry = levels{m: map[string]*componentLevel{}}
 
 type levels struct {

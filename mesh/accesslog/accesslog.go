@@ -46,9 +46,8 @@ type Logger struct {
 }
 
 // Gate is a live level the access log follows as well (the admin's
-// /logging?access=<level>).
+// /logging?access=<level>); entries are written at info.
 type Gate interface {
-	zerolog.Hook
 	Allows(zerolog.Level) bool
 }
 
@@ -59,7 +58,7 @@ func New(l zerolog.Logger) *Logger {
 
 // NewGated is New, with entries written only while gate allows info.
 func NewGated(l zerolog.Logger, gate Gate) *Logger {
-	a := New(l.Hook(gate))
+	a := New(l)
 	a.gate = gate
 	return a
 }
