@@ -169,17 +169,7 @@ func (cp *meshtunCP) status(t *testing.T) cpStatus {
 // waitServes waits (10 s at most) until dst echoes through the proxy.
 func waitServes(t *testing.T, topo *topology, dst string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, err := tcpEcho(topo.Pod, dst, 256)
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never served through the proxy: %v", dst, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	dialUntil(t, topo, dst, 10*time.Second).Close()
 }
 
 // untilRefused polls a connect to dst until it is refused (ECONNREFUSED:

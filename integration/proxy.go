@@ -118,10 +118,16 @@ func startProc(t *testing.T, name string, args, env []string, stop syscall.Signa
 	t.Cleanup(func() {
 		if !p.exited() {
 			_ = p.cmd.Process.Signal(stop)
-			select {
-			case <-p.done:
-			case <-time.After(5 * time.Second):
-				_ = p.cmd.Process.Kill()
+			exited := false
+			if stop != syscall.SIGKILL {
+				select {
+				case <-p.done:
+					exited = true
+				case <-time.After(5 * time.Second):
+					_ = p.cmd.Process.Kill()
+				}
+			}
+			if !exited {
 				select {
 				case <-p.done:
 				case <-time.After(5 * time.Second):

@@ -2,19 +2,18 @@ package main
 
 import (
 	"bytes"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
 
+	"github.com/meshtun/meshtun/agent"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 )
 
@@ -212,7 +211,7 @@ func TestProxySignals(t *testing.T) {
 	}
 
 	var logs bytes.Buffer
-	log := zerolog.New(&zerologSyncWriter{w: &logs})
+	log := zerolog.New(&agent.LockedWriter{W: &logs}) // the drain watch logs from its goroutine
 	ctx, wait := s.awaitDrainEnd(time.Minute, log)
 	in <- syscall.SIGHUP
 	time.Sleep(100 * time.Millisecond)
@@ -237,16 +236,4 @@ func TestProxySignals(t *testing.T) {
 		t.Fatal("the drain did not end at its deadline")
 	}
 	wait()
-}
-
-// zerologSyncWriter serializes writes (the drain watch logs from its goroutine).
-type zerologSyncWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (z *zerologSyncWriter) Write(b []byte) (int, error) {
-	z.mu.Lock()
-	defer z.mu.Unlock()
-	return z.w.Write(b)
 }

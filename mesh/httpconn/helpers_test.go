@@ -1,6 +1,7 @@
 package httpconn
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -360,4 +361,25 @@ func eventually(t testing.TB, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// stalledPOST sends an HTTP/1.1 POST with 5 of its 10 body bytes, then
+// waits (5 s at most) for the proxy's answer: status, body, time taken.
+func stalledPOST(t *testing.T, addr string) (int, string, time.Duration) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	io.WriteString(conn, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("stalled POST: %v after %v", err, time.Since(start))
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode, string(b), time.Since(start)
 }
