@@ -202,8 +202,8 @@ type HTTPStats struct {
 	CxHTTP1Total         atomic.Uint64 // upstream_cx_http1_total
 	CxHTTP2Total         atomic.Uint64 // upstream_cx_http2_total
 	// RetryOrShadowAbandoned counts requests whose body outgrew the retry
-	// buffer (per_connection_buffer_limit_bytes), so that they went on
-	// without retries (retry_or_shadow_abandoned).
+	// buffer (1 MiB, Envoy's per_connection_buffer_limit_bytes default),
+	// so that they went on without retries (retry_or_shadow_abandoned).
 	RetryOrShadowAbandoned atomic.Uint64
 
 	class [6]atomic.Uint64   // upstream_rq_1xx … upstream_rq_5xx (index = code/100)

@@ -82,13 +82,6 @@ func (b *retryBody) replayable() bool {
 	return !b.overflow && b.err == nil
 }
 
-// complete reports whether the whole body has been read (and kept).
-func (b *retryBody) complete() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.eof && !b.overflow
-}
-
 // getBody is http.Request.GetBody: a new attempt over the kept bytes.
 func (b *retryBody) getBody() (io.ReadCloser, error) {
 	a, ok := b.attempt()

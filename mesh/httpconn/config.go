@@ -303,7 +303,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		hcmv3.HttpConnectionManager_REJECT_REQUEST, hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT,
 		hcmv3.HttpConnectionManager_UNESCAPE_AND_FORWARD:
 	default:
-		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d", int32(a))
+		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d; valid: KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_REDIRECT, UNESCAPE_AND_FORWARD", int32(a))
 	}
 	if h.GetScopedRoutes() != nil {
 		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")

@@ -46,7 +46,6 @@ type h1Conn struct {
 	raw     syscall.RawConn
 	peekFn  func(fd uintptr) bool
 	peekBuf [1]byte
-	peekN   int
 	peekErr error
 }
 
@@ -57,7 +56,7 @@ var errPendingOverflow = errors.New("httpconn: upstream pending requests overflo
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
 	c.killFn = c.kill
-	if tc := pc.TCPConn(); tc != nil {
+	if tc := pc.TCPConn(); tc != nil && canPeek {
 		if raw, err := tc.SyscallConn(); err == nil {
 			c.raw = raw
 			c.peekFn = c.peek
@@ -85,7 +84,7 @@ func (c *h1Conn) alive() bool {
 	if err := c.raw.Read(c.peekFn); err != nil {
 		return false
 	}
-	return peekIdle(c.peekN, c.peekErr)
+	return peekIdle(c.peekErr)
 }
 
 func newH1Transport(cp *clusterPool) *h1Transport {

@@ -424,13 +424,7 @@ func (s *stream) normalizePath() bool {
 			return false
 		}
 		s.cfg.stats.RedirectedWithNormalizedPath.Add(1)
-		h := s.w.Header()
-		clear(h)
-		s.setServer(h)
-		if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
-			h["X-Request-Id"] = []string{s.e.RequestID}
-		}
-		h["Location"] = []string{target}
+		s.replyHeader()["Location"] = []string{target}
 		s.e.ResponseCodeDetails = "path_normalization_failed"
 		s.writeHeader(http.StatusTemporaryRedirect)
 		return false

@@ -2,11 +2,11 @@
 
 package httpconn
 
-// peek cannot look at the socket here; idle connections are assumed alive
-// (a failed request on one is still resent, see h1Transport.roundTrip).
-func (c *h1Conn) peek(uintptr) bool {
-	c.peekN, c.peekErr = -1, nil
-	return true
-}
+// canPeek: the socket cannot be looked at here; idle connections are
+// assumed alive (a failed request on one is still resent, see
+// h1Transport.roundTrip).
+const canPeek = false
 
-func peekIdle(int, error) bool { return true }
+func (c *h1Conn) peek(uintptr) bool { return true }
+
+func peekIdle(error) bool { return true }

@@ -440,14 +440,14 @@ func (rt *Route) pickCluster(r *http.Request) (string, *weightedCluster) {
 	case rt.cluster != "":
 		return rt.cluster, nil
 	case rt.clusterHeader != "":
-		return firstHeader(r, rt.clusterHeader), nil
+		return firstOf(r.Header[rt.clusterHeader]), nil
 	}
 	x := uint32((uint64(rand.Uint32()) * uint64(rt.totalWeight)) >> 32)
 	for i := range rt.weighted {
 		w := &rt.weighted[i]
 		if x < w.weight {
 			if w.header != "" {
-				return firstHeader(r, w.header), w
+				return firstOf(r.Header[w.header]), w
 			}
 			return w.name, w
 		}
@@ -455,13 +455,6 @@ func (rt *Route) pickCluster(r *http.Request) (string, *weightedCluster) {
 	}
 	w := &rt.weighted[len(rt.weighted)-1]
 	return w.name, w
-}
-
-func firstHeader(r *http.Request, k string) string {
-	if vs := r.Header[k]; len(vs) > 0 {
-		return vs[0]
-	}
-	return ""
 }
 
 func (s *stream) responseHeaderOps(h http.Header, routes *Routes, vh *VirtualHost, rt *Route, wc *weightedCluster) {

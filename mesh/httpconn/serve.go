@@ -194,6 +194,18 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.serve()
 }
 
+// replyHeader resets the response header for a reply of the proxy's own
+// (a local reply or a redirect): only server and the request id.
+func (s *stream) replyHeader() http.Header {
+	h := s.w.Header()
+	clear(h)
+	s.setServer(h)
+	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
+		h["X-Request-Id"] = []string{s.e.RequestID}
+	}
+	return h
+}
+
 // localReply answers from the proxy itself (no upstream response): with
 // a text/plain body as Envoy's local replies, or, for gRPC requests, as a
 // trailers-only gRPC response whose grpc-status maps the HTTP status.
@@ -203,12 +215,7 @@ func (s *stream) localReply(code int, body, details string) {
 		s.abort()
 		return
 	}
-	h := s.w.Header()
-	clear(h)
-	s.setServer(h)
-	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
-		h["X-Request-Id"] = []string{s.e.RequestID}
-	}
+	h := s.replyHeader()
 	if isGRPC(s.r) && code != http.StatusOK {
 		h["Content-Type"] = []string{"application/grpc"}
 		h["Grpc-Status"] = []string{strconv.Itoa(grpcStatusFor(code))}
