@@ -48,12 +48,9 @@ func (co *CaptureOptions) setDefaults() {
 // serves.
 func (a *Agent) setupCapture(in *Inputs) error {
 	co := a.cfg.Capture
-	mode := co.Mode
-	if mode == "" {
-		mode = "sidecar"
-		if in.InterceptionMode == "NONE" {
-			mode = "none"
-		}
+	mode, err := captureMode(co.Mode, in.InterceptionMode)
+	if err != nil {
+		return err
 	}
 	a.cfg.Capture.Mode = mode
 	a.podIPs = co.PodIPs
@@ -61,9 +58,6 @@ func (a *Agent) setupCapture(in *Inputs) error {
 		// Laptop mode: the proxy routes the CIDRs into its own TUN and
 		// takes them down when it exits; there is no pod traffic to hold.
 		return nil
-	}
-	if mode != "sidecar" {
-		return fmt.Errorf("capture mode %q: want sidecar or none", mode)
 	}
 	dev, capt, err := installCapture(co, in.Exclusions, agentPorts(in.ProxyConfig, in.ReadinessPort), a.root)
 	if err != nil {
@@ -161,18 +155,20 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case co.Mode == "local":
-		return errors.New("--capture-only: laptop mode (--mode local, --capture local) has no init container; its proxy routes the CIDRs itself")
-	case co.Mode == "none" || co.Mode == "" && im == "NONE":
+	mode, err := captureMode(co.Mode, im)
+	if err != nil {
+		return err
+	}
+	switch mode {
+	case "local":
+		return errors.New("--capture-only: laptop mode (--mode local, --capture local) has no init container; drop --capture-only (the proxy routes the CIDRs itself)")
+	case "none":
 		why := "--capture none"
 		if co.Mode == "" {
 			why = envInterception + "=NONE"
 		}
 		log.Info().Str("reason", why).Msg("capture-only: interception mode NONE, no capture installed; nothing changed")
 		return nil
-	case co.Mode != "" && co.Mode != "sidecar":
-		return fmt.Errorf("capture mode %q: want sidecar or none", co.Mode)
 	}
 	ex, warnings, err := LoadExclusions(src)
 	if err != nil {
@@ -189,7 +185,7 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	}
 	readiness := src.ReadinessPort
 	if readiness == 0 {
-		readiness = 15021
+		readiness = DefaultReadinessPort
 	}
 	dev, capt, err := installCapture(co, ex, agentPorts(pc, readiness), root)
 	if err != nil {
@@ -213,4 +209,20 @@ func LoadExclusions(src Sources) (Exclusions, []string, error) {
 		return Exclusions{}, nil, err
 	}
 	return exclusionsFrom(annots, annotationSource(env, src.AnnotationsFile))
+}
+
+// captureMode resolves --capture (flag; "" when unset) against the pod's
+// interception mode: unset means sidecar, or none for interception mode
+// NONE, as Istio installs no capture for such a pod.
+func captureMode(flag, interception string) (string, error) {
+	switch flag {
+	case "":
+		if interception == "NONE" {
+			return "none", nil
+		}
+		return "sidecar", nil
+	case "sidecar", "none", "local":
+		return flag, nil
+	}
+	return "", fmt.Errorf("--capture %q: want sidecar, none or local", flag)
 }

@@ -105,19 +105,18 @@ type Inputs struct {
 func Load(src Sources) (*Inputs, error) {
 	env := environ(src)
 	in := &Inputs{
-		PodName:          env[EnvPodName],
-		Namespace:        env[EnvPodNamespace],
-		ServiceAccount:   env[EnvServiceAccount],
-		Meta:             map[string]string{},
-		InterceptionMode: "REDIRECT",
-		IstioVersion:     IstioVersion,
-		ClusterID:        "Kubernetes",
-		ProxyConfig:      DefaultProxyConfig(),
-		ReadinessPort:    src.ReadinessPort,
-		NoXDS:            src.NoXDS,
+		PodName:        env[EnvPodName],
+		Namespace:      env[EnvPodNamespace],
+		ServiceAccount: env[EnvServiceAccount],
+		Meta:           map[string]string{},
+		IstioVersion:   IstioVersion,
+		ClusterID:      "Kubernetes",
+		ProxyConfig:    DefaultProxyConfig(),
+		ReadinessPort:  src.ReadinessPort,
+		NoXDS:          src.NoXDS,
 	}
 	if in.ReadinessPort == 0 {
-		in.ReadinessPort = 15021
+		in.ReadinessPort = DefaultReadinessPort
 	}
 	for _, req := range []struct{ name, val string }{{EnvPodName, in.PodName}, {EnvPodNamespace, in.Namespace}} {
 		if req.val == "" {
@@ -242,6 +241,9 @@ func loadProxyConfig(pc *ProxyConfig, src Sources, env map[string]string) (proxy
 	}
 	return proxyMeta, warnings, nil
 }
+
+// DefaultReadinessPort is Istio's sidecar readiness port (/healthz/ready).
+const DefaultReadinessPort = 15021
 
 // interceptionMode is ISTIO_META_INTERCEPTION_MODE, REDIRECT by default.
 func interceptionMode(env map[string]string) (string, error) {

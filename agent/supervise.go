@@ -99,8 +99,10 @@ type child struct {
 	// output), a SIGHUP would kill it by the default action, in the Go
 	// runtime's and the packages' initialization.
 	sigMu   sync.Mutex
-	spoke   bool
+	spoke   bool // set under sigMu; spokeFast mirrors it for the per-line check
 	pending []os.Signal
+
+	spokeFast atomic.Bool
 }
 
 // signal sends sig now, or with the child's first line.
@@ -118,12 +120,16 @@ func (c *child) signal(sig os.Signal) error {
 
 // spokeOnce marks the child as handling signals and sends those held.
 func (c *child) spokeOnce() {
+	if c.spokeFast.Load() {
+		return // every line after the first: no lock
+	}
 	c.sigMu.Lock()
 	defer c.sigMu.Unlock()
 	if c.spoke {
 		return
 	}
 	c.spoke = true
+	c.spokeFast.Store(true)
 	for _, sig := range c.pending {
 		_ = c.cmd.Process.Signal(sig)
 	}

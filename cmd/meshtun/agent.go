@@ -5,10 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -59,12 +57,7 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic), "local" (laptop mode, as --mode local) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
 	mode := fs.String("mode", "sidecar", `"sidecar" (in a pod, next to istiod) or "local" (a developer's machine: only --capture-cidr is routed into the TUN, nothing inbound; POD_NAME, POD_NAMESPACE and INSTANCE_IP default to the host name, "default" and the default route's address)`)
 	fs.Func("capture-cidr", `with --mode local: destinations routed into the TUN, comma separated or repeated (the mesh's service range, e.g. 10.96.0.0/12)`, func(s string) error {
-		for _, tok := range strings.Split(s, ",") {
-			if p, err := netip.ParsePrefix(strings.TrimSpace(tok)); err == nil && p != p.Masked() {
-				return fmt.Errorf("%v: host bits set (did you mean %v?)", p, p.Masked())
-			}
-		}
-		ps, err := tun.ParseCIDRs(s)
+		ps, err := parseCaptureCIDRs(s)
 		co.CIDRs = append(co.CIDRs, ps...)
 		return err
 	})
@@ -132,6 +125,9 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	switch {
+	case *captureOnly && co.Mode == "local":
+		fmt.Fprintf(stderr, "meshtun agent: --capture-only: laptop mode has no init container; drop --capture-only (its proxy routes --capture-cidr itself)\n")
+		return 2
 	case co.Mode != "" && co.Mode != "sidecar" && co.Mode != "none" && co.Mode != "local":
 		fmt.Fprintf(stderr, "meshtun agent: -capture: want \"sidecar\", \"local\" or \"none\", got %q\n", co.Mode)
 		return 2
@@ -140,9 +136,6 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 		return 2
 	case co.Mode != "local" && len(co.CIDRs) > 0:
 		fmt.Fprintf(stderr, "meshtun agent: --capture-cidr applies to --mode local only\n")
-		return 2
-	case *captureOnly && co.Mode == "local":
-		fmt.Fprintf(stderr, "meshtun agent: --capture-only: laptop mode has no init container (its proxy routes --capture-cidr itself)\n")
 		return 2
 	}
 	out := &agent.LockedWriter{W: stderr}

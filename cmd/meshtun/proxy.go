@@ -65,12 +65,7 @@ func (f *proxyFlags) register(fs *flag.FlagSet) {
 	fs.UintVar(&f.inboundPort, "inbound-port", 15006, "port of the listener that receives captured inbound flows (Istio's virtualInbound)")
 	fs.StringVar(&f.capture, "capture", "sidecar", `traffic capture: "sidecar" (route the pod's outbound TCP/UDP and inbound TCP into the TUN), "local" (laptop mode: route only --capture-cidr into the TUN, nothing inbound) or "none" (open the TUN, change no routes)`)
 	fs.Func("capture-cidr", `with --capture local: destinations routed into the TUN, comma separated or repeated, e.g. the mesh's service range "10.96.0.0/12"`, func(s string) error {
-		for _, tok := range strings.Split(s, ",") {
-			if p, err := netip.ParsePrefix(strings.TrimSpace(tok)); err == nil && p != p.Masked() {
-				return fmt.Errorf("%v: host bits set (did you mean %v?)", p, p.Masked())
-			}
-		}
-		ps, err := tun.ParseCIDRs(s)
+		ps, err := parseCaptureCIDRs(s)
 		f.captureCIDRs = append(f.captureCIDRs, ps...)
 		return err
 	})
@@ -130,6 +125,17 @@ func parseIPs(s string) ([]netip.Addr, error) {
 		out = append(out, ip.Unmap())
 	}
 	return out, nil
+}
+
+// parseCaptureCIDRs reads a --capture-cidr value: CIDRs without host bits
+// (a route covers a whole network; 10.96.0.1/12 is a typo for 10.96.0.0/12).
+func parseCaptureCIDRs(s string) ([]netip.Prefix, error) {
+	for _, tok := range strings.Split(s, ",") {
+		if p, err := netip.ParsePrefix(strings.TrimSpace(tok)); err == nil && p != p.Masked() {
+			return nil, fmt.Errorf("%v: host bits set (did you mean %v?)", p, p.Masked())
+		}
+	}
+	return tun.ParseCIDRs(s)
 }
 
 // parseMark reads a --mark value: a non-zero 32-bit number, decimal or 0x hex.
@@ -442,7 +448,7 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 			return nil
 		case <-sigs.reload:
 			if cfg == nil {
-				log.Warn().Msg("SIGHUP: no bootstrap to reload")
+				log.Warn().Msg("SIGHUP: started without --bootstrap, nothing to reload")
 				continue
 			}
 			if err := cfg.Reload(); err != nil {
