@@ -6,6 +6,8 @@ import (
 	"os"
 	"slices"
 	"strings"
+
+	"github.com/meshtun/meshtun/tun"
 )
 
 // LocalEnviron fills in, for laptop mode, what the sidecar injector would
@@ -45,38 +47,30 @@ func LocalEnviron(env []string) []string {
 	return out
 }
 
-// defaultRoute is what hostIP needs of one of the host's IPv4 default
-// routes (defaultRoutes, per OS).
-type defaultRoute struct {
-	ifindex int
-	src     netip.Addr // the route's preferred source, if it names one
-	metric  int        // the lowest wins, as in the kernel
-}
-
 // hostIP is the IPv4 address the host's traffic leaves from: the preferred
 // source of the default route with the lowest metric, else the first
 // global IPv4 address of that route's interface. Only without a default
 // route (a laptop offline) is it the first global IPv4 address of any
 // interface that is up.
 func hostIP() string {
-	routes, _ := defaultRoutes()
+	routes, _ := tun.DefaultRoutes(false)
 	if ip := chooseHostIP(routes, interfaceIPv4s); ip.IsValid() {
 		return ip.String()
 	}
 	return firstUpIPv4()
 }
 
-func chooseHostIP(routes []defaultRoute, addrs func(ifindex int) []netip.Addr) netip.Addr {
+func chooseHostIP(routes []tun.DefaultRoute, addrs func(ifindex int) []netip.Addr) netip.Addr {
 	routes = slices.Clone(routes)
-	slices.SortStableFunc(routes, func(a, b defaultRoute) int { return a.metric - b.metric })
+	slices.SortStableFunc(routes, func(a, b tun.DefaultRoute) int { return a.Metric - b.Metric })
 	for _, r := range routes {
-		if r.src.Is4() && r.src.IsGlobalUnicast() {
-			return r.src
+		if r.Src.Is4() && r.Src.IsGlobalUnicast() {
+			return r.Src
 		}
-		if r.ifindex <= 0 {
+		if r.Ifindex <= 0 {
 			continue
 		}
-		for _, a := range addrs(r.ifindex) {
+		for _, a := range addrs(r.Ifindex) {
 			if a.Is4() && a.IsGlobalUnicast() {
 				return a
 			}

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/meshtun/meshtun/tun"
 )
 
 func TestLocalEnviron(t *testing.T) {
@@ -29,17 +31,17 @@ func TestChooseHostIP(t *testing.T) {
 	lookup := func(i int) []netip.Addr { return addrs[i] }
 	for _, tc := range []struct {
 		name   string
-		routes []defaultRoute
+		routes []tun.DefaultRoute
 		want   string
 	}{
 		{"no default route", nil, "invalid IP"},
-		{"the route's interface, its first global IPv4", []defaultRoute{{ifindex: 2}}, "10.1.0.5"},
-		{"the route's preferred source first", []defaultRoute{{ifindex: 2, src: netip.MustParseAddr("10.1.0.6")}}, "10.1.0.6"},
+		{"the route's interface, its first global IPv4", []tun.DefaultRoute{{Ifindex: 2}}, "10.1.0.5"},
+		{"the route's preferred source first", []tun.DefaultRoute{{Ifindex: 2, Src: netip.MustParseAddr("10.1.0.6")}}, "10.1.0.6"},
 		{"the lowest metric wins, whatever the order",
-			[]defaultRoute{{ifindex: 2, metric: 600}, {ifindex: 3, metric: 100}}, "192.168.7.9"},
+			[]tun.DefaultRoute{{Ifindex: 2, Metric: 600}, {Ifindex: 3, Metric: 100}}, "192.168.7.9"},
 		{"a route whose interface has no global IPv4 is passed over",
-			[]defaultRoute{{ifindex: 1, metric: 0}, {ifindex: 3, metric: 50}}, "192.168.7.9"},
-		{"no usable address", []defaultRoute{{ifindex: 1}, {ifindex: 9}}, "invalid IP"},
+			[]tun.DefaultRoute{{Ifindex: 1, Metric: 0}, {Ifindex: 3, Metric: 50}}, "192.168.7.9"},
+		{"no usable address", []tun.DefaultRoute{{Ifindex: 1}, {Ifindex: 9}}, "invalid IP"},
 	} {
 		if got := chooseHostIP(tc.routes, lookup).String(); got != tc.want {
 			t.Errorf("%s: chooseHostIP = %s, want %s", tc.name, got, tc.want)

@@ -619,15 +619,14 @@ func defaultDst(v6 bool) *net.IPNet {
 // defaultRouteInterface is the interface of the main table's default route,
 // IPv4 first.
 func defaultRouteInterface() (string, error) {
-	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	for _, v6 := range []bool{false, true} {
+		routes, err := DefaultRoutes(v6)
 		if err != nil {
-			return "", fmt.Errorf("capture: listing routes: %w", err)
+			return "", fmt.Errorf("capture: %w", err)
 		}
 		for _, r := range routes {
-			if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.LinkIndex > 0 {
-				l, err := netlink.LinkByIndex(r.LinkIndex)
-				if err == nil {
+			if r.Ifindex > 0 {
+				if l, err := netlink.LinkByIndex(r.Ifindex); err == nil {
 					return l.Attrs().Name, nil
 				}
 			}
