@@ -92,6 +92,9 @@ type Cluster struct {
 
 	resources [2]*Resources
 	stats     clusterStats
+	// http are the HTTP request counters; a cluster that replaces another
+	// of its name takes over the replaced one's (ShareHTTPStats).
+	http atomic.Pointer[HTTPStats]
 
 	errNoHealthy error
 	errOverflow  error

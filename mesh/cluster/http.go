@@ -5,13 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"runtime"
 	"sort"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
-	"weak"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
@@ -247,34 +244,19 @@ func (s *HTTPStats) Stats() []Stat {
 	return out
 }
 
-// httpStats maps a live *Cluster to its HTTPStats without a field in
-// Cluster: keyed by a weak pointer, the entry is deleted when the cluster
-// is garbage collected. Readers take no lock once the entry exists.
-var httpStats sync.Map // weak.Pointer[Cluster] → *HTTPStats
-
 // ShareHTTPStats makes c count its HTTP request stats into s: the proxy
 // gives a cluster replaced by a CDS update the HTTPStats of the cluster
 // it replaces, as Envoy keeps cluster.<name>.* stats by name across
 // updates (the counters would otherwise restart from 0 on every change of
 // the cluster's config). Call it before c serves a request.
-func (c *Cluster) ShareHTTPStats(s *HTTPStats) {
-	k := weak.Make(c)
-	if _, loaded := httpStats.Swap(k, s); !loaded {
-		runtime.AddCleanup(c, func(k weak.Pointer[Cluster]) { httpStats.Delete(k) }, k)
-	}
-}
+func (c *Cluster) ShareHTTPStats(s *HTTPStats) { c.http.Store(s) }
 
 // HTTPStats returns the cluster's HTTP request counters (created on first
-// use). Callers on a hot path should keep the pointer: the lookup is a
-// sync.Map read plus a weak-pointer handle.
+// use).
 func (c *Cluster) HTTPStats() *HTTPStats {
-	k := weak.Make(c)
-	if v, ok := httpStats.Load(k); ok {
-		return v.(*HTTPStats)
+	if s := c.http.Load(); s != nil {
+		return s
 	}
-	v, loaded := httpStats.LoadOrStore(k, new(HTTPStats))
-	if !loaded {
-		runtime.AddCleanup(c, func(k weak.Pointer[Cluster]) { httpStats.Delete(k) }, k)
-	}
-	return v.(*HTTPStats)
+	c.http.CompareAndSwap(nil, new(HTTPStats))
+	return c.http.Load()
 }
