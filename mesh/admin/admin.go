@@ -62,6 +62,8 @@ type Server struct {
 	mux           *http.ServeMux
 	healthFailed  atomic.Bool
 	drained       atomic.Bool
+	promMu        sync.Mutex
+	promNames     map[string]promName // the last /stats/prometheus's names, by stat name
 	resetMu       sync.Mutex
 	resetBaseline map[statKey]uint64 // raw counter values at the last /reset_counters
 }

@@ -221,18 +221,30 @@ func (s *Server) prometheus(w http.ResponseWriter, r *http.Request) {
 		gauge          bool
 	}
 	samples := make([]sample, 0, len(sel))
+	// Tag extraction runs Istio's ~15 regexes per name; names are stable
+	// between scrapes, so the last scrape's results are reused (and only
+	// the names still present are kept).
+	s.promMu.Lock()
+	prev, next := s.promNames, make(map[string]promName, len(sel))
 	var lb strings.Builder
 	for _, st := range sel {
-		rest, tags := extractTags(st.name)
-		lb.Reset()
-		for i, t := range tags {
-			if i > 0 {
-				lb.WriteByte(',')
+		pn, ok := prev[st.name]
+		if !ok {
+			rest, tags := extractTags(st.name)
+			lb.Reset()
+			for i, t := range tags {
+				if i > 0 {
+					lb.WriteByte(',')
+				}
+				fmt.Fprintf(&lb, "%s=\"%s\"", sanitize(t.name), escapeLabel(t.value))
 			}
-			fmt.Fprintf(&lb, "%s=\"%s\"", sanitize(t.name), escapeLabel(t.value))
+			pn = promName{"envoy_" + sanitize(rest), lb.String()}
 		}
-		samples = append(samples, sample{"envoy_" + sanitize(rest), lb.String(), st.value, st.gauge})
+		next[st.name] = pn
+		samples = append(samples, sample{pn.family, pn.labels, st.value, st.gauge})
 	}
+	s.promNames = next
+	s.promMu.Unlock()
 	// Envoy writes the counters, then the gauges, each sorted by metric name.
 	sort.SliceStable(samples, func(i, j int) bool {
 		if samples[i].gauge != samples[j].gauge {
@@ -254,6 +266,9 @@ func (s *Server) prometheus(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s{%s} %d\n", m.family, m.labels, m.value)
 	}
 }
+
+// promName is a stat's Prometheus metric name and labels.
+type promName struct{ family, labels string }
 
 var labelEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`)
 

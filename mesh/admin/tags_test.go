@@ -151,6 +151,20 @@ func TestPrometheusIstioTags(t *testing.T) {
 	}
 
 	_, body := get(t, ts, "/stats/prometheus")
+	// A second scrape reuses the first's names: the same output, but for
+	// the gauges of the Go runtime's memory and the uptime.
+	steady := func(b string) string {
+		var keep []string
+		for _, l := range strings.Split(b, "\n") {
+			if !strings.Contains(l, "server_memory") && !strings.Contains(l, "uptime") {
+				keep = append(keep, l)
+			}
+		}
+		return strings.Join(keep, "\n")
+	}
+	if _, again := get(t, ts, "/stats/prometheus"); steady(again) != steady(body) {
+		t.Errorf("second scrape differs from the first:\n%s\n---\n%s", body, again)
+	}
 	for _, line := range []string{
 		`envoy_cluster_upstream_rq{response_code_class="2xx",cluster_name="` + reviews + `"} 3`,
 		`envoy_cluster_upstream_rq{response_code="200",cluster_name="` + reviews + `"} 3`,
