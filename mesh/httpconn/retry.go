@@ -61,8 +61,14 @@ type retryPolicy struct {
 
 const previousHostsPredicate = "envoy.retry_host_predicates.previous_hosts"
 
+// Envoy's retry defaults: one retry, back-off from 25 ms up to 10× that.
+const (
+	defaultNumRetries = 1
+	defaultRetryBase  = 25 * time.Millisecond
+)
+
 func compileRetry(p *routev3.RetryPolicy, field string) (*retryPolicy, error) {
-	rp := &retryPolicy{numRetries: 1, base: 25 * time.Millisecond}
+	rp := &retryPolicy{numRetries: defaultNumRetries, base: defaultRetryBase}
 	for _, tok := range strings.Split(p.GetRetryOn(), ",") {
 		tok = strings.TrimSpace(tok)
 		if tok == "" {
@@ -230,7 +236,7 @@ func requestOverrides(h http.Header, timeout time.Duration, p *retryPolicy) (tim
 	if p != nil {
 		np = *p
 	} else {
-		np = retryPolicy{numRetries: 1, base: 25 * time.Millisecond, max: 250 * time.Millisecond}
+		np = retryPolicy{numRetries: defaultNumRetries, base: defaultRetryBase, max: 10 * defaultRetryBase}
 	}
 	if perTry >= 0 {
 		np.perTry = perTry
