@@ -30,11 +30,10 @@ func SetupLocal(cfg LocalConfig, log zerolog.Logger) (*Local, error) {
 	}
 	l := &Local{cfg: cfg, log: log}
 	for i, p := range cfg.CIDRs {
-		c := routeCommand("add", p, cfg.TunName)
-		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+		if err := runCmd(routeCommand("add", p, cfg.TunName)); err != nil {
 			l.cfg.CIDRs = cfg.CIDRs[:i]
 			l.Teardown()
-			return nil, fmt.Errorf("local capture: route add %v -interface %s: %v: %s", p, cfg.TunName, err, strings.TrimSpace(string(out)))
+			return nil, fmt.Errorf("local capture: %w", err)
 		}
 	}
 	log.Info().Str("tun", cfg.TunName).Interface("cidrs", cfg.CIDRs).Msg("local capture installed")
@@ -45,9 +44,8 @@ func SetupLocal(cfg LocalConfig, log zerolog.Logger) (*Local, error) {
 func (l *Local) Teardown() error {
 	var errs []string
 	for _, p := range l.cfg.CIDRs {
-		c := routeCommand("delete", p, l.cfg.TunName)
-		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
-			errs = append(errs, fmt.Sprintf("%v: %v: %s", p, err, strings.TrimSpace(string(out))))
+		if err := runCmd(routeCommand("delete", p, l.cfg.TunName)); err != nil {
+			errs = append(errs, err.Error())
 		}
 	}
 	if len(errs) > 0 {
@@ -59,9 +57,9 @@ func (l *Local) Teardown() error {
 // DefaultInterface is the index of the interface of the default route,
 // which laptop mode pins the proxy's upstream sockets to.
 func DefaultInterface() (int, error) {
-	out, err := exec.Command(darwinRoute, "-n", "get", "default").Output()
+	out, err := exec.Command(darwinRoute, "-n", "get", "default").CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("route get default: %w", err)
+		return 0, fmt.Errorf("route -n get default: %v: %s (no default route: connect to a network first)", err, strings.TrimSpace(string(out)))
 	}
 	for _, line := range strings.Split(string(out), "\n") {
 		if name, ok := strings.CutPrefix(strings.TrimSpace(line), "interface:"); ok {
