@@ -32,13 +32,7 @@ func servedNames(s *Server) (listeners, clusters string) {
 // for only stepWait.
 func TestOrderMakeBeforeBreak(t *testing.T) {
 	def, _ := BuiltinProfile("default")
-	reg := func(name, vip string) *Registry {
-		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: TCP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r
-	}
+	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "TCP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour
 	e := &nodeEntry{node: Node{ID: "n", IPs: nil}, clusters: 1, listeners: 1}
@@ -114,13 +108,7 @@ func TestOrderMakeBeforeBreak(t *testing.T) {
 // route names is served.
 func TestOrderRoutesFollowListeners(t *testing.T) {
 	def, _ := BuiltinProfile("default")
-	reg := func(name, vip string) *Registry {
-		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: HTTP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r
-	}
+	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "HTTP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour
 	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
@@ -170,13 +158,7 @@ func TestOrderRoutesFollowListeners(t *testing.T) {
 func TestOrderProfileNotHeldBack(t *testing.T) {
 	def, _ := BuiltinProfile("default")
 	strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}, connectTimeout: 3s}\n")
-	reg := func(name, vip string) *Registry {
-		r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: HTTP}]\n  endpoints: [{address: 10.1.0.1}]\n"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return r
-	}
+	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "HTTP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour // the lagging node is waited for, longer than the test
 	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
@@ -277,4 +259,15 @@ func TestADSProfileSwitchWithLaggingNode(t *testing.T) {
 		t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile, a registry change waiting for a lagging node (%s)", srv.Status().Pending)
 	}
 	t.Logf("profile change applied by the proxy after %v, the registry change still pending: %s", time.Since(start), srv.Status().Pending)
+}
+
+// oneService is a registry of one service, name at vip, port 80 with
+// proto, one endpoint.
+func oneService(t *testing.T, name, vip, proto string) *Registry {
+	t.Helper()
+	r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: "+proto+"}]\n  endpoints: [{address: 10.1.0.1}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
