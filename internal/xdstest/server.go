@@ -1,0 +1,105 @@
+package xdstest
+
+import (
+	"context"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/grpc"
+)
+
+// Server is go-control-plane's real ADS server (SotW and delta) on a
+// loopback port, serving one snapshot per node ID, and recording every
+// NACK it receives.
+type Server struct {
+	Addr  string
+	Cache cachev3.SnapshotCache
+
+	version atomic.Int64
+	mu      sync.Mutex
+	nacks   []NACK
+	acks    map[string]int // by type URL
+}
+
+// NACK is a rejection the server received.
+type NACK struct {
+	TypeURL string
+	Message string
+}
+
+// NewServer starts the server; it stops when the test ends.
+func NewServer(t testing.TB) *Server {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Addr: lis.Addr().String(), Cache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), acks: map[string]int{}}
+	record := func(typeURL, nonce string, detail interface{ GetMessage() string }, hasErr bool) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		switch {
+		case hasErr:
+			s.nacks = append(s.nacks, NACK{TypeURL: typeURL, Message: detail.GetMessage()})
+		case nonce != "":
+			s.acks[typeURL]++
+		}
+	}
+	cb := serverv3.CallbackFuncs{
+		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
+			record(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			return nil
+		},
+		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
+			record(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			return nil
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gs := grpc.NewServer()
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, s.Cache, cb))
+	done := make(chan struct{})
+	go func() { defer close(done); _ = gs.Serve(lis) }()
+	t.Cleanup(func() {
+		cancel()
+		gs.Stop()
+		<-done
+	})
+	return s
+}
+
+// Set serves the given resources to node under a new version. res is keyed
+// by type URL (resource.ClusterType, …).
+func (s *Server) Set(t testing.TB, node string, res map[string][]types.Resource) {
+	t.Helper()
+	v := strconv.FormatInt(s.version.Add(1), 10)
+	snap, err := cachev3.NewSnapshot(v, map[resource.Type][]types.Resource(res))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Cache.SetSnapshot(context.Background(), node, snap); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// NACKs returns the rejections received so far.
+func (s *Server) NACKs() []NACK {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]NACK(nil), s.nacks...)
+}
+
+// ACKs returns how many ACKs of typeURL were received.
+func (s *Server) ACKs(typeURL string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.acks[typeURL]
+}
