@@ -38,8 +38,8 @@ const VersionHeader = "X-Meshtun-Version"
 // maxProfileBytes bounds a POSTed profile.
 const maxProfileBytes = 1 << 20
 
-// NewToken returns a random bearer token.
-func NewToken() (string, error) {
+// newToken returns a random bearer token.
+func newToken() (string, error) {
 	b := make([]byte, 32)
 	if _, err := rand.Read(b); err != nil {
 		return "", err
@@ -47,10 +47,10 @@ func NewToken() (string, error) {
 	return hex.EncodeToString(b), nil
 }
 
-// WriteTokenFile writes token to dir/controlplane.token, readable by its
+// writeTokenFile writes token to dir/controlplane.token, readable by its
 // owner only, replacing any previous one atomically. It creates dir (0700)
 // if needed and returns the file's path.
-func WriteTokenFile(dir, token string) (string, error) {
+func writeTokenFile(dir, token string) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("state dir: %w", err)
 	}
@@ -76,7 +76,8 @@ func WriteTokenFile(dir, token string) (string, error) {
 	return path, nil
 }
 
-// ReadTokenFile reads a token written by WriteTokenFile.
+// ReadTokenFile reads the API token a control plane wrote at startup
+// (TokenFileName in its state directory).
 func ReadTokenFile(path string) (string, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -127,7 +128,7 @@ func (a *API) auth(h http.HandlerFunc) http.Handler {
 }
 
 func (a *API) getProfile(w http.ResponseWriter, _ *http.Request) {
-	a.writeProfile(w, a.Server.Profile(), a.Server.Version())
+	a.writeProfile(w, a.Server.Profile(), a.Server.currentVersion())
 }
 
 func (a *API) writeProfile(w http.ResponseWriter, p *Profile, version string) {
@@ -158,12 +159,12 @@ func (a *API) postProfile(w http.ResponseWriter, r *http.Request) {
 	}
 	p, err := ParseProfile(source, body)
 	if err != nil {
-		a.Server.RejectProfile(err)
+		a.Server.rejectProfile(err)
 		a.Log.Warn().Err(err).Msg("profile rejected; the previous one stays in force")
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	v := a.Server.SetProfile(p)
+	v := a.Server.setProfile(p)
 	a.Log.Info().Str("profile", p.Metadata.Name).Str("source", source).Str("version", v).
 		Str("outbound_traffic_policy", string(p.Spec.OutboundTrafficPolicy.Mode)).Msg("profile applied")
 	a.writeProfile(w, p, v)
@@ -173,5 +174,5 @@ func (a *API) status(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
-	enc.Encode(a.Server.Status())
+	enc.Encode(a.Server.status())
 }

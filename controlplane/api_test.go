@@ -44,7 +44,7 @@ func call(t *testing.T, method, url, token, body string) (int, string, http.Head
 // one is 401 (with WWW-Authenticate) and changes nothing; /ready is open.
 func TestAPIAuth(t *testing.T) {
 	a, ts := newTestAPI(t)
-	v0 := a.Server.Version()
+	v0 := a.Server.currentVersion()
 	for _, tc := range []struct{ method, path, token, body string }{
 		{"GET", "/v1/profile", "", ""},
 		{"GET", "/v1/profile", "wrong", ""},
@@ -64,7 +64,7 @@ func TestAPIAuth(t *testing.T) {
 	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("basic auth: %v %v", resp, err)
 	}
-	if a.Server.Version() != v0 || a.Server.Profile().Spec.OutboundTrafficPolicy.Mode != AllowAny {
+	if a.Server.currentVersion() != v0 || a.Server.Profile().Spec.OutboundTrafficPolicy.Mode != AllowAny {
 		t.Error("an unauthenticated request changed the configuration")
 	}
 	if code, body, _ := call(t, "GET", ts.URL+"/ready", "", ""); code != 200 || body != "ready\n" {
@@ -105,11 +105,11 @@ func TestAPIGetAndPostProfile(t *testing.T) {
 			t.Errorf("POST invalid: %d %q, want 400 containing %q", code, body, bad.want)
 		}
 	}
-	if _, body, _ = call(t, "GET", ts.URL+"/v1/profile", "s3cret", ""); body != string(before) || a.Server.Version() != "2" {
-		t.Errorf("an invalid profile changed the configuration (version %s):\n%s", a.Server.Version(), body)
+	if _, body, _ = call(t, "GET", ts.URL+"/v1/profile", "s3cret", ""); body != string(before) || a.Server.currentVersion() != "2" {
+		t.Errorf("an invalid profile changed the configuration (version %s):\n%s", a.Server.currentVersion(), body)
 	}
 	code, body, _ = call(t, "GET", ts.URL+"/v1/status", "s3cret", "")
-	var st Status
+	var st serverStatus
 	if code != 200 || json.Unmarshal([]byte(body), &st) != nil {
 		t.Fatalf("status: %d %s", code, body)
 	}
@@ -122,7 +122,7 @@ func TestAPIGetAndPostProfile(t *testing.T) {
 // 0700 when created), replaced atomically, and read back.
 func TestTokenFile(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
-	p, err := WriteTokenFile(dir, "tok1")
+	p, err := writeTokenFile(dir, "tok1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +132,7 @@ func TestTokenFile(t *testing.T) {
 			t.Errorf("%s: mode %v (%v), want %v", path, fi.Mode(), err, mode)
 		}
 	}
-	if _, err := WriteTokenFile(dir, "tok2"); err != nil {
+	if _, err := writeTokenFile(dir, "tok2"); err != nil {
 		t.Fatal(err)
 	}
 	if tok, err := ReadTokenFile(p); err != nil || tok != "tok2" {
@@ -141,8 +141,8 @@ func TestTokenFile(t *testing.T) {
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Errorf("state dir holds %d files, want the token only", len(ents))
 	}
-	a, _ := NewToken()
-	b, _ := NewToken()
+	a, _ := newToken()
+	b, _ := newToken()
 	if len(a) != 64 || a == b {
 		t.Errorf("tokens %q %q", a, b)
 	}

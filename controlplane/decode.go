@@ -14,23 +14,23 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// FieldError is a decoding or validation error at one field of a document.
+// fieldError is a decoding or validation error at one field of a document.
 // Path is the field's JSON path ("spec.outboundTrafficPolicy.mode",
 // "services[1].ports[0].protocol").
-type FieldError struct {
+type fieldError struct {
 	Path string
 	Msg  string
 }
 
-func (e *FieldError) Error() string {
+func (e *fieldError) Error() string {
 	if e.Path == "" {
 		return e.Msg
 	}
 	return e.Path + ": " + e.Msg
 }
 
-func fieldErr(path, format string, args ...any) *FieldError {
-	return &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)}
+func fieldErr(path, format string, args ...any) *fieldError {
+	return &fieldError{Path: path, Msg: fmt.Sprintf(format, args...)}
 }
 
 // decodeStrict decodes a YAML (or JSON) document into v, which may be
@@ -39,8 +39,8 @@ func fieldErr(path, format string, args ...any) *FieldError {
 // duplicate keys, fields v's type does not have (listing the valid ones),
 // keys that differ from a field only by case, values of the wrong type,
 // and values a field's own UnmarshalJSON refuses; every error is a
-// *FieldError naming the path. It returns the document as generic JSON
-// values too (also with a *FieldError), for callers that label paths.
+// *fieldError naming the path. It returns the document as generic JSON
+// values too (also with a *fieldError), for callers that label paths.
 func decodeStrict(data []byte, v any) (map[string]any, error) {
 	doc, j, err := parseDoc(data)
 	if err != nil {
@@ -53,7 +53,7 @@ func decodeStrict(data []byte, v any) (map[string]any, error) {
 	d.DisallowUnknownFields()
 	if err := d.Decode(v); err != nil {
 		// checkValue has seen every field; this is a safety net.
-		return doc, &FieldError{Msg: err.Error()}
+		return doc, &fieldError{Msg: err.Error()}
 	}
 	return doc, nil
 }
@@ -63,20 +63,20 @@ func decodeStrict(data []byte, v any) (map[string]any, error) {
 func parseDoc(data []byte) (map[string]any, []byte, error) {
 	j, err := yaml.YAMLToJSONStrict(data)
 	if err != nil {
-		return nil, nil, &FieldError{Msg: strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")}
+		return nil, nil, &fieldError{Msg: strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")}
 	}
 	var raw any
 	d := json.NewDecoder(bytes.NewReader(j))
 	d.UseNumber()
 	if err := d.Decode(&raw); err != nil {
-		return nil, nil, &FieldError{Msg: err.Error()}
+		return nil, nil, &fieldError{Msg: err.Error()}
 	}
 	if raw == nil {
-		return nil, nil, &FieldError{Msg: "the document is empty"}
+		return nil, nil, &fieldError{Msg: "the document is empty"}
 	}
 	doc, ok := raw.(map[string]any)
 	if !ok {
-		return nil, nil, &FieldError{Msg: fmt.Sprintf("want a mapping at the top level, got %s", kindOf(raw))}
+		return nil, nil, &fieldError{Msg: fmt.Sprintf("want a mapping at the top level, got %s", kindOf(raw))}
 	}
 	return doc, j, nil
 }
@@ -106,7 +106,7 @@ func checkValue(raw any, t reflect.Type, path string) error {
 	if reflect.PointerTo(t).Implements(unmarshalerType) {
 		b, _ := json.Marshal(raw)
 		if err := reflect.New(t).Interface().(json.Unmarshaler).UnmarshalJSON(b); err != nil {
-			return &FieldError{Path: path, Msg: err.Error()}
+			return &fieldError{Path: path, Msg: err.Error()}
 		}
 		return nil
 	}
@@ -246,9 +246,9 @@ func choiceError(got string, choices []string) error {
 	return fmt.Errorf("%q is not valid; valid choices: %s", got, strings.Join(choices, ", "))
 }
 
-// asFieldError returns err as a *FieldError, if it is one.
-func asFieldError(err error) (*FieldError, bool) {
-	var fe *FieldError
+// asFieldError returns err as a *fieldError, if it is one.
+func asFieldError(err error) (*fieldError, bool) {
+	var fe *fieldError
 	ok := errors.As(err, &fe)
 	return fe, ok
 }

@@ -26,16 +26,16 @@ import (
 
 // Names Istio gives the sidecar's special listeners and clusters.
 const (
-	VirtualOutbound           = "virtualOutbound"
-	VirtualInbound            = "virtualInbound"
-	PassthroughCluster        = "PassthroughCluster"
-	BlackHoleCluster          = "BlackHoleCluster"
-	InboundPassthroughCluster = "InboundPassthroughCluster"
+	virtualOutbound           = "virtualOutbound"
+	virtualInbound            = "virtualInbound"
+	passthroughCluster        = "PassthroughCluster"
+	blackHoleCluster          = "BlackHoleCluster"
+	inboundPassthroughCluster = "InboundPassthroughCluster"
 
-	// ProxyListenPort and ProxyInboundListenPort are mesh.proxyListenPort
+	// proxyListenPort and proxyInboundListenPort are mesh.proxyListenPort
 	// and the inbound capture port.
-	ProxyListenPort        = 15001
-	ProxyInboundListenPort = 15006
+	proxyListenPort        = 15001
+	proxyInboundListenPort = 15006
 
 	// inboundPassthroughBind4 and 6: "6 is the magical number for inbound".
 	inboundPassthroughBind4 = "127.0.0.6"
@@ -51,9 +51,9 @@ const (
 	maxCircuitLimit = math.MaxUint32
 )
 
-// Resources is a complete sidecar configuration: what one node receives
+// resources is a complete sidecar configuration: what one node receives
 // over ADS. Each list is sorted by name.
-type Resources struct {
+type resources struct {
 	Listeners []*listenerv3.Listener
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
@@ -62,8 +62,8 @@ type Resources struct {
 	Routes []*routev3.RouteConfiguration
 }
 
-// Generate returns the sidecar configuration of node under reg and mesh.
-func Generate(reg *Registry, mesh *MeshConfig, node Node) *Resources {
+// generate returns the sidecar configuration of node under reg and mesh.
+func generate(reg *Registry, mesh *MeshConfig, node nodeInfo) *resources {
 	return newGenerator(reg, mesh).forClass(node.class())
 }
 
@@ -95,7 +95,7 @@ type generator struct {
 func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 	g := &generator{reg: reg, mesh: mesh}
 	for _, pl := range reg.listeners {
-		if pl.protocol == ProtocolHTTP {
+		if pl.protocol == protocolHTTP {
 			g.http = append(g.http, pl)
 		}
 		if pl.addr.Addr().IsUnspecified() {
@@ -104,15 +104,15 @@ func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 		}
 		g.listeners = append(g.listeners, g.outboundListener(pl))
 	}
-	for _, h := range reg.Hosts {
+	for _, h := range reg.hosts {
 		for _, p := range h.Ports {
 			switch h.Resolution {
-			case ResolutionStatic:
+			case resolutionStatic:
 				g.clusters = append(g.clusters, g.edsCluster(h, p))
 				g.endpoints = append(g.endpoints, loadAssignment(h, p))
-			case ResolutionNone:
+			case resolutionNone:
 				g.clusters = append(g.clusters, g.originalDstCluster(h, p))
-			case ResolutionDNS:
+			case resolutionDNS:
 				g.dns = append(g.dns, route{host: h, port: p})
 			}
 		}
@@ -124,10 +124,10 @@ func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 // for every class.
 func (g *generator) clusterNames() map[string]bool {
 	if g.names == nil {
-		g.names = map[string]bool{PassthroughCluster: true, BlackHoleCluster: true, InboundPassthroughCluster: true}
-		for _, h := range g.reg.Hosts {
+		g.names = map[string]bool{passthroughCluster: true, blackHoleCluster: true, inboundPassthroughCluster: true}
+		for _, h := range g.reg.hosts {
 			for _, p := range h.Ports {
-				g.names[ClusterName(p.Number, h.Name)] = true
+				g.names[clusterName(p.Number, h.Name)] = true
 			}
 		}
 	}
@@ -139,8 +139,8 @@ func (g *generator) clusterNames() map[string]bool {
 }
 
 // forClass assembles the configuration of a node class.
-func (g *generator) forClass(c nodeClass) *Resources {
-	r := &Resources{
+func (g *generator) forClass(c nodeClass) *resources {
+	r := &resources{
 		Listeners: append([]*listenerv3.Listener{g.virtualOutbound(c), g.virtualInbound(c)}, g.listeners...),
 		Clusters:  append([]*clusterv3.Cluster{g.passthroughCluster(), g.blackHoleCluster(), g.inboundPassthroughCluster(c)}, g.clusters...),
 		Endpoints: append([]*endpointv3.ClusterLoadAssignment(nil), g.endpoints...),
@@ -172,9 +172,9 @@ func (g *generator) forClass(c nodeClass) *Resources {
 // PassthroughCluster under ALLOW_ANY, BlackHoleCluster under REGISTRY_ONLY.
 func (g *generator) catchAll() string {
 	if g.mesh.OutboundTrafficPolicy.Mode == RegistryOnly {
-		return BlackHoleCluster
+		return blackHoleCluster
 	}
-	return PassthroughCluster
+	return passthroughCluster
 }
 
 // wildcard is the proxy's wildcard address: 0.0.0.0, or :: for an
@@ -203,18 +203,18 @@ func (c nodeClass) wildcards() []netip.Addr {
 // addressed to 15001 itself from looping.
 func (g *generator) virtualOutbound(c nodeClass) *listenerv3.Listener {
 	return &listenerv3.Listener{
-		Name:             VirtualOutbound,
-		Address:          socketAddress(corev3.SocketAddress_TCP, c.wildcard(), ProxyListenPort),
+		Name:             virtualOutbound,
+		Address:          socketAddress(corev3.SocketAddress_TCP, c.wildcard(), proxyListenPort),
 		UseOriginalDst:   wrapperspb.Bool(true),
 		TrafficDirection: corev3.TrafficDirection_OUTBOUND,
 		FilterChains: []*listenerv3.FilterChain{
 			{
-				Name:             VirtualOutbound + "-blackhole",
-				FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(ProxyListenPort)},
-				Filters:          []*listenerv3.Filter{g.tcpProxy(BlackHoleCluster)},
+				Name:             virtualOutbound + "-blackhole",
+				FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(proxyListenPort)},
+				Filters:          []*listenerv3.Filter{g.tcpProxy(blackHoleCluster)},
 			},
 			{
-				Name:    VirtualOutbound + "-catchall-tcp",
+				Name:    virtualOutbound + "-catchall-tcp",
 				Filters: []*listenerv3.Filter{g.tcpProxy(g.catchAll())},
 			},
 		},
@@ -232,8 +232,8 @@ func (g *generator) virtualInbound(c nodeClass) *listenerv3.Listener {
 		ranges = append(ranges, &corev3.CidrRange{AddressPrefix: "::", PrefixLen: wrapperspb.UInt32(0)})
 	}
 	return &listenerv3.Listener{
-		Name:             VirtualInbound,
-		Address:          socketAddress(corev3.SocketAddress_TCP, c.wildcard(), ProxyInboundListenPort),
+		Name:             virtualInbound,
+		Address:          socketAddress(corev3.SocketAddress_TCP, c.wildcard(), proxyInboundListenPort),
 		TrafficDirection: corev3.TrafficDirection_INBOUND,
 		ListenerFilters: []*listenerv3.ListenerFilter{{
 			Name:       originalDst,
@@ -241,14 +241,14 @@ func (g *generator) virtualInbound(c nodeClass) *listenerv3.Listener {
 		}},
 		FilterChains: []*listenerv3.FilterChain{
 			{
-				Name:             VirtualInbound + "-blackhole",
-				FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(ProxyInboundListenPort)},
-				Filters:          []*listenerv3.Filter{g.tcpProxy(BlackHoleCluster)},
+				Name:             virtualInbound + "-blackhole",
+				FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(proxyInboundListenPort)},
+				Filters:          []*listenerv3.Filter{g.tcpProxy(blackHoleCluster)},
 			},
 			{
-				Name:             VirtualInbound + "-catchall-tcp",
+				Name:             virtualInbound + "-catchall-tcp",
 				FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: ranges},
-				Filters:          []*listenerv3.Filter{g.tcpProxy(InboundPassthroughCluster)},
+				Filters:          []*listenerv3.Filter{g.tcpProxy(inboundPassthroughCluster)},
 			},
 		},
 	}
@@ -258,11 +258,11 @@ func (g *generator) virtualInbound(c nodeClass) *listenerv3.Listener {
 // protocol has its own builder.
 func (g *generator) outboundListener(pl *listenerPlan) *listenerv3.Listener {
 	switch pl.protocol {
-	case ProtocolHTTP:
+	case protocolHTTP:
 		return g.httpListener(pl)
-	case ProtocolTLS:
+	case protocolTLS:
 		return g.tlsListener(pl)
-	case ProtocolUDP:
+	case protocolUDP:
 		return g.udpListener(pl)
 	}
 	return g.tcpListener(pl)
@@ -285,7 +285,7 @@ func outboundBase(pl *listenerPlan, proto corev3.SocketAddress_Protocol) *listen
 func (g *generator) tcpListener(pl *listenerPlan) *listenerv3.Listener {
 	l := outboundBase(pl, corev3.SocketAddress_TCP)
 	rt := pl.routes[0]
-	l.FilterChains = []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{g.tcpProxy(ClusterName(rt.port.Number, rt.host.Name))}}}
+	l.FilterChains = []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{g.tcpProxy(clusterName(rt.port.Number, rt.host.Name))}}}
 	return l
 }
 
@@ -312,7 +312,7 @@ func (g *generator) tlsListener(pl *listenerPlan) *listenerv3.Listener {
 	for _, rt := range routes {
 		l.FilterChains = append(l.FilterChains, &listenerv3.FilterChain{
 			FilterChainMatch: &listenerv3.FilterChainMatch{ServerNames: []string{rt.host.Name}},
-			Filters:          []*listenerv3.Filter{g.tcpProxy(ClusterName(rt.port.Number, rt.host.Name))},
+			Filters:          []*listenerv3.Filter{g.tcpProxy(clusterName(rt.port.Number, rt.host.Name))},
 		})
 	}
 	l.DefaultFilterChain = &listenerv3.FilterChain{Filters: []*listenerv3.Filter{g.tcpProxy(g.catchAll())}}
@@ -324,7 +324,7 @@ func (g *generator) tlsListener(pl *listenerPlan) *listenerv3.Listener {
 func (g *generator) udpListener(pl *listenerPlan) *listenerv3.Listener {
 	l := outboundBase(pl, corev3.SocketAddress_UDP)
 	rt := pl.routes[0]
-	cl := ClusterName(rt.port.Number, rt.host.Name)
+	cl := clusterName(rt.port.Number, rt.host.Name)
 	l.ListenerFilters = []*listenerv3.ListenerFilter{{
 		Name: udpProxyName,
 		ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&udpproxyv3.UdpProxyConfig{
@@ -439,8 +439,8 @@ func defaultCircuitBreakers() *clusterv3.CircuitBreakers {
 
 // edsCluster is a service port's cluster: endpoints over ADS, named by
 // the cluster (Istio's maybeApplyEdsConfig).
-func (g *generator) edsCluster(h *Host, p Port) *clusterv3.Cluster {
-	c := g.baseCluster(ClusterName(p.Number, h.Name), clusterv3.Cluster_EDS)
+func (g *generator) edsCluster(h *host, p port) *clusterv3.Cluster {
+	c := g.baseCluster(clusterName(p.Number, h.Name), clusterv3.Cluster_EDS)
 	c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{ServiceName: c.Name, EdsConfig: adsConfigSource()}
 	return c
 }
@@ -457,14 +457,14 @@ func adsConfigSource() *corev3.ConfigSource {
 
 // originalDstCluster is an external host of resolution NONE: connections
 // go where the client sent them.
-func (g *generator) originalDstCluster(h *Host, p Port) *clusterv3.Cluster {
-	return g.baseCluster(ClusterName(p.Number, h.Name), clusterv3.Cluster_ORIGINAL_DST)
+func (g *generator) originalDstCluster(h *host, p port) *clusterv3.Cluster {
+	return g.baseCluster(clusterName(p.Number, h.Name), clusterv3.Cluster_ORIGINAL_DST)
 }
 
 // dnsCluster is an external host of resolution DNS: STRICT_DNS over its
 // endpoints, with Istio's DNS settings for the node's IP families.
-func (g *generator) dnsCluster(h *Host, p Port, cls nodeClass) *clusterv3.Cluster {
-	c := g.baseCluster(ClusterName(p.Number, h.Name), clusterv3.Cluster_STRICT_DNS)
+func (g *generator) dnsCluster(h *host, p port, cls nodeClass) *clusterv3.Cluster {
+	c := g.baseCluster(clusterName(p.Number, h.Name), clusterv3.Cluster_STRICT_DNS)
 	c.DnsLookupFamily = clusterv3.Cluster_V4_ONLY // dual stack too, as Istio without ISTIO_DUAL_STACK
 	if cls.v6 && !cls.v4 {
 		c.DnsLookupFamily = clusterv3.Cluster_V6_ONLY
@@ -480,8 +480,8 @@ func (g *generator) dnsCluster(h *Host, p Port, cls nodeClass) *clusterv3.Cluste
 // weight is the sum of its endpoints' weights, as Istio's EndpointBuilder
 // computes it; without locality_weighted_lb_config (Istio's default) it
 // is informational.
-func loadAssignment(h *Host, p Port) *endpointv3.ClusterLoadAssignment {
-	name := ClusterName(p.Number, h.Name)
+func loadAssignment(h *host, p port) *endpointv3.ClusterLoadAssignment {
+	name := clusterName(p.Number, h.Name)
 	type loc struct{ region, zone, sub string }
 	groups := map[loc]*endpointv3.LocalityLbEndpoints{}
 	var order []loc
@@ -530,8 +530,8 @@ func loadAssignment(h *Host, p Port) *endpointv3.ClusterLoadAssignment {
 // ports".
 func (g *generator) passthroughCluster() *clusterv3.Cluster {
 	c := &clusterv3.Cluster{
-		Name:                 PassthroughCluster,
-		AltStatName:          PassthroughCluster + statDelimiter,
+		Name:                 passthroughCluster,
+		AltStatName:          passthroughCluster + statDelimiter,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
 		ConnectTimeout:       durationpb.New(time.Duration(g.mesh.ConnectTimeout)),
 		LbPolicy:             clusterv3.Cluster_CLUSTER_PROVIDED,
@@ -544,8 +544,8 @@ func (g *generator) passthroughCluster() *clusterv3.Cluster {
 // endpoints, so every connect through it is refused.
 func (g *generator) blackHoleCluster() *clusterv3.Cluster {
 	return &clusterv3.Cluster{
-		Name:                 BlackHoleCluster,
-		AltStatName:          BlackHoleCluster + statDelimiter,
+		Name:                 blackHoleCluster,
+		AltStatName:          blackHoleCluster + statDelimiter,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
 		ConnectTimeout:       durationpb.New(time.Duration(g.mesh.ConnectTimeout)),
 		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
@@ -558,11 +558,11 @@ func (g *generator) blackHoleCluster() *clusterv3.Cluster {
 // application sees inbound connections from an address capture ignores.
 func (g *generator) inboundPassthroughCluster(cls nodeClass) *clusterv3.Cluster {
 	c := g.passthroughCluster()
-	c.Name = InboundPassthroughCluster
+	c.Name = inboundPassthroughCluster
 	// Istio keeps the clone's "PassthroughCluster;"; meshtun's /stats
 	// would then list the two clusters' counters under one name twice
 	// (Envoy merges them), so the inbound cluster gets its own.
-	c.AltStatName = InboundPassthroughCluster + statDelimiter
+	c.AltStatName = inboundPassthroughCluster + statDelimiter
 	src := inboundPassthroughBind4
 	if cls.v6 && !cls.v4 {
 		src = inboundPassthroughBind6

@@ -35,7 +35,7 @@ func mustRegistry(t testing.TB, path string) *Registry {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := ParseRegistry(path, data)
+	r, err := parseRegistry(path, data)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,14 +51,14 @@ func mustProfile(t testing.TB, doc string) *Profile {
 	return p
 }
 
-func node(t testing.TB, id, instanceIPs string) Node {
+func node(t testing.TB, id, instanceIPs string) nodeInfo {
 	t.Helper()
 	n := &corev3.Node{Id: id}
 	if instanceIPs != "" {
 		md, _ := structpb.NewStruct(map[string]any{"INSTANCE_IPS": instanceIPs})
 		n.Metadata = md
 	}
-	out, err := ParseNode(n)
+	out, err := parseNode(n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +67,7 @@ func node(t testing.TB, id, instanceIPs string) Node {
 
 type goldenCase struct {
 	name    string
-	node    Node
+	node    nodeInfo
 	profile *Profile
 }
 
@@ -84,7 +84,7 @@ func goldenCases(t testing.TB) []goldenCase {
 
 // golden renders resources as stable, indented protojson (snake_case
 // names, as Envoy's config_dump).
-func golden(t *testing.T, r *Resources) []byte {
+func golden(t *testing.T, r *resources) []byte {
 	t.Helper()
 	mo := protojson.MarshalOptions{UseProtoNames: true}
 	enc := func(m proto.Message) json.RawMessage {
@@ -127,7 +127,7 @@ func TestGoldenConfig(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
 	for _, tc := range goldenCases(t) {
 		t.Run(tc.name, func(t *testing.T) {
-			got := golden(t, Generate(reg, &tc.profile.Spec, tc.node))
+			got := golden(t, generate(reg, &tc.profile.Spec, tc.node))
 			path := filepath.Join("testdata", "golden", tc.name+".json")
 			if *update {
 				if err := os.WriteFile(path, got, 0o644); err != nil {
@@ -177,7 +177,7 @@ func (noDNS) LookupNetIP(context.Context, string, string) ([]netip.Addr, error) 
 // route configuration a listener names must be there, and no other (what
 // the proxy's xDS client hands over), and every cluster a route names
 // must exist (validate_clusters is false: the proxy would not check).
-func buildInProxy(r *Resources) error {
+func buildInProxy(r *resources) error {
 	routes := map[string]*routev3.RouteConfiguration{}
 	for _, rc := range r.Routes {
 		if routes[rc.GetName()] != nil {
@@ -251,18 +251,18 @@ func buildInProxy(r *Resources) error {
 func TestGeneratedConfigAcceptedByProxy(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
 	for _, tc := range goldenCases(t) {
-		if err := buildInProxy(Generate(reg, &tc.profile.Spec, tc.node)); err != nil {
+		if err := buildInProxy(generate(reg, &tc.profile.Spec, tc.node)); err != nil {
 			t.Errorf("%s: the proxy rejects the generated configuration: %v", tc.name, err)
 		}
 	}
 	ex := mustRegistry(t, "../examples/registry.yaml")
 	for _, name := range ProfileNames() {
 		p, _ := BuiltinProfile(name)
-		if err := buildInProxy(Generate(ex, &p.Spec, node(t, "sidecar~10.250.0.2~app.default~default.svc.cluster.local", ""))); err != nil {
+		if err := buildInProxy(generate(ex, &p.Spec, node(t, "sidecar~10.250.0.2~app.default~default.svc.cluster.local", ""))); err != nil {
 			t.Errorf("examples/registry.yaml under %s: the proxy rejects it: %v", name, err)
 		}
 	}
-	if err := buildInProxy(Generate(EmptyRegistry(), &defaultMeshPtr().Spec, node(t, "sidecar~10.0.0.1~a.b~b.svc.cluster.local", ""))); err != nil {
+	if err := buildInProxy(generate(EmptyRegistry(), &defaultMeshPtr().Spec, node(t, "sidecar~10.0.0.1~a.b~b.svc.cluster.local", ""))); err != nil {
 		t.Errorf("empty registry: %v", err)
 	}
 }
@@ -276,15 +276,15 @@ func defaultMeshPtr() *Profile { p, _ := BuiltinProfile("default"); return p }
 func TestCatchAllFollowsMode(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
 	n := node(t, "sidecar~10.1.0.5~a.b~b.svc.cluster.local", "")
-	for mode, want := range map[OutboundMode]string{AllowAny: PassthroughCluster, RegistryOnly: BlackHoleCluster} {
+	for mode, want := range map[OutboundMode]string{AllowAny: passthroughCluster, RegistryOnly: blackHoleCluster} {
 		p := defaultMeshPtr()
 		p.Spec.OutboundTrafficPolicy.Mode = mode
-		r := Generate(reg, &p.Spec, n)
-		vo := findListener(r, VirtualOutbound)
+		r := generate(reg, &p.Spec, n)
+		vo := findListener(r, virtualOutbound)
 		if got := tcpCluster(t, vo.GetFilterChains()[1]); got != want {
 			t.Errorf("%s: virtualOutbound catch-all → %s, want %s", mode, got, want)
 		}
-		if got := tcpCluster(t, vo.GetFilterChains()[0]); got != BlackHoleCluster {
+		if got := tcpCluster(t, vo.GetFilterChains()[0]); got != blackHoleCluster {
 			t.Errorf("%s: virtualOutbound loop guard → %s", mode, got)
 		}
 		if got := tcpCluster(t, findListener(r, "0.0.0.0_443").GetDefaultFilterChain()); got != want {
@@ -293,7 +293,7 @@ func TestCatchAllFollowsMode(t *testing.T) {
 	}
 }
 
-func findListener(r *Resources, name string) *listenerv3.Listener {
+func findListener(r *resources, name string) *listenerv3.Listener {
 	if r == nil {
 		return nil
 	}

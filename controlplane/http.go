@@ -33,21 +33,21 @@ const (
 	routerFilterName = "envoy.filters.http.router"
 	previousHosts    = "envoy.retry_host_predicates.previous_hosts"
 
-	// DefaultRouteName is the route of a host's virtual host.
-	DefaultRouteName = "default"
-	// AllowAnyVirtualHost and BlockAllVirtualHost are the catch-all
+	// defaultRouteName is the route of a host's virtual host.
+	defaultRouteName = "default"
+	// allowAnyVirtualHost and blockAllVirtualHost are the catch-all
 	// virtual hosts (and their routes) of ALLOW_ANY and REGISTRY_ONLY:
 	// Istio's util.Passthrough and util.BlackHole.
-	AllowAnyVirtualHost = "allow_any"
-	BlockAllVirtualHost = "block_all"
+	allowAnyVirtualHost = "allow_any"
+	blockAllVirtualHost = "block_all"
 
 	// defaultRetryOn and the rest of defaultRetryPolicy are Istio's
 	// retry.DefaultPolicy.
 	defaultRetryOn = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 )
 
-// RouteName is the route configuration of HTTP port port.
-func RouteName(port uint16) string { return strconv.Itoa(int(port)) }
+// routeName is the route configuration of HTTP port port.
+func routeName(port uint16) string { return strconv.Itoa(int(port)) }
 
 // httpListener is Istio's outbound HTTP listener: one chain, the
 // connection manager with RDS. Istio's buildHTTPConnectionManager also
@@ -63,7 +63,7 @@ func (g *generator) httpListener(pl *listenerPlan) *listenerv3.Listener {
 		StatPrefix: "outbound_" + l.GetName(),
 		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
 			ConfigSource:    adsConfigSource(),
-			RouteConfigName: RouteName(pl.addr.Port()),
+			RouteConfigName: routeName(pl.addr.Port()),
 		}},
 		HttpFilters: []*hcmv3.HttpFilter{{
 			Name:       routerFilterName,
@@ -102,7 +102,7 @@ func (g *generator) routeConfiguration(pl *listenerPlan, c nodeClass) *routev3.R
 		fqdns[hostPort(rt.host.Name, port)] = true
 	}
 	used := map[string]bool{}
-	rc := &routev3.RouteConfiguration{Name: RouteName(port), ValidateClusters: wrapperspb.Bool(false)}
+	rc := &routev3.RouteConfiguration{Name: routeName(port), ValidateClusters: wrapperspb.Bool(false)}
 	for _, rt := range routes {
 		var domains []string
 		for _, d := range virtualHostDomains(rt.host, port, c.ns) {
@@ -119,7 +119,7 @@ func (g *generator) routeConfiguration(pl *listenerPlan, c nodeClass) *routev3.R
 		rc.VirtualHosts = append(rc.VirtualHosts, &routev3.VirtualHost{
 			Name:                       name,
 			Domains:                    domains,
-			Routes:                     []*routev3.Route{defaultRoute(ClusterName(port, rt.host.Name), name)},
+			Routes:                     []*routev3.Route{defaultRoute(clusterName(port, rt.host.Name), name)},
 			IncludeRequestAttemptCount: true,
 		})
 	}
@@ -138,7 +138,7 @@ type domain struct {
 // client in ns can resolve (<name> only from the same namespace;
 // <name>.<namespace> and <name>.<namespace>.svc from any); then the
 // addresses (IPv6 ones in brackets).
-func virtualHostDomains(h *Host, port uint16, ns string) []domain {
+func virtualHostDomains(h *host, port uint16, ns string) []domain {
 	var out []domain
 	add := func(name string, alt bool) {
 		out = append(out, domain{bracketIPv6(name), alt}, domain{hostPort(name, port), alt})
@@ -177,7 +177,7 @@ func bracketIPv6(host string) string {
 // names the operation for tracing (accepted, unused by the proxy).
 func defaultRoute(cluster, vhost string) *routev3.Route {
 	return &routev3.Route{
-		Name:  DefaultRouteName,
+		Name:  defaultRouteName,
 		Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
 		Action: &routev3.Route_Route{Route: &routev3.RouteAction{
 			ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster},
@@ -213,10 +213,10 @@ func (g *generator) catchAllVirtualHost() *routev3.VirtualHost {
 	match := &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}}
 	if g.mesh.OutboundTrafficPolicy.Mode == RegistryOnly {
 		return &routev3.VirtualHost{
-			Name:    BlockAllVirtualHost,
+			Name:    blockAllVirtualHost,
 			Domains: []string{"*"},
 			Routes: []*routev3.Route{{
-				Name:   BlockAllVirtualHost,
+				Name:   blockAllVirtualHost,
 				Match:  match,
 				Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 502}},
 			}},
@@ -224,13 +224,13 @@ func (g *generator) catchAllVirtualHost() *routev3.VirtualHost {
 		}
 	}
 	return &routev3.VirtualHost{
-		Name:    AllowAnyVirtualHost,
+		Name:    allowAnyVirtualHost,
 		Domains: []string{"*"},
 		Routes: []*routev3.Route{{
-			Name:  AllowAnyVirtualHost,
+			Name:  allowAnyVirtualHost,
 			Match: match,
 			Action: &routev3.Route_Route{Route: &routev3.RouteAction{
-				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: PassthroughCluster},
+				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: passthroughCluster},
 				Timeout:          durationpb.New(0),
 				MaxGrpcTimeout:   durationpb.New(0), //nolint:staticcheck // Istio still sets it
 			}},

@@ -42,7 +42,7 @@ func hcmOf(t *testing.T, l *listenerv3.Listener) *hcmv3.HttpConnectionManager {
 	return &hcm
 }
 
-func findRoutes(r *Resources, name string) *routev3.RouteConfiguration {
+func findRoutes(r *resources, name string) *routev3.RouteConfiguration {
 	if r == nil {
 		return nil
 	}
@@ -75,12 +75,12 @@ func vhostDomains(rc *routev3.RouteConfiguration, name string) []string {
 // allow_any (PassthroughCluster) or block_all (502) by the outbound
 // policy. The proxy compiles it and routes by Host accordingly.
 func TestHTTPShape(t *testing.T) {
-	reg, err := ParseRegistry("reg.yaml", []byte(httpRegistry))
+	reg, err := parseRegistry("reg.yaml", []byte(httpRegistry))
 	if err != nil {
 		t.Fatal(err)
 	}
 	def := defaultMeshPtr()
-	r := Generate(reg, &def.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", ""))
+	r := generate(reg, &def.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", ""))
 
 	var names []string
 	for _, l := range r.Listeners {
@@ -125,7 +125,7 @@ func TestHTTPShape(t *testing.T) {
 		vhosts = append(vhosts, vh.GetName())
 	}
 	want := []string{"api.default.svc.cluster.local:80", "web.default.svc.cluster.local:80", "web.other.svc.cluster.local:80",
-		"x.example.com:80", "y.example.com:80", AllowAnyVirtualHost}
+		"x.example.com:80", "y.example.com:80", allowAnyVirtualHost}
 	if !slices.Equal(vhosts, want) {
 		t.Errorf("virtual hosts %v, want %v", vhosts, want)
 	}
@@ -141,14 +141,14 @@ func TestHTTPShape(t *testing.T) {
 		// The shared address goes to the first host only.
 		{"x.example.com:80", []string{"x.example.com", "x.example.com:80", "240.240.0.9", "240.240.0.9:80"}},
 		{"y.example.com:80", []string{"y.example.com", "y.example.com:80"}},
-		{AllowAnyVirtualHost, []string{"*"}},
+		{allowAnyVirtualHost, []string{"*"}},
 	} {
 		if got := vhostDomains(rc, tc.vhost); !slices.Equal(got, tc.domains) {
 			t.Errorf("%s: domains\n  %v\nwant\n  %v", tc.vhost, got, tc.domains)
 		}
 	}
 	dr := rc.GetVirtualHosts()[1].GetRoutes()
-	if len(dr) != 1 || dr[0].GetName() != DefaultRouteName || dr[0].GetMatch().GetPrefix() != "/" {
+	if len(dr) != 1 || dr[0].GetName() != defaultRouteName || dr[0].GetMatch().GetPrefix() != "/" {
 		t.Fatalf("web's routes: %v", dr)
 	}
 	ra := dr[0].GetRoute()
@@ -159,8 +159,8 @@ func TestHTTPShape(t *testing.T) {
 		rp.GetHostSelectionRetryMaxAttempts() != 5 || !slices.Equal(rp.GetRetriableStatusCodes(), []uint32{503}) {
 		t.Errorf("web's default route: %v", ra)
 	}
-	if got := routeTarget(t, rc, "unknown.example.com"); got != PassthroughCluster {
-		t.Errorf("ALLOW_ANY: an unknown Host goes to %q, want %s", got, PassthroughCluster)
+	if got := routeTarget(t, rc, "unknown.example.com"); got != passthroughCluster {
+		t.Errorf("ALLOW_ANY: an unknown Host goes to %q, want %s", got, passthroughCluster)
 	}
 
 	// What the proxy makes of it: Host routing, with and without the port.
@@ -169,7 +169,7 @@ func TestHTTPShape(t *testing.T) {
 		"api.default": "outbound|80||api.default.svc.cluster.local", "10.96.1.2": "outbound|80||api.default.svc.cluster.local",
 		"web.other": "outbound|80||web.other.svc.cluster.local", "[fd00:96::3]:80": "outbound|80||web.other.svc.cluster.local",
 		"240.240.0.9": "outbound|80||x.example.com", "Y.Example.com": "outbound|80||y.example.com",
-		"other": PassthroughCluster,
+		"other": passthroughCluster,
 	} {
 		if got := routeTarget(t, rc, host); got != want {
 			t.Errorf("Host %q → %q, want %q", host, got, want)
@@ -179,11 +179,11 @@ func TestHTTPShape(t *testing.T) {
 	// REGISTRY_ONLY: block_all, a 502; the hosts' virtual hosts unchanged.
 	strict := defaultMeshPtr()
 	strict.Spec.OutboundTrafficPolicy.Mode = RegistryOnly
-	rs := Generate(reg, &strict.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", ""))
+	rs := generate(reg, &strict.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", ""))
 	rcs := findRoutes(rs, "80")
 	last := rcs.GetVirtualHosts()[len(rcs.GetVirtualHosts())-1]
-	if last.GetName() != BlockAllVirtualHost || !slices.Equal(last.GetDomains(), []string{"*"}) || len(last.GetRoutes()) != 1 ||
-		last.GetRoutes()[0].GetName() != BlockAllVirtualHost || last.GetRoutes()[0].GetDirectResponse().GetStatus() != 502 {
+	if last.GetName() != blockAllVirtualHost || !slices.Equal(last.GetDomains(), []string{"*"}) || len(last.GetRoutes()) != 1 ||
+		last.GetRoutes()[0].GetName() != blockAllVirtualHost || last.GetRoutes()[0].GetDirectResponse().GetStatus() != 502 {
 		t.Errorf("REGISTRY_ONLY catch-all: %v", last)
 	}
 	if got := routeTarget(t, rcs, "unknown.example.com"); got != "502" {
@@ -194,7 +194,7 @@ func TestHTTPShape(t *testing.T) {
 	}
 
 	// A node in another namespace: "web" is web.other's short name.
-	ro := Generate(reg, &def.Spec, node(t, "sidecar~10.1.0.6~app.other~other.svc.cluster.local", ""))
+	ro := generate(reg, &def.Spec, node(t, "sidecar~10.1.0.6~app.other~other.svc.cluster.local", ""))
 	if got := routeTarget(t, findRoutes(ro, "80"), "web"); got != "outbound|80||web.other.svc.cluster.local" {
 		t.Errorf("from namespace other, Host web → %q", got)
 	}
@@ -203,7 +203,7 @@ func TestHTTPShape(t *testing.T) {
 	}
 
 	// Dual stack: 0.0.0.0_80 and ::_80, one route configuration.
-	rd := Generate(reg, &def.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", "10.1.0.5,fd00:1::5"))
+	rd := generate(reg, &def.Spec, node(t, "sidecar~10.1.0.5~app.default~default.svc.cluster.local", "10.1.0.5,fd00:1::5"))
 	v6 := findListener(rd, "::_80")
 	if findListener(rd, "0.0.0.0_80") == nil || v6 == nil || len(rd.Routes) != 1 {
 		t.Fatalf("dual stack: listeners 0.0.0.0_80 %v, ::_80 %v, %d route configurations", findListener(rd, "0.0.0.0_80") != nil, v6 != nil, len(rd.Routes))
@@ -211,7 +211,7 @@ func TestHTTPShape(t *testing.T) {
 	if h := hcmOf(t, v6); h.GetStatPrefix() != "outbound_::_80" || h.GetRds().GetRouteConfigName() != "80" {
 		t.Errorf("::_80: stat_prefix %q, rds %q", h.GetStatPrefix(), h.GetRds().GetRouteConfigName())
 	}
-	for _, res := range []*Resources{r, rs, ro, rd} {
+	for _, res := range []*resources{r, rs, ro, rd} {
 		if err := buildInProxy(res); err != nil {
 			t.Errorf("the proxy rejects it: %v", err)
 		}
@@ -248,7 +248,7 @@ func routeTarget(t *testing.T, rc *routev3.RouteConfiguration, host string) stri
 	return ""
 }
 
-func catchAllVHost(r *Resources, route string) string {
+func catchAllVHost(r *resources, route string) string {
 	rc := findRoutes(r, route)
 	if rc == nil || len(rc.GetVirtualHosts()) == 0 {
 		return ""
@@ -263,7 +263,7 @@ func catchAllVHost(r *Resources, route string) string {
 // the step wait. Over state of the world too.
 func TestADSRemovedHTTPServiceNoWait(t *testing.T) {
 	def := defaultMeshPtr()
-	two, err := ParseRegistry("two", []byte(`
+	two, err := parseRegistry("two", []byte(`
 services:
 - {name: a, vip: 10.96.2.1, ports: [{port: 80, protocol: HTTP}], endpoints: [{address: 10.1.0.1}]}
 - {name: b, vip: 10.96.2.2, ports: [{port: 80, protocol: HTTP}], endpoints: [{address: 10.1.0.2}]}
@@ -271,7 +271,7 @@ services:
 	if err != nil {
 		t.Fatal(err)
 	}
-	one, err := ParseRegistry("one", []byte("services:\n- {name: a, vip: 10.96.2.1, ports: [{port: 80, protocol: HTTP}], endpoints: [{address: 10.1.0.1}]}\n"))
+	one, err := parseRegistry("one", []byte("services:\n- {name: a, vip: 10.96.2.1, ports: [{port: 80, protocol: HTTP}], endpoints: [{address: 10.1.0.1}]}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,28 +282,28 @@ services:
 	const id = "sidecar~10.1.0.5~app.default~default.svc.cluster.local"
 	delta := startProxyStub(t, addr, true, id)
 	sotw := startProxyStub(t, addr, false, "sidecar~10.1.0.6~app2.default~default.svc.cluster.local")
-	want := names(Generate(two, &def.Spec, node(t, id, "")))
+	want := names(generate(two, &def.Spec, node(t, id, "")))
 	for _, px := range []*proxyStub{delta, sotw} {
 		if !waitFor(5*time.Second, func() bool { return names(px.accepted()) == want }) {
 			t.Fatalf("initial configuration not accepted: %v\n%s", px.client.LastError(), names(px.accepted()))
 		}
 	}
 	start := time.Now()
-	srv.SetRegistry(one)
-	want = names(Generate(one, &def.Spec, node(t, id, "")))
+	srv.setRegistry(one)
+	want = names(generate(one, &def.Spec, node(t, id, "")))
 	for _, px := range []*proxyStub{delta, sotw} {
 		if !waitFor(5*time.Second, func() bool { return names(px.accepted()) == want }) {
-			t.Fatalf("b's cluster was not dropped (pending: %s):\n%s", srv.Status().Pending, names(px.accepted()))
+			t.Fatalf("b's cluster was not dropped (pending: %s):\n%s", srv.status().Pending, names(px.accepted()))
 		}
 	}
-	if !waitFor(time.Second, func() bool { return srv.Status().Pending == "" }) {
-		t.Fatalf("still pending: %s", srv.Status().Pending)
+	if !waitFor(time.Second, func() bool { return srv.status().Pending == "" }) {
+		t.Fatalf("still pending: %s", srv.status().Pending)
 	}
 	t.Logf("removal done in %v", time.Since(start))
 	if rc := findRoutes(delta.accepted(), "80"); len(rc.GetVirtualHosts()) != 2 {
 		t.Errorf("route configuration 80 at the proxy: %v", rc)
 	}
-	for _, n := range srv.Status().Nodes {
+	for _, n := range srv.status().Nodes {
 		if n.NACKs != 0 || n.Routes == 0 {
 			t.Errorf("node %+v", n)
 		}

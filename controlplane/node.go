@@ -8,28 +8,28 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 )
 
-// Node is a connected proxy as the generator sees it.
-type Node struct {
+// nodeInfo is a connected proxy as the generator sees it.
+type nodeInfo struct {
 	ID        string
 	IPs       []netip.Addr
 	Pod       string // <pod>.<namespace> from the node id
 	Namespace string
 }
 
-// ParseNode reads an Istio sidecar node: the id is
+// parseNode reads an Istio sidecar node: the id is
 // sidecar~<IP>~<pod>.<namespace>~<namespace>.svc.cluster.local; the IPs are
 // node.metadata.INSTANCE_IPS (comma separated) when set, else the id's IP,
 // as istiod reads them.
-func ParseNode(n *corev3.Node) (Node, error) {
+func parseNode(n *corev3.Node) (nodeInfo, error) {
 	id := n.GetId()
 	parts := strings.Split(id, "~")
 	if len(parts) != 4 {
-		return Node{}, fmt.Errorf("node id %q: want sidecar~<IP>~<pod>.<namespace>~<namespace>.svc.cluster.local", id)
+		return nodeInfo{}, fmt.Errorf("node id %q: want sidecar~<IP>~<pod>.<namespace>~<namespace>.svc.cluster.local", id)
 	}
 	if parts[0] != "sidecar" {
-		return Node{}, fmt.Errorf("node id %q: proxy type %q is not supported; valid choices: sidecar", id, parts[0])
+		return nodeInfo{}, fmt.Errorf("node id %q: proxy type %q is not supported; valid choices: sidecar", id, parts[0])
 	}
-	out := Node{ID: id, Pod: parts[2]}
+	out := nodeInfo{ID: id, Pod: parts[2]}
 	if _, ns, ok := strings.Cut(parts[2], "."); ok {
 		out.Namespace = ns
 	}
@@ -37,7 +37,7 @@ func ParseNode(n *corev3.Node) (Node, error) {
 		for _, s := range strings.Split(v, ",") {
 			ip, err := netip.ParseAddr(strings.TrimSpace(s))
 			if err != nil {
-				return Node{}, fmt.Errorf("node %q: metadata INSTANCE_IPS: %q is not an IP address", id, s)
+				return nodeInfo{}, fmt.Errorf("node %q: metadata INSTANCE_IPS: %q is not an IP address", id, s)
 			}
 			out.IPs = append(out.IPs, ip.Unmap())
 		}
@@ -45,13 +45,13 @@ func ParseNode(n *corev3.Node) (Node, error) {
 	}
 	ip, err := netip.ParseAddr(parts[1])
 	if err != nil {
-		return Node{}, fmt.Errorf("node id %q: %q is not an IP address", id, parts[1])
+		return nodeInfo{}, fmt.Errorf("node id %q: %q is not an IP address", id, parts[1])
 	}
 	out.IPs = []netip.Addr{ip.Unmap()}
 	return out, nil
 }
 
-func (n Node) class() nodeClass {
+func (n nodeInfo) class() nodeClass {
 	c := nodeClass{ns: n.Namespace}
 	for _, ip := range n.IPs {
 		if ip.Is4() {

@@ -274,13 +274,13 @@ func (s *Server) sequencer(ctx context.Context) {
 // routes, and the served cluster names with their endpoints, each from
 // target if it has it, else from the newest earlier configuration that
 // does.
-func (s *Server) served(c nodeClass) *Resources {
+func (s *Server) served(c nodeClass) *resources {
 	q := &s.seq
 	r := q.target.forClass(c)
 	if q.lis == q.target && len(q.names) == len(q.target.clusterNames()) {
 		return r
 	}
-	out := &Resources{Listeners: r.Listeners, Routes: r.Routes}
+	out := &resources{Listeners: r.Listeners, Routes: r.Routes}
 	if q.lis != q.target {
 		l := q.lis.forClass(c)
 		out.Listeners, out.Routes = l.Listeners, l.Routes
@@ -306,7 +306,7 @@ func (s *Server) served(c nodeClass) *Resources {
 
 // takeClusters moves the clusters of from named in left, with their
 // assignments, to out.
-func takeClusters(out, from *Resources, left map[string]bool) {
+func takeClusters(out, from *resources, left map[string]bool) {
 	cla := make(map[string]*endpointv3.ClusterLoadAssignment, len(from.Endpoints))
 	for _, e := range from.Endpoints {
 		cla[e.GetClusterName()] = e

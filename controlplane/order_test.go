@@ -35,7 +35,7 @@ func TestOrderMakeBeforeBreak(t *testing.T) {
 	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "TCP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour
-	e := &nodeEntry{node: Node{ID: "n", IPs: nil}, clusters: 1, listeners: 1}
+	e := &nodeEntry{node: nodeInfo{ID: "n", IPs: nil}, clusters: 1, listeners: 1}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
@@ -111,7 +111,7 @@ func TestOrderRoutesFollowListeners(t *testing.T) {
 	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "HTTP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour
-	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
+	e := &nodeEntry{node: nodeInfo{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
@@ -161,7 +161,7 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	reg := func(name, vip string) *Registry { return oneService(t, name, vip, "HTTP") }
 	s := NewServer(reg("a", "10.96.0.1"), def, zerolog.Nop())
 	s.stepWait = time.Hour // the lagging node is waited for, longer than the test
-	e := &nodeEntry{node: Node{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
+	e := &nodeEntry{node: nodeInfo{ID: "n"}, clusters: 1, listeners: 1, routes: 1}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
@@ -187,10 +187,10 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	// ACKed it. REGISTRY_ONLY goes out at once, in a's listeners and routes.
 	s.reg = reg("b", "10.96.0.2")
 	s.rebuild()
-	check("2", PassthroughCluster, AllowAnyVirtualHost, va, ca+" "+cb)
+	check("2", passthroughCluster, allowAnyVirtualHost, va, ca+" "+cb)
 	s.profile = strict
 	s.rebuild()
-	check("3", BlackHoleCluster, BlockAllVirtualHost, va, ca+" "+cb)
+	check("3", blackHoleCluster, blockAllVirtualHost, va, ca+" "+cb)
 	for _, c := range s.served(nodeClass{v4: true}).Clusters {
 		if c.GetName() == ca && c.GetConnectTimeout().AsDuration() != 3*time.Second {
 			t.Errorf("the kept cluster %s has connect_timeout %v, want the new profile's 3s", ca, c.GetConnectTimeout().AsDuration())
@@ -205,13 +205,13 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	if !s.step() {
 		t.Fatal("no step after the node ACKed the clusters")
 	}
-	check("4", BlackHoleCluster, BlockAllVirtualHost, vb, ca+" "+cb)
+	check("4", blackHoleCluster, blockAllVirtualHost, vb, ca+" "+cb)
 	// Step 3 waits for the node's ACK of b's listeners and routes; back to
 	// ALLOW_ANY meanwhile: at once, and the sequence is still at step 3
 	// (not back at the listeners: the registry is the same).
 	s.profile = def
 	s.rebuild()
-	check("5", PassthroughCluster, AllowAnyVirtualHost, vb, ca+" "+cb)
+	check("5", passthroughCluster, allowAnyVirtualHost, vb, ca+" "+cb)
 	if s.seq.lis != s.seq.target || !strings.HasPrefix(s.seq.describe(), "unused clusters") {
 		t.Fatalf("a profile change set the sequence back: %s", s.seq.describe())
 	}
@@ -219,7 +219,7 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	if !s.step() {
 		t.Fatal("no step after the node ACKed the listeners and routes")
 	}
-	check("6", PassthroughCluster, AllowAnyVirtualHost, vb, cb)
+	check("6", passthroughCluster, allowAnyVirtualHost, vb, cb)
 	if s.seq.pending() {
 		t.Fatalf("still pending: %s", s.seq.describe())
 	}
@@ -235,37 +235,37 @@ func TestADSProfileSwitchWithLaggingNode(t *testing.T) {
 	srv, addr := startServer(t, reg, def)
 	const id = "sidecar~10.1.0.5~app.default~default.svc.cluster.local"
 	px := startProxyStub(t, addr, true, id)
-	if !waitFor(5*time.Second, func() bool { return catchAllOf(t, px.accepted()) == PassthroughCluster }) {
+	if !waitFor(5*time.Second, func() bool { return catchAllOf(t, px.accepted()) == passthroughCluster }) {
 		t.Fatalf("the proxy never accepted a configuration; last error %v", px.client.LastError())
 	}
 	// A node with no stream: it never ACKs.
 	srv.mu.Lock()
-	srv.nodes["sidecar~10.1.0.6~lag.default~default.svc.cluster.local"] = &nodeEntry{node: Node{ID: "lag"}}
+	srv.nodes["sidecar~10.1.0.6~lag.default~default.svc.cluster.local"] = &nodeEntry{node: nodeInfo{ID: "lag"}}
 	srv.mu.Unlock()
-	more, err := ParseRegistry("more.yaml", []byte("services:\n- name: ratings\n  vip: 10.96.0.50\n  ports: [{port: 9080, protocol: TCP}]\n  endpoints: [{address: 10.1.9.9}]\n"))
+	more, err := parseRegistry("more.yaml", []byte("services:\n- name: ratings\n  vip: 10.96.0.50\n  ports: [{port: 9080, protocol: TCP}]\n  endpoints: [{address: 10.1.9.9}]\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv.SetRegistry(more)
-	if st := srv.Status(); st.Pending == "" {
+	srv.setRegistry(more)
+	if st := srv.status(); st.Pending == "" {
 		t.Fatalf("test premise: the registry change is not waiting for the lagging node: %+v", st)
 	}
 	strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n")
 	start := time.Now()
-	srv.SetProfile(strict)
+	srv.setProfile(strict)
 	if !waitFor(time.Second, func() bool {
-		return catchAllOf(t, px.accepted()) == BlackHoleCluster && catchAllVHost(px.accepted(), "80") == BlockAllVirtualHost
+		return catchAllOf(t, px.accepted()) == blackHoleCluster && catchAllVHost(px.accepted(), "80") == blockAllVirtualHost
 	}) {
-		t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile, a registry change waiting for a lagging node (%s)", srv.Status().Pending)
+		t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile, a registry change waiting for a lagging node (%s)", srv.status().Pending)
 	}
-	t.Logf("profile change applied by the proxy after %v, the registry change still pending: %s", time.Since(start), srv.Status().Pending)
+	t.Logf("profile change applied by the proxy after %v, the registry change still pending: %s", time.Since(start), srv.status().Pending)
 }
 
 // oneService is a registry of one service, name at vip, port 80 with
 // proto, one endpoint.
 func oneService(t *testing.T, name, vip, proto string) *Registry {
 	t.Helper()
-	r, err := ParseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: "+proto+"}]\n  endpoints: [{address: 10.1.0.1}]\n"))
+	r, err := parseRegistry(name, []byte("services:\n- name: "+name+"\n  vip: "+vip+"\n  ports: [{port: 80, protocol: "+proto+"}]\n  endpoints: [{address: 10.1.0.1}]\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

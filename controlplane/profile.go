@@ -30,12 +30,14 @@ import (
 
 // Document identifiers.
 const (
-	APIVersion         = "meshtun.io/v1alpha1"
-	IstioAPIVersion    = "install.istio.io/v1alpha1"
-	KindMeshConfig     = "MeshConfig"
-	KindIstioOperator  = "IstioOperator"
-	DefaultProfileName = "default"
+	meshtunAPIVersion = "meshtun.io/v1alpha1"
+	istioAPIVersion   = "install.istio.io/v1alpha1"
+	kindMeshConfig    = "MeshConfig"
+	kindIstioOperator = "IstioOperator"
 )
+
+// DefaultProfileName is the built-in profile served when none is given.
+const DefaultProfileName = "default"
 
 // OutboundMode is MeshConfig.outboundTrafficPolicy.mode: what the
 // catch-all of virtualOutbound does with traffic to unregistered
@@ -233,7 +235,7 @@ func BuiltinProfile(name string) (*Profile, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown profile %q; valid choices: %s", name, strings.Join(ProfileNames(), ", "))
 	}
-	return &Profile{APIVersion: APIVersion, Kind: KindMeshConfig, Metadata: Metadata{Name: name}, Spec: mk()}, nil
+	return &Profile{APIVersion: meshtunAPIVersion, Kind: kindMeshConfig, Metadata: Metadata{Name: name}, Spec: mk()}, nil
 }
 
 // ParseProfile decodes and validates a profile document, strictly. source
@@ -254,9 +256,9 @@ func parseProfile(data []byte) (*Profile, error) {
 	}
 	apiVersion, kind := str(doc, "apiVersion"), str(doc, "kind")
 	switch kind {
-	case KindMeshConfig:
-		if apiVersion != APIVersion {
-			return nil, fieldErr("apiVersion", "%s", choiceError(apiVersion, []string{APIVersion}))
+	case kindMeshConfig:
+		if apiVersion != meshtunAPIVersion {
+			return nil, fieldErr("apiVersion", "%s", choiceError(apiVersion, []string{meshtunAPIVersion}))
 		}
 		p := Profile{Spec: defaultMesh(), Metadata: Metadata{Name: DefaultProfileName}}
 		if _, err := decodeStrict(data, &p); err != nil {
@@ -266,9 +268,9 @@ func parseProfile(data []byte) (*Profile, error) {
 			return nil, err
 		}
 		return &p, nil
-	case KindIstioOperator:
-		if apiVersion != IstioAPIVersion && apiVersion != APIVersion {
-			return nil, fieldErr("apiVersion", "%s", choiceError(apiVersion, []string{IstioAPIVersion, APIVersion}))
+	case kindIstioOperator:
+		if apiVersion != istioAPIVersion && apiVersion != meshtunAPIVersion {
+			return nil, fieldErr("apiVersion", "%s", choiceError(apiVersion, []string{istioAPIVersion, meshtunAPIVersion}))
 		}
 		name := str(doc, "spec", "profile")
 		if name == "" {
@@ -285,9 +287,9 @@ func parseProfile(data []byte) (*Profile, error) {
 		if err := d.Spec.MeshConfig.validate("spec.meshConfig"); err != nil {
 			return nil, err
 		}
-		return &Profile{APIVersion: APIVersion, Kind: KindMeshConfig, Metadata: d.Metadata, Spec: d.Spec.MeshConfig}, nil
+		return &Profile{APIVersion: meshtunAPIVersion, Kind: kindMeshConfig, Metadata: d.Metadata, Spec: d.Spec.MeshConfig}, nil
 	}
-	return nil, fieldErr("kind", "%s", choiceError(kind, []string{KindMeshConfig, KindIstioOperator}))
+	return nil, fieldErr("kind", "%s", choiceError(kind, []string{kindMeshConfig, kindIstioOperator}))
 }
 
 // validate checks what the types alone do not.

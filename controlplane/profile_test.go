@@ -69,7 +69,7 @@ func TestProfileOverlaysItsBase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Kind != KindMeshConfig || p.Metadata.Name != "demo" || p.Spec.AccessLogFile != "/dev/stdout" ||
+	if p.Kind != kindMeshConfig || p.Metadata.Name != "demo" || p.Spec.AccessLogFile != "/dev/stdout" ||
 		p.Spec.ConnectTimeout != Duration(1500*time.Millisecond) || p.Spec.OutboundTrafficPolicy.Mode != AllowAny {
 		t.Errorf("got %+v", p)
 	}

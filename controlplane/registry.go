@@ -25,73 +25,73 @@ import (
 //	  ports: [{name: https, port: 443, protocol: TLS}]
 //	  resolution: DNS
 //
-// ParseRegistry validates it and plans every listener, so that generating
+// parseRegistry validates it and plans every listener, so that generating
 // configuration from a valid registry cannot fail.
 
-// RegistryKind is the optional kind of a registry document.
-const RegistryKind = "Registry"
+// registryKind is the optional kind of a registry document.
+const registryKind = "Registry"
 
 // Protocol of a port. HTTP ports are served, as Istio serves them, by one
 // listener per port number (0.0.0.0_<port>, an http_connection_manager)
 // whose route configuration tells the hosts apart by the Host header.
 const (
-	ProtocolTCP  = "TCP"
-	ProtocolHTTP = "HTTP"
-	ProtocolTLS  = "TLS"
-	ProtocolUDP  = "UDP"
+	protocolTCP  = "TCP"
+	protocolHTTP = "HTTP"
+	protocolTLS  = "TLS"
+	protocolUDP  = "UDP"
 )
 
-var protocols = []string{ProtocolTCP, ProtocolHTTP, ProtocolTLS, ProtocolUDP}
+var protocols = []string{protocolTCP, protocolHTTP, protocolTLS, protocolUDP}
 
 // Resolution of an external host (ServiceEntry.resolution).
 const (
-	ResolutionNone   = "NONE"   // ORIGINAL_DST: to the address the client used
-	ResolutionStatic = "STATIC" // EDS with the listed IP endpoints
-	ResolutionDNS    = "DNS"    // STRICT_DNS of the endpoints, or of the hosts
+	resolutionNone   = "NONE"   // ORIGINAL_DST: to the address the client used
+	resolutionStatic = "STATIC" // EDS with the listed IP endpoints
+	resolutionDNS    = "DNS"    // STRICT_DNS of the endpoints, or of the hosts
 )
 
-var resolutions = []string{ResolutionNone, ResolutionStatic, ResolutionDNS}
+var resolutions = []string{resolutionNone, resolutionStatic, resolutionDNS}
 
-// ClusterDomain is the DNS suffix of service host names.
-const ClusterDomain = "cluster.local"
+// clusterDomain is the DNS suffix of service host names.
+const clusterDomain = "cluster.local"
 
-// RegistryFile is the registry document as written.
-type RegistryFile struct {
+// registryFile is the registry document as written.
+type registryFile struct {
 	APIVersion    string         `json:"apiVersion"`
 	Kind          string         `json:"kind"`
-	Services      []ServiceSpec  `json:"services"`
-	ExternalHosts []ExternalSpec `json:"externalHosts"`
+	Services      []serviceSpec  `json:"services"`
+	ExternalHosts []externalSpec `json:"externalHosts"`
 }
 
-// ServiceSpec is a mesh service: a VIP in front of endpoints.
-type ServiceSpec struct {
+// serviceSpec is a mesh service: a VIP in front of endpoints.
+type serviceSpec struct {
 	Name      string         `json:"name"`
 	Namespace string         `json:"namespace"` // default "default"
 	VIP       string         `json:"vip"`
-	Ports     []PortSpec     `json:"ports"`
-	Endpoints []EndpointSpec `json:"endpoints"`
+	Ports     []portSpec     `json:"ports"`
+	Endpoints []endpointSpec `json:"endpoints"`
 }
 
-// ExternalSpec is a host outside the mesh (a ServiceEntry, MESH_EXTERNAL).
-type ExternalSpec struct {
+// externalSpec is a host outside the mesh (a ServiceEntry, MESH_EXTERNAL).
+type externalSpec struct {
 	Hosts      []string       `json:"hosts"`
 	Addresses  []string       `json:"addresses"`
-	Ports      []PortSpec     `json:"ports"`
+	Ports      []portSpec     `json:"ports"`
 	Resolution string         `json:"resolution"` // default NONE, as Istio
-	Endpoints  []EndpointSpec `json:"endpoints"`
+	Endpoints  []endpointSpec `json:"endpoints"`
 }
 
-// PortSpec is a service port.
-type PortSpec struct {
+// portSpec is a service port.
+type portSpec struct {
 	Name       string `json:"name"`
 	Port       uint32 `json:"port"`
 	TargetPort uint32 `json:"targetPort"` // default: port
 	Protocol   string `json:"protocol"`   // TCP, HTTP, TLS or UDP, any case
 }
 
-// EndpointSpec is one endpoint. Its port for a service port is, in order:
+// endpointSpec is one endpoint. Its port for a service port is, in order:
 // ports[<port name>], port, the service port's targetPort, its port.
-type EndpointSpec struct {
+type endpointSpec struct {
 	Address  string            `json:"address"` // IP; a host name for DNS resolution
 	Port     uint32            `json:"port"`
 	Ports    map[string]uint32 `json:"ports"`
@@ -102,33 +102,33 @@ type EndpointSpec struct {
 
 // Registry is a validated registry: every host, and the listener plan.
 type Registry struct {
-	Hosts     []*Host // services first, then external hosts, in file order
+	hosts     []*host // services first, then external hosts, in file order
 	listeners []*listenerPlan
 }
 
-// Host is one service or external host name with its ports and endpoints.
-type Host struct {
+// host is one service or external host name with its ports and endpoints.
+type host struct {
 	Name       string // FQDN: <name>.<namespace>.svc.cluster.local, or the external host
 	Service    string // services: name and namespace
 	Namespace  string
 	External   bool
 	Resolution string
 	Addresses  []netip.Addr // VIP, or the external addresses
-	Ports      []Port
-	Endpoints  []Endpoint
+	Ports      []port
+	Endpoints  []endpoint
 	label      string // for errors: services[0] (reviews.default)
 }
 
-// Port is a validated port.
-type Port struct {
+// port is a validated port.
+type port struct {
 	Name       string
 	Number     uint16
 	TargetPort uint16
 	Protocol   string
 }
 
-// Endpoint is a validated endpoint.
-type Endpoint struct {
+// endpoint is a validated endpoint.
+type endpoint struct {
 	Address string // IP literal, or a host name (DNS resolution)
 	IP      netip.Addr
 	Port    uint32 // 0 when unset
@@ -141,7 +141,7 @@ type Endpoint struct {
 }
 
 // PortFor is the endpoint's port for service port p.
-func (e *Endpoint) PortFor(p Port) uint32 {
+func (e *endpoint) PortFor(p port) uint32 {
 	if v, ok := e.Ports[p.Name]; ok && p.Name != "" {
 		return v
 	}
@@ -151,8 +151,8 @@ func (e *Endpoint) PortFor(p Port) uint32 {
 	return uint32(p.TargetPort)
 }
 
-// ClusterName is Istio's outbound cluster name for port of host.
-func ClusterName(port uint16, host string) string {
+// clusterName is Istio's outbound cluster name for port of host.
+func clusterName(port uint16, host string) string {
 	return fmt.Sprintf("outbound|%d||%s", port, host)
 }
 
@@ -166,14 +166,14 @@ type listenerPlan struct {
 }
 
 type route struct {
-	host *Host
-	port Port
+	host *host
+	port port
 }
 
-// ParseRegistry decodes and validates a registry document. source names it
+// parseRegistry decodes and validates a registry document. source names it
 // in errors: "<source>: services[1] (ratings.default): ports[0].protocol: …".
-func ParseRegistry(source string, data []byte) (*Registry, error) {
-	var f RegistryFile
+func parseRegistry(source string, data []byte) (*Registry, error) {
+	var f registryFile
 	doc, err := decodeStrict(data, &f)
 	if err != nil {
 		if fe, ok := asFieldError(err); ok {
@@ -194,7 +194,7 @@ func EmptyRegistry() *Registry { return &Registry{} }
 
 // labelPath writes a decode error with the entry it is in named:
 // services[1].ports → services[1] (ratings.default): ports.
-func labelPath(doc map[string]any, fe *FieldError) string {
+func labelPath(doc map[string]any, fe *fieldError) string {
 	if fe.Path == "" || doc == nil {
 		return fe.Error()
 	}
@@ -246,12 +246,12 @@ var (
 	dnsName = regexp.MustCompile(`^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 )
 
-func (f *RegistryFile) validate() (*Registry, error) {
-	if f.APIVersion != "" && f.APIVersion != APIVersion {
-		return nil, fieldErr("apiVersion", "%s", choiceError(f.APIVersion, []string{APIVersion}))
+func (f *registryFile) validate() (*Registry, error) {
+	if f.APIVersion != "" && f.APIVersion != meshtunAPIVersion {
+		return nil, fieldErr("apiVersion", "%s", choiceError(f.APIVersion, []string{meshtunAPIVersion}))
 	}
-	if f.Kind != "" && f.Kind != RegistryKind {
-		return nil, fieldErr("kind", "%s", choiceError(f.Kind, []string{RegistryKind}))
+	if f.Kind != "" && f.Kind != registryKind {
+		return nil, fieldErr("kind", "%s", choiceError(f.Kind, []string{registryKind}))
 	}
 	r := &Registry{}
 	byName := map[string]string{} // FQDN -> label of its entry
@@ -264,7 +264,7 @@ func (f *RegistryFile) validate() (*Registry, error) {
 			return nil, fmt.Errorf("%s: name: service %s is already defined by %s", h.label, h.Name, other)
 		}
 		byName[h.Name] = h.label
-		r.Hosts = append(r.Hosts, h)
+		r.hosts = append(r.hosts, h)
 	}
 	for i := range f.ExternalHosts {
 		hs, err := f.ExternalHosts[i].validate(i)
@@ -276,7 +276,7 @@ func (f *RegistryFile) validate() (*Registry, error) {
 				return nil, fmt.Errorf("%s: hosts: %s is already defined by %s", h.label, h.Name, other)
 			}
 			byName[h.Name] = h.label
-			r.Hosts = append(r.Hosts, h)
+			r.hosts = append(r.hosts, h)
 		}
 	}
 	if err := r.plan(); err != nil {
@@ -285,17 +285,17 @@ func (f *RegistryFile) validate() (*Registry, error) {
 	return r, nil
 }
 
-func (s *ServiceSpec) validate(i int) (*Host, error) {
+func (s *serviceSpec) validate(i int) (*host, error) {
 	ns := s.Namespace
 	if ns == "" {
 		ns = "default"
 	}
-	h := &Host{Service: s.Name, Namespace: ns, Resolution: ResolutionStatic,
+	h := &host{Service: s.Name, Namespace: ns, Resolution: resolutionStatic,
 		label: fmt.Sprintf("services[%d]", i)}
 	if s.Name != "" {
 		h.label += " (" + s.Name + "." + ns + ")"
 	}
-	fail := func(field, format string, args ...any) (*Host, error) {
+	fail := func(field, format string, args ...any) (*host, error) {
 		return nil, fmt.Errorf("%s: %s: %s", h.label, field, fmt.Sprintf(format, args...))
 	}
 	if !dnsLabel.MatchString(s.Name) {
@@ -304,7 +304,7 @@ func (s *ServiceSpec) validate(i int) (*Host, error) {
 	if !dnsLabel.MatchString(ns) {
 		return fail("namespace", "%q is not a DNS label (lower-case letters, digits and '-', at most 63)", ns)
 	}
-	h.Name = fmt.Sprintf("%s.%s.svc.%s", s.Name, ns, ClusterDomain)
+	h.Name = fmt.Sprintf("%s.%s.svc.%s", s.Name, ns, clusterDomain)
 	vip, err := netip.ParseAddr(s.VIP)
 	if err != nil || vip.IsUnspecified() || vip.Zone() != "" {
 		return fail("vip", "%q is not a unicast IP address", s.VIP)
@@ -319,17 +319,17 @@ func (s *ServiceSpec) validate(i int) (*Host, error) {
 	return h, nil
 }
 
-func (x *ExternalSpec) validate(i int) ([]*Host, error) {
+func (x *externalSpec) validate(i int) ([]*host, error) {
 	label := fmt.Sprintf("externalHosts[%d]", i)
 	if len(x.Hosts) > 0 {
 		label += " (" + x.Hosts[0] + ")"
 	}
-	fail := func(field, format string, args ...any) ([]*Host, error) {
+	fail := func(field, format string, args ...any) ([]*host, error) {
 		return nil, fmt.Errorf("%s: %s: %s", label, field, fmt.Sprintf(format, args...))
 	}
 	res := x.Resolution
 	if res == "" {
-		res = ResolutionNone
+		res = resolutionNone
 	}
 	if !contains(resolutions, res) {
 		return fail("resolution", "%s", choiceError(res, resolutions))
@@ -343,7 +343,7 @@ func (x *ExternalSpec) validate(i int) ([]*Host, error) {
 		if !dnsName.MatchString(name) || len(name) > 253 {
 			return fail(field, "%q is not a host name (lower-case DNS name, optionally starting with \"*.\")", name)
 		}
-		if strings.HasPrefix(name, "*.") && res != ResolutionNone {
+		if strings.HasPrefix(name, "*.") && res != resolutionNone {
 			return fail(field, "wildcard host %q needs resolution NONE (got %s)", name, res)
 		}
 		if seen[name] {
@@ -364,36 +364,36 @@ func (x *ExternalSpec) validate(i int) ([]*Host, error) {
 		return nil, fmt.Errorf("%s: %w", label, err)
 	}
 	switch res {
-	case ResolutionNone:
+	case resolutionNone:
 		if len(x.Endpoints) > 0 {
 			return fail("endpoints", "resolution NONE sends traffic to the address the client used; it takes no endpoints")
 		}
-	case ResolutionStatic:
+	case resolutionStatic:
 		if len(x.Endpoints) == 0 {
 			return fail("endpoints", "resolution STATIC needs at least one endpoint")
 		}
 	}
-	eps, err := validateEndpoints(x.Endpoints, ports, res == ResolutionDNS)
+	eps, err := validateEndpoints(x.Endpoints, ports, res == resolutionDNS)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", label, err)
 	}
-	var out []*Host
+	var out []*host
 	for _, name := range x.Hosts {
-		h := &Host{Name: name, External: true, Resolution: res, Addresses: addrs, Ports: ports, Endpoints: eps, label: label}
-		if res == ResolutionDNS && len(eps) == 0 {
+		h := &host{Name: name, External: true, Resolution: res, Addresses: addrs, Ports: ports, Endpoints: eps, label: label}
+		if res == resolutionDNS && len(eps) == 0 {
 			// As Istio: without endpoints the host itself is resolved.
-			h.Endpoints = []Endpoint{{Address: name, Weight: 1}}
+			h.Endpoints = []endpoint{{Address: name, Weight: 1}}
 		}
 		out = append(out, h)
 	}
 	return out, nil
 }
 
-func validatePorts(ps []PortSpec) ([]Port, error) {
+func validatePorts(ps []portSpec) ([]port, error) {
 	if len(ps) == 0 {
 		return nil, fmt.Errorf("ports: at least one port is required")
 	}
-	var out []Port
+	var out []port
 	names := map[string]int{}
 	numbers := map[uint32]int{}
 	for i, p := range ps {
@@ -425,16 +425,16 @@ func validatePorts(ps []PortSpec) ([]Port, error) {
 		if tp == 0 {
 			tp = p.Port
 		}
-		out = append(out, Port{Name: p.Name, Number: uint16(p.Port), TargetPort: uint16(tp), Protocol: proto})
+		out = append(out, port{Name: p.Name, Number: uint16(p.Port), TargetPort: uint16(tp), Protocol: proto})
 	}
 	return out, nil
 }
 
-func validateEndpoints(es []EndpointSpec, ports []Port, dns bool) ([]Endpoint, error) {
-	var out []Endpoint
+func validateEndpoints(es []endpointSpec, ports []port, dns bool) ([]endpoint, error) {
+	var out []endpoint
 	for i, e := range es {
 		field := fmt.Sprintf("endpoints[%d]", i)
-		ep := Endpoint{Address: e.Address, Port: e.Port, Ports: e.Ports, Labels: e.Labels, Weight: 1}
+		ep := endpoint{Address: e.Address, Port: e.Port, Ports: e.Ports, Labels: e.Labels, Weight: 1}
 		ip, err := netip.ParseAddr(e.Address)
 		switch {
 		case err == nil && !ip.IsUnspecified() && ip.Zone() == "":
@@ -493,7 +493,7 @@ func slicesContainsEmpty(ss []string) bool {
 	return false
 }
 
-func hasPortNamed(ps []Port, name string) bool {
+func hasPortNamed(ps []port, name string) bool {
 	for _, p := range ps {
 		if p.Name == name {
 			return true
@@ -525,7 +525,7 @@ func (r *Registry) plan() error {
 	plans := map[netip.AddrPort]*listenerPlan{}
 	claims := map[netip.AddrPort]*listenerPlan{} // who uses each address and port
 	var order []netip.AddrPort
-	for _, h := range r.Hosts {
+	for _, h := range r.hosts {
 		addrs := h.Addresses
 		if len(addrs) == 0 {
 			addrs = []netip.Addr{netip.IPv4Unspecified()}
@@ -544,7 +544,7 @@ func (r *Registry) plan() error {
 				c.routes = append(c.routes, route{host: h, port: p})
 			}
 			keys := addrs
-			if p.Protocol == ProtocolHTTP {
+			if p.Protocol == protocolHTTP {
 				keys = []netip.Addr{netip.IPv4Unspecified()}
 			}
 			for _, a := range keys {
@@ -574,13 +574,13 @@ func (r *Registry) plan() error {
 
 // conflict says why host port p cannot use the address and port of c, or
 // nil.
-func (c *listenerPlan) conflict(h *Host, p Port) error {
+func (c *listenerPlan) conflict(h *host, p port) error {
 	first := c.routes[0]
 	where := c.addr.String()
 	if c.addr.Addr().IsUnspecified() {
 		where += " (no addresses: the wildcard listener)"
 	}
-	if c.protocol == p.Protocol && (p.Protocol == ProtocolTLS || p.Protocol == ProtocolHTTP) {
+	if c.protocol == p.Protocol && (p.Protocol == protocolTLS || p.Protocol == protocolHTTP) {
 		for _, rt := range c.routes {
 			if rt.host.Name == h.Name {
 				return fmt.Errorf("%s: ports: %s %d is listed twice", h.label, h.Name, p.Number)

@@ -63,7 +63,7 @@ func TestRegistryErrorsNameFileEntryAndField(t *testing.T) {
 		{"duplicate key", "services: []\nservices: []\n", `reg.yaml: yaml: unmarshal errors`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := ParseRegistry("reg.yaml", []byte(tc.doc))
+			_, err := parseRegistry("reg.yaml", []byte(tc.doc))
 			if err == nil {
 				t.Fatal("accepted")
 			}
@@ -77,7 +77,7 @@ func TestRegistryErrorsNameFileEntryAndField(t *testing.T) {
 // TestRegistryTLSHostsShareWildcard: TLS external hosts without addresses
 // share 0.0.0.0:443, one SNI chain each; the endpoint port rules hold.
 func TestRegistryTLSHostsShareWildcard(t *testing.T) {
-	r, err := ParseRegistry("reg.yaml", []byte(`
+	r, err := parseRegistry("reg.yaml", []byte(`
 externalHosts:
 - hosts: [a.example.com, b.example.com]
   ports: [{name: https, port: 443, protocol: tls}]
@@ -101,10 +101,10 @@ services:
 			shared = pl
 		}
 	}
-	if shared == nil || len(shared.routes) != 3 || shared.protocol != ProtocolTLS {
+	if shared == nil || len(shared.routes) != 3 || shared.protocol != protocolTLS {
 		t.Fatalf("0.0.0.0:443 plan: %+v", shared)
 	}
-	web := r.Hosts[0]
+	web := r.hosts[0]
 	if web.Name != "web.default.svc.cluster.local" {
 		t.Fatalf("first host %s", web.Name)
 	}

@@ -44,18 +44,18 @@ func Run(ctx context.Context, o Options) error {
 	}
 	var srv *Server
 	reg := EmptyRegistry()
-	var regWatch, profWatch *Watcher
+	var regWatch, profWatch *watcher
 	if o.RegistryFile != "" {
-		regWatch = &Watcher{Path: o.RegistryFile, Interval: o.PollInterval, Log: o.Log,
+		regWatch = &watcher{Path: o.RegistryFile, Interval: o.PollInterval, Log: o.Log,
 			Apply: func(data []byte) error {
-				r, err := ParseRegistry(o.RegistryFile, data)
+				r, err := parseRegistry(o.RegistryFile, data)
 				if err != nil {
 					return err
 				}
 				if srv == nil {
 					reg = r
 				} else {
-					srv.SetRegistry(r)
+					srv.setRegistry(r)
 				}
 				return nil
 			},
@@ -69,7 +69,7 @@ func Run(ctx context.Context, o Options) error {
 		if p, err := BuiltinProfile(o.Profile); err == nil {
 			profile = p
 		} else {
-			profWatch = &Watcher{Path: o.Profile, Interval: o.PollInterval, Log: o.Log,
+			profWatch = &watcher{Path: o.Profile, Interval: o.PollInterval, Log: o.Log,
 				Apply: func(data []byte) error {
 					p, err := ParseProfile(o.Profile, data)
 					if err != nil {
@@ -78,7 +78,7 @@ func Run(ctx context.Context, o Options) error {
 					if srv == nil {
 						profile = p
 					} else {
-						srv.SetProfile(p)
+						srv.setProfile(p)
 					}
 					return nil
 				},
@@ -90,17 +90,17 @@ func Run(ctx context.Context, o Options) error {
 	}
 	srv = NewServer(reg, profile, o.Log)
 	if regWatch != nil {
-		regWatch.Reject = srv.RejectRegistry
+		regWatch.Reject = srv.rejectRegistry
 	}
 	if profWatch != nil {
-		profWatch.Reject = srv.RejectProfile
+		profWatch.Reject = srv.rejectProfile
 	}
 
-	token, err := NewToken()
+	token, err := newToken()
 	if err != nil {
 		return err
 	}
-	tokenFile, err := WriteTokenFile(o.StateDir, token)
+	tokenFile, err := writeTokenFile(o.StateDir, token)
 	if err != nil {
 		return err
 	}
@@ -125,7 +125,7 @@ func Run(ctx context.Context, o Options) error {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		if err := srv.Serve(ctx, xdsLis); err != nil {
+		if err := srv.serve(ctx, xdsLis); err != nil {
 			errc <- fmt.Errorf("xds: %w", err)
 		}
 	}()
@@ -135,14 +135,14 @@ func Run(ctx context.Context, o Options) error {
 			errc <- fmt.Errorf("api: %w", err)
 		}
 	}()
-	for _, w := range []*Watcher{regWatch, profWatch} {
+	for _, w := range []*watcher{regWatch, profWatch} {
 		if w != nil {
 			wg.Add(1)
 			go func() { defer wg.Done(); w.Run(ctx) }()
 		}
 	}
 	o.Log.Info().Str("xds_address", xdsLis.Addr().String()).Str("api_address", apiLis.Addr().String()).
-		Str("token_file", tokenFile).Str("version", srv.Version()).Int("hosts", len(reg.Hosts)).
+		Str("token_file", tokenFile).Str("version", srv.currentVersion()).Int("hosts", len(reg.hosts)).
 		Str("profile", profile.Metadata.Name).Msg("control plane ready")
 	if o.Ready != nil {
 		o.Ready(xdsLis.Addr(), apiLis.Addr(), tokenFile)

@@ -55,7 +55,7 @@ func TestRunServesAndCleansUp(t *testing.T) {
 		t.Fatalf("GET without token: %d", code)
 	}
 	px := startProxyStub(t, r.xds.String(), true, "sidecar~10.1.0.5~app.default~default.svc.cluster.local")
-	if !waitFor(5*time.Second, func() bool { return catchAllOf(t, px.accepted()) == PassthroughCluster }) {
+	if !waitFor(5*time.Second, func() bool { return catchAllOf(t, px.accepted()) == passthroughCluster }) {
 		t.Fatal("the proxy got no configuration")
 	}
 
@@ -68,7 +68,7 @@ func TestRunServesAndCleansUp(t *testing.T) {
 		t.Fatalf("invalid profile file not rejected: %s", body)
 	}
 	os.WriteFile(prof, []byte("apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n"), 0o644)
-	if !waitFor(2*time.Second, func() bool { return catchAllOf(t, px.accepted()) == BlackHoleCluster }) {
+	if !waitFor(2*time.Second, func() bool { return catchAllOf(t, px.accepted()) == blackHoleCluster }) {
 		t.Fatal("the valid profile file change never reached the proxy")
 	}
 

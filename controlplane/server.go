@@ -53,7 +53,7 @@ type Server struct {
 }
 
 type nodeEntry struct {
-	node     Node
+	node     nodeInfo
 	streams  int
 	acks     uint64
 	nacks    uint64
@@ -89,11 +89,11 @@ func NewServer(reg *Registry, profile *Profile, log zerolog.Logger) *Server {
 }
 
 // Serve runs the ADS gRPC service on lis until ctx is done.
-func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+func (s *Server) serve(ctx context.Context, lis net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	gs := grpc.NewServer()
-	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, s.cache, s.Callbacks()))
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, s.cache, s.callbacks()))
 	stop := context.AfterFunc(ctx, gs.Stop)
 	defer stop()
 	done := make(chan struct{})
@@ -111,7 +111,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 // Callbacks learn each stream's node from its first request, give a new
 // node its snapshot, track what each node ACKed and NACKed, and forget a
 // node when its last stream closes.
-func (s *Server) Callbacks() serverv3.Callbacks {
+func (s *Server) callbacks() serverv3.Callbacks {
 	return serverv3.CallbackFuncs{
 		StreamRequestFunc: func(id int64, r *discoveryv3.DiscoveryRequest) error {
 			return s.onRequest(streamKey{false, id}, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), r.GetVersionInfo(), r.GetErrorDetail())
@@ -149,7 +149,7 @@ func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version 
 		if n == nil {
 			return grpcstatus.Error(codes.InvalidArgument, "the first request of a stream must carry the node")
 		}
-		node, err := ParseNode(n)
+		node, err := parseNode(n)
 		if err != nil {
 			s.log.Warn().Err(err).Msg("node rejected")
 			return grpcstatus.Error(codes.InvalidArgument, err.Error())
@@ -267,13 +267,13 @@ func (s *Server) push(why string) {
 			delete(s.changes, c) // no node of c left: it starts afresh
 		}
 	}
-	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.Hosts)).
+	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.hosts)).
 		Str("outbound_traffic_policy", string(s.profile.Spec.OutboundTrafficPolicy.Mode)).
 		Dur("took", time.Since(start)).Msg("configuration pushed")
 }
 
 // SetRegistry puts reg in force and pushes it; it returns the new version.
-func (s *Server) SetRegistry(reg *Registry) string {
+func (s *Server) setRegistry(reg *Registry) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reg = reg
@@ -282,7 +282,7 @@ func (s *Server) SetRegistry(reg *Registry) string {
 }
 
 // SetProfile puts p in force and pushes it; it returns the new version.
-func (s *Server) SetProfile(p *Profile) string {
+func (s *Server) setProfile(p *Profile) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.profile = p
@@ -298,7 +298,7 @@ func (s *Server) Profile() *Profile {
 }
 
 // Version is the configuration version last pushed.
-func (s *Server) Version() string {
+func (s *Server) currentVersion() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.versionString()
@@ -306,21 +306,21 @@ func (s *Server) Version() string {
 
 // RejectRegistry records a registry change that was refused: counted,
 // logged by the caller, the previous registry still in force.
-func (s *Server) RejectRegistry(err error) {
+func (s *Server) rejectRegistry(err error) {
 	s.registryRejected.Add(1)
 	msg := err.Error()
 	s.lastRejection.Store(&msg)
 }
 
 // RejectProfile records a profile that was refused.
-func (s *Server) RejectProfile(err error) {
+func (s *Server) rejectProfile(err error) {
 	s.profileRejected.Add(1)
 	msg := err.Error()
 	s.lastRejection.Store(&msg)
 }
 
-// Status is the control plane's state, for its HTTP API.
-type Status struct {
+// serverStatus is the control plane's state, for its HTTP API.
+type serverStatus struct {
 	Version               string       `json:"version"`
 	Profile               string       `json:"profile"`
 	OutboundTrafficPolicy OutboundMode `json:"outboundTrafficPolicy"`
@@ -330,11 +330,11 @@ type Status struct {
 	RegistryRejected uint64       `json:"registryRejected"`
 	ProfileRejected  uint64       `json:"profileRejected"`
 	LastRejection    string       `json:"lastRejection,omitempty"`
-	Nodes            []NodeStatus `json:"nodes"`
+	Nodes            []nodeStatus `json:"nodes"`
 }
 
-// NodeStatus is one connected node.
-type NodeStatus struct {
+// nodeStatus is one connected node.
+type nodeStatus struct {
 	ID        string       `json:"id"`
 	IPs       []netip.Addr `json:"ips"`
 	Streams   int          `json:"streams"`
@@ -346,26 +346,26 @@ type NodeStatus struct {
 	LastNACK  string       `json:"lastNack,omitempty"`
 }
 
-// Status reports the state.
-func (s *Server) Status() Status {
+// status reports the state.
+func (s *Server) status() serverStatus {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{
+	st := serverStatus{
 		Version:               s.versionString(),
 		Profile:               s.profile.Metadata.Name,
 		OutboundTrafficPolicy: s.profile.Spec.OutboundTrafficPolicy.Mode,
-		Hosts:                 len(s.reg.Hosts),
+		Hosts:                 len(s.reg.hosts),
 		Pending:               s.seq.describe(),
 		RegistryRejected:      s.registryRejected.Load(),
 		ProfileRejected:       s.profileRejected.Load(),
-		Nodes:                 []NodeStatus{},
+		Nodes:                 []nodeStatus{},
 	}
 	if p := s.lastRejection.Load(); p != nil {
 		st.LastRejection = *p
 	}
 	for _, id := range sortedKeys(s.nodes) {
 		e := s.nodes[id]
-		st.Nodes = append(st.Nodes, NodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
+		st.Nodes = append(st.Nodes, nodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
 			Listeners: e.listeners, Routes: e.routes, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
 	}
 	return st

@@ -24,7 +24,7 @@ import (
 type proxyStub struct {
 	client *xdsclient.Client
 	mu     sync.Mutex
-	last   *Resources
+	last   *resources
 	n      int
 }
 
@@ -32,7 +32,7 @@ func startProxyStub(t *testing.T, addr string, delta bool, nodeID string) *proxy
 	t.Helper()
 	p := &proxyStub{}
 	apply := xdsclient.ApplierFunc(func(_ context.Context, r *xdsclient.Resources) error {
-		res := &Resources{}
+		res := &resources{}
 		for _, n := range sortedKeys(r.Listeners) {
 			res.Listeners = append(res.Listeners, r.Listeners[n])
 		}
@@ -62,7 +62,7 @@ func startProxyStub(t *testing.T, addr string, delta bool, nodeID string) *proxy
 	return p
 }
 
-func (p *proxyStub) accepted() *Resources {
+func (p *proxyStub) accepted() *resources {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.last
@@ -91,12 +91,12 @@ func startServer(t *testing.T, reg *Registry, p *Profile) (*Server, string) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ctx, lis) }()
+	go func() { defer close(done); srv.serve(ctx, lis) }()
 	t.Cleanup(func() { cancel(); <-done })
 	return srv, lis.Addr().String()
 }
 
-func names(r *Resources) string {
+func names(r *resources) string {
 	if r == nil {
 		return ""
 	}
@@ -117,11 +117,11 @@ func names(r *Resources) string {
 	return strings.Join(out, "\n")
 }
 
-func catchAllOf(t *testing.T, r *Resources) string {
+func catchAllOf(t *testing.T, r *resources) string {
 	if r == nil {
 		return ""
 	}
-	l := findListener(r, VirtualOutbound)
+	l := findListener(r, virtualOutbound)
 	if l == nil {
 		return ""
 	}
@@ -130,7 +130,7 @@ func catchAllOf(t *testing.T, r *Resources) string {
 
 // TestADSServesSwitchesAndForgets runs the proxy's real xDS client, delta
 // and state of the world, against the server: the node receives exactly
-// what Generate gives its class and every update passes the proxy's
+// what generate gives its class and every update passes the proxy's
 // builder (ACK); a profile change reaches it within a second (the
 // listeners and the HTTP route configuration's catch-all); a registry
 // change too; the node is listed with its ACKs while connected and
@@ -144,11 +144,11 @@ func TestADSServesSwitchesAndForgets(t *testing.T) {
 			const id = "sidecar~10.1.0.5~app.default~default.svc.cluster.local"
 			px := startProxyStub(t, addr, delta, id)
 
-			want := names(Generate(reg, &def.Spec, node(t, id, "")))
+			want := names(generate(reg, &def.Spec, node(t, id, "")))
 			if !waitFor(5*time.Second, func() bool { r := px.accepted(); return r != nil && names(r) == want }) {
 				t.Fatalf("the proxy never accepted the generated configuration; last error %v; has:\n%v", px.client.LastError(), px.accepted())
 			}
-			if got, vh := catchAllOf(t, px.accepted()), catchAllVHost(px.accepted(), "80"); got != PassthroughCluster || vh != AllowAnyVirtualHost {
+			if got, vh := catchAllOf(t, px.accepted()), catchAllVHost(px.accepted(), "80"); got != passthroughCluster || vh != allowAnyVirtualHost {
 				t.Fatalf("catch-all %s, HTTP catch-all %q", got, vh)
 			}
 
@@ -156,19 +156,19 @@ func TestADSServesSwitchesAndForgets(t *testing.T) {
 			// route configuration of the HTTP port, allow_any to block_all.
 			strict := mustProfile(t, "apiVersion: meshtun.io/v1alpha1\nkind: MeshConfig\nspec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n")
 			start := time.Now()
-			srv.SetProfile(strict)
+			srv.setProfile(strict)
 			if !waitFor(time.Second, func() bool {
-				return catchAllOf(t, px.accepted()) == BlackHoleCluster && catchAllVHost(px.accepted(), "80") == BlockAllVirtualHost
+				return catchAllOf(t, px.accepted()) == blackHoleCluster && catchAllVHost(px.accepted(), "80") == blockAllVirtualHost
 			}) {
 				t.Fatalf("REGISTRY_ONLY not in force at the proxy 1s after SetProfile (HTTP catch-all %q)", catchAllVHost(px.accepted(), "80"))
 			}
 			t.Logf("profile change applied by the proxy after %v", time.Since(start))
 
-			more, err := ParseRegistry("more.yaml", []byte("services:\n- name: ratings\n  vip: 10.96.0.50\n  ports: [{port: 9080, protocol: TCP}]\n  endpoints: [{address: 10.1.9.9}]\n"))
+			more, err := parseRegistry("more.yaml", []byte("services:\n- name: ratings\n  vip: 10.96.0.50\n  ports: [{port: 9080, protocol: TCP}]\n  endpoints: [{address: 10.1.9.9}]\n"))
 			if err != nil {
 				t.Fatal(err)
 			}
-			srv.SetRegistry(more)
+			srv.setRegistry(more)
 			if !waitFor(time.Second, func() bool {
 				r := px.accepted()
 				return findListener(r, "10.96.0.50_9080") != nil && findListener(r, "10.96.0.20_9080") == nil
@@ -179,11 +179,11 @@ func TestADSServesSwitchesAndForgets(t *testing.T) {
 			// Make before break: version 3 added the new cluster next to the
 			// old ones, version 4 (once the node ACKed it) the listeners,
 			// version 5 (once it ACKed those) dropped the unused clusters.
-			want = names(Generate(more, &strict.Spec, node(t, id, "")))
+			want = names(generate(more, &strict.Spec, node(t, id, "")))
 			if !waitFor(time.Second, func() bool { return names(px.accepted()) == want }) {
 				t.Fatalf("the removed clusters were never dropped:\n%s", names(px.accepted()))
 			}
-			st := srv.Status()
+			st := srv.status()
 			if len(st.Nodes) != 1 || st.Nodes[0].ID != id || st.Nodes[0].ACKs == 0 || st.Nodes[0].NACKs != 0 || st.Version != "5" || st.Pending != "" {
 				t.Errorf("status %+v", st)
 			}
@@ -200,17 +200,17 @@ func TestADSNodesAndClasses(t *testing.T) {
 	srv, addr := startServer(t, reg, def)
 
 	v6 := startProxyStub(t, addr, true, "sidecar~fd00:1::5~app.default~default.svc.cluster.local")
-	if !waitFor(5*time.Second, func() bool { return findListener(v6.accepted(), VirtualOutbound) != nil }) {
+	if !waitFor(5*time.Second, func() bool { return findListener(v6.accepted(), virtualOutbound) != nil }) {
 		t.Fatalf("v6 node got nothing: %v", v6.client.LastError())
 	}
 	var bind string
 	for _, c := range v6.accepted().Clusters {
-		if c.GetName() == InboundPassthroughCluster {
+		if c.GetName() == inboundPassthroughCluster {
 			bind = c.GetUpstreamBindConfig().GetSourceAddress().GetAddress()
 		}
 	}
-	if bind != "::6" || findListener(v6.accepted(), VirtualOutbound).GetAddress().GetSocketAddress().GetAddress() != "::" {
-		t.Errorf("IPv6-only node: bind %q, virtualOutbound %v", bind, findListener(v6.accepted(), VirtualOutbound).GetAddress())
+	if bind != "::6" || findListener(v6.accepted(), virtualOutbound).GetAddress().GetSocketAddress().GetAddress() != "::" {
+		t.Errorf("IPv6-only node: bind %q, virtualOutbound %v", bind, findListener(v6.accepted(), virtualOutbound).GetAddress())
 	}
 
 	bad := startProxyStub(t, addr, false, "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local")
@@ -230,13 +230,13 @@ func TestADSNodesAndClasses(t *testing.T) {
 		xdsclient.ApplierFunc(func(context.Context, *xdsclient.Resources) error { return nil }))
 	done := make(chan struct{})
 	go func() { defer close(done); c.Run(ctx) }()
-	if !waitFor(5*time.Second, func() bool { return len(srv.Status().Nodes) == 2 }) {
-		t.Fatalf("nodes %+v", srv.Status().Nodes)
+	if !waitFor(5*time.Second, func() bool { return len(srv.status().Nodes) == 2 }) {
+		t.Fatalf("nodes %+v", srv.status().Nodes)
 	}
 	cancel()
 	<-done
-	if !waitFor(5*time.Second, func() bool { return len(srv.Status().Nodes) == 1 }) {
-		t.Errorf("disconnected node still listed: %+v", srv.Status().Nodes)
+	if !waitFor(5*time.Second, func() bool { return len(srv.status().Nodes) == 1 }) {
+		t.Errorf("disconnected node still listed: %+v", srv.status().Nodes)
 	}
 }
 
@@ -266,17 +266,17 @@ func TestWatcherRejectsKeepsAndApplies(t *testing.T) {
 	srv := NewServer(EmptyRegistry(), def, zerolog.Nop())
 	var mu sync.Mutex
 	var rejected []string
-	w := &Watcher{Path: path, Interval: 10 * time.Millisecond, Log: zerolog.Nop(),
+	w := &watcher{Path: path, Interval: 10 * time.Millisecond, Log: zerolog.Nop(),
 		Apply: func(data []byte) error {
-			r, err := ParseRegistry(path, data)
+			r, err := parseRegistry(path, data)
 			if err != nil {
 				return err
 			}
-			srv.SetRegistry(r)
+			srv.setRegistry(r)
 			return nil
 		},
 		Reject: func(err error) {
-			srv.RejectRegistry(err)
+			srv.rejectRegistry(err)
 			mu.Lock()
 			rejected = append(rejected, err.Error())
 			mu.Unlock()
@@ -285,8 +285,8 @@ func TestWatcherRejectsKeepsAndApplies(t *testing.T) {
 	if err := w.Load(); err != nil {
 		t.Fatal(err)
 	}
-	if srv.Version() != "2" {
-		t.Fatalf("version after load %s", srv.Version())
+	if srv.currentVersion() != "2" {
+		t.Fatalf("version after load %s", srv.currentVersion())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -304,32 +304,32 @@ func TestWatcherRejectsKeepsAndApplies(t *testing.T) {
 		t.Errorf("rejection %q, want %q", msg, want)
 	}
 	time.Sleep(50 * time.Millisecond) // more polls: rejected once, not per poll
-	if st := srv.Status(); st.Version != "2" || st.RegistryRejected != 1 || st.LastRejection != msg {
+	if st := srv.status(); st.Version != "2" || st.RegistryRejected != 1 || st.LastRejection != msg {
 		t.Errorf("after the invalid change: %+v", st)
 	}
-	if srv.reg.Hosts[0].Addresses[0].String() != "10.96.0.20" {
+	if srv.reg.hosts[0].Addresses[0].String() != "10.96.0.20" {
 		t.Error("the invalid change replaced the registry")
 	}
 
 	os.Remove(path)
 	time.Sleep(50 * time.Millisecond)
-	if srv.Version() != "2" {
+	if srv.currentVersion() != "2" {
 		t.Error("a missing file changed the configuration")
 	}
 	write(svc("10.96.0.22"))
-	if !waitFor(2*time.Second, func() bool { return srv.Version() == "3" }) {
-		t.Fatalf("valid change not applied: %+v", srv.Status())
+	if !waitFor(2*time.Second, func() bool { return srv.currentVersion() == "3" }) {
+		t.Fatalf("valid change not applied: %+v", srv.status())
 	}
 	now := time.Now()
 	os.Chtimes(path, now, now) // touched, same content
 	time.Sleep(50 * time.Millisecond)
-	if srv.Version() != "3" {
-		t.Errorf("a touch pushed version %s", srv.Version())
+	if srv.currentVersion() != "3" {
+		t.Errorf("a touch pushed version %s", srv.currentVersion())
 	}
 	// Same size, same second: found by the hash.
 	write(svc("10.96.0.23"))
-	if !waitFor(2*time.Second, func() bool { return srv.Version() == "4" }) {
-		t.Fatalf("same-size change not applied: %+v", srv.Status())
+	if !waitFor(2*time.Second, func() bool { return srv.currentVersion() == "4" }) {
+		t.Fatalf("same-size change not applied: %+v", srv.status())
 	}
 }
 
@@ -345,7 +345,7 @@ func TestADSChangesNeverNACKed(t *testing.T) {
 		for j := i; j < i+3; j++ {
 			doc += fmt.Sprintf("- name: svc%d\n  vip: 10.96.1.%d\n  ports: [{port: %d, protocol: TCP}]\n  endpoints: [{address: 10.1.1.%d}]\n", j, j, 8000+j%2, j)
 		}
-		r, err := ParseRegistry("r.yaml", []byte(doc))
+		r, err := parseRegistry("r.yaml", []byte(doc))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -356,21 +356,21 @@ func TestADSChangesNeverNACKed(t *testing.T) {
 	delta := startProxyStub(t, addr, true, id)
 	sotw := startProxyStub(t, addr, false, "sidecar~10.1.0.6~app2.default~default.svc.cluster.local")
 	for i, r := range regs[1:] {
-		srv.SetRegistry(r)
+		srv.setRegistry(r)
 		if i%3 == 0 {
 			time.Sleep(20 * time.Millisecond) // let some changes finish, others overlap
 		}
 	}
-	want := names(Generate(regs[len(regs)-1], &def.Spec, node(t, id, "")))
+	want := names(generate(regs[len(regs)-1], &def.Spec, node(t, id, "")))
 	for _, px := range []*proxyStub{delta, sotw} {
 		if !waitFor(5*time.Second, func() bool { return names(px.accepted()) == want }) {
-			t.Fatalf("a proxy did not end on the last registry:\n%s\nwant\n%s\nstatus %+v", names(px.accepted()), want, srv.Status())
+			t.Fatalf("a proxy did not end on the last registry:\n%s\nwant\n%s\nstatus %+v", names(px.accepted()), want, srv.status())
 		}
 	}
-	if !waitFor(2*time.Second, func() bool { return srv.Status().Pending == "" }) {
-		t.Errorf("a change is still under way: %s", srv.Status().Pending)
+	if !waitFor(2*time.Second, func() bool { return srv.status().Pending == "" }) {
+		t.Errorf("a change is still under way: %s", srv.status().Pending)
 	}
-	for _, n := range srv.Status().Nodes {
+	for _, n := range srv.status().Nodes {
 		if n.NACKs != 0 {
 			t.Errorf("node %s NACKed %d times: %s", n.ID, n.NACKs, n.LastNACK)
 		}
@@ -381,8 +381,8 @@ func TestADSChangesNeverNACKed(t *testing.T) {
 // hold the others back: the next step goes out after the step wait.
 func TestADSLaggingNodeDoesNotBlock(t *testing.T) {
 	def, _ := BuiltinProfile("default")
-	first, _ := ParseRegistry("a", []byte("services:\n- name: a\n  vip: 10.96.0.1\n  ports: [{port: 80, protocol: TCP}]\n"))
-	second, _ := ParseRegistry("b", []byte("services:\n- name: b\n  vip: 10.96.0.2\n  ports: [{port: 80, protocol: TCP}]\n"))
+	first, _ := parseRegistry("a", []byte("services:\n- name: a\n  vip: 10.96.0.1\n  ports: [{port: 80, protocol: TCP}]\n"))
+	second, _ := parseRegistry("b", []byte("services:\n- name: b\n  vip: 10.96.0.2\n  ports: [{port: 80, protocol: TCP}]\n"))
 	srv := NewServer(first, def, zerolog.Nop())
 	srv.stepWait = 300 * time.Millisecond
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -391,7 +391,7 @@ func TestADSLaggingNodeDoesNotBlock(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ctx, lis) }()
+	go func() { defer close(done); srv.serve(ctx, lis) }()
 	defer func() { cancel(); <-done }()
 
 	good := startProxyStub(t, lis.Addr().String(), true, "sidecar~10.1.0.5~good.default~default.svc.cluster.local")
@@ -415,13 +415,13 @@ func TestADSLaggingNodeDoesNotBlock(t *testing.T) {
 	<-badReady
 
 	start := time.Now()
-	srv.SetRegistry(second)
+	srv.setRegistry(second)
 	if !waitFor(5*time.Second, func() bool {
 		r := good.accepted()
 		return findListener(r, "10.96.0.2_80") != nil && findListener(r, "10.96.0.1_80") == nil &&
 			!strings.Contains(names(r), "outbound|80||a.default")
 	}) {
-		t.Fatalf("the good node is held back by the bad one: %s\n%s", srv.Status().Pending, names(good.accepted()))
+		t.Fatalf("the good node is held back by the bad one: %s\n%s", srv.status().Pending, names(good.accepted()))
 	}
 	if d := time.Since(start); d < 300*time.Millisecond {
 		t.Errorf("finished after %v: did not wait for the lagging node at all", d)

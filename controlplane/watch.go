@@ -9,22 +9,22 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// DefaultPollInterval is how often a Watcher looks at its file.
-const DefaultPollInterval = 200 * time.Millisecond
+// defaultPollInterval is how often a watcher looks at its file.
+const defaultPollInterval = 200 * time.Millisecond
 
 // racyWindow: a file modified this recently may change again without its
 // modification time or size changing (coarse timestamps), so it is read
 // and hashed on every poll until it is older (git's "racy clean").
 const racyWindow = 2 * time.Second
 
-// Watcher polls a file (modification time, size, then a SHA-256 of the
+// watcher polls a file (modification time, size, then a SHA-256 of the
 // content) and hands every new content to Apply. Content Apply refuses is
 // reported to Reject and logged once; the configuration in force stays.
 // Editors that replace the file by a rename are seen like any write; a
 // file that is missing for a while is reported once and then waited for.
-type Watcher struct {
+type watcher struct {
 	Path     string
-	Interval time.Duration // DefaultPollInterval when 0
+	Interval time.Duration // defaultPollInterval when 0
 	// Apply validates data and puts it in force, or returns why not.
 	Apply  func(data []byte) error
 	Reject func(err error) // optional
@@ -38,7 +38,7 @@ type Watcher struct {
 
 // Load reads the file and applies it: the start, where an invalid file is
 // an error for the caller rather than a rejection.
-func (w *Watcher) Load() error {
+func (w *watcher) Load() error {
 	fi, err := os.Stat(w.Path)
 	if err != nil {
 		return err
@@ -55,10 +55,10 @@ func (w *Watcher) Load() error {
 }
 
 // Run polls until ctx is done.
-func (w *Watcher) Run(ctx context.Context) {
+func (w *watcher) Run(ctx context.Context) {
 	iv := w.Interval
 	if iv <= 0 {
-		iv = DefaultPollInterval
+		iv = defaultPollInterval
 	}
 	t := time.NewTicker(iv)
 	defer t.Stop()
@@ -72,7 +72,7 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 }
 
-func (w *Watcher) poll() {
+func (w *watcher) poll() {
 	fi, err := os.Stat(w.Path)
 	if err != nil {
 		if !w.missing {
