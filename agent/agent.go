@@ -54,8 +54,8 @@ type Config struct {
 	Output io.Writer
 }
 
-// Agent is a running meshtun agent.
-type Agent struct {
+// agent is a running meshtun agent.
+type agent struct {
 	cfg  Config
 	log  zerolog.Logger
 	root zerolog.Logger
@@ -65,12 +65,12 @@ type Agent struct {
 	js     []byte
 	b      *bootstrapv3.Bootstrap
 	podIPs []netip.Addr
-	prober atomic.Pointer[Prober]
+	prober atomic.Pointer[prober]
 
 	dev     *tun.Device
 	capture *tun.Capture
-	sup     *Supervisor
-	status  *StatusServer
+	sup     *supervisor
+	status  *statusServer
 
 	// reloadSignals counts the SIGHUPs sent to the proxy; whether it
 	// applied them is the proxy's own server.bootstrap_reload.* stats
@@ -87,7 +87,7 @@ func PrepareBootstrap(src Sources) (*Inputs, []byte, *bootstrapv3.Bootstrap, err
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	js, b, err := in.Render()
+	js, b, err := in.render()
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -107,7 +107,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 	if cfg.Output == nil {
 		cfg.Output = os.Stderr
 	}
-	a := &Agent{cfg: cfg, log: log, root: root, quit: make(chan struct{})}
+	a := &agent{cfg: cfg, log: log, root: root, quit: make(chan struct{})}
 	in, js, b, err := PrepareBootstrap(cfg.Sources)
 	if err != nil {
 		return err
@@ -115,11 +115,11 @@ func Run(cfg Config, root zerolog.Logger) error {
 	for _, w := range in.Warnings {
 		log.Warn().Msg(w)
 	}
-	if err := WriteFile(cfg.BootstrapOut, js); err != nil {
+	if err := writeFile(cfg.BootstrapOut, js); err != nil {
 		return err
 	}
 	a.in, a.js, a.b = in, js, b
-	log.Info().Str("path", cfg.BootstrapOut).Str("node", in.NodeID()).Str("cluster", in.ServiceCluster()).
+	log.Info().Str("path", cfg.BootstrapOut).Str("node", in.nodeID()).Str("cluster", in.serviceCluster()).
 		Bool("xds", hasADS(b)).Msg("bootstrap written")
 
 	// The status ports first: a port in use fails the start before
@@ -141,7 +141,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 	}
 	defer a.teardownCapture()
 
-	a.sup = &Supervisor{
+	a.sup = &supervisor{
 		Command: a.proxyCommand,
 		Live: func(ctx context.Context) error {
 			return a.prober.Load().Live(ctx)
@@ -153,14 +153,14 @@ func Run(cfg Config, root zerolog.Logger) error {
 	if a.capture != nil {
 		a.sup.Capture, a.sup.CaptureBlocked = a.capture, true
 	}
-	a.status = &StatusServer{
+	a.status = &statusServer{
 		Ready:        a.ready,
 		AgentMetrics: a.writeMetrics,
 		ProxyMetrics: a.proxyMetrics,
 		Quit:         func() { a.quitOnce.Do(func() { close(a.quit) }) },
 		Log:          log,
 	}
-	a.prober.Store(NewProber(AdminAddress(b), hasADS(b)))
+	a.prober.Store(newProber(AdminAddress(b), hasADS(b)))
 	statusSrv := serve(statusLn, a.status.StatusHandler())
 	readySrv := serve(readyLn, a.status.ReadinessHandler())
 	defer statusSrv.Close()
@@ -172,7 +172,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 		defer close(runDone)
 		a.sup.Run()
 	}()
-	w := &Watcher{Paths: a.watched(in), Interval: cfg.WatchInterval, OnChange: a.reload}
+	w := &watcher{Paths: a.watched(in), Interval: cfg.WatchInterval, OnChange: a.reload}
 	stopWatch := w.Start()
 	defer stopWatch()
 
@@ -214,7 +214,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 // proxyCommand is the child for the next start, from the current
 // bootstrap: `meshtun proxy` on the agent's TUN (fd 3) with capture left
 // to the agent.
-func (a *Agent) proxyCommand() (*exec.Cmd, error) {
+func (a *agent) proxyCommand() (*exec.Cmd, error) {
 	a.mu.Lock()
 	in, b := a.in, a.b
 	a.mu.Unlock()
@@ -271,13 +271,13 @@ func (a *Agent) proxyCommand() (*exec.Cmd, error) {
 	cmd.ExtraFiles = files
 	cmd.Env = os.Environ()
 	// This child is probed at the admin address of the bootstrap it starts with.
-	a.prober.Store(NewProber(AdminAddress(b), hasADS(b)))
+	a.prober.Store(newProber(AdminAddress(b), hasADS(b)))
 	return cmd, nil
 }
 
 // ready is the pod's readiness: a proxy runs, is live, and has its
 // first configuration.
-func (a *Agent) ready(ctx context.Context) error {
+func (a *agent) ready(ctx context.Context) error {
 	if a.sup.Pid() == 0 {
 		return errors.New("proxy not running")
 	}
@@ -292,7 +292,7 @@ func (a *Agent) ready(ctx context.Context) error {
 	return nil
 }
 
-func (a *Agent) proxyMetrics(ctx context.Context) ([]byte, error) {
+func (a *agent) proxyMetrics(ctx context.Context) ([]byte, error) {
 	if a.sup.Pid() == 0 {
 		return nil, errors.New("proxy not running")
 	}
@@ -306,7 +306,7 @@ func (a *Agent) proxyMetrics(ctx context.Context) ([]byte, error) {
 	return body, nil
 }
 
-func (a *Agent) writeMetrics(w io.Writer) {
+func (a *agent) writeMetrics(w io.Writer) {
 	metric(w, "meshtun_agent_proxy_restarts_total", "counter", "Times the agent restarted the proxy after it exited on its own.", float64(a.sup.Restarts()))
 	metric(w, "meshtun_agent_proxy_live", "gauge", "1 while a proxy runs and answers its admin /ready.", b2f(a.sup.IsLive()))
 	metric(w, "meshtun_agent_capture_blocked", "gauge", "1 while captured flows are refused because no proxy serves them.", b2f(a.sup.Blocked()))

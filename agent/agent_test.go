@@ -28,7 +28,7 @@ func TestWatcherStopWaitsForChange(t *testing.T) {
 	var calls, after int64
 	var stopped bool
 	var mu sync.Mutex
-	w := &Watcher{Paths: []string{file}, Interval: 10 * time.Millisecond, OnChange: func([]string) {
+	w := &watcher{Paths: []string{file}, Interval: 10 * time.Millisecond, OnChange: func([]string) {
 		mu.Lock()
 		calls++
 		if stopped {
@@ -88,7 +88,7 @@ func TestReloadCountsSignals(t *testing.T) {
 		t.Fatal(err)
 	}
 	sup, _, proxyOut, _ := fakeSupervisor(t, "serve")
-	a := &Agent{cfg: Config{Sources: src, BootstrapOut: out}, log: zerolog.Nop(), in: in, js: js, b: b, sup: sup}
+	a := &agent{cfg: Config{Sources: src, BootstrapOut: out}, log: zerolog.Nop(), in: in, js: js, b: b, sup: sup}
 	a.reload([]string{"cert-chain.pem"})
 	if n := a.reloadSignals.Load(); n != 0 {
 		t.Errorf("reload with no proxy running: %d signals counted, want 0", n)
@@ -124,7 +124,7 @@ func TestReloadCountsSignals(t *testing.T) {
 // readiness port moved by PROXY_CONFIG (or the flag) is left out of
 // inbound capture like Istio's defaults; the defaults add nothing.
 func TestCaptureConfigExcludesAgentPorts(t *testing.T) {
-	pc := DefaultProxyConfig()
+	pc := defaultProxyConfig()
 	if got := agentPorts(pc, 15021); len(got) != 0 {
 		t.Errorf("default ports: extra exclusions %v, want none (tun.AlwaysExcludedInboundPorts has them)", got)
 	}
@@ -144,7 +144,7 @@ func TestCaptureConfigExcludesAgentPorts(t *testing.T) {
 		t.Errorf("capture config %+v", cfg)
 	}
 	// The init container reads the same PROXY_CONFIG.
-	pc = DefaultProxyConfig()
+	pc = defaultProxyConfig()
 	if _, _, err := loadProxyConfig(&pc, src, environ(src)); err != nil {
 		t.Fatal(err)
 	}

@@ -33,20 +33,20 @@ import (
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
-// XDSCluster is the static cluster that holds the xDS server, as Istio
+// xdsCluster is the static cluster that holds the xDS server, as Istio
 // names it.
-const XDSCluster = "xds-grpc"
+const xdsCluster = "xds-grpc"
 
-// NodeID is Istio's sidecar node id: sidecar~<IP>~<pod>.<ns>~<domain>.
+// nodeID is Istio's sidecar node id: sidecar~<IP>~<pod>.<ns>~<domain>.
 // istiod finds the pod from it.
-func (in *Inputs) NodeID() string {
+func (in *Inputs) nodeID() string {
 	return fmt.Sprintf("sidecar~%s~%s.%s~%s", in.InstanceIPs[0], in.PodName, in.Namespace, in.Domain)
 }
 
-// ServiceCluster is the node's cluster as Istio derives it: the app
+// serviceCluster is the node's cluster as Istio derives it: the app
 // label, else the workload name, else istio-proxy, dotted with the
 // namespace.
-func (in *Inputs) ServiceCluster() string {
+func (in *Inputs) serviceCluster() string {
 	name := in.Labels["app"]
 	if name == "" {
 		name = in.Meta["WORKLOAD_NAME"]
@@ -99,17 +99,17 @@ func anyMap(in map[string]string) map[string]any {
 	return out
 }
 
-// Bootstrap builds the proxy's Envoy v3 bootstrap: the node, the admin on
+// buildBootstrap builds the proxy's Envoy v3 bootstrap: the node, the admin on
 // 127.0.0.1, and (unless NoXDS) ADS over delta gRPC to the discovery
 // address through the static cluster xds-grpc, with the LDS/CDS initial
 // fetch timeout of 0s Istio uses; then the extra bootstrap merged over it.
-func (in *Inputs) Bootstrap() (*bootstrapv3.Bootstrap, error) {
+func (in *Inputs) buildBootstrap() (*bootstrapv3.Bootstrap, error) {
 	meta, err := in.nodeMetadata()
 	if err != nil {
 		return nil, fmt.Errorf("node metadata: %w", err)
 	}
 	b := &bootstrapv3.Bootstrap{
-		Node:            &corev3.Node{Id: in.NodeID(), Cluster: in.ServiceCluster(), Metadata: meta},
+		Node:            &corev3.Node{Id: in.nodeID(), Cluster: in.serviceCluster(), Metadata: meta},
 		Admin:           &bootstrapv3.Admin{Address: socketAddress("127.0.0.1", in.ProxyConfig.ProxyAdminPort)},
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{},
 	}
@@ -132,7 +132,7 @@ func (in *Inputs) Bootstrap() (*bootstrapv3.Bootstrap, error) {
 				ApiType:             corev3.ApiConfigSource_DELTA_GRPC,
 				TransportApiVersion: corev3.ApiVersion_V3,
 				GrpcServices: []*corev3.GrpcService{{TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{
-					EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: XDSCluster}}}},
+					EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: xdsCluster}}}},
 				SetNodeOnFirstMessageOnly: true,
 			},
 		}
@@ -140,8 +140,8 @@ func (in *Inputs) Bootstrap() (*bootstrapv3.Bootstrap, error) {
 	}
 	if in.Extra != nil {
 		for _, c := range in.Extra.GetStaticResources().GetClusters() {
-			if c.GetName() == XDSCluster && !in.NoXDS {
-				return nil, fmt.Errorf("extra bootstrap %s: static_resources.clusters: %q is generated from the discovery address", in.ExtraPath, XDSCluster)
+			if c.GetName() == xdsCluster && !in.NoXDS {
+				return nil, fmt.Errorf("extra bootstrap %s: static_resources.clusters: %q is generated from the discovery address", in.ExtraPath, xdsCluster)
 			}
 		}
 		proto.Merge(b, in.Extra)
@@ -177,12 +177,12 @@ func xdsServerCluster(addr string) (*clusterv3.Cluster, error) {
 			MaxPendingRequests: wrapperspb.UInt32(100000), MaxRequests: wrapperspb.UInt32(100000)}
 	}
 	return &clusterv3.Cluster{
-		Name:                 XDSCluster,
+		Name:                 xdsCluster,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: typ},
 		ConnectTimeout:       durationpb.New(1e9),
 		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
 		LoadAssignment: &endpointv3.ClusterLoadAssignment{
-			ClusterName: XDSCluster,
+			ClusterName: xdsCluster,
 			Endpoints: []*endpointv3.LocalityLbEndpoints{{LbEndpoints: []*endpointv3.LbEndpoint{{
 				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: socketAddress(host, port)}}}}}},
 		},
@@ -194,11 +194,11 @@ func xdsServerCluster(addr string) (*clusterv3.Cluster, error) {
 	}, nil
 }
 
-// Marshal renders b as the proxy reads it: JSON with Envoy's snake_case
+// marshal renders b as the proxy reads it: JSON with Envoy's snake_case
 // field names, indented, byte-for-byte stable (protojson's own output
 // varies its whitespace on purpose; it is normalized here), so the file
 // can be diffed and a golden file compared.
-func Marshal(b *bootstrapv3.Bootstrap) ([]byte, error) {
+func marshal(b *bootstrapv3.Bootstrap) ([]byte, error) {
 	js, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(b)
 	if err != nil {
 		return nil, err
@@ -214,11 +214,11 @@ func Marshal(b *bootstrapv3.Bootstrap) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// Validate reads the rendered bootstrap back through the proxy's own
+// validate reads the rendered bootstrap back through the proxy's own
 // readers — mesh/bootstrap.Parse, xdsclient.FromBootstrap, mesh.Build —
 // so a bootstrap the agent writes is one the proxy accepts. name is used
 // in errors.
-func Validate(js []byte, name string) (*bootstrapv3.Bootstrap, error) {
+func validate(js []byte, name string) (*bootstrapv3.Bootstrap, error) {
 	b, err := bootstrap.Parse(js, name, false)
 	if err != nil {
 		return nil, err
@@ -248,27 +248,27 @@ func (noResolver) LookupNetIP(context.Context, string, string) ([]netip.Addr, er
 	return nil, errors.New("not resolved while validating")
 }
 
-// Render builds, renders and validates the bootstrap.
-func (in *Inputs) Render() ([]byte, *bootstrapv3.Bootstrap, error) {
-	b, err := in.Bootstrap()
+// render builds, renders and validates the bootstrap.
+func (in *Inputs) render() ([]byte, *bootstrapv3.Bootstrap, error) {
+	b, err := in.buildBootstrap()
 	if err != nil {
 		return nil, nil, err
 	}
-	js, err := Marshal(b)
+	js, err := marshal(b)
 	if err != nil {
 		return nil, nil, fmt.Errorf("rendering the bootstrap: %w", err)
 	}
-	pb, err := Validate(js, "generated")
+	pb, err := validate(js, "generated")
 	if err != nil {
 		return nil, nil, err
 	}
 	return js, pb, nil
 }
 
-// WriteFile replaces path with data atomically (a temporary file in the
+// writeFile replaces path with data atomically (a temporary file in the
 // same directory, renamed), so the proxy never reads half a bootstrap.
 // The file is readable by everyone: it holds no secret.
-func WriteFile(path string, data []byte) error {
+func writeFile(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("bootstrap output: %w", err)

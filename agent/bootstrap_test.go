@@ -66,7 +66,7 @@ func TestBootstrapGolden(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	js, b, err := in.Render()
+	js, b, err := in.render()
 	if err != nil {
 		t.Fatalf("render: %v", err)
 	}
@@ -84,7 +84,7 @@ func TestBootstrapGolden(t *testing.T) {
 		t.Errorf("bootstrap differs from %s (run with -update after checking):\n%s", golden, lineDiff(string(want), string(js)))
 	}
 	// Rendering is stable: a second run gives the same bytes.
-	if again, _, err := in.Render(); err != nil || !bytes.Equal(again, js) {
+	if again, _, err := in.render(); err != nil || !bytes.Equal(again, js) {
 		t.Errorf("a second render differs (%v)", err)
 	}
 
@@ -127,7 +127,7 @@ func TestBootstrapGolden(t *testing.T) {
 	}
 
 	// What the proxy does with the file: parse, derive the xDS client,
-	// build the static configuration (Validate did the last).
+	// build the static configuration (validate did the last).
 	pb, err := bootstrap.Parse(js, "golden", false)
 	if err != nil {
 		t.Fatalf("mesh/bootstrap.Parse: %v", err)
@@ -278,7 +278,7 @@ func TestProxyConfigSources(t *testing.T) {
 	if in.Meta["DNS_CAPTURE"] != "true" || in.Meta["OTHER"] != "" {
 		t.Errorf("metadata from proxyMetadata: %v", in.Meta)
 	}
-	_, b, err := in.Render()
+	_, b, err := in.render()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,7 +286,7 @@ func TestProxyConfigSources(t *testing.T) {
 		t.Errorf("admin %s", AdminAddress(b))
 	}
 	// An IP discovery address gives a STATIC xds-grpc cluster.
-	if c := b.GetStaticResources().GetClusters()[0]; c.GetName() != XDSCluster || c.GetType().String() != "STATIC" {
+	if c := b.GetStaticResources().GetClusters()[0]; c.GetName() != xdsCluster || c.GetType().String() != "STATIC" {
 		t.Errorf("xds cluster %s type %s, want xds-grpc STATIC", c.GetName(), c.GetType())
 	}
 	in, err = Load(Sources{Environ: env(), ProxyConfigFile: file, DiscoveryAddress: "istiod.example:15010"})
@@ -340,7 +340,7 @@ func TestStaticOnlyWithExtra(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cs := b.GetStaticResources().GetClusters(); len(cs) != 2 || cs[0].GetName() != XDSCluster || !hasADS(b) {
+	if cs := b.GetStaticResources().GetClusters(); len(cs) != 2 || cs[0].GetName() != xdsCluster || !hasADS(b) {
 		t.Errorf("clusters %v", cs)
 	}
 	clash := filepath.Join(dir, "clash.yaml")
@@ -365,7 +365,7 @@ func TestStaticOnlyWithExtra(t *testing.T) {
 func TestAnnotations(t *testing.T) {
 	file := writeAnnotations(t, `traffic.sidecar.istio.io/excludeOutboundIPRanges="10.96.0.0/12, fd00::/8"`,
 		`traffic.sidecar.istio.io/includeInboundPorts=""`, `traffic.sidecar.istio.io/includeOutboundIPRanges="10.0.0.0/8"`)
-	ex, warnings, err := LoadExclusions(Sources{
+	ex, warnings, err := loadExclusions(Sources{
 		Environ:         []string{`ISTIO_METAJSON_ANNOTATIONS={"traffic.sidecar.istio.io/excludeOutboundPorts":"5432","traffic.sidecar.istio.io/excludeOutboundIPRanges":"*"}`},
 		AnnotationsFile: file,
 	})
@@ -378,11 +378,11 @@ func TestAnnotations(t *testing.T) {
 	if len(warnings) != 1 || !strings.Contains(warnings[0], "includeOutboundIPRanges") {
 		t.Errorf("warnings %q", warnings)
 	}
-	ex, _, err = LoadExclusions(Sources{Environ: []string{`ISTIO_METAJSON_ANNOTATIONS={"traffic.sidecar.istio.io/excludeOutboundIPRanges":"*"}`}})
+	ex, _, err = loadExclusions(Sources{Environ: []string{`ISTIO_METAJSON_ANNOTATIONS={"traffic.sidecar.istio.io/excludeOutboundIPRanges":"*"}`}})
 	if err != nil || ex.String() != "cidr:0.0.0.0/0 cidr:::/0 " {
 		t.Errorf("excludeOutboundIPRanges=*: %q %v", ex.String(), err)
 	}
-	m, err := ParseDownwardAPI("a=\"1\"\nb=\"x=\\\"y\\\"\"\n\n")
+	m, err := parseDownwardAPI("a=\"1\"\nb=\"x=\\\"y\\\"\"\n\n")
 	if err != nil || m["a"] != "1" || m["b"] != `x="y"` {
 		t.Errorf("ParseDownwardAPI: %v %v", m, err)
 	}

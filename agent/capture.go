@@ -46,7 +46,7 @@ func (co *CaptureOptions) setDefaults() {
 
 // setupCapture opens the TUN and installs capture, blocked until a proxy
 // serves.
-func (a *Agent) setupCapture(in *Inputs) error {
+func (a *agent) setupCapture(in *Inputs) error {
 	co := a.cfg.Capture
 	mode, err := captureMode(co.Mode, in.InterceptionMode)
 	if err != nil {
@@ -125,7 +125,7 @@ func installCapture(co CaptureOptions, ex Exclusions, ports []tun.PortRange, log
 	return dev, capt, nil
 }
 
-func (a *Agent) teardownCapture() {
+func (a *agent) teardownCapture() {
 	if a.capture != nil {
 		if err := a.capture.Teardown(); err != nil {
 			a.log.Error().Err(err).Msg("capture teardown")
@@ -170,7 +170,7 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 		log.Info().Str("reason", why).Msg("capture-only: interception mode NONE, no capture installed; nothing changed")
 		return nil
 	}
-	ex, warnings, err := LoadExclusions(src)
+	ex, warnings, err := loadExclusions(src)
 	if err != nil {
 		return err
 	}
@@ -179,13 +179,13 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	}
 	// The agent's ports stay uncaptured from the start; without
 	// PROXY_CONFIG they are Istio's defaults, which capture always excludes.
-	pc := DefaultProxyConfig()
+	pc := defaultProxyConfig()
 	if _, _, err := loadProxyConfig(&pc, src, env); err != nil {
 		return err
 	}
 	readiness := src.ReadinessPort
 	if readiness == 0 {
-		readiness = DefaultReadinessPort
+		readiness = defaultReadinessPort
 	}
 	dev, capt, err := installCapture(co, ex, agentPorts(pc, readiness), root)
 	if err != nil {
@@ -200,9 +200,9 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	return nil
 }
 
-// LoadExclusions reads only the capture annotations (an init container
+// loadExclusions reads only the capture annotations (an init container
 // has no pod identity to build a bootstrap from).
-func LoadExclusions(src Sources) (Exclusions, []string, error) {
+func loadExclusions(src Sources) (Exclusions, []string, error) {
 	env := environ(src)
 	annots, err := podInfo(env, envAnnotsJSON, src.AnnotationsFile)
 	if err != nil {

@@ -16,15 +16,15 @@ import (
 
 // The environment the Istio sidecar injector gives the proxy container.
 const (
-	EnvPodName        = "POD_NAME"
-	EnvPodNamespace   = "POD_NAMESPACE"
-	EnvInstanceIP     = "INSTANCE_IP"
-	EnvInstanceIPs    = "INSTANCE_IPS"
-	EnvServiceAccount = "SERVICE_ACCOUNT"
-	EnvProxyConfig    = "PROXY_CONFIG"
-	// EnvBootstrapOverride names an Envoy bootstrap fragment merged over
+	envPodName        = "POD_NAME"
+	envPodNamespace   = "POD_NAMESPACE"
+	envInstanceIP     = "INSTANCE_IP"
+	envInstanceIPs    = "INSTANCE_IPS"
+	envServiceAccount = "SERVICE_ACCOUNT"
+	envProxyConfig    = "PROXY_CONFIG"
+	// envBootstrapOverride names an Envoy bootstrap fragment merged over
 	// the generated one (Istio's ISTIO_BOOTSTRAP_OVERRIDE).
-	EnvBootstrapOverride = "ISTIO_BOOTSTRAP_OVERRIDE"
+	envBootstrapOverride = "ISTIO_BOOTSTRAP_OVERRIDE"
 
 	metaPrefix      = "ISTIO_META_"
 	envLabelsJSON   = "ISTIO_METAJSON_LABELS"
@@ -36,10 +36,10 @@ const (
 	envWorkloadName = metaPrefix + "WORKLOAD_NAME"
 )
 
-// IstioVersion is reported as ISTIO_VERSION unless ISTIO_META_ISTIO_VERSION
+// istioVersion is reported as ISTIO_VERSION unless ISTIO_META_ISTIO_VERSION
 // says otherwise: istiod gates what it generates on the proxy's version,
 // and this is the release whose sidecar configuration meshtun follows.
-const IstioVersion = "1.26.0"
+const istioVersion = "1.26.0"
 
 // Default downward-API files of an injected pod.
 const (
@@ -105,20 +105,20 @@ type Inputs struct {
 func Load(src Sources) (*Inputs, error) {
 	env := environ(src)
 	in := &Inputs{
-		PodName:        env[EnvPodName],
-		Namespace:      env[EnvPodNamespace],
-		ServiceAccount: env[EnvServiceAccount],
+		PodName:        env[envPodName],
+		Namespace:      env[envPodNamespace],
+		ServiceAccount: env[envServiceAccount],
 		Meta:           map[string]string{},
-		IstioVersion:   IstioVersion,
+		IstioVersion:   istioVersion,
 		ClusterID:      "Kubernetes",
-		ProxyConfig:    DefaultProxyConfig(),
+		ProxyConfig:    defaultProxyConfig(),
 		ReadinessPort:  src.ReadinessPort,
 		NoXDS:          src.NoXDS,
 	}
 	if in.ReadinessPort == 0 {
-		in.ReadinessPort = DefaultReadinessPort
+		in.ReadinessPort = defaultReadinessPort
 	}
-	for _, req := range []struct{ name, val string }{{EnvPodName, in.PodName}, {EnvPodNamespace, in.Namespace}} {
+	for _, req := range []struct{ name, val string }{{envPodName, in.PodName}, {envPodNamespace, in.Namespace}} {
 		if req.val == "" {
 			return nil, fmt.Errorf("%s: required (the injector sets it from the downward API)", req.name)
 		}
@@ -149,7 +149,7 @@ func Load(src Sources) (*Inputs, error) {
 	pc := in.ProxyConfig
 	if pc.ProxyAdminPort == pc.StatusPort || pc.ProxyAdminPort == in.ReadinessPort || pc.StatusPort == in.ReadinessPort {
 		return nil, fmt.Errorf("%s: proxyAdminPort %d, statusPort %d and the readiness port %d must differ",
-			EnvProxyConfig, pc.ProxyAdminPort, pc.StatusPort, in.ReadinessPort)
+			envProxyConfig, pc.ProxyAdminPort, pc.StatusPort, in.ReadinessPort)
 	}
 	for k, v := range proxyMeta {
 		if name, ok := strings.CutPrefix(k, metaPrefix); ok && name != "" {
@@ -203,7 +203,7 @@ func Load(src Sources) (*Inputs, error) {
 
 	extra := src.ExtraBootstrap
 	if extra == "" {
-		extra = env[EnvBootstrapOverride]
+		extra = env[envBootstrapOverride]
 	}
 	if extra != "" {
 		if in.Extra, err = bootstrap.Load(extra); err != nil {
@@ -229,8 +229,8 @@ func loadProxyConfig(pc *ProxyConfig, src Sources, env map[string]string) (proxy
 		}
 		proxyMeta, warnings = m, append(warnings, w...)
 	}
-	if v, ok := env[EnvProxyConfig]; ok {
-		m, w, err := applyProxyConfig(pc, []byte(v), EnvProxyConfig)
+	if v, ok := env[envProxyConfig]; ok {
+		m, w, err := applyProxyConfig(pc, []byte(v), envProxyConfig)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -242,8 +242,8 @@ func loadProxyConfig(pc *ProxyConfig, src Sources, env map[string]string) (proxy
 	return proxyMeta, warnings, nil
 }
 
-// DefaultReadinessPort is Istio's sidecar readiness port (/healthz/ready).
-const DefaultReadinessPort = 15021
+// defaultReadinessPort is Istio's sidecar readiness port (/healthz/ready).
+const defaultReadinessPort = 15021
 
 // interceptionMode is ISTIO_META_INTERCEPTION_MODE, REDIRECT by default.
 func interceptionMode(env map[string]string) (string, error) {
@@ -273,7 +273,7 @@ func environ(src Sources) map[string]string {
 // without duplicates; at least one is required: it is the node id.
 func instanceIPs(env map[string]string) ([]netip.Addr, error) {
 	var out []netip.Addr
-	for _, name := range []string{EnvInstanceIP, EnvInstanceIPs} {
+	for _, name := range []string{envInstanceIP, envInstanceIPs} {
 		v, ok := env[name]
 		if !ok {
 			continue
@@ -297,7 +297,7 @@ func instanceIPs(env map[string]string) ([]netip.Addr, error) {
 		}
 	}
 	if len(out) == 0 {
-		return nil, errors.New(EnvInstanceIP + " or " + EnvInstanceIPs + ": required (the pod's IP, from the downward API status.podIP)")
+		return nil, errors.New(envInstanceIP + " or " + envInstanceIPs + ": required (the pod's IP, from the downward API status.podIP)")
 	}
 	return out, nil
 }
@@ -320,7 +320,7 @@ func podInfo(env map[string]string, jsonVar, file string) (map[string]string, er
 	if err != nil {
 		return nil, fmt.Errorf("pod info: %w", err)
 	}
-	m, err := ParseDownwardAPI(string(b))
+	m, err := parseDownwardAPI(string(b))
 	if err != nil {
 		return nil, fmt.Errorf("pod info %s: %w", file, err)
 	}

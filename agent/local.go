@@ -22,7 +22,7 @@ func LocalEnviron(env []string) []string {
 		have[k] = true
 	}
 	out := append([]string(nil), env...)
-	if !have[EnvPodName] {
+	if !have[envPodName] {
 		h, _ := os.Hostname()
 		h = strings.ToLower(strings.Split(h, ".")[0])
 		h = strings.Map(func(r rune) rune {
@@ -34,14 +34,14 @@ func LocalEnviron(env []string) []string {
 		if h == "" {
 			h = "laptop"
 		}
-		out = append(out, EnvPodName+"="+h)
+		out = append(out, envPodName+"="+h)
 	}
-	if !have[EnvPodNamespace] {
-		out = append(out, EnvPodNamespace+"=default")
+	if !have[envPodNamespace] {
+		out = append(out, envPodNamespace+"=default")
 	}
-	if !have[EnvInstanceIP] && !have[EnvInstanceIPs] {
+	if !have[envInstanceIP] && !have[envInstanceIPs] {
 		if ip := hostIP(); ip != "" {
-			out = append(out, EnvInstanceIP+"="+ip)
+			out = append(out, envInstanceIP+"="+ip)
 		}
 	}
 	return out

@@ -12,12 +12,12 @@ import (
 
 // Istio's traffic annotations, as the injector copies them into the pod.
 const (
-	AnnotationExcludeOutboundPorts    = "traffic.sidecar.istio.io/excludeOutboundPorts"
-	AnnotationExcludeOutboundIPRanges = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
-	AnnotationExcludeInboundPorts     = "traffic.sidecar.istio.io/excludeInboundPorts"
-	AnnotationIncludeInboundPorts     = "traffic.sidecar.istio.io/includeInboundPorts"
-	AnnotationIncludeOutboundIPRanges = "traffic.sidecar.istio.io/includeOutboundIPRanges"
-	AnnotationIncludeOutboundPorts    = "traffic.sidecar.istio.io/includeOutboundPorts"
+	annotationExcludeOutboundPorts    = "traffic.sidecar.istio.io/excludeOutboundPorts"
+	annotationExcludeOutboundIPRanges = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+	annotationExcludeInboundPorts     = "traffic.sidecar.istio.io/excludeInboundPorts"
+	annotationIncludeInboundPorts     = "traffic.sidecar.istio.io/includeInboundPorts"
+	annotationIncludeOutboundIPRanges = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+	annotationIncludeOutboundPorts    = "traffic.sidecar.istio.io/includeOutboundPorts"
 )
 
 // Exclusions are what capture leaves alone, from the pod's annotations.
@@ -29,9 +29,9 @@ type Exclusions struct {
 	NoInbound bool
 }
 
-// ParseDownwardAPI reads a downward-API file: one key="value" per line,
+// parseDownwardAPI reads a downward-API file: one key="value" per line,
 // the value quoted as Go quotes strings (Kubernetes' format).
-func ParseDownwardAPI(s string) (map[string]string, error) {
+func parseDownwardAPI(s string) (map[string]string, error) {
 	out := map[string]string{}
 	for i, line := range strings.Split(s, "\n") {
 		if strings.TrimSpace(line) == "" {
@@ -58,40 +58,40 @@ func exclusionsFrom(annots map[string]string, source string) (Exclusions, []stri
 	var warnings []string
 	field := func(name string) string { return "annotation " + name + " (" + source + ")" }
 	var err error
-	if v, ok := annots[AnnotationExcludeOutboundPorts]; ok {
+	if v, ok := annots[annotationExcludeOutboundPorts]; ok {
 		if ex.OutboundPorts, err = tun.ParsePorts(v); err != nil {
-			return ex, nil, fmt.Errorf("%s: %w", field(AnnotationExcludeOutboundPorts), err)
+			return ex, nil, fmt.Errorf("%s: %w", field(annotationExcludeOutboundPorts), err)
 		}
 	}
-	if v, ok := annots[AnnotationExcludeOutboundIPRanges]; ok {
+	if v, ok := annots[annotationExcludeOutboundIPRanges]; ok {
 		if strings.TrimSpace(v) == "*" {
 			ex.OutboundCIDRs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 		} else if ex.OutboundCIDRs, err = tun.ParseCIDRs(v); err != nil {
-			return ex, nil, fmt.Errorf("%s: %w", field(AnnotationExcludeOutboundIPRanges), err)
+			return ex, nil, fmt.Errorf("%s: %w", field(annotationExcludeOutboundIPRanges), err)
 		}
 	}
-	if v, ok := annots[AnnotationExcludeInboundPorts]; ok {
+	if v, ok := annots[annotationExcludeInboundPorts]; ok {
 		if ex.InboundPorts, err = tun.ParsePorts(v); err != nil {
-			return ex, nil, fmt.Errorf("%s: %w", field(AnnotationExcludeInboundPorts), err)
+			return ex, nil, fmt.Errorf("%s: %w", field(annotationExcludeInboundPorts), err)
 		}
 	}
-	if v, ok := annots[AnnotationIncludeInboundPorts]; ok {
+	if v, ok := annots[annotationIncludeInboundPorts]; ok {
 		switch strings.TrimSpace(v) {
 		case "":
 			ex.NoInbound = true
 		case "*":
 		default:
 			if _, err := tun.ParsePorts(v); err != nil {
-				return ex, nil, fmt.Errorf("%s: %w", field(AnnotationIncludeInboundPorts), err)
+				return ex, nil, fmt.Errorf("%s: %w", field(annotationIncludeInboundPorts), err)
 			}
-			warnings = append(warnings, field(AnnotationIncludeInboundPorts)+": a port list is not supported; every inbound port is captured (use excludeInboundPorts)")
+			warnings = append(warnings, field(annotationIncludeInboundPorts)+": a port list is not supported; every inbound port is captured (use excludeInboundPorts)")
 		}
 	}
-	if v, ok := annots[AnnotationIncludeOutboundIPRanges]; ok && strings.TrimSpace(v) == "" {
+	if v, ok := annots[annotationIncludeOutboundIPRanges]; ok && strings.TrimSpace(v) == "" {
 		// Istio: no outbound destination is captured.
 		ex.OutboundCIDRs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 	}
-	for _, name := range []string{AnnotationIncludeOutboundIPRanges, AnnotationIncludeOutboundPorts} {
+	for _, name := range []string{annotationIncludeOutboundIPRanges, annotationIncludeOutboundPorts} {
 		if v, ok := annots[name]; ok && !slices.Contains([]string{"*", ""}, strings.TrimSpace(v)) {
 			warnings = append(warnings, field(name)+": not supported; all outbound TCP/UDP is captured (use the exclude annotations)")
 		}

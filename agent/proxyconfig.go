@@ -41,9 +41,9 @@ type ProxyConfig struct {
 	HoldApplicationUntilProxyStarts bool
 }
 
-// DefaultProxyConfig is Istio's default for the fields meshtun reads,
+// defaultProxyConfig is Istio's default for the fields meshtun reads,
 // except Concurrency (see ProxyConfig).
-func DefaultProxyConfig() ProxyConfig {
+func defaultProxyConfig() ProxyConfig {
 	return ProxyConfig{
 		DiscoveryAddress:         "istiod.istio-system.svc:15010",
 		DrainDuration:            45 * time.Second,

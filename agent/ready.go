@@ -18,22 +18,22 @@ import (
 // counters (istio pilot/cmd/pilot-agent/status/util/stats.go).
 const xdsStatsFilter = `^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$`
 
-// Prober asks the proxy's admin API whether it serves, the way
+// prober asks the proxy's admin API whether it serves, the way
 // pilot-agent asks Envoy.
-type Prober struct {
+type prober struct {
 	admin  string // host:port or unix:/path
 	xds    bool
 	client *http.Client
 }
 
-// NewProber probes the admin API at admin (host:port or unix:/path); xds
+// newProber probes the admin API at admin (host:port or unix:/path); xds
 // says whether readiness also needs the first xDS configuration.
-func NewProber(admin string, xds bool) *Prober {
+func newProber(admin string, xds bool) *prober {
 	network, addr := "tcp", admin
 	if p, ok := strings.CutPrefix(admin, "unix:"); ok {
 		network, addr = "unix", p
 	}
-	return &Prober{admin: admin, xds: xds, client: &http.Client{
+	return &prober{admin: admin, xds: xds, client: &http.Client{
 		Timeout: 2 * time.Second,
 		Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -46,10 +46,10 @@ func NewProber(admin string, xds bool) *Prober {
 }
 
 // Admin is the admin address probed.
-func (p *Prober) Admin() string { return p.admin }
+func (p *prober) Admin() string { return p.admin }
 
 // Get fetches path from the admin API and returns the status and body.
-func (p *Prober) Get(ctx context.Context, path string) (int, []byte, error) {
+func (p *prober) Get(ctx context.Context, path string) (int, []byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://localhost"+path, nil)
 	if err != nil {
 		return 0, nil, err
@@ -65,7 +65,7 @@ func (p *Prober) Get(ctx context.Context, path string) (int, []byte, error) {
 
 // Live reports whether the proxy serves: its admin /ready answers 200
 // (LIVE).
-func (p *Prober) Live(ctx context.Context) error {
+func (p *prober) Live(ctx context.Context) error {
 	code, body, err := p.Get(ctx, "/ready")
 	if err != nil {
 		return fmt.Errorf("proxy admin %s: %w", p.admin, err)
@@ -80,7 +80,7 @@ func (p *Prober) Live(ctx context.Context) error {
 // configured over xDS, it has accepted its first listeners and clusters
 // (both update_success counters above 0, as pilot-agent requires), and it
 // is live.
-func (p *Prober) Ready(ctx context.Context) error {
+func (p *prober) Ready(ctx context.Context) error {
 	if !p.xds {
 		return p.Live(ctx)
 	}

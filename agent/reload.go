@@ -7,7 +7,7 @@ import (
 )
 
 // watched are the files the bootstrap is built from, and the extra ones.
-func (a *Agent) watched(in *Inputs) []string {
+func (a *agent) watched(in *Inputs) []string {
 	src := a.cfg.Sources
 	var out []string
 	for _, p := range append([]string{src.ProxyConfigFile, src.LabelsFile, src.AnnotationsFile, in.ExtraPath}, a.cfg.Watch...) {
@@ -21,7 +21,7 @@ func (a *Agent) watched(in *Inputs) []string {
 // reload re-reads the inputs after a watched file changed, rewrites the
 // bootstrap and has the proxy apply it in process (SIGHUP): flows in
 // progress keep their configuration. Invalid new inputs change nothing.
-func (a *Agent) reload(changed []string) {
+func (a *agent) reload(changed []string) {
 	log := a.log.With().Strs("changed", changed).Logger()
 	in, js, b, err := PrepareBootstrap(a.cfg.Sources)
 	if err != nil {
@@ -45,7 +45,7 @@ func (a *Agent) reload(changed []string) {
 	if fmt.Sprint(old.Exclusions) != fmt.Sprint(in.Exclusions) {
 		log.Warn().Msg("reload: changed capture annotations take effect when the agent restarts")
 	}
-	if err := WriteFile(a.cfg.BootstrapOut, js); err != nil {
+	if err := writeFile(a.cfg.BootstrapOut, js); err != nil {
 		a.reloadErrors.Add(1)
 		log.Error().Err(err).Msg("reload")
 		return

@@ -14,11 +14,11 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// StatusServer is what the kubelet and Prometheus talk to: readiness
+// statusServer is what the kubelet and Prometheus talk to: readiness
 // (Istio's :15021 /healthz/ready), liveness, and on the status port
 // (:15020) the agent's metrics merged with the proxy's and /quitquitquit.
 // It runs in the agent, so it answers (not ready) while the proxy is down.
-type StatusServer struct {
+type statusServer struct {
 	// Ready returns nil when the pod may get traffic, else why not.
 	Ready func(ctx context.Context) error
 	// AgentMetrics writes the agent's own metrics (Prometheus text).
@@ -34,9 +34,9 @@ type StatusServer struct {
 }
 
 // SetDraining makes readiness fail from now on: the pod is terminating.
-func (s *StatusServer) SetDraining() { s.draining.Store(true) }
+func (s *statusServer) SetDraining() { s.draining.Store(true) }
 
-func (s *StatusServer) ready(w http.ResponseWriter, r *http.Request) {
+func (s *statusServer) ready(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		http.Error(w, "draining: the pod is terminating", http.StatusServiceUnavailable)
 		return
@@ -50,13 +50,13 @@ func (s *StatusServer) ready(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 }
 
-func (s *StatusServer) live(w http.ResponseWriter, _ *http.Request) {
+func (s *statusServer) live(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	fmt.Fprintln(w, "LIVE")
 }
 
 // metrics is the merged scrape: the agent's metrics, then the proxy's.
-func (s *StatusServer) metrics(w http.ResponseWriter, r *http.Request) {
+func (s *statusServer) metrics(w http.ResponseWriter, r *http.Request) {
 	var buf bytes.Buffer
 	s.AgentMetrics(&buf)
 	if s.ProxyMetrics != nil {
@@ -78,7 +78,7 @@ func (s *StatusServer) metrics(w http.ResponseWriter, r *http.Request) {
 // quit is pilot-agent's /quitquitquit: a job's main container calls it
 // when done so the sidecar does not keep the pod alive. Only the pod
 // itself may (a loopback peer), and only with POST.
-func (s *StatusServer) quit(w http.ResponseWriter, r *http.Request) {
+func (s *statusServer) quit(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		http.Error(w, "use POST", http.StatusMethodNotAllowed)
@@ -95,7 +95,7 @@ func (s *StatusServer) quit(w http.ResponseWriter, r *http.Request) {
 
 // StatusHandler serves the status port: /healthz/ready, /healthz/live,
 // /stats/prometheus, /quitquitquit.
-func (s *StatusServer) StatusHandler() http.Handler {
+func (s *statusServer) StatusHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz/ready", s.ready)
 	mux.HandleFunc("/healthz/live", s.live)
@@ -106,7 +106,7 @@ func (s *StatusServer) StatusHandler() http.Handler {
 
 // ReadinessHandler serves the readiness port: /healthz/ready and
 // /healthz/live only, as Envoy's :15021 listener does for Istio.
-func (s *StatusServer) ReadinessHandler() http.Handler {
+func (s *statusServer) ReadinessHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz/ready", s.ready)
 	mux.HandleFunc("/healthz/live", s.live)

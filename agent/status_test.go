@@ -36,7 +36,7 @@ func TestStatusServer(t *testing.T) {
 	notReady.Store("")
 	quit := make(chan struct{}, 1)
 	proxyUp := atomic.Bool{}
-	s := &StatusServer{
+	s := &statusServer{
 		Ready: func(context.Context) error {
 			if m := notReady.Load().(string); m != "" {
 				return errors.New(m)
@@ -126,7 +126,7 @@ func TestProber(t *testing.T) {
 	defer admin.Close()
 	addr := strings.TrimPrefix(admin.URL, "http://")
 	ctx := context.Background()
-	static, xds := NewProber(addr, false), NewProber(addr, true)
+	static, xds := newProber(addr, false), newProber(addr, true)
 	if err := static.Live(ctx); err == nil || !strings.Contains(err.Error(), "PRE_INITIALIZING") {
 		t.Errorf("not live: %v", err)
 	}
@@ -145,7 +145,7 @@ func TestProber(t *testing.T) {
 	if err := xds.Ready(ctx); err != nil {
 		t.Errorf("xds ready: %v", err)
 	}
-	if err := NewProber("127.0.0.1:1", false).Live(ctx); err == nil {
+	if err := newProber("127.0.0.1:1", false).Live(ctx); err == nil {
 		t.Error("a closed port is live")
 	}
 }
@@ -206,7 +206,7 @@ func TestWatcher(t *testing.T) {
 	later := filepath.Join(dir, "later")
 
 	changes := make(chan []string, 10)
-	w := &Watcher{Paths: []string{file, certs, later}, Interval: 20 * time.Millisecond, OnChange: func(c []string) { changes <- c }}
+	w := &watcher{Paths: []string{file, certs, later}, Interval: 20 * time.Millisecond, OnChange: func(c []string) { changes <- c }}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go w.Run(ctx)

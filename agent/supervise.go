@@ -19,9 +19,9 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// Blocker switches capture between refusing flows (no proxy) and sending
+// blocker switches capture between refusing flows (no proxy) and sending
 // them to the proxy; *tun.Capture is one.
-type Blocker interface {
+type blocker interface {
 	Block() error
 	Unblock() error
 }
@@ -53,18 +53,18 @@ func (b *Backoff) setDefaults() {
 // readyMarker is what the proxy logs once it serves.
 const readyMarker = "proxy ready"
 
-// Supervisor runs the proxy as a child process and restarts it when it
+// supervisor runs the proxy as a child process and restarts it when it
 // exits on its own. While no proxy serves, capture is blocked, so the
 // pod's flows are refused at once rather than lost in a TUN nobody reads;
 // it is unblocked as soon as the new proxy is live.
-type Supervisor struct {
+type supervisor struct {
 	// Command returns the child to start; it is called for every start,
 	// so each one gets the current bootstrap and settings.
 	Command func() (*exec.Cmd, error)
 	// Live reports whether the started child serves (its admin /ready).
 	Live func(ctx context.Context) error
 	// Capture is blocked while no proxy serves; nil without capture.
-	Capture Blocker
+	Capture blocker
 	// CaptureBlocked says Capture is already blocked when Run starts.
 	CaptureBlocked bool
 	Backoff        Backoff
@@ -136,7 +136,7 @@ func (c *child) spokeOnce() {
 	c.pending = nil
 }
 
-func (s *Supervisor) init() {
+func (s *supervisor) init() {
 	s.initOnce.Do(func() {
 		s.Backoff.setDefaults()
 		s.stopCh = make(chan struct{})
@@ -149,16 +149,16 @@ func (s *Supervisor) init() {
 
 // Restarts is how many times the proxy was restarted after exiting on its
 // own.
-func (s *Supervisor) Restarts() int64 { return s.restarts.Load() }
+func (s *supervisor) Restarts() int64 { return s.restarts.Load() }
 
 // IsLive reports whether a proxy runs and has been seen serving.
-func (s *Supervisor) IsLive() bool { return s.live.Load() }
+func (s *supervisor) IsLive() bool { return s.live.Load() }
 
 // Blocked reports whether capture is currently blocked.
-func (s *Supervisor) Blocked() bool { return s.blocked.Load() }
+func (s *supervisor) Blocked() bool { return s.blocked.Load() }
 
 // Pid is the running proxy's process id, 0 if none runs.
-func (s *Supervisor) Pid() int {
+func (s *supervisor) Pid() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cur == nil || s.cur.cmd.Process == nil {
@@ -170,7 +170,7 @@ func (s *Supervisor) Pid() int {
 // Signal sends sig to the running proxy; it reports whether one runs.
 // A proxy that has not written its first line yet gets sig with that
 // line: before, it may not handle signals yet.
-func (s *Supervisor) Signal(sig os.Signal) bool {
+func (s *supervisor) Signal(sig os.Signal) bool {
 	s.mu.Lock()
 	c := s.cur
 	s.mu.Unlock()
@@ -182,7 +182,7 @@ func (s *Supervisor) Signal(sig os.Signal) bool {
 
 // Run starts the proxy and keeps one running until Stop; it returns when
 // the last child has exited.
-func (s *Supervisor) Run() {
+func (s *supervisor) Run() {
 	s.init()
 	defer close(s.runDone)
 	s.blocked.Store(s.CaptureBlocked)
@@ -220,7 +220,7 @@ func (s *Supervisor) Run() {
 	}
 }
 
-func (s *Supervisor) lastLine() string {
+func (s *supervisor) lastLine() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.last == nil {
@@ -230,13 +230,13 @@ func (s *Supervisor) lastLine() string {
 	return l
 }
 
-func (s *Supervisor) isStopping() bool {
+func (s *supervisor) isStopping() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.stopping
 }
 
-func (s *Supervisor) block() {
+func (s *supervisor) block() {
 	if s.Capture == nil || s.blocked.Load() {
 		return
 	}
@@ -247,7 +247,7 @@ func (s *Supervisor) block() {
 	s.blocked.Store(true)
 }
 
-func (s *Supervisor) unblock() {
+func (s *supervisor) unblock() {
 	if s.Capture == nil || !s.blocked.Load() {
 		return
 	}
@@ -260,7 +260,7 @@ func (s *Supervisor) unblock() {
 
 // runOnce starts one child and waits for it to exit. It returns how long
 // the child was live and why it ended.
-func (s *Supervisor) runOnce() (time.Duration, error) {
+func (s *supervisor) runOnce() (time.Duration, error) {
 	cmd, err := s.Command()
 	if err != nil {
 		return 0, fmt.Errorf("preparing the proxy: %w", err)
@@ -349,7 +349,7 @@ func (s *Supervisor) runOnce() (time.Duration, error) {
 // exit (it drains its flows meanwhile), then SIGKILL. It waits for Run to
 // return (Run must have been called) and returns nil if the proxy exited
 // with status 0 or none was running.
-func (s *Supervisor) Stop(grace time.Duration) error {
+func (s *supervisor) Stop(grace time.Duration) error {
 	s.init()
 	s.mu.Lock()
 	if !s.stopping {
@@ -381,7 +381,7 @@ func (s *Supervisor) Stop(grace time.Duration) error {
 }
 
 // Kill ends the running proxy at once (a second SIGTERM).
-func (s *Supervisor) Kill() {
+func (s *supervisor) Kill() {
 	s.mu.Lock()
 	c := s.cur
 	s.mu.Unlock()

@@ -99,12 +99,12 @@ func (s *syncBuf) String() string {
 
 // fakeSupervisor runs the fake proxy in the given modes, one per start
 // (the last one repeats).
-func fakeSupervisor(t *testing.T, modes ...string) (*Supervisor, *fakeBlocker, *syncBuf, *syncBuf) {
+func fakeSupervisor(t *testing.T, modes ...string) (*supervisor, *fakeBlocker, *syncBuf, *syncBuf) {
 	t.Helper()
 	var starts, serveStarts atomic.Int64
 	var crashing atomic.Bool
 	fb, out, logs := &fakeBlocker{}, &syncBuf{}, &syncBuf{}
-	s := &Supervisor{
+	s := &supervisor{
 		Command: func() (*exec.Cmd, error) {
 			i := int(starts.Add(1)) - 1
 			mode := modes[min(i, len(modes)-1)]
@@ -259,7 +259,7 @@ func TestSupervisorResetAfterHealthy(t *testing.T) {
 // one that exited.
 func TestSupervisorStartFailure(t *testing.T) {
 	var n atomic.Int64
-	s := &Supervisor{
+	s := &supervisor{
 		Command: func() (*exec.Cmd, error) {
 			if n.Add(1) < 3 {
 				return exec.Command("/nonexistent/meshtun"), nil

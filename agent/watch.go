@@ -12,13 +12,13 @@ import (
 	"time"
 )
 
-// Watcher notices changes to files and directories (the bootstrap's
+// watcher notices changes to files and directories (the bootstrap's
 // inputs, mounted certificates and config) by comparing their contents
 // every Interval; a change is reported once the new contents held still
 // for an Interval. Polling is deliberate: Kubernetes updates ConfigMap and
 // Secret volumes by swapping a symlink (..data), which inotify on the
 // visible names does not report, and the files are small.
-type Watcher struct {
+type watcher struct {
 	Paths    []string
 	Interval time.Duration
 	// OnChange is called with the paths whose contents changed.
@@ -27,7 +27,7 @@ type Watcher struct {
 
 // Start runs the watcher in a goroutine of its own; stop ends it and
 // returns once it has, so no OnChange is in progress or to come.
-func (w *Watcher) Start() (stop func()) {
+func (w *watcher) Start() (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	prev := w.fingerprints() // a change from now on is seen
@@ -42,11 +42,11 @@ func (w *Watcher) Start() (stop func()) {
 }
 
 // Run polls until ctx ends; an OnChange in progress finishes first.
-func (w *Watcher) Run(ctx context.Context) {
+func (w *watcher) Run(ctx context.Context) {
 	w.poll(ctx, w.fingerprints())
 }
 
-func (w *Watcher) fingerprints() map[string][32]byte {
+func (w *watcher) fingerprints() map[string][32]byte {
 	prev := make(map[string][32]byte, len(w.Paths))
 	for _, p := range w.Paths {
 		prev[p] = fingerprint(p)
@@ -54,7 +54,7 @@ func (w *Watcher) fingerprints() map[string][32]byte {
 	return prev
 }
 
-func (w *Watcher) poll(ctx context.Context, prev map[string][32]byte) {
+func (w *watcher) poll(ctx context.Context, prev map[string][32]byte) {
 	if len(w.Paths) == 0 {
 		return
 	}
