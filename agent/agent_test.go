@@ -126,7 +126,7 @@ func TestReloadCountsSignals(t *testing.T) {
 func TestCaptureConfigExcludesAgentPorts(t *testing.T) {
 	pc := defaultProxyConfig()
 	if got := agentPorts(pc, 15021); len(got) != 0 {
-		t.Errorf("default ports: extra exclusions %v, want none (tun.AlwaysExcludedInboundPorts has them)", got)
+		t.Errorf("default ports: extra exclusions %v, want none (tun.AlwaysExcludedInboundPorts() has them)", got)
 	}
 	src := Sources{Environ: append(slices.Clone(injectorEnv), `PROXY_CONFIG={"statusPort":15030,"proxyAdminPort":15555}`), ReadinessPort: 15041}
 	in, err := Load(src)

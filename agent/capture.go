@@ -74,7 +74,7 @@ func (a *agent) setupCapture(in *Inputs) error {
 
 // agentPorts are the agent's and the proxy's own ports that inbound
 // capture must leave alone, as it does Istio's defaults
-// (tun.AlwaysExcludedInboundPorts): the admin port, the status port and
+// (tun.AlwaysExcludedInboundPorts()): the admin port, the status port and
 // the readiness port, when configured elsewhere. A probe or a scrape must
 // get an answer while no proxy serves.
 func agentPorts(pc ProxyConfig, readinessPort int) []tun.PortRange {
@@ -84,7 +84,7 @@ func agentPorts(pc ProxyConfig, readinessPort int) []tun.PortRange {
 			continue
 		}
 		pr := tun.PortRange{Start: uint16(p), End: uint16(p)}
-		covered := slices.ContainsFunc(append(slices.Clone(tun.AlwaysExcludedInboundPorts), out...), func(r tun.PortRange) bool {
+		covered := slices.ContainsFunc(append(tun.AlwaysExcludedInboundPorts(), out...), func(r tun.PortRange) bool {
 			return r.Start <= pr.Start && pr.End <= r.End
 		})
 		if !covered {

@@ -12,7 +12,11 @@ import (
 // AlwaysExcludedInboundPorts are never captured inbound: the admin,
 // agent, health and Prometheus ports must answer even when the proxy's
 // data path is down, and must stay off the capture path (Istio #23970).
-var AlwaysExcludedInboundPorts = []PortRange{{15000, 15000}, {15020, 15021}, {15090, 15090}}
+// Each call returns a new slice, so no caller can change what capture
+// leaves out for the others.
+func AlwaysExcludedInboundPorts() []PortRange {
+	return []PortRange{{15000, 15000}, {15020, 15021}, {15090, 15090}}
+}
 
 // CaptureConfig describes sidecar capture in the current network namespace.
 type CaptureConfig struct {
@@ -33,7 +37,7 @@ type CaptureConfig struct {
 
 	ExcludeOutboundPorts []PortRange
 	ExcludeOutboundCIDRs []netip.Prefix
-	ExcludeInboundPorts  []PortRange // AlwaysExcludedInboundPorts are added
+	ExcludeInboundPorts  []PortRange // AlwaysExcludedInboundPorts() are added
 
 	// Table is the routing table whose default route is the TUN. Default 15001.
 	Table int

@@ -325,7 +325,7 @@ func (c *Capture) rules() []*netlink.Rule {
 		if !cfg.Inbound {
 			continue
 		}
-		for _, pr := range append(append([]PortRange(nil), AlwaysExcludedInboundPorts...), cfg.ExcludeInboundPorts...) {
+		for _, pr := range append(AlwaysExcludedInboundPorts(), cfg.ExcludeInboundPorts...) {
 			if pr.Start == 65535 {
 				continue
 			}

@@ -1,6 +1,7 @@
 package tun
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -25,6 +26,19 @@ func TestCaptureConfigRejects(t *testing.T) {
 		if err := cfg.setDefaults(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// TestAlwaysExcludedInboundPortsIsACopy: a caller that appends to or
+// overwrites the list it got changes nothing for the next caller (capture
+// setup and the agent both extend it).
+func TestAlwaysExcludedInboundPortsIsACopy(t *testing.T) {
+	want := fmt.Sprint(AlwaysExcludedInboundPorts())
+	got := AlwaysExcludedInboundPorts()
+	got[0] = PortRange{1, 1}
+	_ = append(got[:1], PortRange{2, 2})
+	if again := fmt.Sprint(AlwaysExcludedInboundPorts()); again != want || want != "[15000 15020-15021 15090]" {
+		t.Errorf("after a caller changed its copy: %s, want %s (and [15000 15020-15021 15090])", again, want)
 	}
 }
 
