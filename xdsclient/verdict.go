@@ -99,7 +99,7 @@ func (s *session) versions(u *update, hs []held, nacks map[kind]ResourceErrors) 
 		case k == u.ln.primary && u.primary == nil, nacks[k] != nil:
 		case held:
 			v[kinds[k].url] = last
-		case s.seen[k]:
+		case s.seen[k] && s.ackedVersion[k] != v[kinds[k].url]:
 			v[kinds[k].url] = s.ackedVersion[k]
 		}
 	}
