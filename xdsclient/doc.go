@@ -10,9 +10,9 @@
 //     sent and what was last accepted, with Envoy's ordering (CDS, then EDS, then
 //     LDS, then RDS) and warming (a cluster set waits for its endpoints, a listener
 //     set for its routes);
-//   - one watcher, the Applier (verdict.go, repair.go): it validates and installs a complete,
-//     consistent configuration. Its verdict is the ACK or the NACK; besides
-//     decoding, there is no other validation path.
+//   - one watcher, the Applier (verdict.go, repair.go): it validates and installs
+//     a complete, consistent configuration. Its verdict is the ACK or the NACK;
+//     besides decoding, there is no other validation path.
 //
 // Why the ACK waits for Apply: a control plane reads an ACK as "this proxy runs
 // that version" (istiod's proxy-status SYNCED), so the client acknowledges only what
