@@ -61,9 +61,10 @@ func (c *Client) Accepted() *Resources {
 	return st.res
 }
 
-// LastError returns the most recent error: a rejected update (the text sent as the
-// NACK's error_detail) or the reason the last stream ended. It is not cleared by
-// later successes; Stats tells whether updates succeeded since.
+// LastError returns the most recent error: a rejected update or the resources
+// rejected from one (ResourceErrors: every one, of all the types NACKed), or the
+// reason the last stream ended. It is not cleared by later successes; Stats tells
+// whether updates succeeded since.
 func (c *Client) LastError() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

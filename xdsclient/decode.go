@@ -86,7 +86,16 @@ func decodeOne(k kind, raw rawResource) (e *entry, name string, err error) {
 		if err := a.UnmarshalTo(&w); err != nil {
 			return nil, name, fmt.Errorf("decoding Resource wrapper: %w", err)
 		}
-		name, a = w.GetName(), w.GetResource()
+		// The wrapper's name stands in for one the server did not give; it
+		// must not contradict one it did (found by FuzzDecode: an empty wrapper
+		// used to erase the name from the error).
+		switch wn := w.GetName(); {
+		case wn != "" && name != "" && wn != name:
+			return nil, name, fmt.Errorf("resource name mismatch: the Resource wrapper is named %q", wn)
+		case wn != "":
+			name = wn
+		}
+		a = w.GetResource()
 	}
 	if a == nil {
 		if name != "" {

@@ -1,12 +1,17 @@
 package xdsclient
 
 import (
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // Responses that cannot be decoded are rejected with an error naming the resource.
@@ -27,6 +32,9 @@ func TestDecodeErrorsNameTheResource(t *testing.T) {
 			`cluster resources[0]: type "` + ListenerType + `"`},
 		{"duplicate", response{kind: kindListener, resources: []rawResource{{any: good}, {any: good}}},
 			`listener "l1": duplicate`},
+		{"wrapper name mismatch", response{kind: kindRoute, delta: true, resources: []rawResource{
+			{name: "r1", any: mustAny(t, &discoveryv3.Resource{Name: "r2", Resource: mustAny(t, routeConfig("r2", "c"))})},
+		}}, `route_configuration "r1": resource name mismatch: the Resource wrapper is named "r2"`},
 		{"invalid", response{kind: kindListener, resources: []rawResource{{any: mustAny(t, &listenerv3.Listener{Name: "l2", ListenerFilters: []*listenerv3.ListenerFilter{{}}})}}},
 			`listener "l2": invalid`},
 	}
@@ -48,4 +56,68 @@ func TestListenerRefs(t *testing.T) {
 	if err != nil || !slices.Equal(refs, []string{"r0", "r1"}) {
 		t.Errorf("listenerRefs = %v, %v", refs, err)
 	}
+}
+
+// FuzzDecode feeds arbitrary bytes to decode as the one resource of a response of
+// each type, bare, inside a discovery Resource wrapper, or as the wrapper itself.
+// decode must not panic; it returns the resource under the name it carries, or an
+// error that starts with the type's noun and names the resource when its name is
+// known (the text a NACK carries).
+func FuzzDecode(f *testing.F) {
+	seed := func(k kind, delta bool, shape uint8, name string, m proto.Message) {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(uint8(k), delta, shape, name, b)
+	}
+	ep := netip.MustParseAddrPort("10.0.0.1:80")
+	seed(kindCluster, false, 0, "", xdstest.EDSCluster("outbound|80||a"))
+	seed(kindCluster, true, 0, "s", xdstest.StaticCluster("s", ep))
+	seed(kindEndpoint, true, 0, "outbound|80||a", xdstest.Assignment("outbound|80||a", ep))
+	seed(kindListener, false, 1, "l", xdstest.HTTPListener(f, "l", "0.0.0.0", 80, "r", false))
+	seed(kindListener, true, 0, "t", xdstest.TCPListener(f, "t", "10.0.0.1", 80, "c", true))
+	seed(kindRoute, true, 1, "r", xdstest.RouteConfig("r", "c"))
+	seed(kindRoute, false, 2, "", &discoveryv3.Resource{Name: "r", Resource: xdstest.MustAny(f, xdstest.RouteConfig("r", "c"))})
+	f.Add(uint8(kindListener), true, uint8(0), "l", []byte{0x0a, 0xff})
+
+	f.Fuzz(func(t *testing.T, k uint8, delta bool, shape uint8, name string, value []byte) {
+		kd := kind(k % uint8(numKinds))
+		info := &kinds[kd]
+		a := &anypb.Any{TypeUrl: info.url, Value: value}
+		switch shape % 3 {
+		case 1: // a SotW response may wrap each resource
+			// proto3 strings are UTF-8: no server can send another wrapper name.
+			b, err := proto.Marshal(&discoveryv3.Resource{Name: strings.ToValidUTF8(name, "?"), Resource: a})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a = &anypb.Any{TypeUrl: resourceWrapperType, Value: b}
+		case 2: // the bytes are the wrapper
+			a = &anypb.Any{TypeUrl: resourceWrapperType, Value: value}
+		}
+		raw := rawResource{any: a}
+		if delta {
+			raw.name = name
+		}
+		got, err := decode(&response{kind: kd, delta: delta, resources: []rawResource{raw}})
+		if err != nil {
+			msg := err.Error()
+			named, unnamed := strings.HasPrefix(msg, info.noun+` "`), strings.HasPrefix(msg, info.noun+" resources[0]: ")
+			if !named && !unnamed || raw.name != "" && !named {
+				t.Fatalf("error %q does not name the %s (server name %q)", msg, info.noun, raw.name)
+			}
+			return
+		}
+		if len(got) != 1 || got[0].name == "" {
+			t.Fatalf("decoded %+v, want one named resource", got)
+		}
+		e := got[0]
+		if raw.name != "" && e.name != raw.name {
+			t.Fatalf("decoded as %q, the server named it %q", e.name, raw.name)
+		}
+		if e.entry != nil && info.name(e.entry.msg) != e.name {
+			t.Fatalf("entry %q holds a resource named %q", e.name, info.name(e.entry.msg))
+		}
+	})
 }

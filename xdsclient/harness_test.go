@@ -268,6 +268,7 @@ type recorder struct {
 	t      *testing.T
 	mu     sync.Mutex
 	calls  []*Resources
+	ok     []*Resources // the calls that returned nil
 	reject func(*Resources) error
 }
 
@@ -292,9 +293,40 @@ func (r *recorder) Apply(_ context.Context, res *Resources) error {
 	defer r.mu.Unlock()
 	r.calls = append(r.calls, res)
 	if r.reject != nil {
-		return r.reject(res)
+		if err := r.reject(res); err != nil {
+			return err
+		}
 	}
+	r.ok = append(r.ok, res)
 	return nil
+}
+
+// lastAccepted returns the Resources of the last call that returned nil.
+func (r *recorder) lastAccepted() *Resources {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.ok) == 0 {
+		return nil
+	}
+	return r.ok[len(r.ok)-1]
+}
+
+// waitAccepted waits for an Apply call that satisfies pred and returned nil.
+func (r *recorder) waitAccepted(t *testing.T, d time.Duration, what string, pred func(*Resources) bool) *Resources {
+	t.Helper()
+	var got *Resources
+	eventually(t, d, what, func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, res := range r.ok {
+			if pred(res) {
+				got = res
+				return true
+			}
+		}
+		return false
+	})
+	return got
 }
 
 func (r *recorder) all() []*Resources {

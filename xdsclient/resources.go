@@ -37,15 +37,31 @@ type Resources struct {
 	// empty (every request gets 404, as in Envoy).
 	Routes map[string]*routev3.RouteConfiguration
 	// Versions maps a type URL to the version_info of the last accepted update of that
-	// type (in delta mode the system_version_info, "" if the server sent none).
+	// type (in delta mode the system_version_info, "" if the server sent none). An
+	// update NACKed because some of its resources were rejected leaves the version of
+	// its type as it was, though its valid resources are in force (Envoy's NACK
+	// carries the last accepted version too).
 	Versions map[string]string
 }
 
-// Applier validates and installs a configuration. A non-nil error rejects the update:
-// the client NACKs it with the error text as error_detail and keeps the previous
-// Resources as the accepted state. Apply is called from one goroutine at a time, only
-// with a consistent set (every EDS cluster has its assignment, every RDS listener its
-// route configuration).
+// Applier validates and installs a configuration. Apply is called from one goroutine
+// at a time, only with a consistent set (every EDS cluster has its assignment, every
+// RDS listener its route configuration). A call that returns an error must leave the
+// configuration in force unchanged.
+//
+// Resources are judged one by one, as Envoy and gRPC's xDS clients do (gRFC A46):
+// Apply returns ResourceErrors naming every invalid resource. The client then calls
+// Apply again with each of them replaced by its accepted version (left out if it has
+// none; an empty assignment or route configuration if a cluster or listener still
+// refers to it), for as long as the Applier names resources it had not named before
+// (a few rounds at most). The responses of a type with rejected resources are NACKed
+// with their errors as error_detail and keep the type's previous version_info; the
+// other types of the update are ACKed; the rejected resources block no later update.
+// Any other error rejects the whole update: everything it carried is NACKed with the
+// error text and the previous Resources stay the accepted state.
+//
+// The accepted state (Client.Accepted) is always exactly the Resources of the last
+// Apply that returned nil.
 type Applier interface {
 	Apply(ctx context.Context, r *Resources) error
 }
@@ -135,6 +151,9 @@ type entry struct {
 	msg     proto.Message
 	version string   // per-resource version (delta); "" in SotW and for synthesized ones
 	refs    []string // dependent resource names (see kindInfo.refs)
+	// synth: made up by the client (Envoy's empty stand-in for a dependent
+	// resource that is missing), not sent by the server.
+	synth bool
 }
 
 // entries maps resource name to entry for one kind.

@@ -25,10 +25,13 @@ type session struct {
 	// diff applies to. It starts as the accepted state.
 	recv        [numKinds]entries
 	recvVersion [numKinds]string
-	seen        [numKinds]bool            // a response of the kind arrived on this stream
-	subs        [numKinds]map[string]bool // dependent kinds: names subscribed
-	requested   [numKinds]bool            // a request of the kind went out on this stream
-	lanes       [2]lane
+	// ackedVersion is the version_info of the last response of each kind ACKed on
+	// this stream (the accepted one at first): what a NACKed update leaves in force.
+	ackedVersion [numKinds]string
+	seen         [numKinds]bool            // a response of the kind arrived on this stream
+	subs         [numKinds]map[string]bool // dependent kinds: names subscribed
+	requested    [numKinds]bool            // a request of the kind went out on this stream
+	lanes        [2]lane
 
 	cdsResolved      bool // a CDS response was applied or rejected
 	listenersStarted bool
@@ -54,6 +57,7 @@ func newSession(c *Client, ctx context.Context) *session {
 	for k := range numKinds {
 		s.recv[k] = maps.Clone(acc.entries[k])
 		s.recvVersion[k] = acc.res.Versions[kinds[k].url]
+		s.ackedVersion[k] = s.recvVersion[k]
 		s.fetchTimers[k] = map[string]*time.Timer{}
 	}
 	for i := range s.lanes {

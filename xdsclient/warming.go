@@ -99,7 +99,7 @@ func reuse(old, e *entry) *entry {
 }
 
 func synthesized(k kind, name string) *entry {
-	return &entry{msg: kinds[k].empty(name)}
+	return &entry{msg: kinds[k].empty(name), synth: true}
 }
 
 // wanted returns the dependent names a lane needs: those referenced by the primary
