@@ -272,7 +272,8 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 // TestHTTPClusterStatsSurviveCDSUpdate: a CDS update that changes a
 // cluster builds a new one, whose HTTP request counters (upstream_rq_2xx,
 // upstream_rq_timeout, …) go on from the old ones', as Envoy keeps
-// cluster.<name>.* by name; a cluster removed and added back starts anew.
+// cluster.<name>.* by name in its store; a cluster removed (its block
+// dropped from the store) and added back starts anew.
 func TestHTTPClusterStatsSurviveCDSUpdate(t *testing.T) {
 	ls := []*listenerv3.Listener{listener(t, "0.0.0.0_80", "0.0.0.0", 80, false, &no)}
 	s1, err := Build("1", ls, passthroughClusters(), nil, buildOpts())
@@ -307,6 +308,8 @@ func TestHTTPClusterStatsSurviveCDSUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2.Retire(s3)
+	// The applier drops the blocks no snapshot in force uses (sweep).
+	s3.store.Retain(s3.Uses)
 	s4, err := Build("4", ls, passthroughClusters(), s3, buildOpts())
 	if err != nil {
 		t.Fatal(err)
