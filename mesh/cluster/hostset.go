@@ -245,7 +245,13 @@ func (c *Cluster) commitLocked(u *hostUpdate) *hostUpdate {
 		}
 	}
 	c.hosts.Store(u.set)
-	if u.added+u.remove > 0 {
+	changed := u.added+u.remove > 0
+	if last := c.stats.lastSet.Swap(u.set); last != nil && last != u.base {
+		// The first set of a cluster that replaces another of its name
+		// (a CDS update): membership changed only if the hosts did.
+		changed = !sameAddrs(last, u.set)
+	}
+	if changed {
 		c.stats.membershipChange.Add(1)
 	}
 	c.log.Debug().Int("hosts", len(u.set.all)).Int("healthy", u.set.healthy).
@@ -258,4 +264,21 @@ func (c *Cluster) setHosts(specs []hostSpec) {
 	c.updateMu.Lock()
 	defer c.updateMu.Unlock()
 	c.commitLocked(c.prepare(c.hosts.Load(), specs))
+}
+
+// sameAddrs reports whether a and b hold the same addresses.
+func sameAddrs(a, b *hostSet) bool {
+	if len(a.all) != len(b.all) {
+		return false
+	}
+	in := make(map[netip.AddrPort]struct{}, len(a.all))
+	for _, h := range a.all {
+		in[h.addr] = struct{}{}
+	}
+	for _, h := range b.all {
+		if _, ok := in[h.addr]; !ok {
+			return false
+		}
+	}
+	return true
 }

@@ -9,7 +9,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
-func hostAddrs(hs []*Host) []netip.AddrPort {
+func hostAddrList(hs []*Host) []netip.AddrPort {
 	out := make([]netip.AddrPort, len(hs))
 	for i, h := range hs {
 		out[i] = h.Address()
@@ -17,7 +17,7 @@ func hostAddrs(hs []*Host) []netip.AddrPort {
 	return out
 }
 
-func sameAddrs(a, b []netip.AddrPort) bool {
+func sameAddrList(a, b []netip.AddrPort) bool {
 	if len(a) != len(b) {
 		return false
 	}
@@ -50,7 +50,7 @@ func TestStageChangesNothingUntilCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := hostAddrs(c.Hosts()); !sameAddrs(got, []netip.AddrPort{a, b}) || hostA.Weight() != 1 {
+	if got := hostAddrList(c.Hosts()); !sameAddrList(got, []netip.AddrPort{a, b}) || hostA.Weight() != 1 {
 		t.Fatalf("Stage changed the cluster: hosts %v, weight of A %d", got, hostA.Weight())
 	}
 	for i, s := range c.Stats() {
@@ -58,14 +58,14 @@ func TestStageChangesNothingUntilCommit(t *testing.T) {
 			t.Fatalf("Stage moved %s: %d -> %d", s.Name, before[i].Value, s.Value)
 		}
 	}
-	if got := hostAddrs(st.Hosts()); !sameAddrs(got, []netip.AddrPort{a, c9}) {
+	if got := hostAddrList(st.Hosts()); !sameAddrList(got, []netip.AddrPort{a, c9}) {
 		t.Fatalf("staged hosts %v", got)
 	}
 
 	st.Commit()
 	st.Commit() // idempotent
 	hosts := c.Hosts()
-	if got := hostAddrs(hosts); !sameAddrs(got, []netip.AddrPort{a, c9}) || hosts[0] != hostA || hostA.Weight() != 5 {
+	if got := hostAddrList(hosts); !sameAddrList(got, []netip.AddrPort{a, c9}) || hosts[0] != hostA || hostA.Weight() != 5 {
 		t.Fatalf("after Commit: hosts %v, same *Host for A %v, weight %d", got, hosts[0] == hostA, hostA.Weight())
 	}
 	if stat(t, c, "update_success") != 2 || stat(t, c, "membership_total") != 2 || stat(t, c, "membership_change") != 2 {
@@ -76,7 +76,7 @@ func TestStageChangesNothingUntilCommit(t *testing.T) {
 	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: b})); err != nil {
 		t.Fatal(err)
 	}
-	if got := hostAddrs(st.Hosts()); !sameAddrs(got, []netip.AddrPort{a, c9}) {
+	if got := hostAddrList(st.Hosts()); !sameAddrList(got, []netip.AddrPort{a, c9}) {
 		t.Fatalf("a committed Staged changed with a later update: %v", got)
 	}
 }
@@ -101,10 +101,10 @@ func TestCommitAfterAnotherUpdate(t *testing.T) {
 	hostB := c.Hosts()[0]
 	st.Commit()
 	hosts := c.Hosts()
-	if got := hostAddrs(hosts); !sameAddrs(got, []netip.AddrPort{a, b}) || hosts[1] != hostB {
+	if got := hostAddrList(hosts); !sameAddrList(got, []netip.AddrPort{a, b}) || hosts[1] != hostB {
 		t.Fatalf("commit over a moved base: %v (same *Host for B: %v)", got, hosts[1] == hostB)
 	}
-	if got := hostAddrs(st.Hosts()); !sameAddrs(got, []netip.AddrPort{a, b}) {
+	if got := hostAddrList(st.Hosts()); !sameAddrList(got, []netip.AddrPort{a, b}) {
 		t.Fatalf("Staged reports %v, not what it put in force", got)
 	}
 }

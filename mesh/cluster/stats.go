@@ -69,6 +69,10 @@ func gauge(v int64) uint64 {
 type Scope struct {
 	clusterStats
 	http HTTPStats
+	// lastSet is the host set last put in force by a cluster counting
+	// into the Scope, so that the first set of a cluster replacing
+	// another counts as a membership_change only if the hosts differ.
+	lastSet atomic.Pointer[hostSet]
 }
 
 // NewScope returns a Scope with every counter at 0.
