@@ -476,4 +476,3 @@ func get(t *testing.T, url string) {
 		t.Fatalf("GET %s: %s", url, resp.Status)
 	}
 }
-
