@@ -67,7 +67,7 @@ type Snapshot struct {
 	// store is the stats store the blocks come from; scopes are the keys
 	// of the blocks this snapshot uses.
 	store  *stats.Store
-	scopes map[stats.Key]struct{}
+	scopes []stats.Key // may repeat a key
 
 	// EDS: the assignments by service name, the host set each EDS cluster
 	// has in this snapshot (staged by its build or kept from the one
@@ -273,7 +273,6 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		httpStats:     make(map[string]*httpconn.Stats),
 		pools:         opts.Pools,
 		store:         opts.Stats,
-		scopes:        make(map[stats.Key]struct{}),
 		Dump:          opts.Dump,
 	}
 	if s.pools == nil {
@@ -514,13 +513,13 @@ func (s *Snapshot) Hosts(name string) []*cluster.Host {
 // scopeOf returns the block of type T named prefix from the snapshot's
 // stats store, and records that the snapshot uses it (see Scopes).
 func scopeOf[T any](s *Snapshot, prefix string, mk func() *T) *T {
-	s.scopes[stats.KeyOf[T](prefix)] = struct{}{}
+	s.scopes = append(s.scopes, stats.KeyOf[T](prefix))
 	return stats.Scope(s.store, prefix, mk)
 }
 
-// Uses reports whether the snapshot counts into the stats block k: the
+// Scopes are the keys of the stats blocks the snapshot counts into: the
 // blocks no snapshot still serving uses may be dropped from the store.
-func (s *Snapshot) Uses(k stats.Key) bool { _, ok := s.scopes[k]; return ok }
+func (s *Snapshot) Scopes() []stats.Key { return s.scopes }
 
 // clusterStatPrefix is the cluster's stat scope as the admin prints it:
 // alt_stat_name when set, else the name (Istio's "PassthroughCluster;"

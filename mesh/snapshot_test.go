@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
@@ -309,7 +310,11 @@ func TestHTTPClusterStatsSurviveCDSUpdate(t *testing.T) {
 	}
 	s2.Retire(s3)
 	// The applier drops the blocks no snapshot in force uses (sweep).
-	s3.store.Retain(s3.Uses)
+	used := map[stats.Key]bool{}
+	for _, k := range s3.Scopes() {
+		used[k] = true
+	}
+	s3.store.Retain(func(k stats.Key) bool { return used[k] })
 	s4, err := Build("4", ls, passthroughClusters(), s3, buildOpts())
 	if err != nil {
 		t.Fatal(err)

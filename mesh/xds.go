@@ -131,17 +131,13 @@ func (a *XDSApplier) sweep(snap *Snapshot, now time.Time) {
 	}
 	clear(a.draining[len(kept):])
 	a.draining = kept
-	snap.store.Retain(func(k stats.Key) bool {
-		if snap.Uses(k) {
-			return true
+	used := make(map[stats.Key]struct{}, len(snap.Scopes()))
+	for _, s := range append([]drainingSnapshot{{snap: snap}}, a.draining...) {
+		for _, k := range s.snap.Scopes() {
+			used[k] = struct{}{}
 		}
-		for _, d := range a.draining {
-			if d.snap.Uses(k) {
-				return true
-			}
-		}
-		return false
-	})
+	}
+	snap.store.Retain(func(k stats.Key) bool { _, ok := used[k]; return ok })
 }
 
 // Adopt carries over what old recorded of the resources in force (their

@@ -83,10 +83,13 @@ func (s *Staged) Commit() {
 	}
 	s.done = true
 	c.stats.updateAttempt.Add(1)
-	if s.eps.Len() == 0 {
+	if len(s.u.Load().specs) == 0 {
 		c.stats.updateEmpty.Add(1)
 	}
-	s.u.Store(c.commitLocked(s.u.Load()))
+	// Only the set is kept: the specs and the base it was built from
+	// (the hosts before) would double what a snapshot holds.
+	s.u.Store(&hostUpdate{set: c.commitLocked(s.u.Load()).set})
+	s.eps = nil
 	c.stats.updateSuccess.Add(1)
 	c.updateMu.Unlock()
 	c.markInitialized()

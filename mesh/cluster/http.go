@@ -245,5 +245,11 @@ func (s *HTTPStats) Stats() []Stat {
 }
 
 // HTTPStats returns the cluster's HTTP request counters, part of its
-// Scope.
-func (c *Cluster) HTTPStats() *HTTPStats { return &c.stats.http }
+// Scope (made on first use).
+func (c *Cluster) HTTPStats() *HTTPStats {
+	if s := c.stats.http.Load(); s != nil {
+		return s
+	}
+	c.stats.http.CompareAndSwap(nil, new(HTTPStats))
+	return c.stats.http.Load()
+}

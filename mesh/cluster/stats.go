@@ -68,7 +68,9 @@ func gauge(v int64) uint64 {
 // force, so a cluster built but never put in force moves no gauge.
 type Scope struct {
 	clusterStats
-	http HTTPStats
+	// http is made on first use: its per-code counters are 4 KiB, which
+	// 10,000 clusters that never see HTTP should not cost.
+	http atomic.Pointer[HTTPStats]
 	// lastSet is the host set last put in force by a cluster counting
 	// into the Scope, so that the first set of a cluster replacing
 	// another counts as a membership_change only if the hosts differ.
