@@ -17,8 +17,8 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
-	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/filterchain"
+	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
