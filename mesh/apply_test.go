@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -296,7 +297,7 @@ func TestCountersSurviveChangingUpdates(t *testing.T) {
 	update(2)
 	s2 := d.Snapshot()
 	if s2.Clusters["echo"] == s1.Clusters["echo"] || s2.Clusters["web"] == s1.Clusters["web"] ||
-		s2.Listener("tcp") == s1.Listener("tcp") || s2.Listener("http").Proto == s1.Listener("http").Proto {
+		proto.Equal(s2.Listener("tcp").Proto, s1.Listener("tcp").Proto) || proto.Equal(s2.Listener("http").Proto, s1.Listener("http").Proto) {
 		t.Fatal("the update did not change the clusters and listeners")
 	}
 	after := counters(s2)
@@ -474,5 +475,34 @@ func get(t *testing.T, url string) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+}
+
+// TestStaticResourcesKeepWholeUpdateErrors: an invalid bootstrap resource
+// rejects the update with a plain error (the client cannot keep a last
+// good version of it), while a dynamic listener whose name a static one
+// has is the one rejected, by name.
+func TestStaticResourcesKeepWholeUpdateErrors(t *testing.T) {
+	a, d := newApplier(t)
+	a.StaticListeners = []*listenerv3.Listener{xdstest.TCPListener(t, "x", "10.0.0.1", 80, "c", false)}
+	r := resources([]*clusterv3.Cluster{xdstest.EDSCluster("c")}, nil, []*listenerv3.Listener{xdstest.TCPListener(t, "x", "10.0.0.2", 80, "c", false)})
+	err := a.Apply(context.Background(), r)
+	if got := rejected(t, err); len(got) != 1 || got[0] != xdsclient.ListenerType+" x" || err.Error() != `listener "x": duplicate name` {
+		t.Fatalf("dynamic listener named as a static one: %v (%v)", got, err)
+	}
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{xdstest.EDSCluster("c")}, nil, nil)); err != nil {
+		t.Fatal(err)
+	}
+	s := d.Snapshot()
+
+	bad := xdstest.StaticCluster("static-bad")
+	bad.LoadAssignment = badAssignment("static-bad")
+	a.StaticClusters = []*clusterv3.Cluster{bad}
+	err = a.Apply(context.Background(), resources([]*clusterv3.Cluster{xdstest.EDSCluster("c")}, nil, nil))
+	if _, ok := xdsclient.AsResourceErrors(err); ok || err == nil || !strings.HasPrefix(err.Error(), `cluster "static-bad": `) {
+		t.Fatalf("invalid static cluster: %v, want a plain error naming it", err)
+	}
+	if d.Snapshot() != s {
+		t.Fatal("a rejected update swapped the snapshot")
 	}
 }

@@ -289,9 +289,10 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 	}
 	var errs buildErrors
 	var created []*cluster.Cluster
+	lastCluster := lastIndex(clusters)
 	for i, pb := range clusters {
 		name := pb.GetName()
-		dynamic := opts.AddedViaAPI || opts.DynamicClusters[name]
+		dynamic := opts.AddedViaAPI || (opts.DynamicClusters[name] && lastCluster[name] == i)
 		if name == "" && !dynamic {
 			if errs.static == nil {
 				errs.static = fmt.Errorf("clusters[%d]: name: must not be empty", i)
@@ -340,9 +341,10 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		s.routes[name] = r
 	}
 	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok || opts.AllowUnknownClusters }
+	lastListener := lastIndex(listeners)
 	for i, pb := range listeners {
 		name := pb.GetName()
-		dynamic := opts.AddedViaAPI || opts.DynamicListeners[name]
+		dynamic := opts.AddedViaAPI || (opts.DynamicListeners[name] && lastListener[name] == i)
 		if name == "" {
 			name = fmt.Sprintf("listeners[%d]", i)
 		}
@@ -368,6 +370,17 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 	}
 	return s, nil
+}
+
+// lastIndex maps each name to the index of its last resource: the static
+// resources come first, so when a static and a dynamic one share a name,
+// only the last is the dynamic one (and the duplicate is its error).
+func lastIndex[M interface{ GetName() string }](rs []M) map[string]int {
+	m := make(map[string]int, len(rs))
+	for i, r := range rs {
+		m[r.GetName()] = i
+	}
+	return m
 }
 
 // add enters a built listener into the snapshot's lookup tables. A
