@@ -45,6 +45,11 @@ func BenchmarkApplyServices(b *testing.B) {
 	for _, n := range []int{1000, 10000} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			ls, cs, eps := services(b, n)
+			opts := buildOpts()
+			opts.Endpoints = make(map[string]*endpointv3.ClusterLoadAssignment, len(eps))
+			for _, cla := range eps {
+				opts.Endpoints[cla.GetClusterName()] = cla
+			}
 			runtime.GC()
 			var before runtime.MemStats
 			runtime.ReadMemStats(&before)
@@ -55,13 +60,12 @@ func BenchmarkApplyServices(b *testing.B) {
 					s.Retire(nil)
 				}
 				var err error
-				if s, err = Build("1", ls, cs, nil, buildOpts()); err != nil {
+				if s, err = Build("1", ls, cs, nil, opts); err != nil {
 					b.Fatal(err)
 				}
-				for _, cla := range eps {
-					if err := s.Clusters[cla.GetClusterName()].UpdateEndpoints(cla); err != nil {
-						b.Fatal(err)
-					}
+				s.commit() // what Server.Apply does before the swap
+				if len(s.commits) != len(eps) {
+					b.Fatalf("%d assignments staged, want %d", len(s.commits), len(eps))
 				}
 			}
 			b.StopTimer()

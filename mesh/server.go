@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/netstack"
+	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // Server owns the configuration in force: it swaps snapshots into the
@@ -45,10 +46,14 @@ func bindKey(l *Listener) string {
 }
 
 // Apply makes snap the configuration for new flows: sockets for new
-// binding listeners are opened first (a bind failure rejects the snapshot
-// and changes nothing), then the snapshot is swapped in, then sockets of
-// listeners that are gone are closed. Connections already accepted keep
-// running on the snapshot they started with.
+// binding listeners are opened first, then the EDS host sets snap's build
+// staged are committed, then the snapshot is swapped in, then sockets of
+// listeners that are gone are closed. A bind failure changes nothing (the
+// sockets opened for snap are closed again) and is returned as an
+// xdsclient.ResourceError naming the listener when it came over LDS, so
+// the xDS client rejects that listener alone; every failing listener is
+// named. Connections already accepted keep running on the snapshot they
+// started with.
 func (s *Server) Apply(snap *Snapshot) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -60,19 +65,33 @@ func (s *Server) Apply(snap *Snapshot) error {
 	}
 	want := snap.bound
 	var opened []*boundListener
-	for key, l := range want {
+	var rejected xdsclient.ResourceErrors
+	var static error
+	for _, key := range sortedKeys(want) {
 		if s.bound[key] != nil {
 			continue
 		}
+		l := want[key]
 		b, err := s.listen(key, l)
-		if err != nil {
-			for _, o := range opened {
-				o.ln.Close()
-			}
-			return fmt.Errorf("listener %q: %w", l.Name, err)
+		switch {
+		case err == nil:
+			opened = append(opened, b)
+		case l.dynamic:
+			rejected = append(rejected, xdsclient.ResourceError{TypeURL: xdsclient.ListenerType, Name: l.Name, Err: err})
+		case static == nil:
+			static = fmt.Errorf("listener %q: %w", l.Name, err)
 		}
-		opened = append(opened, b)
 	}
+	if static != nil || len(rejected) > 0 {
+		for _, o := range opened {
+			o.ln.Close()
+		}
+		if static != nil {
+			return static
+		}
+		return rejected
+	}
+	snap.commit()
 	s.D.Swap(snap)
 	for _, b := range opened {
 		s.bound[b.key] = b

@@ -12,6 +12,7 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"google.golang.org/protobuf/proto"
@@ -19,6 +20,8 @@ import (
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/stats"
+	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // Roles says which listeners receive captured flows. Istio's defaults:
@@ -32,9 +35,12 @@ type Roles struct {
 // IstioRoles are Istio's proxyListenPort and proxyInboundListenPort.
 var IstioRoles = Roles{OutboundPort: 15001, InboundPort: 15006}
 
-// Snapshot is an immutable, validated configuration. The dispatcher reads
-// it through an atomic pointer; a flow keeps the snapshot (and so the
-// listener, chain and cluster) it started with.
+// Snapshot is an immutable, validated configuration: Build makes it
+// whole and nothing writes into it afterwards. The dispatcher reads it
+// through an atomic pointer; a flow keeps the snapshot (and so the
+// listener, chain and cluster) it started with. Counters are not part of
+// it: it holds pointers to blocks of the proxy's stats store, looked up
+// by name, and no history of the snapshots before it.
 type Snapshot struct {
 	Version   string
 	Listeners []*Listener // in configuration order
@@ -54,11 +60,21 @@ type Snapshot struct {
 	inbound   *Listener            // receives captured inbound flows
 
 	// tcpStats are the tcp.<stat_prefix>.* counters by prefix; chains with
-	// the same prefix share them, and a prefix still in use after an
-	// update keeps them, as Envoy's stat scopes do.
+	// the same prefix share them (one block of the store).
 	tcpStats map[string]*TCPStats
 	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
 	httpStats map[string]*httpconn.Stats
+	// store is the stats store the blocks come from; scopes are the keys
+	// of the blocks this snapshot uses.
+	store  *stats.Store
+	scopes []stats.Key // may repeat a key
+
+	// EDS: the assignments by service name, the host set each EDS cluster
+	// has in this snapshot (staged by its build or kept from the one
+	// before), and those Server.Apply must commit.
+	claProtos map[string]*endpointv3.ClusterLoadAssignment
+	endpoints map[string]*cluster.Staged
+	commits   []*cluster.Staged
 
 	// HTTP: compiled RDS route configurations, each cluster's upstream
 	// HTTP options, and the connection pools (see httpconn.Env).
@@ -68,7 +84,7 @@ type Snapshot struct {
 	pools       *httpconn.Pools
 
 	// Dump is what /config_dump shows: the resources as received, with
-	// their versions. Set before the snapshot is swapped in.
+	// their versions (BuildOptions.Dump).
 	Dump *Dump
 }
 
@@ -86,7 +102,8 @@ type Listener struct {
 	UDP            *UDPProxy // set for UDP listeners (udp_proxy listener filter)
 	Stats          *ListenerStats
 
-	insp inspection
+	insp    inspection
+	dynamic bool // came over LDS: a bind failure is a ResourceError
 
 	// drained is cancelled when the listener, removed or changed by an
 	// update, has drained for the drain duration: its remaining flows are
@@ -105,8 +122,9 @@ type Chain struct {
 	Skipped []string         // telemetry filters accepted and not run
 }
 
-// ListenerStats are Envoy's listener.<address>.* counters. They belong to
-// the listener's address, so a listener updated in place keeps them.
+// ListenerStats are Envoy's listener.<address>.* counters, a block of the
+// stats store under their Prefix, so a listener updated in place (or
+// replaced at the same address) keeps them.
 type ListenerStats struct {
 	Prefix                    string // e.g. "listener.0.0.0.0_15001."
 	DownstreamCxTotal         atomic.Uint64
@@ -152,11 +170,22 @@ type BuildOptions struct {
 	Roles   Roles
 	Cluster cluster.Options
 	// AddedViaAPI marks clusters that came over xDS (Envoy's added_via_api):
-	// all of them, or those named in DynamicClusters.
+	// all of them, or those named in DynamicClusters. An invalid resource
+	// that came over xDS is reported as an xdsclient.ResourceError, so
+	// that it alone is rejected; a static (bootstrap) one fails the whole
+	// build with a plain error, as a bad bootstrap file does in Envoy.
 	AddedViaAPI     bool
 	DynamicClusters map[string]bool
+	// DynamicListeners names the listeners that came over LDS (all of
+	// them when AddedViaAPI is set).
+	DynamicListeners map[string]bool
 	// Routes are the RDS route configurations by name.
 	Routes map[string]*routev3.RouteConfiguration
+	// Endpoints are the EDS assignments by service name. Each is
+	// validated on its own; the EDS clusters that use one get it staged
+	// (cluster.Staged) and put in force when the snapshot is swapped in
+	// (Server.Apply), never before.
+	Endpoints map[string]*endpointv3.ClusterLoadAssignment
 	// AllowUnknownClusters accepts listeners whose tcp_proxy or udp_proxy
 	// names a cluster not (yet) known, as Envoy does for xDS: CDS and LDS
 	// arrive independently and a control plane may send them in either
@@ -167,12 +196,61 @@ type BuildOptions struct {
 	// Pools are the proxy's upstream HTTP connection pools, shared by
 	// every snapshot (nil: the snapshot gets its own).
 	Pools *httpconn.Pools
+	// Stats is the proxy's stats store, where the snapshot finds every
+	// counter block by its Envoy name (nil: prev's store, else a new
+	// one).
+	Stats *stats.Store
+	// Dump is what the snapshot shows on /config_dump (nil: an empty one).
+	Dump *Dump
 }
 
-// Build validates listeners and clusters into a Snapshot. prev, when not
-// nil, lends clusters whose configuration is unchanged (keeping their
-// hosts, connections and counters) and listener counters by address.
-// Every error names the resource and the field.
+// buildErrors collects what is wrong with a build: every invalid xDS
+// resource, by name, and the first invalid static one.
+type buildErrors struct {
+	static   error
+	resource xdsclient.ResourceErrors
+}
+
+// add records err for the resource typ/name; noun is how a plain error
+// names it ("cluster", "listener"). err may already start with
+// `<noun> "<name>": ` (cluster.New names its cluster): a ResourceError
+// names it once.
+func (b *buildErrors) add(typ, noun, name string, dynamic bool, err error) {
+	prefix := fmt.Sprintf("%s %q: ", noun, name)
+	if !dynamic {
+		if b.static == nil {
+			if !strings.HasPrefix(err.Error(), prefix) {
+				err = fmt.Errorf("%s%w", prefix, err)
+			}
+			b.static = err
+		}
+		return
+	}
+	if u := errors.Unwrap(err); u != nil && strings.HasPrefix(err.Error(), prefix) {
+		err = u
+	}
+	b.resource = append(b.resource, xdsclient.ResourceError{TypeURL: typ, Name: name, Err: err})
+}
+
+func (b *buildErrors) err() error {
+	if b.static != nil {
+		return b.static
+	}
+	if len(b.resource) > 0 {
+		return b.resource
+	}
+	return nil
+}
+
+// Build validates listeners, clusters, route configurations and EDS
+// assignments into a Snapshot, each resource on its own: the error names
+// every invalid one (an xdsclient.ResourceErrors when they all came over
+// xDS), and nothing is built when there is one. prev, when not nil,
+// lends clusters whose configuration is unchanged (keeping their hosts
+// and connections) and compiled routes. Counters are not lent: they are
+// looked up by name in the stats store. Build changes nothing live: EDS
+// host sets are staged and committed by Server.Apply, and the returned
+// snapshot is complete (its Dump included) and never written again.
 func Build(version string, listeners []*listenerv3.Listener, clusters []*clusterv3.Cluster, prev *Snapshot, opts BuildOptions) (*Snapshot, error) {
 	s := &Snapshot{
 		Version:       version,
@@ -189,26 +267,43 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		httpOpts:      make(map[string]cluster.HTTPOptions, len(clusters)),
 		routes:        make(map[string]*httpconn.Routes, len(opts.Routes)),
 		routeProtos:   opts.Routes,
+		claProtos:     opts.Endpoints,
+		endpoints:     make(map[string]*cluster.Staged),
+		tcpStats:      make(map[string]*TCPStats),
+		httpStats:     make(map[string]*httpconn.Stats),
 		pools:         opts.Pools,
+		store:         opts.Stats,
+		Dump:          opts.Dump,
 	}
 	if s.pools == nil {
 		s.pools = httpconn.NewPools()
 	}
-	var created []*cluster.Cluster
-	fail := func(err error) (*Snapshot, error) {
-		for _, c := range created {
-			c.Close()
-		}
-		return nil, err
+	if s.store == nil && prev != nil {
+		s.store = prev.store
 	}
+	if s.store == nil {
+		s.store = stats.New()
+	}
+	if s.Dump == nil {
+		s.Dump = &Dump{}
+	}
+	var errs buildErrors
+	var created []*cluster.Cluster
+	lastCluster := lastIndex(clusters)
 	for i, pb := range clusters {
 		name := pb.GetName()
-		if name == "" {
-			return fail(fmt.Errorf("clusters[%d]: name: must not be empty", i))
+		dynamic := opts.AddedViaAPI || (opts.DynamicClusters[name] && lastCluster[name] == i)
+		if name == "" && !dynamic {
+			if errs.static == nil {
+				errs.static = fmt.Errorf("clusters[%d]: name: must not be empty", i)
+			}
+			continue
 		}
 		if _, dup := s.Clusters[name]; dup {
-			return fail(fmt.Errorf("cluster %q: duplicate name", name))
+			errs.add(xdsclient.ClusterType, "cluster", name, dynamic, errors.New("duplicate name"))
+			continue
 		}
+		scope := scopeOf(s, clusterStatPrefix(pb), cluster.NewScope)
 		if prev != nil {
 			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
 				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
@@ -217,26 +312,21 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 		ho, err := cluster.ParseHTTPOptions(pb)
 		if err != nil {
-			return fail(fmt.Errorf("cluster %q: %w", name, err))
+			errs.add(xdsclient.ClusterType, "cluster", name, dynamic, err)
+			continue
 		}
-		s.httpOpts[name] = ho
 		co := opts.Cluster
-		co.AddedViaAPI = opts.AddedViaAPI || opts.DynamicClusters[name]
+		co.AddedViaAPI = dynamic
+		co.Stats = scope
 		c, err := cluster.New(pb, co)
 		if err != nil {
-			return fail(err) // cluster.New names the cluster
-		}
-		if prev != nil {
-			if old := prev.Clusters[name]; old != nil {
-				// Stats are kept by cluster name across updates, as in
-				// Envoy: the HTTP request counters of the cluster this
-				// one replaces go on counting.
-				c.ShareHTTPStats(old.HTTPStats())
-			}
+			errs.add(xdsclient.ClusterType, "cluster", name, dynamic, err)
+			continue
 		}
 		created = append(created, c)
-		s.Clusters[name], s.clusterProtos[name] = c, pb
+		s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = c, pb, ho
 	}
+	s.stageEndpoints(prev, opts.Endpoints, &errs)
 	for _, name := range sortedKeys(opts.Routes) {
 		rc := opts.Routes[name]
 		if prev != nil && prev.routeProtos[name] == rc && prev.routes[name] != nil {
@@ -245,78 +335,34 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		}
 		r, err := httpconn.CompileRoutes(rc)
 		if err != nil {
-			return fail(fmt.Errorf("route_configuration %q: %w", name, err))
+			errs.add(xdsclient.RouteType, "route_configuration", name, true, err)
+			continue
 		}
 		s.routes[name] = r
 	}
 	exists := func(n string) bool { _, ok := s.Clusters[n]; return ok || opts.AllowUnknownClusters }
-	defer s.shareTCPStats(prev)
+	lastListener := lastIndex(listeners)
 	for i, pb := range listeners {
-		l, err := buildListener(pb, exists, prev)
+		name := pb.GetName()
+		dynamic := opts.AddedViaAPI || (opts.DynamicListeners[name] && lastListener[name] == i)
+		if name == "" {
+			name = fmt.Sprintf("listeners[%d]", i)
+		}
+		l, err := buildListener(s, pb, exists, prev)
+		if err == nil {
+			err = s.add(l, opts.Roles)
+		}
 		if err != nil {
-			name := pb.GetName()
-			if name == "" {
-				name = fmt.Sprintf("listeners[%d]", i)
-			}
-			return fail(fmt.Errorf("listener %q: %w", name, err))
-		}
-		if _, dup := s.byName[l.Name]; dup {
-			return fail(fmt.Errorf("listener %q: duplicate name", l.Name))
-		}
-		s.byName[l.Name] = l
-		s.Listeners = append(s.Listeners, l)
-		if l.Pipe != "" {
+			errs.add(xdsclient.ListenerType, "listener", name, dynamic, err)
 			continue
 		}
-		if l.UDP != nil {
-			tbl := s.udpByAddr
-			var wc map[uint16]*Listener
-			if l.Addr.Addr().IsUnspecified() {
-				wc = s.udpWild4
-				if l.Addr.Addr().Is6() {
-					wc = s.udpWild6
-				}
-			}
-			if wc != nil {
-				if other := wc[l.Addr.Port()]; other != nil {
-					return fail(fmt.Errorf("listener %q: address udp %v: already used by listener %q", l.Name, l.Addr, other.Name))
-				}
-				wc[l.Addr.Port()] = l
-			} else {
-				if other := tbl[l.Addr]; other != nil {
-					return fail(fmt.Errorf("listener %q: address udp %v: already used by listener %q", l.Name, l.Addr, other.Name))
-				}
-				tbl[l.Addr] = l
-			}
-			continue
+		l.dynamic = dynamic
+	}
+	if err := errs.err(); err != nil {
+		for _, c := range created {
+			c.Close()
 		}
-		port := l.Addr.Port()
-		switch {
-		case opts.Roles.OutboundPort != 0 && port == opts.Roles.OutboundPort && l.Addr.Addr().IsUnspecified() && s.outbound == nil:
-			s.outbound = l
-		case opts.Roles.InboundPort != 0 && port == opts.Roles.InboundPort && l.Addr.Addr().IsUnspecified() && s.inbound == nil:
-			s.inbound = l
-		}
-		table := s.byAddr
-		key := l.Addr
-		if l.Addr.Addr().IsUnspecified() {
-			if l.Addr.Addr().Is4() {
-				if other := s.wildcard4[port]; other != nil {
-					return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
-				}
-				s.wildcard4[port] = l
-			} else {
-				if other := s.wildcard6[port]; other != nil {
-					return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
-				}
-				s.wildcard6[port] = l
-			}
-			continue
-		}
-		if other := table[key]; other != nil {
-			return fail(fmt.Errorf("listener %q: address %v: already used by listener %q", l.Name, l.Addr, other.Name))
-		}
-		table[key] = l
+		return nil, err
 	}
 	for _, l := range s.Listeners {
 		if l.BindToPort && l != s.outbound && l != s.inbound && l.UDP == nil {
@@ -326,7 +372,180 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 	return s, nil
 }
 
-func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, prev *Snapshot) (*Listener, error) {
+// lastIndex maps each name to the index of its last resource: the static
+// resources come first, so when a static and a dynamic one share a name,
+// only the last is the dynamic one (and the duplicate is its error).
+func lastIndex[M interface{ GetName() string }](rs []M) map[string]int {
+	m := make(map[string]int, len(rs))
+	for i, r := range rs {
+		m[r.GetName()] = i
+	}
+	return m
+}
+
+// add enters a built listener into the snapshot's lookup tables. A
+// listener whose name or address an earlier one already has is refused
+// (the error is the later listener's, as Envoy rejects the listener that
+// conflicts, not the one in force) and the tables are left as they were.
+func (s *Snapshot) add(l *Listener, roles Roles) error {
+	if _, dup := s.byName[l.Name]; dup {
+		return errors.New("duplicate name")
+	}
+	if l.Pipe == "" {
+		if l.UDP != nil {
+			tbl, key := s.udpByAddr, l.Addr
+			if l.Addr.Addr().IsUnspecified() {
+				if err := claim(s.udpWild4, s.udpWild6, l, "udp "); err != nil {
+					return err
+				}
+			} else if other := tbl[key]; other != nil {
+				return fmt.Errorf("address udp %v: already used by listener %q", l.Addr, other.Name)
+			} else {
+				tbl[key] = l
+			}
+		} else {
+			if l.Addr.Addr().IsUnspecified() {
+				if err := claim(s.wildcard4, s.wildcard6, l, ""); err != nil {
+					return err
+				}
+			} else if other := s.byAddr[l.Addr]; other != nil {
+				return fmt.Errorf("address %v: already used by listener %q", l.Addr, other.Name)
+			} else {
+				s.byAddr[l.Addr] = l
+			}
+			port := l.Addr.Port()
+			switch {
+			case roles.OutboundPort != 0 && port == roles.OutboundPort && l.Addr.Addr().IsUnspecified() && s.outbound == nil:
+				s.outbound = l
+			case roles.InboundPort != 0 && port == roles.InboundPort && l.Addr.Addr().IsUnspecified() && s.inbound == nil:
+				s.inbound = l
+			}
+		}
+	}
+	s.byName[l.Name] = l
+	s.Listeners = append(s.Listeners, l)
+	return nil
+}
+
+// claim takes l's port in the wildcard table of its family.
+func claim(wild4, wild6 map[uint16]*Listener, l *Listener, proto string) error {
+	wc := wild4
+	if l.Addr.Addr().Is6() {
+		wc = wild6
+	}
+	if other := wc[l.Addr.Port()]; other != nil {
+		return fmt.Errorf("address %s%v: already used by listener %q", proto, l.Addr, other.Name)
+	}
+	wc[l.Addr.Port()] = l
+	return nil
+}
+
+// stageEndpoints validates every assignment on its own and stages the
+// host set of each EDS cluster whose assignment is new or changed (or
+// whose cluster is new). Why staged and not applied: a cluster keeps its
+// identity across endpoint updates (flows, HTTP pools and circuit
+// breakers are keyed by it, and hosts whose address stays keep their
+// *Host, stats and load, as Envoy's hosts do), so the new hosts must go
+// into the very cluster the snapshot in force serves; putting them there
+// now would change what that snapshot serves before this one is known to
+// be accepted. Server.Apply commits them (one atomic store per cluster)
+// just before the swap. An assignment no EDS cluster uses is still
+// validated, so the NACK names it.
+func (s *Snapshot) stageEndpoints(prev *Snapshot, assignments map[string]*endpointv3.ClusterLoadAssignment, errs *buildErrors) {
+	parsed := make(map[string]*cluster.Endpoints, len(assignments))
+	bad := make(map[string]bool)
+	for _, svc := range sortedKeys(assignments) {
+		e, err := cluster.ParseEndpoints(assignments[svc])
+		if err != nil {
+			errs.add(xdsclient.EndpointType, "cluster_load_assignment", svc, true, err)
+			bad[svc] = true
+			continue
+		}
+		parsed[svc] = e
+	}
+	for _, name := range sortedKeys(s.Clusters) {
+		c := s.Clusters[name]
+		if c.Type() != clusterv3.Cluster_EDS {
+			continue
+		}
+		svc := c.EDSServiceName()
+		if svc == "" {
+			svc = name
+		}
+		carried := prev != nil && prev.Clusters[name] == c
+		if bad[svc] {
+			if carried {
+				c.CountRejected() // update_rejected: its hosts stay
+			}
+			continue
+		}
+		e := parsed[svc]
+		if carried && prev.endpoints[name] != nil {
+			if old := prev.claProtos[svc]; e == nil || old == assignments[svc] || proto.Equal(old, assignments[svc]) {
+				s.endpoints[name] = prev.endpoints[name] // what is in force stays
+				continue
+			}
+		}
+		if e == nil {
+			continue // no assignment yet: the cluster warms
+		}
+		st, err := c.Stage(e)
+		if err != nil {
+			errs.add(xdsclient.EndpointType, "cluster_load_assignment", svc, true, err)
+			continue
+		}
+		s.endpoints[name] = st
+		s.commits = append(s.commits, st)
+	}
+}
+
+// commit puts the host sets staged by Build in force. Server.Apply calls
+// it once every socket is bound, just before the swap; it writes into
+// the clusters, not into the snapshot.
+func (s *Snapshot) commit() {
+	for _, st := range s.commits {
+		st.Commit()
+	}
+}
+
+// Hosts returns the hosts of cluster name as this snapshot has them: for
+// an EDS cluster, the host set its build staged or kept, which a later
+// snapshot does not change (a retired snapshot goes on reporting what it
+// served); for other clusters, the cluster's hosts now (DNS refreshes
+// move them without a snapshot).
+func (s *Snapshot) Hosts(name string) []*cluster.Host {
+	if st := s.endpoints[name]; st != nil {
+		return st.Hosts()
+	}
+	if c := s.Clusters[name]; c != nil {
+		return c.Hosts()
+	}
+	return nil
+}
+
+// scopeOf returns the block of type T named prefix from the snapshot's
+// stats store, and records that the snapshot uses it (see Scopes).
+func scopeOf[T any](s *Snapshot, prefix string, mk func() *T) *T {
+	s.scopes = append(s.scopes, stats.KeyOf[T](prefix))
+	return stats.Scope(s.store, prefix, mk)
+}
+
+// Scopes are the keys of the stats blocks the snapshot counts into: the
+// blocks no snapshot still serving uses may be dropped from the store.
+func (s *Snapshot) Scopes() []stats.Key { return s.scopes }
+
+// clusterStatPrefix is the cluster's stat scope as the admin prints it:
+// alt_stat_name when set, else the name (Istio's "PassthroughCluster;"
+// alt_stat_name loses its ';').
+func clusterStatPrefix(pb *clusterv3.Cluster) string {
+	obs := pb.GetAltStatName()
+	if obs == "" {
+		obs = pb.GetName()
+	}
+	return "cluster." + strings.TrimSuffix(obs, ";") + "."
+}
+
+func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(string) bool, prev *Snapshot) (*Listener, error) {
 	if err := pb.ValidateAll(); err != nil {
 		return nil, err
 	}
@@ -368,7 +587,8 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 			return nil, errors.New("bind_to_port: UDP listeners that bind a socket are not supported; set bind_to_port false to receive captured UDP flows")
 		}
 		l.UDP = u
-		l.Stats = &ListenerStats{Prefix: "listener.udp_" + strings.TrimPrefix(listenerStatPrefix(pb), "listener.")}
+		prefix := "listener.udp_" + strings.TrimPrefix(listenerStatPrefix(pb), "listener.")
+		l.Stats = scopeOf(s, prefix, func() *ListenerStats { return &ListenerStats{Prefix: prefix} })
 		return l, nil
 	}
 	if len(pb.GetAdditionalAddresses()) > 0 {
@@ -382,14 +602,14 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 		return nil, err
 	}
 	for i, fc := range pb.GetFilterChains() {
-		c, err := buildChain(fc, clusterExists)
+		c, err := buildChain(s, fc, clusterExists)
 		if err != nil {
 			return nil, fmt.Errorf("filter_chains[%d]%s: %w", i, chainLabel(fc), err)
 		}
 		l.Chains = append(l.Chains, c)
 	}
 	if dfc := pb.GetDefaultFilterChain(); dfc != nil {
-		if l.Default, err = buildChain(dfc, clusterExists); err != nil {
+		if l.Default, err = buildChain(s, dfc, clusterExists); err != nil {
 			return nil, fmt.Errorf("default_filter_chain: %w", err)
 		}
 	}
@@ -397,18 +617,13 @@ func buildListener(pb *listenerv3.Listener, clusterExists func(string) bool, pre
 		return nil, err
 	}
 	prefix := listenerStatPrefix(pb)
+	l.Stats = scopeOf(s, prefix, func() *ListenerStats { return &ListenerStats{Prefix: prefix} })
 	if prev != nil {
-		if old := prev.byName[l.Name]; old != nil && old.Stats.Prefix == prefix {
-			l.Stats = old.Stats
-		}
 		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
 			// The same listener: its flows, old and new, drain together.
 			l.stopDrained()
 			l.drained, l.stopDrained = old.drained, old.stopDrained
 		}
-	}
-	if l.Stats == nil {
-		l.Stats = &ListenerStats{Prefix: prefix}
 	}
 	return l, nil
 }
@@ -420,13 +635,26 @@ func chainLabel(fc *listenerv3.FilterChain) string {
 	return fmt.Sprintf(" (%s)", fc.GetName())
 }
 
-func buildChain(fc *listenerv3.FilterChain, clusterExists func(string) bool) (*Chain, error) {
+// buildChain parses one filter chain and gives its tcp_proxy the
+// tcp.<stat_prefix>. block, its http_connection_manager the
+// http.<stat_prefix>. one (chains with the same prefix share them).
+func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(string) bool) (*Chain, error) {
 	if fc.GetTransportSocket() != nil {
 		return nil, errors.New("transport_socket: TLS termination is not supported")
 	}
 	tp, hcm, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists)
 	if err != nil {
 		return nil, err
+	}
+	if tp != nil {
+		prefix := "tcp." + tp.StatPrefix + "."
+		tp.Stats = scopeOf(s, prefix, func() *TCPStats { return &TCPStats{Prefix: prefix} })
+		s.tcpStats[tp.StatPrefix] = tp.Stats
+	}
+	if hcm != nil {
+		st := scopeOf(s, "http."+hcm.StatPrefix+".", func() *httpconn.Stats { return new(httpconn.Stats) })
+		hcm.ShareStats(st)
+		s.httpStats[hcm.StatPrefix] = st
 	}
 	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped}, nil
 }
@@ -494,54 +722,6 @@ func (s *Snapshot) Retire(next *Snapshot) {
 	for name, c := range s.Clusters {
 		if next == nil || next.Clusters[name] != c {
 			c.Close()
-		}
-	}
-}
-
-// shareTCPStats gives every tcp_proxy its tcp.<stat_prefix> counters and
-// every http_connection_manager its http.<stat_prefix> ones.
-func (s *Snapshot) shareTCPStats(prev *Snapshot) {
-	s.tcpStats = make(map[string]*TCPStats)
-	s.httpStats = make(map[string]*httpconn.Stats)
-	getHTTP := func(prefix string) *httpconn.Stats {
-		if st := s.httpStats[prefix]; st != nil {
-			return st
-		}
-		if prev != nil && prev.httpStats[prefix] != nil {
-			s.httpStats[prefix] = prev.httpStats[prefix]
-			return s.httpStats[prefix]
-		}
-		st := new(httpconn.Stats)
-		s.httpStats[prefix] = st
-		return st
-	}
-	get := func(prefix string) *TCPStats {
-		if st := s.tcpStats[prefix]; st != nil {
-			return st
-		}
-		if prev != nil {
-			if st := prev.tcpStats[prefix]; st != nil {
-				s.tcpStats[prefix] = st
-				return st
-			}
-		}
-		st := &TCPStats{Prefix: "tcp." + prefix + "."}
-		s.tcpStats[prefix] = st
-		return st
-	}
-	for _, l := range s.Listeners {
-		for _, c := range append(l.Chains[:len(l.Chains):len(l.Chains)], l.Default) {
-			if c != nil && c.HTTP != nil {
-				c.HTTP.ShareStats(getHTTP(c.HTTP.StatPrefix))
-			}
-			if c == nil || c.TCP == nil {
-				continue
-			}
-			if c.TCP.Stats == nil {
-				c.TCP.Stats = get(c.TCP.StatPrefix)
-			} else {
-				s.tcpStats[c.TCP.StatPrefix] = c.TCP.Stats
-			}
 		}
 	}
 }

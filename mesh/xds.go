@@ -10,19 +10,27 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 
+	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // XDSApplier installs what the xDS client delivers: the bootstrap's static
 // resources plus the dynamic ones, validated into a new snapshot built off
-// the hot path and swapped in. A build or bind error is returned, which
-// the client turns into a NACK; the snapshot in force keeps serving.
+// the hot path and swapped in whole. Every resource is validated on its
+// own (EDS assignments included) and every invalid one is named in the
+// xdsclient.ResourceErrors returned, with nothing live changed: the
+// client then applies the update again with those resources at their
+// last accepted version and NACKs naming them. A static resource that
+// fails rejects the whole update with a plain error.
 type XDSApplier struct {
 	Server          *Server
 	StaticListeners []*listenerv3.Listener
 	StaticClusters  []*clusterv3.Cluster
-	Options         BuildOptions
-	OnApplied       func(*Snapshot) // optional, after a successful swap
+	// Options are the build options. Options.Stats, the stats store, is
+	// created on the first Apply when nil (or taken from the snapshot in
+	// force) and kept by Adopt across a bootstrap reload.
+	Options   BuildOptions
+	OnApplied func(*Snapshot) // optional, after a successful swap
 	// DrainDuration is how long flows on a removed or changed listener may
 	// go on (Istio's drainDuration, 45 s by default).
 	DrainDuration time.Duration
@@ -31,6 +39,14 @@ type XDSApplier struct {
 
 	mu  sync.Mutex // one Apply at a time
 	rec recorder
+	// draining are the snapshots replaced while listeners of theirs
+	// still drain: the stats blocks they count into are kept until then.
+	draining []drainingSnapshot
+}
+
+type drainingSnapshot struct {
+	snap  *Snapshot
+	until time.Time
 }
 
 var _ xdsclient.Applier = (*XDSApplier)(nil)
@@ -40,8 +56,10 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	listeners := append([]*listenerv3.Listener(nil), a.StaticListeners...)
+	dynListeners := make(map[string]bool, len(r.Listeners))
 	for _, name := range sortedKeys(r.Listeners) {
 		listeners = append(listeners, r.Listeners[name])
+		dynListeners[name] = true
 	}
 	clusters := append([]*clusterv3.Cluster(nil), a.StaticClusters...)
 	dynamic := make(map[string]bool, len(r.Clusters))
@@ -49,10 +67,25 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 		clusters = append(clusters, r.Clusters[name])
 		dynamic[name] = true
 	}
+	prev := a.Server.D.Snapshot()
+	if a.Options.Stats == nil {
+		if prev != nil {
+			a.Options.Stats = prev.store
+		} else {
+			a.Options.Stats = stats.New()
+		}
+	}
+	now := time.Now()
+	// The dump is computed for the state this update would put in force
+	// and is part of the snapshot; the recorder itself moves on only if
+	// the snapshot is swapped in.
+	rec := recorder{prev: a.rec.prev, draining: append([]Record(nil), a.rec.draining...)}
 	opts := a.Options
 	opts.DynamicClusters = dynamic
+	opts.DynamicListeners = dynListeners
 	opts.Routes = r.Routes
-	prev := a.Server.D.Snapshot()
+	opts.Endpoints = r.Endpoints
+	opts.Dump = rec.next(a.StaticDump, r, a.DrainDuration, now)
 	version := "static"
 	if len(r.Versions) > 0 {
 		version = fmt.Sprintf("cds:%s lds:%s", r.Versions[xdsclient.ClusterType], r.Versions[xdsclient.ListenerType])
@@ -61,27 +94,6 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 	if err != nil {
 		return err
 	}
-	// Endpoints: EDS clusters take their assignment (an unchanged one is a
-	// no-op for a cluster carried over from prev).
-	for _, pb := range clusters {
-		if pb.GetType() != clusterv3.Cluster_EDS {
-			continue
-		}
-		svc := pb.GetEdsClusterConfig().GetServiceName()
-		if svc == "" {
-			svc = pb.GetName()
-		}
-		if cla := r.Endpoints[svc]; cla != nil {
-			if err := snap.Clusters[pb.GetName()].UpdateEndpoints(cla); err != nil {
-				snap.Retire(prev)
-				return err
-			}
-		}
-	}
-	// The dump is recorded only for a state that will be in force; a
-	// rejected one leaves the recorder as it was.
-	rec := recorder{prev: a.rec.prev, draining: append([]Record(nil), a.rec.draining...)}
-	snap.Dump = rec.next(a.StaticDump, r, a.DrainDuration, time.Now())
 	if err := a.Server.Apply(snap); err != nil {
 		snap.Retire(prev)
 		return err
@@ -93,24 +105,54 @@ func (a *XDSApplier) Apply(ctx context.Context, r *xdsclient.Resources) error {
 		p.Retain(func(name string) bool { return snap.Clusters[name] != nil })
 	}
 	if prev != nil {
-		prev.Drain(snap, a.DrainDuration)
+		if prev.Drain(snap, a.DrainDuration) > 0 && a.DrainDuration > 0 {
+			a.draining = append(a.draining, drainingSnapshot{prev, now.Add(a.DrainDuration)})
+		}
 		prev.Retire(snap)
 	}
+	a.sweep(snap, now)
 	if a.OnApplied != nil {
 		a.OnApplied(snap)
 	}
 	return nil
 }
 
+// sweep drops from the stats store the blocks that neither snap nor a
+// snapshot whose listeners still drain counts into, as Envoy frees the
+// stats of a removed cluster or listener: a store that only grew would
+// keep a block for every name ever configured. A cluster or listener
+// removed and added back later starts from 0, as in Envoy.
+func (a *XDSApplier) sweep(snap *Snapshot, now time.Time) {
+	kept := a.draining[:0]
+	for _, d := range a.draining {
+		if now.Before(d.until) {
+			kept = append(kept, d)
+		}
+	}
+	clear(a.draining[len(kept):])
+	a.draining = kept
+	used := make(map[stats.Key]struct{}, len(snap.Scopes()))
+	for _, s := range append([]drainingSnapshot{{snap: snap}}, a.draining...) {
+		for _, k := range s.snap.Scopes() {
+			used[k] = struct{}{}
+		}
+	}
+	snap.store.Retain(func(k stats.Key) bool { _, ok := used[k]; return ok })
+}
+
 // Adopt carries over what old recorded of the resources in force (their
-// versions and update times, the listeners draining), for an applier that
-// replaces old after a bootstrap reload.
+// versions and update times, the listeners draining) and its stats store,
+// for an applier that replaces old after a bootstrap reload.
 func (a *XDSApplier) Adopt(old *XDSApplier) {
 	old.mu.Lock()
 	defer old.mu.Unlock()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.rec = recorder{prev: old.rec.prev, draining: append([]Record(nil), old.rec.draining...)}
+	a.draining = append([]drainingSnapshot(nil), old.draining...)
+	if a.Options.Stats == nil {
+		a.Options.Stats = old.Options.Stats
+	}
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -24,11 +24,13 @@ type stat struct {
 
 // statKey identifies one counter for /reset_counters: its name and a weak
 // reference to the object that holds it (a listener's, cluster's,
-// tcp_proxy's or HCM's stats; nil for the process-wide ones). A cluster
-// re-created with zeroed counters is a new holder, so a baseline taken
-// from the old one never applies to it (a baseline keyed by name alone
-// would hide the new cluster's first N requests); a weak reference keeps a
-// retired holder collectable, and once collected it never matches again.
+// tcp_proxy's or HCM's stats block in the stats store; nil for the
+// process-wide ones). A scope dropped from the store and created again
+// (a cluster removed, then added back) is a new holder with zeroed
+// counters, so a baseline taken from the old one never applies to it (a
+// baseline keyed by name alone would hide the new block's first N
+// counts); a weak reference keeps a dropped block collectable, and once
+// collected it never matches again.
 type statKey struct {
 	owner any
 	name  string
@@ -102,15 +104,15 @@ func (s *Server) collectRaw() []stat {
 		for _, c := range snap.Clusters {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
 			// "PassthroughCluster;" → "PassthroughCluster").
-			scope, owner := strings.TrimSuffix(c.ObservabilityName(), ";"), holder(c)
+			// The counters are the stats store's block for the scope,
+			// which outlives a cluster re-created by CDS: it is their
+			// holder.
+			scope, owner := strings.TrimSuffix(c.ObservabilityName(), ";"), holder(c.Scope())
 			for _, st := range c.Stats() {
 				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
 			}
-			// The HTTP request counters outlive a re-created cluster
-			// (Cluster.ShareHTTPStats): their holder is their own.
-			hs := c.HTTPStats()
-			for _, st := range hs.Stats() {
-				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, holder(hs))
+			for _, st := range c.HTTPStats().Stats() {
+				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
 			}
 		}
 		for _, t := range snap.TCPStats() {

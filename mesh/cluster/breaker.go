@@ -169,7 +169,7 @@ func releaser(l *limit, gauge interface{ Add(int64) int64 }) func() {
 // TryAcquirePending reserves a pending-request slot (max_pending_requests).
 // On overflow it counts upstream_rq_pending_overflow and returns ok=false.
 func (r *Resources) TryAcquirePending() (release func(), ok bool) {
-	s := &r.c.stats
+	s := r.c.stats
 	if !r.pending.tryAcquire() {
 		s.rqPendingOverflow.Add(1)
 		return nil, false
@@ -183,7 +183,7 @@ func (r *Resources) TryAcquirePending() (release func(), ok bool) {
 // counts upstream_rq_total. On overflow it counts
 // upstream_rq_pending_overflow (Envoy's name for both request limits).
 func (r *Resources) TryAcquireRequest() (release func(), ok bool) {
-	s := &r.c.stats
+	s := r.c.stats
 	if !r.rq.tryAcquire() {
 		s.rqPendingOverflow.Add(1)
 		return nil, false
@@ -196,7 +196,7 @@ func (r *Resources) TryAcquireRequest() (release func(), ok bool) {
 // TryAcquireRetry reserves a retry slot (max_retries), counting
 // upstream_rq_retry, or upstream_rq_retry_overflow when full.
 func (r *Resources) TryAcquireRetry() (release func(), ok bool) {
-	s := &r.c.stats
+	s := r.c.stats
 	if !r.retries.tryAcquire() {
 		s.rqRetryOverflow.Add(1)
 		return nil, false

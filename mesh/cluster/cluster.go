@@ -45,6 +45,10 @@ type Options struct {
 	// AddedViaAPI is reported by the admin /clusters (true for CDS
 	// clusters, false for bootstrap static_resources).
 	AddedViaAPI bool
+	// Stats is the cluster.<name>. block the cluster counts into, from
+	// the proxy's stats store so that it outlives this Cluster (nil: a
+	// block of its own).
+	Stats *Scope
 }
 
 // Sentinel errors Connect wraps; callers branch on them with errors.Is.
@@ -91,10 +95,7 @@ type Cluster struct {
 	dns *dnsConfig // STRICT_DNS only
 
 	resources [2]*Resources
-	stats     clusterStats
-	// http are the HTTP request counters; a cluster that replaces another
-	// of its name takes over the replaced one's (ShareHTTPStats).
-	http atomic.Pointer[HTTPStats]
+	stats     *Scope // Options.Stats
 
 	errNoHealthy error
 	errOverflow  error
@@ -127,6 +128,10 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 		log:         opts.Log.With().Str("cluster", pb.GetName()).Logger(),
 		dial:        opts.Dialer.DialTCP,
 		initialized: make(chan struct{}),
+		stats:       opts.Stats,
+	}
+	if c.stats == nil {
+		c.stats = NewScope()
 	}
 	if alt := pb.GetAltStatName(); alt != "" {
 		c.obsName = alt

@@ -59,12 +59,12 @@ func (hs *hostSet) pick(exclude func(*Host) bool) *Host {
 }
 
 // buildSet groups hosts into priority levels and health classes and builds
-// their pickers.
-func (c *Cluster) buildSet(all []*Host) *hostSet {
+// their pickers. metas[i] is all[i]'s metadata as the set will have it:
+// a staged set is built before its hosts' metadata is updated (Commit).
+func (c *Cluster) buildSet(all []*Host, metas []*hostMeta) *hostSet {
 	hs := &hostSet{all: all}
 	prios := make([]uint32, 0, 2)
-	for _, h := range all {
-		m := h.meta.Load()
+	for _, m := range metas {
 		switch classify(m.health) {
 		case classHealthy:
 			hs.healthy++
@@ -80,36 +80,37 @@ func (c *Cluster) buildSet(all []*Host) *hostSet {
 	slices.Sort(prios)
 	for _, prio := range prios {
 		lv := level{priority: prio}
-		lv.healthy = c.buildPicker(all, prio, classHealthy)
-		lv.degraded = c.buildPicker(all, prio, classDegraded)
+		lv.healthy = c.buildPicker(all, metas, prio, classHealthy)
+		lv.degraded = c.buildPicker(all, metas, prio, classDegraded)
 		hs.levels = append(hs.levels, lv)
 	}
 	return hs
 }
 
-func (c *Cluster) buildPicker(all []*Host, prio uint32, class healthClass) *picker {
+func (c *Cluster) buildPicker(all []*Host, metas []*hostMeta, prio uint32, class healthClass) *picker {
 	var hosts []*Host
-	for _, h := range all {
-		m := h.meta.Load()
-		if m.priority == prio && classify(m.health) == class {
+	var ms []*hostMeta
+	for i, h := range all {
+		if m := metas[i]; m.priority == prio && classify(m.health) == class {
 			hosts = append(hosts, h)
+			ms = append(ms, m)
 		}
 	}
 	if len(hosts) == 0 {
 		return nil
 	}
 	if c.localityWeighted {
-		if p := c.buildLocalityPicker(hosts); p != nil {
+		if p := c.buildLocalityPicker(hosts, ms); p != nil {
 			return p
 		}
 	}
-	return c.flatPicker(hosts)
+	return c.flatPicker(hosts, ms)
 }
 
-func (c *Cluster) flatPicker(hosts []*Host) *picker {
+func (c *Cluster) flatPicker(hosts []*Host, metas []*hostMeta) *picker {
 	weights := make([]uint32, len(hosts))
-	for i, h := range hosts {
-		weights[i] = h.meta.Load().weight
+	for i, m := range metas {
+		weights[i] = m.weight
 	}
 	return newPicker(c.lb, c.choiceCount, hosts, weights)
 }
@@ -121,18 +122,20 @@ type localityKey struct{ region, zone, subZone string }
 // scales it by the locality's healthy fraction × overprovisioning factor).
 // Localities without a weight get no traffic, as in Envoy; if no locality
 // has a weight it returns nil and the level is balanced flat.
-func (c *Cluster) buildLocalityPicker(hosts []*Host) *picker {
+func (c *Cluster) buildLocalityPicker(hosts []*Host, metas []*hostMeta) *picker {
 	var keys []localityKey
 	groups := map[localityKey][]*Host{}
+	groupMetas := map[localityKey][]*hostMeta{}
 	weight := map[localityKey]uint32{}
-	for _, h := range hosts {
-		m := h.meta.Load()
+	for i, h := range hosts {
+		m := metas[i]
 		k := localityKey{m.region, m.zone, m.subZone}
 		if _, ok := groups[k]; !ok {
 			keys = append(keys, k)
 			weight[k] = m.localityWeight
 		}
 		groups[k] = append(groups[k], h)
+		groupMetas[k] = append(groupMetas[k], m)
 	}
 	var subs []*picker
 	var weights []uint32
@@ -140,7 +143,7 @@ func (c *Cluster) buildLocalityPicker(hosts []*Host) *picker {
 		if weight[k] == 0 {
 			continue
 		}
-		subs = append(subs, c.flatPicker(groups[k]))
+		subs = append(subs, c.flatPicker(groups[k], groupMetas[k]))
 		weights = append(weights, weight[k])
 	}
 	if len(subs) == 0 {
@@ -167,56 +170,115 @@ func dedupe(specs []hostSpec) []hostSpec {
 	return out
 }
 
-// setHosts publishes a new host set built from specs. Hosts whose address
-// was already present keep their *Host (and stats); an update that changes
-// nothing keeps the current snapshot (update_no_rebuild).
-func (c *Cluster) setHosts(specs []hostSpec) {
-	c.updateMu.Lock()
-	defer c.updateMu.Unlock()
+// hostUpdate is a host set built from specs against base, the set in
+// force when it was built, and what putting it in force changes. Building
+// it reads base and its hosts and writes nothing, so it can be done for a
+// snapshot that may never be put in force.
+type hostUpdate struct {
+	specs  []hostSpec // deduplicated
+	base   *hostSet
+	set    *hostSet // base itself when nothing changes
+	metas  []*hostMeta
+	noop   bool
+	added  int
+	remove int
+}
 
-	old := c.hosts.Load()
-	prev := make(map[netip.AddrPort]*Host, len(old.all))
-	for _, h := range old.all {
+// prepare builds the host set specs make of base: hosts whose address is
+// in base keep their *Host (and its stats, connections and load), as
+// Envoy keeps a host across EDS updates and DNS refreshes; an update that
+// changes nothing keeps base (and its rotation state).
+func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
+	prev := make(map[netip.AddrPort]*Host, len(base.all))
+	for _, h := range base.all {
 		prev[h.addr] = h
 	}
 	specs = dedupe(specs)
+	u := &hostUpdate{specs: specs, base: base, metas: make([]*hostMeta, 0, len(specs))}
 	all := make([]*Host, 0, len(specs))
-	added, same := 0, len(specs) == len(old.all)
+	same := len(specs) == len(base.all)
 	for i, s := range specs {
 		h, ok := prev[s.addr]
+		m := s.meta
 		if ok {
 			delete(prev, s.addr)
-			if m := h.meta.Load(); *m != *s.meta {
-				h.meta.Store(s.meta)
+			if old := h.meta.Load(); *old == *s.meta {
+				m = old
+			} else {
 				same = false
 			}
 		} else {
 			h = newHost(s.addr, s.meta)
-			added++
+			u.added++
 		}
-		if same && old.all[i] != h {
+		if same && base.all[i] != h {
 			same = false
 		}
 		all = append(all, h)
+		u.metas = append(u.metas, m)
 	}
-	removed := len(prev)
-	if same && added == 0 && removed == 0 {
-		// Nothing changed: keep the snapshot (and its rotation state).
+	u.remove = len(prev)
+	if same && u.added == 0 && u.remove == 0 {
+		u.set, u.noop = base, true
+		return u
+	}
+	u.set = c.buildSet(all, u.metas)
+	return u
+}
+
+// commitLocked puts u in force: the hosts' new metadata, then the set, in
+// one atomic store, and returns the update it put in force. c.updateMu is
+// held. A set built against a base that
+// is no longer in force (a DNS refresh or a direct update came between)
+// is rebuilt against the current one first.
+func (c *Cluster) commitLocked(u *hostUpdate) *hostUpdate {
+	if cur := c.hosts.Load(); cur != u.base {
+		u = c.prepare(cur, u.specs)
+	}
+	if u.noop {
 		c.stats.updateNoRebuild.Add(1)
-		return
+		return u
 	}
-
-	hs := c.buildSet(all)
-	c.hosts.Store(hs)
-
-	st := &c.stats
-	st.membershipTotal.Store(int64(len(all)))
-	st.membershipHealthy.Store(int64(hs.healthy))
-	st.membershipDegraded.Store(int64(hs.degraded))
-	st.membershipExcluded.Store(int64(hs.excluded))
-	if added+removed > 0 {
-		st.membershipChange.Add(1)
+	for i, h := range u.set.all {
+		if h.meta.Load() != u.metas[i] {
+			h.meta.Store(u.metas[i])
+		}
 	}
-	c.log.Debug().Int("hosts", len(all)).Int("healthy", hs.healthy).
-		Int("added", added).Int("removed", removed).Msg("cluster membership updated")
+	c.hosts.Store(u.set)
+	changed := u.added+u.remove > 0
+	if last := c.stats.lastSet.Swap(u.set); last != nil && last != u.base {
+		// The first set of a cluster that replaces another of its name
+		// (a CDS update): membership changed only if the hosts did.
+		changed = !sameAddrs(last, u.set)
+	}
+	if changed {
+		c.stats.membershipChange.Add(1)
+	}
+	c.log.Debug().Int("hosts", len(u.set.all)).Int("healthy", u.set.healthy).
+		Int("added", u.added).Int("removed", u.remove).Msg("cluster membership updated")
+	return u
+}
+
+// setHosts builds and publishes the host set of specs at once.
+func (c *Cluster) setHosts(specs []hostSpec) {
+	c.updateMu.Lock()
+	defer c.updateMu.Unlock()
+	c.commitLocked(c.prepare(c.hosts.Load(), specs))
+}
+
+// sameAddrs reports whether a and b hold the same addresses.
+func sameAddrs(a, b *hostSet) bool {
+	if len(a.all) != len(b.all) {
+		return false
+	}
+	in := make(map[netip.AddrPort]struct{}, len(a.all))
+	for _, h := range a.all {
+		in[h.addr] = struct{}{}
+	}
+	for _, h := range b.all {
+		if _, ok := in[h.addr]; !ok {
+			return false
+		}
+	}
+	return true
 }

@@ -244,19 +244,12 @@ func (s *HTTPStats) Stats() []Stat {
 	return out
 }
 
-// ShareHTTPStats makes c count its HTTP request stats into s: the proxy
-// gives a cluster replaced by a CDS update the HTTPStats of the cluster
-// it replaces, as Envoy keeps cluster.<name>.* stats by name across
-// updates (the counters would otherwise restart from 0 on every change of
-// the cluster's config). Call it before c serves a request.
-func (c *Cluster) ShareHTTPStats(s *HTTPStats) { c.http.Store(s) }
-
-// HTTPStats returns the cluster's HTTP request counters (created on first
-// use).
+// HTTPStats returns the cluster's HTTP request counters, part of its
+// Scope (made on first use).
 func (c *Cluster) HTTPStats() *HTTPStats {
-	if s := c.http.Load(); s != nil {
+	if s := c.stats.http.Load(); s != nil {
 		return s
 	}
-	c.http.CompareAndSwap(nil, new(HTTPStats))
-	return c.http.Load()
+	c.stats.http.CompareAndSwap(nil, new(HTTPStats))
+	return c.stats.http.Load()
 }

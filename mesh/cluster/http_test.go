@@ -131,14 +131,13 @@ func TestHTTPStats(t *testing.T) {
 		t.Errorf("missing %v", want)
 	}
 	// A cluster that replaces this one (a CDS update) counts on.
-	c2, err := New(staticCluster("s", clusterv3.Cluster_ROUND_ROBIN), Options{Dialer: &upstream.Dialer{}})
+	c2, err := New(staticCluster("s", clusterv3.Cluster_ROUND_ROBIN), Options{Dialer: &upstream.Dialer{}, Stats: c.Scope()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c2.ShareHTTPStats(c.HTTPStats())
 	c2.HTTPStats().CountResponse(200)
 	if c2.HTTPStats() != s || s.Stats() == nil {
-		t.Fatal("the replacing cluster does not share the replaced one's HTTPStats")
+		t.Fatal("the replacing cluster given the replaced one's Scope does not count into its HTTPStats")
 	}
 	for _, st := range s.Stats() {
 		if st.Name == "upstream_rq_completed" && st.Value != 4 {

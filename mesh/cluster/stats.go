@@ -34,11 +34,7 @@ type clusterStats struct {
 	cxDestroy               atomic.Uint64
 	cxConnectAttemptsExceed atomic.Uint64
 
-	membershipTotal    atomic.Int64
-	membershipHealthy  atomic.Int64
-	membershipDegraded atomic.Int64
-	membershipExcluded atomic.Int64
-	membershipChange   atomic.Uint64
+	membershipChange atomic.Uint64
 
 	updateAttempt   atomic.Uint64
 	updateSuccess   atomic.Uint64
@@ -63,11 +59,36 @@ func gauge(v int64) uint64 {
 	return uint64(v)
 }
 
+// Scope is the block of a cluster.<observability name>. stats scope: the
+// cluster-wide counters and the HTTP request counters. It lives in the
+// proxy's stats store (mesh/stats), keyed by that name, not in the
+// Cluster: a cluster rebuilt by a CDS update is given the same Scope and
+// its counters go on, as Envoy keeps cluster.<name>.* across updates. The
+// membership gauges are not in it: they are read from the host set in
+// force, so a cluster built but never put in force moves no gauge.
+type Scope struct {
+	clusterStats
+	// http is made on first use: its per-code counters are 4 KiB, which
+	// 10,000 clusters that never see HTTP should not cost.
+	http atomic.Pointer[HTTPStats]
+	// lastSet is the host set last put in force by a cluster counting
+	// into the Scope, so that the first set of a cluster replacing
+	// another counts as a membership_change only if the hosts differ.
+	lastSet atomic.Pointer[hostSet]
+}
+
+// NewScope returns a Scope with every counter at 0.
+func NewScope() *Scope { return new(Scope) }
+
+// Scope returns the block the cluster counts into (Options.Stats).
+func (c *Cluster) Scope() *Scope { return c.stats }
+
 // Stats returns the cluster's counters and gauges sorted by name, with
 // Envoy's names relative to the cluster.<ObservabilityName()>. scope.
 func (c *Cluster) Stats() []Stat {
-	s := &c.stats
-	total, healthy := s.membershipTotal.Load(), s.membershipHealthy.Load()
+	s := c.stats
+	hs := c.hosts.Load()
+	total, healthy, degraded, excluded := int64(len(hs.all)), int64(hs.healthy), int64(hs.degraded), int64(hs.excluded)
 	if c.origDst != nil {
 		total = c.origDst.n.Load()
 		healthy = total
@@ -85,8 +106,8 @@ func (c *Cluster) Stats() []Stat {
 		{"upstream_cx_tx_bytes_total", s.txBytes.Load(), false},
 		{"membership_total", gauge(total), true},
 		{"membership_healthy", gauge(healthy), true},
-		{"membership_degraded", gauge(s.membershipDegraded.Load()), true},
-		{"membership_excluded", gauge(s.membershipExcluded.Load()), true},
+		{"membership_degraded", gauge(degraded), true},
+		{"membership_excluded", gauge(excluded), true},
 		{"membership_change", s.membershipChange.Load(), false},
 		{"update_attempt", s.updateAttempt.Load(), false},
 		{"update_success", s.updateSuccess.Load(), false},
