@@ -2,6 +2,7 @@ package httpconn
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -174,4 +175,42 @@ func TestDrainNewH2Connection(t *testing.T) {
 	if ev := h2Next(t, h2, "goaway"); ev.code != http2.ErrCodeNo || ev.stream != 1 {
 		t.Errorf("GOAWAY on a new connection while draining: code %v last stream %d, want NO_ERROR, 1", ev.code, ev.stream)
 	}
+}
+
+// TestPoolsCloseBoundedByContext: Pools.Close waits for a busy upstream
+// connection (its request may finish) until the caller's context is done,
+// then closes it and returns; the request is given up upstream.
+func TestPoolsCloseBoundedByContext(t *testing.T) {
+	u, held, released := heldUpstream(t)
+	env := newEnv(t, staticCluster("c", u.addr))
+	r := prefixRoute("/", "c")
+	routeAction(r).Timeout = durationpb.New(0)
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+	waitFor(t, held, "the request reaching the upstream")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	closed := make(chan struct{})
+	go func() {
+		env.pools.Close(ctx)
+		close(closed)
+	}()
+	select {
+	case <-closed:
+		t.Fatal("Close returned with a busy connection before its context was done")
+	case <-time.After(300 * time.Millisecond):
+	}
+	cancel()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not return once its context was done")
+	}
+	// Its upstream connection was closed under it.
+	waitFor(t, released, "the held request given up upstream")
 }
