@@ -494,11 +494,19 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 				time.Sleep(10 * time.Millisecond)
 			}
 			endWatch()
-			if cfg != nil {
+			if cfg != nil && !done {
 				// The drain is over: HTTP connections still open are
 				// closed now (their requests end, which frees their
-				// pooled upstream connections); the exit ends the rest.
+				// pooled upstream connections), and their FINs get half
+				// a second to leave before the stack goes with the
+				// process (a client waiting for a response would not
+				// learn otherwise). The exit ends the rest.
 				cfg.srv.EndDrain(false)
+				fctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+				for gate.Wait(fctx) && st.Unflushed() > 0 && fctx.Err() == nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+				cancel()
 			}
 			log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
 			return nil
