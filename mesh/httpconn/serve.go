@@ -125,6 +125,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 	select {
 	case <-ln.taken:
 	case <-served:
+		return nil // net/http refused to serve (its setup failed): nothing served
 	}
 	endC := ctx.Done()
 	for done := false; !done; {
