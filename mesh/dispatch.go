@@ -322,8 +322,9 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 // connection. Each request is logged (HTTP access line) when the
 // connection manager has an access_log, as in Envoy, and the proxy's log
 // level lets access lines through; the connection's own entry, like a
-// tcp_proxy flow's, is written either way and keeps the byte counts. The listener's drain ends it gracefully:
-// in-flight requests finish, then Connection: close / GOAWAY.
+// tcp_proxy flow's, is written either way and keeps the byte counts.
+// The listener's drain start asks the connection to close (Connection:
+// close, GOAWAY; in-flight requests finish); the drain's end closes it.
 func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
 	access := d.Access
@@ -341,8 +342,8 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 			access.Log(&re)
 		}
 	}
-	err := chain.HTTP.Serve(l.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
-		Peer: fid.Src, Local: fid.Dst, AccessLog: logReq,
+	err := chain.HTTP.Serve(l.drain.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
+		Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining,
 	})
 	down.Close()
 	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, context.Canceled) {
@@ -376,7 +377,7 @@ func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, 
 	// A flow outliving its listener's drain is closed (no goroutine: the
 	// callback is registered on the listener's context).
 	var drained atomic.Bool
-	stop := context.AfterFunc(l.drained, func() {
+	stop := context.AfterFunc(l.drain.closed, func() {
 		drained.Store(true)
 		down.Close()
 		up.Close()

@@ -30,6 +30,7 @@ type Server struct {
 	mu     sync.Mutex
 	bound  map[string]*boundListener // by bind key
 	closed bool
+	drain  proxyDrain // StartDrain, EndDrain; applied to each snapshot swapped in
 }
 
 type boundListener struct {
@@ -93,6 +94,7 @@ func (s *Server) Apply(snap *Snapshot) error {
 	}
 	snap.commit()
 	s.D.Swap(snap)
+	s.drain.applyTo(snap)
 	for _, b := range opened {
 		s.bound[b.key] = b
 		b.wg.Add(1)

@@ -1,7 +1,6 @@
 package mesh
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -105,12 +104,12 @@ type Listener struct {
 	insp    inspection
 	dynamic bool // came over LDS: a bind failure is a ResourceError
 
-	// drained is cancelled when the listener, removed or changed by an
-	// update, has drained for the drain duration: its remaining flows are
-	// then closed (Envoy's --drain-time-s).
-	drained     context.Context
-	stopDrained context.CancelFunc
-	matcher     *filterchain.Matcher
+	// drain tells the listener's flows when it starts draining and when
+	// they are to be closed (a removal or change by an update: Drain; the
+	// proxy's drain: Server.StartDrain). Shared with the listeners of
+	// later snapshots that carry this one over.
+	drain   *listenerDrain
+	matcher *filterchain.Matcher
 }
 
 // Chain is one filter chain: where its flows go. Exactly one of TCP and
@@ -549,10 +548,8 @@ func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(stri
 	if err := pb.ValidateAll(); err != nil {
 		return nil, err
 	}
-	drained, stop := context.WithCancel(context.Background())
 	l := &Listener{
-		drained:        drained,
-		stopDrained:    stop,
+		drain:          newListenerDrain(),
 		Name:           pb.GetName(),
 		Proto:          pb,
 		BindToPort:     pb.GetBindToPort() == nil || pb.GetBindToPort().GetValue(),
@@ -621,8 +618,8 @@ func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(stri
 	if prev != nil {
 		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
 			// The same listener: its flows, old and new, drain together.
-			l.stopDrained()
-			l.drained, l.stopDrained = old.drained, old.stopDrained
+			l.drain.close()
+			l.drain = old.drain
 		}
 	}
 	return l, nil
@@ -697,20 +694,18 @@ func (s *Snapshot) handOff(recv *Listener, dst netip.AddrPort) *Listener {
 }
 
 // Drain starts draining, for d, every listener of s that next removes or
-// changes: flows already on it go on; once d has passed, those still open
-// are closed. New flows already use next. d <= 0 closes them at once.
+// changes, as Envoy drains a listener LDS removed: at once its HTTP
+// connections are asked to close (Connection: close on the next HTTP/1.1
+// response, idle ones closed, GOAWAY on HTTP/2) while its flows go on;
+// once d has passed, those still open, HTTP and TCP, are closed. New flows
+// already use next. d <= 0 closes them at once.
 func (s *Snapshot) Drain(next *Snapshot, d time.Duration) (draining int) {
 	for _, l := range s.Listeners {
-		if n := next.Listener(l.Name); n != nil && n.drained == l.drained {
+		if n := next.Listener(l.Name); n != nil && n.drain == l.drain {
 			continue // unchanged: Build carried the listener over
 		}
 		draining++
-		stop := l.stopDrained
-		if d <= 0 {
-			stop()
-			continue
-		}
-		time.AfterFunc(d, stop)
+		l.drain.after(d)
 	}
 	return draining
 }

@@ -341,7 +341,14 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 				Pools:   httpconn.NewPools(),
 			},
 		}
-		defer cfg.opts.Pools.Close()
+		defer func() {
+			// The proxy is leaving and its drain, if any, is over: what a
+			// pooled upstream connection still carries is cut now, not
+			// waited for.
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			cfg.opts.Pools.Close(ctx)
+		}()
 		if err := cfg.start(); err != nil {
 			return err
 		}
@@ -363,9 +370,16 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 			D: dispatcher, Start: time.Now(), Extra: cfg.Stats, Bootstrap: cfg.Bootstrap, Initialized: cfg.Initialized,
 			Warming:     cfg.Warming,
 			Concurrency: max(1, f.concurrency),
+			// The listeners drain (HTTP connections told to close); with
+			// ?graceful they take new flows for the drain duration, after
+			// which the HTTP connections left are closed.
 			Drain: func(inboundOnly, graceful bool) {
+				srv.StartDrain(inboundOnly)
 				if graceful && f.drainDuration > 0 {
-					time.AfterFunc(f.drainDuration, func() { gate.Close(inboundOnly) })
+					time.AfterFunc(f.drainDuration, func() {
+						gate.Close(inboundOnly)
+						srv.EndDrain(inboundOnly)
+					})
 					return
 				}
 				gate.Close(inboundOnly)
@@ -465,6 +479,11 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 			// proxy exits when no flow is left or at the termination
 			// drain duration.
 			gate.Close(true)
+			if cfg != nil {
+				// Inbound HTTP connections are told to close at once
+				// (pilot-agent's /drain_listeners?inboundonly&graceful).
+				cfg.srv.StartDrain(true)
+			}
 			log.Info().Int64("active_flows", gate.Active()).Dur("termination_drain_duration", f.termDrain).Msg("SIGTERM: draining")
 			ctx, endWatch := sigs.awaitDrainEnd(f.termDrain, log)
 			done := gate.Wait(ctx)
@@ -475,6 +494,20 @@ func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
 				time.Sleep(10 * time.Millisecond)
 			}
 			endWatch()
+			if cfg != nil && !done {
+				// The drain is over: HTTP connections still open are
+				// closed now (their requests end, which frees their
+				// pooled upstream connections), and their FINs get half
+				// a second to leave before the stack goes with the
+				// process (a client waiting for a response would not
+				// learn otherwise). The exit ends the rest.
+				cfg.srv.EndDrain(false)
+				fctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+				for gate.Wait(fctx) && st.Unflushed() > 0 && fctx.Err() == nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+				cancel()
+			}
 			log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
 			return nil
 		}

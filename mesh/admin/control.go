@@ -51,7 +51,9 @@ func (s *Server) healthcheckOK(w http.ResponseWriter, r *http.Request) {
 
 // drainListeners is Envoy's /drain_listeners: listeners stop taking new
 // flows (?inboundonly: only inbound ones); with ?graceful after the drain
-// duration. Flows in progress go on.
+// duration. Their HTTP connections are told to close at once (Connection:
+// close, GOAWAY) and, with ?graceful, closed when the drain duration is
+// over; TCP flows in progress go on. What Drain does decides it.
 func (s *Server) drainListeners(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k := range q {

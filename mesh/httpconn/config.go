@@ -1,6 +1,7 @@
 package httpconn
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -44,6 +45,11 @@ type ConnInfo struct {
 	Local netip.AddrPort // the original destination (ORIGINAL_DST clusters dial it)
 	// AccessLog, if set, receives one Entry per finished request.
 	AccessLog func(Entry)
+	// Draining, if set, is done when the connection's listener starts
+	// draining (removed or changed by an update, /drain_listeners, the
+	// proxy terminating): the connection is then asked to close (see
+	// Serve). Its end, the drain period being over, is Serve's ctx.
+	Draining context.Context
 }
 
 // codec is the downstream codec_type.

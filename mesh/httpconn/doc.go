@@ -21,9 +21,11 @@
 // parser to harden: request smuggling, chunked-encoding and header-size
 // checks are the standard library's, fuzzed and maintained. Each
 // downstream connection gets its own http.Server on a one-connection
-// listener, which makes drain per connection (Server.Shutdown: in-flight
-// requests finish, HTTP/1.1 answers "Connection: close", HTTP/2 gets
-// GOAWAY). Upstream, HTTP/1.1 goes through h1Transport: keep-alive
+// listener, which makes drain per connection: at the drain's start its
+// keep-alives are turned off (HTTP/1.1 answers "Connection: close", an
+// idle connection closes) and HTTP/2 gets GOAWAY from the server's
+// shutdown hook while in-flight requests finish; at the drain's end the
+// connection is closed. Upstream, HTTP/1.1 goes through h1Transport: keep-alive
 // connections per host address, the request written and the response read
 // on the stream's own goroutine (http.Transport's per-connection read and
 // write goroutines cost two hand-offs per request, the largest share of

@@ -146,7 +146,12 @@ func newEnv(t testing.TB, pbs ...*clusterv3.Cluster) *testEnv {
 		e.clusters[pb.GetName()], e.opts[pb.GetName()] = c, o
 		t.Cleanup(func() { c.Close() })
 	}
-	t.Cleanup(e.pools.Close)
+	t.Cleanup(func() {
+		// The test is over: what its pools still hold is closed now.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		e.pools.Close(ctx)
+	})
 	return e
 }
 
@@ -158,8 +163,11 @@ func (e *testEnv) ClusterHTTP(name string) cluster.HTTPOptions { return e.opts[n
 func (e *testEnv) Pools() *Pools                               { return e.pools }
 
 // proxy runs Serve for every connection accepted on a loopback listener.
+// drain starts the listener's drain (ConnInfo.Draining), cancel ends it
+// (Serve's context).
 type proxy struct {
 	addr   string
+	drain  context.CancelFunc
 	cancel context.CancelFunc
 	mu     sync.Mutex
 	log    []Entry
@@ -174,7 +182,8 @@ func startProxy(t testing.TB, cfg *Config, env Env) *proxy {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &proxy{addr: ln.Addr().String(), cancel: cancel}
+	draining, drain := context.WithCancel(ctx)
+	p := &proxy{addr: ln.Addr().String(), drain: drain, cancel: cancel}
 	var conns sync.Map
 	p.wg.Add(1)
 	go func() {
@@ -198,6 +207,7 @@ func startProxy(t testing.TB, cfg *Config, env Env) *proxy {
 						p.log = append(p.log, e)
 						p.mu.Unlock()
 					},
+					Draining: draining,
 				}
 				cfg.Serve(ctx, c, env, info)
 			}()

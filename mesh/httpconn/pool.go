@@ -23,17 +23,19 @@ import (
 // A pool is found by cluster name with one lock-free map read. When the
 // cluster behind a name is replaced (CDS update) or removed (Retain,
 // Forget), its pool is drained: idle connections close at once, busy ones
-// when their request ends (within DrainGrace at the latest).
+// when their request ends (within retiredPoolGrace at the latest).
 type Pools struct {
 	m      sync.Map // cluster name → *clusterPool
 	mu     sync.Mutex
 	closed bool
 	wg     sync.WaitGroup // draining pools' sweepers
+	abort  chan struct{}  // closed when Close's context ends: sweepers close all; made under mu
 }
 
-// DrainGrace bounds how long a removed pool's busy connections may finish
-// their requests before they are closed.
-var DrainGrace = time.Minute
+// retiredPoolGrace bounds how long the busy connections of a pool whose
+// cluster was replaced or removed may finish their requests. Pools.Close
+// takes its bound from its caller instead.
+const retiredPoolGrace = time.Minute
 
 // NewPools returns empty pools.
 func NewPools() *Pools { return &Pools{} }
@@ -351,7 +353,8 @@ func (cp *clusterPool) closeAll() {
 }
 
 // drainLocked retires cp: no new connections; idle ones close now, busy
-// ones as they become idle, all by DrainGrace. p.mu is held.
+// ones as they become idle, all by retiredPoolGrace or when Close's
+// context ends. p.mu is held.
 func (p *Pools) drainLocked(cp *clusterPool) {
 	if !cp.closed.CompareAndSwap(false, true) {
 		return
@@ -361,21 +364,30 @@ func (p *Pools) drainLocked(cp *clusterPool) {
 	if cp.open() == 0 {
 		return
 	}
+	if p.abort == nil {
+		p.abort = make(chan struct{})
+	}
+	abort := p.abort
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		deadline := time.Now().Add(DrainGrace)
+		grace := time.NewTimer(retiredPoolGrace)
+		defer grace.Stop()
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
-		for range tick.C {
-			cp.closeIdle()
-			if cp.open() == 0 {
-				return
+		for {
+			select {
+			case <-tick.C:
+				cp.closeIdle()
+				if cp.open() == 0 {
+					return
+				}
+				continue
+			case <-grace.C:
+			case <-abort:
 			}
-			if time.Now().After(deadline) {
-				cp.closeAll()
-				return
-			}
+			cp.closeAll()
+			return
 		}
 	}()
 }
@@ -411,9 +423,12 @@ func (p *Pools) Conns(name string) int {
 }
 
 // Close closes every pool: idle connections at once, busy ones when their
-// request ends (by DrainGrace), and waits for that. Later requests fail
-// with 503 UO. Idempotent.
-func (p *Pools) Close() {
+// request ends or, at the latest, when ctx is done (their requests fail);
+// it returns when all are closed. The caller bounds it: a proxy that exits
+// once its termination drain is over passes a context already done (what
+// a request still holds then is cut, as the exit would). Later requests
+// fail with 503 UO. Idempotent.
+func (p *Pools) Close(ctx context.Context) {
 	p.mu.Lock()
 	if !p.closed {
 		p.closed = true
@@ -422,6 +437,20 @@ func (p *Pools) Close() {
 			return true
 		})
 	}
+	abort := p.abort
 	p.mu.Unlock()
+	if abort == nil {
+		return // no pool had a busy connection: nothing to wait for
+	}
+	stop := context.AfterFunc(ctx, func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		select {
+		case <-p.abort:
+		default:
+			close(p.abort)
+		}
+	})
+	defer stop()
 	p.wg.Wait()
 }

@@ -13,10 +13,19 @@ import (
 )
 
 // Serve runs HTTP on one accepted downstream connection until the
-// connection ends or ctx is done. On ctx done it drains, as Envoy does on
-// a listener drain: requests in flight finish; HTTP/1.1 responses then
-// carry "Connection: close" and idle connections close; HTTP/2 gets a
-// GOAWAY. The caller still bounds the drain (closing down ends Serve).
+// connection ends or ctx is done, and drains it as Envoy's connection
+// manager does on a listener drain (with Istio's immediate strategy):
+//
+//   - When info.Draining is done (the drain starts), the client is asked
+//     to go: HTTP/1.1 responses from then on carry "Connection: close" and
+//     an idle keep-alive connection is closed; HTTP/2 gets a GOAWAY at once
+//     (streams in flight may finish, new ones are refused). Requests in
+//     flight are not cut. A connection accepted while its listener is
+//     already draining is served, with the same close on its response.
+//   - When ctx is done (the drain period is over), the connection is
+//     closed, whatever is in flight (a request the upstream holds open,
+//     with no route timeout, would otherwise keep it for ever), and Serve
+//     returns once the connection's requests have ended.
 //
 // codec_type AUTO tells HTTP/2 with prior knowledge (h2c) from HTTP/1.1 by
 // the connection preface.
@@ -25,24 +34,49 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 	st.DownstreamCxTotal.Add(1)
 	st.DownstreamCxActive.Add(1)
 	defer st.DownstreamCxActive.Add(-1)
+	if ctx.Err() != nil {
+		return nil // drained before it was served: nothing to serve
+	}
+	var drainC <-chan struct{} // nil: no drain to watch (never, or already started)
+	drainingAtStart := false
+	if info.Draining != nil {
+		drainC = info.Draining.Done()
+		select {
+		case <-drainC:
+			drainingAtStart, drainC = true, nil
+		default:
+		}
+	}
 
 	h := &connHandler{cfg: c, env: env, info: info}
 	protos := new(http.Protocols)
+	isH2 := false
 	switch c.codec {
 	case codecHTTP1:
 		protos.SetHTTP1(true)
 	case codecHTTP2:
 		protos.SetUnencryptedHTTP2(true)
+		isH2 = true
 	default:
 		// AUTO: decide by the preface here, as Envoy does: the first byte
 		// that differs from "PRI * HTTP/2.0…" means HTTP/1.1. (net/http's
 		// own detection waits for 24 bytes, which stalls a short HTTP/1
 		// request such as a malformed request line.)
-		// A drain while the client has sent nothing ends the connection.
+		// The drain's end, or its start while the client has sent nothing
+		// (an idle connection), ends the connection; a connection that
+		// arrives while its listener drains is given its request.
 		raw := down
-		stop := context.AfterFunc(ctx, func() { _ = raw.SetReadDeadline(time.Now()) })
-		isH2, conn, err := sniffPreface(raw, c.idleTimeout)
+		cut := func() { _ = raw.SetReadDeadline(time.Now()) }
+		stop := context.AfterFunc(ctx, cut)
+		stopDrain := func() bool { return false }
+		if drainC != nil {
+			stopDrain = context.AfterFunc(info.Draining, cut)
+		}
+		var conn net.Conn
+		var err error
+		isH2, conn, err = sniffPreface(raw, c.idleTimeout)
 		stop()
+		stopDrain()
 		if err != nil {
 			return nil // closed or silent before a request: nothing to serve
 		}
@@ -67,26 +101,66 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 			MaxConcurrentStreams:      1 << 20,
 			MaxReceiveBufferPerStream: 1 << 20,
 		},
-		ConnState: func(_ net.Conn, s http.ConnState) {
-			if s == http.StateClosed || s == http.StateHijacked {
-				ln.Close()
-			}
-		},
+		ConnState: ln.connState,
+	}
+	if drainingAtStart {
+		// HTTP/1.1: every response says "Connection: close".
+		srv.SetKeepAlivesEnabled(false)
+	}
+	if isH2 && info.Draining != nil {
+		// HTTP/2: the first stream after the drain's start sends the
+		// GOAWAY again (connHandler.maybeGoAway): net/http registers the
+		// connection for its shutdown hook only once it serves it, so a
+		// drain that starts with the connection (or just after) has
+		// nobody to send it to.
+		h.goAwayOnStream, h.srv = info.Draining.Done(), srv
 	}
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
 		_ = srv.Serve(ln)
 	}()
+	// Serve's listener closing (goAway's Shutdown) must not come before
+	// the connection is taken, or it would never be served.
 	select {
+	case <-ln.taken:
 	case <-served:
-		// The connection ended and closed the listener.
-		<-ln.connDone()
-	case <-ctx.Done():
-		_ = srv.Shutdown(context.WithoutCancel(ctx))
-		<-served
+		return nil // net/http refused to serve (its setup failed): nothing served
 	}
+	endC := ctx.Done()
+	for done := false; !done; {
+		select {
+		case <-ln.connDone():
+			done = true
+		case <-drainC:
+			drainC = nil
+			// HTTP/1.1: idle now: closed; busy: "Connection: close" on
+			// its response (net/http's keep-alives off; unlike Shutdown
+			// this does not drop a request read just after).
+			srv.SetKeepAlivesEnabled(false)
+			if isH2 {
+				goAway(srv)
+			}
+		case <-endC:
+			// The drain is over: cut the connection. Its requests see
+			// their context cancelled and end (upstream requests too).
+			endC = nil
+			_ = down.Close()
+		}
+	}
+	ln.Close()
+	<-served
 	return nil
+}
+
+// goAway sends an HTTP/2 graceful GOAWAY (error NO_ERROR) on srv's
+// connection, by net/http's shutdown hook: Shutdown with a context
+// already done starts the hook and returns at once; the connection itself
+// goes on until its streams are done (or it is closed).
+func goAway(srv *http.Server) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = srv.Shutdown(ctx)
 }
 
 var discardLog = log.New(io.Discard, "", 0)
@@ -131,19 +205,24 @@ func (p *prefixConn) Read(b []byte) (int, error) {
 }
 
 // oneConnListener hands out one connection, then blocks until closed.
+// It also tells when the connection was taken by the server (taken) and
+// when it ended (connDone), from the server's ConnState.
 type oneConnListener struct {
-	conn   net.Conn
-	taken  atomic.Bool
-	closed chan struct{}
-	once   sync.Once
+	conn      net.Conn
+	given     atomic.Bool
+	closed    chan struct{}
+	closeOnce sync.Once
+	taken     chan struct{} // the server tracks the connection
+	done      chan struct{} // the connection is closed or hijacked
+	doneOnce  sync.Once
 }
 
 func newOneConnListener(c net.Conn) *oneConnListener {
-	return &oneConnListener{conn: c, closed: make(chan struct{})}
+	return &oneConnListener{conn: c, closed: make(chan struct{}), taken: make(chan struct{}), done: make(chan struct{})}
 }
 
 func (l *oneConnListener) Accept() (net.Conn, error) {
-	if l.taken.CompareAndSwap(false, true) {
+	if l.given.CompareAndSwap(false, true) {
 		return l.conn, nil
 	}
 	<-l.closed
@@ -151,11 +230,20 @@ func (l *oneConnListener) Accept() (net.Conn, error) {
 }
 
 func (l *oneConnListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
+	l.closeOnce.Do(func() { close(l.closed) })
 	return nil
 }
 
-func (l *oneConnListener) connDone() <-chan struct{} { return l.closed }
+func (l *oneConnListener) connState(_ net.Conn, s http.ConnState) {
+	switch s {
+	case http.StateNew:
+		close(l.taken)
+	case http.StateClosed, http.StateHijacked:
+		l.doneOnce.Do(func() { close(l.done) })
+	}
+}
+
+func (l *oneConnListener) connDone() <-chan struct{} { return l.done }
 
 func (l *oneConnListener) Addr() net.Addr { return l.conn.LocalAddr() }
 
@@ -165,6 +253,15 @@ type connHandler struct {
 	env     Env
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+
+	// goAwayOnStream (the listener's drain start), once done, makes the
+	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain
+	// that started before net/http registered the connection for its
+	// shutdown hook. Set before the connection is served; a stream's
+	// check is a non-blocking channel receive.
+	goAwayOnStream <-chan struct{}
+	srv            *http.Server
+	goneAway       atomic.Bool
 }
 
 func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -179,6 +276,7 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	st.DownstreamRqTotal.Add(1)
 	if r.ProtoMajor == 2 {
+		h.maybeGoAway()
 		st.DownstreamRqHTTP2Total.Add(1)
 	} else {
 		st.DownstreamRqHTTP1Total.Add(1)
@@ -192,6 +290,21 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.finish()
 	}()
 	s.serve()
+}
+
+// maybeGoAway sends the GOAWAY of a drain that began before the
+// connection's first stream (see goAwayOnStream); once per connection.
+func (h *connHandler) maybeGoAway() {
+	if h.goAwayOnStream == nil {
+		return
+	}
+	select {
+	case <-h.goAwayOnStream:
+		if h.goneAway.CompareAndSwap(false, true) {
+			goAway(h.srv)
+		}
+	default:
+	}
 }
 
 // replyHeader resets the response header for a reply of the proxy's own
