@@ -42,7 +42,9 @@ func newApplier(t *testing.T) (*XDSApplier, *Dispatcher) {
 	}
 	t.Cleanup(func() {
 		a.Server.Close()
-		pools.Close()
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		pools.Close(done) // nothing pooled is waited for
 		if s := d.Snapshot(); s != nil {
 			s.Retire(nil)
 		}
