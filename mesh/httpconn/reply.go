@@ -1,0 +1,124 @@
+package httpconn
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// failStream answers a stream whose context ended before a response.
+func (s *stream) failStream(err error) {
+	switch context.Cause(s.ctx) {
+	case errStreamIdle:
+		s.cfg.stats.DownstreamRqIdle.Add(1)
+		s.e.ResponseFlags |= FlagSI
+		s.localReply(http.StatusRequestTimeout, "stream timeout", "stream_idle_timeout")
+	case errRequestTimeout:
+		s.cfg.stats.DownstreamRqTimeout.Add(1)
+		s.localReply(http.StatusRequestTimeout, "request timeout", "request_overall_timeout")
+	default:
+		s.e.ResponseFlags |= FlagDC
+		s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+		if s.wroteHeader {
+			s.abort()
+		}
+	}
+}
+
+func (s *stream) faultAbort(res faultResult) {
+	if res.grpc >= 0 {
+		h := s.w.Header()
+		s.setServer(h)
+		h["Content-Type"] = []string{"application/grpc"}
+		h["Grpc-Status"] = []string{strconv.Itoa(res.grpc)}
+		h["Grpc-Message"] = []string{res.body}
+		s.e.ResponseCodeDetails = "fault_filter_abort"
+		s.writeHeader(http.StatusOK)
+		return
+	}
+	s.localReply(res.abort, res.body, "fault_filter_abort")
+}
+
+func (s *stream) directResponse(routes *Routes, vh *VirtualHost, rt *Route) {
+	h := s.w.Header()
+	s.setServer(h)
+	s.responseHeaderOps(h, routes, vh, rt, nil)
+	body := rt.direct.body
+	if body != "" {
+		h["Content-Type"] = []string{"text/plain"}
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	}
+	s.e.ResponseCodeDetails = "direct_response"
+	s.writeHeader(rt.direct.status)
+	if body != "" && s.r.Method != http.MethodHead {
+		n, _ := io.WriteString(s.w, body)
+		s.e.BytesSent += int64(n)
+	}
+}
+
+func (s *stream) redirect(routes *Routes, vh *VirtualHost, rt *Route) {
+	rd := &rt.redirect
+	path, query, hasQuery := strings.Cut(s.target, "?")
+	scheme := "http"
+	if rd.scheme != "" {
+		scheme = rd.scheme
+	}
+	host := s.r.Host
+	if rd.host != "" {
+		host = rd.host
+	}
+	switch {
+	case rd.port != "":
+		host = stripPort(host) + ":" + rd.port
+	case rd.scheme != "" && rd.scheme != "http":
+		// Envoy drops the default port of the original scheme.
+		if strings.HasSuffix(host, ":80") {
+			host = stripPort(host)
+		}
+	}
+	switch {
+	case rd.path != "":
+		if p, q, ok := strings.Cut(rd.path, "?"); ok {
+			path, query, hasQuery = p, q, q != ""
+		} else {
+			path = rd.path
+		}
+	case rd.prefix != "":
+		repl := rd.prefix
+		if repl == "\x00" {
+			repl = ""
+		}
+		path = repl + path[min(len(rt.path), len(path)):]
+	case rd.regex != nil:
+		path = rd.regex.ReplaceAllString(path, rd.regexSubst)
+	}
+	if rd.stripQuery {
+		hasQuery = false
+	}
+	loc := scheme + "://" + host + path
+	if hasQuery {
+		loc += "?" + query
+	}
+	h := s.w.Header()
+	s.setServer(h)
+	s.responseHeaderOps(h, routes, vh, rt, nil)
+	h["Location"] = []string{loc}
+	s.e.ResponseCodeDetails = "direct_response"
+	s.writeHeader(rd.code)
+}
+
+func (s *stream) overflow() {
+	s.e.ResponseFlags |= FlagUO
+	s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "upstream_reset_before_response_started{overflow}")
+}
+
+func (s *stream) requestBodyError(err error) {
+	if s.ctx.Err() != nil {
+		s.failStream(err)
+		return
+	}
+	s.e.ResponseFlags |= FlagDPE
+	s.localReply(http.StatusBadRequest, "", "downstream_protocol_error")
+}
