@@ -11,7 +11,7 @@ import (
 )
 
 // relay sends the upstream response downstream.
-func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt *Route, wc *weightedCluster, gctx context.Context, stats *cluster.HTTPStats) cluster.RequestOutcome {
+func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcome {
 	defer resp.Body.Close()
 	h := s.w.Header()
 	for k, vs := range resp.Header {
@@ -21,11 +21,11 @@ func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt 
 	if resp.ContentLength >= 0 && s.r.Method != http.MethodHead {
 		h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
 	}
-	s.responseHeaderOps(h, routes, vh, rt, wc)
+	s.responseHeaderOps(h, f.routes, f.vh, f.rt, f.wc)
 	if !s.cfg.filters.suppressEnvoy {
 		h["X-Envoy-Upstream-Service-Time"] = []string{strconv.FormatInt(s.e.UpstreamServiceTime.Milliseconds(), 10)}
 	}
-	if vh.attemptRsp {
+	if f.vh.attemptRsp {
 		h["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(s.e.Attempts)}
 	}
 	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
@@ -60,7 +60,7 @@ func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt 
 			if werr != nil {
 				s.e.ResponseFlags |= FlagDC
 				s.e.ResponseCodeDetails = "downstream_remote_disconnect"
-				stats.RqTxReset.Add(1)
+				f.stats.RqTxReset.Add(1)
 				return outcome
 			}
 			_ = rc.Flush()
@@ -77,13 +77,13 @@ func (s *stream) relay(resp *http.Response, routes *Routes, vh *VirtualHost, rt 
 				} else {
 					s.e.ResponseFlags |= FlagDC
 				}
-			case gctx.Err() != nil:
+			case f.gctx.Err() != nil:
 				s.e.ResponseFlags |= FlagUT
-				stats.RqTimeout.Add(1)
+				f.stats.RqTimeout.Add(1)
 				outcome = cluster.RequestTimeout
 			default:
 				s.e.ResponseFlags |= FlagUR
-				stats.RqRxReset.Add(1)
+				f.stats.RqRxReset.Add(1)
 				outcome = cluster.RequestError
 			}
 			s.e.ResponseCodeDetails = "upstream_reset_after_response_started"

@@ -35,255 +35,403 @@ func (rt *Route) rewritePath(target string) (string, bool) {
 	return path, true
 }
 
+// forwarding is what the router decides once for a request and every
+// attempt shares: where it goes, what is sent, and how it is retried and
+// timed. It lives on proxy's stack; the steps take a pointer to it.
+type forwarding struct {
+	routes *Routes
+	vh     *VirtualHost
+	rt     *Route
+	wc     *weightedCluster // the weighted cluster picked, if any
+
+	name  string // the cluster's
+	cl    *cluster.Cluster
+	cp    *clusterPool
+	stats *cluster.HTTPStats
+	tr    http.RoundTripper
+	h1    *h1Transport // tr when the upstream speaks HTTP/1.1
+
+	hdr       http.Header // the upstream request's headers
+	authority string
+	target    string // path and query, rewritten
+
+	policy     *retryPolicy // nil: no retries
+	numRetries int
+	timeout    time.Duration // the route timeout; 0: none
+	body       *retryBody    // nil: no request body
+
+	gctx     context.Context // ended by the route timeout (s.ctx without one)
+	gcancel  context.CancelCauseFunc
+	deadline int64 // nanotime of the route timeout; 0: none
+
+	exclude func(*cluster.Host) bool // previous_hosts, once a retry set it
+}
+
+// attempt is one try of the request on one host.
+type attempt struct {
+	n      int
+	h      *cluster.Host
+	hc     *hostConns
+	relRq  func()          // gives back the max_requests slot
+	ctx    context.Context // the per-try timeout's, else the route's
+	cancel context.CancelFunc
+	sent   time.Time
+}
+
 // proxy is the router: it sends the request to a host of the cluster,
 // with retries, timeouts and circuit breakers, and relays the response.
+// It reads as the list of its steps, as httputil.ReverseProxy.ServeHTTP
+// does; a step that answers the stream itself (a local reply) reports
+// false, and the stream is then done.
 func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName string, wc *weightedCluster) {
-	cfg, r, env := s.cfg, s.r, s.h.env
-	cl := env.Cluster(clusterName)
-	if clusterName == "" || cl == nil {
-		cfg.stats.NoCluster.Add(1)
-		s.e.ResponseFlags |= FlagNC
-		s.localReply(rt.notFoundCode, "", "cluster_not_found")
+	f := forwarding{routes: routes, vh: vh, rt: rt, wc: wc}
+	if !s.findCluster(&f, clusterName) {
 		return
 	}
-	cp, err := env.Pools().get(cl, env.ClusterHTTP(clusterName))
+	s.buildHeaders(&f)
+	s.choosePolicy(&f)
+	s.bufferBody(&f)
+	s.startRouteTimeout(&f)
+	defer s.stopRouteTimeout(&f)
+	s.armRouteIdle(rt)
+
+	for n := 1; ; n++ {
+		var a attempt
+		if !s.beginAttempt(&f, &a, n) {
+			return
+		}
+		out, ok := s.upstreamRequest(&f, &a)
+		if !ok {
+			return
+		}
+		resp, err := s.send(&f, &a, out)
+		if err != nil {
+			if s.retryAfterError(&f, &a, err) {
+				continue
+			}
+			return
+		}
+		if s.retryAfterResponse(&f, &a, resp) {
+			continue
+		}
+		s.e.UpstreamServiceTime = time.Since(a.sent)
+		a.end(s.relay(resp, &f))
+		return
+	}
+}
+
+// findCluster looks up the route's cluster and its connection pool. A
+// cluster the route names but the configuration lacks gets the route's
+// cluster_not_found_response_code, as in Envoy.
+func (s *stream) findCluster(f *forwarding, name string) bool {
+	env := s.h.env
+	cl := env.Cluster(name)
+	if name == "" || cl == nil {
+		s.cfg.stats.NoCluster.Add(1)
+		s.e.ResponseFlags |= FlagNC
+		s.localReply(f.rt.notFoundCode, "", "cluster_not_found")
+		return false
+	}
+	cp, err := env.Pools().get(cl, env.ClusterHTTP(name))
 	if err != nil {
 		s.e.ResponseFlags |= FlagUO
 		s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "upstream_reset_before_response_started{overflow}")
-		return
+		return false
 	}
-	stats := cp.stats
+	f.name, f.cl, f.cp, f.stats = name, cl, cp, cp.stats
+	f.tr = cp.transportFor(s.r.ProtoMajor)
+	f.h1, _ = f.tr.(*h1Transport)
+	return true
+}
 
-	// The upstream request's headers, built once for every attempt.
+// buildHeaders builds the upstream request's headers, once for every
+// attempt: hop-by-hop headers out (Expect too: 100-continue is answered
+// downstream, Envoy's default), the header edits of the weighted
+// cluster, route, virtual host and route configuration, host and path
+// rewrites.
+func (s *stream) buildHeaders(f *forwarding) {
+	r, rt, wc := s.r, f.rt, f.wc
 	hdr := r.Header.Clone()
 	if hdr == nil {
 		hdr = http.Header{}
 	}
 	stripHopByHop(hdr, true)
-	delete(hdr, "Expect") // 100-continue is answered downstream (Envoy's default)
-	authority := r.Host
+	delete(hdr, "Expect")
+	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
-		authority = wc.hostRewrite
+		f.authority = wc.hostRewrite
 	} else if rt.hostRewrite != "" {
-		authority = rt.hostRewrite
+		f.authority = rt.hostRewrite
 	}
-	fc := &formatCtx{r: r, down: &s.h.info, proto: r.Proto, requestID: s.e.RequestID, authority: r.Host, routeName: rt.Name, clusterNam: clusterName}
-	levels := [4]*headerOps{nil, rt.reqOps, vh.reqOps, routes.reqOps}
+	fc := &formatCtx{r: r, down: &s.h.info, proto: r.Proto, requestID: s.e.RequestID, authority: r.Host, routeName: rt.Name, clusterNam: f.name}
+	levels := [4]*headerOps{nil, rt.reqOps, f.vh.reqOps, f.routes.reqOps}
 	if wc != nil {
 		levels[0] = wc.reqOps
 	}
-	applyLevels(levels, routes.mostSpecific, hdr, &authority, fc)
+	applyLevels(levels, f.routes.mostSpecific, hdr, &f.authority, fc)
 	target, rewritten := rt.rewritePath(s.target)
-	if rewritten && !cfg.filters.suppressEnvoy {
+	if rewritten && !s.cfg.filters.suppressEnvoy {
 		hdr["X-Envoy-Original-Path"] = []string{s.target}
 	}
 	if _, ok := hdr["User-Agent"]; !ok {
 		hdr["User-Agent"] = nil // present and empty: Go's client adds none
 	}
-	policy := rt.retry
+	f.hdr, f.target = hdr, target
+}
+
+// choosePolicy settles the retry policy and route timeout: the route's,
+// else the virtual host's policy, overridden by the x-envoy-* headers of
+// an internal request (only an internal request can still carry them),
+// and tells the upstream the timeout it has (x-envoy-expected-rq-timeout-ms:
+// the per-try timeout, else the route's).
+func (s *stream) choosePolicy(f *forwarding) {
+	policy := f.rt.retry
 	if policy == nil {
-		policy = vh.retry
+		policy = f.vh.retry
 	}
-	timeout := rt.timeout
+	timeout := f.rt.timeout
 	if s.internal {
-		// Only an internal request can still carry them.
-		timeout, policy = requestOverrides(hdr, timeout, policy)
+		timeout, policy = requestOverrides(f.hdr, timeout, policy)
 	}
-	s.curPolicy = policy
-	if !cfg.filters.suppressEnvoy {
-		// Envoy's expected timeout: the per-try timeout, else the
-		// global one.
+	f.policy, f.timeout = policy, timeout
+	if policy != nil {
+		f.numRetries = policy.numRetries
+	}
+	if !s.cfg.filters.suppressEnvoy {
 		t := timeout
 		if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
 			t = policy.perTry
 		}
 		if t > 0 {
-			hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
 		}
 	}
+}
 
-	// The body streams upstream as it arrives; a copy is kept so that a
-	// retry can replay it (up to maxRetryBuffer: beyond, the request is no
-	// longer retriable, retry_or_shadow_abandoned) or, without retries, so
-	// that a request caught by a dead keep-alive connection can be resent
-	// (up to resendBuffer).
-	numRetries := 0
-	if policy != nil {
-		numRetries = policy.numRetries
+// bufferBody sets up the request body for attempts. The body streams
+// upstream as it arrives; a copy is kept so that a retry can replay it
+// (up to maxRetryBuffer: beyond, the request is no longer retriable,
+// retry_or_shadow_abandoned) or, without retries, so that a request
+// caught by a dead keep-alive connection can be resent (up to
+// resendBuffer).
+func (s *stream) bufferBody(f *forwarding) {
+	switch {
+	case s.body == nil:
+	case f.numRetries > 0:
+		f.body = newRetryBody(s.body, maxRetryBuffer, &f.stats.RetryOrShadowAbandoned)
+	default:
+		f.body = newRetryBody(s.body, resendBuffer, nil)
 	}
-	var rb *retryBody
-	if s.body != nil {
-		if numRetries > 0 {
-			rb = newRetryBody(s.body, maxRetryBuffer, &stats.RetryOrShadowAbandoned)
-		} else {
-			rb = newRetryBody(s.body, resendBuffer, nil)
-		}
-	}
-	replayable := func() bool { return rb == nil || rb.replayable() }
+}
 
-	gctx := s.ctx
-	var routeDeadline int64 // nanotime; 0: no route timeout
-	if timeout > 0 {
-		// The route timeout cancels gctx from the stream's reusable timer
-		// (context.WithTimeout would make a timer and a timer context per
-		// request). gctx has no Deadline; nothing reads it.
-		var gcancel context.CancelCauseFunc
-		gctx, gcancel = context.WithCancelCause(s.ctx)
-		if s.rto == nil {
-			s.rto = new(deadlineTimer)
-		}
-		routeDeadline = nanotime() + int64(timeout)
-		s.rto.start(timeout, gcancel)
-		defer func() {
-			s.rto.stop()
-			gcancel(context.Canceled)
-		}()
-	}
-	if rt.idleTimeout >= 0 {
-		// The route's idle_timeout replaces the connection manager's for
-		// this stream, also when that one is disabled.
-		s.idle.arm(rt.idleTimeout)
-	}
+// replayable reports whether another attempt can still send the whole
+// body.
+func (f *forwarding) replayable() bool { return f.body == nil || f.body.replayable() }
 
-	tr := cp.transportFor(r.ProtoMajor)
-	h1, _ := tr.(*h1Transport)
-	var exclude func(*cluster.Host) bool
-	for attempt := 1; ; attempt++ {
-		s.e.Attempts = attempt
-		if attempt > 1 {
-			// The previous attempt's writer may still read its headers.
-			hdr = hdr.Clone()
-		}
-		h, err := cl.PickHostFor(s.h.info.Local, exclude)
-		if err != nil {
-			s.e.ResponseFlags |= FlagUH
-			s.localReply(http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream")
-			return
-		}
-		s.e.UpstreamHost = h.Address()
-		relRq, ok := cl.TryAcquireRequest()
-		if !ok {
-			s.overflow()
-			return
-		}
-		if vh.attemptReq {
-			hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(attempt)}
-		}
-		actx, acancel := gctx, context.CancelFunc(nil)
-		if policy != nil && policy.perTry > 0 {
-			if routeDeadline != 0 && routeDeadline-nanotime() < int64(policy.perTry) {
-				// The route timeout comes first: as WithTimeout does
-				// under a parent with an earlier deadline.
-				actx, acancel = context.WithCancel(gctx)
-			} else {
-				actx, acancel = context.WithTimeout(gctx, policy.perTry)
-			}
-		}
-		hc := cp.host(h)
-		hc.active.Add(1)
-		done := func(o cluster.RequestOutcome) {
-			hc.active.Add(-1)
-			h.EndRequest(o)
-			relRq()
-			if acancel != nil {
-				acancel()
-			}
-		}
-		var out *http.Request
-		if h1 != nil {
-			// The h1 transport is done with the previous attempt's
-			// request (synchronous): the stream's own is reused.
-			if s.h1s == nil {
-				s.h1s = new(h1Scratch)
-			}
-			sc := s.h1s
-			sc.url = url.URL{Scheme: "http", Host: sc.hostString(h.Address())}
-			sc.req = http.Request{
-				Method:     r.Method,
-				URL:        &sc.url,
-				Proto:      "HTTP/1.1",
-				ProtoMajor: 1,
-				ProtoMinor: 1,
-				Header:     hdr,
-				Host:       authority,
-			}
-			out = &sc.req
-		} else {
-			out = &http.Request{
-				Method:     r.Method,
-				URL:        &url.URL{Scheme: "http", Host: h.Address().String()},
-				Proto:      "HTTP/1.1",
-				ProtoMajor: 1,
-				ProtoMinor: 1,
-				Header:     hdr,
-				Host:       authority,
-			}
-		}
-		setTarget(out.URL, target)
-		if rb != nil {
-			a, ok := rb.attempt()
-			if !ok { // not replayable since the retry was decided
-				h.BeginRequest()
-				done(cluster.RequestError)
-				s.e.ResponseFlags |= FlagUR
-				s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: retry buffer overflow", "upstream_reset_before_response_started{retry_buffer_overflow}")
-				return
-			}
-			out.Body, out.GetBody = a, rb.getBody
-			out.ContentLength = r.ContentLength
-			if out.ContentLength <= 0 {
-				out.ContentLength = -1
-				out.TransferEncoding = []string{"chunked"}
-			}
-		}
-		h.BeginRequest()
-		sent := time.Now()
-		var resp *http.Response
-		if h1 != nil {
-			resp, err = h1.roundTrip(actx, out, h, &s.h1s.body)
-		} else {
-			resp, err = s.roundTripH2(tr, out, actx, cl, hc, h)
-		}
-		if err != nil {
-			retriable, flag, code, msg, details, outcome := s.classify(err, gctx, actx, stats)
-			done(outcome)
-			if flag == 0 { // the stream ended (downstream gone, timeout, bad body)
-				return
-			}
-			if retriable && policy != nil && replayable() {
-				if attempt <= numRetries {
-					if s.retry(cl, policy, attempt, &s.tried, &exclude, h) {
-						continue
-					}
-				} else {
-					s.e.ResponseFlags |= FlagURX
-					stats.RqRetryLimitExceeded.Add(1)
-				}
-			}
-			s.e.ResponseFlags |= flag
-			s.localReply(code, msg, details)
-			return
-		}
-		stats.CountResponse(resp.StatusCode)
-		if policy != nil && policy.retriableResponse(resp.StatusCode, resp.Header) {
-			if attempt <= numRetries && replayable() {
-				if s.retry(cl, policy, attempt, &s.tried, &exclude, h) {
-					drain(resp.Body)
-					done(outcomeOf(resp.StatusCode))
-					continue
-				}
-			} else if attempt > numRetries {
-				s.e.ResponseFlags |= FlagURX
-				stats.RqRetryLimitExceeded.Add(1)
-			}
-		} else if attempt > 1 {
-			stats.RqRetrySuccess.Add(1)
-		}
-		s.e.UpstreamServiceTime = time.Since(sent)
-		outcome := s.relay(resp, routes, vh, rt, wc, gctx, stats)
-		done(outcome)
+// startRouteTimeout starts the route timeout, which bounds all attempts
+// and back-offs together: it cancels f.gctx from the stream's reusable
+// timer (context.WithTimeout would make a timer and a timer context per
+// request). f.gctx has no Deadline; nothing reads it.
+func (s *stream) startRouteTimeout(f *forwarding) {
+	f.gctx = s.ctx
+	if f.timeout <= 0 {
 		return
 	}
+	f.gctx, f.gcancel = context.WithCancelCause(s.ctx)
+	if s.rto == nil {
+		s.rto = new(deadlineTimer)
+	}
+	f.deadline = nanotime() + int64(f.timeout)
+	s.rto.start(f.timeout, f.gcancel)
+}
+
+// stopRouteTimeout ends the route timeout when the router is done (the
+// response relayed or the stream answered).
+func (s *stream) stopRouteTimeout(f *forwarding) {
+	if f.gcancel != nil {
+		s.rto.stop()
+		f.gcancel(context.Canceled)
+	}
+}
+
+// armRouteIdle applies the route's idle_timeout, which replaces the
+// connection manager's stream_idle_timeout for this stream, also when
+// that one is disabled.
+func (s *stream) armRouteIdle(rt *Route) {
+	if rt.idleTimeout >= 0 {
+		s.idle.arm(rt.idleTimeout)
+	}
+}
+
+// beginAttempt starts attempt n: a host from the load balancer (without
+// the hosts tried, with previous_hosts), a request from the cluster's
+// max_requests breaker, and the per-try timeout. The attempt then holds
+// what a.end gives back.
+func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
+	s.e.Attempts = n
+	if n > 1 {
+		// The previous attempt's writer may still read its headers.
+		f.hdr = f.hdr.Clone()
+	}
+	h, err := f.cl.PickHostFor(s.h.info.Local, f.exclude)
+	if err != nil {
+		s.e.ResponseFlags |= FlagUH
+		s.localReply(http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream")
+		return false
+	}
+	s.e.UpstreamHost = h.Address()
+	relRq, ok := f.cl.TryAcquireRequest()
+	if !ok {
+		s.overflow()
+		return false
+	}
+	if f.vh.attemptReq {
+		f.hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(n)}
+	}
+	a.n, a.h, a.relRq, a.ctx = n, h, relRq, f.gctx
+	if p := f.policy; p != nil && p.perTry > 0 {
+		if f.deadline != 0 && f.deadline-nanotime() < int64(p.perTry) {
+			// The route timeout comes first: as WithTimeout does under
+			// a parent with an earlier deadline.
+			a.ctx, a.cancel = context.WithCancel(f.gctx)
+		} else {
+			a.ctx, a.cancel = context.WithTimeout(f.gctx, p.perTry)
+		}
+	}
+	a.hc = f.cp.host(h)
+	a.hc.active.Add(1)
+	return true
+}
+
+// end gives back what beginAttempt took and counts the attempt's outcome
+// on the host (its rq_active, and rq_success, rq_error or rq_timeout).
+// Every attempt that reached h.BeginRequest ends exactly once.
+func (a *attempt) end(o cluster.RequestOutcome) {
+	a.hc.active.Add(-1)
+	a.h.EndRequest(o)
+	a.relRq()
+	if a.cancel != nil {
+		a.cancel()
+	}
+}
+
+// upstreamRequest builds the attempt's request. The h1 transport is done
+// with the previous attempt's request (it is synchronous), so over
+// HTTP/1.1 the stream's own is reused; h2's may still be read by its
+// transport and is new each time. A body that can no longer be replayed
+// (it outgrew the retry buffer since the retry was decided) ends the
+// stream: retry buffer overflow.
+func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool) {
+	r := s.r
+	var out *http.Request
+	if f.h1 != nil {
+		if s.h1s == nil {
+			s.h1s = new(h1Scratch)
+		}
+		sc := s.h1s
+		sc.url = url.URL{Scheme: "http", Host: sc.hostString(a.h.Address())}
+		sc.req = http.Request{
+			Method:     r.Method,
+			URL:        &sc.url,
+			Proto:      "HTTP/1.1",
+			ProtoMajor: 1,
+			ProtoMinor: 1,
+			Header:     f.hdr,
+			Host:       f.authority,
+		}
+		out = &sc.req
+	} else {
+		out = &http.Request{
+			Method:     r.Method,
+			URL:        &url.URL{Scheme: "http", Host: a.h.Address().String()},
+			Proto:      "HTTP/1.1",
+			ProtoMajor: 1,
+			ProtoMinor: 1,
+			Header:     f.hdr,
+			Host:       f.authority,
+		}
+	}
+	setTarget(out.URL, f.target)
+	if f.body == nil {
+		return out, true
+	}
+	body, ok := f.body.attempt()
+	if !ok {
+		a.h.BeginRequest()
+		a.end(cluster.RequestError)
+		s.e.ResponseFlags |= FlagUR
+		s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: retry buffer overflow", "upstream_reset_before_response_started{retry_buffer_overflow}")
+		return nil, false
+	}
+	out.Body, out.GetBody = body, f.body.getBody
+	out.ContentLength = r.ContentLength
+	if out.ContentLength <= 0 {
+		out.ContentLength = -1
+		out.TransferEncoding = []string{"chunked"}
+	}
+	return out, true
+}
+
+// send runs the attempt's exchange up to the response head, on the h1
+// transport or the cluster's h2c one.
+func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Response, error) {
+	a.h.BeginRequest()
+	a.sent = time.Now()
+	if f.h1 != nil {
+		return f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+	}
+	return s.roundTripH2(f.tr, out, a.ctx, f.cl, a.hc, a.h)
+}
+
+// retryAfterError ends an attempt that got no response. It reports true
+// when another attempt goes (the policy retries this failure, the body
+// can be replayed, retries and the retry breaker allow it, the back-off
+// passed); otherwise the stream is answered (or already was, when it
+// ended downstream).
+func (s *stream) retryAfterError(f *forwarding, a *attempt, err error) bool {
+	fail := s.classify(f, a, err)
+	a.end(fail.outcome)
+	if fail.flag == 0 { // the stream ended (downstream gone, timeout, bad body)
+		return false
+	}
+	if fail.retriable && f.policy != nil && f.replayable() {
+		if a.n <= f.numRetries {
+			if s.retry(f.cl, f.policy, a.n, &s.tried, &f.exclude, a.h) {
+				return true
+			}
+		} else {
+			s.e.ResponseFlags |= FlagURX
+			f.stats.RqRetryLimitExceeded.Add(1)
+		}
+	}
+	s.e.ResponseFlags |= fail.flag
+	s.localReply(fail.code, fail.msg, fail.details)
+	return false
+}
+
+// retryAfterResponse counts the response and reports true when the
+// policy retries it (retriable status or headers) and another attempt
+// goes; the response is then drained and the attempt ended. Otherwise
+// the response is the one relayed (retry_limit_exceeded when retries ran
+// out on a retriable one, as Envoy).
+func (s *stream) retryAfterResponse(f *forwarding, a *attempt, resp *http.Response) bool {
+	f.stats.CountResponse(resp.StatusCode)
+	switch {
+	case f.policy != nil && f.policy.retriableResponse(resp.StatusCode, resp.Header):
+		if a.n <= f.numRetries && f.replayable() {
+			if s.retry(f.cl, f.policy, a.n, &s.tried, &f.exclude, a.h) {
+				drain(resp.Body)
+				a.end(outcomeOf(resp.StatusCode))
+				return true
+			}
+		} else if a.n > f.numRetries {
+			s.e.ResponseFlags |= FlagURX
+			f.stats.RqRetryLimitExceeded.Add(1)
+		}
+	case a.n > 1:
+		f.stats.RqRetrySuccess.Add(1)
+	}
+	return false
 }
 
 // roundTripH2 sends one attempt over the cluster's h2c transport. The
@@ -344,48 +492,49 @@ func drain(b io.ReadCloser) {
 	b.Close()
 }
 
-// classify maps a RoundTrip error to Envoy's outcome. flag 0 means the
-// stream already ended (its reply, if any, is sent).
-func (s *stream) classify(err error, gctx, actx context.Context, stats *cluster.HTTPStats) (retriable bool, flag Flags, code int, msg, details string, outcome cluster.RequestOutcome) {
+// attemptFailure is how an attempt that got no response ends, in Envoy's
+// terms: the response flag, the local reply, the outcome for the host.
+// flag 0 means the stream already ended (its reply, if any, is sent).
+type attemptFailure struct {
+	retriable    bool // by the route's policy
+	flag         Flags
+	code         int
+	msg, details string
+	outcome      cluster.RequestOutcome
+}
+
+// classify maps a RoundTrip error to Envoy's outcome.
+func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 	const prefix = "upstream connect error or disconnect/reset before headers. "
 	if s.body != nil {
 		if berr := s.body.readErr(); berr != nil && s.ctx.Err() == nil {
 			s.requestBodyError(berr)
-			return false, 0, 0, "", "", cluster.RequestError
+			return attemptFailure{outcome: cluster.RequestError}
 		}
 	}
+	p := f.policy
 	switch {
 	case s.ctx.Err() != nil:
 		s.failStream(err)
-		return false, 0, 0, "", "", cluster.RequestError
-	case gctx.Err() != nil:
-		stats.RqTimeout.Add(1)
+		return attemptFailure{outcome: cluster.RequestError}
+	case f.gctx.Err() != nil:
+		f.stats.RqTimeout.Add(1)
 		s.e.ResponseFlags |= FlagUT
 		s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
-		return false, 0, 0, "", "", cluster.RequestTimeout
-	case actx.Err() != nil:
-		stats.RqPerTryTimeout.Add(1)
-		p := s.policy()
-		return p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout
+		return attemptFailure{outcome: cluster.RequestTimeout}
+	case a.ctx.Err() != nil:
+		f.stats.RqPerTryTimeout.Add(1)
+		return attemptFailure{p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout}
 	case errors.Is(err, cluster.ErrOverflow), errors.Is(err, errPendingOverflow):
-		return false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError
+		return attemptFailure{false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError}
 	case errors.Is(err, cluster.ErrNoHealthyUpstream):
-		return false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError
+		return attemptFailure{false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError}
 	}
 	var ce *cluster.ConnectError
 	if errors.As(err, &ce) {
 		m := prefix + "reset reason: connection failure, transport failure reason: " + ce.Err.Error()
-		return s.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError
+		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError}
 	}
-	stats.RqRxReset.Add(1)
-	return s.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError
+	f.stats.RqRxReset.Add(1)
+	return attemptFailure{p != nil && p.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError}
 }
-
-// retriableReset is filled in by proxy through the route's policy; here
-// it only reports whether a policy exists (checked again by the caller).
-func (s *stream) retriableReset(connectFailure bool) bool {
-	p := s.policy()
-	return p != nil && p.retriableReset(connectFailure)
-}
-
-func (s *stream) policy() *retryPolicy { return s.curPolicy }

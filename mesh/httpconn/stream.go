@@ -24,7 +24,6 @@ type stream struct {
 
 	ctx         context.Context // cancelled by idle/request timeouts and the downstream
 	cancel      context.CancelCauseFunc
-	curPolicy   *retryPolicy
 	reqTimer    *time.Timer
 	unblock     *bodyUnblock // a request with a body: how timeouts end a stalled read
 	wroteHeader bool
