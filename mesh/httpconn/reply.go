@@ -27,6 +27,8 @@ func (s *stream) failStream(err error) {
 	}
 }
 
+// faultAbort answers with the fault filter's abort: an HTTP status, or
+// for a gRPC abort a trailers-only response with the grpc-status.
 func (s *stream) faultAbort(res faultResult) {
 	if res.grpc >= 0 {
 		h := s.w.Header()
@@ -41,6 +43,8 @@ func (s *stream) faultAbort(res faultResult) {
 	s.localReply(res.abort, res.body, "fault_filter_abort")
 }
 
+// directResponse answers with the route's direct_response, the route's
+// response header edits applied.
 func (s *stream) directResponse(routes *Routes, vh *VirtualHost, rt *Route) {
 	h := s.w.Header()
 	s.setServer(h)
@@ -58,6 +62,9 @@ func (s *stream) directResponse(routes *Routes, vh *VirtualHost, rt *Route) {
 	}
 }
 
+// redirect answers with the route's redirect action: the Location built
+// from the request's scheme, host, path and query with the action's
+// replacements, as Envoy's RedirectAction.
 func (s *stream) redirect(routes *Routes, vh *VirtualHost, rt *Route) {
 	rd := &rt.redirect
 	path, query, hasQuery := strings.Cut(s.target, "?")
@@ -109,11 +116,15 @@ func (s *stream) redirect(routes *Routes, vh *VirtualHost, rt *Route) {
 	s.writeHeader(rd.code)
 }
 
+// overflow answers a request refused by a circuit breaker (UO).
 func (s *stream) overflow() {
 	s.e.ResponseFlags |= FlagUO
 	s.localReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "upstream_reset_before_response_started{overflow}")
 }
 
+// requestBodyError answers a request whose body failed to arrive: a
+// timeout or disconnect as failStream does, anything else (a malformed
+// body) as the client's fault, 400 (DPE).
 func (s *stream) requestBodyError(err error) {
 	if s.ctx.Err() != nil {
 		s.failStream(err)

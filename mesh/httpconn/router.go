@@ -466,6 +466,7 @@ func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx conte
 	return resp, err
 }
 
+// outcomeOf is how a response counts for the host: a 5xx is an error.
 func outcomeOf(code int) cluster.RequestOutcome {
 	if code >= 500 {
 		return cluster.RequestError
@@ -487,6 +488,10 @@ func setTarget(u *url.URL, target string) {
 	u.Opaque = p
 }
 
+// drain discards a response that is retried, up to 64 KiB, so that its
+// HTTP/1.1 connection goes back to the pool; a longer body is not worth
+// reading and is abandoned (its connection closed, or its h2 stream
+// reset).
 func drain(b io.ReadCloser) {
 	_, _ = io.CopyN(io.Discard, b, 64<<10)
 	b.Close()

@@ -34,6 +34,8 @@ type stream struct {
 	streamReuse // kept when pooled (streampool.go)
 }
 
+// init readies a pooled stream for request r: the access log entry is
+// started here so that its duration covers the whole exchange.
 func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
 	keep := s.streamReuse
 	if keep.idle == nil {
@@ -55,6 +57,10 @@ func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
 	s.e.Path = s.target
 }
 
+// finish ends the stream once the handler is done: timers stopped, the
+// response code counted, the access log written, the stream pooled. An
+// aborted stream panics with http.ErrAbortHandler last, the only way
+// net/http offers to reset a stream whose response has started.
 func (s *stream) finish() {
 	if s.cancel != nil {
 		s.cancel(context.Canceled)
@@ -83,6 +89,10 @@ func (s *stream) finish() {
 	}
 }
 
+// serve runs the connection manager's part of a request in Envoy's
+// order: timers, path normalization, header edits, route and cluster
+// selection, the fault filter, then the route's action (direct response,
+// redirect, or the router).
 func (s *stream) serve() {
 	r, cfg := s.r, s.cfg
 	s.e.UserAgent = r.UserAgent()
