@@ -29,7 +29,7 @@ func TestStreamReleaseResets(t *testing.T) {
 		s.idle.reset(s.cancel)
 		s.idle.arm(time.Hour)
 		s.e.RequestID, s.e.UserAgent, s.e.ResponseCode, s.e.Attempts = "rid", "ua", 200, 2
-		s.wroteHeader, s.aborted, s.curPolicy = true, true, &retryPolicy{}
+		s.wroteHeader, s.aborted = true, true
 		s.reqTimer = time.NewTimer(time.Hour)
 		s.reqTimer.Stop()
 		if withBody {
