@@ -377,6 +377,7 @@ func (p *Proxy) serve(ctx context.Context) {
 				p.log.Info().Str("signal", sig.String()).Msg("shutting down")
 				return
 			}
+			p.gate.Close(true) // first: the log line says new inbound flows are refused
 			p.log.Info().Int64("active_flows", p.gate.Active()).Dur("termination_drain_duration", p.cfg.TerminationDrainDuration).Msg("SIGTERM: draining")
 			dctx, endWatch := sigs.awaitDrainEnd(p.cfg.TerminationDrainDuration, p.log)
 			done := p.Drain(dctx)
