@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/netip"
 	"sync/atomic"
@@ -132,6 +133,7 @@ type Proxy struct {
 	first     *bootstrapv3.Bootstrap
 	firstXDS  *xdsclient.Config
 	adminHTTP *http.Server // set by startConfig
+	adminAddr net.Addr     // set by startConfig
 	stack     atomic.Pointer[netstack.Stack]
 	ran       atomic.Bool
 }
@@ -251,6 +253,7 @@ func (p *Proxy) startConfig() error {
 		return fmt.Errorf("bootstrap %s: admin.address: %w", p.cfg.Bootstrap, err)
 	}
 	p.adminHTTP = &http.Server{Handler: p.newAdmin().Handler(), ReadHeaderTimeout: 10 * time.Second}
+	p.adminAddr = ln.Addr()
 	go p.adminHTTP.Serve(ln)
 	snap := p.dispatcher.Snapshot()
 	p.log.Info().Str("address", ln.Addr().String()).Msg("admin listening")
