@@ -195,31 +195,42 @@ func New(cfg Config) (*Proxy, error) {
 // userspace stack), serves until ctx ends, a signal or /quitquitquit stops
 // it or a SIGTERM's drain ends, and undoes what it set up. It returns an
 // error if the setup fails; a proxy runs once.
+//
+// The exit is bounded: the drain takes at most TerminationDrainDuration,
+// and the teardown that follows at most exitGrace for what waits on
+// others (an xDS update being applied, upstream connections still busy);
+// undoing capture is never cut short.
 func (p *Proxy) Run(ctx context.Context) error {
 	if !p.ran.CompareAndSwap(false, true) {
 		return errors.New("proxy: Run called twice")
 	}
-	// The last step of the exit, bounded: see closePools.
-	var exitBy time.Time
-	defer func() { p.closePools(exitBy) }()
+	// Teardown, in reverse order of setup, with one deadline for all.
+	var undo []func(exitBy time.Time)
+	defer func() {
+		exitBy := time.Now().Add(exitGrace)
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i](exitBy)
+		}
+	}()
 
 	if p.src != nil {
+		undo = append(undo, func(by time.Time) { p.closePools(by) })
 		if err := p.startConfig(); err != nil {
 			return err
 		}
-		defer p.stopConfig()
+		undo = append(undo, p.stopConfig)
 	}
 	dev, err := p.openTUN()
 	if err != nil {
 		return err
 	}
-	defer dev.Close()
+	undo = append(undo, func(time.Time) { dev.Close() })
 
-	podIPs, undo, err := p.setupCapture(dev)
+	podIPs, undoCapture, err := p.setupCapture(dev)
 	if err != nil {
 		return err
 	}
-	defer undo()
+	undo = append(undo, func(time.Time) { undoCapture() })
 
 	p.passthrough.LocalIPs = podIPs
 	p.gate.LocalIPs = podIPs
@@ -230,12 +241,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer st.Close()
+	undo = append(undo, func(time.Time) { st.Close() })
 	p.stack.Store(st)
 
 	p.log.Log().Str("level", "info").Str("capture", p.cfg.Capture).Interface("pod_ips", podIPs).Msg("proxy ready")
 	p.serve(ctx)
-	exitBy = time.Now().Add(exitGrace)
 	return nil
 }
 
@@ -249,7 +259,7 @@ func (p *Proxy) startConfig() error {
 	b, _ := p.src.Bootstrap()
 	ln, err := ListenAdmin(b.GetAdmin().GetAddress())
 	if err != nil {
-		p.stopConfig()
+		p.stopConfig(time.Time{})
 		return fmt.Errorf("bootstrap %s: admin.address: %w", p.cfg.Bootstrap, err)
 	}
 	p.adminHTTP = &http.Server{Handler: p.newAdmin().Handler(), ReadHeaderTimeout: 10 * time.Second}
@@ -261,13 +271,14 @@ func (p *Proxy) startConfig() error {
 	return nil
 }
 
-// stopConfig closes the admin API, stops the xDS client and the listeners'
-// sockets, and retires the snapshot in force.
-func (p *Proxy) stopConfig() {
+// stopConfig closes the admin API, stops the xDS client (waiting for an
+// update being applied until exitBy at most; zero: no bound) and the
+// listeners' sockets, and retires the snapshot in force.
+func (p *Proxy) stopConfig(exitBy time.Time) {
 	if p.adminHTTP != nil {
 		p.adminHTTP.Close()
 	}
-	p.src.stop()
+	p.src.stop(exitBy)
 	p.srv.Close()
 	if s := p.dispatcher.Snapshot(); s != nil {
 		s.Retire(nil)
@@ -411,30 +422,44 @@ func (p *Proxy) Drain(ctx context.Context) bool {
 
 // closePools is the last step of the exit: the upstream connection pools
 // close, idle connections at once and busy ones as their requests end, but
-// the exit waits for them only until exitBy (zero: exitGrace from now). A
+// the exit waits for them only until exitBy (zero: no bound). A
 // connection still busy then is the peer's to see cut when the process
 // ends: the drain, which was the time for requests to finish, is over.
-func (p *Proxy) closePools(exitBy time.Time) {
+// It reports whether every pool closed in time.
+func (p *Proxy) closePools(exitBy time.Time) bool {
 	if p.pools == nil {
-		return
+		return true
 	}
-	if exitBy.IsZero() {
-		exitBy = time.Now().Add(exitGrace)
-	}
-	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
-	defer cancel()
-	// Pools.Close waits for busy connections without a bound of its own
-	// (httpconn.DrainGrace, a minute): it runs aside and the exit goes on at
-	// exitBy.
+	// Pools.Close waits for busy connections with a bound of its own
+	// (httpconn.DrainGrace, a minute) that is not the exit's: it runs aside
+	// and the exit goes on at exitBy. (With a Pools.Close that takes a
+	// deadline, it is called here with exitBy instead.)
 	closed := make(chan struct{})
 	go func() {
 		p.pools.Close()
 		close(closed)
 	}()
-	select {
-	case <-closed:
-	case <-ctx.Done():
+	if !waitUntil(closed, exitBy) {
 		p.log.Warn().Msg("exit: upstream connections still busy after the drain are abandoned")
+		return false
+	}
+	return true
+}
+
+// waitUntil waits for done until deadline (zero: no bound) and reports
+// whether done closed.
+func waitUntil(done <-chan struct{}, deadline time.Time) bool {
+	if deadline.IsZero() {
+		<-done
+		return true
+	}
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
 	}
 }
 

@@ -102,7 +102,7 @@ func startProxy(t *testing.T, doc obj) (*Proxy, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		p.stopConfig()
+		p.stopConfig(time.Time{})
 		p.closePools(time.Time{})
 	})
 	return p, path

@@ -132,11 +132,20 @@ func (s *source) start(b *bootstrapv3.Bootstrap, xcfg *xdsclient.Config) error {
 	return s.runXDS(*xcfg)
 }
 
-// stop stops the xDS client; its accepted state and counters stay.
-func (s *source) stop() {
+// stop stops the xDS client; its accepted state and counters stay. An
+// update being applied is waited for until exitBy (zero: no bound), then
+// left to finish on its own: the process is exiting.
+func (s *source) stop(exitBy time.Time) {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
-	s.stopXDS()
+	if s.run == nil {
+		return
+	}
+	s.run.cancel()
+	if !waitUntil(s.run.done, exitBy) {
+		s.log.Warn().Msg("exit: an xDS update still being applied is abandoned")
+	}
+	s.run = nil
 }
 
 // applyStatic installs b's static resources with the xDS resources in
