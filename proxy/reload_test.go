@@ -151,8 +151,8 @@ func TestReloadNewNode(t *testing.T) {
 }
 
 // TestReloadRejected: a bootstrap that cannot be read, or one that cannot
-// be applied (a static listener whose address is taken) while it also
-// changes the node, is rejected with an error naming the problem and
+// be applied (a static listener whose address is taken, xDS settings the
+// client refuses) while it also changes the node, is rejected with an error naming the problem and
 // counted; the configuration in force serves on, and the xDS client keeps
 // its node and its stream: nothing was stopped, so there is nothing to
 // restart (the rollback that could fail silently is gone).
@@ -178,8 +178,16 @@ func TestReloadRejected(t *testing.T) {
 	if err := p.Reload(); err == nil || !strings.Contains(err.Error(), `listener "taken"`) {
 		t.Errorf("Reload with a listener that cannot bind: %v, want an error naming it", err)
 	}
-	if got := a.stat(t, statReloadRejected); got != 2 {
-		t.Errorf("%s = %d, want 2", statReloadRejected, got)
+	// xDS settings the client would refuse are refused before anything
+	// is applied, not found out after the static part is in force.
+	doc := bootstrapDoc("node-b", srv.Addr, "GRPC")
+	doc["dynamic_resources"].(obj)["cds_config"].(obj)["initial_fetch_timeout"] = "-1s"
+	writeFile(t, path, doc)
+	if err := p.Reload(); err == nil || !strings.Contains(err.Error(), "initial_fetch_timeout") {
+		t.Errorf("Reload with a negative initial_fetch_timeout: %v, want an error naming it", err)
+	}
+	if got := a.stat(t, statReloadRejected); got != 3 {
+		t.Errorf("%s = %d, want 3", statReloadRejected, got)
 	}
 	if got := a.stat(t, statReloadSuccess); got != 0 {
 		t.Errorf("%s = %d, want 0", statReloadSuccess, got)

@@ -207,7 +207,11 @@ func (s *source) clientConfig(c xdsclient.Config) xdsclient.Config {
 }
 
 // runXDS runs the xDS client with xcfg (reloadMu held): the first time a
-// new client, later the same one reconfigured.
+// new client, later the same one reconfigured. (A client a reload stopped,
+// ADS removed, and another restarted, ADS back, starts from what it had
+// accepted, as after a long disconnection: its first responses replace it.)
+// A Run that fails is logged; there is no rollback to fail, since a reload
+// touches the client only after the bootstrap is in force.
 func (s *source) runXDS(xcfg xdsclient.Config) error {
 	cfg := s.clientConfig(xcfg)
 	c := s.client.Load()
