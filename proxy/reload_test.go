@@ -1,11 +1,17 @@
 package proxy
 
 import (
+	"io"
 	"net"
+	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/xdsclient"
@@ -232,4 +238,84 @@ func TestReloadWithoutADS(t *testing.T) {
 	if got := a.stat(t, xdsclient.StatConnectedState); got != 0 {
 		t.Errorf("connected_state %d after the client stopped", got)
 	}
+}
+
+// TestReloadKeepsClusterAndListenerCounters: the xDS side of "counters
+// survive": a reload that restarts the xDS client (a new node served the
+// same resources) keeps the cluster.<name>.* and listener.<addr>.* counters
+// of the resources it did not change.
+func TestReloadKeepsClusterAndListenerCounters(t *testing.T) {
+	up, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns sync.WaitGroup
+	defer conns.Wait()
+	defer up.Close()
+	go func() {
+		for {
+			c, err := up.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	listen := netip.MustParseAddrPort(freeAddr(t))
+	res := map[string][]types.Resource{
+		resource.ClusterType:  {xdstest.StaticCluster("echo", netip.MustParseAddrPort(up.Addr().String()))},
+		resource.ListenerType: {xdstest.TCPListener(t, "echo", "127.0.0.1", uint32(listen.Port()), "echo", true)},
+	}
+	srv := xdstest.NewServer(t)
+	srv.Set(t, "node-a", res)
+	srv.Set(t, "node-b", res)
+	p, path := startProxy(t, bootstrapDoc("node-a", srv.Addr, "GRPC"))
+	a := newAdminClient(t, p)
+	xdstest.Eventually(t, wait, "the echo listener in force", func() bool { return a.listeners(t)["echo"] })
+
+	roundTrip := func() {
+		t.Helper()
+		c, err := net.DialTimeout("tcp", listen.String(), wait)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(wait))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("echo through the proxy: %q, %v", buf, err)
+		}
+	}
+	roundTrip()
+	cx := "cluster.echo.upstream_cx_total"
+	lx := "listener." + strings.ReplaceAll(listen.String(), ":", "_") + ".downstream_cx_total"
+	xdstest.Eventually(t, wait, "the flow counted", func() bool { return a.stat(t, cx) == 1 && a.stat(t, lx) == 1 })
+
+	before := p.Stats()[xdsclient.StatCDSUpdateSuccess]
+	writeFile(t, path, bootstrapDoc("node-b", srv.Addr, "GRPC"))
+	if err := p.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	xdstest.Eventually(t, wait, "node-b's clusters applied", func() bool {
+		return p.Stats()[xdsclient.StatCDSUpdateSuccess] > before
+	})
+	if n := srv.Streams(); n != 2 {
+		t.Fatalf("%d xDS streams, want 2: the reload did not restart the client", n)
+	}
+	if got := a.stat(t, cx); got != 1 {
+		t.Errorf("%s = %d after a reload restarting the xDS client, want 1", cx, got)
+	}
+	if got := a.stat(t, lx); got != 1 {
+		t.Errorf("%s = %d after a reload restarting the xDS client, want 1", lx, got)
+	}
+	roundTrip()
+	xdstest.Eventually(t, wait, "the second flow counted on top", func() bool { return a.stat(t, cx) == 2 && a.stat(t, lx) == 2 })
 }
