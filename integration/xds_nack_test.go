@@ -238,9 +238,10 @@ func xdsCountersSurvive(t *testing.T, api string) {
 	}
 	// Every stat of the cluster, of both listeners and of the tcp_proxy
 	// scope (its stat_prefix is the cluster's name).
+	vipScope := "listener." + strings.ReplaceAll(ap(v, 9081), ":", "_") + "."
 	scopes := "^(" + strings.Join([]string{
 		regexp.QuoteMeta("cluster." + cl + "."),
-		regexp.QuoteMeta("listener." + strings.ReplaceAll(ap(v, 9081), ":", "_") + "."),
+		regexp.QuoteMeta(vipScope),
 		regexp.QuoteMeta("listener.127.0.0.1_19093."),
 		regexp.QuoteMeta("tcp." + cl + "."),
 	}, "|") + ")"
@@ -251,6 +252,7 @@ func xdsCountersSurvive(t *testing.T, api string) {
 		"cluster." + cl + ".upstream_cx_tx_bytes_total",
 		"listener.127.0.0.1_19093.downstream_cx_total",
 		"listener.127.0.0.1_19093.downstream_cx_destroy",
+		vipScope + "downstream_cx_total",
 		"tcp." + cl + ".downstream_cx_total",
 		"tcp." + cl + ".downstream_cx_rx_bytes_total",
 	}
