@@ -214,9 +214,10 @@ func xdsNackPerResource(t *testing.T, api string) {
 
 // TestXDSCountersSurviveChangingUpdates is issue 12's end-to-end test of
 // counters that live in the stats store, not in the configuration objects:
-// after flows through a captured VIP and a bound listener, a CDS update that
-// changes the cluster (connect_timeout) and an LDS update that changes both
-// listeners (tcp_proxy idle_timeout) leave every cluster.<name>.*,
+// after flows through a captured VIP and two bound listeners, a CDS update
+// that changes both clusters (an EDS one's connect_timeout, a STRICT_DNS
+// one's dns_refresh_rate) and an LDS update that changes the three listeners
+// (tcp_proxy idle_timeout) leave every cluster.<name>.*,
 // listener.<addr>.* and tcp.<stat_prefix>.* stat of the live proxy's /stats
 // where it was, and the next flow counts on from there. Delta and SotW.
 func TestXDSCountersSurviveChangingUpdates(t *testing.T) {
@@ -235,9 +236,16 @@ func xdsCountersSurvive(t *testing.T, api string) {
 	vipL, boundL := serviceListener(v, 9081, cl), boundListener(19093, cl)
 	clusterA := edsCluster(cl)
 	eds := []obj{assignmentOf(cl, topo.SvcV4.String(), 9081)}
+	// The issue's own case: a STRICT_DNS cluster whose dns_refresh_rate
+	// changes, behind a second bound listener.
+	const dnsCl = "outbound|9084||d.default.svc.cluster.local"
+	dnsSrv := startTCPServer(t, topo.Services, ap(topo.SvcV4, 9084), echo)
+	clusterD := staticCluster(dnsCl, "ROUND_ROBIN", netip.AddrPortFrom(topo.SvcV4, 9084))
+	clusterD["type"], clusterD["dns_refresh_rate"] = "STRICT_DNS", "5s"
+	dnsL := boundListener(19094, dnsCl)
 	push := func(version string) {
-		cp.pushObjs(t, version, []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), vipL, boundL},
-			append(istioClusters(), clusterA), eds)
+		cp.pushObjs(t, version, []obj{virtualOutbound("BlackHoleCluster"), virtualInbound(), vipL, boundL, dnsL},
+			append(istioClusters(), clusterA, clusterD), eds)
 	}
 	push("1")
 	startProxy(t, topo, "--bootstrap", adsBootstrap(t, topo, api))
@@ -256,6 +264,12 @@ func xdsCountersSurvive(t *testing.T, api string) {
 	if n := len(srv.accepted()); n != flows {
 		t.Fatalf("upstream accepted %d connections, want %d", n, flows)
 	}
+	if _, err := tcpEcho(topo.Pod, "127.0.0.1:19094", 1000); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(dnsSrv.accepted()); n != 1 {
+		t.Fatalf("the STRICT_DNS cluster's upstream accepted %d connections, want 1", n)
+	}
 	// Every stat of the cluster, of both listeners and of the tcp_proxy
 	// scope (its stat_prefix is the cluster's name).
 	vipScope := "listener." + strings.ReplaceAll(ap(v, 9081), ":", "_") + "."
@@ -264,6 +278,9 @@ func xdsCountersSurvive(t *testing.T, api string) {
 		regexp.QuoteMeta(vipScope),
 		regexp.QuoteMeta("listener.127.0.0.1_19093."),
 		regexp.QuoteMeta("tcp." + cl + "."),
+		regexp.QuoteMeta("cluster." + dnsCl + "."),
+		regexp.QuoteMeta("listener.127.0.0.1_19094."),
+		regexp.QuoteMeta("tcp." + dnsCl + "."),
 	}, "|") + ")"
 	traffic := []string{
 		"cluster." + cl + ".upstream_cx_total",
@@ -275,13 +292,18 @@ func xdsCountersSurvive(t *testing.T, api string) {
 		vipScope + "downstream_cx_total",
 		"tcp." + cl + ".downstream_cx_total",
 		"tcp." + cl + ".downstream_cx_rx_bytes_total",
+		"cluster." + dnsCl + ".upstream_cx_total",
+		"cluster." + dnsCl + ".upstream_cx_rx_bytes_total",
+		"listener.127.0.0.1_19094.downstream_cx_total",
+		"tcp." + dnsCl + ".downstream_cx_tx_bytes_total",
 	}
 	// Counters settle once the flows' splices have ended.
 	var before map[string]uint64
 	eventually(t, xdsWait, "the flows' counters to settle", func() bool {
 		before = statsMatching(t, topo, scopes)
 		return before["cluster."+cl+".upstream_cx_destroy"] == flows && before["listener.127.0.0.1_19093.downstream_cx_destroy"] == 2 &&
-			before["tcp."+cl+".downstream_cx_rx_bytes_total"] == 5004 // waitServes's "ping" and 5 × 1000
+			before["tcp."+cl+".downstream_cx_rx_bytes_total"] == 5004 && // waitServes's "ping" and 5 × 1000
+			before["cluster."+dnsCl+".upstream_cx_destroy"] == 1 && before["tcp."+dnsCl+".downstream_cx_tx_bytes_total"] == 1000
 	})
 	for _, name := range traffic {
 		if before[name] == 0 {
@@ -292,10 +314,11 @@ func xdsCountersSurvive(t *testing.T, api string) {
 		t.Fatalf("upstream_cx_total = %d before the update, want %d", n, flows)
 	}
 
-	// The cluster and both listeners change; names and stat prefixes do not.
+	// The clusters and the listeners change; names and stat prefixes do not.
 	seen := cp.replyCount()
 	clusterA["connect_timeout"] = "7s"
-	for _, l := range []obj{vipL, boundL} {
+	clusterD["dns_refresh_rate"] = "9s"
+	for _, l := range []obj{vipL, boundL, dnsL} {
 		l["filter_chains"].([]obj)[0]["filters"].([]obj)[0]["typed_config"].(obj)["idle_timeout"] = "3600s"
 	}
 	push("2")
@@ -305,8 +328,9 @@ func xdsCountersSurvive(t *testing.T, api string) {
 	vipName := fmt.Sprintf("%s_%d", v, 9081)
 	eventually(t, xdsWait, "the changed cluster and listeners in /config_dump", func() bool {
 		d := readDump(t, topo)
-		return d.clusters[cl].GetConnectTimeout().AsDuration() == 7*time.Second &&
-			idleTimeoutOf(t, d.listeners[vipName]) == time.Hour && idleTimeoutOf(t, d.listeners["127.0.0.1_19093"]) == time.Hour
+		return d.clusters[cl].GetConnectTimeout().AsDuration() == 7*time.Second && d.clusters[dnsCl].GetDnsRefreshRate().AsDuration() == 9*time.Second &&
+			idleTimeoutOf(t, d.listeners[vipName]) == time.Hour && idleTimeoutOf(t, d.listeners["127.0.0.1_19093"]) == time.Hour &&
+			idleTimeoutOf(t, d.listeners["127.0.0.1_19094"]) == time.Hour
 	})
 	after := statsMatching(t, topo, scopes)
 	for name, b := range before {
