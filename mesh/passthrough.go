@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -88,6 +89,6 @@ func (p *Passthrough) HandleUDP(f *netstack.UDPFlow) {
 		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src,
 		UpstreamHost: f.ID.Dst, UpstreamCluster: cluster,
 	}
-	relayUDP(f, p.Dialer, f.ID.Dst, &e)
+	udpproxy.Relay(f, p.Dialer, f.ID.Dst, &e)
 	p.Access.Log(&e)
 }
