@@ -1,8 +1,3 @@
-// Package mesh turns captured flows into Envoy semantics.
-//
-// Until listeners and clusters arrive from configuration, Passthrough is
-// the whole of it: Istio's PassthroughCluster and InboundPassthroughCluster
-// (ORIGINAL_DST clusters) for every flow.
 package mesh
 
 import (
