@@ -1,8 +1,3 @@
-// Package mesh turns captured flows into Envoy semantics.
-//
-// Until listeners and clusters arrive from configuration, Passthrough is
-// the whole of it: Istio's PassthroughCluster and InboundPassthroughCluster
-// (ORIGINAL_DST clusters) for every flow.
 package mesh
 
 import (
@@ -13,6 +8,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -88,6 +84,6 @@ func (p *Passthrough) HandleUDP(f *netstack.UDPFlow) {
 		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src,
 		UpstreamHost: f.ID.Dst, UpstreamCluster: cluster,
 	}
-	relayUDP(f, p.Dialer, f.ID.Dst, &e)
+	udpproxy.Relay(f, p.Dialer, f.ID.Dst, &e)
 	p.Access.Log(&e)
 }
