@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -21,19 +20,35 @@ import (
 // outbound flows enter the outbound virtual listener and are handed to the
 // listener of their original destination; inbound flows enter the inbound
 // virtual listener. The listener's filter chain then decides.
+//
+// Only the snapshot in force changes while it runs (Swap); the rest is
+// fixed by NewDispatcher. A zero Dispatcher has no local addresses (every
+// flow is outbound), logs nothing and closes the UDP flows no UDP
+// listener takes.
 type Dispatcher struct {
 	snap atomic.Pointer[Snapshot]
+	o    DispatcherOptions
+}
 
-	// LocalIPs are the pod's addresses: flows to them are inbound.
-	LocalIPs []netip.Addr
-	Access   *accesslog.Logger
+// DispatcherOptions is what a Dispatcher is made with.
+type DispatcherOptions struct {
+	// Local are the pod's own addresses: flows to them are inbound.
+	Local LocalAddrs
+	// Access receives one entry per flow; nil logs nothing.
+	Access *accesslog.Logger
 	// UDP handles UDP flows no UDP listener takes: they pass through.
+	// Nil closes them.
 	UDP netstack.Handler
-	// Dialer opens the sockets of udp_proxy sessions.
+	// Dialer opens the sockets of udp_proxy sessions; nil sends every UDP
+	// flow to UDP.
 	Dialer *upstream.Dialer
 }
 
 var _ netstack.Handler = (*Dispatcher)(nil)
+
+// NewDispatcher is a Dispatcher with o and no snapshot: until the first
+// Swap, TCP flows are refused and UDP flows go to o.UDP.
+func NewDispatcher(o DispatcherOptions) *Dispatcher { return &Dispatcher{o: o} }
 
 // Swap installs a new snapshot for new flows and returns the previous one.
 // Flows in progress keep the snapshot they started with.
@@ -42,30 +57,21 @@ func (d *Dispatcher) Swap(s *Snapshot) *Snapshot { return d.snap.Swap(s) }
 // Snapshot returns the snapshot new flows use.
 func (d *Dispatcher) Snapshot() *Snapshot { return d.snap.Load() }
 
-func (d *Dispatcher) isLocal(ip netip.Addr) bool {
-	for _, l := range d.LocalIPs {
-		if l == ip {
-			return true
-		}
-	}
-	return false
-}
-
 // HandleUDP implements netstack.Handler.
 // A captured UDP flow to the address of a UDP listener becomes a session
 // of its udp_proxy; any other passes through.
 func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
 	snap := d.snap.Load()
 	var l *Listener
-	if snap != nil && !d.isLocal(f.ID.Dst.Addr()) {
+	if snap != nil && !d.o.Local.Contains(f.ID.Dst.Addr()) {
 		l = snap.udpListener(f.ID.Dst)
 	}
-	if l == nil || d.Dialer == nil {
-		if d.UDP == nil {
+	if l == nil || d.o.Dialer == nil {
+		if d.o.UDP == nil {
 			f.Close()
 			return
 		}
-		d.UDP.HandleUDP(f)
+		d.o.UDP.HandleUDP(f)
 		return
 	}
 	e := accesslog.Entry{Transport: "udp", Direction: "outbound", Start: time.Now(),
@@ -73,8 +79,8 @@ func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
 	l.Stats.DownstreamCxTotal.Add(1)
 	l.Stats.DownstreamCxActive.Add(1)
 	defer l.Stats.DownstreamCxActive.Add(-1)
-	l.UDP.Serve(f, snap, d.Dialer, &e)
-	d.Access.Log(&e)
+	l.UDP.Serve(f, snap, d.o.Dialer, &e)
+	d.o.Access.Log(&e)
 }
 
 // HandleTCP implements netstack.Handler.
@@ -83,7 +89,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	e := accesslog.Entry{Transport: "tcp", Start: time.Now(), DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src}
 	var recv *Listener
 	if snap != nil {
-		if d.isLocal(req.ID.Dst.Addr()) {
+		if d.o.Local.Contains(req.ID.Dst.Addr()) {
 			e.Direction, recv = "inbound", snap.inbound
 		} else {
 			e.Direction, recv = "outbound", snap.outbound
@@ -94,7 +100,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 		// No listener takes the flow: like a port nobody listens on.
 		req.Refuse()
 		e.ResponseFlags, e.Details = "NR", "no listener"
-		d.Access.Log(&e)
+		d.o.Access.Log(&e)
 		return
 	}
 	recv.Stats.DownstreamCxTotal.Add(1)
@@ -102,7 +108,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
 	serveFlow(snap, recv, &captured{req: req}, &e, d)
-	d.Access.Log(&e)
+	d.o.Access.Log(&e)
 }
 
 // flowSource abstracts how a flow's downstream connection is obtained: a
@@ -268,7 +274,7 @@ func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
 // close, GOAWAY; in-flight requests finish); the drain's end closes it.
 func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
-	access := d.Access
+	access := d.o.Access
 	var logReq func(httpconn.Entry)
 	if access.Enabled() && chain.HTTP.HasAccessLog() {
 		logReq = func(he httpconn.Entry) {

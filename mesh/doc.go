@@ -59,6 +59,13 @@
 // Each flow ends with one access-log entry (package accesslog), with
 // Envoy's response flags.
 //
+// The Gate, the Dispatcher and Passthrough are made whole by their
+// constructors (NewGate, NewDispatcher, NewPassthrough) before the stack
+// delivers a flow, and share one immutable LocalAddrs (local.go), the
+// pod's addresses, which decide whether a flow is inbound; while they run
+// only the snapshot in force (Dispatcher.Swap) and the Gate's closed
+// flags change.
+//
 // # Where configuration comes from
 //
 // Build (snapshot.go) validates listeners, clusters, route configurations

@@ -123,12 +123,15 @@ type Proxy struct {
 	log  zerolog.Logger
 	quit chan string
 
-	passthrough *mesh.Passthrough
-	gate        *mesh.Gate
-	dispatcher  *mesh.Dispatcher // nil without a bootstrap
-	srv         *mesh.Server     // nil without a bootstrap
-	pools       *httpconn.Pools  // nil without a bootstrap
-	src         *source          // nil without a bootstrap
+	// The data path, built whole by New and never reassigned: the pod's
+	// addresses are resolved first (reading the host, changing nothing),
+	// so each part gets everything through its constructor.
+	pod        podAddrs
+	gate       *mesh.Gate
+	dispatcher *mesh.Dispatcher // nil without a bootstrap
+	srv        *mesh.Server     // nil without a bootstrap
+	pools      *httpconn.Pools  // nil without a bootstrap
+	src        *source          // nil without a bootstrap
 	// first is the bootstrap New read and validated; Run applies it.
 	first     *bootstrapv3.Bootstrap
 	firstXDS  *xdsclient.Config
@@ -138,8 +141,16 @@ type Proxy struct {
 	ran       atomic.Bool
 }
 
-// New checks cfg and reads the bootstrap; nothing on the host changes
-// until Run, so a bad bootstrap leaves no capture behind.
+// podAddrs is the pod's interface and addresses as capture will use them.
+type podAddrs struct {
+	iface string
+	ips   []netip.Addr
+}
+
+// New checks cfg, reads the bootstrap, finds the pod's addresses and
+// builds the data path (Passthrough, Dispatcher, Gate, Server) with them;
+// nothing on the host changes until Run, so a bad bootstrap leaves no
+// capture behind.
 func New(cfg Config) (*Proxy, error) {
 	switch {
 	case cfg.Capture != CaptureSidecar && cfg.Capture != CaptureLocal && cfg.Capture != CaptureNone:
@@ -162,33 +173,61 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		dialer.Interface = idx
 	}
+	if cfg.Bootstrap != "" {
+		var err error
+		if p.first, p.firstXDS, err = loadBootstrap(cfg.Bootstrap); err != nil {
+			return nil, err
+		}
+	}
+	// Last, so that a bad bootstrap is reported first: where the pod's
+	// addresses cannot be found, nothing could be served anyway.
+	var err error
+	if p.pod, err = findPod(cfg); err != nil {
+		return nil, err
+	}
+	local := mesh.NewLocalAddrs(p.pod.ips)
+
 	// The access log is a logger of its own in /logging ("access"), so
 	// that lowering another component's level does not turn it on.
 	access := accesslog.NewGated(cfg.Log, logging.ComponentGate("access"))
-	p.passthrough = &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: cfg.TCPIdleTimeout, Access: access}
-	p.gate = &mesh.Gate{H: p.passthrough}
+	passthrough := mesh.NewPassthrough(mesh.PassthroughOptions{
+		Dialer: dialer, Local: local, TCPIdleTimeout: cfg.TCPIdleTimeout, Access: access,
+	})
 	if cfg.Bootstrap == "" {
+		p.gate = mesh.NewGate(passthrough, local)
 		return p, nil
 	}
-	p.src = &source{
-		path: cfg.Bootstrap, root: cfg.Log, log: p.log, drain: cfg.DrainDuration,
-		control: dialer.Control, version: cfg.Version,
-	}
-	b, xcfg, err := p.src.load()
-	if err != nil {
-		return nil, err
-	}
-	p.first, p.firstXDS = b, xcfg
-	p.dispatcher = &mesh.Dispatcher{Access: access, UDP: p.passthrough, Dialer: dialer}
+	p.dispatcher = mesh.NewDispatcher(mesh.DispatcherOptions{Local: local, Access: access, UDP: passthrough, Dialer: dialer})
+	p.gate = mesh.NewGate(p.dispatcher, local)
 	p.srv = &mesh.Server{D: p.dispatcher, Log: logging.Component(cfg.Log, "conn_handler"), Gate: p.gate}
 	p.pools = httpconn.NewPools()
-	p.src.srv = p.srv
-	p.src.opts = mesh.BuildOptions{
-		Roles:   mesh.Roles{OutboundPort: cfg.OutboundPort, InboundPort: cfg.InboundPort},
-		Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(cfg.Log, "upstream")},
-		Pools:   p.pools,
+	p.src = &source{
+		path: cfg.Bootstrap, root: cfg.Log, log: p.log, drain: cfg.DrainDuration,
+		control: dialer.Control, version: cfg.Version, srv: p.srv,
+		opts: mesh.BuildOptions{
+			Roles:   mesh.Roles{OutboundPort: cfg.OutboundPort, InboundPort: cfg.InboundPort},
+			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(cfg.Log, "upstream")},
+			Pools:   p.pools,
+		},
 	}
 	return p, nil
+}
+
+// findPod is the pod's interface and addresses: for sidecar capture those
+// capture will use (given, else discovered as it discovers them), in
+// laptop mode none (nothing is inbound), without capture Config.PodIPs.
+func findPod(cfg Config) (podAddrs, error) {
+	switch cfg.Capture {
+	case CaptureSidecar:
+		iface, ips, err := tun.PodAddrs(cfg.PodInterface, cfg.PodIPs)
+		if err != nil {
+			return podAddrs{}, err
+		}
+		return podAddrs{iface: iface, ips: ips}, nil
+	case CaptureLocal:
+		return podAddrs{}, nil
+	}
+	return podAddrs{iface: cfg.PodInterface, ips: cfg.PodIPs}, nil
 }
 
 // Run sets the proxy up (configuration, admin API, TUN device, capture,
@@ -226,17 +265,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	undo = append(undo, func(time.Time) { dev.Close() })
 
-	podIPs, undoCapture, err := p.setupCapture(dev)
+	undoCapture, err := p.setupCapture(dev)
 	if err != nil {
 		return err
 	}
 	undo = append(undo, func(time.Time) { undoCapture() })
 
-	p.passthrough.LocalIPs = podIPs
-	p.gate.LocalIPs = podIPs
-	if p.dispatcher != nil {
-		p.dispatcher.LocalIPs = podIPs
-	}
 	st, err := netstack.New(dev.Dev(), p.gate, netstack.Config{UDPIdleTimeout: p.cfg.UDPIdleTimeout}, logging.Component(p.cfg.Log, "netstack"))
 	if err != nil {
 		return err
@@ -244,7 +278,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	undo = append(undo, func(time.Time) { st.Close() })
 	p.stack.Store(st)
 
-	p.log.Log().Str("level", "info").Str("capture", p.cfg.Capture).Interface("pod_ips", podIPs).Msg("proxy ready")
+	p.log.Log().Str("level", "info").Str("capture", p.cfg.Capture).Interface("pod_ips", p.pod.ips).Msg("proxy ready")
 	p.serve(ctx)
 	return nil
 }
@@ -255,7 +289,6 @@ func (p *Proxy) startConfig() error {
 	if err := p.src.start(p.first, p.firstXDS); err != nil {
 		return err
 	}
-	p.gate.H = p.dispatcher
 	b, _ := p.src.Bootstrap()
 	ln, err := ListenAdmin(b.GetAdmin().GetAddress())
 	if err != nil {
@@ -338,17 +371,18 @@ func (p *Proxy) openTUN() (*tun.Device, error) {
 	return dev, nil
 }
 
-// setupCapture routes traffic into dev as Config.Capture says and returns
-// the pod's IPs (what is inbound) and how to undo it.
-func (p *Proxy) setupCapture(dev *tun.Device) (podIPs []netip.Addr, undo func(), err error) {
+// setupCapture routes traffic into dev as Config.Capture says, for the
+// pod interface and addresses New found (the data path was built with
+// them), and returns how to undo it.
+func (p *Proxy) setupCapture(dev *tun.Device) (undo func(), err error) {
 	f := &p.cfg
 	switch f.Capture {
 	case CaptureSidecar:
 		capt, err := tun.SetupCapture(tun.CaptureConfig{
 			TunName:              dev.Name(),
 			Mark:                 f.Mark,
-			PodInterface:         f.PodInterface,
-			PodIPs:               f.PodIPs,
+			PodInterface:         p.pod.iface,
+			PodIPs:               p.pod.ips,
 			Inbound:              f.Inbound,
 			ExcludeOutboundPorts: f.ExcludeOutboundPorts,
 			ExcludeOutboundCIDRs: f.ExcludeOutboundCIDRs,
@@ -356,9 +390,9 @@ func (p *Proxy) setupCapture(dev *tun.Device) (podIPs []netip.Addr, undo func(),
 			StateDir:             f.StateDir,
 		}, logging.Component(f.Log, "capture"))
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
-		return capt.PodIPs(), func() {
+		return func() {
 			if err := capt.Teardown(); err != nil {
 				p.log.Error().Err(err).Msg("capture teardown")
 			}
@@ -366,16 +400,15 @@ func (p *Proxy) setupCapture(dev *tun.Device) (podIPs []netip.Addr, undo func(),
 	case CaptureLocal:
 		lc, err := tun.SetupLocal(tun.LocalConfig{TunName: dev.Name(), CIDRs: f.CaptureCIDRs, Mark: f.Mark}, logging.Component(f.Log, "capture"))
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
-		// Nothing is inbound in laptop mode.
-		return nil, func() {
+		return func() {
 			if err := lc.Teardown(); err != nil {
 				p.log.Error().Err(err).Msg("local capture teardown")
 			}
 		}, nil
 	}
-	return f.PodIPs, func() {}, nil
+	return func() {}, nil
 }
 
 // serve handles signals and /quitquitquit until the proxy is to exit.

@@ -40,6 +40,7 @@ const (
 // an atomic pointer, the counters are atomics, so /stats and /ready answer
 // while a 10,000-service update is being built.
 type source struct {
+	// Fixed by New, before start.
 	path    string
 	root    zerolog.Logger
 	log     zerolog.Logger
@@ -99,7 +100,13 @@ var errXDSOff = errors.New("the bootstrap in force has no dynamic_resources.ads_
 
 // load reads and validates the bootstrap without applying anything.
 func (s *source) load() (*bootstrapv3.Bootstrap, *xdsclient.Config, error) {
-	b, err := bootstrap.Load(s.path)
+	return loadBootstrap(s.path)
+}
+
+// loadBootstrap reads and validates the bootstrap at path, and the xDS
+// client configuration it names, without applying anything.
+func loadBootstrap(path string) (*bootstrapv3.Bootstrap, *xdsclient.Config, error) {
+	b, err := bootstrap.Load(path)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -108,7 +115,7 @@ func (s *source) load() (*bootstrapv3.Bootstrap, *xdsclient.Config, error) {
 	}
 	xcfg, err := xdsclient.FromBootstrap(b)
 	if err != nil {
-		return nil, nil, fmt.Errorf("bootstrap %s: %w", s.path, err)
+		return nil, nil, fmt.Errorf("bootstrap %s: %w", path, err)
 	}
 	return b, &xcfg, nil
 }
