@@ -528,6 +528,14 @@ func TestTwoStreamsBothReceiveEveryUpdate(t *testing.T) {
 		if err := delta.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: SecretTypeURL, ResponseNonce: r2.GetNonce()}); err != nil {
 			t.Fatal(err)
 		}
+		// A delta ACK lists no names and must not change the subscription
+		// (an empty list is a wildcard only in a stream's first request).
+		xdstest.Eventually(t, 10*time.Second, "the delta ACK logged", func() bool {
+			return strings.Contains(h.log.String(), `"mode":"delta","node":"`+envoyNode.Id+`","nonce":"`+r2.GetNonce()+`","version":"","message":"SDS ACK"`)
+		})
+		if n := h.subscribers(RootCA); n != 0 {
+			t.Fatalf("a delta ACK subscribed %d stream(s) to ROOTCA", n)
+		}
 	}
 }
 

@@ -36,6 +36,9 @@ func newSubscription() *subscription {
 // set replaces the subscribed names (SotW semantics), returning the added
 // and removed ones so the server's counts follow.
 func (sub *subscription) set(names []string) (added, removed []string) {
+	if len(names) == 0 {
+		names = []string{"*"} // SotW: no names is a wildcard request
+	}
 	want := map[string]bool{}
 	for _, n := range expand(names) {
 		want[n] = true
@@ -55,11 +58,8 @@ func (sub *subscription) set(names []string) (added, removed []string) {
 	return added, removed
 }
 
-// expand turns a wildcard (an empty list, or "*") into the served names.
+// expand turns the wildcard "*" into the served names.
 func expand(names []string) []string {
-	if len(names) == 0 {
-		return served
-	}
 	var out []string
 	for _, n := range names {
 		if n == "*" {
@@ -247,6 +247,8 @@ func (s *Server) DeltaSecrets(stream secretv3.SecretDiscoveryService_DeltaSecret
 			if req.GetResponseNonce() != "" {
 				logAck(log, req.GetResponseNonce(), "", nil, req.GetErrorDetail())
 			}
+			// Later requests change the subscription only by the names
+			// they list; an ACK lists none.
 			var added, removed []string
 			for _, n := range expand(subscribe) {
 				if !sub.names[n] {
@@ -254,13 +256,11 @@ func (s *Server) DeltaSecrets(stream secretv3.SecretDiscoveryService_DeltaSecret
 					added = append(added, n)
 				}
 			}
-			if unsub := req.GetResourceNamesUnsubscribe(); len(unsub) > 0 {
-				for _, n := range expand(unsub) {
-					if sub.names[n] {
-						delete(sub.names, n)
-						delete(sub.sent, n)
-						removed = append(removed, n)
-					}
+			for _, n := range expand(req.GetResourceNamesUnsubscribe()) {
+				if sub.names[n] {
+					delete(sub.names, n)
+					delete(sub.sent, n)
+					removed = append(removed, n)
 				}
 			}
 			s.subscribe(added)
