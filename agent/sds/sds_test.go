@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -734,5 +735,111 @@ func TestCloseStopsStreamsAndRemovesSocket(t *testing.T) {
 	}
 	if err := h.s.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
+	}
+}
+
+// A SotW request carrying an older nonce answers a response the client has
+// since been sent a newer one of: it is ignored, names and all.
+func TestSotWStaleNonceIgnored(t *testing.T) {
+	h := start(t)
+	ca := newCA(t, "root")
+	id, _ := ca.identity(t)
+	if err := h.s.Update(id); err != nil {
+		t.Fatal(err)
+	}
+	st, err := h.client.StreamSecrets(streamCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(sotwReq(WorkloadCert)); err != nil {
+		t.Fatal(err)
+	}
+	r1, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id2, _ := ca.identity(t)
+	if err := h.s.Update(id2); err != nil {
+		t.Fatal(err)
+	}
+	r2, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(ack(r1, WorkloadCert, RootCA)); err != nil { // stale
+		t.Fatal(err)
+	}
+	if err := st.Send(ack(r2, WorkloadCert)); err != nil {
+		t.Fatal(err)
+	}
+	xdstest.Eventually(t, 10*time.Second, "the current ACK logged", func() bool {
+		return strings.Contains(h.log.String(), `"nonce":"`+r2.GetNonce()+`","version":"2","message":"SDS ACK"`)
+	})
+	if n := h.subscribers(RootCA); n != 0 {
+		t.Fatalf("a stale request subscribed %d stream(s) to ROOTCA", n)
+	}
+	if strings.Contains(h.log.String(), `"nonce":"`+r1.GetNonce()+`","version":"1","message":"SDS ACK"`) {
+		t.Fatal("the stale request was taken as an ACK")
+	}
+}
+
+// A first request naming nothing (or "*") asks for every secret, in both
+// protocols; a client closing its side ends the stream cleanly and drops
+// its subscriptions.
+func TestWildcardAndClientClose(t *testing.T) {
+	h := start(t)
+	ca := newCA(t, "root")
+	id, serial := ca.identity(t)
+	if err := h.s.Update(id); err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range [][]string{nil, {"*"}} {
+		sotw, err := h.client.StreamSecrets(streamCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := sotw.Send(sotwReq(req...)); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := sotw.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := secrets(t, resp.GetResources())
+		if !slices.Equal(names(got), []string{RootCA, WorkloadCert}) {
+			t.Fatalf("SotW wildcard %q got %v", req, names(got))
+		}
+		checkDefault(t, got[WorkloadCert], ca, serial)
+
+		delta, err := h.client.DeltaSecrets(streamCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := delta.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode, TypeUrl: SecretTypeURL, ResourceNamesSubscribe: req}); err != nil {
+			t.Fatal(err)
+		}
+		dresp, err := delta.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dgot, _ := deltaSecrets(t, dresp)
+		if !slices.Equal(names(dgot), []string{RootCA, WorkloadCert}) {
+			t.Fatalf("delta wildcard %q got %v", req, names(dgot))
+		}
+
+		for _, cs := range []grpc.ClientStream{sotw, delta} {
+			if err := cs.CloseSend(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := sotw.Recv(); !errors.Is(err, io.EOF) {
+			t.Fatalf("SotW Recv after CloseSend: %v, want EOF (the server returned OK)", err)
+		}
+		if _, err := delta.Recv(); !errors.Is(err, io.EOF) {
+			t.Fatalf("delta Recv after CloseSend: %v, want EOF (the server returned OK)", err)
+		}
+		xdstest.Eventually(t, 10*time.Second, "subscriptions dropped", func() bool {
+			return h.subscribers(WorkloadCert) == 0 && h.subscribers(RootCA) == 0
+		})
 	}
 }
