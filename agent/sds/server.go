@@ -10,7 +10,16 @@
 // Envoy's warming with initial_fetch_timeout 0s waits for; every Update
 // pushes the secrets that changed to every stream subscribed to them. Both
 // SotW (StreamSecrets) and delta (DeltaSecrets) streams are served, and the
-// unary FetchSecrets.
+// unary FetchSecrets. Envoy opens one stream per secret config, so a SotW
+// response usually holds exactly the one secret Envoy's SdsApi expects; a
+// stream naming several gets only those that changed.
+//
+// The server is written on the generated gRPC service rather than
+// go-control-plane's server and cache: two fixed names need no snapshot
+// cache keyed by node, and what the agent needs beside the protocol (the
+// names a proxy is waiting for, for readiness; one log line per unknown
+// name; a version that moves only when a secret's bytes do) would sit on
+// top of the cache anyway.
 package sds
 
 import (
