@@ -235,8 +235,9 @@ func nestedHint(name string) string {
 
 // protojsonPosition is protojson's error prefix: its line and column are
 // those of the one-field document decodeProxyConfig builds, of no use to
-// the user.
-var protojsonPosition = regexp.MustCompile(`^proto:\s*(syntax error\s*)?(\(line \d+:\d+\):\s*)?`)
+// the user. protojson separates the words with a space or, at random per
+// binary, a no-break space (U+00A0), so that no one matches its text.
+var protojsonPosition = regexp.MustCompile(`^proto:[\s\x{a0}]*(syntax error[\s\x{a0}]*)?(\(line \d+:\d+\):[\s\x{a0}]*)?`)
 
 func protojsonError(err error) string {
 	return protojsonPosition.ReplaceAllString(err.Error(), "")

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -270,6 +271,19 @@ func TestProxyConfigNotActedOnLogged(t *testing.T) {
 			t.Errorf("%s: logged %q, want nothing", tc.name, logs.String())
 		case tc.want != "" && (!strings.Contains(logs.String(), tc.want) || strings.Count(logs.String(), "\n") != 1):
 			t.Errorf("%s: logged %q, want one line with %s", tc.name, logs.String(), tc.want)
+		}
+	}
+}
+
+// TestProtojsonErrorPosition: protojson's position prefix, which points
+// into the one-field document the decoder builds, is cut whichever space
+// protojson's randomized formatting put after "proto:".
+func TestProtojsonErrorPosition(t *testing.T) {
+	for _, sep := range []string{" ", "\u00a0"} {
+		for _, msg := range []string{"proto:" + sep + "(line 1:31): invalid value", "proto:" + sep + "syntax error" + sep + "(line 1:2): invalid value"} {
+			if got := protojsonError(errors.New(msg)); got != "invalid value" {
+				t.Errorf("%q -> %q, want %q", msg, got, "invalid value")
+			}
 		}
 	}
 }
