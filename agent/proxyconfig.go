@@ -111,9 +111,11 @@ var proxyConfigDesc = (&meshconfig.ProxyConfig{}).ProtoReflect().Descriptor()
 // decodeProxyConfig decodes one ProxyConfig document (YAML or JSON; field
 // names in the JSON form, "drainDuration", or the proto form,
 // "drain_duration", as protojson accepts both) named source in errors.
-// The message holds only the fields the document sets; removed are the
-// names of fields Istio removed, accepted and ignored. A name that is not
-// a ProxyConfig field is an error naming it, as is a bad value of a field
+// The message holds only the fields the document sets (a proto3 scalar
+// set to its zero, "statNameLength: 0", cannot be told from unset, so
+// Istio's default stays); removed are the names of fields Istio removed,
+// accepted and ignored. A name that is not a ProxyConfig field is an error
+// naming it, as are a value protojson rejects and a bad value of a field
 // meshtun acts on.
 func decodeProxyConfig(doc []byte, source string) (out *meshconfig.ProxyConfig, removed []string, err error) {
 	js, err := yaml.YAMLToJSON(doc)
