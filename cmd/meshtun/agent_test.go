@@ -59,8 +59,10 @@ func TestAgentBadEnvironment(t *testing.T) {
 		{[]string{"INSTANCE_IP", "10.0.0.300"}, `INSTANCE_IP: "10.0.0.300" is not an IP address`},
 		{[]string{"INSTANCE_IP", ""}, "INSTANCE_IP or INSTANCE_IPS: required"},
 		{[]string{"POD_NAME", ""}, "POD_NAME: required"},
-		{[]string{"PROXY_CONFIG", `{"drainDuraton":"5s"}`}, "PROXY_CONFIG: drainDuraton: unknown field"},
-		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":"admin"}`}, `PROXY_CONFIG: proxyAdminPort: want a port number 1..65535, got "admin"`},
+		{[]string{"PROXY_CONFIG", `{"drainDuraton":"5s"}`}, "PROXY_CONFIG: drainDuraton: not a ProxyConfig field"},
+		{[]string{"PROXY_CONFIG", `{"imageTyp": "x"}`}, "PROXY_CONFIG: imageTyp: not a ProxyConfig field"},
+		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":"admin"}`}, `PROXY_CONFIG: proxyAdminPort: invalid value for int32 field proxyAdminPort: "admin"`},
+		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":70000}`}, `PROXY_CONFIG: proxyAdminPort: want a port number 1..65535, got 70000`},
 		{[]string{"ISTIO_META_INTERCEPTION_MODE", "EBPF"}, `ISTIO_META_INTERCEPTION_MODE: "EBPF": want REDIRECT, TPROXY or NONE`},
 	} {
 		t.Run(tc.want, func(t *testing.T) {
