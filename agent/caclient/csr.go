@@ -73,4 +73,6 @@ func newKeyAndCSR(kt KeyType, rsaBits int, spiffeID string) (keyPEM, csrPEM []by
 	return pem.EncodeToMemory(block), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
 }
 
-func tlsKeyPair(chainPEM, keyPEM []byte) (tls.Certificate, error) { return tls.X509KeyPair(chainPEM, keyPEM) }
+func tlsKeyPair(chainPEM, keyPEM []byte) (tls.Certificate, error) {
+	return tls.X509KeyPair(chainPEM, keyPEM)
+}
