@@ -132,6 +132,20 @@ func TestSecurePort(t *testing.T) {
 	if err := ads(tok, node, map[string]string{"NAMESPACE": "shop", "SERVICE_ACCOUNT": "cart"}); err != nil {
 		t.Fatalf("ADS with a good token: %v", err)
 	}
+	// Delta ADS, the meshtun agent's default, goes through the same check.
+	dctx, dcancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+tok), 10*time.Second)
+	defer dcancel()
+	dst, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(dctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType, Node: &corev3.Node{Id: node}}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := dst.Recv(); err != nil || len(resp.GetResources()) == 0 {
+		t.Fatalf("delta ADS over TLS: %v, %d resources", err, len(resp.GetResources()))
+	}
+	dcancel()
 	if err := ads("", node, nil); status.Code(err) != codes.Unauthenticated {
 		t.Errorf("ADS without a token: %v", err)
 	}
