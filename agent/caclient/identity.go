@@ -10,7 +10,9 @@ import (
 	"time"
 )
 
-// Identity is one issued workload identity, immutable once published.
+// Identity is one issued workload identity. It is shared by every
+// consumer and never changed once published: a new certificate is a new
+// Identity.
 type Identity struct {
 	// ChainPEM is the certificate chain served as the "default" secret:
 	// leaf, intermediates and root concatenated, as pilot-agent serves it.
@@ -109,7 +111,7 @@ func newIdentity(what string, chain [][]byte, keyPEM, rootPEM []byte, now time.T
 	var all []byte
 	var leaf *x509.Certificate
 	for i, c := range chain {
-		block, rest := pem.Decode(c)
+		block, _ := pem.Decode(c)
 		if block == nil || block.Type != "CERTIFICATE" {
 			return nil, fmt.Errorf("%s: element %d is not a PEM CERTIFICATE", what, i)
 		}
@@ -119,7 +121,6 @@ func newIdentity(what string, chain [][]byte, keyPEM, rootPEM []byte, now time.T
 				return nil, fmt.Errorf("%s: leaf: %v", what, err)
 			}
 		}
-		_ = rest
 		all = append(all, c...)
 		if len(c) > 0 && c[len(c)-1] != '\n' {
 			all = append(all, '\n')
