@@ -29,6 +29,10 @@
 //   - api.go: the token-authenticated HTTP API `meshtun profile` talks to;
 //   - watch.go: polling of the files; a bad change is rejected and the
 //     previous configuration keeps serving;
+//   - secure.go: the TLS port (istiod's 15012): the CA of package
+//     controlplane/ca and ADS on one gRPC server, callers authenticated by
+//     bearer tokens whose namespace and service account the node must
+//     match, as istiod checks them;
 //   - run.go: all of it wired together for `meshtun controlplane`.
 //
 // Why generate what Istio generates: a user who knows `istioctl

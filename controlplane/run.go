@@ -23,12 +23,28 @@ type Options struct {
 	// XDSAddress serves ADS (default 0.0.0.0:15010), APIAddress the HTTP
 	// API (default 127.0.0.1:15014).
 	XDSAddress, APIAddress string
-	// StateDir receives the API token file.
+	// SecureAddress serves ADS and the CA (CreateCertificate) over TLS
+	// with bearer tokens, istiod's 15012 (default 0.0.0.0:15012; "off":
+	// not served).
+	SecureAddress string
+	// TrustDomain of issued SPIFFE IDs (default cluster.local).
+	TrustDomain string
+	// CACertsDir, if set, holds the CA as istiod's cacerts (ca-cert.pem,
+	// ca-key.pem, root-cert.pem, cert-chain.pem); else a root is generated
+	// once in StateDir/ca.
+	CACertsDir string
+	// ServingNames are extra DNS names or IPs of the TLS port's
+	// certificate, besides istiod's istiod.istio-system.svc names.
+	ServingNames []string
+	// StateDir receives the API token file, and keeps the CA (CADirName).
 	StateDir     string
 	PollInterval time.Duration
 	Log          zerolog.Logger
-	// Ready, if set, is called once both listeners are up.
+	// Ready, if set, is called once the listeners are up.
 	Ready func(xds, api net.Addr, tokenFile string)
+	// SecureReady, if set, is called before Ready with the TLS port's
+	// address and the root file its clients must trust.
+	SecureReady func(addr net.Addr, rootFile string)
 }
 
 // Run loads the files, writes the API token, serves ADS and the API and
@@ -41,6 +57,12 @@ func Run(ctx context.Context, o Options) error {
 	}
 	if o.APIAddress == "" {
 		o.APIAddress = "127.0.0.1:15014"
+	}
+	if o.SecureAddress == "" {
+		o.SecureAddress = "0.0.0.0:15012"
+	}
+	if o.TrustDomain == "" {
+		o.TrustDomain = "cluster.local"
 	}
 	var srv *Server
 	reg := EmptyRegistry()
@@ -106,13 +128,32 @@ func Run(ctx context.Context, o Options) error {
 	}
 	defer os.Remove(tokenFile)
 
+	var secure []grpcPort
+	var sec *secureConfig
+	if o.SecureAddress != "off" {
+		if sec, err = newSecure(o); err != nil {
+			return fmt.Errorf("CA: %w", err)
+		}
+		lis, err := net.Listen("tcp", o.SecureAddress)
+		if err != nil {
+			return fmt.Errorf("--secure-address: %w", err)
+		}
+		secure = append(secure, grpcPort{lis: lis, opts: sec.opts, register: sec.ca.Register})
+	}
+	closeSecure := func() {
+		for _, p := range secure {
+			p.lis.Close()
+		}
+	}
 	xdsLis, err := net.Listen("tcp", o.XDSAddress)
 	if err != nil {
+		closeSecure()
 		return fmt.Errorf("--xds-address: %w", err)
 	}
 	apiLis, err := net.Listen("tcp", o.APIAddress)
 	if err != nil {
 		xdsLis.Close()
+		closeSecure()
 		return fmt.Errorf("--api-address: %w", err)
 	}
 	api := &API{Server: srv, Token: token, Log: o.Log}
@@ -125,7 +166,7 @@ func Run(ctx context.Context, o Options) error {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		if err := srv.serve(ctx, xdsLis); err != nil {
+		if err := srv.serve(ctx, xdsLis, secure...); err != nil {
 			errc <- fmt.Errorf("xds: %w", err)
 		}
 	}()
@@ -144,6 +185,13 @@ func Run(ctx context.Context, o Options) error {
 	o.Log.Info().Str("xds_address", xdsLis.Addr().String()).Str("api_address", apiLis.Addr().String()).
 		Str("token_file", tokenFile).Str("version", srv.currentVersion()).Int("hosts", len(reg.hosts)).
 		Str("profile", profile.Metadata.Name).Msg("control plane ready")
+	if sec != nil {
+		o.Log.Info().Str("secure_address", secure[0].lis.Addr().String()).Str("root_cert", sec.roots).
+			Str("trust_domain", o.TrustDomain).Msg("CA and ADS over TLS ready (bearer tokens: meshtun controlplane token)")
+		if o.SecureReady != nil {
+			o.SecureReady(secure[0].lis.Addr(), sec.roots)
+		}
+	}
 	if o.Ready != nil {
 		o.Ready(xdsLis.Addr(), apiLis.Addr(), tokenFile)
 	}

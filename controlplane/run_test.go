@@ -31,7 +31,7 @@ func TestRunServesAndCleansUp(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() {
-		errc <- Run(ctx, Options{RegistryFile: "testdata/registry.yaml", Profile: prof, XDSAddress: "127.0.0.1:0", APIAddress: "127.0.0.1:0",
+		errc <- Run(ctx, Options{RegistryFile: "testdata/registry.yaml", Profile: prof, XDSAddress: "127.0.0.1:0", APIAddress: "127.0.0.1:0", SecureAddress: "127.0.0.1:0",
 			StateDir: state, PollInterval: 10 * time.Millisecond, Log: zerolog.Nop(),
 			Ready: func(x, a net.Addr, tok string) { rc <- ready{x, a, tok} }})
 	}()

@@ -88,23 +88,47 @@ func NewServer(reg *Registry, profile *Profile, log zerolog.Logger) *Server {
 	return s
 }
 
-// Serve runs the ADS gRPC service on lis until ctx is done.
-func (s *Server) serve(ctx context.Context, lis net.Listener) error {
+// grpcPort is one more gRPC server carrying ADS: the TLS port, with its
+// options (credentials, token check) and the CA service registered.
+type grpcPort struct {
+	lis      net.Listener
+	opts     []grpc.ServerOption
+	register func(*grpc.Server)
+}
+
+// Serve runs the ADS gRPC service on lis, and on each of more, until ctx
+// is done or one of them fails. All share one ADS server and one cache: a
+// node is the same node on either port.
+func (s *Server) serve(ctx context.Context, lis net.Listener, more ...grpcPort) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	gs := grpc.NewServer()
-	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, serverv3.NewServer(ctx, s.cache, s.callbacks()))
-	stop := context.AfterFunc(ctx, gs.Stop)
-	defer stop()
+	ads := serverv3.NewServer(ctx, s.cache, s.callbacks())
+	ports := append([]grpcPort{{lis: lis}}, more...)
+	errc := make(chan error, len(ports))
+	for _, p := range ports {
+		gs := grpc.NewServer(p.opts...)
+		discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, ads)
+		if p.register != nil {
+			p.register(gs)
+		}
+		stop := context.AfterFunc(ctx, gs.Stop)
+		defer stop()
+		go func() {
+			err := gs.Serve(p.lis)
+			cancel()
+			errc <- err
+		}()
+	}
 	done := make(chan struct{})
 	go func() { defer close(done); s.sequencer(ctx) }()
-	err := gs.Serve(lis)
-	stopped := ctx.Err() != nil
-	cancel()
-	<-done
-	if err == nil || stopped && errors.Is(err, grpc.ErrServerStopped) {
-		return nil
+	var err error
+	for range ports {
+		e := <-errc
+		if e != nil && !errors.Is(e, grpc.ErrServerStopped) && err == nil {
+			err = e
+		}
 	}
+	<-done
 	return err
 }
 
