@@ -112,9 +112,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	for _, w := range in.Warnings {
-		log.Warn().Msg(w)
-	}
+	logStartInputs(log, in)
 	if err := writeFile(cfg.BootstrapOut, js); err != nil {
 		return err
 	}
@@ -209,6 +207,21 @@ func Run(cfg Config, root zerolog.Logger) error {
 	}
 	log.Info().Msg("proxy exited; agent done")
 	return nil
+}
+
+// logStartInputs logs, at start, the inputs' warnings and, in one info
+// line, the ProxyConfig fields meshtun accepts but does not act on: they
+// are valid Istio settings (the injector passes whatever the mesh config
+// sets), so not a warning, but a user should see they change nothing
+// here. A reload logs only the warnings.
+func logStartInputs(log zerolog.Logger, in *Inputs) {
+	for _, w := range in.Warnings {
+		log.Warn().Msg(w)
+	}
+	if len(in.ProxyConfigNotActedOn) > 0 {
+		log.Info().Strs("fields", in.ProxyConfigNotActedOn).
+			Msg("ProxyConfig: fields accepted and sent to istiod in the node metadata, not acted on by meshtun")
+	}
 }
 
 // proxyCommand is the child for the next start, from the current

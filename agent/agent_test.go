@@ -144,8 +144,7 @@ func TestCaptureConfigExcludesAgentPorts(t *testing.T) {
 		t.Errorf("capture config %+v", cfg)
 	}
 	// The init container reads the same PROXY_CONFIG.
-	pc = defaultProxyConfig()
-	if _, _, err := loadProxyConfig(&pc, src, environ(src)); err != nil {
+	if pc, _, err = loadProxyConfig(src, environ(src)); err != nil {
 		t.Fatal(err)
 	}
 	if got := agentPorts(pc, 15021); !slices.Equal(got, []tun.PortRange{{Start: 15555, End: 15555}, {Start: 15030, End: 15030}}) {

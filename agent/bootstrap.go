@@ -76,7 +76,11 @@ func (in *Inputs) nodeMetadata() (*structpb.Struct, error) {
 	m["INTERCEPTION_MODE"] = in.InterceptionMode
 	m["ISTIO_VERSION"] = in.IstioVersion
 	m["CLUSTER_ID"] = in.ClusterID
-	m["PROXY_CONFIG"] = in.ProxyConfig.metadata()
+	pc, err := in.ProxyConfig.metadata()
+	if err != nil {
+		return nil, fmt.Errorf("PROXY_CONFIG: %w", err)
+	}
+	m["PROXY_CONFIG"] = pc
 	m["ENVOY_STATUS_PORT"] = in.ReadinessPort
 	m["ENVOY_PROMETHEUS_PORT"] = 15090
 	if in.ServiceAccount != "" {

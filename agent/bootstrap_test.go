@@ -5,6 +5,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -118,8 +119,15 @@ func TestBootstrapGolden(t *testing.T) {
 		pc["concurrency"].GetNumberValue() != 2 {
 		t.Errorf("PROXY_CONFIG %v does not carry the environment's values", pc)
 	}
-	if len(in.Warnings) != 1 || !strings.Contains(in.Warnings[0], "tracing") {
-		t.Errorf("warnings %q, want one about the ignored tracing field", in.Warnings)
+	// The whole ProxyConfig reaches istiod, as pilot-agent sends it:
+	// Istio's defaults and the fields meshtun does not act on.
+	zipkin := pc["tracing"].GetStructValue().GetFields()["zipkin"].GetStructValue().GetFields()
+	if zipkin["address"].GetStringValue() != "zipkin.istio-system:9411" || pc["statNameLength"].GetNumberValue() != 189 ||
+		pc["serviceCluster"].GetStringValue() != "istio-proxy" {
+		t.Errorf("PROXY_CONFIG %v lacks the environment's tracing or Istio's defaults", pc)
+	}
+	if len(in.Warnings) != 0 || !slices.Equal(in.ProxyConfigNotActedOn, []string{"tracing"}) {
+		t.Errorf("warnings %q, not acted on %q: want no warning and tracing listed as not acted on", in.Warnings, in.ProxyConfigNotActedOn)
 	}
 	wantEx := Exclusions{OutboundPorts: []tun.PortRange{{Start: 3306, End: 3306}, {Start: 9000, End: 9010}}, InboundPorts: []tun.PortRange{{Start: 8081, End: 8081}}}
 	if got := in.Exclusions; got.String() != wantEx.String() {
@@ -211,6 +219,10 @@ func env(overrides ...string) []string {
 func TestBadEnvironment(t *testing.T) {
 	badAnnots := writeAnnotations(t, `traffic.sidecar.istio.io/excludeOutboundPorts="80,http"`)
 	garbled := writeAnnotations(t, `traffic.sidecar.istio.io/excludeInboundPorts=8080`)
+	badPCFile := filepath.Join(t.TempDir(), "proxyconfig.yaml")
+	if err := os.WriteFile(badPCFile, []byte("drainDuration: 5s\nstatNameLenght: 200\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		src  Sources
@@ -223,10 +235,21 @@ func TestBadEnvironment(t *testing.T) {
 		{"no pod name", Sources{Environ: env("POD_NAME=<unset>")}, []string{"POD_NAME", "required"}},
 		{"no namespace", Sources{Environ: env("POD_NAMESPACE=")}, []string{"POD_NAMESPACE", "required"}},
 		{"pod name with ~", Sources{Environ: env("POD_NAME=a~b")}, []string{"POD_NAME", `"a~b"`}},
-		{"unknown PROXY_CONFIG field", Sources{Environ: env(`PROXY_CONFIG={"drainDuraton":"5s"}`)}, []string{"PROXY_CONFIG", "drainDuraton", "unknown field"}},
+		{"unknown PROXY_CONFIG field", Sources{Environ: env(`PROXY_CONFIG={"drainDuraton":"5s"}`)}, []string{"PROXY_CONFIG: drainDuraton: not a ProxyConfig field"}},
+		{"imageTyp", Sources{Environ: env(`PROXY_CONFIG={"imageTyp": "x"}`)}, []string{"PROXY_CONFIG: imageTyp: not a ProxyConfig field"}},
+		{"imageType at the top", Sources{Environ: env(`PROXY_CONFIG={"imageType": "distroless"}`)},
+			[]string{"PROXY_CONFIG: imageType: not a ProxyConfig field", `imageType is a field of image: {"image": {"imageType": ...}}`}},
+		{"unknown nested field", Sources{Environ: env(`PROXY_CONFIG={"tracing":{"zipkn":{}}}`)}, []string{"PROXY_CONFIG: tracing:", `"zipkn"`}},
+		{"field set twice", Sources{Environ: env(`PROXY_CONFIG={"drainDuration":"5s","drain_duration":"6s"}`)}, []string{"PROXY_CONFIG", "drainDuration and drain_duration"}},
+		{"oneof set twice", Sources{Environ: env(`PROXY_CONFIG={"serviceCluster":"a","tracingServiceName":"CANONICAL_NAME_ONLY"}`)},
+			[]string{"PROXY_CONFIG", "serviceCluster and tracingServiceName"}},
+		{"bad enum", Sources{Environ: env(`PROXY_CONFIG={"interceptionMode":"IPTABLES"}`)}, []string{"PROXY_CONFIG: interceptionMode:", "IPTABLES"}},
+		{"bad file field", Sources{Environ: env(), ProxyConfigFile: badPCFile}, []string{"proxy config file " + badPCFile, "statNameLenght: not a ProxyConfig field"}},
 		{"PROXY_CONFIG not an object", Sources{Environ: env(`PROXY_CONFIG=[1,2]`)}, []string{"PROXY_CONFIG", "want a ProxyConfig object"}},
 		{"PROXY_CONFIG bad YAML", Sources{Environ: env("PROXY_CONFIG=drainDuration: [5s")}, []string{"PROXY_CONFIG", "not valid YAML"}},
 		{"bad duration", Sources{Environ: env(`PROXY_CONFIG={"terminationDrainDuration":"5 seconds"}`)}, []string{"PROXY_CONFIG: terminationDrainDuration", `"5 seconds"`}},
+		{"zero drain", Sources{Environ: env(`PROXY_CONFIG={"drainDuration":"0s"}`)}, []string{"PROXY_CONFIG: drainDuration", "more than 0s"}},
+		{"port not a number", Sources{Environ: env(`PROXY_CONFIG={"proxyAdminPort":"admin"}`)}, []string{"PROXY_CONFIG: proxyAdminPort", `"admin"`}},
 		{"negative duration", Sources{Environ: env(`PROXY_CONFIG={"terminationDrainDuration":"-5s"}`)}, []string{"terminationDrainDuration", "negative"}},
 		{"bad admin port", Sources{Environ: env(`PROXY_CONFIG={"proxyAdminPort":70000}`)}, []string{"PROXY_CONFIG: proxyAdminPort", "70000"}},
 		{"bad discovery address", Sources{Environ: env(`PROXY_CONFIG={"discoveryAddress":"istiod"}`)}, []string{"PROXY_CONFIG: discoveryAddress", `"istiod"`}},

@@ -179,8 +179,8 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	}
 	// The agent's ports stay uncaptured from the start; without
 	// PROXY_CONFIG they are Istio's defaults, which capture always excludes.
-	pc := defaultProxyConfig()
-	if _, _, err := loadProxyConfig(&pc, src, env); err != nil {
+	pc, _, err := loadProxyConfig(src, env)
+	if err != nil {
 		return err
 	}
 	readiness := src.ReadinessPort

@@ -53,8 +53,8 @@ type Sources struct {
 	// Environ is the process environment, KEY=VALUE (os.Environ()).
 	Environ []string
 	// ProxyConfigFile is an optional ProxyConfig document (YAML or JSON,
-	// like mesh config's defaultConfig); PROXY_CONFIG overrides it field
-	// by field.
+	// like mesh config's defaultConfig), applied over Istio's defaults;
+	// PROXY_CONFIG overrides it field by field.
 	ProxyConfigFile string
 	// LabelsFile and AnnotationsFile are the downward-API files (key="value"
 	// lines); a file that does not exist means none.
@@ -98,12 +98,28 @@ type Inputs struct {
 	Exclusions Exclusions
 	// Warnings are inputs that were ignored, for the log.
 	Warnings []string
+	// ProxyConfigNotActedOn are the ProxyConfig fields the file or
+	// PROXY_CONFIG set that meshtun accepts and carries to istiod but does
+	// not act on (JSON names, sorted); the agent lists them once at start.
+	ProxyConfigNotActedOn []string
 }
 
 // Load reads and validates the inputs. Every error names the variable,
 // file or annotation at fault and the value.
 func Load(src Sources) (*Inputs, error) {
 	env := environ(src)
+	pc, notActedOn, err := loadProxyConfig(src, env)
+	if err != nil {
+		return nil, err
+	}
+	// proxyMetadata entries are environment variables of the proxy
+	// container in Istio (the injector adds them, under the container's
+	// own variables): they fill in the variables the environment lacks.
+	for k, v := range pc.msg.GetProxyMetadata() {
+		if _, set := env[k]; !set {
+			env[k] = v
+		}
+	}
 	in := &Inputs{
 		PodName:        env[envPodName],
 		Namespace:      env[envPodNamespace],
@@ -111,9 +127,11 @@ func Load(src Sources) (*Inputs, error) {
 		Meta:           map[string]string{},
 		IstioVersion:   istioVersion,
 		ClusterID:      "Kubernetes",
-		ProxyConfig:    defaultProxyConfig(),
+		ProxyConfig:    pc,
 		ReadinessPort:  src.ReadinessPort,
 		NoXDS:          src.NoXDS,
+
+		ProxyConfigNotActedOn: notActedOn,
 	}
 	if in.ReadinessPort == 0 {
 		in.ReadinessPort = defaultReadinessPort
@@ -130,32 +148,23 @@ func Load(src Sources) (*Inputs, error) {
 	if in.Domain == "" {
 		in.Domain = in.Namespace + ".svc.cluster.local"
 	}
-	var err error
 	if in.InstanceIPs, err = instanceIPs(env); err != nil {
 		return nil, err
 	}
 
-	proxyMeta, w, err := loadProxyConfig(&in.ProxyConfig, src, env)
-	if err != nil {
-		return nil, err
-	}
-	in.Warnings = append(in.Warnings, w...)
 	if src.DiscoveryAddress != "" {
 		if err := checkHostPort(src.DiscoveryAddress); err != nil {
 			return nil, fmt.Errorf("discovery address: %w", err)
 		}
 		in.ProxyConfig.DiscoveryAddress = src.DiscoveryAddress
 	}
-	pc := in.ProxyConfig
+	pc = in.ProxyConfig
 	if pc.ProxyAdminPort == pc.StatusPort || pc.ProxyAdminPort == in.ReadinessPort || pc.StatusPort == in.ReadinessPort {
 		return nil, fmt.Errorf("%s: proxyAdminPort %d, statusPort %d and the readiness port %d must differ",
 			envProxyConfig, pc.ProxyAdminPort, pc.StatusPort, in.ReadinessPort)
 	}
-	for k, v := range proxyMeta {
-		if name, ok := strings.CutPrefix(k, metaPrefix); ok && name != "" {
-			in.Meta[name] = v
-		}
-	}
+	// ISTIO_META_* variables, proxyMetadata's among them, are node
+	// metadata (bootstrap.GetNodeMetaData).
 	for k, v := range env {
 		if name, ok := strings.CutPrefix(k, metaPrefix); ok && name != "" {
 			in.Meta[name] = v
@@ -196,6 +205,7 @@ func Load(src Sources) (*Inputs, error) {
 	if in.Annotations, err = podInfo(env, envAnnotsJSON, src.AnnotationsFile); err != nil {
 		return nil, err
 	}
+	var w []string
 	if in.Exclusions, w, err = exclusionsFrom(in.Annotations, annotationSource(env, src.AnnotationsFile)); err != nil {
 		return nil, err
 	}
@@ -214,32 +224,43 @@ func Load(src Sources) (*Inputs, error) {
 	return in, nil
 }
 
-// loadProxyConfig applies the ProxyConfig file, then PROXY_CONFIG, over
-// pc; proxyMetadata entries under ISTIO_META_ are node metadata, as in
-// Istio.
-func loadProxyConfig(pc *ProxyConfig, src Sources, env map[string]string) (proxyMeta map[string]string, warnings []string, err error) {
+// loadProxyConfig decodes the ProxyConfig file, then PROXY_CONFIG, over
+// Istio's defaults, as pilot-agent applies PROXY_CONFIG over the mesh
+// config's defaultConfig. notActedOn are the fields they set that meshtun
+// does not use.
+func loadProxyConfig(src Sources, env map[string]string) (pc ProxyConfig, notActedOn []string, err error) {
+	msg := defaultProxyConfigMessage()
+	var set []string
+	apply := func(doc []byte, source string) error {
+		one, removed, err := decodeProxyConfig(doc, source)
+		if err != nil {
+			return err
+		}
+		overlayProxyConfig(msg, one)
+		set = append(append(set, setFields(one)...), removed...)
+		return nil
+	}
 	if src.ProxyConfigFile != "" {
 		doc, err := os.ReadFile(src.ProxyConfigFile)
 		if err != nil {
-			return nil, nil, fmt.Errorf("proxy config file: %w", err)
+			return ProxyConfig{}, nil, fmt.Errorf("proxy config file: %w", err)
 		}
-		m, w, err := applyProxyConfig(pc, doc, "proxy config file "+src.ProxyConfigFile)
-		if err != nil {
-			return nil, nil, err
+		if err := apply(doc, "proxy config file "+src.ProxyConfigFile); err != nil {
+			return ProxyConfig{}, nil, err
 		}
-		proxyMeta, warnings = m, append(warnings, w...)
 	}
 	if v, ok := env[envProxyConfig]; ok {
-		m, w, err := applyProxyConfig(pc, []byte(v), envProxyConfig)
-		if err != nil {
-			return nil, nil, err
+		if err := apply([]byte(v), envProxyConfig); err != nil {
+			return ProxyConfig{}, nil, err
 		}
-		if m != nil {
-			proxyMeta = m
-		}
-		warnings = append(warnings, w...)
 	}
-	return proxyMeta, warnings, nil
+	for _, f := range set {
+		if !slices.Contains(actedOn, f) && !slices.Contains(notActedOn, f) {
+			notActedOn = append(notActedOn, f)
+		}
+	}
+	slices.Sort(notActedOn)
+	return effectiveProxyConfig(msg), notActedOn, nil
 }
 
 // defaultReadinessPort is Istio's sidecar readiness port (/healthz/ready).

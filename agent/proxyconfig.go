@@ -3,19 +3,29 @@ package agent
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	meshconfig "istio.io/api/mesh/v1alpha1"
 	"sigs.k8s.io/yaml"
 )
 
-// ProxyConfig is the part of Istio's ProxyConfig (mesh config
-// defaultConfig, the PROXY_CONFIG variable the injector sets) that meshtun
-// acts on. Durations are Go durations, ports plain numbers.
+// ProxyConfig is what meshtun takes from Istio's ProxyConfig (mesh config
+// defaultConfig, the PROXY_CONFIG variable the injector sets): the
+// effective values of the fields it acts on, and the whole decoded
+// message, which the node metadata carries to istiod. Durations are Go
+// durations, ports plain numbers.
 type ProxyConfig struct {
 	// DiscoveryAddress is the xDS server, host:port (istiod's plaintext
 	// port by default).
@@ -39,56 +49,84 @@ type ProxyConfig struct {
 	// the injector acts on it by ordering containers and adding a
 	// postStart `meshtun agent wait`.
 	HoldApplicationUntilProxyStarts bool
+
+	// msg is the decoded istio.io/api ProxyConfig: Istio's defaults, then
+	// the file, then PROXY_CONFIG. Never modified once built (Clone to
+	// change it).
+	msg *meshconfig.ProxyConfig
 }
 
-// defaultProxyConfig is Istio's default for the fields meshtun reads,
-// except Concurrency (see ProxyConfig).
-func defaultProxyConfig() ProxyConfig {
-	return ProxyConfig{
-		DiscoveryAddress:         "istiod.istio-system.svc:15010",
-		DrainDuration:            45 * time.Second,
-		TerminationDrainDuration: 5 * time.Second,
+// defaultDiscoveryAddress is istiod's plaintext xDS port. Istio's default
+// is the TLS port 15012, which needs the workload identity meshtun does
+// not have yet.
+const defaultDiscoveryAddress = "istiod.istio-system.svc:15010"
+
+// defaultProxyConfigMessage is Istio's mesh.DefaultProxyConfig
+// (pkg/config/mesh/mesh.go; the same values are the defaultConfig of the
+// mesh.yaml Istio 1.31 renders), except the discovery address (see
+// defaultDiscoveryAddress). The injector leaves out of PROXY_CONFIG every
+// field equal to these (cleanProxyConfig), so they are the base a sidecar
+// must apply PROXY_CONFIG to, as pilot-agent does.
+func defaultProxyConfigMessage() *meshconfig.ProxyConfig {
+	return &meshconfig.ProxyConfig{
+		ConfigPath:               "./etc/istio/proxy",
+		ClusterName:              &meshconfig.ProxyConfig_ServiceCluster{ServiceCluster: "istio-proxy"},
+		DrainDuration:            durationpb.New(45 * time.Second),
+		TerminationDrainDuration: durationpb.New(5 * time.Second),
 		ProxyAdminPort:           15000,
+		ControlPlaneAuthPolicy:   meshconfig.AuthenticationPolicy_MUTUAL_TLS,
+		DiscoveryAddress:         defaultDiscoveryAddress,
+		BinaryPath:               "/usr/local/bin/envoy",
+		StatNameLength:           189,
 		StatusPort:               15020,
-		Concurrency:              1,
 	}
 }
 
-// proxyConfigFields are the fields meshtun acts on, in the order they are
-// reported.
-var proxyConfigFields = []string{
+// defaultConcurrency is meshtun's concurrency when ProxyConfig has none
+// (Istio's injector sizes it from the CPU limit; see ProxyConfig).
+const defaultConcurrency = 1
+
+// defaultProxyConfig is the effective configuration without a file or
+// PROXY_CONFIG.
+func defaultProxyConfig() ProxyConfig {
+	return effectiveProxyConfig(defaultProxyConfigMessage())
+}
+
+// actedOn are the ProxyConfig fields meshtun uses (JSON names): the
+// proxy's flags and bootstrap take them, or, for
+// holdApplicationUntilProxyStarts, the injector through the node metadata,
+// and proxyMetadata supplies environment variables. Every other field is
+// accepted, carried to istiod in the node metadata, and listed once at
+// start as not acted on. statNameLength, proxyStatsMatcher and
+// extraStatTags shape Envoy's stats_config in Istio's bootstrap template;
+// meshtun's stats store has no name limit or inclusion matcher, so they
+// are among the others.
+var actedOn = []string{
 	"discoveryAddress", "drainDuration", "terminationDrainDuration", "proxyAdminPort",
-	"statusPort", "concurrency", "holdApplicationUntilProxyStarts",
+	"statusPort", "concurrency", "holdApplicationUntilProxyStarts", "proxyMetadata",
 }
 
-// istioOnlyFields are ProxyConfig fields Istio defines that meshtun does
-// not act on (tracing, stats, TLS to the control plane, ...). The injector
-// and mesh config set several of them by default, so they are reported as
-// warnings instead of failing the pod; any other name is a typo and an
-// error.
-var istioOnlyFields = []string{
-	"configPath", "binaryPath", "serviceCluster", "parentShutdownDuration", "discoveryRefreshDelay",
-	"zipkinAddress", "statsdUdpAddress", "envoyMetricsServiceAddress", "availabilityZone",
-	"controlPlaneAuthPolicy", "customConfigFile", "statNameLength", "proxyBootstrapTemplatePath",
-	"interceptionMode", "tracing", "sds", "envoyAccessLogService", "envoyMetricsService",
-	"proxyMetadata", "extraStatTags", "gatewayTopology", "meshId", "readinessProbe",
-	"proxyStatsMatcher", "caCertificatesPem", "image", "privateKeyProvider", "tracingServiceName",
-	"fileFlushInterval", "fileFlushMinSizeKb", "runtimeValues", "proxyHeaders", "caCertificatePem",
-}
+var proxyConfigDesc = (&meshconfig.ProxyConfig{}).ProtoReflect().Descriptor()
 
-// applyProxyConfig decodes a ProxyConfig document (YAML or JSON) named
-// source in errors, and sets on pc the fields it has. It returns the
-// proxyMetadata map (ISTIO_META_* entries become node metadata, as in
-// Istio) and warnings about fields meshtun ignores.
-func applyProxyConfig(pc *ProxyConfig, doc []byte, source string) (meta map[string]string, warnings []string, err error) {
+// decodeProxyConfig decodes one ProxyConfig document (YAML or JSON; field
+// names in the JSON form, "drainDuration", or the proto form,
+// "drain_duration", as protojson accepts both) named source in errors.
+// The message holds only the fields the document sets (a proto3 scalar
+// set to its zero, "statNameLength: 0", cannot be told from unset, so
+// Istio's default stays); removed are the names of fields Istio removed,
+// accepted and ignored. A name that is not a ProxyConfig field is an error
+// naming it, as are a value protojson rejects and a bad value of a field
+// meshtun acts on.
+func decodeProxyConfig(doc []byte, source string) (out *meshconfig.ProxyConfig, removed []string, err error) {
 	js, err := yaml.YAMLToJSON(doc)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: not valid YAML or JSON: %w", source, err)
 	}
-	var fields map[string]json.RawMessage
+	out = &meshconfig.ProxyConfig{}
 	if s := strings.TrimSpace(string(js)); s == "null" || s == "" {
-		return nil, nil, nil
+		return out, nil, nil
 	}
+	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(js, &fields); err != nil {
 		return nil, nil, fmt.Errorf("%s: want a ProxyConfig object: %w", source, err)
 	}
@@ -97,112 +135,203 @@ func applyProxyConfig(pc *ProxyConfig, doc []byte, source string) (meta map[stri
 		names = append(names, k)
 	}
 	slices.Sort(names)
+	// Each field is decoded alone, so an error names it; a field set under
+	// both its names (or two members of a oneof) is ambiguous.
+	seen := map[protoreflect.FullName]string{}
+	r := out.ProtoReflect()
 	for _, name := range names {
+		fd := proxyConfigField(name)
+		if fd == nil {
+			if n, ok := removedProxyConfigField(name); ok {
+				removed = append(removed, n)
+				continue
+			}
+			return nil, nil, fmt.Errorf("%s: %s: not a ProxyConfig field (istio.io/api mesh.v1alpha1.ProxyConfig)%s",
+				source, name, nestedHint(name))
+		}
+		key := fd.FullName()
+		if o := fd.ContainingOneof(); o != nil {
+			key = o.FullName()
+		}
+		if prev, dup := seen[key]; dup {
+			return nil, nil, fmt.Errorf("%s: %s and %s set the same field", source, prev, name)
+		}
+		seen[key] = name
 		raw := fields[name]
-		field := source + ": " + name
-		switch name {
-		case "discoveryAddress":
-			var s string
-			if err := json.Unmarshal(raw, &s); err != nil {
-				return nil, nil, fmt.Errorf("%s: want a host:port string, got %s", field, raw)
-			}
-			if err := checkHostPort(s); err != nil {
-				return nil, nil, fmt.Errorf("%s: %w", field, err)
-			}
-			pc.DiscoveryAddress = s
-		case "drainDuration", "terminationDrainDuration":
-			d, err := parseDuration(raw)
-			if err != nil {
-				return nil, nil, fmt.Errorf("%s: %w", field, err)
-			}
-			if name == "drainDuration" {
-				if d == 0 {
-					return nil, nil, fmt.Errorf("%s: must be more than 0s", field)
-				}
-				pc.DrainDuration = d
-			} else {
-				pc.TerminationDrainDuration = d
-			}
-		case "proxyAdminPort", "statusPort":
-			p, err := parsePort(raw)
-			if err != nil {
-				return nil, nil, fmt.Errorf("%s: %w", field, err)
-			}
-			if name == "proxyAdminPort" {
-				pc.ProxyAdminPort = p
-			} else {
-				pc.StatusPort = p
-			}
-		case "concurrency":
-			n, err := parseInt(raw)
-			if err != nil || n < 0 || n > 1024 {
-				return nil, nil, fmt.Errorf("%s: want a number of workers 0..1024 (0: every core), got %s", field, raw)
-			}
-			if n == 0 {
-				// Every core the pod may use: GOMAXPROCS follows the
-				// cgroup's CPU limit (Go 1.25+), NumCPU would count the node's.
-				n = runtime.GOMAXPROCS(0)
-			}
-			pc.Concurrency = n
-		case "holdApplicationUntilProxyStarts":
-			var b bool
-			if err := json.Unmarshal(raw, &b); err != nil {
-				return nil, nil, fmt.Errorf("%s: want true or false, got %s", field, raw)
-			}
-			pc.HoldApplicationUntilProxyStarts = b
-		case "proxyMetadata":
-			if err := json.Unmarshal(raw, &meta); err != nil {
-				return nil, nil, fmt.Errorf("%s: want a map of strings: %w", field, err)
-			}
+		if string(raw) == "null" {
+			continue
+		}
+		one := &meshconfig.ProxyConfig{}
+		if err := protojson.Unmarshal([]byte(`{"`+string(fd.Name())+`":`+string(raw)+`}`), one); err != nil {
+			return nil, nil, fmt.Errorf("%s: %s: %s", source, name, protojsonError(err))
+		}
+		if o := one.ProtoReflect(); o.Has(fd) {
+			r.Set(fd, o.Get(fd))
+		}
+	}
+	if err := checkProxyConfig(out); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", source, err)
+	}
+	return out, removed, nil
+}
+
+// proxyConfigField finds a field by its JSON or proto name.
+func proxyConfigField(name string) protoreflect.FieldDescriptor {
+	fs := proxyConfigDesc.Fields()
+	if fd := fs.ByJSONName(name); fd != nil {
+		return fd
+	}
+	return fs.ByTextName(name)
+}
+
+// removedProxyConfigField reports whether name is a field Istio removed
+// (reserved in the proto, e.g. parentShutdownDuration, a default until
+// 1.14), and its JSON name: old mesh configs still carry them and Istio
+// accepts them, so meshtun does too, acting on nothing.
+func removedProxyConfigField(name string) (string, bool) {
+	rn := proxyConfigDesc.ReservedNames()
+	for i := range rn.Len() {
+		if n := string(rn.Get(i)); n == name || jsonName(n) == name {
+			return jsonName(n), true
+		}
+	}
+	return "", false
+}
+
+// jsonName is protobuf's JSON name of a snake_case field name.
+func jsonName(s string) string {
+	var b strings.Builder
+	upper := false
+	for _, c := range s {
+		switch {
+		case c == '_':
+			upper = true
+		case upper && 'a' <= c && c <= 'z':
+			b.WriteRune(c - 'a' + 'A')
+			upper = false
 		default:
-			if !slices.Contains(istioOnlyFields, name) {
-				return nil, nil, fmt.Errorf("%s: unknown field (meshtun reads %s; other Istio ProxyConfig fields are ignored)",
-					field, strings.Join(proxyConfigFields, ", "))
-			}
-			warnings = append(warnings, fmt.Sprintf("%s: not supported by meshtun, ignored", field))
+			b.WriteRune(c)
+			upper = false
 		}
 	}
-	return meta, warnings, nil
+	return b.String()
 }
 
-// parseDuration reads a duration as Istio's YAML writes it ("45s",
-// "1m30s", "0.5s"), which protobuf's JSON form ("45s") is a case of.
-func parseDuration(raw json.RawMessage) (time.Duration, error) {
-	var s string
-	if err := json.Unmarshal(raw, &s); err != nil {
-		return 0, fmt.Errorf("want a duration such as \"5s\", got %s", raw)
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, fmt.Errorf("want a duration such as \"5s\", got %q", s)
-	}
-	if d < 0 {
-		return 0, fmt.Errorf("negative duration %q", s)
-	}
-	return d, nil
-}
-
-// parseInt reads a JSON number, or a string holding one (YAML and protobuf
-// JSON write int64s as strings).
-func parseInt(raw json.RawMessage) (int, error) {
-	var n json.Number
-	if err := json.Unmarshal(raw, &n); err != nil {
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return 0, err
+// nestedHint says where a name belongs when it is a field of one of
+// ProxyConfig's messages (imageType is image.imageType), the usual
+// mistake.
+func nestedHint(name string) string {
+	fs := proxyConfigDesc.Fields()
+	for i := range fs.Len() {
+		fd := fs.Get(i)
+		if fd.Kind() != protoreflect.MessageKind || fd.IsMap() || fd.IsList() {
+			continue
 		}
-		n = json.Number(s)
+		sub := fd.Message().Fields()
+		if sub.ByJSONName(name) != nil || sub.ByTextName(name) != nil {
+			return fmt.Sprintf("; %s is a field of %s: {%q: {%q: ...}}", name, fd.JSONName(), fd.JSONName(), name)
+		}
 	}
-	v, err := strconv.Atoi(n.String())
-	return v, err
+	return ""
 }
 
-func parsePort(raw json.RawMessage) (int, error) {
-	p, err := parseInt(raw)
-	if err != nil || p < 1 || p > 65535 {
-		return 0, fmt.Errorf("want a port number 1..65535, got %s", raw)
+// protojsonPosition is protojson's error prefix: its line and column are
+// those of the one-field document decodeProxyConfig builds, of no use to
+// the user. protojson separates the words with a space or, at random per
+// binary, a no-break space (U+00A0), so that no one matches its text.
+var protojsonPosition = regexp.MustCompile(`^proto:[\s\x{a0}]*(syntax error[\s\x{a0}]*)?(\(line \d+:\d+\):[\s\x{a0}]*)?`)
+
+func protojsonError(err error) string {
+	return protojsonPosition.ReplaceAllString(err.Error(), "")
+}
+
+// checkProxyConfig validates the fields of m meshtun acts on, where set.
+func checkProxyConfig(m *meshconfig.ProxyConfig) error {
+	if a := m.GetDiscoveryAddress(); a != "" {
+		if err := checkHostPort(a); err != nil {
+			return fmt.Errorf("discoveryAddress: %w", err)
+		}
 	}
-	return p, nil
+	for _, d := range []struct {
+		name     string
+		v        *durationpb.Duration
+		positive bool
+	}{{"drainDuration", m.GetDrainDuration(), true}, {"terminationDrainDuration", m.GetTerminationDrainDuration(), false}} {
+		if d.v == nil {
+			continue
+		}
+		switch v := d.v.AsDuration(); {
+		case v < 0:
+			return fmt.Errorf("%s: negative duration %q", d.name, protoDuration(v))
+		case v == 0 && d.positive:
+			return fmt.Errorf("%s: must be more than 0s", d.name)
+		}
+	}
+	for _, p := range []struct {
+		name string
+		v    int32
+	}{{"proxyAdminPort", m.GetProxyAdminPort()}, {"statusPort", m.GetStatusPort()}} {
+		if p.v != 0 && (p.v < 1 || p.v > 65535) {
+			return fmt.Errorf("%s: want a port number 1..65535, got %d", p.name, p.v)
+		}
+	}
+	if c := m.GetConcurrency(); c != nil && (c.GetValue() < 0 || c.GetValue() > 1024) {
+		return fmt.Errorf("concurrency: want a number of workers 0..1024 (0: every core), got %d", c.GetValue())
+	}
+	return nil
+}
+
+// overlayProxyConfig sets on dst every field src sets, replacing dst's;
+// proxyMetadata entries are merged, src's winning, as Istio merges the
+// mesh config's and PROXY_CONFIG's (pkg/config/mesh applyProxyConfig).
+func overlayProxyConfig(dst, src *meshconfig.ProxyConfig) {
+	meta := dst.GetProxyMetadata()
+	r := dst.ProtoReflect()
+	src.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		r.Set(fd, v)
+		return true
+	})
+	if len(meta) > 0 && len(src.GetProxyMetadata()) > 0 {
+		merged := maps.Clone(meta)
+		maps.Copy(merged, src.GetProxyMetadata())
+		dst.ProxyMetadata = merged
+	}
+}
+
+// setFields are the JSON names of the fields m sets, sorted.
+func setFields(m *meshconfig.ProxyConfig) []string {
+	var out []string
+	m.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) bool {
+		out = append(out, fd.JSONName())
+		return true
+	})
+	slices.Sort(out)
+	return out
+}
+
+// effectiveProxyConfig derives meshtun's values from a message built by
+// overlaying validated documents on Istio's defaults, so every field it
+// reads is set and valid.
+func effectiveProxyConfig(m *meshconfig.ProxyConfig) ProxyConfig {
+	pc := ProxyConfig{
+		DiscoveryAddress:                m.GetDiscoveryAddress(),
+		DrainDuration:                   m.GetDrainDuration().AsDuration(),
+		TerminationDrainDuration:        m.GetTerminationDrainDuration().AsDuration(),
+		ProxyAdminPort:                  int(m.GetProxyAdminPort()),
+		StatusPort:                      int(m.GetStatusPort()),
+		Concurrency:                     defaultConcurrency,
+		HoldApplicationUntilProxyStarts: m.GetHoldApplicationUntilProxyStarts().GetValue(),
+		msg:                             m,
+	}
+	if c := m.GetConcurrency(); c != nil {
+		pc.Concurrency = int(c.GetValue())
+		if pc.Concurrency == 0 {
+			// Every core the pod may use: GOMAXPROCS follows the
+			// cgroup's CPU limit (Go 1.25+), NumCPU would count the node's.
+			pc.Concurrency = runtime.GOMAXPROCS(0)
+		}
+	}
+	return pc
 }
 
 // checkHostPort validates an xDS server address: a host name or IP and a
@@ -221,21 +350,34 @@ func checkHostPort(s string) error {
 	return nil
 }
 
-// metadata is the PROXY_CONFIG entry of the node metadata: the effective
-// values, in Istio's field names and formats.
-func (pc ProxyConfig) metadata() map[string]any {
-	return map[string]any{
-		"discoveryAddress":                pc.DiscoveryAddress,
-		"drainDuration":                   protoDuration(pc.DrainDuration),
-		"terminationDrainDuration":        protoDuration(pc.TerminationDrainDuration),
-		"proxyAdminPort":                  pc.ProxyAdminPort,
-		"statusPort":                      pc.StatusPort,
-		"concurrency":                     pc.Concurrency,
-		"holdApplicationUntilProxyStarts": pc.HoldApplicationUntilProxyStarts,
+// metadata is the PROXY_CONFIG entry of the node metadata, which istiod
+// decodes as a ProxyConfig (model.NodeMetaProxyConfig): the decoded
+// message with meshtun's effective values written back, in protojson's
+// form (JSON field names, "45s" durations), as pilot-agent sends it.
+func (pc ProxyConfig) metadata() (map[string]any, error) {
+	m := defaultProxyConfigMessage()
+	if pc.msg != nil {
+		m = proto.Clone(pc.msg).(*meshconfig.ProxyConfig)
 	}
+	m.DiscoveryAddress = pc.DiscoveryAddress
+	m.DrainDuration = durationpb.New(pc.DrainDuration)
+	m.TerminationDrainDuration = durationpb.New(pc.TerminationDrainDuration)
+	m.ProxyAdminPort = int32(pc.ProxyAdminPort)
+	m.StatusPort = int32(pc.StatusPort)
+	m.Concurrency = wrapperspb.Int32(int32(pc.Concurrency))
+	m.HoldApplicationUntilProxyStarts = wrapperspb.Bool(pc.HoldApplicationUntilProxyStarts)
+	js, err := protojson.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var out map[string]any
+	if err := json.Unmarshal(js, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
-// protoDuration formats d as protobuf's JSON Duration ("45s", "0.500s").
+// protoDuration formats d as protobuf's JSON Duration ("45s", "0.5s").
 func protoDuration(d time.Duration) string {
 	s := strconv.FormatFloat(d.Seconds(), 'f', -1, 64)
 	return s + "s"

@@ -622,8 +622,9 @@ func TestAgentBadEnvironment(t *testing.T) {
 	}{
 		{agentEnv("INSTANCE_IP=10.0.0.999"), `INSTANCE_IP: "10.0.0.999" is not an IP address`},
 		{[]string{"POD_NAMESPACE=default", "INSTANCE_IP=10.0.0.2"}, "POD_NAME: required"},
-		{agentEnv(`PROXY_CONFIG={"terminationDrainDurationn":"5s"}`), "PROXY_CONFIG: terminationDrainDurationn: unknown field"},
-		{agentEnv(`PROXY_CONFIG=terminationDrainDuration: soon`), `PROXY_CONFIG: terminationDrainDuration: want a duration such as "5s", got "soon"`},
+		{agentEnv(`PROXY_CONFIG={"terminationDrainDurationn":"5s"}`), "PROXY_CONFIG: terminationDrainDurationn: not a ProxyConfig field"},
+		{agentEnv(`PROXY_CONFIG={"imageTyp": "x"}`), "PROXY_CONFIG: imageTyp: not a ProxyConfig field"},
+		{agentEnv(`PROXY_CONFIG=terminationDrainDuration: soon`), `PROXY_CONFIG: terminationDrainDuration: invalid google.protobuf.Duration value "soon"`},
 		{agentEnv(`ISTIO_META_POD_PORTS=8080`), "ISTIO_META_POD_PORTS: want a JSON list"},
 		{agentEnv(`ISTIO_METAJSON_ANNOTATIONS={"traffic.sidecar.istio.io/excludeOutboundPorts":"mysql"}`),
 			`annotation traffic.sidecar.istio.io/excludeOutboundPorts (ISTIO_METAJSON_ANNOTATIONS): port "mysql"`},

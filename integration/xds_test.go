@@ -56,6 +56,15 @@ type controlPlane struct {
 	nodeID   string
 	agent    string
 	nodeMeta string // the last node's metadata, as JSON
+	replies  []xdsReply
+}
+
+// xdsReply is a request that answered a response (it carries the
+// response's nonce): an ACK, or a NACK with its error_detail.
+type xdsReply struct {
+	typ, version string // version: SotW's version_info ("" over delta)
+	nack         bool
+	detail       string
 }
 
 func (cp *controlPlane) setNode(node *corev3.Node) {
@@ -92,9 +101,13 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	count := func(typ, nonce string, nack bool) {
+	count := func(typ, nonce, version string, detail *status.Status) {
 		cp.mu.Lock()
 		defer cp.mu.Unlock()
+		nack := detail != nil
+		if nonce != "" || nack {
+			cp.replies = append(cp.replies, xdsReply{typ: typ, version: version, nack: nack, detail: detail.GetMessage()})
+		}
 		switch {
 		case nack:
 			cp.nacks++
@@ -103,22 +116,22 @@ func startControlPlane(t *testing.T, ns, addr string) *controlPlane {
 			cp.acks[typ]++
 		}
 	}
-	seen := func(typ, nonce string, node *corev3.Node, detail *status.Status) {
+	seen := func(typ, nonce, version string, node *corev3.Node, detail *status.Status) {
 		if node != nil {
 			cp.setNode(node)
 		}
-		count(typ, nonce, detail != nil)
+		count(typ, nonce, version, detail)
 		if detail != nil {
 			cp.setNackMsg(detail.GetMessage())
 		}
 	}
 	cb := serverv3.CallbackFuncs{
 		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
-			seen(r.GetTypeUrl(), r.GetResponseNonce(), r.GetNode(), r.GetErrorDetail())
+			seen(r.GetTypeUrl(), r.GetResponseNonce(), "", r.GetNode(), r.GetErrorDetail())
 			return nil
 		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
-			seen(r.GetTypeUrl(), r.GetResponseNonce(), r.GetNode(), r.GetErrorDetail())
+			seen(r.GetTypeUrl(), r.GetResponseNonce(), r.GetVersionInfo(), r.GetNode(), r.GetErrorDetail())
 			return nil
 		},
 	}
@@ -193,7 +206,7 @@ func xdsServesNacksAndFlips(t *testing.T, api string) {
 	cp.push(t, "1", []obj{virtualOutbound("PassthroughCluster"), virtualInbound(), serviceListener(v, 9080, cl)},
 		append(istioClusters(), edsCluster(cl)), eps)
 
-	bs := adsBootstrap(t, topo, "DELTA_GRPC")
+	bs := adsBootstrap(t, topo, api)
 	px := startProxy(t, topo, "--bootstrap", bs)
 
 	// The first flows wait for the configuration to arrive.

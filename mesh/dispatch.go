@@ -3,9 +3,7 @@ package mesh
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
 	"net"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -14,7 +12,6 @@ import (
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/sniff"
-	"github.com/meshtun/meshtun/mesh/tcpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -23,19 +20,35 @@ import (
 // outbound flows enter the outbound virtual listener and are handed to the
 // listener of their original destination; inbound flows enter the inbound
 // virtual listener. The listener's filter chain then decides.
+//
+// Only the snapshot in force changes while it runs (Swap); the rest is
+// fixed by NewDispatcher. A zero Dispatcher has no local addresses (every
+// flow is outbound), logs nothing and closes the UDP flows no UDP
+// listener takes.
 type Dispatcher struct {
 	snap atomic.Pointer[Snapshot]
+	o    DispatcherOptions
+}
 
-	// LocalIPs are the pod's addresses: flows to them are inbound.
-	LocalIPs []netip.Addr
-	Access   *accesslog.Logger
+// DispatcherOptions is what a Dispatcher is made with.
+type DispatcherOptions struct {
+	// Local are the pod's own addresses: flows to them are inbound.
+	Local LocalAddrs
+	// Access receives one entry per flow; nil logs nothing.
+	Access *accesslog.Logger
 	// UDP handles UDP flows no UDP listener takes: they pass through.
+	// Nil closes them.
 	UDP netstack.Handler
-	// Dialer opens the sockets of udp_proxy sessions.
+	// Dialer opens the sockets of udp_proxy sessions; nil sends every UDP
+	// flow to UDP.
 	Dialer *upstream.Dialer
 }
 
 var _ netstack.Handler = (*Dispatcher)(nil)
+
+// NewDispatcher is a Dispatcher with o and no snapshot: until the first
+// Swap, TCP flows are refused and UDP flows go to o.UDP.
+func NewDispatcher(o DispatcherOptions) *Dispatcher { return &Dispatcher{o: o} }
 
 // Swap installs a new snapshot for new flows and returns the previous one.
 // Flows in progress keep the snapshot they started with.
@@ -44,54 +57,30 @@ func (d *Dispatcher) Swap(s *Snapshot) *Snapshot { return d.snap.Swap(s) }
 // Snapshot returns the snapshot new flows use.
 func (d *Dispatcher) Snapshot() *Snapshot { return d.snap.Load() }
 
-func (d *Dispatcher) isLocal(ip netip.Addr) bool {
-	for _, l := range d.LocalIPs {
-		if l == ip {
-			return true
-		}
-	}
-	return false
-}
-
 // HandleUDP implements netstack.Handler.
-// A captured UDP flow to the address of a UDP listener becomes a udp_proxy
-// session to a host of its cluster; any other passes through.
+// A captured UDP flow to the address of a UDP listener becomes a session
+// of its udp_proxy; any other passes through.
 func (d *Dispatcher) HandleUDP(f *netstack.UDPFlow) {
 	snap := d.snap.Load()
 	var l *Listener
-	if snap != nil && !d.isLocal(f.ID.Dst.Addr()) {
+	if snap != nil && !d.o.Local.Contains(f.ID.Dst.Addr()) {
 		l = snap.udpListener(f.ID.Dst)
 	}
-	if l == nil || d.Dialer == nil {
-		if d.UDP == nil {
+	if l == nil || d.o.Dialer == nil {
+		if d.o.UDP == nil {
 			f.Close()
 			return
 		}
-		d.UDP.HandleUDP(f)
+		d.o.UDP.HandleUDP(f)
 		return
 	}
 	e := accesslog.Entry{Transport: "udp", Direction: "outbound", Start: time.Now(),
-		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src, UpstreamCluster: l.UDP.Cluster}
+		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src}
 	l.Stats.DownstreamCxTotal.Add(1)
 	l.Stats.DownstreamCxActive.Add(1)
 	defer l.Stats.DownstreamCxActive.Add(-1)
-	cl := snap.Clusters[l.UDP.Cluster]
-	if cl == nil {
-		f.Close()
-		e.ResponseFlags, e.Details = "NC", "cluster not found"
-		d.Access.Log(&e)
-		return
-	}
-	h, err := cl.PickHost(f.ID.Dst)
-	if err != nil {
-		f.Close()
-		e.ResponseFlags, e.Details = "UH", err.Error()
-		d.Access.Log(&e)
-		return
-	}
-	e.UpstreamHost = h.Address()
-	relayUDP(f, d.Dialer, h.Address(), &e)
-	d.Access.Log(&e)
+	l.UDP.Serve(f, snap, d.o.Dialer, &e)
+	d.o.Access.Log(&e)
 }
 
 // HandleTCP implements netstack.Handler.
@@ -100,7 +89,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	e := accesslog.Entry{Transport: "tcp", Start: time.Now(), DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src}
 	var recv *Listener
 	if snap != nil {
-		if d.isLocal(req.ID.Dst.Addr()) {
+		if d.o.Local.Contains(req.ID.Dst.Addr()) {
 			e.Direction, recv = "inbound", snap.inbound
 		} else {
 			e.Direction, recv = "outbound", snap.outbound
@@ -111,7 +100,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 		// No listener takes the flow: like a port nobody listens on.
 		req.Refuse()
 		e.ResponseFlags, e.Details = "NR", "no listener"
-		d.Access.Log(&e)
+		d.o.Access.Log(&e)
 		return
 	}
 	recv.Stats.DownstreamCxTotal.Add(1)
@@ -119,7 +108,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
 	serveFlow(snap, recv, &captured{req: req}, &e, d)
-	d.Access.Log(&e)
+	d.o.Access.Log(&e)
 }
 
 // flowSource abstracts how a flow's downstream connection is obtained: a
@@ -159,8 +148,15 @@ func resetConn(c net.Conn) {
 	c.Close()
 }
 
-// serveFlow runs listener l on one flow: listener filters when its chains
-// need them, filter-chain selection, then tcp_proxy to a cluster.
+// serveFlow runs listener l on one flow, in Envoy's order: listener
+// filters when its chains need them (inspect), the filter-chain match,
+// then the chain's terminal network filter (httpconn or tcpproxy).
+//
+// Without listener filters the chain is known from the SYN alone, so a
+// captured flow's handshake is left pending until the tcp_proxy upstream
+// is connected: a refused or absent upstream, or no chain, reaches the
+// client as a refused connect (RST), as the original destination itself
+// would answer.
 func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, d *Dispatcher) {
 	fid := src.id()
 	info := filterchain.ConnInfo{
@@ -169,91 +165,93 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		TransportProtocol: "raw_buffer",
 		Pipe:              l.Pipe != "",
 	}
-	wantTLS, wantHTTP := l.insp.wants(fid.Dst.Port())
+	// raw is the accepted downstream, down what the filter reads (raw
+	// behind the bytes the inspectors peeked); both nil until accepted.
+	var raw, down net.Conn
+	if wantTLS, wantHTTP := l.insp.wants(fid.Dst.Port()); wantTLS || wantHTTP {
+		var err error
+		if raw, err = src.accept(); err != nil {
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			return
+		}
+		var ok bool
+		if down, ok = inspect(l, raw, &info, wantTLS, wantHTTP, e); !ok {
+			return
+		}
+	}
 
-	// Without listener filters the chain is known from the SYN alone, so
-	// the upstream is dialed before the client's handshake completes: a
-	// refused or absent upstream reaches the client as a refused connect.
-	if !wantTLS && !wantHTTP {
-		if chain := l.selectChain(&info); chain != nil && chain.HTTP != nil {
-			down, err := src.accept()
-			if err != nil {
+	chain := l.selectChain(&info)
+	if chain == nil {
+		l.Stats.NoFilterChainMatch.Add(1)
+		e.ResponseFlags = "NR"
+		reject(src, raw)
+		return
+	}
+
+	if chain.HTTP != nil {
+		if down == nil {
+			var err error
+			if down, err = src.accept(); err != nil {
 				e.ResponseFlags, e.Details = "DC", err.Error()
 				return
 			}
-			serveHTTP(d, snap, l, chain, down, fid, e)
-			return
 		}
-		chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
-		if !ok {
-			src.refuse()
-			return
-		}
-		down, err := src.accept()
-		if err != nil {
+		serveHTTP(d, snap, l, chain, down, fid, e)
+		return
+	}
+
+	up, flags, err := chain.TCP.Connect(snap, fid.Dst, e)
+	if err != nil {
+		e.ResponseFlags, e.Details = flags, err.Error()
+		reject(src, raw)
+		return
+	}
+	if down == nil {
+		if down, err = src.accept(); err != nil {
 			up.Reset()
 			e.ResponseFlags, e.Details = "DC", err.Error()
 			return
 		}
-		splice(l, down, up, chain, e)
-		return
 	}
+	chain.TCP.Serve(l.drain.closed, down, up, e)
+}
 
-	down, err := src.accept()
-	if err != nil {
-		e.ResponseFlags, e.Details = "DC", err.Error()
-		return
-	}
+// inspect runs the listener filters (tls_inspector, http_inspector) on
+// the accepted downstream raw and records what they found in info for
+// the chain match. It returns the connection to serve (raw behind the
+// peeked bytes), or false when the flow ends here (closed, flags in e).
+func inspect(l *Listener, raw net.Conn, info *filterchain.ConnInfo, wantTLS, wantHTTP bool, e *accesslog.Entry) (net.Conn, bool) {
 	l.Stats.DownstreamPreCxActive.Add(1)
-	pc := sniff.NewPeekConn(down, 0)
+	pc := sniff.NewPeekConn(raw, 0)
 	res, err := sniff.Inspect(context.Background(), pc, wantTLS, wantHTTP, l.insp.timeout)
 	l.Stats.DownstreamPreCxActive.Add(-1)
 	if err != nil {
-		if errors.Is(err, sniff.ErrTimeout) {
-			l.Stats.DownstreamListenerTimeout.Add(1)
-			if !l.insp.continueOnTimeout {
-				down.Close()
-				e.ResponseFlags, e.Details = "-", "listener filters timeout"
-				return
-			}
-		} else {
-			down.Close()
+		if !errors.Is(err, sniff.ErrTimeout) {
+			raw.Close()
 			e.ResponseFlags, e.Details = "DC", err.Error()
-			return
+			return nil, false
+		}
+		l.Stats.DownstreamListenerTimeout.Add(1)
+		if !l.insp.continueOnTimeout {
+			raw.Close()
+			e.ResponseFlags, e.Details = "-", "listener filters timeout"
+			return nil, false
 		}
 	}
 	info.TransportProtocol = res.TransportProtocol
 	info.ServerName = res.ServerName
 	info.ApplicationProtocols = res.ApplicationProtocols
-	if chain := l.selectChain(&info); chain != nil && chain.HTTP != nil {
-		serveHTTP(d, snap, l, chain, pc, fid, e)
-		return
-	}
-	chain, up, ok := chainAndUpstream(snap, l, &info, fid.Dst, e)
-	if !ok {
-		resetConn(down)
-		return
-	}
-	splice(l, pc, up, chain, e)
+	return pc, true
 }
 
-// chainAndUpstream selects the filter chain for info and connects its
-// upstream. On failure it records Envoy's response flag in e (NR: no
-// chain; UO, UH, UF: see connect) and reports false: the caller rejects
-// the downstream the way it can (refuse the SYN, or reset).
-func chainAndUpstream(snap *Snapshot, l *Listener, info *filterchain.ConnInfo, origDst netip.AddrPort, e *accesslog.Entry) (*Chain, *cluster.UpstreamConn, bool) {
-	chain := l.selectChain(info)
-	if chain == nil {
-		l.Stats.NoFilterChainMatch.Add(1)
-		e.ResponseFlags = "NR"
-		return nil, nil, false
+// reject turns a flow away: a captured flow not yet accepted is refused
+// (its SYN answered with a RST); one already accepted is reset.
+func reject(src flowSource, accepted net.Conn) {
+	if accepted == nil {
+		src.refuse()
+		return
 	}
-	up, flags, err := connect(snap, chain, origDst, e)
-	if err != nil {
-		e.ResponseFlags, e.Details = flags, err.Error()
-		return nil, nil, false
-	}
-	return chain, up, true
+	resetConn(accepted)
 }
 
 func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
@@ -267,57 +265,6 @@ func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
 	return l.Chains[i]
 }
 
-// connect runs tcp_proxy's upstream side: pick the cluster, then up to
-// max_connect_attempts connects, each to a host not tried before.
-func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.Entry) (*cluster.UpstreamConn, string, error) {
-	name := chain.TCP.pickCluster(rand.Uint32())
-	e.UpstreamCluster = name
-	cl := snap.Clusters[name]
-	if cl == nil {
-		if st := chain.TCP.Stats; st != nil {
-			st.DownstreamCxNoRoute.Add(1)
-		}
-		return nil, "NC", errors.New("cluster not found")
-	}
-	// exclude skips hosts already tried; built only after a failed attempt,
-	// so the usual single connect allocates no closure.
-	var tried []*cluster.Host
-	var exclude func(*cluster.Host) bool
-	var lastErr error
-	for attempt := 0; attempt < chain.TCP.MaxConnectAttempts; attempt++ {
-		up, err := cl.Connect(context.Background(), origDst, exclude)
-		if err == nil {
-			e.UpstreamHost = up.Host().Address()
-			if la, ok := up.LocalAddr().(*net.TCPAddr); ok {
-				e.UpstreamLocal = la.AddrPort()
-			}
-			return up, "", nil
-		}
-		lastErr = err
-		switch {
-		case errors.Is(err, cluster.ErrOverflow):
-			return nil, "UO", err
-		case errors.Is(err, cluster.ErrNoHealthyUpstream):
-			return nil, "UH", err
-		}
-		var ce *cluster.ConnectError
-		if errors.As(err, &ce) && ce.Host != nil {
-			tried = append(tried, ce.Host)
-		}
-		if exclude == nil {
-			exclude = func(h *cluster.Host) bool {
-				for _, t := range tried {
-					if t == h {
-						return true
-					}
-				}
-				return false
-			}
-		}
-	}
-	return nil, "UF", lastErr
-}
-
 // serveHTTP runs the chain's http_connection_manager on an accepted
 // connection. Each request is logged (HTTP access line) when the
 // connection manager has an access_log, as in Envoy, and the proxy's log
@@ -327,7 +274,7 @@ func connect(snap *Snapshot, chain *Chain, origDst netip.AddrPort, e *accesslog.
 // close, GOAWAY; in-flight requests finish); the drain's end closes it.
 func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
 	e.Details = "http"
-	access := d.Access
+	access := d.o.Access
 	var logReq func(httpconn.Entry)
 	if access.Enabled() && chain.HTTP.HasAccessLog() {
 		logReq = func(he httpconn.Entry) {
@@ -372,31 +319,3 @@ func (v liveEnv) Routes(name string) *httpconn.Routes         { return v.snap().
 func (v liveEnv) Cluster(name string) *cluster.Cluster        { return v.snap().Cluster(name) }
 func (v liveEnv) ClusterHTTP(name string) cluster.HTTPOptions { return v.snap().ClusterHTTP(name) }
 func (v liveEnv) Pools() *httpconn.Pools                      { return v.start.Pools() }
-
-func splice(l *Listener, down net.Conn, up *cluster.UpstreamConn, chain *Chain, e *accesslog.Entry) {
-	// A flow outliving its listener's drain is closed (no goroutine: the
-	// callback is registered on the listener's context).
-	var drained atomic.Bool
-	stop := context.AfterFunc(l.drain.closed, func() {
-		drained.Store(true)
-		down.Close()
-		up.Close()
-	})
-	st := chain.TCP.Stats
-	if st != nil {
-		st.DownstreamCxTotal.Add(1)
-	}
-	r := tcpproxy.Splice(down, up, chain.TCP.IdleTimeout)
-	stop()
-	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
-	if st != nil {
-		st.DownstreamRxBytes.Add(uint64(r.Received))
-		st.DownstreamTxBytes.Add(uint64(r.Sent))
-		if r.IdleTimeout {
-			st.IdleTimeout.Add(1)
-		}
-	}
-	if drained.Load() {
-		e.Details = "listener drained"
-	}
-}

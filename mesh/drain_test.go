@@ -166,7 +166,7 @@ func TestLDSRemovalDrainsHTTP(t *testing.T) {
 	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port)).String()
 
 	pools := httpconn.NewPools()
-	srv := &Server{D: &Dispatcher{Access: accesslog.New(zerolog.Nop())}, Log: zerolog.Nop()}
+	srv := &Server{D: NewDispatcher(DispatcherOptions{Access: accesslog.New(zerolog.Nop())}), Log: zerolog.Nop()}
 	opts := buildOpts()
 	opts.Pools = pools
 	a := &XDSApplier{Server: srv, Options: opts, DrainDuration: drain}
@@ -292,7 +292,7 @@ func sinceOrNever(at, start time.Time) any {
 // connections but leaves their TCP flows (closed stays open), as Envoy's
 // stopped listeners keep their connections.
 func TestProxyDrain(t *testing.T) {
-	srv := &Server{D: &Dispatcher{Access: accesslog.New(zerolog.Nop())}, Log: zerolog.Nop()}
+	srv := &Server{D: NewDispatcher(DispatcherOptions{Access: accesslog.New(zerolog.Nop())}), Log: zerolog.Nop()}
 	defer srv.Close()
 	opts := buildOpts()
 	opts.Pools = httpconn.NewPools()

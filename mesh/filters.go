@@ -1,27 +1,29 @@
 package mesh
 
 import (
+	"errors"
 	"fmt"
 	"strings"
-	"sync/atomic"
-	"time"
 
 	udpatype "github.com/cncf/xds/go/udpa/type/v1"
 	xdstype "github.com/cncf/xds/go/xds/type/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	udpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 )
 
 // Network filter names as Envoy and Istio write them.
 const (
-	TCPProxyFilter = "envoy.filters.network.tcp_proxy"
+	TCPProxyFilter = tcpproxy.Name
 	HCMFilter      = "envoy.filters.network.http_connection_manager"
 )
 
@@ -49,50 +51,6 @@ var skippedTypeURLs = map[string]bool{
 	"type.googleapis.com/io.istio.stats.PluginConfig":                                          true,
 }
 
-// TCPProxy is a validated envoy.filters.network.tcp_proxy.
-type TCPProxy struct {
-	StatPrefix         string
-	Cluster            string           // set unless Weighted is
-	Weighted           []WeightedTarget // weighted_clusters
-	totalWeight        uint32
-	IdleTimeout        time.Duration // 0: disabled
-	MaxConnectAttempts int
-	Stats              *TCPStats // shared by every tcp_proxy with this StatPrefix
-}
-
-// TCPStats are Envoy's tcp.<stat_prefix>.* counters.
-type TCPStats struct {
-	Prefix              string // "tcp.<stat_prefix>."
-	DownstreamCxTotal   atomic.Uint64
-	DownstreamCxNoRoute atomic.Uint64
-	DownstreamRxBytes   atomic.Uint64 // downstream_cx_rx_bytes_total
-	DownstreamTxBytes   atomic.Uint64 // downstream_cx_tx_bytes_total
-	IdleTimeout         atomic.Uint64
-	UpstreamFlushTotal  atomic.Uint64
-}
-
-// WeightedTarget is one entry of tcp_proxy weighted_clusters.
-type WeightedTarget struct {
-	Cluster string
-	Weight  uint32
-}
-
-// pickCluster chooses the cluster for a new flow; r is uniform in
-// [0, 1<<32).
-func (t *TCPProxy) pickCluster(r uint32) string {
-	if len(t.Weighted) == 0 {
-		return t.Cluster
-	}
-	x := uint32((uint64(r) * uint64(t.totalWeight)) >> 32)
-	for _, w := range t.Weighted {
-		if x < w.Weight {
-			return w.Cluster
-		}
-		x -= w.Weight
-	}
-	return t.Weighted[len(t.Weighted)-1].Cluster
-}
-
 // typeURLOf returns the type a typed_config carries, looking through the
 // TypedStruct wrappers (udpa.type.v1 and xds.type.v3) Istio and the
 // bootstrap loader use for types this binary does not link.
@@ -116,9 +74,11 @@ func typeURLOf(a *anypb.Any) string {
 }
 
 // parseNetworkFilters validates a chain's filters: exactly one terminal
-// tcp_proxy, Istio telemetry filters skipped, anything else an error.
-func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool) (*TCPProxy, *httpconn.Config, []string, error) {
-	var tp *TCPProxy
+// filter, last (tcp_proxy, parsed by tcpproxy.Parse with its stats block
+// from tcpStats, or http_connection_manager, by httpconn.ParseHCM), Istio
+// telemetry filters skipped, anything else an error.
+func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool, tcpStats func(prefix string) *tcpproxy.Stats) (*tcpproxy.Config, *httpconn.Config, []string, error) {
+	var tp *tcpproxy.Config
 	var hcm *httpconn.Config
 	var skipped []string
 	for i, f := range filters {
@@ -128,7 +88,7 @@ func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string
 		}
 		url := typeURLOf(f.GetTypedConfig())
 		switch {
-		case f.GetName() == TCPProxyFilter || url == "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy":
+		case f.GetName() == TCPProxyFilter || url == tcpproxy.TypeURL:
 			if tp != nil || hcm != nil {
 				return nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
 			}
@@ -139,7 +99,7 @@ func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string
 			if err := f.GetTypedConfig().UnmarshalTo(&pb); err != nil {
 				return nil, nil, nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy: %w", field, err)
 			}
-			t, err := parseTCPProxy(&pb, clusterExists)
+			t, err := tcpproxy.Parse(&pb, clusterExists, tcpStats)
 			if err != nil {
 				return nil, nil, nil, fmt.Errorf("%s: %w", field, err)
 			}
@@ -202,42 +162,31 @@ func unmarshalTyped(a *anypb.Any, m proto.Message) error {
 	return protojson.Unmarshal(b, m)
 }
 
-func parseTCPProxy(pb *tcpproxyv3.TcpProxy, clusterExists func(string) bool) (*TCPProxy, error) {
-	if err := pb.ValidateAll(); err != nil {
-		return nil, err
+// parseUDPListener reads a UDP listener's udp_proxy: a UDP listener has no
+// filter chains, and its one filter (the last wins if there are several,
+// as before) is a udp_proxy listener filter, parsed by udpproxy.Parse.
+func parseUDPListener(pb *listenerv3.Listener, clusterExists func(string) bool) (*udpproxy.Config, error) {
+	if len(pb.GetFilterChains()) > 0 || pb.GetDefaultFilterChain() != nil {
+		return nil, errors.New("filter_chains: a UDP listener takes its udp_proxy in listener_filters, not filter chains")
 	}
-	t := &TCPProxy{StatPrefix: pb.GetStatPrefix(), MaxConnectAttempts: 1, IdleTimeout: time.Hour}
-	if pb.GetMaxConnectAttempts() != nil {
-		t.MaxConnectAttempts = int(pb.GetMaxConnectAttempts().GetValue())
-	}
-	if pb.GetIdleTimeout() != nil {
-		t.IdleTimeout = pb.GetIdleTimeout().AsDuration() // 0 disables, as in Envoy
-	}
-	if pb.GetOnDemand() != nil || pb.GetTunnelingConfig() != nil {
-		return nil, fmt.Errorf("on_demand and tunneling_config are not supported")
-	}
-	switch {
-	case pb.GetCluster() != "":
-		if !clusterExists(pb.GetCluster()) {
-			return nil, fmt.Errorf("cluster: %q is not a known cluster", pb.GetCluster())
+	var u *udpproxy.Config
+	for i, f := range pb.GetListenerFilters() {
+		field := fmt.Sprintf("listener_filters[%d] (%s)", i, f.GetName())
+		if f.GetName() != udpproxy.Name && typeURLOf(f.GetTypedConfig()) != udpproxy.TypeURL {
+			return nil, fmt.Errorf("%s: unknown UDP listener filter (want %s)", field, udpproxy.Name)
 		}
-		t.Cluster = pb.GetCluster()
-	case pb.GetWeightedClusters() != nil:
-		for i, c := range pb.GetWeightedClusters().GetClusters() {
-			if !clusterExists(c.GetName()) {
-				return nil, fmt.Errorf("weighted_clusters.clusters[%d].name: %q is not a known cluster", i, c.GetName())
-			}
-			if c.GetWeight() == 0 {
-				continue
-			}
-			t.Weighted = append(t.Weighted, WeightedTarget{Cluster: c.GetName(), Weight: c.GetWeight()})
-			t.totalWeight += c.GetWeight()
+		var cfg udpproxyv3.UdpProxyConfig
+		if err := f.GetTypedConfig().UnmarshalTo(&cfg); err != nil {
+			return nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig: %w", field, err)
 		}
-		if t.totalWeight == 0 {
-			return nil, fmt.Errorf("weighted_clusters: total weight is 0")
+		c, err := udpproxy.Parse(&cfg, clusterExists)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", field, err)
 		}
-	default:
-		return nil, fmt.Errorf("cluster_specifier: want cluster or weighted_clusters")
+		u = c
 	}
-	return t, nil
+	if u == nil {
+		return nil, fmt.Errorf("listener_filters: a UDP listener needs %s", udpproxy.Name)
+	}
+	return u, nil
 }

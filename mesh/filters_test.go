@@ -11,56 +11,48 @@ import (
 	tlsinspv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	v3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
+	"github.com/meshtun/meshtun/mesh/tcpproxy"
 )
 
-func mustAny(t *testing.T, m proto.Message) *anypb.Any {
-	t.Helper()
-	a, err := anypb.New(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
-
 func tcpProxyFilter(t *testing.T, tp *tcpproxyv3.TcpProxy) *listenerv3.Filter {
-	return &listenerv3.Filter{Name: TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, tp)}}
+	return &listenerv3.Filter{Name: TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, tp)}}
 }
 
 var known = func(n string) bool { return n == "a" || n == "b" || n == "PassthroughCluster" }
 
+// The filter list of a chain: Istio's telemetry filters are skipped
+// (recognised by name or by config type, TypedStruct-wrapped or not), the
+// terminal tcp_proxy is handed to tcpproxy.Parse with the chain's stats
+// lookup. tcp_proxy's own fields are tcpproxy's tests.
 func TestParseNetworkFilters(t *testing.T) {
-	// Istio's telemetry filter wrapped in a TypedStruct with a type this
-	// binary does not know, then the terminal tcp_proxy.
-	wrapped := mustAny(t, &udpatype.TypedStruct{TypeUrl: "type.googleapis.com/stats.PluginConfig", Value: &structpb.Struct{}})
+	wrapped := xdstest.MustAny(t, &udpatype.TypedStruct{TypeUrl: "type.googleapis.com/stats.PluginConfig", Value: &structpb.Struct{}})
 	filters := []*listenerv3.Filter{
 		{Name: "istio.stats", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: wrapped}},
 		{Name: "some.renamed.metadata_exchange", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange"}}},
 		tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "PassthroughCluster", ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "PassthroughCluster"},
 			IdleTimeout: durationpb.New(5 * time.Minute), MaxConnectAttempts: wrapperspb.UInt32(3)}),
 	}
-	tp, _, skipped, err := parseNetworkFilters(filters, known)
+	block := &tcpproxy.Stats{Prefix: "tcp.PassthroughCluster."}
+	var asked []string
+	lookup := func(p string) *tcpproxy.Stats { asked = append(asked, p); return block }
+	tp, hcm, skipped, err := parseNetworkFilters(filters, known, lookup)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tp.Cluster != "PassthroughCluster" || tp.IdleTimeout != 5*time.Minute || tp.MaxConnectAttempts != 3 || tp.StatPrefix != "PassthroughCluster" {
-		t.Fatalf("tcp_proxy parsed as %+v", tp)
+	if hcm != nil || tp.Cluster != "PassthroughCluster" || tp.IdleTimeout != 5*time.Minute || tp.MaxConnectAttempts != 3 {
+		t.Fatalf("tcp_proxy parsed as %+v (hcm %v)", tp, hcm)
+	}
+	if tp.Stats != block || len(asked) != 1 || asked[0] != "tcp.PassthroughCluster." {
+		t.Fatalf("stats block %p looked up as %q, want the store's block under tcp.PassthroughCluster.", tp.Stats, asked)
 	}
 	if len(skipped) != 2 {
 		t.Fatalf("skipped %v, want the two telemetry filters", skipped)
-	}
-
-	defaults, _, _, err := parseNetworkFilters(filters[2:3], known)
-	if err != nil || defaults.MaxConnectAttempts != 3 {
-		t.Fatal(err)
-	}
-	d2, _, _, _ := parseNetworkFilters([]*listenerv3.Filter{tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "x", ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "a"}})}, known)
-	if d2.MaxConnectAttempts != 1 || d2.IdleTimeout != time.Hour {
-		t.Fatalf("defaults %+v, want Envoy's 1 attempt and 1 h idle timeout", d2)
 	}
 }
 
@@ -73,37 +65,18 @@ func TestParseNetworkFiltersErrors(t *testing.T) {
 		filters []*listenerv3.Filter
 		want    string
 	}{
-		{"unknown cluster", []*listenerv3.Filter{tp("nope")}, `cluster: "nope" is not a known cluster`},
+		{"tcp_proxy error names the filter", []*listenerv3.Filter{tp("nope")}, `filters[0] (envoy.filters.network.tcp_proxy): cluster: "nope" is not a known cluster`},
 		{"unknown filter", []*listenerv3.Filter{{Name: "envoy.filters.network.redis_proxy", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy"}}}, tp("a")}, "filters[0] (envoy.filters.network.redis_proxy): unknown network filter"},
 		{"not last", []*listenerv3.Filter{tp("a"), {Name: "istio.stats"}}, "must be last"},
 		{"no terminal", []*listenerv3.Filter{{Name: "istio.stats"}}, "no terminal filter"},
-		{"empty stat_prefix", []*listenerv3.Filter{tcpProxyFilter(t, &tcpproxyv3.TcpProxy{ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "a"}})}, "StatPrefix"},
-		{"zero weights", []*listenerv3.Filter{tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "s", ClusterSpecifier: &tcpproxyv3.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxyv3.TcpProxy_WeightedCluster{
-			Clusters: []*tcpproxyv3.TcpProxy_WeightedCluster_ClusterWeight{{Name: "a", Weight: 0}, {Name: "b", Weight: 0}}}}})}, "Weight: value must be greater than or equal to 1"},
+		{"wrong config type", []*listenerv3.Filter{{Name: TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, &structpb.Struct{})}}}, "typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, _, err := parseNetworkFilters(tc.filters, known)
+			_, _, _, err := parseNetworkFilters(tc.filters, known, nil)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want one containing %q", err, tc.want)
 			}
 		})
-	}
-}
-
-func TestWeightedClusterPick(t *testing.T) {
-	f := tcpProxyFilter(t, &tcpproxyv3.TcpProxy{StatPrefix: "s", ClusterSpecifier: &tcpproxyv3.TcpProxy_WeightedClusters{WeightedClusters: &tcpproxyv3.TcpProxy_WeightedCluster{
-		Clusters: []*tcpproxyv3.TcpProxy_WeightedCluster_ClusterWeight{{Name: "a", Weight: 75}, {Name: "b", Weight: 25}}}}})
-	tp, _, _, err := parseNetworkFilters([]*listenerv3.Filter{f}, known)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// r sweeps [0, 2^32) in equal steps: exactly 75% must land on "a".
-	counts := map[string]int{}
-	for i := uint32(0); i < 4096; i++ {
-		counts[tp.pickCluster(i<<20)]++
-	}
-	if counts["a"] != 3072 || counts["b"] != 1024 {
-		t.Fatalf("split %v, want 3072/1024", counts)
 	}
 }
 
@@ -118,10 +91,10 @@ func TestListenerFiltersAndPredicate(t *testing.T) {
 		ContinueOnListenerFiltersTimeout: true,
 		ListenerFilters: []*listenerv3.ListenerFilter{
 			{Name: "envoy.filters.listener.original_dst"},
-			{Name: TLSInspector, ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(t, &tlsinspv3.TlsInspector{})},
+			{Name: TLSInspector, ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: xdstest.MustAny(t, &tlsinspv3.TlsInspector{})},
 				FilterDisabled: &listenerv3.ListenerFilterChainMatchPredicate{Rule: &listenerv3.ListenerFilterChainMatchPredicate_OrMatch{OrMatch: &listenerv3.ListenerFilterChainMatchPredicate_MatchSet{
 					Rules: []*listenerv3.ListenerFilterChainMatchPredicate{notRange(15006, 15007), notRange(15020, 15022)}}}}},
-			{Name: "renamed", ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(t, &httpinspv3.HttpInspector{})},
+			{Name: "renamed", ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: xdstest.MustAny(t, &httpinspv3.HttpInspector{})},
 				FilterDisabled: &listenerv3.ListenerFilterChainMatchPredicate{Rule: &listenerv3.ListenerFilterChainMatchPredicate_NotMatch{NotMatch: notRange(80, 82)}}},
 		},
 	}

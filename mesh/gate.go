@@ -17,10 +17,12 @@ import (
 //
 // It also counts the flows in progress, so a terminating proxy can wait
 // for them to end. The cost per flow is two atomic adds.
+//
+// What it hands flows to and which flows are inbound are fixed by NewGate:
+// only the closed flags and the count change while it runs.
 type Gate struct {
-	H netstack.Handler
-	// LocalIPs are the pod's addresses: flows to them are inbound.
-	LocalIPs []netip.Addr
+	h     netstack.Handler
+	local LocalAddrs
 
 	closedIn, closedOut atomic.Bool
 	active              atomic.Int64
@@ -28,17 +30,18 @@ type Gate struct {
 
 var _ netstack.Handler = (*Gate)(nil)
 
-func (g *Gate) inbound(dst netip.Addr) bool {
-	for _, ip := range g.LocalIPs {
-		if ip == dst {
-			return true
-		}
+// NewGate is an open gate handing the flows it admits to h (the
+// Dispatcher, or Passthrough without a bootstrap); a flow to one of local
+// is inbound. h must not be nil.
+func NewGate(h netstack.Handler, local LocalAddrs) *Gate {
+	if h == nil {
+		panic("mesh: NewGate with a nil handler")
 	}
-	return false
+	return &Gate{h: h, local: local}
 }
 
 func (g *Gate) admit(dst netip.Addr) bool {
-	if g.inbound(dst) {
+	if g.local.Contains(dst) {
 		if g.closedIn.Load() {
 			return false
 		}
@@ -56,7 +59,7 @@ func (g *Gate) HandleTCP(req *netstack.TCPRequest) {
 		return
 	}
 	defer g.active.Add(-1)
-	g.H.HandleTCP(req)
+	g.h.HandleTCP(req)
 }
 
 // HandleUDP implements netstack.Handler.
@@ -66,7 +69,7 @@ func (g *Gate) HandleUDP(f *netstack.UDPFlow) {
 		return
 	}
 	defer g.active.Add(-1)
-	g.H.HandleUDP(f)
+	g.h.HandleUDP(f)
 }
 
 // Close stops new flows: inbound ones only, or all.

@@ -84,7 +84,7 @@ func TestHTTPAccessLogFollowsHCM(t *testing.T) {
 				t.Fatalf("HasAccessLog = %v, want %v", got, tc.want)
 			}
 			var out syncBuf
-			d := &Dispatcher{Access: accesslog.New(zerolog.New(&out).Level(zerolog.InfoLevel))}
+			d := NewDispatcher(DispatcherOptions{Access: accesslog.New(zerolog.New(&out).Level(zerolog.InfoLevel))})
 			d.Swap(snap)
 
 			cli, srv := net.Pipe()
@@ -94,7 +94,7 @@ func TestHTTPAccessLogFollowsHCM(t *testing.T) {
 			go func() {
 				defer close(done)
 				serveHTTP(d, snap, l, l.Chains[0], srv, fid, &e)
-				d.Access.Log(&e)
+				d.o.Access.Log(&e)
 			}()
 			cli.SetDeadline(time.Now().Add(5 * time.Second))
 			io.WriteString(cli, "GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")

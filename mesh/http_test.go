@@ -88,7 +88,7 @@ func TestUnknownClusterAllowedOverXDS(t *testing.T) {
 	defer s.Retire(nil)
 	ch := s.Listener("10.96.0.1_80").Chains[0]
 	var e accesslog.Entry
-	if _, flags, err := connect(s, ch, netip.MustParseAddrPort("10.96.0.1:80"), &e); err == nil || flags != "NC" {
+	if _, flags, err := ch.TCP.Connect(s, netip.MustParseAddrPort("10.96.0.1:80"), &e); err == nil || flags != "NC" {
 		t.Fatalf("connect to a missing cluster: %q %v, want NC", flags, err)
 	}
 	if ch.TCP.Stats.DownstreamCxNoRoute.Load() != 1 {

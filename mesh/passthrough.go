@@ -1,8 +1,3 @@
-// Package mesh turns captured flows into Envoy semantics.
-//
-// Until listeners and clusters arrive from configuration, Passthrough is
-// the whole of it: Istio's PassthroughCluster and InboundPassthroughCluster
-// (ORIGINAL_DST clusters) for every flow.
 package mesh
 
 import (
@@ -13,6 +8,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -27,23 +23,38 @@ const (
 // marked socket. It dials before completing the client's handshake, so a
 // destination that refuses or does not answer is seen by the client as a
 // refused connection (RST) rather than an accepted one that closes.
+// It is immutable: NewPassthrough fixes everything it uses.
 type Passthrough struct {
+	o PassthroughOptions
+}
+
+// PassthroughOptions is what a Passthrough is made with.
+type PassthroughOptions struct {
+	// Dialer opens the upstream sockets; required.
 	Dialer *upstream.Dialer
-	// LocalIPs are the pod's own addresses: flows to them are inbound.
-	LocalIPs []netip.Addr
+	// Local are the pod's own addresses: flows to them are inbound (and
+	// logged with InboundPassthroughCluster).
+	Local LocalAddrs
 	// TCPIdleTimeout closes TCP flows idle in both directions (Envoy's
 	// tcp_proxy default is 1 h); 0 disables.
 	TCPIdleTimeout time.Duration
-	Access         *accesslog.Logger
+	// Access receives one entry per flow; nil logs nothing.
+	Access *accesslog.Logger
 }
 
 var _ netstack.Handler = (*Passthrough)(nil)
 
+// NewPassthrough is a Passthrough with o. o.Dialer must not be nil.
+func NewPassthrough(o PassthroughOptions) *Passthrough {
+	if o.Dialer == nil {
+		panic("mesh: NewPassthrough without a Dialer")
+	}
+	return &Passthrough{o: o}
+}
+
 func (p *Passthrough) direction(dst netip.Addr) (string, string) {
-	for _, ip := range p.LocalIPs {
-		if ip == dst {
-			return "inbound", InboundPassthroughCluster
-		}
+	if p.o.Local.Contains(dst) {
+		return "inbound", InboundPassthroughCluster
 	}
 	return "outbound", PassthroughCluster
 }
@@ -56,12 +67,12 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src,
 		UpstreamHost: req.ID.Dst, UpstreamCluster: cluster,
 	}
-	up, err := p.Dialer.DialTCP(context.Background(), req.ID.Dst, netip.Addr{})
+	up, err := p.o.Dialer.DialTCP(context.Background(), req.ID.Dst, netip.Addr{})
 	if err != nil {
 		req.Refuse()
 		e.ResponseFlags = "UF"
 		e.Details = err.Error()
-		p.Access.Log(&e)
+		p.o.Access.Log(&e)
 		return
 	}
 	e.UpstreamLocal = up.LocalAddr().(*net.TCPAddr).AddrPort()
@@ -71,12 +82,12 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		up.Close()
 		e.ResponseFlags = "DC"
 		e.Details = err.Error()
-		p.Access.Log(&e)
+		p.o.Access.Log(&e)
 		return
 	}
-	r := tcpproxy.Splice(down, up, p.TCPIdleTimeout)
+	r := tcpproxy.Splice(down, up, p.o.TCPIdleTimeout)
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
-	p.Access.Log(&e)
+	p.o.Access.Log(&e)
 }
 
 // HandleUDP implements netstack.Handler: datagrams are relayed over a
@@ -88,6 +99,6 @@ func (p *Passthrough) HandleUDP(f *netstack.UDPFlow) {
 		DownstreamLocal: f.ID.Dst, DownstreamPeer: f.ID.Src,
 		UpstreamHost: f.ID.Dst, UpstreamCluster: cluster,
 	}
-	relayUDP(f, p.Dialer, f.ID.Dst, &e)
-	p.Access.Log(&e)
+	udpproxy.Relay(f, p.o.Dialer, f.ID.Dst, &e)
+	p.o.Access.Log(&e)
 }

@@ -178,7 +178,7 @@ func (s *Server) serveConn(key string, c net.Conn) {
 	serveFlow(snap, l, &accepted{conn: c, fid: fid}, &e, s.D)
 	l.Stats.DownstreamCxActive.Add(-1)
 	l.Stats.DownstreamCxDestroy.Add(1)
-	s.D.Access.Log(&e)
+	s.D.o.Access.Log(&e)
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {

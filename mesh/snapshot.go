@@ -20,6 +20,8 @@ import (
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/stats"
+	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
@@ -60,7 +62,7 @@ type Snapshot struct {
 
 	// tcpStats are the tcp.<stat_prefix>.* counters by prefix; chains with
 	// the same prefix share them (one block of the store).
-	tcpStats map[string]*TCPStats
+	tcpStats map[string]*tcpproxy.Stats
 	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
 	httpStats map[string]*httpconn.Stats
 	// store is the stats store the blocks come from; scopes are the keys
@@ -98,7 +100,7 @@ type Listener struct {
 	Direction      corev3.TrafficDirection
 	Chains         []*Chain
 	Default        *Chain
-	UDP            *UDPProxy // set for UDP listeners (udp_proxy listener filter)
+	UDP            *udpproxy.Config // set for UDP listeners (udp_proxy listener filter)
 	Stats          *ListenerStats
 
 	insp    inspection
@@ -112,11 +114,11 @@ type Listener struct {
 	matcher *filterchain.Matcher
 }
 
-// Chain is one filter chain: where its flows go. Exactly one of TCP and
-// HTTP is set.
+// Chain is one filter chain: where its flows go, which is its terminal
+// network filter. Exactly one of TCP and HTTP is set.
 type Chain struct {
 	Name    string
-	TCP     *TCPProxy
+	TCP     *tcpproxy.Config // tcp_proxy
 	HTTP    *httpconn.Config // http_connection_manager
 	Skipped []string         // telemetry filters accepted and not run
 }
@@ -268,7 +270,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		routeProtos:   opts.Routes,
 		claProtos:     opts.Endpoints,
 		endpoints:     make(map[string]*cluster.Staged),
-		tcpStats:      make(map[string]*TCPStats),
+		tcpStats:      make(map[string]*tcpproxy.Stats),
 		httpStats:     make(map[string]*httpconn.Stats),
 		pools:         opts.Pools,
 		store:         opts.Stats,
@@ -639,14 +641,14 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 	if fc.GetTransportSocket() != nil {
 		return nil, errors.New("transport_socket: TLS termination is not supported")
 	}
-	tp, hcm, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists)
+	tcpStats := func(prefix string) *tcpproxy.Stats {
+		st := scopeOf(s, prefix, func() *tcpproxy.Stats { return &tcpproxy.Stats{Prefix: prefix} })
+		s.tcpStats[prefix] = st
+		return st
+	}
+	tp, hcm, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists, tcpStats)
 	if err != nil {
 		return nil, err
-	}
-	if tp != nil {
-		prefix := "tcp." + tp.StatPrefix + "."
-		tp.Stats = scopeOf(s, prefix, func() *TCPStats { return &TCPStats{Prefix: prefix} })
-		s.tcpStats[tp.StatPrefix] = tp.Stats
 	}
 	if hcm != nil {
 		st := scopeOf(s, "http."+hcm.StatPrefix+".", func() *httpconn.Stats { return new(httpconn.Stats) })
@@ -722,8 +724,8 @@ func (s *Snapshot) Retire(next *Snapshot) {
 }
 
 // TCPStats returns the tcp.<stat_prefix>.* counters, sorted by prefix.
-func (s *Snapshot) TCPStats() []*TCPStats {
-	out := make([]*TCPStats, 0, len(s.tcpStats))
+func (s *Snapshot) TCPStats() []*tcpproxy.Stats {
+	out := make([]*tcpproxy.Stats, 0, len(s.tcpStats))
 	for _, st := range s.tcpStats {
 		out = append(out, st)
 	}
@@ -749,3 +751,10 @@ func (s *Snapshot) ClusterHTTP(name string) cluster.HTTPOptions { return s.httpO
 
 // Pools implements httpconn.Env.
 func (s *Snapshot) Pools() *httpconn.Pools { return s.pools }
+
+// The snapshot is also where the network filters find clusters: a flow
+// connects to the clusters of the snapshot it started with.
+var (
+	_ tcpproxy.Clusters = (*Snapshot)(nil)
+	_ udpproxy.Clusters = (*Snapshot)(nil)
+)

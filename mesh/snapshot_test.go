@@ -19,6 +19,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/stats"
+	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
@@ -199,7 +200,7 @@ func TestUDPListeners(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return &listenerv3.ListenerFilter{Name: UDPProxyFilter, ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: a}}
+		return &listenerv3.ListenerFilter{Name: udpproxy.Name, ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: a}}
 	}
 	s, err := Build("1", []*listenerv3.Listener{udpListener(t, false, udpProxy("PassthroughCluster"))}, passthroughClusters(), nil, buildOpts())
 	if err != nil {

@@ -112,20 +112,9 @@ func SetupCapture(cfg CaptureConfig, log zerolog.Logger) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("capture: TUN %q: %w", cfg.TunName, err)
 	}
-	c := &Capture{cfg: cfg, podIf: cfg.PodInterface, podIPs: slices.Clone(cfg.PodIPs), log: log}
-	if c.podIf == "" {
-		if c.podIf, err = defaultRouteInterface(); err != nil {
-			return nil, err
-		}
-	}
-	podLink, err := netlink.LinkByName(c.podIf)
-	if err != nil {
-		return nil, fmt.Errorf("capture: pod interface %q: %w", c.podIf, err)
-	}
-	if len(c.podIPs) == 0 {
-		if c.podIPs, err = globalAddrs(podLink); err != nil {
-			return nil, err
-		}
+	c := &Capture{cfg: cfg, log: log}
+	if c.podIf, c.podIPs, err = PodAddrs(cfg.PodInterface, cfg.PodIPs); err != nil {
+		return nil, err
 	}
 	if c.serverPorts, err = serverPorts(); err != nil {
 		return nil, err
@@ -614,6 +603,32 @@ func defaultDst(v6 bool) *net.IPNet {
 		return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
 	}
 	return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+}
+
+// PodAddrs is the pod interface and addresses SetupCapture uses for
+// CaptureConfig.PodInterface iface and PodIPs ips: iface, else the default
+// route's; ips, else iface's global unicast addresses. It reads the host
+// and changes nothing, so the proxy can build what must know the pod's
+// addresses (which flows are inbound) before capture is installed, and a
+// start that fails then leaves nothing to undo.
+func PodAddrs(iface string, ips []netip.Addr) (string, []netip.Addr, error) {
+	var err error
+	if iface == "" {
+		if iface, err = defaultRouteInterface(); err != nil {
+			return "", nil, err
+		}
+	}
+	link, err := netlink.LinkByName(iface)
+	if err != nil {
+		return "", nil, fmt.Errorf("capture: pod interface %q: %w", iface, err)
+	}
+	if len(ips) > 0 {
+		return iface, slices.Clone(ips), nil
+	}
+	if ips, err = globalAddrs(link); err != nil {
+		return "", nil, err
+	}
+	return iface, ips, nil
 }
 
 // defaultRouteInterface is the interface of the main table's default route,

@@ -70,6 +70,10 @@ func FromBootstrap(b *bootstrapv3.Bootstrap) (Config, error) {
 		if err := d.CheckValid(); err != nil {
 			return cfg, fmt.Errorf("dynamic_resources.cds_config.initial_fetch_timeout: %w", err)
 		}
+		if d.AsDuration() < 0 {
+			// Caught here, with the field named, not when the client starts.
+			return cfg, fmt.Errorf("dynamic_resources.cds_config.initial_fetch_timeout: %v is negative", d.AsDuration())
+		}
 		cfg.InitialFetchTimeout = d.AsDuration()
 	}
 

@@ -86,6 +86,7 @@ func TestFromBootstrap(t *testing.T) {
 		{"missing cluster", `{"cluster_name": "xds-grpc"}`, `{"cluster_name": "xds-grpc-missing"}`, "cluster_name"},
 		{"lds_config not ads", `"lds_config": {"ads": {}`, `"lds_config": {"path_config_source": {"path": "/etc/lds.yaml"}`, "dynamic_resources.lds_config"},
 		{"cds_config missing", `"cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},`, ``, "dynamic_resources.cds_config"},
+		{"negative initial fetch timeout", `"cds_config": {"ads": {}, "initial_fetch_timeout": "0s"`, `"cds_config": {"ads": {}, "initial_fetch_timeout": "-1s"`, "dynamic_resources.cds_config.initial_fetch_timeout"},
 		{"v2 transport", `"transport_api_version": "V3"`, `"transport_api_version": "V2"`, "dynamic_resources.ads_config.transport_api_version"},
 		{"logical dns", `"name": "xds-grpc",
         "type": "STATIC"`, `"name": "xds-grpc",

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -20,8 +21,13 @@ import (
 )
 
 // Client keeps one ADS stream to the control plane and hands every complete,
-// consistent configuration to its Applier. Create it with New and start it with Run.
+// consistent configuration to its Applier. Create it with New and start it with
+// Run; Reconfigure points a running client at a new node or server.
 type Client struct {
+	// cfg and log are the settings of the current stream. Only Run's goroutine
+	// reads them (the session runs on it) and only between streams does it
+	// replace them, with what Reconfigure left in next: no lock on the stream's
+	// path, and no stream sees two configurations.
 	cfg     Config
 	applier Applier
 	log     zerolog.Logger
@@ -40,15 +46,77 @@ type Client struct {
 
 	mu      sync.Mutex
 	lastErr error
+	// next is the Config Reconfigure left for the next stream (nil: none).
+	next *Config
+	// restart ends the current stream (nil between streams).
+	restart context.CancelFunc
+	// kick wakes Run from its backoff when Reconfigure was called.
+	kick chan struct{}
 }
 
 // New returns a client for cfg that installs configurations with applier.
 // Zero durations in cfg take the documented defaults.
 func New(cfg Config, applier Applier) *Client {
-	c := &Client{cfg: cfg.withDefaults(), applier: applier}
-	c.log = c.cfg.Log.With().Str("component", "xdsclient").Str("server", cfg.Server).Logger()
+	c := &Client{applier: applier, kick: make(chan struct{}, 1)}
+	c.use(cfg.withDefaults())
 	c.accepted.Store(emptyState())
 	return c
+}
+
+// use makes cfg the configuration of the streams to come (Run's goroutine, or
+// New before anyone else has the client).
+func (c *Client) use(cfg Config) {
+	c.cfg = cfg
+	c.log = cfg.Log.With().Str("component", "xdsclient").Str("server", cfg.Server).Logger()
+}
+
+// Reconfigure makes the client talk to the control plane with cfg from now on: a
+// new node, server, TLS or delta setting, as a bootstrap reload brings them. The
+// current stream ends and a new one starts at once with cfg. Everything the client
+// accepted stays in force, and is where the new stream starts from (its versions
+// in state of the world, its initial_resource_versions in delta), so the proxy
+// serves the accepted configuration until the new stream delivers a newer one; the
+// counters go on counting. This replaces stopping the client and starting another,
+// which would start from nothing and lose the counters.
+//
+// An unusable cfg is an error and changes nothing. Reconfigure does not wait for
+// the new stream; it may be called whether or not Run is running (before Run, cfg
+// replaces New's).
+func (c *Client) Reconfigure(cfg Config) error {
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	cfg = cfg.withDefaults()
+	c.mu.Lock()
+	c.next = &cfg
+	restart := c.restart
+	c.mu.Unlock()
+	if restart != nil {
+		restart()
+	}
+	select {
+	case c.kick <- struct{}{}:
+	default: // a wake-up is pending already
+	}
+	return nil
+}
+
+// adoptNext takes the Config Reconfigure left, if any, for the next stream, and
+// reports whether there was one. Run's goroutine only, between streams.
+func (c *Client) adoptNext() bool {
+	c.mu.Lock()
+	next := c.next
+	c.next = nil
+	c.mu.Unlock()
+	select {
+	case <-c.kick: // this wake-up is for the config taken here
+	default:
+	}
+	if next == nil {
+		return false
+	}
+	c.use(*next)
+	return true
 }
 
 // Accepted returns the configuration last accepted by the Applier, or nil before
@@ -84,13 +152,14 @@ func (c *Client) current() *state { return c.accepted.Load() }
 // It returns ctx.Err(), or an error at once if the Config is unusable or Run is
 // already running.
 func (c *Client) Run(ctx context.Context) error {
-	if err := c.cfg.validate(); err != nil {
-		return err
-	}
 	if !c.running.CompareAndSwap(false, true) {
 		return errors.New("xdsclient: Run called twice")
 	}
 	defer c.running.Store(false)
+	c.adoptNext()
+	if err := c.cfg.validate(); err != nil {
+		return err
+	}
 
 	bo := backoff{base: c.cfg.BackoffBase, max: c.cfg.BackoffMax}
 	unreachable := false // logged that the control plane cannot be reached
@@ -99,6 +168,15 @@ func (c *Client) Run(ctx context.Context) error {
 		c.stats.connected.Store(0)
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if c.adoptNext() {
+			// Reconfigured: the new settings get a stream at once and a
+			// backoff of their own.
+			bo = backoff{base: c.cfg.BackoffBase, max: c.cfg.BackoffMax}
+			unreachable = false
+			c.log.Info().Bool("delta", c.cfg.Delta).Bool("was_established", established).
+				Msg("xds: reconfigured, starting a new stream from the accepted configuration")
+			continue
 		}
 		if up >= stableStream {
 			bo.reset()
@@ -122,20 +200,54 @@ func (c *Client) Run(ctx context.Context) error {
 			t.Stop()
 			return ctx.Err()
 		case <-t.C:
+		case <-c.kick: // Reconfigure: the next stream uses its config at once
+			t.Stop()
+			if c.adoptNext() {
+				bo = backoff{base: c.cfg.BackoffBase, max: c.cfg.BackoffMax}
+				unreachable = false
+			}
 		}
 	}
 }
 
+// streamStarted registers cancel as the way Reconfigure ends the stream being
+// started, ending it at once if a Config is already waiting.
+func (c *Client) streamStarted(cancel context.CancelFunc) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.restart = cancel
+	if c.next != nil {
+		cancel()
+	}
+}
+
+func (c *Client) streamEnded() {
+	c.mu.Lock()
+	c.restart = nil
+	c.mu.Unlock()
+}
+
 // runStream dials, runs one ADS stream to its end and reports whether it was
 // established and for how long.
+//
+// The stream runs under a context of its own, which Reconfigure cancels: the
+// session (and an Apply in progress) keeps Run's context, so a reconfiguration
+// ends the stream as a lost connection does, never in the middle of an Apply.
 func (c *Client) runStream(ctx context.Context) (established bool, up time.Duration, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.streamStarted(cancel)
+	defer c.streamEnded()
+
 	creds := insecure.NewCredentials()
 	if c.cfg.TLS != nil {
 		creds = credentials.NewTLS(c.cfg.TLS)
 	}
 	conn, err := grpc.NewClient(c.cfg.Server,
 		grpc.WithTransportCredentials(creds),
-		grpc.WithContextDialer(c.dial),
+		// gRPC dials on goroutines of its own, which may outlive the stream:
+		// they get this stream's settings, not the Client's.
+		grpc.WithContextDialer(dialer(c.cfg.Control, c.cfg.Keepalive)),
 		// istiod's responses can exceed gRPC's 4 MiB default; Envoy sets no limit.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
 	)
@@ -144,8 +256,6 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	}
 	defer conn.Close()
 
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(conn)
 	node := proto.Clone(c.cfg.Node).(*corev3.Node)
 	if node == nil {
@@ -189,9 +299,16 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	return true, time.Since(start), err
 }
 
-// dial connects to addr with TCP keepalive, or to a unix socket (gRPC hands a custom
-// dialer unix targets as "unix://abs", "unix:rel", or "\x00abstract").
-func (c *Client) dial(ctx context.Context, addr string) (net.Conn, error) {
+// dialer returns a dial function that connects to addr with TCP keepalive, or to a
+// unix socket (gRPC hands a custom dialer unix targets as "unix://abs", "unix:rel",
+// or "\x00abstract").
+func dialer(control func(network, address string, c syscall.RawConn) error, keepalive time.Duration) func(ctx context.Context, addr string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		return dial(ctx, addr, control, keepalive)
+	}
+}
+
+func dial(ctx context.Context, addr string, control func(network, address string, c syscall.RawConn) error, keepalive time.Duration) (net.Conn, error) {
 	network := "tcp"
 	switch {
 	case strings.HasPrefix(addr, "unix://"):
@@ -201,8 +318,8 @@ func (c *Client) dial(ctx context.Context, addr string) (net.Conn, error) {
 	case strings.HasPrefix(addr, "\x00"):
 		network, addr = "unix", "@"+addr[1:]
 	}
-	d := net.Dialer{Control: c.cfg.Control, KeepAliveConfig: net.KeepAliveConfig{Enable: c.cfg.Keepalive > 0, Idle: c.cfg.Keepalive, Interval: -1, Count: -1}}
-	if c.cfg.Keepalive < 0 {
+	d := net.Dialer{Control: control, KeepAliveConfig: net.KeepAliveConfig{Enable: keepalive > 0, Idle: keepalive, Interval: -1, Count: -1}}
+	if keepalive < 0 {
 		d.KeepAlive = -1
 	}
 	return d.DialContext(ctx, network, addr)

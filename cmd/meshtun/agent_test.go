@@ -7,13 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
-	"github.com/rs/zerolog"
-
-	"github.com/meshtun/meshtun/agent"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 )
 
@@ -64,8 +59,10 @@ func TestAgentBadEnvironment(t *testing.T) {
 		{[]string{"INSTANCE_IP", "10.0.0.300"}, `INSTANCE_IP: "10.0.0.300" is not an IP address`},
 		{[]string{"INSTANCE_IP", ""}, "INSTANCE_IP or INSTANCE_IPS: required"},
 		{[]string{"POD_NAME", ""}, "POD_NAME: required"},
-		{[]string{"PROXY_CONFIG", `{"drainDuraton":"5s"}`}, "PROXY_CONFIG: drainDuraton: unknown field"},
-		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":"admin"}`}, `PROXY_CONFIG: proxyAdminPort: want a port number 1..65535, got "admin"`},
+		{[]string{"PROXY_CONFIG", `{"drainDuraton":"5s"}`}, "PROXY_CONFIG: drainDuraton: not a ProxyConfig field"},
+		{[]string{"PROXY_CONFIG", `{"imageTyp": "x"}`}, "PROXY_CONFIG: imageTyp: not a ProxyConfig field"},
+		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":"admin"}`}, `PROXY_CONFIG: proxyAdminPort: invalid value for int32 field proxyAdminPort: "admin"`},
+		{[]string{"PROXY_CONFIG", `{"proxyAdminPort":70000}`}, `PROXY_CONFIG: proxyAdminPort: want a port number 1..65535, got 70000`},
 		{[]string{"ISTIO_META_INTERCEPTION_MODE", "EBPF"}, `ISTIO_META_INTERCEPTION_MODE: "EBPF": want REDIRECT, TPROXY or NONE`},
 	} {
 		t.Run(tc.want, func(t *testing.T) {
@@ -177,63 +174,4 @@ func TestAgentCaptureOnlyInterceptionNone(t *testing.T) {
 		!strings.Contains(stderr.String(), "--capture-only: laptop mode has no init container") {
 		t.Errorf("--capture-only --mode local: exit %d %q, want 2", code, stderr.String())
 	}
-}
-
-// TestProxySignals: the proxy's signals are sorted from the start of the
-// run. SIGHUPs before anyone reads them queue one reload (not lost, not
-// many), a SIGTERM behind them is not lost; during the drain a SIGHUP is
-// ignored and only a second SIGTERM/SIGINT ends it early.
-func TestProxySignals(t *testing.T) {
-	in := make(chan os.Signal, 8)
-	s := startProxySignals(in)
-	defer s.stop()
-	for i := 0; i < 5; i++ {
-		in <- syscall.SIGHUP
-	}
-	in <- syscall.SIGTERM
-	select {
-	case sig := <-s.term:
-		if sig != syscall.SIGTERM {
-			t.Fatalf("term %v, want SIGTERM", sig)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the SIGTERM behind the SIGHUPs was lost")
-	}
-	select {
-	case <-s.reload:
-	default:
-		t.Fatal("SIGHUPs received before the reader: no reload pending")
-	}
-	select {
-	case <-s.reload:
-		t.Fatal("5 SIGHUPs queued more than one reload")
-	default:
-	}
-
-	var logs bytes.Buffer
-	log := zerolog.New(&agent.LockedWriter{W: &logs}) // the drain watch logs from its goroutine
-	ctx, wait := s.awaitDrainEnd(time.Minute, log)
-	in <- syscall.SIGHUP
-	time.Sleep(100 * time.Millisecond)
-	if ctx.Err() != nil {
-		t.Fatal("a SIGHUP ended the drain")
-	}
-	in <- syscall.SIGINT
-	select {
-	case <-ctx.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("a second signal did not end the drain")
-	}
-	wait()
-	if got := logs.String(); !strings.Contains(got, "SIGHUP while draining: ignored") || !strings.Contains(got, "second signal: ending the drain now") {
-		t.Errorf("drain log:\n%s", got)
-	}
-	// A drain that runs to its deadline ends there.
-	ctx, wait = s.awaitDrainEnd(50*time.Millisecond, log)
-	select {
-	case <-ctx.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("the drain did not end at its deadline")
-	}
-	wait()
 }

@@ -2,8 +2,8 @@
 // traffic through a TUN device and a userspace TCP/IP stack.
 //
 // Each subcommand lives in its own file; this one only dispatches. The
-// logic is in the packages: tun (capture), netstack (flow termination),
-// mesh (what a flow becomes).
+// logic is in the packages: proxy (the proxy process), tun (capture),
+// netstack (flow termination), mesh (what a flow becomes).
 package main
 
 import (

@@ -20,6 +20,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
+	"github.com/meshtun/meshtun/proxy"
 )
 
 func TestBadInvocationsNameTheProblem(t *testing.T) {
@@ -132,7 +133,7 @@ func TestRequestUnixAdmin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := listenAdmin(b.GetAdmin().GetAddress())
+	ln, err := proxy.ListenAdmin(b.GetAdmin().GetAddress())
 	if err != nil {
 		t.Fatalf("admin on pipe %s: %v", sock, err)
 	}

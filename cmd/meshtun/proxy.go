@@ -5,28 +5,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
-	"os/signal"
 	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/rs/zerolog"
 
 	"github.com/meshtun/meshtun/internal/logging"
-	"github.com/meshtun/meshtun/mesh"
-	"github.com/meshtun/meshtun/mesh/accesslog"
-	"github.com/meshtun/meshtun/mesh/admin"
-	"github.com/meshtun/meshtun/mesh/cluster"
-	"github.com/meshtun/meshtun/mesh/httpconn"
-	"github.com/meshtun/meshtun/mesh/upstream"
-	"github.com/meshtun/meshtun/netstack"
+	"github.com/meshtun/meshtun/proxy"
 	"github.com/meshtun/meshtun/tun"
 )
 
@@ -151,8 +141,8 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	// Signals are taken first thing: a SIGHUP the agent sends while the
 	// proxy starts (a watched file changed) must queue a reload, not kill
 	// the process by the default action.
-	sigs := notifyProxySignals()
-	defer sigs.stop()
+	sigs := proxy.NotifySignals()
+	defer sigs.Stop()
 	fs := flag.NewFlagSet("meshtun proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	f := proxyFlags{mark: 0x539}
@@ -205,329 +195,45 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshtun proxy: -outbound-port/-inbound-port: want a port number\n")
 		return 2
 	}
-	if err := serveProxy(&f, log, sigs); err != nil {
+	px, err := proxy.New(f.config(log, sigs))
+	if err == nil {
+		err = px.Run(context.Background())
+	}
+	if err != nil {
 		log.Error().Err(err).Msg("proxy failed")
 		return 1
 	}
 	return 0
 }
 
-// proxySignals receives the proxy's signals from the start of the run
-// and sorts them: SIGHUPs coalesce into one pending reload (applied once
-// the configuration source exists, so one that arrives during startup
-// waits for it), SIGTERM/SIGINT queue in order (the first drains, a
-// second ends the drain). Its goroutine is owned by the run and ends with
-// stop.
-type proxySignals struct {
-	in     chan os.Signal
-	reload chan struct{}  // a reload is pending
-	term   chan os.Signal // SIGTERM/SIGINT received, in order
-	quit   chan struct{}
-	done   chan struct{}
-	notify bool // in is registered with signal.Notify
-}
-
-func notifyProxySignals() *proxySignals {
-	in := make(chan os.Signal, 8)
-	signal.Notify(in, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	s := startProxySignals(in)
-	s.notify = true
-	return s
-}
-
-// startProxySignals sorts the signals arriving on in.
-func startProxySignals(in chan os.Signal) *proxySignals {
-	s := &proxySignals{in: in, reload: make(chan struct{}, 1), term: make(chan os.Signal, 2),
-		quit: make(chan struct{}), done: make(chan struct{})}
-	go s.run()
-	return s
-}
-
-func (s *proxySignals) run() {
-	defer close(s.done)
-	for {
-		select {
-		case <-s.quit:
-			return
-		case sig := <-s.in:
-			if sig == syscall.SIGHUP {
-				select {
-				case s.reload <- struct{}{}:
-				default: // one is pending already: it reads the latest file
-				}
-				continue
-			}
-			select {
-			case s.term <- sig:
-			default: // the first ends the run, the second the drain: more change nothing
-			}
-		}
+// config maps the flags onto the proxy's Config, and does nothing else.
+func (f *proxyFlags) config(log zerolog.Logger, sigs *proxy.Signals) proxy.Config {
+	return proxy.Config{
+		Bootstrap:                f.bootstrap,
+		OutboundPort:             uint16(f.outboundPort),
+		InboundPort:              uint16(f.inboundPort),
+		Capture:                  f.capture,
+		CaptureCIDRs:             f.captureCIDRs,
+		TUNName:                  f.tunName,
+		TUNMTU:                   f.tunMTU,
+		TUNAddrs:                 f.tunAddrs,
+		TUNFD:                    f.tunFD,
+		StateDir:                 f.stateDir,
+		Mark:                     f.mark,
+		PodInterface:             f.podIface,
+		PodIPs:                   f.podIPs,
+		Inbound:                  f.inbound,
+		ExcludeOutboundPorts:     f.exclOutPorts,
+		ExcludeOutboundCIDRs:     f.exclOutCIDRs,
+		ExcludeInboundPorts:      f.exclInPorts,
+		UDPIdleTimeout:           f.udpIdle,
+		TCPIdleTimeout:           f.tcpIdle,
+		ConnectTimeout:           f.connectTimeout,
+		DrainDuration:            f.drainDuration,
+		TerminationDrainDuration: f.termDrain,
+		Concurrency:              f.concurrency,
+		Version:                  version,
+		Log:                      log,
+		Signals:                  sigs,
 	}
-}
-
-func (s *proxySignals) stop() {
-	if s.notify {
-		signal.Stop(s.in)
-	}
-	close(s.quit)
-	<-s.done
-}
-
-// awaitDrainEnd returns a context that ends at timeout or when a second
-// SIGTERM/SIGINT arrives; a SIGHUP meanwhile is ignored (the proxy is
-// leaving, and a reload must not cut the drain short). wait ends the
-// watch and waits for its goroutine.
-func (s *proxySignals) awaitDrainEnd(timeout time.Duration, log zerolog.Logger) (ctx context.Context, wait func()) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case sig := <-s.term:
-				log.Warn().Str("signal", sig.String()).Msg("second signal: ending the drain now")
-				cancel()
-				return
-			case <-s.reload:
-				log.Info().Msg("SIGHUP while draining: ignored")
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	return ctx, func() {
-		cancel()
-		<-done
-	}
-}
-
-func serveProxy(f *proxyFlags, root zerolog.Logger, sigs *proxySignals) error {
-	log := logging.Component(root, "main")
-	dialer := &upstream.Dialer{Mark: f.mark, ConnectTimeout: f.connectTimeout}
-	if f.capture == "local" {
-		// Where there is no socket mark (darwin), the proxy's sockets are
-		// pinned to the outgoing interface so they skip the CIDR routes.
-		idx, err := tun.DefaultInterface()
-		if err != nil {
-			return fmt.Errorf("local capture: %w", err)
-		}
-		dialer.Interface = idx
-	}
-	// The access log is a logger of its own in /logging ("access"), so
-	// that lowering another component's level does not turn it on.
-	access := accesslog.NewGated(root, logging.ComponentGate("access"))
-	passthrough := &mesh.Passthrough{Dialer: dialer, TCPIdleTimeout: f.tcpIdle, Access: access}
-	gate := &mesh.Gate{H: passthrough}
-	quit := make(chan string, 1)
-	requestQuit := func(why string) {
-		select {
-		case quit <- why:
-		default:
-		}
-	}
-
-	// The configuration is read and validated before anything on the
-	// host changes: a bad bootstrap leaves no capture behind.
-	var dispatcher *mesh.Dispatcher
-	var cfg *configSource
-	if f.bootstrap != "" {
-		dispatcher = &mesh.Dispatcher{Access: access, UDP: passthrough, Dialer: dialer}
-		srv := &mesh.Server{D: dispatcher, Log: logging.Component(root, "conn_handler"), Gate: gate}
-		cfg = &configSource{
-			path: f.bootstrap, root: root, log: log, srv: srv, drain: f.drainDuration, control: dialer.Control,
-			opts: mesh.BuildOptions{
-				Roles:   mesh.Roles{OutboundPort: uint16(f.outboundPort), InboundPort: uint16(f.inboundPort)},
-				Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(root, "upstream")},
-				Pools:   httpconn.NewPools(),
-			},
-		}
-		defer func() {
-			// The proxy is leaving and its drain, if any, is over: what a
-			// pooled upstream connection still carries is cut now, not
-			// waited for.
-			ctx, cancel := context.WithCancel(context.Background())
-			cancel()
-			cfg.opts.Pools.Close(ctx)
-		}()
-		if err := cfg.start(); err != nil {
-			return err
-		}
-		defer func() {
-			cfg.stop()
-			srv.Close()
-			if s := dispatcher.Snapshot(); s != nil {
-				s.Retire(nil)
-			}
-		}()
-		gate.H = dispatcher
-		b, _ := cfg.Bootstrap()
-		adminLn, err := listenAdmin(b.GetAdmin().GetAddress())
-		if err != nil {
-			return fmt.Errorf("bootstrap %s: admin.address: %w", f.bootstrap, err)
-		}
-		defer adminLn.Close()
-		adm := &admin.Server{
-			D: dispatcher, Start: time.Now(), Extra: cfg.Stats, Bootstrap: cfg.Bootstrap, Initialized: cfg.Initialized,
-			Warming:     cfg.Warming,
-			Concurrency: max(1, f.concurrency),
-			// The listeners drain (HTTP connections told to close); with
-			// ?graceful they take new flows for the drain duration, after
-			// which the HTTP connections left are closed.
-			Drain: func(inboundOnly, graceful bool) {
-				srv.StartDrain(inboundOnly)
-				if graceful && f.drainDuration > 0 {
-					time.AfterFunc(f.drainDuration, func() {
-						gate.Close(inboundOnly)
-						srv.EndDrain(inboundOnly)
-					})
-					return
-				}
-				gate.Close(inboundOnly)
-			},
-			Quit: func() { requestQuit("quitquitquit") },
-		}
-		go adm.Serve(adminLn)
-		snap := dispatcher.Snapshot()
-		log.Info().Str("address", adminLn.Addr().String()).Msg("admin listening")
-		log.Info().Str("bootstrap", f.bootstrap).Int("listeners", len(snap.Listeners)).Int("clusters", len(snap.Clusters)).Msg("static configuration applied")
-	}
-	var dev *tun.Device
-	var err error
-	if f.tunFD >= 0 {
-		dev, err = tun.OpenFile(f.tunFD, f.tunMTU)
-	} else {
-		dev, err = tun.Open(tun.DeviceConfig{Name: f.tunName, MTU: f.tunMTU, Addrs: f.tunAddrs})
-	}
-	if err != nil {
-		return err
-	}
-	defer dev.Close()
-	off := dev.Offloads()
-	log.Log().Str("level", "info").Str("name", dev.Name()).Int("mtu", dev.MTU()).Bool("vnet_hdr", off.VNetHdr).
-		Bool("tso", off.TSO).Bool("gro", off.GRO).Int("batch_size", off.BatchSize).Msg("tun device open")
-
-	podIPs := f.podIPs
-	if f.capture == "sidecar" {
-		capt, err := tun.SetupCapture(tun.CaptureConfig{
-			TunName:              dev.Name(),
-			Mark:                 f.mark,
-			PodInterface:         f.podIface,
-			PodIPs:               f.podIPs,
-			Inbound:              f.inbound,
-			ExcludeOutboundPorts: f.exclOutPorts,
-			ExcludeOutboundCIDRs: f.exclOutCIDRs,
-			ExcludeInboundPorts:  f.exclInPorts,
-			StateDir:             f.stateDir,
-		}, logging.Component(root, "capture"))
-		if err != nil {
-			return err
-		}
-		defer func() {
-			if err := capt.Teardown(); err != nil {
-				log.Error().Err(err).Msg("capture teardown")
-			}
-		}()
-		podIPs = capt.PodIPs()
-	}
-
-	if f.capture == "local" {
-		lc, err := tun.SetupLocal(tun.LocalConfig{TunName: dev.Name(), CIDRs: f.captureCIDRs, Mark: f.mark}, logging.Component(root, "capture"))
-		if err != nil {
-			return err
-		}
-		defer func() {
-			if err := lc.Teardown(); err != nil {
-				log.Error().Err(err).Msg("local capture teardown")
-			}
-		}()
-		podIPs = nil // nothing is inbound in laptop mode
-	}
-
-	passthrough.LocalIPs = podIPs
-	gate.LocalIPs = podIPs
-	if dispatcher != nil {
-		dispatcher.LocalIPs = podIPs
-	}
-	st, err := netstack.New(dev.Dev(), gate, netstack.Config{UDPIdleTimeout: f.udpIdle}, logging.Component(root, "netstack"))
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-
-	log.Log().Str("level", "info").Str("capture", f.capture).Interface("pod_ips", podIPs).Msg("proxy ready")
-	for {
-		select {
-		case why := <-quit:
-			log.Info().Str("reason", why).Msg("shutting down")
-			return nil
-		case <-sigs.reload:
-			if cfg == nil {
-				log.Warn().Msg("SIGHUP: started without --bootstrap, nothing to reload")
-				continue
-			}
-			if err := cfg.Reload(); err != nil {
-				log.Error().Err(err).Msg("bootstrap reload rejected; the configuration in force keeps serving")
-			}
-		case sig := <-sigs.term:
-			if sig != syscall.SIGTERM {
-				log.Info().Str("signal", sig.String()).Msg("shutting down")
-				return nil
-			}
-			// Istio's termination: new inbound flows are refused at once
-			// (the pod is leaving its endpoints), outbound ones still
-			// served so the application can finish its own shutdown; the
-			// proxy exits when no flow is left or at the termination
-			// drain duration.
-			gate.Close(true)
-			if cfg != nil {
-				// Inbound HTTP connections are told to close at once
-				// (pilot-agent's /drain_listeners?inboundonly&graceful).
-				cfg.srv.StartDrain(true)
-			}
-			log.Info().Int64("active_flows", gate.Active()).Dur("termination_drain_duration", f.termDrain).Msg("SIGTERM: draining")
-			ctx, endWatch := sigs.awaitDrainEnd(f.termDrain, log)
-			done := gate.Wait(ctx)
-			// The flows are over, but what the proxy wrote to its
-			// clients may still be in the stack's send queues: wait
-			// (within the same deadline) for the peers to ACK it.
-			for done && st.Unflushed() > 0 && ctx.Err() == nil {
-				time.Sleep(10 * time.Millisecond)
-			}
-			endWatch()
-			if cfg != nil && !done {
-				// The drain is over: HTTP connections still open are
-				// closed now (their requests end, which frees their
-				// pooled upstream connections), and their FINs get half
-				// a second to leave before the stack goes with the
-				// process (a client waiting for a response would not
-				// learn otherwise). The exit ends the rest.
-				cfg.srv.EndDrain(false)
-				fctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-				for gate.Wait(fctx) && st.Unflushed() > 0 && fctx.Err() == nil {
-					time.Sleep(10 * time.Millisecond)
-				}
-				cancel()
-			}
-			log.Info().Bool("all_flows_ended", done).Int64("active_flows", gate.Active()).Msg("drained, shutting down")
-			return nil
-		}
-	}
-}
-
-// listenAdmin opens the admin listener: the bootstrap's admin address (an
-// IP socket or a Unix domain socket), Istio's 127.0.0.1:15000 when unset.
-// Capture never takes port 15000 inbound, and loopback is not reachable
-// from outside the pod.
-func listenAdmin(a *corev3.Address) (net.Listener, error) {
-	if p := a.GetPipe(); p != nil {
-		if fi, err := os.Lstat(p.GetPath()); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			os.Remove(p.GetPath())
-		}
-		return net.Listen("unix", p.GetPath())
-	}
-	addr := "127.0.0.1:15000"
-	if sa := a.GetSocketAddress(); sa != nil {
-		addr = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
-	}
-	return net.Listen("tcp", addr)
 }

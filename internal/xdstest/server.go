@@ -24,6 +24,7 @@ type Server struct {
 	Cache cachev3.SnapshotCache
 
 	version atomic.Int64
+	streams atomic.Int64
 	mu      sync.Mutex
 	nacks   []NACK
 	acks    map[string]int // by type URL
@@ -54,6 +55,14 @@ func NewServer(t testing.TB) *Server {
 		}
 	}
 	cb := serverv3.CallbackFuncs{
+		StreamOpenFunc: func(context.Context, int64, string) error {
+			s.streams.Add(1)
+			return nil
+		},
+		DeltaStreamOpenFunc: func(context.Context, int64, string) error {
+			s.streams.Add(1)
+			return nil
+		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
 			record(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
 			return nil
@@ -103,3 +112,7 @@ func (s *Server) ACKs(typeURL string) int {
 	defer s.mu.Unlock()
 	return s.acks[typeURL]
 }
+
+// Streams returns how many ADS streams (SotW or delta) were opened: a
+// client that restarts its stream opens one more.
+func (s *Server) Streams() int64 { return s.streams.Load() }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // resendBuffer bounds the copy of a request body kept without a retry
@@ -12,6 +13,11 @@ import (
 // reused upstream connection turns out dead (see h1Transport.RoundTrip),
 // small enough that uploads do not all pay for a copy.
 const resendBuffer = 64 << 10
+
+// maxRetryBuffer is how much of a request body is kept to replay it on a
+// retry (Envoy's per-connection buffer limit, 1 MiB); a larger body is
+// streamed and not retried.
+const maxRetryBuffer = 1 << 20
 
 var (
 	// errRetryBufferOverflow fails an attempt that needs body bytes that
@@ -171,3 +177,46 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 // Close ends this attempt's use of the body; the downstream body stays
 // open for a retry (net/http closes it when the handler returns).
 func (a *attemptBody) Close() error { return nil }
+
+// countingBody is the downstream request body: it counts bytes, touches
+// the idle timer, stops request_timeout at its end, and remembers a read
+// error (a malformed body is the client's fault: 400).
+type countingBody struct {
+	rc   io.ReadCloser
+	n    atomic.Int64
+	idle *idleWatch
+	done *time.Timer
+	err  error
+	mu   sync.Mutex
+
+	// ended is set once a read returned an error (io.EOF included): the
+	// idle watch then no longer needs to unblock a read.
+	ended atomic.Bool
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	b.n.Add(int64(n))
+	b.idle.touch()
+	if err != nil {
+		b.ended.Store(true)
+		if err == io.EOF {
+			if b.done != nil {
+				b.done.Stop()
+			}
+		} else {
+			b.mu.Lock()
+			b.err = err
+			b.mu.Unlock()
+		}
+	}
+	return n, err
+}
+
+func (b *countingBody) Close() error { return b.rc.Close() }
+
+func (b *countingBody) readErr() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
+}

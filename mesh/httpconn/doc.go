@@ -44,4 +44,27 @@
 // The cost is a few allocations per request that a purpose-built codec
 // would avoid (header map clone, request struct); route matching itself
 // allocates nothing.
+//
+// # Where things are
+//
+// A request goes through the files in this order:
+//
+//   - serve.go: one downstream connection (codec sniffing, the
+//     http.Server, drain), the stream's local replies and timers.
+//   - stream.go: one request: its state, path handling, route and
+//     cluster selection, the fault filter, the route's action.
+//   - forwarded.go: the connection manager's request edits
+//     (x-forwarded-for, internal requests, x-request-id).
+//   - router.go: the router filter: the upstream request and its
+//     attempts, how an attempt's failure is classified.
+//   - retry.go, body.go: retry policies and back-off; the request body
+//     as attempts replay it.
+//   - relay.go: the upstream response copied downstream.
+//   - reply.go: answers that need no upstream (direct responses,
+//     redirects, fault aborts, failures before a response).
+//   - h1.go, pool.go, streampool.go: upstream connections and the
+//     per-request objects reused across requests.
+//
+// Configuration lives in config.go, routes.go, match.go, headers.go,
+// filters.go and path.go.
 package httpconn

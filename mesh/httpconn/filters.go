@@ -28,15 +28,16 @@ const (
 	FaultFilter  = "envoy.filters.http.fault"
 )
 
-// NoOpHTTPFilters are the HTTP filters accepted and not run: Istio's
-// telemetry and peer-metadata filters, gRPC stats and CORS (no effect on
-// where a request goes; CORS preflights are proxied like any request).
-var NoOpHTTPFilters = []string{
-	"istio.metadata_exchange",
-	"istio.alpn",
-	"istio.stats",
-	"envoy.filters.http.grpc_stats",
-	"envoy.filters.http.cors",
+// noOpNames are the HTTP filters accepted and not run: Istio's telemetry
+// and peer-metadata filters, gRPC stats and CORS (no effect on where a
+// request goes; CORS preflights are proxied like any request). Read
+// only; no other package needs the list.
+var noOpNames = map[string]bool{
+	"istio.metadata_exchange":       true,
+	"istio.alpn":                    true,
+	"istio.stats":                   true,
+	"envoy.filters.http.grpc_stats": true,
+	"envoy.filters.http.cors":       true,
 }
 
 // noOpTypeURLs recognise the same filters by their config type.
@@ -147,7 +148,7 @@ func parseHTTPFilters(fs []*hcmv3.HttpFilter) (httpFilters, error) {
 				}
 			}
 			out.faultName, out.fault = f.GetName(), fc
-		case isNoOp(f.GetName()) || noOpTypeURLs[url]:
+		case noOpNames[f.GetName()] || noOpTypeURLs[url]:
 			out.noOps = append(out.noOps, f.GetName())
 		case f.GetIsOptional():
 			out.skippedOptions = append(out.skippedOptions, f.GetName())
@@ -156,15 +157,6 @@ func parseHTTPFilters(fs []*hcmv3.HttpFilter) (httpFilters, error) {
 		}
 	}
 	return out, fieldf("http_filters", "the last filter must be %s", RouterFilter)
-}
-
-func isNoOp(name string) bool {
-	for _, n := range NoOpHTTPFilters {
-		if n == name {
-			return true
-		}
-	}
-	return false
 }
 
 // faultConfig is a compiled HTTPFault (abort and delay).

@@ -269,3 +269,29 @@ func stripHopByHop(h http.Header, keepTrailersTE bool) {
 		}
 	}
 }
+
+func (s *stream) responseHeaderOps(h http.Header, routes *Routes, vh *VirtualHost, rt *Route, wc *weightedCluster) {
+	fc := &formatCtx{r: s.r, down: &s.h.info, proto: s.r.Proto, requestID: s.e.RequestID, authority: s.r.Host, routeName: s.e.RouteName, clusterNam: s.e.UpstreamCluster}
+	levels := [4]*headerOps{}
+	if wc != nil {
+		levels[0] = wc.rspOps
+	}
+	levels[1], levels[2], levels[3] = rt.rspOps, vh.rspOps, routes.rspOps
+	applyLevels(levels, routes.mostSpecific, h, nil, fc)
+}
+
+// applyLevels applies header edits from the most to the least specific
+// level (weighted cluster, route, virtual host, route configuration), so
+// a less specific level has the last word, as Envoy by default; with
+// most_specific_header_mutations_wins the order is reversed.
+func applyLevels(levels [4]*headerOps, mostSpecificWins bool, h http.Header, host *string, fc *formatCtx) {
+	if mostSpecificWins {
+		for i := len(levels) - 1; i >= 0; i-- {
+			levels[i].apply(h, host, fc)
+		}
+		return
+	}
+	for _, l := range levels {
+		l.apply(h, host, fc)
+	}
+}

@@ -122,7 +122,9 @@ func unescapeSlashes(path string) (string, bool) {
 }
 
 // mergeSlashes is Envoy's PathUtil::mergeSlashes on a path without query:
-// runs of '/' become one, a leading and a trailing '/' are kept.
+// runs of '/' become one, a leading and a trailing '/' are kept. A path of
+// slashes only is "/" (Envoy's prefix-plus-suffix makes it "//", which
+// would still have a run to merge).
 func mergeSlashes(path string) string {
 	if !strings.Contains(path, "//") {
 		return path
@@ -143,7 +145,7 @@ func mergeSlashes(path string) string {
 		first = false
 		b.WriteString(seg)
 	}
-	if path[len(path)-1] == '/' {
+	if path[len(path)-1] == '/' && (!first || path[0] != '/') {
 		b.WriteByte('/')
 	}
 	return b.String()
@@ -194,7 +196,10 @@ var pathClass = func() (t [256]uint8) {
 //   - Percent-encoded unreserved characters (ALPHA, DIGIT, "-", "_", "~",
 //     and "." as above) are decoded; other escapes are kept with their
 //     hex digits' case (no case normalization, as Envoy); a '%' not
-//     followed by two hex digits is kept.
+//     followed by two hex digits is kept, unless decoding made it an
+//     escape ("%%32e" would be "%2e"): it is then written "%25", as
+//     Chromium's CheckForNestedEscapes does, so that the result is a
+//     fixed point and a server that decodes once more sees no new dot.
 //   - Bytes a path may not hold raw (controls, space, '"', '<', '>', '^',
 //     '`', '{', '|', '}', DEL, non-ASCII) are percent-encoded.
 //   - NUL, raw or %00, fails the path (false: the request gets 400).
@@ -212,6 +217,7 @@ func canonicalPath(path string) (string, bool) {
 		out = append(out, '/')
 	}
 	ok := true
+	var lone []int // where a '%' that began no escape was written to out
 	n := len(path)
 	for i := 0; i < n; i++ {
 		c := path[i]
@@ -235,6 +241,9 @@ func canonicalPath(path string) (string, bool) {
 				i += dl + consumed - 1
 			case dotParent:
 				out = backUpToPreviousSlash(out)
+				for len(lone) > 0 && lone[len(lone)-1] >= len(out) {
+					lone = lone[:len(lone)-1] // its segment is gone
+				}
 				i += dl + consumed - 1
 			}
 			continue
@@ -257,6 +266,7 @@ func canonicalPath(path string) (string, bool) {
 				}
 				i += 2
 			} else {
+				lone = append(lone, len(out))
 				out = append(out, '%')
 			}
 		case cls == clsInvalid:
@@ -269,7 +279,28 @@ func canonicalPath(path string) (string, bool) {
 	if !ok {
 		return "", false
 	}
+	if lone != nil {
+		out = escapeNestedPercents(out, lone)
+	}
 	return string(out), true
+}
+
+// escapeNestedPercents writes as "%25" each '%' of out at the offsets in
+// lone (ascending) that decoding turned into the start of an escape: the
+// '%' of "%%32e" is followed by "2e" once "%32" is decoded.
+func escapeNestedPercents(out []byte, lone []int) []byte {
+	var b []byte
+	last := 0
+	for _, p := range lone {
+		if p+2 < len(out) && isHex(out[p+1]) && isHex(out[p+2]) {
+			b = append(append(b, out[last:p+1]...), "25"...)
+			last = p + 1
+		}
+	}
+	if b == nil {
+		return out
+	}
+	return append(b, out[last:]...)
 }
 
 // needsCanonical reports whether canonicalPath could change path: a byte
@@ -349,22 +380,31 @@ func isDot(s string, i int) int {
 func isURLSlash(c byte) bool { return c == '/' || c == '\\' }
 
 // classifyAfterDot looks at what follows a dot that starts a segment and
-// how many more bytes (the slash, the second dot) that segment consumes.
+// how many more bytes (the second dot, path parameters, the slash) that
+// segment consumes.
+//
+// Parameters on a dot segment ("..;x") are dropped with it here too:
+// stripDotSegmentParams only sees segments written with plain dots
+// between '/', so "/a/%2e%2e;x/b" or "/a\..;x" would otherwise come out
+// as "/a/..;x/b", a ".." for the servers that ignore the parameters, which
+// the routes never saw.
 func classifyAfterDot(s string, after int) (dotDisposition, int) {
-	if after == len(s) {
-		return dotCurrent, 0
-	}
-	if isURLSlash(s[after]) {
-		return dotCurrent, 1
-	}
-	if dl := isDot(s, after); dl > 0 {
-		a2 := after + dl
-		if a2 == len(s) {
-			return dotParent, dl
+	disp, end := dotCurrent, after
+	if end < len(s) {
+		if dl := isDot(s, end); dl > 0 {
+			disp, end = dotParent, end+dl
 		}
-		if isURLSlash(s[a2]) {
-			return dotParent, dl + 1
+	}
+	if end < len(s) && s[end] == ';' {
+		for end < len(s) && !isURLSlash(s[end]) {
+			end++
 		}
+	}
+	switch {
+	case end == len(s):
+		return disp, end - after
+	case isURLSlash(s[end]):
+		return disp, end + 1 - after
 	}
 	return dotName, 0
 }

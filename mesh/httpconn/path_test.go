@@ -60,6 +60,22 @@ func TestCanonicalPath(t *testing.T) {
 		{"/%61%62%7E%2d", "/ab~-"},
 		{"/a b\"<>^`{|}\x7f\xc3\xa9", "/a%20b%22%3C%3E%5E%60%7B%7C%7D%7F%C3%A9"},
 		{"/public/../admin?x=/../y", "/admin?x=/../y"},
+		// Found by FuzzCanonicalPath. Parameters on a dot segment whose
+		// dots are encoded, or that follows a backslash, go with it:
+		// "/public/..;x/admin" would reach a server that ignores ";x" as
+		// "/admin" after routing as "/public/...".
+		{"/public/%2e%2e;x/admin", "/admin"},
+		{"/public/.%2E;x/admin", "/admin"},
+		{"/public\\..;x\\admin", "/admin"},
+		{"/public/%2e;x/admin", "/public/admin"},
+		{"/public/%2e%2e;x", "/"},
+		// A '%' that decoding makes an escape is itself escaped: "%%32e"
+		// is not "%2e", which a second decoding would make a dot.
+		{"/public/%%32e%%32e/admin", "/public/%252e%252e/admin"},
+		{"/%%414", "/%25A4"},
+		{"/%%41", "/%A"},
+		{"/a%/../%%32e", "/%252e"},
+		{"/100%", "/100%"},
 	} {
 		got, act := pn.apply(tc[0])
 		if got != tc[1] || act != pathContinue {
@@ -83,6 +99,9 @@ func TestMergeSlashes(t *testing.T) {
 		{"/a//b?a=///c", "/a/b?a=///c"},
 		{"/a//b?", "/a/b?"},
 		{"//a/?b", "/a/?b"},
+		// Found by FuzzCanonicalPath: slashes only merge to one.
+		{"//", "/"},
+		{"///?a", "/?a"},
 	} {
 		if got, _ := pn.apply(tc[0]); got != tc[1] {
 			t.Errorf("%q: %q, want %q", tc[0], got, tc[1])

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+
+	"github.com/meshtun/meshtun/mesh/cluster"
 )
 
 // retryOn is the set of x-envoy-retry-on conditions of a retry policy.
@@ -286,4 +288,36 @@ func firstOf(vs []string) string {
 		return ""
 	}
 	return vs[0]
+}
+
+// retry decides whether another attempt may go, takes a retry from the
+// max_retries breaker (upstream_rq_retry) and waits the back-off.
+func (s *stream) retry(cl *cluster.Cluster, p *retryPolicy, attempt int, tried *[]*cluster.Host, exclude *func(*cluster.Host) bool, h *cluster.Host) bool {
+	rel, ok := cl.TryAcquireRetry()
+	if !ok {
+		return false
+	}
+	defer rel()
+	if p.previousHosts {
+		*tried = append(*tried, h)
+		if *exclude == nil {
+			t := tried
+			*exclude = func(x *cluster.Host) bool {
+				for _, y := range *t {
+					if x == y {
+						return true
+					}
+				}
+				return false
+			}
+		}
+	}
+	t := time.NewTimer(p.backoff(attempt - 1))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.ctx.Done():
+		return false
+	}
 }

@@ -1,7 +1,3 @@
-// Package tcpproxy moves bytes between a downstream and an upstream TCP
-// connection the way Envoy's tcp_proxy does: both directions at once, a
-// FIN on one side becomes a FIN on the other (half-close), a reset becomes
-// a reset, and a connection idle in both directions is closed.
 package tcpproxy
 
 import (

@@ -1,0 +1,9 @@
+package udpproxy
+
+import (
+	"testing"
+
+	"github.com/meshtun/meshtun/internal/leakcheck"
+)
+
+func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
