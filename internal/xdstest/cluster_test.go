@@ -102,3 +102,17 @@ func TestClusterOptions(t *testing.T) {
 		t.Errorf("EDSCluster with options: %v", prototext.Format(eds))
 	}
 }
+
+// TestPackPanicsOnWhatMustAnyRejects: Pack is MustAny without a
+// testing.TB, so what MustAny would fail the test on, Pack panics on.
+func TestPackPanicsOnWhatMustAnyRejects(t *testing.T) {
+	if a := Pack(&corev3.Locality{Zone: "z"}); a.GetTypeUrl() != "type.googleapis.com/envoy.config.core.v3.Locality" {
+		t.Errorf("Pack type URL %q", a.GetTypeUrl())
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("Pack(nil) did not panic")
+		}
+	}()
+	Pack(nil)
+}

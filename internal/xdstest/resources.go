@@ -39,6 +39,17 @@ func MustAny(t testing.TB, m proto.Message) *anypb.Any {
 	return a
 }
 
+// Pack is MustAny for builders that have no testing.TB at hand (a table
+// literal, a helper shared by many tests): anypb.New fails only on a
+// message it cannot marshal, a mistake in the test itself, so Pack panics.
+func Pack(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(err)
+	}
+	return a
+}
+
 // Eventually polls cond every 5 ms until it holds, failing the test after d.
 func Eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
