@@ -2,6 +2,7 @@ package xdsclient
 
 import (
 	"fmt"
+	"net/netip"
 	"reflect"
 	"slices"
 	"strings"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 const wait = 5 * time.Second
@@ -23,11 +26,11 @@ func TestDeliversConsistentConfig(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		srv := startXDS(t, "127.0.0.1:0", newCache())
 		srv.set(t, snapshot(t, "v1",
-			edsCluster("outbound|80||a.default.svc.cluster.local"),
-			staticCluster("BlackHoleCluster", "127.0.0.1", 9),
-			assignment("outbound|80||a.default.svc.cluster.local", "10.1.0.9", 8080),
-			httpListener(t, "0.0.0.0_80", 80, "80"),
-			routeConfig("80", "outbound|80||a.default.svc.cluster.local"),
+			xdstest.EDSCluster("outbound|80||a.default.svc.cluster.local"),
+			xdstest.StaticCluster("BlackHoleCluster", netip.MustParseAddrPort("127.0.0.1:9")),
+			xdstest.Assignment("outbound|80||a.default.svc.cluster.local", netip.MustParseAddrPort("10.1.0.9:8080")),
+			xdstest.HTTPListener(t, "0.0.0.0_80", "0.0.0.0", 80, "80", true),
+			xdstest.RouteConfig("80", "outbound|80||a.default.svc.cluster.local"),
 		))
 		rec := &recorder{t: t}
 		c := startClient(t, srv.addr, delta, 0, rec)
@@ -47,7 +50,7 @@ func TestDeliversConsistentConfig(t *testing.T) {
 			}
 		}
 		for _, typ := range allTypes {
-			eventually(t, wait, "ACK of "+typ, func() bool { return srv.acked(typ, "v1", delta) })
+			xdstest.Eventually(t, wait, "ACK of "+typ, func() bool { return srv.acked(typ, "v1", delta) })
 		}
 		// The cluster update warmed until its endpoints arrived: CDS was ACKed only
 		// after the EDS response had been sent.
@@ -77,11 +80,11 @@ func TestDeliversConsistentConfig(t *testing.T) {
 		}
 		// An endpoint-only change reaches Apply with the clusters untouched.
 		srv.set(t, snapshot(t, "v2",
-			edsCluster("outbound|80||a.default.svc.cluster.local"),
-			staticCluster("BlackHoleCluster", "127.0.0.1", 9),
-			assignment("outbound|80||a.default.svc.cluster.local", "10.1.0.10", 8080),
-			httpListener(t, "0.0.0.0_80", 80, "80"),
-			routeConfig("80", "outbound|80||a.default.svc.cluster.local"),
+			xdstest.EDSCluster("outbound|80||a.default.svc.cluster.local"),
+			xdstest.StaticCluster("BlackHoleCluster", netip.MustParseAddrPort("127.0.0.1:9")),
+			xdstest.Assignment("outbound|80||a.default.svc.cluster.local", netip.MustParseAddrPort("10.1.0.10:8080")),
+			xdstest.HTTPListener(t, "0.0.0.0_80", "0.0.0.0", 80, "80", true),
+			xdstest.RouteConfig("80", "outbound|80||a.default.svc.cluster.local"),
 		))
 		moved := rec.waitApply(t, wait, "new endpoint", func(r *Resources) bool {
 			a := r.Endpoints["outbound|80||a.default.svc.cluster.local"]
@@ -109,9 +112,9 @@ func TestDeliversConsistentConfig(t *testing.T) {
 func TestRejectedUpdateKeepsPreviousState(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		cluster := staticCluster("outbound|9080||reviews.default.svc.cluster.local", "10.1.0.3", 9080)
-		good := tcpListener(t, "10.1.0.7_9080", 9080, cluster.GetName())
-		bad := tcpListener(t, "bad", 9, cluster.GetName())
+		cluster := xdstest.StaticCluster("outbound|9080||reviews.default.svc.cluster.local", netip.MustParseAddrPort("10.1.0.3:9080"))
+		good := xdstest.TCPListener(t, "10.1.0.7_9080", "0.0.0.0", 9080, cluster.GetName(), true)
+		bad := xdstest.TCPListener(t, "bad", "0.0.0.0", 9, cluster.GetName(), true)
 		srv.set(t, snapshot(t, "v1", cluster, good))
 		rec := &recorder{t: t, reject: func(r *Resources) error {
 			if r.Listeners["bad"] != nil {
@@ -124,7 +127,7 @@ func TestRejectedUpdateKeepsPreviousState(t *testing.T) {
 
 		srv.set(t, snapshot(t, "v2", cluster, good, bad))
 		var nack req
-		eventually(t, wait, "LDS NACK", func() (ok bool) { nack, ok = srv.nack(ListenerType); return ok })
+		xdstest.Eventually(t, wait, "LDS NACK", func() (ok bool) { nack, ok = srv.nack(ListenerType); return ok })
 		if !strings.Contains(nack.errMsg, `listener "bad": port 9 is reserved`) || nack.errCode != int32(codes.InvalidArgument) {
 			t.Errorf("NACK error_detail = %d %q", nack.errCode, nack.errMsg)
 		}
@@ -155,13 +158,13 @@ func TestRejectedUpdateKeepsPreviousState(t *testing.T) {
 			t.Errorf("stats = %v, want an LDS rejection", c.Stats())
 		}
 
-		fixed := tcpListener(t, "10.1.0.7_9443", 9443, cluster.GetName())
+		fixed := xdstest.TCPListener(t, "10.1.0.7_9443", "0.0.0.0", 9443, cluster.GetName(), true)
 		srv.set(t, snapshot(t, "v3", cluster, good, fixed))
 		v3 := rec.waitApply(t, wait, "v3", func(r *Resources) bool { return r.Listeners[fixed.GetName()] != nil })
 		if v3.Listeners["bad"] != nil || v3.Versions[ListenerType] != "v3" {
 			t.Errorf("v3 applied as %s", describe(v3))
 		}
-		eventually(t, wait, "LDS v3 ACK", func() bool { return srv.acked(ListenerType, "v3", delta) })
+		xdstest.Eventually(t, wait, "LDS v3 ACK", func() bool { return srv.acked(ListenerType, "v3", delta) })
 		if c.Accepted() != v3 && c.Accepted().Versions[ListenerType] != "v3" {
 			t.Errorf("accepted = %s, want v3", describe(c.Accepted()))
 		}
@@ -173,22 +176,22 @@ func TestRejectedUpdateKeepsPreviousState(t *testing.T) {
 // (version_info, or initial_resource_versions in delta) and applies what is new.
 func TestReconnectsAndResumes(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
-		cluster := staticCluster("outbound|80||a.default.svc.cluster.local", "10.1.0.9", 80)
-		l1 := tcpListener(t, "l1", 8001, cluster.GetName())
+		cluster := xdstest.StaticCluster("outbound|80||a.default.svc.cluster.local", netip.MustParseAddrPort("10.1.0.9:80"))
+		l1 := xdstest.TCPListener(t, "l1", "0.0.0.0", 8001, cluster.GetName(), true)
 		srv := startXDS(t, "127.0.0.1:0", newCache())
 		srv.set(t, snapshot(t, "v1", cluster, l1))
 		rec := &recorder{t: t}
 		c := startClient(t, srv.addr, delta, 0, rec)
 		rec.waitApply(t, wait, "v1", func(r *Resources) bool { return r.Listeners["l1"] != nil })
-		eventually(t, wait, "LDS v1 ACK", func() bool { return srv.acked(ListenerType, "v1", delta) })
+		xdstest.Eventually(t, wait, "LDS v1 ACK", func() bool { return srv.acked(ListenerType, "v1", delta) })
 
 		srv.shutdown()
-		eventually(t, wait, "disconnect", func() bool { return c.Stats()[StatConnectedState] == 0 })
+		xdstest.Eventually(t, wait, "disconnect", func() bool { return c.Stats()[StatConnectedState] == 0 })
 		if acc := c.Accepted(); acc == nil || acc.Listeners["l1"] == nil {
 			t.Fatalf("accepted state dropped while disconnected: %s", describe(acc))
 		}
 
-		l2 := tcpListener(t, "l2", 8002, cluster.GetName())
+		l2 := xdstest.TCPListener(t, "l2", "0.0.0.0", 8002, cluster.GetName(), true)
 		srv2 := startXDS(t, srv.addr, newCache())
 		srv2.set(t, snapshot(t, "v2", cluster, l1, l2))
 		rec.waitApply(t, 10*time.Second, "v2 after reconnect", func(r *Resources) bool { return r.Listeners["l2"] != nil })
@@ -227,9 +230,9 @@ func TestReconnectsAndResumes(t *testing.T) {
 // does the route configuration only it used (the RDS subscription drops it).
 func TestRemovedListenerDisappears(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
-		cluster := staticCluster("outbound|80||a.default.svc.cluster.local", "10.1.0.9", 80)
-		l1, l2 := httpListener(t, "l1", 8001, "r1"), httpListener(t, "l2", 8002, "r2")
-		r1, r2 := routeConfig("r1", cluster.GetName()), routeConfig("r2", cluster.GetName())
+		cluster := xdstest.StaticCluster("outbound|80||a.default.svc.cluster.local", netip.MustParseAddrPort("10.1.0.9:80"))
+		l1, l2 := xdstest.HTTPListener(t, "l1", "0.0.0.0", 8001, "r1", true), xdstest.HTTPListener(t, "l2", "0.0.0.0", 8002, "r2", true)
+		r1, r2 := xdstest.RouteConfig("r1", cluster.GetName()), xdstest.RouteConfig("r2", cluster.GetName())
 		srv := startXDS(t, "127.0.0.1:0", newCache())
 		srv.set(t, snapshot(t, "v1", cluster, l1, l2, r1, r2))
 		rec := &recorder{t: t}
@@ -244,7 +247,7 @@ func TestRemovedListenerDisappears(t *testing.T) {
 		if v2.Listeners["l1"] != v1.Listeners["l1"] {
 			t.Errorf("unchanged listener l1 got a new pointer")
 		}
-		eventually(t, wait, "RDS unsubscribe of r2", func() bool {
+		xdstest.Eventually(t, wait, "RDS unsubscribe of r2", func() bool {
 			return slices.ContainsFunc(srv.requests(), func(r req) bool {
 				if r.typeURL != RouteType {
 					return false
@@ -267,8 +270,8 @@ func TestInitialFetchTimeout(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		const ift = 300 * time.Millisecond
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		missing := edsCluster("outbound|80||gone.default.svc.cluster.local")
-		srv.set(t, snapshot(t, "v1", missing, tcpListener(t, "l1", 8001, missing.GetName())))
+		missing := xdstest.EDSCluster("outbound|80||gone.default.svc.cluster.local")
+		srv.set(t, snapshot(t, "v1", missing, xdstest.TCPListener(t, "l1", "0.0.0.0", 8001, missing.GetName(), true)))
 		rec := &recorder{t: t}
 		start := time.Now()
 		startClient(t, srv.addr, delta, ift, rec)
@@ -281,7 +284,7 @@ func TestInitialFetchTimeout(t *testing.T) {
 			t.Errorf("endpoints = %v, want an empty assignment", a)
 		}
 		rec.waitApply(t, wait, "listener after the clusters", func(r *Resources) bool { return r.Listeners["l1"] != nil })
-		eventually(t, wait, "CDS ACK", func() bool { return srv.acked(ClusterType, "v1", delta) })
+		xdstest.Eventually(t, wait, "CDS ACK", func() bool { return srv.acked(ClusterType, "v1", delta) })
 	})
 }
 
@@ -291,14 +294,14 @@ func TestInitialFetchTimeout(t *testing.T) {
 func TestWarmingIsVisible(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		c1 := edsCluster("outbound|80||a.default.svc.cluster.local")
-		l1 := httpListener(t, "0.0.0.0_80", 80, "80")
+		c1 := xdstest.EDSCluster("outbound|80||a.default.svc.cluster.local")
+		l1 := xdstest.HTTPListener(t, "0.0.0.0_80", "0.0.0.0", 80, "80", true)
 		// The listener names route "80" and the cluster its assignment;
 		// neither is in the snapshot.
 		srv.set(t, snapshot(t, "v1", c1))
 		rec := &recorder{t: t}
 		cl := startClient(t, srv.addr, delta, time.Minute, rec)
-		eventually(t, wait, "cluster warming", func() bool {
+		xdstest.Eventually(t, wait, "cluster warming", func() bool {
 			w := cl.Warming()
 			return w != nil && w.Clusters[c1.GetName()].Msg != nil && len(w.Listeners) == 0
 		})
@@ -308,14 +311,14 @@ func TestWarmingIsVisible(t *testing.T) {
 		if cl.Accepted() != nil {
 			t.Fatal("a configuration was applied while its only cluster warms")
 		}
-		srv.set(t, snapshot(t, "v2", c1, assignment(c1.GetName(), "10.0.0.1", 80), l1))
-		eventually(t, wait, "listener warming", func() bool {
+		srv.set(t, snapshot(t, "v2", c1, xdstest.Assignment(c1.GetName(), netip.MustParseAddrPort("10.0.0.1:80")), l1))
+		xdstest.Eventually(t, wait, "listener warming", func() bool {
 			w := cl.Warming()
 			return w != nil && w.Listeners[l1.GetName()].Msg != nil && len(w.Clusters) == 0
 		})
 		rec.waitApply(t, wait, "cluster in force", func(r *Resources) bool { return r.Clusters[c1.GetName()] != nil })
-		srv.set(t, snapshot(t, "v3", c1, assignment(c1.GetName(), "10.0.0.1", 80), l1, routeConfig("80", c1.GetName())))
+		srv.set(t, snapshot(t, "v3", c1, xdstest.Assignment(c1.GetName(), netip.MustParseAddrPort("10.0.0.1:80")), l1, xdstest.RouteConfig("80", c1.GetName())))
 		rec.waitApply(t, wait, "listener in force", func(r *Resources) bool { return r.Listeners[l1.GetName()] != nil })
-		eventually(t, wait, "nothing warming", func() bool { return cl.Warming() == nil })
+		xdstest.Eventually(t, wait, "nothing warming", func() bool { return cl.Warming() == nil })
 	})
 }

@@ -16,7 +16,7 @@ import (
 
 // Responses that cannot be decoded are rejected with an error naming the resource.
 func TestDecodeErrorsNameTheResource(t *testing.T) {
-	good := mustAny(t, tcpListener(t, "l1", 8001, "c"))
+	good := xdstest.MustAny(t, xdstest.TCPListener(t, "l1", "0.0.0.0", 8001, "c", true))
 	cases := []struct {
 		name string
 		r    response
@@ -33,9 +33,9 @@ func TestDecodeErrorsNameTheResource(t *testing.T) {
 		{"duplicate", response{kind: kindListener, resources: []rawResource{{any: good}, {any: good}}},
 			`listener "l1": duplicate`},
 		{"wrapper name mismatch", response{kind: kindRoute, delta: true, resources: []rawResource{
-			{name: "r1", any: mustAny(t, &discoveryv3.Resource{Name: "r2", Resource: mustAny(t, routeConfig("r2", "c"))})},
+			{name: "r1", any: xdstest.MustAny(t, &discoveryv3.Resource{Name: "r2", Resource: xdstest.MustAny(t, xdstest.RouteConfig("r2", "c"))})},
 		}}, `route_configuration "r1": resource name mismatch: the Resource wrapper is named "r2"`},
-		{"invalid", response{kind: kindListener, resources: []rawResource{{any: mustAny(t, &listenerv3.Listener{Name: "l2", ListenerFilters: []*listenerv3.ListenerFilter{{}}})}}},
+		{"invalid", response{kind: kindListener, resources: []rawResource{{any: xdstest.MustAny(t, &listenerv3.Listener{Name: "l2", ListenerFilters: []*listenerv3.ListenerFilter{{}}})}}},
 			`listener "l2": invalid`},
 	}
 	for _, tc := range cases {
@@ -49,9 +49,9 @@ func TestDecodeErrorsNameTheResource(t *testing.T) {
 }
 
 func TestListenerRefs(t *testing.T) {
-	l := httpListener(t, "l", 80, "r1")
-	l.FilterChains = append(l.FilterChains, httpListener(t, "x", 80, "r0").FilterChains[0], tcpListener(t, "y", 80, "c").FilterChains[0])
-	l.DefaultFilterChain = httpListener(t, "z", 80, "r1").FilterChains[0]
+	l := xdstest.HTTPListener(t, "l", "0.0.0.0", 80, "r1", true)
+	l.FilterChains = append(l.FilterChains, xdstest.HTTPListener(t, "x", "0.0.0.0", 80, "r0", true).FilterChains[0], xdstest.TCPListener(t, "y", "0.0.0.0", 80, "c", true).FilterChains[0])
+	l.DefaultFilterChain = xdstest.HTTPListener(t, "z", "0.0.0.0", 80, "r1", true).FilterChains[0]
 	refs, err := listenerRefs(l)
 	if err != nil || !slices.Equal(refs, []string{"r0", "r1"}) {
 		t.Errorf("listenerRefs = %v, %v", refs, err)

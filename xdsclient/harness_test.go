@@ -15,9 +15,6 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -25,9 +22,8 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 const testNodeID = "sidecar~10.1.0.7~app-7d9f.default~default.svc.cluster.local"
@@ -315,7 +311,7 @@ func (r *recorder) lastAccepted() *Resources {
 func (r *recorder) waitAccepted(t *testing.T, d time.Duration, what string, pred func(*Resources) bool) *Resources {
 	t.Helper()
 	var got *Resources
-	eventually(t, d, what, func() bool {
+	xdstest.Eventually(t, d, what, func() bool {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for _, res := range r.ok {
@@ -339,7 +335,7 @@ func (r *recorder) all() []*Resources {
 func (r *recorder) waitApply(t *testing.T, d time.Duration, what string, pred func(*Resources) bool) *Resources {
 	t.Helper()
 	var got *Resources
-	eventually(t, d, what, func() bool {
+	xdstest.Eventually(t, d, what, func() bool {
 		for _, res := range r.all() {
 			if pred(res) {
 				got = res
@@ -349,17 +345,6 @@ func (r *recorder) waitApply(t *testing.T, d time.Duration, what string, pred fu
 		return false
 	})
 	return got
-}
-
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // startClient runs a client against addr until the test ends.
@@ -389,109 +374,6 @@ func startClient(t *testing.T, addr string, delta bool, ift time.Duration, a App
 		}
 	})
 	return c
-}
-
-// Resource builders, shaped like istiod's output.
-
-var adsSource = &corev3.ConfigSource{
-	ResourceApiVersion:    corev3.ApiVersion_V3,
-	ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
-}
-
-func edsCluster(name string) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ConnectTimeout:       durationpb.New(10 * time.Second),
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
-		EdsClusterConfig:     &clusterv3.Cluster_EdsClusterConfig{EdsConfig: adsSource, ServiceName: name},
-	}
-}
-
-func staticCluster(name, ip string, port uint32) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ConnectTimeout:       durationpb.New(10 * time.Second),
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
-		LoadAssignment:       assignment(name, ip, port),
-	}
-}
-
-func assignment(name, ip string, port uint32) *endpointv3.ClusterLoadAssignment {
-	return &endpointv3.ClusterLoadAssignment{
-		ClusterName: name,
-		Endpoints: []*endpointv3.LocalityLbEndpoints{{
-			LbEndpoints: []*endpointv3.LbEndpoint{{
-				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-					Address: socketAddress(ip, port),
-				}},
-			}},
-		}},
-	}
-}
-
-func socketAddress(ip string, port uint32) *corev3.Address {
-	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
-	}}}
-}
-
-func mustAny(t *testing.T, m proto.Message) *anypb.Any {
-	t.Helper()
-	a, err := anypb.New(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
-
-// httpListener is an HTTP listener whose connection manager takes its routes from
-// RDS over ADS.
-func httpListener(t *testing.T, name string, port uint32, route string) *listenerv3.Listener {
-	hcm := &hcmv3.HttpConnectionManager{
-		StatPrefix: name,
-		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
-			ConfigSource: adsSource, RouteConfigName: route,
-		}},
-		HttpFilters: []*hcmv3.HttpFilter{{
-			Name:       "envoy.filters.http.router",
-			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(t, &routerv3.Router{})},
-		}},
-	}
-	return &listenerv3.Listener{
-		Name:    name,
-		Address: socketAddress("0.0.0.0", port),
-		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{
-			Name:       "envoy.filters.network.http_connection_manager",
-			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, hcm)},
-		}}}},
-	}
-}
-
-// tcpListener proxies to a cluster; it needs no RDS.
-func tcpListener(t *testing.T, name string, port uint32, cluster string) *listenerv3.Listener {
-	tp := &tcpproxyv3.TcpProxy{StatPrefix: name, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster}}
-	return &listenerv3.Listener{
-		Name:    name,
-		Address: socketAddress("0.0.0.0", port),
-		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{
-			Name:       "envoy.filters.network.tcp_proxy",
-			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, tp)},
-		}}}},
-	}
-}
-
-func routeConfig(name, cluster string) *routev3.RouteConfiguration {
-	return &routev3.RouteConfiguration{
-		Name: name,
-		VirtualHosts: []*routev3.VirtualHost{{
-			Name:    name,
-			Domains: []string{"*"},
-			Routes: []*routev3.Route{{
-				Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}}},
-			}},
-		}},
-	}
 }
 
 func lbEndpoints(a *endpointv3.ClusterLoadAssignment) int {

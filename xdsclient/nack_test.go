@@ -13,6 +13,8 @@ import (
 
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // validate judges each resource on its own and names every invalid one, as
@@ -86,9 +88,7 @@ func hostOf(a *endpointv3.ClusterLoadAssignment) string {
 
 // localListener is a TCP proxy listener on 127.0.0.1:port.
 func localListener(t *testing.T, name string, port uint32, cluster string) *listenerv3.Listener {
-	l := tcpListener(t, name, port, cluster)
-	l.Address = socketAddress("127.0.0.1", port)
-	return l
+	return xdstest.TCPListener(t, name, "127.0.0.1", port, cluster, true)
 }
 
 func countNACKs(srv *xdsServer, typeURL string) int {
@@ -109,17 +109,17 @@ func TestNACKRejectsOnlyTheInvalidAssignment(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		const a, b, c = "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local", "outbound|80||c.default.svc.cluster.local"
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		srv.set(t, snapshot(t, "v1", edsCluster(a), edsCluster(b),
-			assignment(a, "10.0.0.1", 80), assignment(b, "10.0.0.2", 80)))
+		srv.set(t, snapshot(t, "v1", xdstest.EDSCluster(a), xdstest.EDSCluster(b),
+			xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.1:80")), xdstest.Assignment(b, netip.MustParseAddrPort("10.0.0.2:80"))))
 		rec := &recorder{t: t, reject: validate}
 		cl := startClient(t, srv.addr, delta, 0, rec)
 		v1 := rec.waitAccepted(t, wait, "v1", func(r *Resources) bool { return len(r.Endpoints) == 2 })
-		eventually(t, wait, "EDS v1 ACK", func() bool { return srv.acked(EndpointType, "v1", delta) })
+		xdstest.Eventually(t, wait, "EDS v1 ACK", func() bool { return srv.acked(EndpointType, "v1", delta) })
 
-		srv.set(t, snapshot(t, "v2", edsCluster(a), edsCluster(b),
-			assignment(a, "10.0.0.9", 80), assignment(b, "not-an-ip", 80)))
+		srv.set(t, snapshot(t, "v2", xdstest.EDSCluster(a), xdstest.EDSCluster(b),
+			xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.9:80")), xdstest.AssignmentOf(b, xdstest.HostPort("not-an-ip", 80))))
 		var nack req
-		eventually(t, wait, "EDS NACK", func() (ok bool) { nack, ok = srv.nack(EndpointType); return ok })
+		xdstest.Eventually(t, wait, "EDS NACK", func() (ok bool) { nack, ok = srv.nack(EndpointType); return ok })
 		want := `cluster_load_assignment "` + b + `": endpoints[0].lb_endpoints[0]: address "not-an-ip" is not an IP`
 		if nack.errMsg != want {
 			t.Errorf("NACK error_detail = %q, want %q", nack.errMsg, want)
@@ -147,9 +147,9 @@ func TestNACKRejectsOnlyTheInvalidAssignment(t *testing.T) {
 			t.Errorf("LastError() = %v, want %q", err, want)
 		}
 
-		srv.set(t, snapshot(t, "v3", edsCluster(a), edsCluster(b), edsCluster(c),
-			assignment(a, "10.0.0.9", 80), assignment(b, "not-an-ip", 80), assignment(c, "10.0.0.3", 80)))
-		eventually(t, wait, "CDS v3 ACK", func() bool { return srv.acked(ClusterType, "v3", delta) })
+		srv.set(t, snapshot(t, "v3", xdstest.EDSCluster(a), xdstest.EDSCluster(b), xdstest.EDSCluster(c),
+			xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.9:80")), xdstest.AssignmentOf(b, xdstest.HostPort("not-an-ip", 80)), xdstest.Assignment(c, netip.MustParseAddrPort("10.0.0.3:80"))))
+		xdstest.Eventually(t, wait, "CDS v3 ACK", func() bool { return srv.acked(ClusterType, "v3", delta) })
 		v3 := rec.waitAccepted(t, wait, "cluster c", func(r *Resources) bool { return r.Clusters[c] != nil })
 		if hostOf(v3.Endpoints[c]) != "10.0.0.3" || v3.Endpoints[b] != v1.Endpoints[b] || v3.Versions[ClusterType] != "v3" {
 			t.Errorf("v3 applied as %s: c=%v b=%v", describe(v3), v3.Endpoints[c], v3.Endpoints[b])
@@ -172,15 +172,15 @@ func TestNACKRejectsOnlyTheInvalidAssignment(t *testing.T) {
 func TestNACKRejectsOnlyTheInvalidClusters(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		srv.set(t, snapshot(t, "v1", staticCluster("s1", "10.0.0.1", 80), staticCluster("s2", "10.0.0.2", 80)))
+		srv.set(t, snapshot(t, "v1", xdstest.StaticCluster("s1", netip.MustParseAddrPort("10.0.0.1:80")), xdstest.StaticCluster("s2", netip.MustParseAddrPort("10.0.0.2:80"))))
 		rec := &recorder{t: t, reject: validate}
 		cl := startClient(t, srv.addr, delta, 0, rec)
 		v1 := rec.waitAccepted(t, wait, "v1", func(r *Resources) bool { return len(r.Clusters) == 2 })
 
-		srv.set(t, snapshot(t, "v2", staticCluster("s1", "10.0.0.11", 80), staticCluster("s2", "not-an-ip", 80),
-			staticCluster("s3", "bad-too", 80), staticCluster("s4", "10.0.0.4", 80)))
+		srv.set(t, snapshot(t, "v2", xdstest.StaticCluster("s1", netip.MustParseAddrPort("10.0.0.11:80")), xdstest.Cluster("s2", xdstest.WithEndpoints(xdstest.HostPort("not-an-ip", 80))),
+			xdstest.Cluster("s3", xdstest.WithEndpoints(xdstest.HostPort("bad-too", 80))), xdstest.StaticCluster("s4", netip.MustParseAddrPort("10.0.0.4:80"))))
 		var nack req
-		eventually(t, wait, "CDS NACK", func() (ok bool) { nack, ok = srv.nack(ClusterType); return ok })
+		xdstest.Eventually(t, wait, "CDS NACK", func() (ok bool) { nack, ok = srv.nack(ClusterType); return ok })
 		want := `cluster "s2": load_assignment.endpoints[0].lb_endpoints[0]: address "not-an-ip" is not an IP; ` +
 			`cluster "s3": load_assignment.endpoints[0].lb_endpoints[0]: address "bad-too" is not an IP`
 		if nack.errMsg != want {
@@ -221,7 +221,7 @@ func TestNACKRejectsAListenerThatCannotBind(t *testing.T) {
 		}
 		defer busy.Close()
 		port := uint32(busy.Addr().(*net.TCPAddr).Port)
-		cluster := staticCluster("outbound|80||a.default.svc.cluster.local", "10.0.0.1", 80)
+		cluster := xdstest.StaticCluster("outbound|80||a.default.svc.cluster.local", netip.MustParseAddrPort("10.0.0.1:80"))
 		l1 := localListener(t, "l1", 0, cluster.GetName())
 		srv := startXDS(t, "127.0.0.1:0", newCache())
 		srv.set(t, snapshot(t, "v1", cluster, l1))
@@ -232,7 +232,7 @@ func TestNACKRejectsAListenerThatCannotBind(t *testing.T) {
 		l2, l3 := localListener(t, "l2", port, cluster.GetName()), localListener(t, "l3", 0, cluster.GetName())
 		srv.set(t, snapshot(t, "v2", cluster, l1, l2, l3))
 		var nack req
-		eventually(t, wait, "LDS NACK", func() (ok bool) { nack, ok = srv.nack(ListenerType); return ok })
+		xdstest.Eventually(t, wait, "LDS NACK", func() (ok bool) { nack, ok = srv.nack(ListenerType); return ok })
 		if !strings.HasPrefix(nack.errMsg, `listener "l2": binding the listener socket: `) ||
 			!strings.Contains(nack.errMsg, "address already in use") || strings.Contains(nack.errMsg, "l3") {
 			t.Errorf("NACK error_detail = %q, want l2's bind error alone", nack.errMsg)
@@ -259,8 +259,8 @@ func TestNACKPlainErrorRejectsTheWholeUpdate(t *testing.T) {
 	modes(t, func(t *testing.T, delta bool) {
 		const a, b = "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
 		srv := startXDS(t, "127.0.0.1:0", newCache())
-		srv.set(t, snapshot(t, "v1", edsCluster(a), edsCluster(b),
-			assignment(a, "10.0.0.1", 80), assignment(b, "10.0.0.2", 80)))
+		srv.set(t, snapshot(t, "v1", xdstest.EDSCluster(a), xdstest.EDSCluster(b),
+			xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.1:80")), xdstest.Assignment(b, netip.MustParseAddrPort("10.0.0.2:80"))))
 		rec := &recorder{t: t, reject: func(r *Resources) error {
 			for _, la := range r.Endpoints {
 				if lbEndpoints(la) > 1 {
@@ -272,11 +272,11 @@ func TestNACKPlainErrorRejectsTheWholeUpdate(t *testing.T) {
 		cl := startClient(t, srv.addr, delta, 0, rec)
 		v1 := rec.waitAccepted(t, wait, "v1", func(r *Resources) bool { return len(r.Endpoints) == 2 })
 
-		two := assignment(b, "10.0.0.2", 80)
-		two.Endpoints[0].LbEndpoints = append(two.Endpoints[0].LbEndpoints, assignment(b, "10.0.0.3", 80).Endpoints[0].LbEndpoints...)
-		srv.set(t, snapshot(t, "v2", edsCluster(a), edsCluster(b), assignment(a, "10.0.0.9", 80), two))
+		two := xdstest.Assignment(b, netip.MustParseAddrPort("10.0.0.2:80"))
+		two.Endpoints[0].LbEndpoints = append(two.Endpoints[0].LbEndpoints, xdstest.Assignment(b, netip.MustParseAddrPort("10.0.0.3:80")).Endpoints[0].LbEndpoints...)
+		srv.set(t, snapshot(t, "v2", xdstest.EDSCluster(a), xdstest.EDSCluster(b), xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.9:80")), two))
 		var nack req
-		eventually(t, wait, "EDS NACK", func() (ok bool) { nack, ok = srv.nack(EndpointType); return ok })
+		xdstest.Eventually(t, wait, "EDS NACK", func() (ok bool) { nack, ok = srv.nack(EndpointType); return ok })
 		if nack.errMsg != "endpoint table full" {
 			t.Errorf("NACK error_detail = %q", nack.errMsg)
 		}

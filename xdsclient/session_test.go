@@ -2,11 +2,14 @@ package xdsclient
 
 import (
 	"context"
+	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // sent is one request a session sent through fakeWire.
@@ -47,7 +50,7 @@ func TestDecodeErrorIsNACKed(t *testing.T) {
 		s.start()
 
 		s.handle(&response{kind: kindCluster, nonce: "1", version: "v1", delta: delta, resources: []rawResource{
-			{name: "c1", any: mustAny(t, staticCluster("c1", "10.0.0.1", 80))},
+			{name: "c1", any: xdstest.MustAny(t, xdstest.StaticCluster("c1", netip.MustParseAddrPort("10.0.0.1:80")))},
 		}})
 		if got, ok := fw.last(kindCluster); !ok || got.nack != nil || len(got.acks) != 1 || got.acks[0].nonce != "1" {
 			t.Fatalf("delta=%v: CDS not ACKed: %+v", delta, got)

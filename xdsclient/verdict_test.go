@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,8 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // newTestSession is a session on a fakeWire, driven by the test through handle.
@@ -29,7 +32,7 @@ func newTestSession(t *testing.T, delta bool, ift time.Duration, a Applier) (*Cl
 
 // raw is one resource of a test response, named and versioned as delta sends it.
 func raw(t *testing.T, name, version string, m proto.Message) rawResource {
-	return rawResource{name: name, version: version, any: mustAny(t, m)}
+	return rawResource{name: name, version: version, any: xdstest.MustAny(t, m)}
 }
 
 // verdictOf returns the last request of k and fails unless it answers nonce.
@@ -56,10 +59,10 @@ func TestPartialNACKForgetsTheRejected(t *testing.T) {
 	rec := &recorder{t: t, reject: validate}
 	cl, s, fw := newTestSession(t, true, 0, rec)
 	s.handle(&response{kind: kindCluster, nonce: "1", version: "c1", delta: true, resources: []rawResource{
-		raw(t, a, "a-c1", edsCluster(a)), raw(t, b, "b-c1", edsCluster(b)),
+		raw(t, a, "a-c1", xdstest.EDSCluster(a)), raw(t, b, "b-c1", xdstest.EDSCluster(b)),
 	}})
 	s.handle(&response{kind: kindEndpoint, nonce: "2", version: "e1", delta: true, resources: []rawResource{
-		raw(t, a, "a1", assignment(a, "10.0.0.1", 80)), raw(t, b, "b1", assignment(b, "10.0.0.2", 80)),
+		raw(t, a, "a1", xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.1:80"))), raw(t, b, "b1", xdstest.Assignment(b, netip.MustParseAddrPort("10.0.0.2:80"))),
 	}})
 	if v := verdictOf(t, fw, kindEndpoint, "2"); v.nack != nil {
 		t.Fatalf("EDS e1 NACKed: %v", v.nack)
@@ -67,7 +70,7 @@ func TestPartialNACKForgetsTheRejected(t *testing.T) {
 	v1 := cl.Accepted()
 
 	s.handle(&response{kind: kindEndpoint, nonce: "3", version: "e2", delta: true, resources: []rawResource{
-		raw(t, a, "a2", assignment(a, "10.0.0.9", 80)), raw(t, b, "b2", assignment(b, "not-an-ip", 80)),
+		raw(t, a, "a2", xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.9:80"))), raw(t, b, "b2", xdstest.AssignmentOf(b, xdstest.HostPort("not-an-ip", 80))),
 	}})
 	v := verdictOf(t, fw, kindEndpoint, "3")
 	if v.nack == nil || v.nack.Error() != `cluster_load_assignment "b": endpoints[0].lb_endpoints[0]: address "not-an-ip" is not an IP` {
@@ -85,7 +88,7 @@ func TestPartialNACKForgetsTheRejected(t *testing.T) {
 	}
 
 	s.handle(&response{kind: kindEndpoint, nonce: "4", version: "e3", delta: true, resources: []rawResource{
-		raw(t, a, "a3", assignment(a, "10.0.0.10", 80)),
+		raw(t, a, "a3", xdstest.Assignment(a, netip.MustParseAddrPort("10.0.0.10:80"))),
 	}})
 	if v := verdictOf(t, fw, kindEndpoint, "4"); v.nack != nil {
 		t.Fatalf("EDS e3 (a only) NACKed: %v", v.nack)
@@ -97,10 +100,10 @@ func TestPartialNACKForgetsTheRejected(t *testing.T) {
 
 	// A new cluster and its assignment: ACKed, applied next to b's good one.
 	s.handle(&response{kind: kindCluster, nonce: "5", version: "c2", delta: true, resources: []rawResource{
-		raw(t, c, "c-c2", edsCluster(c)),
+		raw(t, c, "c-c2", xdstest.EDSCluster(c)),
 	}})
 	s.handle(&response{kind: kindEndpoint, nonce: "6", version: "e4", delta: true, resources: []rawResource{
-		raw(t, c, "c1", assignment(c, "10.0.0.3", 80)),
+		raw(t, c, "c1", xdstest.Assignment(c, netip.MustParseAddrPort("10.0.0.3:80"))),
 	}})
 	if v := verdictOf(t, fw, kindCluster, "5"); v.nack != nil {
 		t.Fatalf("CDS c2 NACKed: %v", v.nack)
@@ -128,11 +131,11 @@ func TestRepairRoundsAreBounded(t *testing.T) {
 			t.Run(fmt.Sprintf("delta=%v/bad=%d", delta, bad), func(t *testing.T) {
 				rec := &recorder{t: t, reject: firstOnly}
 				cl, s, fw := newTestSession(t, delta, 0, rec)
-				rs := []rawResource{raw(t, "good", "1", staticCluster("good", "10.0.0.1", 80))}
+				rs := []rawResource{raw(t, "good", "1", xdstest.StaticCluster("good", netip.MustParseAddrPort("10.0.0.1:80")))}
 				var want []string
 				for i := range bad {
 					name := fmt.Sprintf("bad%d", i)
-					rs = append(rs, raw(t, name, "1", staticCluster(name, "not-an-ip", 80)))
+					rs = append(rs, raw(t, name, "1", xdstest.Cluster(name, xdstest.WithEndpoints(xdstest.HostPort("not-an-ip", 80)))))
 					want = append(want, fmt.Sprintf(`cluster %q`, name))
 				}
 				s.handle(&response{kind: kindCluster, nonce: "1", version: "v1", delta: delta, resources: rs})
@@ -170,7 +173,7 @@ func TestRepairThatCannotHelpRejectsTheWholeUpdate(t *testing.T) {
 			return nil
 		}}
 		cl, s, fw := newTestSession(t, true, 0, rec)
-		s.handle(&response{kind: kindCluster, nonce: "1", delta: true, resources: []rawResource{raw(t, "x", "1", staticCluster("x", "10.0.0.1", 80))}})
+		s.handle(&response{kind: kindCluster, nonce: "1", delta: true, resources: []rawResource{raw(t, "x", "1", xdstest.StaticCluster("x", netip.MustParseAddrPort("10.0.0.1:80")))}})
 		v1 := cl.Accepted()
 		s.handle(&response{kind: kindListener, nonce: "2", delta: true, resources: []rawResource{raw(t, "l1", "1", localListener(t, "l1", 0, "x"))}})
 		v := verdictOf(t, fw, kindListener, "2")
@@ -191,12 +194,12 @@ func TestRepairThatCannotHelpRejectsTheWholeUpdate(t *testing.T) {
 		}}
 		cl, s, fw := newTestSession(t, true, 0, rec)
 		s.handle(&response{kind: kindCluster, nonce: "1", delta: true, resources: []rawResource{
-			raw(t, "a", "1", edsCluster("a")), raw(t, "b", "1", edsCluster("b"))}})
+			raw(t, "a", "1", xdstest.EDSCluster("a")), raw(t, "b", "1", xdstest.EDSCluster("b"))}})
 		s.handle(&response{kind: kindEndpoint, nonce: "2", delta: true, resources: []rawResource{
-			raw(t, "a", "1", assignment("a", "10.0.0.1", 80)), raw(t, "b", "1", assignment("b", "10.0.0.2", 80))}})
+			raw(t, "a", "1", xdstest.Assignment("a", netip.MustParseAddrPort("10.0.0.1:80"))), raw(t, "b", "1", xdstest.Assignment("b", netip.MustParseAddrPort("10.0.0.2:80")))}})
 		v1 := cl.Accepted()
 		s.handle(&response{kind: kindEndpoint, nonce: "3", delta: true, resources: []rawResource{
-			raw(t, "a", "2", assignment("a", "10.0.0.9", 80)), raw(t, "b", "2", assignment("b", "not-an-ip", 80))}})
+			raw(t, "a", "2", xdstest.Assignment("a", netip.MustParseAddrPort("10.0.0.9:80"))), raw(t, "b", "2", xdstest.AssignmentOf("b", xdstest.HostPort("not-an-ip", 80)))}})
 		v := verdictOf(t, fw, kindEndpoint, "3")
 		want := `cluster_load_assignment "b": endpoints[0].lb_endpoints[0]: address "not-an-ip" is not an IP` + "\nendpoint table full"
 		if v.nack == nil || v.nack.Error() != want {
@@ -219,21 +222,20 @@ func TestRepairThatCannotHelpRejectsTheWholeUpdate(t *testing.T) {
 func TestRejectedRouteOfAWarmingListener(t *testing.T) {
 	rec := &recorder{t: t, reject: validate}
 	cl, s, fw := newTestSession(t, true, 50*time.Millisecond, rec)
-	s.handle(&response{kind: kindCluster, nonce: "c", delta: true, resources: []rawResource{raw(t, "x", "1", staticCluster("x", "10.0.0.1", 80))}})
+	s.handle(&response{kind: kindCluster, nonce: "c", delta: true, resources: []rawResource{raw(t, "x", "1", xdstest.StaticCluster("x", netip.MustParseAddrPort("10.0.0.1:80")))}})
 	var l1, l2, l3 *listenerv3.Listener
 	for i, l := range []**listenerv3.Listener{&l1, &l2, &l3} {
-		*l = httpListener(t, fmt.Sprintf("l%d", i+1), 0, fmt.Sprintf("r%d", i+1))
-		(*l).Address = socketAddress("127.0.0.1", 0)
+		*l = xdstest.HTTPListener(t, fmt.Sprintf("l%d", i+1), "127.0.0.1", 0, fmt.Sprintf("r%d", i+1), true)
 	}
 	s.handle(&response{kind: kindListener, nonce: "l1", version: "1", delta: true, resources: []rawResource{raw(t, "l1", "1", l1)}})
-	s.handle(&response{kind: kindRoute, nonce: "r1", version: "1", delta: true, resources: []rawResource{raw(t, "r1", "1", routeConfig("r1", "x"))}})
+	s.handle(&response{kind: kindRoute, nonce: "r1", version: "1", delta: true, resources: []rawResource{raw(t, "r1", "1", xdstest.RouteConfig("r1", "x"))}})
 	if v := verdictOf(t, fw, kindListener, "l1"); v.nack != nil || cl.Accepted().Listeners["l1"] == nil {
 		t.Fatalf("l1 not applied: %v", v.nack)
 	}
 
 	s.handle(&response{kind: kindListener, nonce: "l2", version: "2", delta: true, resources: []rawResource{
 		raw(t, "l1", "1", l1), raw(t, "l2", "2", l2), raw(t, "l3", "2", l3)}})
-	bad := routeConfig("r2", "x")
+	bad := xdstest.RouteConfig("r2", "x")
 	bad.VirtualHosts[0].Domains = []string{"not a domain"}
 	s.handle(&response{kind: kindRoute, nonce: "r2", version: "2", delta: true, resources: []rawResource{raw(t, "r2", "2", bad)}})
 	if v := verdictOf(t, fw, kindRoute, "r2"); v.nack != nil {

@@ -20,7 +20,6 @@ import (
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -36,6 +35,17 @@ func MustAny(t testing.TB, m proto.Message) *anypb.Any {
 	a, err := anypb.New(m)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return a
+}
+
+// Pack is MustAny for builders that have no testing.TB at hand (a table
+// literal, a helper shared by many tests): anypb.New fails only on a
+// message it cannot marshal, a mistake in the test itself, so Pack panics.
+func Pack(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(err)
 	}
 	return a
 }
@@ -60,38 +70,25 @@ func SocketAddress(ip string, port uint32) *corev3.Address {
 }
 
 // Assignment is a ClusterLoadAssignment for name with one locality holding
-// the given endpoints.
+// the given endpoints (AssignmentOf gives endpoints weights, localities
+// and priorities).
 func Assignment(name string, eps ...netip.AddrPort) *endpointv3.ClusterLoadAssignment {
-	la := &endpointv3.LocalityLbEndpoints{}
-	for _, ep := range eps {
-		la.LbEndpoints = append(la.LbEndpoints, &endpointv3.LbEndpoint{
-			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-				Address: SocketAddress(ep.Addr().String(), uint32(ep.Port())),
-			}},
-		})
+	if len(eps) == 0 {
+		return &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{{}}}
 	}
-	return &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{la}}
+	return AssignmentOf(name, EndpointsAt(eps...)...)
 }
 
 // EDSCluster is an EDS cluster over ADS whose service name is its name, as
-// istiod's outbound|port||host clusters.
-func EDSCluster(name string) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ConnectTimeout:       durationpb.New(10 * time.Second),
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
-		EdsClusterConfig:     &clusterv3.Cluster_EdsClusterConfig{EdsConfig: ADS, ServiceName: name},
-	}
+// istiod's outbound|port||host clusters; opts shape it further.
+func EDSCluster(name string, opts ...ClusterOption) *clusterv3.Cluster {
+	return Cluster(name, append([]ClusterOption{WithEDS()}, opts...)...)
 }
 
-// StaticCluster is a STATIC round-robin cluster over eps.
+// StaticCluster is a STATIC round-robin cluster over eps (Cluster with
+// WithEndpoints for more shape).
 func StaticCluster(name string, eps ...netip.AddrPort) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ConnectTimeout:       durationpb.New(10 * time.Second),
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
-		LoadAssignment:       Assignment(name, eps...),
-	}
+	return Cluster(name, func(pb *clusterv3.Cluster) { pb.LoadAssignment = Assignment(name, eps...) })
 }
 
 // TCPListener is a listener at 0.0.0.0:port whose one chain is a tcp_proxy

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"strings"
 	"testing"
@@ -14,7 +15,6 @@ import (
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -25,11 +25,11 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	istiostats "istio.io/api/envoy/extensions/stats"
 
 	"github.com/meshtun/meshtun/internal/logging"
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 	"github.com/meshtun/meshtun/mesh/cluster"
@@ -51,25 +51,15 @@ type xdsFixture struct {
 	quit    int
 }
 
-func mustAny(t *testing.T, m proto.Message) *anypb.Any {
-	t.Helper()
-	a, err := anypb.New(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
-
 func dynListener(t *testing.T, port uint32, cluster string) *listenerv3.Listener {
 	return &listenerv3.Listener{
-		Name: "10.96.0.30_7000", // fixed: a push that changes the port changes the listener
-		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-			Address: "10.96.0.30", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}},
+		Name:       "10.96.0.30_7000", // fixed: a push that changes the port changes the listener
+		Address:    xdstest.SocketAddress("10.96.0.30", port),
 		BindToPort: wrapperspb.Bool(false),
 		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{
 			{Name: "istio.metadata_exchange", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: unknownURL, Value: []byte{0x0a, 0x03, 'a', 'b', 'c'}}}},
-			{Name: "istio.stats", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, &istiostats.PluginConfig{DisableHostHeaderFallback: true})}},
-			{Name: mesh.TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, &tcpproxyv3.TcpProxy{
+			{Name: "istio.stats", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, &istiostats.PluginConfig{DisableHostHeaderFallback: true})}},
+			{Name: mesh.TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, &tcpproxyv3.TcpProxy{
 				StatPrefix: cluster, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster}})}},
 		}}},
 	}
@@ -113,15 +103,8 @@ func (f *xdsFixture) push(t *testing.T, version string, port uint32) {
 	t.Helper()
 	const cname = "outbound|7000||ratings.default.svc.cluster.local"
 	res := &xdsclient.Resources{
-		Clusters: map[string]*clusterv3.Cluster{cname: {
-			Name: cname, ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
-			ConnectTimeout:   durationpb.New(time.Second),
-			EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}},
-		}},
-		Endpoints: map[string]*endpointv3.ClusterLoadAssignment{cname: {ClusterName: cname, Endpoints: []*endpointv3.LocalityLbEndpoints{{
-			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-					Address: "10.250.2.10", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 7000}}}}}}}}}}}},
+		Clusters:  map[string]*clusterv3.Cluster{cname: xdstest.EDSCluster(cname, xdstest.WithConnectTimeout(time.Second))},
+		Endpoints: map[string]*endpointv3.ClusterLoadAssignment{cname: xdstest.Assignment(cname, netip.MustParseAddrPort("10.250.2.10:7000"))},
 		Listeners: map[string]*listenerv3.Listener{},
 		Versions:  map[string]string{xdsclient.ClusterType: version, xdsclient.ListenerType: version, xdsclient.EndpointType: version},
 	}
@@ -481,11 +464,7 @@ func (f *xdsFixture) applyWith(t *testing.T, version string, ct time.Duration, e
 	t.Helper()
 	const cname = "outbound|7000||ratings.default.svc.cluster.local"
 	res := &xdsclient.Resources{
-		Clusters: map[string]*clusterv3.Cluster{cname: {
-			Name: cname, ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
-			ConnectTimeout:   durationpb.New(ct),
-			EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}},
-		}},
+		Clusters:  map[string]*clusterv3.Cluster{cname: xdstest.EDSCluster(cname, xdstest.WithConnectTimeout(ct))},
 		Endpoints: map[string]*endpointv3.ClusterLoadAssignment{cname: {ClusterName: cname}},
 		Listeners: map[string]*listenerv3.Listener{},
 		Versions:  map[string]string{xdsclient.ClusterType: version, xdsclient.ListenerType: version, xdsclient.EndpointType: version},

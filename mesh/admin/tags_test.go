@@ -2,13 +2,12 @@ package admin
 
 import (
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -18,22 +17,18 @@ import (
 	"github.com/prometheus/common/model"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
-func sockAddr(ip string, port uint32) *corev3.Address {
-	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}}
-}
-
 // tcpListener is a bind_to_port false listener with one tcp_proxy chain
 // to cl; statPrefix, when set, is the listener's own stat_prefix.
 func tcpListener(t *testing.T, name, ip string, port uint32, statPrefix, cl string) *listenerv3.Listener {
-	return &listenerv3.Listener{Name: name, Address: sockAddr(ip, port), BindToPort: wrapperspb.Bool(false), StatPrefix: statPrefix,
+	return &listenerv3.Listener{Name: name, Address: xdstest.SocketAddress(ip, port), BindToPort: wrapperspb.Bool(false), StatPrefix: statPrefix,
 		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{Name: mesh.TCPProxyFilter,
-			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, &tcpproxyv3.TcpProxy{
+			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, &tcpproxyv3.TcpProxy{
 				StatPrefix: cl, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cl}})}}}}}}
 }
 
@@ -51,17 +46,10 @@ func hcmListener(t *testing.T, name, ip string, port uint32, hcmPrefix string, r
 	hcm := &hcmv3.HttpConnectionManager{StatPrefix: hcmPrefix,
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: rc},
 		HttpFilters: []*hcmv3.HttpFilter{{Name: "envoy.filters.http.router",
-			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(t, &routerv3.Router{})}}}}
-	return &listenerv3.Listener{Name: name, Address: sockAddr(ip, port), BindToPort: wrapperspb.Bool(false),
+			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.MustAny(t, &routerv3.Router{})}}}}
+	return &listenerv3.Listener{Name: name, Address: xdstest.SocketAddress(ip, port), BindToPort: wrapperspb.Bool(false),
 		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{Name: mesh.HCMFilter,
-			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(t, hcm)}}}}}}
-}
-
-func staticCluster(name, ip string, port uint32) *clusterv3.Cluster {
-	return &clusterv3.Cluster{Name: name, ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
-		LoadAssignment: &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{{
-			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-				Address: sockAddr(ip, port)}}}}}}}}
+			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, hcm)}}}}}}
 }
 
 const reviews = "outbound|9080||reviews.default.svc.cluster.local"
@@ -80,8 +68,8 @@ func tagsFixture(t *testing.T) (*httptest.Server, *mesh.Snapshot) {
 	cs := []*clusterv3.Cluster{
 		{Name: "PassthroughCluster", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
 			LbPolicy: clusterv3.Cluster_CLUSTER_PROVIDED, AltStatName: "PassthroughCluster;"},
-		staticCluster(reviews, "10.250.1.10", 9080),
-		staticCluster("outbound|443||www.google.com", "142.250.1.1", 443),
+		xdstest.StaticCluster(reviews, netip.MustParseAddrPort("10.250.1.10:9080")),
+		xdstest.StaticCluster("outbound|443||www.google.com", netip.MustParseAddrPort("142.250.1.1:443")),
 	}
 	snap, err := mesh.Build("1", ls, cs, nil, mesh.BuildOptions{Roles: mesh.IstioRoles, Cluster: cluster.Options{Dialer: &upstream.Dialer{}}})
 	if err != nil {

@@ -7,14 +7,16 @@ import (
 	"testing"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 func benchCluster(b *testing.B, lb clusterv3.Cluster_LbPolicy, weights ...uint32) *Cluster {
-	var eps []ep
+	var eps []xdstest.Endpoint
 	for i, w := range weights {
-		eps = append(eps, ep{addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(1000+i)), weight: w})
+		eps = append(eps, xdstest.Endpoint{Addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(1000+i)), Weight: w})
 	}
-	return newTestCluster(b, staticCluster("bench", lb, eps...))
+	return newTestCluster(b, xdstest.Cluster("bench", xdstest.WithLB(lb), xdstest.WithEndpoints(eps...)))
 }
 
 // BenchmarkPickRoundRobin is the per-connection host choice: one atomic
@@ -62,7 +64,7 @@ func BenchmarkPickLeastRequest(b *testing.B) {
 // the shared byte counter alone under contention from all Ps.
 func BenchmarkUpstreamConnReadWrite(b *testing.B) {
 	s := startServer(b, "127.0.0.1", 0, true)
-	c := newTestCluster(b, staticCluster("bench", clusterv3.Cluster_ROUND_ROBIN, hostsOf(s)...))
+	c := newTestCluster(b, xdstest.Cluster("bench", xdstest.WithEndpoints(hostsOf(s)...)))
 	buf := make([]byte, 16<<10)
 	run := func(b *testing.B, conn net.Conn) {
 		b.SetBytes(int64(len(buf)))

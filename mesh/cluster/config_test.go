@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -18,13 +19,19 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
 const svcName = "outbound|80||a.ns.svc.cluster.local"
 
-func base() *clusterv3.Cluster {
-	return staticCluster(svcName, clusterv3.Cluster_ROUND_ROBIN, ep{host: "10.0.0.1", port: 80}, ep{host: "10.0.0.2", port: 80})
+// base is a valid STATIC cluster of two endpoints in region "r"; opts
+// change it.
+func base(opts ...xdstest.ClusterOption) *clusterv3.Cluster {
+	eps := xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("10.0.0.1:80"), Region: "r"},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("10.0.0.2:80"), Region: "r"})
+	return xdstest.Cluster(svcName, append([]xdstest.ClusterOption{eps}, opts...)...)
 }
 
 func secondAddr(pb *clusterv3.Cluster, a *corev3.Address) *clusterv3.Cluster {
@@ -60,14 +67,14 @@ func TestValidationErrors(t *testing.T) {
 			return secondAddr(base(), &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: "/tmp/s"}}})
 		}, "load_assignment.endpoints[0].lb_endpoints[1].endpoint.address: pipe (Unix domain socket) addresses not supported"},
 		{"host name in STATIC", func() *clusterv3.Cluster {
-			return staticCluster(svcName, clusterv3.Cluster_ROUND_ROBIN, ep{host: "db.example", port: 5432})
+			return xdstest.Cluster(svcName, xdstest.WithEndpoints(xdstest.HostPort("db.example", 5432)))
 		}, `load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: "db.example" is not an IP address`},
 		{"UDP endpoint", func() *clusterv3.Cluster {
 			pb := base()
 			pb.LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress().Protocol = corev3.SocketAddress_UDP
 			return pb
 		}, "lb_endpoints[0].endpoint.address.socket_address.protocol: UDP not supported"},
-		{"LOGICAL_DNS", func() *clusterv3.Cluster { return withType(base(), clusterv3.Cluster_LOGICAL_DNS) },
+		{"LOGICAL_DNS", func() *clusterv3.Cluster { return base(xdstest.WithType(clusterv3.Cluster_LOGICAL_DNS)) },
 			"type: LOGICAL_DNS not supported"},
 		{"cluster_type extension", func() *clusterv3.Cluster {
 			pb := base()
@@ -76,12 +83,12 @@ func TestValidationErrors(t *testing.T) {
 			return pb
 		}, `cluster_type: custom cluster type "envoy.clusters.aggregate" not supported`},
 		{"ORIGINAL_DST + ROUND_ROBIN", func() *clusterv3.Cluster {
-			pb := withType(base(), clusterv3.Cluster_ORIGINAL_DST)
+			pb := base(xdstest.WithType(clusterv3.Cluster_ORIGINAL_DST))
 			pb.LoadAssignment = nil
 			return pb
 		}, "lb_policy: LB policy ROUND_ROBIN is not valid for Cluster type ORIGINAL_DST. Only 'CLUSTER_PROVIDED' is allowed with cluster type 'ORIGINAL_DST'"},
 		{"ORIGINAL_DST + load_assignment", func() *clusterv3.Cluster {
-			pb := withType(base(), clusterv3.Cluster_ORIGINAL_DST)
+			pb := base(xdstest.WithType(clusterv3.Cluster_ORIGINAL_DST))
 			pb.LbPolicy = clusterv3.Cluster_CLUSTER_PROVIDED
 			return pb
 		}, "load_assignment: ORIGINAL_DST clusters must have no load assignment configured"},

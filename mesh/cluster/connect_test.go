@@ -17,12 +17,13 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
 func TestMaxConnectionsOverflow(t *testing.T) {
 	s := startServer(t, "127.0.0.1", 0, false)
-	pb := staticCluster("cb", clusterv3.Cluster_ROUND_ROBIN, hostsOf(s)...)
+	pb := xdstest.Cluster("cb", xdstest.WithEndpoints(hostsOf(s)...))
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{
 		{Priority: corev3.RoutingPriority_DEFAULT, MaxConnections: wrapperspb.UInt32(2)},
 	}}
@@ -67,7 +68,7 @@ func TestMaxConnectionsOverflow(t *testing.T) {
 func TestConnectFailureThenExclude(t *testing.T) {
 	dead := closedPort(t)
 	live := startServer(t, "127.0.0.1", 0, false)
-	c := newTestCluster(t, staticCluster("fail", clusterv3.Cluster_ROUND_ROBIN, ep{addr: dead}, hostsOf(live)[0]))
+	c := newTestCluster(t, xdstest.Cluster("fail", xdstest.WithEndpoints(xdstest.Endpoint{Addr: dead}, hostsOf(live)[0])))
 	// Rotation starts at a random host: within two tries one hits the dead port.
 	var failed *Host
 	for i := 0; i < 2 && failed == nil; i++ {
@@ -121,7 +122,7 @@ func TestConnectFailureThenExclude(t *testing.T) {
 }
 
 func TestConnectTimeoutFakeDialer(t *testing.T) {
-	pb := staticCluster("to", clusterv3.Cluster_ROUND_ROBIN, ep{addr: netip.MustParseAddrPort("127.0.0.1:9")})
+	pb := xdstest.Cluster("to", xdstest.WithEndpoints(xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:9")}))
 	pb.ConnectTimeout = durationpb.New(50 * time.Millisecond)
 	c := newTestCluster(t, pb)
 	var deadline time.Duration
@@ -180,7 +181,7 @@ func TestOriginalDst(t *testing.T) {
 		}
 		u.Close()
 	}
-	eventually(t, "accepts", func() bool { return s.accepts.Load() == 3 })
+	xdstest.Eventually(t, 5*time.Second, "accepts", func() bool { return s.accepts.Load() == 3 })
 	hosts := c.Hosts()
 	if len(hosts) != 1 || hostStat(hosts[0], "cx_total") != 3 {
 		t.Fatalf("hosts %v", hosts)
@@ -237,7 +238,7 @@ func TestUpstreamBindSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer u.Close()
-	eventually(t, "accept", func() bool { return s.accepts.Load() == 1 })
+	xdstest.Eventually(t, 5*time.Second, "accept", func() bool { return s.accepts.Load() == 1 })
 	s.mu.Lock()
 	remote := s.remotes[0]
 	s.mu.Unlock()
@@ -248,7 +249,7 @@ func TestUpstreamBindSource(t *testing.T) {
 
 func TestByteCounters(t *testing.T) {
 	s := startServer(t, "127.0.0.1", 0, true)
-	c := newTestCluster(t, staticCluster("bytes", clusterv3.Cluster_ROUND_ROBIN, hostsOf(s)...))
+	c := newTestCluster(t, xdstest.Cluster("bytes", xdstest.WithEndpoints(hostsOf(s)...)))
 	u := mustConnect(t, c)
 	payload := make([]byte, 1<<20+123)
 	rand.Read(payload)
@@ -281,8 +282,8 @@ func TestResetSendsRST(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c := newTestCluster(t, staticCluster("rst", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: ln.Addr().(*net.TCPAddr).AddrPort()}))
+	c := newTestCluster(t, xdstest.Cluster("rst", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: ln.Addr().(*net.TCPAddr).AddrPort()})))
 	u := mustConnect(t, c)
 	sc, err := ln.Accept()
 	if err != nil {
@@ -301,7 +302,7 @@ func TestResetSendsRST(t *testing.T) {
 }
 
 func TestBlackHoleCluster(t *testing.T) {
-	pb := staticCluster("BlackHoleCluster", clusterv3.Cluster_ROUND_ROBIN)
+	pb := xdstest.Cluster("BlackHoleCluster")
 	pb.AltStatName = "BlackHoleCluster;"
 	c := newTestCluster(t, pb)
 	c.dial = func(context.Context, netip.AddrPort, netip.Addr) (*net.TCPConn, error) {
@@ -321,7 +322,7 @@ func TestBlackHoleCluster(t *testing.T) {
 }
 
 func TestRequestResources(t *testing.T) {
-	pb := staticCluster("rq", clusterv3.Cluster_ROUND_ROBIN)
+	pb := xdstest.Cluster("rq")
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{
 		{Priority: corev3.RoutingPriority_DEFAULT, MaxRequests: wrapperspb.UInt32(1), MaxPendingRequests: wrapperspb.UInt32(1), MaxRetries: wrapperspb.UInt32(0)},
 		{Priority: corev3.RoutingPriority_HIGH, MaxRequests: wrapperspb.UInt32(5), TrackRemaining: true},

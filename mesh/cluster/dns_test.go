@@ -11,6 +11,8 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // samePortServers starts servers on one port on each of the loopback IPs.
@@ -38,7 +40,7 @@ func samePortServers(t *testing.T, ips ...string) []*server {
 }
 
 func dnsCluster(name, host string, port uint16, refresh time.Duration) *clusterv3.Cluster {
-	pb := withType(staticCluster(name, clusterv3.Cluster_ROUND_ROBIN, ep{host: host, port: port}), clusterv3.Cluster_STRICT_DNS)
+	pb := xdstest.Cluster(name, xdstest.WithType(clusterv3.Cluster_STRICT_DNS), xdstest.WithEndpoints(xdstest.HostPort(host, uint32(port))))
 	pb.DnsRefreshRate = durationpb.New(refresh)
 	pb.DnsLookupFamily = clusterv3.Cluster_V4_ONLY
 	return pb
@@ -89,7 +91,7 @@ func TestStrictDNSRefresh(t *testing.T) {
 	}
 
 	r.set("ip4", "svc.test", "127.0.0.2", "127.0.0.3")
-	eventually(t, "DNS refresh", func() bool {
+	xdstest.Eventually(t, 5*time.Second, "DNS refresh", func() bool {
 		return slices.Equal(addrsOf(c.Hosts()), []string{"127.0.0.2", "127.0.0.3"})
 	})
 	for _, h := range c.Hosts() {
@@ -102,7 +104,7 @@ func TestStrictDNSRefresh(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		mustConnect(t, c).Close()
 	}
-	eventually(t, "accepts", func() bool { return srv[2].accepts.Load() == 2 })
+	xdstest.Eventually(t, 5*time.Second, "accepts", func() bool { return srv[2].accepts.Load() == 2 })
 	if v := stat(t, c, "membership_change"); v < 2 {
 		t.Errorf("membership_change = %d", v)
 	}
@@ -110,7 +112,7 @@ func TestStrictDNSRefresh(t *testing.T) {
 	// A failing lookup keeps the previous addresses.
 	r.setFail("svc.test", true)
 	fails := stat(t, c, "update_failure")
-	eventually(t, "failed refresh", func() bool { return stat(t, c, "update_failure") > fails+1 })
+	xdstest.Eventually(t, 5*time.Second, "failed refresh", func() bool { return stat(t, c, "update_failure") > fails+1 })
 	if got := addrsOf(c.Hosts()); !slices.Equal(got, []string{"127.0.0.2", "127.0.0.3"}) {
 		t.Fatalf("hosts after DNS failure %v", got)
 	}
@@ -132,7 +134,7 @@ func TestStrictDNSCloseStopsGoroutine(t *testing.T) {
 	if r.lookups.Load() != n {
 		t.Fatal("resolver still called after Close")
 	}
-	eventually(t, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before })
+	xdstest.Eventually(t, 5*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before })
 }
 
 func TestDNSLookupFamily(t *testing.T) {

@@ -10,21 +10,15 @@ import (
 	"testing"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-)
 
-func edsCluster(name string, inline ...ep) *clusterv3.Cluster {
-	pb := withType(staticCluster(name, clusterv3.Cluster_ROUND_ROBIN, inline...), clusterv3.Cluster_EDS)
-	pb.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{
-		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}
-	return pb
-}
+	"github.com/meshtun/meshtun/internal/xdstest"
+)
 
 func TestEDSUpdate(t *testing.T) {
 	a := startServer(t, "127.0.0.1", 0, false)
 	b := startServer(t, "127.0.0.1", 0, false)
-	c := newTestCluster(t, edsCluster("eds", ep{addr: a.addr}))
+	c := newTestCluster(t, xdstest.EDSCluster("eds", xdstest.WithEndpoints(xdstest.Endpoint{Addr: a.addr})))
 	select {
 	case <-c.Initialized():
 		t.Fatal("EDS cluster initialized before its first update")
@@ -37,7 +31,7 @@ func TestEDSUpdate(t *testing.T) {
 	}
 	hostA := c.Hosts()[0]
 
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: a.addr, weight: 2}, ep{addr: b.addr, zone: "z1"})); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: a.addr, Weight: 2}, xdstest.Endpoint{Addr: b.addr, Zone: "z1"})); err != nil {
 		t.Fatal(err)
 	}
 	<-c.Initialized()
@@ -48,7 +42,7 @@ func TestEDSUpdate(t *testing.T) {
 
 	// The same assignment again changes nothing (update_no_rebuild).
 	snap := c.hosts.Load()
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: a.addr, weight: 2}, ep{addr: b.addr, zone: "z1"})); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: a.addr, Weight: 2}, xdstest.Endpoint{Addr: b.addr, Zone: "z1"})); err != nil {
 		t.Fatal(err)
 	}
 	if c.hosts.Load() != snap || stat(t, c, "update_no_rebuild") != 1 {
@@ -56,14 +50,14 @@ func TestEDSUpdate(t *testing.T) {
 	}
 
 	// A bad assignment is rejected whole; the previous hosts stay.
-	err := c.UpdateEndpoints(makeCLA("eds", ep{addr: b.addr}, ep{host: "svc.example", port: 80}))
+	err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: b.addr}, xdstest.HostPort("svc.example", 80)))
 	if err == nil || !strings.Contains(err.Error(), `cluster_load_assignment.endpoints[0].lb_endpoints[1].endpoint.address.socket_address.address: "svc.example" is not an IP address`) {
 		t.Fatalf("bad update: %v", err)
 	}
 	if len(c.Hosts()) != 2 {
 		t.Fatal("rejected update changed the hosts")
 	}
-	if err := c.UpdateEndpoints(makeCLA("eds")); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Connect(context.Background(), netip.AddrPort{}, nil); !errors.Is(err, ErrNoHealthyUpstream) {
@@ -74,8 +68,8 @@ func TestEDSUpdate(t *testing.T) {
 			t.Errorf("%s = %d, want %d", name, v, want)
 		}
 	}
-	static := newTestCluster(t, staticCluster("s", clusterv3.Cluster_ROUND_ROBIN))
-	if err := static.UpdateEndpoints(makeCLA("s")); err == nil {
+	static := newTestCluster(t, xdstest.Cluster("s"))
+	if err := static.UpdateEndpoints(xdstest.AssignmentOf("s")); err == nil {
 		t.Error("UpdateEndpoints accepted on a STATIC cluster")
 	}
 }
@@ -89,14 +83,14 @@ func TestEDSConcurrentUpdates(t *testing.T) {
 		startServer(t, "127.0.0.1", 0, false),
 		startServer(t, "127.0.0.1", 0, false),
 	}
-	c := newTestCluster(t, edsCluster("eds"))
-	sets := [][]ep{
-		{{addr: srv[0].addr}, {addr: srv[1].addr}},
-		{{addr: srv[1].addr, weight: 3}, {addr: srv[2].addr}},
-		{{addr: srv[2].addr, health: corev3.HealthStatus_UNHEALTHY}, {addr: srv[3].addr, prio: 1}},
+	c := newTestCluster(t, xdstest.EDSCluster("eds"))
+	sets := [][]xdstest.Endpoint{
+		{{Addr: srv[0].addr}, {Addr: srv[1].addr}},
+		{{Addr: srv[1].addr, Weight: 3}, {Addr: srv[2].addr}},
+		{{Addr: srv[2].addr, Health: corev3.HealthStatus_UNHEALTHY}, {Addr: srv[3].addr, Priority: 1}},
 		{},
 	}
-	if err := c.UpdateEndpoints(makeCLA("eds", sets[0]...)); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", sets[0]...)); err != nil {
 		t.Fatal(err)
 	}
 	stop := make(chan struct{})
@@ -131,7 +125,7 @@ func TestEDSConcurrentUpdates(t *testing.T) {
 	}
 	deadline := time.Now().Add(300 * time.Millisecond)
 	for i := 0; time.Now().Before(deadline); i++ {
-		if err := c.UpdateEndpoints(makeCLA("eds", sets[i%len(sets)]...)); err != nil {
+		if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", sets[i%len(sets)]...)); err != nil {
 			t.Fatal(err)
 		}
 		_ = c.Hosts()

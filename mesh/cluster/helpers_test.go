@@ -9,15 +9,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/rs/zerolog"
-	"google.golang.org/protobuf/types/known/durationpb"
-	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
@@ -88,94 +84,10 @@ func closedPort(t testing.TB) netip.AddrPort {
 	return a
 }
 
-// eventually polls cond until it holds or 5 s pass.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-// ep describes one endpoint for the proto builders.
-type ep struct {
-	addr     netip.AddrPort
-	host     string // DNS name instead of addr (STRICT_DNS)
-	port     uint16 // with host
-	weight   uint32
-	prio     uint32
-	health   corev3.HealthStatus
-	zone     string
-	zoneWt   uint32
-	hostname string
-}
-
-func socketAddr(e ep) *corev3.Address {
-	a, p := e.host, uint32(e.port)
-	if a == "" {
-		a, p = e.addr.Addr().String(), uint32(e.addr.Port())
-	}
-	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-		Address: a, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: p},
-	}}}
-}
-
-// makeCLA groups endpoints into one LocalityLbEndpoints per (priority, zone).
-func makeCLA(name string, eps ...ep) *endpointv3.ClusterLoadAssignment {
-	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
-	type key struct {
-		prio uint32
-		zone string
-	}
-	idx := map[key]*endpointv3.LocalityLbEndpoints{}
-	for _, e := range eps {
-		k := key{e.prio, e.zone}
-		lle := idx[k]
-		if lle == nil {
-			lle = &endpointv3.LocalityLbEndpoints{Priority: e.prio, Locality: &corev3.Locality{Region: "r", Zone: e.zone}}
-			if e.zoneWt > 0 {
-				lle.LoadBalancingWeight = wrapperspb.UInt32(e.zoneWt)
-			}
-			idx[k] = lle
-			cla.Endpoints = append(cla.Endpoints, lle)
-		}
-		lbe := &endpointv3.LbEndpoint{
-			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: socketAddr(e), Hostname: e.hostname}},
-			HealthStatus:   e.health,
-		}
-		if e.weight > 0 {
-			lbe.LoadBalancingWeight = wrapperspb.UInt32(e.weight)
-		}
-		lle.LbEndpoints = append(lle.LbEndpoints, lbe)
-	}
-	return cla
-}
-
-func staticCluster(name string, lb clusterv3.Cluster_LbPolicy, eps ...ep) *clusterv3.Cluster {
-	pb := &clusterv3.Cluster{
-		Name:                 name,
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
-		LbPolicy:             lb,
-		ConnectTimeout:       durationpb.New(2 * time.Second),
-	}
-	if len(eps) > 0 {
-		pb.LoadAssignment = makeCLA(name, eps...)
-	}
-	return pb
-}
-
-func withType(pb *clusterv3.Cluster, t clusterv3.Cluster_DiscoveryType) *clusterv3.Cluster {
-	pb.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: t}
-	return pb
-}
-
-func hostsOf(servers ...*server) []ep {
-	eps := make([]ep, len(servers))
+func hostsOf(servers ...*server) []xdstest.Endpoint {
+	eps := make([]xdstest.Endpoint, len(servers))
 	for i, s := range servers {
-		eps[i] = ep{addr: s.addr}
+		eps[i] = xdstest.Endpoint{Addr: s.addr}
 	}
 	return eps
 }

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
@@ -28,7 +29,7 @@ func withHTTPOptions(t *testing.T, pb *clusterv3.Cluster, o *httpv3.HttpProtocol
 }
 
 func TestParseHTTPOptions(t *testing.T) {
-	base := func() *clusterv3.Cluster { return staticCluster("c", clusterv3.Cluster_ROUND_ROBIN) }
+	base := func() *clusterv3.Cluster { return xdstest.Cluster("c") }
 	explicit := func(pc any) *httpv3.HttpProtocolOptions {
 		e := &httpv3.HttpProtocolOptions_ExplicitHttpConfig{}
 		switch v := pc.(type) {
@@ -73,7 +74,7 @@ func TestParseHTTPOptions(t *testing.T) {
 // Connect's breaker and stats; PickHostFor honours exclude.
 func TestConnectHostAccounting(t *testing.T) {
 	a, b := startServer(t, "127.0.0.1", 0, false), startServer(t, "127.0.0.1", 0, false)
-	pb := staticCluster("h", clusterv3.Cluster_ROUND_ROBIN, hostsOf(a, b)...)
+	pb := xdstest.Cluster("h", xdstest.WithEndpoints(hostsOf(a, b)...))
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(1)}}}
 	c := newTestCluster(t, pb)
 	first, err := c.PickHostFor(netip.AddrPort{}, nil)
@@ -112,7 +113,7 @@ func TestConnectHostAccounting(t *testing.T) {
 }
 
 func TestHTTPStats(t *testing.T) {
-	c := newTestCluster(t, staticCluster("s", clusterv3.Cluster_ROUND_ROBIN))
+	c := newTestCluster(t, xdstest.Cluster("s"))
 	s := c.HTTPStats()
 	if c.HTTPStats() != s {
 		t.Fatal("HTTPStats not stable")
@@ -131,7 +132,7 @@ func TestHTTPStats(t *testing.T) {
 		t.Errorf("missing %v", want)
 	}
 	// A cluster that replaces this one (a CDS update) counts on.
-	c2, err := New(staticCluster("s", clusterv3.Cluster_ROUND_ROBIN), Options{Dialer: &upstream.Dialer{}, Stats: c.Scope()})
+	c2, err := New(xdstest.Cluster("s"), Options{Dialer: &upstream.Dialer{}, Stats: c.Scope()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,9 +6,12 @@ import (
 	"math"
 	"net/netip"
 	"testing"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 func TestRoundRobinExactRotation(t *testing.T) {
@@ -17,7 +20,7 @@ func TestRoundRobinExactRotation(t *testing.T) {
 		startServer(t, "127.0.0.1", 0, false),
 		startServer(t, "127.0.0.1", 0, false),
 	}
-	c := newTestCluster(t, staticCluster("rr", clusterv3.Cluster_ROUND_ROBIN, hostsOf(srv...)...))
+	c := newTestCluster(t, xdstest.Cluster("rr", xdstest.WithEndpoints(hostsOf(srv...)...)))
 	pos := map[netip.AddrPort]int{}
 	for i, s := range srv {
 		pos[s.addr] = i
@@ -33,7 +36,7 @@ func TestRoundRobinExactRotation(t *testing.T) {
 		prev = p
 		u.Close()
 	}
-	eventually(t, "accepts", func() bool {
+	xdstest.Eventually(t, 5*time.Second, "accepts", func() bool {
 		return srv[0].accepts.Load()+srv[1].accepts.Load()+srv[2].accepts.Load() == n
 	})
 	for i, s := range srv {
@@ -58,13 +61,13 @@ func TestRoundRobinExactRotation(t *testing.T) {
 func TestWeightedRoundRobin(t *testing.T) {
 	a := startServer(t, "127.0.0.1", 0, false)
 	b := startServer(t, "127.0.0.1", 0, false)
-	c := newTestCluster(t, staticCluster("wrr", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: a.addr, weight: 1}, ep{addr: b.addr, weight: 3}))
+	c := newTestCluster(t, xdstest.Cluster("wrr", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: a.addr, Weight: 1}, xdstest.Endpoint{Addr: b.addr, Weight: 3})))
 	const n = 400
 	for i := 0; i < n; i++ {
 		mustConnect(t, c).Close()
 	}
-	eventually(t, "accepts", func() bool { return a.accepts.Load()+b.accepts.Load() == n })
+	xdstest.Eventually(t, 5*time.Second, "accepts", func() bool { return a.accepts.Load()+b.accepts.Load() == n })
 	within := func(got int64, want float64) bool { return math.Abs(float64(got)-want) <= 0.05*want }
 	if !within(a.accepts.Load(), 100) || !within(b.accepts.Load(), 300) {
 		t.Fatalf("split %d:%d, want 100:300 ±5%%", a.accepts.Load(), b.accepts.Load())
@@ -74,7 +77,7 @@ func TestWeightedRoundRobin(t *testing.T) {
 func TestLeastRequestPrefersIdleHost(t *testing.T) {
 	a := startServer(t, "127.0.0.1", 0, false)
 	b := startServer(t, "127.0.0.1", 0, false)
-	c := newTestCluster(t, staticCluster("lr", clusterv3.Cluster_LEAST_REQUEST, hostsOf(a, b)...))
+	c := newTestCluster(t, xdstest.Cluster("lr", xdstest.WithLB(clusterv3.Cluster_LEAST_REQUEST), xdstest.WithEndpoints(hostsOf(a, b)...)))
 	// Load the cluster, then free one host entirely.
 	var held []*UpstreamConn
 	for i := 0; i < 10; i++ {
@@ -109,10 +112,10 @@ func TestPriorityFailover(t *testing.T) {
 	p0a := startServer(t, "127.0.0.1", 0, false)
 	p0b := startServer(t, "127.0.0.1", 0, false)
 	p1 := startServer(t, "127.0.0.1", 0, false)
-	c := newTestCluster(t, staticCluster("prio", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: p0a.addr, health: corev3.HealthStatus_UNHEALTHY},
-		ep{addr: p0b.addr, health: corev3.HealthStatus_DRAINING},
-		ep{addr: p1.addr, prio: 1, health: corev3.HealthStatus_HEALTHY}))
+	c := newTestCluster(t, xdstest.Cluster("prio", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: p0a.addr, Health: corev3.HealthStatus_UNHEALTHY},
+		xdstest.Endpoint{Addr: p0b.addr, Health: corev3.HealthStatus_DRAINING},
+		xdstest.Endpoint{Addr: p1.addr, Priority: 1, Health: corev3.HealthStatus_HEALTHY})))
 	for i := 0; i < 5; i++ {
 		u := mustConnect(t, c)
 		if u.Host().Address() != p1.addr {
@@ -137,9 +140,9 @@ func TestPriorityFailover(t *testing.T) {
 		t.Errorf("membership_total = %d", got)
 	}
 
-	all := newTestCluster(t, staticCluster("down", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: p0a.addr, health: corev3.HealthStatus_UNHEALTHY},
-		ep{addr: p1.addr, prio: 1, health: corev3.HealthStatus_TIMEOUT}))
+	all := newTestCluster(t, xdstest.Cluster("down", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: p0a.addr, Health: corev3.HealthStatus_UNHEALTHY},
+		xdstest.Endpoint{Addr: p1.addr, Priority: 1, Health: corev3.HealthStatus_TIMEOUT})))
 	_, err := all.Connect(context.Background(), netip.AddrPort{}, nil)
 	if !errors.Is(err, ErrNoHealthyUpstream) {
 		t.Fatalf("err = %v, want ErrNoHealthyUpstream", err)
@@ -153,23 +156,23 @@ func TestPriorityFailover(t *testing.T) {
 }
 
 func TestDegradedUsedOnlyWithoutHealthy(t *testing.T) {
-	c := newTestCluster(t, staticCluster("deg", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:1"), health: corev3.HealthStatus_DEGRADED},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:2"), prio: 1}))
+	c := newTestCluster(t, xdstest.Cluster("deg", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:1"), Health: corev3.HealthStatus_DEGRADED},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:2"), Priority: 1})))
 	if h := c.pick(netip.AddrPort{}, nil); h.Address().Port() != 2 {
 		t.Fatalf("picked %s, want the healthy priority 1 host over a degraded priority 0 one", h.Address())
 	}
-	c2 := newTestCluster(t, staticCluster("deg2", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:1"), health: corev3.HealthStatus_DEGRADED}))
+	c2 := newTestCluster(t, xdstest.Cluster("deg2", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:1"), Health: corev3.HealthStatus_DEGRADED})))
 	if h := c2.pick(netip.AddrPort{}, nil); h == nil || h.HealthFlags() != "/degraded_eds_health" {
 		t.Fatalf("degraded host not used as last resort: %v", h)
 	}
 }
 
 func TestExcludeFallsBackWhenAllExcluded(t *testing.T) {
-	c := newTestCluster(t, staticCluster("one", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:1")},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:2"), prio: 1}))
+	c := newTestCluster(t, xdstest.Cluster("one", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:1")},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:2"), Priority: 1})))
 	h0 := c.Hosts()[0]
 	if h := c.pick(netip.AddrPort{}, func(h *Host) bool { return h == h0 }); h.Priority() != 1 {
 		t.Fatalf("excluding the only priority 0 host should spill to priority 1, got %s", h.Address())
@@ -180,11 +183,11 @@ func TestExcludeFallsBackWhenAllExcluded(t *testing.T) {
 }
 
 func TestLocalityWeighted(t *testing.T) {
-	pb := staticCluster("loc", clusterv3.Cluster_ROUND_ROBIN,
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:1"), zone: "a", zoneWt: 1},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:2"), zone: "b", zoneWt: 3},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:3"), zone: "b", zoneWt: 3},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:4"), zone: "c"}) // no weight: no traffic
+	pb := xdstest.Cluster("loc", xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:1"), Zone: "a", LocalityWeight: 1},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:2"), Zone: "b", LocalityWeight: 3},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:3"), Zone: "b", LocalityWeight: 3},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:4"), Zone: "c"})) // no weight: no traffic
 	pb.CommonLbConfig = &clusterv3.Cluster_CommonLbConfig{
 		LocalityConfigSpecifier: &clusterv3.Cluster_CommonLbConfig_LocalityWeightedLbConfig_{
 			LocalityWeightedLbConfig: &clusterv3.Cluster_CommonLbConfig_LocalityWeightedLbConfig{}},
@@ -235,9 +238,9 @@ func TestWRRExactPerCycle(t *testing.T) {
 }
 
 func TestRandomPolicy(t *testing.T) {
-	c := newTestCluster(t, staticCluster("rnd", clusterv3.Cluster_RANDOM,
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:1")},
-		ep{addr: netip.MustParseAddrPort("127.0.0.1:2"), weight: 3}))
+	c := newTestCluster(t, xdstest.Cluster("rnd", xdstest.WithLB(clusterv3.Cluster_RANDOM), xdstest.WithEndpoints(
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:1")},
+		xdstest.Endpoint{Addr: netip.MustParseAddrPort("127.0.0.1:2"), Weight: 3})))
 	count := map[uint16]int{}
 	for i := 0; i < 4000; i++ {
 		count[c.pick(netip.AddrPort{}, nil).Address().Port()]++

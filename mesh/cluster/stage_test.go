@@ -6,6 +6,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
 
@@ -35,14 +36,14 @@ func sameAddrList(a, b []netip.AddrPort) bool {
 // reporting the set it put in force after a later update.
 func TestStageChangesNothingUntilCommit(t *testing.T) {
 	a, b, c9 := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80"), netip.MustParseAddrPort("10.0.0.9:80")
-	c := newTestCluster(t, edsCluster("eds"))
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: a}, ep{addr: b})); err != nil {
+	c := newTestCluster(t, xdstest.EDSCluster("eds"))
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.EndpointsAt(a, b)...)); err != nil {
 		t.Fatal(err)
 	}
 	hostA := c.Hosts()[0]
 	before := c.Stats()
 
-	e, err := ParseEndpoints(makeCLA("eds", ep{addr: a, weight: 5}, ep{addr: c9}))
+	e, err := ParseEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: a, Weight: 5}, xdstest.Endpoint{Addr: c9}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func TestStageChangesNothingUntilCommit(t *testing.T) {
 			stat(t, c, "update_success"), stat(t, c, "membership_total"), stat(t, c, "membership_change"))
 	}
 
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: b})); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: b})); err != nil {
 		t.Fatal(err)
 	}
 	if got := hostAddrList(st.Hosts()); !sameAddrList(got, []netip.AddrPort{a, c9}) {
@@ -86,16 +87,16 @@ func TestStageChangesNothingUntilCommit(t *testing.T) {
 // commit never resurrects a host set that is gone.
 func TestCommitAfterAnotherUpdate(t *testing.T) {
 	a, b := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80")
-	c := newTestCluster(t, edsCluster("eds"))
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: a})); err != nil {
+	c := newTestCluster(t, xdstest.EDSCluster("eds"))
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: a})); err != nil {
 		t.Fatal(err)
 	}
-	e, err := ParseEndpoints(makeCLA("eds", ep{addr: a}, ep{addr: b}))
+	e, err := ParseEndpoints(xdstest.AssignmentOf("eds", xdstest.EndpointsAt(a, b)...))
 	if err != nil {
 		t.Fatal(err)
 	}
 	st, _ := c.Stage(e)
-	if err := c.UpdateEndpoints(makeCLA("eds", ep{addr: b})); err != nil {
+	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds", xdstest.Endpoint{Addr: b})); err != nil {
 		t.Fatal(err)
 	}
 	hostB := c.Hosts()[0]
@@ -110,11 +111,11 @@ func TestCommitAfterAnotherUpdate(t *testing.T) {
 }
 
 func TestParseEndpointsNamesTheField(t *testing.T) {
-	_, err := ParseEndpoints(makeCLA("eds", ep{host: "not-an-ip", port: 80}))
+	_, err := ParseEndpoints(xdstest.AssignmentOf("eds", xdstest.HostPort("not-an-ip", 80)))
 	if err == nil || err.Error() != `cluster_load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: "not-an-ip" is not an IP address` {
 		t.Fatalf("ParseEndpoints: %v", err)
 	}
-	if _, err := newTestCluster(t, staticCluster("s", 0)).Stage(&Endpoints{}); err == nil {
+	if _, err := newTestCluster(t, xdstest.Cluster("s")).Stage(&Endpoints{}); err == nil {
 		t.Fatal("an assignment staged for a STATIC cluster")
 	}
 }
@@ -124,9 +125,9 @@ func TestParseEndpointsNamesTheField(t *testing.T) {
 // own hosts', not the Scope's.
 func TestScopeOutlivesTheCluster(t *testing.T) {
 	srv := startServer(t, "127.0.0.1", 0, false)
-	c1 := newTestCluster(t, staticCluster("s", 0, ep{addr: srv.addr}))
+	c1 := newTestCluster(t, xdstest.Cluster("s", xdstest.WithEndpoints(xdstest.Endpoint{Addr: srv.addr})))
 	mustConnect(t, c1).Close()
-	c2, err := New(staticCluster("s", 0), Options{Dialer: &upstream.Dialer{}, Log: zerolog.Nop(), Stats: c1.Scope()})
+	c2, err := New(xdstest.Cluster("s"), Options{Dialer: &upstream.Dialer{}, Log: zerolog.Nop(), Stats: c1.Scope()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,9 +10,10 @@ import (
 	"testing"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestConnectTimeoutFullBacklog times out a real kernel connect: a
@@ -49,7 +50,7 @@ func TestConnectTimeoutFullBacklog(t *testing.T) {
 		t.Skip("the kernel kept accepting connections on a full backlog")
 	}
 
-	pb := staticCluster("slow", clusterv3.Cluster_ROUND_ROBIN, ep{addr: addr})
+	pb := xdstest.Cluster("slow", xdstest.WithEndpoints(xdstest.Endpoint{Addr: addr}))
 	pb.ConnectTimeout = durationpb.New(150 * time.Millisecond)
 	c := newTestCluster(t, pb)
 	start := time.Now()

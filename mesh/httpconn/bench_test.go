@@ -4,6 +4,8 @@ import (
 	"io"
 	"net/http"
 	"testing"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 func benchRequests(b *testing.B, c *http.Client, url string) {
@@ -34,7 +36,7 @@ func BenchmarkProxyRequest(b *testing.B) {
 	}{{"h1-h1", false, false}, {"h2-h2", true, true}} {
 		b.Run(tc.name, func(b *testing.B) {
 			u := startUpstream(b, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "hello") })
-			pb := staticCluster("c", u.addr)
+			pb := xdstest.StaticCluster("c", u.addr)
 			if tc.up {
 				pb = withH2(pb)
 			}

@@ -13,6 +13,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // heldUpstream answers /hold never (until the proxy gives up the request,
@@ -61,7 +63,7 @@ func readClosed(c net.Conn, d time.Duration) (closed bool, got string) {
 // given up upstream, and Serve returns.
 func TestDrainStartAndEnd(t *testing.T) {
 	u, held, released := heldUpstream(t)
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).Timeout = durationpb.New(0)
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)
@@ -164,7 +166,7 @@ func h2Closed(t *testing.T, c *h2Client) {
 // it before it served the connection).
 func TestDrainNewH2Connection(t *testing.T) {
 	u, held, _ := heldUpstream(t)
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).Timeout = durationpb.New(0)
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)
@@ -182,7 +184,7 @@ func TestDrainNewH2Connection(t *testing.T) {
 // then closes it and returns; the request is given up upstream.
 func TestPoolsCloseBoundedByContext(t *testing.T) {
 	u, held, released := heldUpstream(t)
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).Timeout = durationpb.New(0)
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)

@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // h2Client is a raw h2c client connection for tests: frames written by
@@ -195,7 +197,7 @@ func TestH2CStreamIsolation(t *testing.T) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 		w.Write(b)
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	cfg := mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c")))))
 	p := startProxy(t, cfg, env)
 	c := dialH2(t, p.addr)
@@ -260,7 +262,7 @@ func TestH2CStreamIsolation(t *testing.T) {
 		}
 	}
 	if !found {
-		eventually(t, "the reset stream's entry", func() bool {
+		xdstest.Eventually(t, 2*time.Second, "the reset stream's entry", func() bool {
 			for _, e := range p.entries() {
 				if e.Path == "/reset" {
 					return e.ResponseFlags.Has(FlagDC)

@@ -16,16 +16,14 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/rs/zerolog"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
@@ -89,27 +87,6 @@ func named(name string) http.HandlerFunc {
 			w.Header()["X-Seen-"+k] = vs
 		}
 		fmt.Fprint(w, name)
-	}
-}
-
-func staticCluster(name string, addrs ...netip.AddrPort) *clusterv3.Cluster {
-	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
-	lle := &endpointv3.LocalityLbEndpoints{}
-	for _, a := range addrs {
-		lle.LbEndpoints = append(lle.LbEndpoints, &endpointv3.LbEndpoint{
-			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-					Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())},
-				}}},
-			}},
-		})
-	}
-	cla.Endpoints = []*endpointv3.LocalityLbEndpoints{lle}
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
-		ConnectTimeout:       durationpb.New(2 * time.Second),
-		LoadAssignment:       cla,
 	}
 }
 
@@ -307,16 +284,8 @@ func routeConfig(vhs ...*routev3.VirtualHost) *routev3.RouteConfiguration {
 	return &routev3.RouteConfiguration{Name: "rc", VirtualHosts: vhs}
 }
 
-func mustAny(m proto.Message) *anypb.Any {
-	a, err := anypb.New(m)
-	if err != nil {
-		panic(err)
-	}
-	return a
-}
-
 func routerFilter() *hcmv3.HttpFilter {
-	return &hcmv3.HttpFilter{Name: RouterFilter, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
+	return &hcmv3.HttpFilter{Name: RouterFilter, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.Pack(&routerv3.Router{})}}
 }
 
 func hcm(rc *routev3.RouteConfiguration, filters ...*hcmv3.HttpFilter) *hcmv3.HttpConnectionManager {
@@ -360,18 +329,6 @@ func hostStat(h *cluster.Host, name string) uint64 {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
-
-// eventually polls cond for up to 2 s.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(2 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // stalledPOST sends an HTTP/1.1 POST with 5 of its 10 body bytes, then
 // waits (5 s at most) for the proxy's answer: status, body, time taken.

@@ -9,6 +9,8 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // envoyInternalHeaders are the request headers Envoy's
@@ -47,7 +49,7 @@ var (
 // itself connects from loopback, so XFF decides.
 func TestCleanInternalHeaders(t *testing.T) {
 	u := startUpstream(t, named("a"))
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	for _, tc := range []struct {
 		name      string
 		remote    bool   // use_remote_address
@@ -142,7 +144,7 @@ func TestEnvoyRequestHeadersHonoured(t *testing.T) {
 		w.Header().Set("X-Seen-Expected", r.Header.Get("X-Envoy-Expected-Rq-Timeout-Ms"))
 		io.WriteString(w, "ok")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	route := prefixRoute("/", "c")
 	routeAction(route).Timeout = durationpb.New(2 * time.Second)
 	h := hcm(routeConfig(vhost("v", []string{"*"}, route)))

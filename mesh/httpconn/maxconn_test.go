@@ -10,6 +10,8 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestCircuitBreakerMaxConnectionsPending: with max_connections reached,
@@ -30,7 +32,7 @@ func TestCircuitBreakerMaxConnectionsPending(t *testing.T) {
 			time.Sleep(150 * time.Millisecond)
 			io.WriteString(w, "ok")
 		})
-		pb := staticCluster("c", u.addr)
+		pb := xdstest.StaticCluster("c", u.addr)
 		pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{
 			MaxConnections:     wrapperspb.UInt32(1),
 			MaxPendingRequests: wrapperspb.UInt32(tc.maxPending),
@@ -94,7 +96,7 @@ func TestCircuitBreakerMaxConnectionsPending(t *testing.T) {
 		if uo != 3-tc.want200 {
 			t.Errorf("max_pending_requests %d: %d UO entries, want %d", tc.maxPending, uo, 3-tc.want200)
 		}
-		eventually(t, "pending released", func() bool { return clusterStat(t, cl, "upstream_rq_pending_active") == 0 })
+		xdstest.Eventually(t, 2*time.Second, "pending released", func() bool { return clusterStat(t, cl, "upstream_rq_pending_active") == 0 })
 	}
 }
 
@@ -108,7 +110,7 @@ func TestMaxConnectionsPendingRouteTimeout(t *testing.T) {
 		time.Sleep(400 * time.Millisecond)
 		io.WriteString(w, "ok")
 	})
-	pb := staticCluster("c", u.addr)
+	pb := xdstest.StaticCluster("c", u.addr)
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(1)}}}
 	env := newEnv(t, pb)
 	route := prefixRoute("/", "c")

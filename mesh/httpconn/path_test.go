@@ -11,6 +11,8 @@ import (
 
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestCanonicalPath: Envoy's PathUtilityTest cases (path_utility_test.cc:
@@ -175,7 +177,7 @@ func TestNormalPathNoAlloc(t *testing.T) {
 // a failing path gets 400 and UNESCAPE_AND_REDIRECT a 307.
 func TestPathNormalizationRouting(t *testing.T) {
 	pub, adm := startUpstream(t, named("public")), startUpstream(t, named("admin"))
-	env := newEnv(t, staticCluster("public", pub.addr), staticCluster("admin", adm.addr))
+	env := newEnv(t, xdstest.StaticCluster("public", pub.addr), xdstest.StaticCluster("admin", adm.addr))
 	rc := routeConfig(vhost("v", []string{"*"}, prefixRoute("/public", "public"), prefixRoute("/", "admin")))
 
 	raw := func(p *proxy, target string) *http.Response {

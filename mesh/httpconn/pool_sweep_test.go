@@ -1,26 +1,11 @@
 package httpconn
 
 import (
-	"net/netip"
 	"testing"
+	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
-
-func edsCluster(name string) *clusterv3.Cluster {
-	pb := staticCluster(name)
-	pb.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
-	pb.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{
-		EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}
-	pb.LoadAssignment = nil
-	return pb
-}
-
-func assignment(name string, addrs ...netip.AddrPort) *endpointv3.ClusterLoadAssignment {
-	return staticCluster(name, addrs...).GetLoadAssignment()
-}
 
 // TestPoolForgetsRemovedHosts: once EDS removes a host, the pool closes
 // its idle connections and drops its per-host entry (and, for h1, its
@@ -29,13 +14,13 @@ func assignment(name string, addrs ...netip.AddrPort) *endpointv3.ClusterLoadAss
 func TestPoolForgetsRemovedHosts(t *testing.T) {
 	for _, h2 := range []bool{false, true} {
 		a, b := startUpstream(t, named("a")), startUpstream(t, named("b"))
-		pb := edsCluster("c")
+		pb := xdstest.EDSCluster("c")
 		if h2 {
 			pb = withH2(pb)
 		}
 		env := newEnv(t, pb)
 		cl := env.clusters["c"]
-		if err := cl.UpdateEndpoints(assignment("c", a.addr, b.addr)); err != nil {
+		if err := cl.UpdateEndpoints(xdstest.Assignment("c", a.addr, b.addr)); err != nil {
 			t.Fatal(err)
 		}
 		p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
@@ -51,7 +36,7 @@ func TestPoolForgetsRemovedHosts(t *testing.T) {
 		if !seen["a"] || !seen["b"] {
 			t.Fatalf("h2=%v: requests reached %v, want both hosts", h2, seen)
 		}
-		eventually(t, "two pooled connections", func() bool { return env.pools.Conns("c") == 2 })
+		xdstest.Eventually(t, 2*time.Second, "two pooled connections", func() bool { return env.pools.Conns("c") == 2 })
 		v, _ := env.pools.m.Load("c")
 		cp := v.(*clusterPool)
 		hostEntries := func() int {
@@ -63,13 +48,13 @@ func TestPoolForgetsRemovedHosts(t *testing.T) {
 			t.Fatalf("h2=%v: %d host entries, want 2", h2, n)
 		}
 
-		if err := cl.UpdateEndpoints(assignment("c", a.addr)); err != nil {
+		if err := cl.UpdateEndpoints(xdstest.Assignment("c", a.addr)); err != nil {
 			t.Fatal(err)
 		}
 		if resp, body := get(t, c, p, "x", "/"); resp.StatusCode != 200 || body != "a" {
 			t.Fatalf("h2=%v: after the update: %d %q", h2, resp.StatusCode, body)
 		}
-		eventually(t, "the removed host's connection closed", func() bool { return env.pools.Conns("c") == 1 })
+		xdstest.Eventually(t, 2*time.Second, "the removed host's connection closed", func() bool { return env.pools.Conns("c") == 1 })
 		if n := hostEntries(); n != 1 {
 			t.Errorf("h2=%v: %d host entries after the removal, want 1", h2, n)
 		}

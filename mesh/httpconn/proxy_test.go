@@ -20,13 +20,15 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestHostAndPrefixRouting: one listener config, two clusters, routed by
 // Host (with and without port) and by path prefix, over HTTP/1.1 and h2c.
 func TestHostAndPrefixRouting(t *testing.T) {
 	a, b := startUpstream(t, named("a")), startUpstream(t, named("b"))
-	env := newEnv(t, staticCluster("a", a.addr), staticCluster("b", b.addr))
+	env := newEnv(t, xdstest.StaticCluster("a", a.addr), xdstest.StaticCluster("b", b.addr))
 	cfg := mustParse(t, hcm(routeConfig(
 		vhost("a", []string{"a.example", "a.example:80"}, prefixRoute("/api", "b"), prefixRoute("/", "a")),
 		vhost("b", []string{"b.example", "b.example:8080"}, prefixRoute("/", "b")),
@@ -73,7 +75,7 @@ func TestHostAndPrefixRouting(t *testing.T) {
 // TestWeightedClusters: 80/20 over 1,000 requests lands within ±5%.
 func TestWeightedClusters(t *testing.T) {
 	a, b := startUpstream(t, named("a")), startUpstream(t, named("b"))
-	env := newEnv(t, staticCluster("a", a.addr), staticCluster("b", b.addr))
+	env := newEnv(t, xdstest.StaticCluster("a", a.addr), xdstest.StaticCluster("b", b.addr))
 	r := prefixRoute("/", "")
 	routeAction(r).ClusterSpecifier = &routev3.RouteAction_WeightedClusters{WeightedClusters: &routev3.WeightedCluster{
 		Clusters: []*routev3.WeightedCluster_ClusterWeight{
@@ -140,7 +142,7 @@ func TestRetryPreviousHosts(t *testing.T) {
 		t.Errorf("upstream_rq_total = %d, want %d", v, 20+retries)
 	}
 	for _, h := range cl.Hosts() {
-		eventually(t, "host stats", func() bool { return hostStat(h, "rq_active") == 0 })
+		xdstest.Eventually(t, 2*time.Second, "host stats", func() bool { return hostStat(h, "rq_active") == 0 })
 		if h.Address() == bad.addr && hostStat(h, "rq_error") != retries {
 			t.Errorf("bad host rq_error = %d, want %d", hostStat(h, "rq_error"), retries)
 		}
@@ -150,7 +152,7 @@ func TestRetryPreviousHosts(t *testing.T) {
 	}
 
 	// Only the bad host: the retry is exhausted, 503 with URX.
-	env2 := newEnv(t, staticCluster("c", bad.addr))
+	env2 := newEnv(t, xdstest.StaticCluster("c", bad.addr))
 	p2 := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env2)
 	resp, _ := get(t, c, p2, "x", "/")
 	if resp.StatusCode != 503 {
@@ -167,7 +169,7 @@ func TestRetryConnectFailure(t *testing.T) {
 	dead := ln.Addr().(*net.TCPAddr).AddrPort()
 	ln.Close()
 	good := startUpstream(t, named("good"))
-	env := newEnv(t, staticCluster("c", dead, good.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", dead, good.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).RetryPolicy = &routev3.RetryPolicy{RetryOn: "connect-failure", NumRetries: wrapperspb.UInt32(2),
 		RetryHostPredicate: []*routev3.RetryPolicy_RetryHostPredicate{{Name: previousHostsPredicate}}}
@@ -178,7 +180,7 @@ func TestRetryConnectFailure(t *testing.T) {
 		}
 	}
 	// Without retries: 503 UF with Envoy's local reply body.
-	env2 := newEnv(t, staticCluster("c", dead))
+	env2 := newEnv(t, xdstest.StaticCluster("c", dead))
 	p2 := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env2)
 	resp, body := get(t, client(false), p2, "x", "/")
 	if resp.StatusCode != 503 || !contains(body, "reset reason: connection failure") {
@@ -217,7 +219,7 @@ func TestBlockAll(t *testing.T) {
 func TestKeepAlivePooling(t *testing.T) {
 	for _, h2up := range []bool{false, true} {
 		u := startUpstream(t, named("u"))
-		pb := staticCluster("c", u.addr)
+		pb := xdstest.StaticCluster("c", u.addr)
 		if h2up {
 			pb = withH2(pb)
 		}
@@ -296,7 +298,7 @@ func rawExchange(t *testing.T, addr, req string) string {
 // exchange goes on undisturbed.
 func TestMalformedRequests(t *testing.T) {
 	u := startUpstream(t, named("u"))
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
 
 	// A healthy keep-alive connection opened before the bad ones.
@@ -357,7 +359,7 @@ func TestDrain(t *testing.T) {
 		}
 		io.WriteString(w, "done")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	cfg := mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c")))))
 	for _, h2 := range []bool{false, true} {
 		p := startProxy(t, cfg, env)
@@ -418,7 +420,7 @@ func TestTimeouts(t *testing.T) {
 		}
 		io.WriteString(w, "ok")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r1 := prefixRoute("/short", "c")
 	routeAction(r1).Timeout = durationpb.New(100 * time.Millisecond)
 	r2 := prefixRoute("/pertry", "c")
@@ -480,7 +482,7 @@ func TestTimeouts(t *testing.T) {
 // unknown or missing one gives 503 NC.
 func TestClusterHeaderAndNoCluster(t *testing.T) {
 	a := startUpstream(t, named("a"))
-	env := newEnv(t, staticCluster("a", a.addr))
+	env := newEnv(t, xdstest.StaticCluster("a", a.addr))
 	r := prefixRoute("/hdr", "")
 	routeAction(r).ClusterSpecifier = &routev3.RouteAction_ClusterHeader{ClusterHeader: "x-cluster"}
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r, prefixRoute("/gone", "missing"))))), env)
@@ -505,7 +507,7 @@ func TestClusterHeaderAndNoCluster(t *testing.T) {
 // TestRDS: routes come from Env by name; an unknown name is 404 NR.
 func TestRDS(t *testing.T) {
 	a := startUpstream(t, named("a"))
-	env := newEnv(t, staticCluster("a", a.addr))
+	env := newEnv(t, xdstest.StaticCluster("a", a.addr))
 	h := hcm(nil)
 	h.RouteSpecifier = &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: "r1", ConfigSource: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}}
 	cfg := mustParse(t, h)
@@ -536,7 +538,7 @@ func TestCircuitBreakerMaxRequests(t *testing.T) {
 		started <- struct{}{}
 		<-release
 	})
-	pb := staticCluster("c", u.addr)
+	pb := xdstest.StaticCluster("c", u.addr)
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxRequests: wrapperspb.UInt32(1)}}}
 	env := newEnv(t, pb)
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
@@ -570,7 +572,7 @@ func TestCircuitBreakerMaxRequests(t *testing.T) {
 // x-envoy-upstream-service-time, server: server_name, attempt count.
 func TestHeadersEnvoyAdds(t *testing.T) {
 	u := startUpstream(t, named("u"))
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	v := vhost("v", []string{"*"}, prefixRoute("/", "c"))
 	v.IncludeRequestAttemptCount, v.IncludeAttemptCountInResponse = true, true
 	h := hcm(routeConfig(v))
@@ -619,7 +621,7 @@ func TestHeadersEnvoyAdds(t *testing.T) {
 // configuration levels.
 func TestRewritesAndHeaderOps(t *testing.T) {
 	u := startUpstream(t, named("u"))
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r1 := prefixRoute("/old/", "c")
 	routeAction(r1).PrefixRewrite = "/new/"
 	routeAction(r1).HostRewriteSpecifier = &routev3.RouteAction_HostRewriteLiteral{HostRewriteLiteral: "rewritten.example"}
@@ -701,9 +703,7 @@ func TestRedirect(t *testing.T) {
 // TestUnknownClusterAndNoHealthy: an empty cluster gives 503 UH with
 // Envoy's body.
 func TestNoHealthyUpstream(t *testing.T) {
-	pb := staticCluster("empty")
-	pb.LoadAssignment = nil
-	env := newEnv(t, pb)
+	env := newEnv(t, xdstest.Cluster("empty"))
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "empty"))))), env)
 	resp, body := get(t, client(false), p, "x", "/")
 	if resp.StatusCode != 503 || body != "no healthy upstream" {
@@ -732,7 +732,7 @@ func TestPostBodyRetried(t *testing.T) {
 		}
 		w.Write(b)
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).RetryPolicy = &routev3.RetryPolicy{RetryOn: "gateway-error", NumRetries: wrapperspb.UInt32(1)}
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)
@@ -761,7 +761,7 @@ func TestStreamIdleTimeout(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	h := hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))
 	h.StreamIdleTimeout = durationpb.New(100 * time.Millisecond)
 	p := startProxy(t, mustParse(t, h), env)
@@ -782,7 +782,7 @@ func TestDownstreamCancel(t *testing.T) {
 		<-r.Context().Done()
 		gotCancel <- struct{}{}
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestRequestTimeout: request_timeout bounds how long the whole request
@@ -22,7 +24,7 @@ func TestRequestTimeout(t *testing.T) {
 		}
 		io.WriteString(w, "ok")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	h := hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))
 	h.RequestTimeout = durationpb.New(200 * time.Millisecond)
 	cfg := mustParse(t, h)

@@ -18,6 +18,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 func request(host, target string, headers ...string) *http.Request {
@@ -195,7 +197,7 @@ func TestParseErrors(t *testing.T) {
 			h.GetRouteConfig().VirtualHosts[0].RequestHeadersToAdd = []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: "x", Value: "%NOPE%"}}}
 		}, "http_connection_manager.route_config.virtual_hosts[0].request_headers_to_add[0].header.value"},
 		{"unknown filter", func(h *hcmv3.HttpConnectionManager) {
-			h.HttpFilters = append([]*hcmv3.HttpFilter{{Name: "acme.filter", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&structpb.Struct{})}}}, h.HttpFilters...)
+			h.HttpFilters = append([]*hcmv3.HttpFilter{{Name: "acme.filter", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.MustAny(t, &structpb.Struct{})}}}, h.HttpFilters...)
 		}, "http_connection_manager.http_filters[0] (acme.filter): unknown HTTP filter"},
 		{"router not last", func(h *hcmv3.HttpConnectionManager) {
 			h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.cors"})
@@ -216,11 +218,11 @@ func TestParseErrors(t *testing.T) {
 	// Accepted: Istio's no-op filters, also TypedStruct-wrapped, optional
 	// unknown ones.
 	h := good()
-	ts := mustAny(&xdstype.TypedStruct{TypeUrl: "type.googleapis.com/io.istio.http.peer_metadata.Config", Value: &structpb.Struct{}})
+	ts := xdstest.MustAny(t, &xdstype.TypedStruct{TypeUrl: "type.googleapis.com/io.istio.http.peer_metadata.Config", Value: &structpb.Struct{}})
 	h.HttpFilters = append([]*hcmv3.HttpFilter{
 		{Name: "istio.metadata_exchange", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: ts}},
 		{Name: "istio.alpn"}, {Name: "envoy.filters.http.cors"}, {Name: "envoy.filters.http.grpc_stats"},
-		{Name: "istio.stats"}, {Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&faultv3.HTTPFault{})}},
+		{Name: "istio.stats"}, {Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.MustAny(t, &faultv3.HTTPFault{})}},
 		{Name: "acme.optional", IsOptional: true},
 	}, h.HttpFilters...)
 	cfg, err := ParseHCM(h)
@@ -233,7 +235,7 @@ func TestParseErrors(t *testing.T) {
 }
 
 func faultFilter(f *faultv3.HTTPFault) *hcmv3.HttpFilter {
-	return &hcmv3.HttpFilter{Name: FaultFilter, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(f)}}
+	return &hcmv3.HttpFilter{Name: FaultFilter, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.Pack(f)}}
 }
 
 func pct(n uint32) *typev3.FractionalPercent {
@@ -244,17 +246,17 @@ func pct(n uint32) *typev3.FractionalPercent {
 // the fault config in typed_per_filter_config).
 func TestFault(t *testing.T) {
 	u := startUpstream(t, named("u"))
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	delayed := prefixRoute("/delay", "c")
-	delayed.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: mustAny(&faultv3.HTTPFault{
+	delayed.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: xdstest.MustAny(t, &faultv3.HTTPFault{
 		Delay: &commonfaultv3.FaultDelay{FaultDelaySecifier: &commonfaultv3.FaultDelay_FixedDelay{FixedDelay: durationpb.New(150 * time.Millisecond)}, Percentage: pct(100)},
 	})}
 	half := prefixRoute("/half", "c")
-	half.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: mustAny(&faultv3.HTTPFault{
+	half.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: xdstest.MustAny(t, &faultv3.HTTPFault{
 		Abort: &faultv3.FaultAbort{ErrorType: &faultv3.FaultAbort_HttpStatus{HttpStatus: 503}, Percentage: pct(50)},
 	})}
 	off := prefixRoute("/off", "c")
-	off.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: mustAny(&routev3.FilterConfig{Disabled: true})}
+	off.TypedPerFilterConfig = map[string]*anypb.Any{FaultFilter: xdstest.MustAny(t, &routev3.FilterConfig{Disabled: true})}
 	// The filter-level config aborts everything with 418.
 	h := hcm(routeConfig(vhost("v", []string{"*"}, delayed, half, off, prefixRoute("/", "c"))), faultFilter(&faultv3.HTTPFault{
 		Abort: &faultv3.FaultAbort{ErrorType: &faultv3.FaultAbort_HttpStatus{HttpStatus: 418}, Percentage: pct(100)},

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestStreamIdleTimeoutStalledBody: a client that sends the headers and
@@ -19,7 +21,7 @@ func TestStreamIdleTimeoutStalledBody(t *testing.T) {
 		io.Copy(io.Discard, r.Body)
 		io.WriteString(w, "ok")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	h := hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))
 	h.StreamIdleTimeout = durationpb.New(200 * time.Millisecond)
 	cfg := mustParse(t, h)

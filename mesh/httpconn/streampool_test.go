@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
@@ -91,7 +92,7 @@ func TestPooledStreamNoLeak(t *testing.T) {
 		fmt.Fprintf(w, "%s %s cl=%d te=%v body=%q keys=%v rid=%s", r.Method, r.RequestURI, r.ContentLength, r.TransferEncoding, b, keys, r.Header.Get("X-Request-Id"))
 	})
 	for _, h2 := range []bool{false, true} {
-		pb := staticCluster("c", u.addr)
+		pb := xdstest.StaticCluster("c", u.addr)
 		if h2 {
 			pb = withH2(pb)
 		}

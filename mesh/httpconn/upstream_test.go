@@ -19,6 +19,8 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // retryAll is a policy under which every attempt may be retried, as
@@ -67,7 +69,7 @@ func TestStreamingBodyUnderRetryPolicy(t *testing.T) {
 				w.Write(first)
 				w.Write(rest)
 			})
-			pb := staticCluster("c", u.addr)
+			pb := xdstest.StaticCluster("c", u.addr)
 			if tc.up {
 				pb = withH2(pb)
 			}
@@ -145,7 +147,7 @@ func TestRetryBufferOverflow(t *testing.T) {
 		got.Store(n)
 		w.WriteHeader(503)
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	rt := prefixRoute("/", "c")
 	routeAction(rt).RetryPolicy = retryAll("5xx")
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, rt)))), env)
@@ -237,7 +239,7 @@ func TestStaleKeepAliveConnection(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := startRawUpstream(t, !tc.dropSecond, tc.dropSecond)
-			env := newEnv(t, staticCluster("c", u.addr))
+			env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 			rt := prefixRoute("/", "c")
 			if tc.retries {
 				routeAction(rt).RetryPolicy = retryAll("connect-failure")
@@ -292,7 +294,7 @@ func TestIdleCheckAllocationFree(t *testing.T) {
 		}
 	}()
 	addr := ln.Addr().(*net.TCPAddr).AddrPort()
-	env := newEnv(t, staticCluster("c", addr))
+	env := newEnv(t, xdstest.StaticCluster("c", addr))
 	cl := env.clusters["c"]
 	cp, err := env.pools.get(cl, env.opts["c"])
 	if err != nil {
@@ -312,7 +314,7 @@ func TestIdleCheckAllocationFree(t *testing.T) {
 		t.Errorf("alive allocates %v times per call", n)
 	}
 	server.Close()
-	eventually(t, "the close to be seen", func() bool { return !c.alive() })
+	xdstest.Eventually(t, 2*time.Second, "the close to be seen", func() bool { return !c.alive() })
 }
 
 // TestPendingOnlyWhileConnecting: a request that finds an idle pooled
@@ -339,7 +341,7 @@ func TestPendingOnlyWhileConnecting(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	})
-	pb := staticCluster("c", u.addr)
+	pb := xdstest.StaticCluster("c", u.addr)
 	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxPendingRequests: wrapperspb.UInt32(1)}}}
 	env := newEnv(t, pb)
 	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
@@ -370,7 +372,7 @@ func TestPendingOnlyWhileConnecting(t *testing.T) {
 	}
 	close(release)
 	wg.Wait()
-	eventually(t, "idle connections", func() bool { return clusterStat(t, cl, "upstream_rq_active") == 0 })
+	xdstest.Eventually(t, 2*time.Second, "idle connections", func() bool { return clusterStat(t, cl, "upstream_rq_active") == 0 })
 	if got := clusterStat(t, cl, "upstream_rq_pending_total"); got != n {
 		t.Fatalf("warm-up: upstream_rq_pending_total = %d, want %d", got, n)
 	}
@@ -411,7 +413,7 @@ func TestRouteIdleTimeout(t *testing.T) {
 		}
 		io.WriteString(w, "late")
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	short := prefixRoute("/short", "c")
 	routeAction(short).IdleTimeout = durationpb.New(100 * time.Millisecond)
 	long := prefixRoute("/long", "c")
@@ -455,7 +457,7 @@ func TestRouteIdleTimeout(t *testing.T) {
 // weightedStatic is a STATIC cluster whose endpoints have the given
 // load-balancing weights (ROUND_ROBIN, which is then weighted).
 func weightedStatic(name string, addrs []netip.AddrPort, weights []uint32) *clusterv3.Cluster {
-	pb := staticCluster(name, addrs...)
+	pb := xdstest.StaticCluster(name, addrs...)
 	for i, ep := range pb.LoadAssignment.Endpoints[0].LbEndpoints {
 		ep.LoadBalancingWeight = wrapperspb.UInt32(weights[i])
 	}
@@ -536,7 +538,7 @@ func TestRetriableStatusCodes(t *testing.T) {
 		}
 		w.Write(b)
 	})
-	env := newEnv(t, staticCluster("c", u.addr))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
 	r := prefixRoute("/", "c")
 	routeAction(r).RetryPolicy = &routev3.RetryPolicy{
 		RetryOn:              "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
