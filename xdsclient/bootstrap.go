@@ -16,13 +16,25 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	grpccredv3 "github.com/envoyproxy/go-control-plane/envoy/config/grpc_credential/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 )
 
 const (
 	tlsTransportSocket = "envoy.transport_sockets.tls"
 	upstreamTLSType    = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+	// FileMetadataKey is where, in the xDS server cluster's
+	// metadata.typed_filter_metadata, a bootstrap asks for a header read
+	// from a file on every stream (an Envoy FileBasedMetadataConfig, keyed
+	// by the name of Envoy's extension for it): istiod's bearer token on
+	// port 15012. Envoy carries such call credentials only on google_grpc
+	// services; meshtun's ADS client takes envoy_grpc, whose cluster holds
+	// the address and TLS, so the credential travels with that cluster. A
+	// real Envoy ignores cluster metadata it has no filter for.
+	FileMetadataKey = "envoy.grpc_credentials.file_based_metadata"
 )
 
 // FromBootstrap derives a Config from an Envoy bootstrap the way Envoy reads it:
@@ -97,6 +109,15 @@ func FromBootstrap(b *bootstrapv3.Bootstrap) (Config, error) {
 	if ts := c.GetTransportSocket(); ts != nil {
 		if cfg.TLS, err = upstreamTLS(field+".transport_socket", ts); err != nil {
 			return cfg, err
+		}
+	}
+	if a := c.GetMetadata().GetTypedFilterMetadata()[FileMetadataKey]; a != nil {
+		mfield := field + ".metadata.typed_filter_metadata[\"" + FileMetadataKey + "\"]"
+		if cfg.FileMetadata, err = fileMetadata(mfield, a); err != nil {
+			return cfg, err
+		}
+		if cfg.TLS == nil {
+			return cfg, fmt.Errorf("%s: a credential is sent over TLS only; the cluster has no transport_socket", mfield)
 		}
 	}
 	if ka := c.GetUpstreamConnectionOptions().GetTcpKeepalive(); ka != nil && ka.GetKeepaliveTime() != nil {
@@ -219,6 +240,19 @@ func upstreamTLS(field string, ts *corev3.TransportSocket) (*tls.Config, error) 
 		cfg.Certificates = append(cfg.Certificates, pair)
 	}
 	return cfg, nil
+}
+
+// fileMetadata reads a FileBasedMetadataConfig whose secret_data is a file.
+func fileMetadata(field string, a *anypb.Any) (*FileMetadata, error) {
+	var fc grpccredv3.FileBasedMetadataConfig
+	if err := a.UnmarshalTo(&fc); err != nil {
+		return nil, fmt.Errorf("%s: want a FileBasedMetadataConfig: %w", field, err)
+	}
+	f := fc.GetSecretData().GetFilename()
+	if f == "" {
+		return nil, fmt.Errorf("%s.secret_data.filename: missing (the credential is re-read from its file)", field)
+	}
+	return &FileMetadata{File: f, Key: fc.GetHeaderKey(), Prefix: fc.GetHeaderPrefix()}, nil
 }
 
 func readDataSource(field string, ds *corev3.DataSource) ([]byte, error) {

@@ -22,6 +22,29 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 )
 
+// TestFileCredsRereadEachStream: the token is read when each stream
+// starts, so a token rotated on disk is what the next stream sends; a
+// missing file fails the stream with an error naming it.
+func TestFileCredsRereadEachStream(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "istio-token")
+	c := fileCreds{FileMetadata{File: p, Prefix: "Bearer "}}
+	if _, err := c.GetRequestMetadata(t.Context()); err == nil || !strings.Contains(err.Error(), p) {
+		t.Errorf("missing token file: err = %v, want it named", err)
+	}
+	for _, tok := range []string{"first", "second"} {
+		if err := os.WriteFile(p, []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		md, err := c.GetRequestMetadata(t.Context())
+		if err != nil || len(md) != 1 || md["authorization"] != "Bearer "+tok {
+			t.Errorf("metadata = %v, %v; want authorization: Bearer %s", md, err, tok)
+		}
+	}
+	if !c.RequireTransportSecurity() {
+		t.Error("a bearer token must not go over plaintext")
+	}
+}
+
 // istioBootstrap is the xDS part of the bootstrap istio-agent writes for a sidecar
 // that talks to istiod directly (envoy-rev.json), with the fields FromBootstrap reads.
 const istioBootstrap = `{
@@ -131,6 +154,32 @@ func TestFromBootstrap(t *testing.T) {
 		}
 		if cfg.TLS == nil || cfg.TLS.ServerName != "istiod.istio-system.svc" || cfg.TLS.RootCAs == nil {
 			t.Errorf("TLS = %+v", cfg.TLS)
+		}
+
+		if cfg.FileMetadata != nil {
+			t.Errorf("FileMetadata = %+v without metadata", cfg.FileMetadata)
+		}
+
+		// istiod's token, as the agent renders it for port 15012.
+		token := `"metadata": {"typed_filter_metadata": {"envoy.grpc_credentials.file_based_metadata": {
+          "@type": "type.googleapis.com/envoy.config.grpc_credential.v3.FileBasedMetadataConfig",
+          "secret_data": {"filename": "./var/run/secrets/tokens/istio-token"}, "header_key": "authorization", "header_prefix": "Bearer "}}},
+        "typed_extension_protocol_options": {}`
+		withToken := strings.Replace(js, `"typed_extension_protocol_options": {}`, token, 1)
+		cfg, err = FromBootstrap(parseBootstrap(t, withToken))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := (FileMetadata{File: "./var/run/secrets/tokens/istio-token", Key: "authorization", Prefix: "Bearer "}); cfg.FileMetadata == nil || *cfg.FileMetadata != want {
+			t.Errorf("FileMetadata = %+v, want %+v", cfg.FileMetadata, want)
+		}
+		noFile := strings.Replace(withToken, `"secret_data": {"filename": "./var/run/secrets/tokens/istio-token"}, `, "", 1)
+		if _, err := FromBootstrap(parseBootstrap(t, noFile)); err == nil || !strings.Contains(err.Error(), `metadata.typed_filter_metadata["envoy.grpc_credentials.file_based_metadata"].secret_data.filename: missing`) {
+			t.Errorf("token without a file: err = %v", err)
+		}
+		plaintext := strings.Replace(istioBootstrap, `"typed_extension_protocol_options": {}`, token, 1)
+		if _, err := FromBootstrap(parseBootstrap(t, plaintext)); err == nil || !strings.Contains(err.Error(), "sent over TLS only") {
+			t.Errorf("token over plaintext: err = %v", err)
 		}
 
 		js = strings.Replace(js, ca, ca+".missing", 1)

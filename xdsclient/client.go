@@ -243,14 +243,17 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	if c.cfg.TLS != nil {
 		creds = credentials.NewTLS(c.cfg.TLS)
 	}
-	conn, err := grpc.NewClient(c.cfg.Server,
-		grpc.WithTransportCredentials(creds),
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if c.cfg.FileMetadata != nil {
+		opts = append(opts, grpc.WithPerRPCCredentials(fileCreds{*c.cfg.FileMetadata}))
+	}
+	conn, err := grpc.NewClient(c.cfg.Server, append(opts,
 		// gRPC dials on goroutines of its own, which may outlive the stream:
 		// they get this stream's settings, not the Client's.
 		grpc.WithContextDialer(dialer(c.cfg.Control, c.cfg.Keepalive)),
 		// istiod's responses can exceed gRPC's 4 MiB default; Envoy sets no limit.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
-	)
+	)...)
 	if err != nil {
 		return false, 0, err
 	}

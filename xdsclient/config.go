@@ -34,6 +34,10 @@ type Config struct {
 	Delta bool
 	// TLS secures the connection; nil means plaintext.
 	TLS *tls.Config
+	// FileMetadata, when set, is a header read from a file and sent on every
+	// stream (gRPC per-RPC credentials): istiod's bearer token, which
+	// Kubernetes rotates under the proxy, so it is re-read for each stream.
+	FileMetadata *FileMetadata
 	// Node identifies this proxy; it is sent on the first request of each stream
 	// (Envoy's set_node_on_first_message_only).
 	Node *corev3.Node
@@ -88,4 +92,14 @@ func (c Config) validate() error {
 		return errors.New("xdsclient: Config.InitialFetchTimeout is negative")
 	}
 	return nil
+}
+
+// FileMetadata is Envoy's envoy.grpc_credentials.file_based_metadata: the
+// contents of File, after Prefix, sent as the header Key.
+type FileMetadata struct {
+	File string
+	// Key is the header name; "authorization" when empty.
+	Key string
+	// Prefix goes before the file's contents ("Bearer " for a token).
+	Prefix string
 }
