@@ -17,6 +17,8 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	grpccredv3 "github.com/envoyproxy/go-control-plane/envoy/config/grpc_credential/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -122,6 +124,11 @@ func (in *Inputs) buildBootstrap() (*bootstrapv3.Bootstrap, error) {
 		if err != nil {
 			return nil, err
 		}
+		if in.XDSTLS != nil {
+			if err := secureXDSCluster(xds, in.XDSTLS); err != nil {
+				return nil, err
+			}
+		}
 		ads := func() *corev3.ConfigSource {
 			return &corev3.ConfigSource{
 				ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
@@ -196,6 +203,43 @@ func xdsServerCluster(addr string) (*clusterv3.Cluster, error) {
 			TcpKeepalive: &corev3.TcpKeepalive{KeepaliveTime: wrapperspb.UInt32(300)}},
 		TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2},
 	}, nil
+}
+
+// secureXDSCluster makes c speak istiod's TLS port: an UpstreamTlsContext
+// trusting the root file (by name, so a rotated istio-ca-root-cert is read
+// on the next connection) with the SNI istiod's certificate carries, and
+// the bearer token as Envoy's file-based call credentials in the
+// cluster's metadata (see xdsclient.FileMetadataKey), re-read per stream.
+//
+// Istio's own bootstrap points xds-grpc at pilot-agent's XDS proxy on the
+// UDS ./etc/istio/proxy/XDS, and the agent adds TLS and token upstream.
+// meshtun's proxy instead talks to istiod directly: one hop less, no
+// second copy of every xDS message in the agent, and the proxy's own xDS
+// client already reconnects with backoff; the agent then needs no
+// long-lived state about the proxy's xDS stream.
+func secureXDSCluster(c *clusterv3.Cluster, t *XDSTLS) error {
+	utc, err := anypb.New(&tlsv3.UpstreamTlsContext{
+		Sni: t.ServerName,
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			AlpnProtocols: []string{"h2"},
+			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+				TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: t.RootFile}}}},
+		},
+	})
+	if err != nil {
+		return err
+	}
+	tok, err := anypb.New(&grpccredv3.FileBasedMetadataConfig{
+		SecretData:   &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: t.TokenFile}},
+		HeaderKey:    "authorization",
+		HeaderPrefix: "Bearer ",
+	})
+	if err != nil {
+		return err
+	}
+	c.TransportSocket = &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: utc}}
+	c.Metadata = &corev3.Metadata{TypedFilterMetadata: map[string]*anypb.Any{xdsclient.FileMetadataKey: tok}}
+	return nil
 }
 
 // marshal renders b as the proxy reads it: JSON with Envoy's snake_case

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -11,6 +12,7 @@ import (
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 
+	"github.com/meshtun/meshtun/agent/caclient"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 )
 
@@ -72,6 +74,23 @@ type Sources struct {
 	Domain string
 	// ReadinessPort is reported as ENVOY_STATUS_PORT; default 15021.
 	ReadinessPort int
+	// RootCertFile verifies istiod on its TLS port (default Istio's
+	// ./var/run/secrets/istio/root-cert.pem, relative to the working
+	// directory as in the sidecar); TokenFile is the bearer token sent to
+	// it (default ./var/run/secrets/tokens/istio-token).
+	RootCertFile, TokenFile string
+}
+
+// SecurePort is istiod's TLS port (CA and xDS, bearer token); a discovery
+// address on it is spoken to over TLS, as pilot-agent does with
+// controlPlaneAuthPolicy MUTUAL_TLS, Istio's default. 15010 stays plaintext.
+const SecurePort = "15012"
+
+// XDSTLS is how the proxy reaches istiod's TLS port: the server verified
+// against RootFile with ServerName, and the token re-read from TokenFile
+// on every stream.
+type XDSTLS struct {
+	RootFile, ServerName, TokenFile string
 }
 
 // Inputs is everything the bootstrap and the capture exclusions are built
@@ -91,6 +110,11 @@ type Inputs struct {
 	ProxyConfig      ProxyConfig
 	ReadinessPort    int
 	NoXDS            bool
+	// XDSTLS is set when the discovery address is istiod's TLS port.
+	XDSTLS *XDSTLS
+	// env is the environment with proxyMetadata's entries filled in: the
+	// CA client's settings come from it as pilot-agent's do.
+	env map[string]string
 	// Extra is the parsed ExtraBootstrap, nil without one.
 	Extra     *bootstrapv3.Bootstrap
 	ExtraPath string
@@ -157,6 +181,12 @@ func Load(src Sources) (*Inputs, error) {
 			return nil, fmt.Errorf("discovery address: %w", err)
 		}
 		in.ProxyConfig.DiscoveryAddress = src.DiscoveryAddress
+	}
+	in.env = env
+	if !in.NoXDS {
+		if in.XDSTLS, err = xdsTLS(src, env, in.ProxyConfig.DiscoveryAddress); err != nil {
+			return nil, err
+		}
 	}
 	pc = in.ProxyConfig
 	if pc.ProxyAdminPort == pc.StatusPort || pc.ProxyAdminPort == in.ReadinessPort || pc.StatusPort == in.ReadinessPort {
@@ -361,4 +391,31 @@ func annotationSource(env map[string]string, file string) string {
 		return envAnnotsJSON
 	}
 	return "annotations"
+}
+
+// xdsTLS is the TLS to the discovery address when it is istiod's secure
+// port, else nil. ServerName is ISTIOD_SAN, else the address's host
+// ("localhost" meaning istiod.istio-system.svc), as pilot-agent's.
+func xdsTLS(src Sources, env map[string]string, addr string) (*XDSTLS, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("discovery address %q: %w", addr, err)
+	}
+	if port != SecurePort {
+		return nil, nil
+	}
+	t := &XDSTLS{RootFile: src.RootCertFile, TokenFile: src.TokenFile, ServerName: env["ISTIOD_SAN"]}
+	if t.RootFile == "" {
+		t.RootFile = caclient.DefaultRootFile
+	}
+	if t.TokenFile == "" {
+		t.TokenFile = caclient.DefaultTokenFile
+	}
+	if t.ServerName == "" {
+		t.ServerName = host
+		if host == "localhost" {
+			t.ServerName = "istiod.istio-system.svc"
+		}
+	}
+	return t, nil
 }
