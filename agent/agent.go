@@ -71,6 +71,8 @@ type agent struct {
 	capture *tun.Capture
 	sup     *supervisor
 	status  *statusServer
+	// identity is the workload certificate served over SDS; nil without.
+	identity *identity
 
 	// reloadSignals counts the SIGHUPs sent to the proxy; whether it
 	// applied them is the proxy's own server.bootstrap_reload.* stats
@@ -133,6 +135,13 @@ func Run(cfg Config, root zerolog.Logger) error {
 		return fmt.Errorf("readiness port: %w", err)
 	}
 	defer readyLn.Close()
+
+	// The SDS socket before capture too: one another server answers on
+	// stops the start with the host unchanged.
+	if a.identity, err = startIdentity(in.identity, root); err != nil {
+		return err
+	}
+	defer a.identity.stop()
 
 	if err := a.setupCapture(in); err != nil {
 		return err
@@ -288,9 +297,13 @@ func (a *agent) proxyCommand() (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-// ready is the pod's readiness: a proxy runs, is live, and has its
-// first configuration.
+// ready is the pod's readiness: the workload certificate is served (when
+// the agent has an identity), a proxy runs, is live, and has its first
+// configuration.
 func (a *agent) ready(ctx context.Context) error {
+	if err := a.identity.notReady(); err != nil {
+		return err
+	}
 	if a.sup.Pid() == 0 {
 		return errors.New("proxy not running")
 	}

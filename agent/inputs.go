@@ -79,6 +79,8 @@ type Sources struct {
 	// directory as in the sidecar); TokenFile is the bearer token sent to
 	// it (default ./var/run/secrets/tokens/istio-token).
 	RootCertFile, TokenFile string
+	// Identity is the workload certificate's source and SDS socket.
+	Identity IdentityOptions
 }
 
 // SecurePort is istiod's TLS port (CA and xDS, bearer token); a discovery
@@ -112,6 +114,10 @@ type Inputs struct {
 	NoXDS            bool
 	// XDSTLS is set when the discovery address is istiod's TLS port.
 	XDSTLS *XDSTLS
+	// IdentityMode is the workload identity decided (IdentityCA,
+	// IdentityFiles or IdentityNone).
+	IdentityMode string
+	identity     *identityPlan
 	// env is the environment with proxyMetadata's entries filled in: the
 	// CA client's settings come from it as pilot-agent's do.
 	env map[string]string
@@ -188,6 +194,10 @@ func Load(src Sources) (*Inputs, error) {
 			return nil, err
 		}
 	}
+	if in.identity, err = planIdentity(src.Identity, src, in); err != nil {
+		return nil, err
+	}
+	in.IdentityMode = in.identity.mode
 	pc = in.ProxyConfig
 	if pc.ProxyAdminPort == pc.StatusPort || pc.ProxyAdminPort == in.ReadinessPort || pc.StatusPort == in.ReadinessPort {
 		return nil, fmt.Errorf("%s: proxyAdminPort %d, statusPort %d and the readiness port %d must differ",

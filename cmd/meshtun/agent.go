@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/meshtun/meshtun/agent"
+	"github.com/meshtun/meshtun/agent/caclient"
+	"github.com/meshtun/meshtun/agent/sds"
 	"github.com/meshtun/meshtun/internal/logging"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
 	"github.com/meshtun/meshtun/tun"
@@ -28,6 +30,11 @@ func agentSources(fs *flag.FlagSet, src *agent.Sources, out *string) {
 	fs.StringVar(&src.AnnotationsFile, "pod-annotations-file", agent.DefaultAnnotationsFile, "downward-API pod annotations, incl. traffic.sidecar.istio.io/*; ignored if missing; watched")
 	fs.StringVar(&src.Domain, "domain", "", "DNS domain of the node id (default <namespace>.svc.cluster.local)")
 	fs.IntVar(&src.ReadinessPort, "readiness-port", 15021, "port of /healthz/ready (Istio's ENVOY_STATUS_PORT)")
+	fs.StringVar(&src.Identity.Mode, "identity", "", `workload certificate: "ca" (istiod's CA at $CA_ADDR, default the discovery address), "files" (mounted in --cert-dir, as FILE_MOUNTED_CERTS=true) or "none"; default: files if FILE_MOUNTED_CERTS=true, ca if $CA_ADDR is set or the discovery address is on istiod's TLS port 15012, else none`)
+	fs.StringVar(&src.RootCertFile, "ca-root-file", caclient.DefaultRootFile, "root certificate istiod's TLS port 15012 (CA and xDS) is verified against")
+	fs.StringVar(&src.TokenFile, "token-file", caclient.DefaultTokenFile, "bearer token sent to istiod's TLS port (CA and xDS), re-read on every call")
+	fs.StringVar(&src.Identity.SocketPath, "sds-socket", sds.DefaultSocketPath, "Unix socket where SDS serves the workload certificate (default and ROOTCA)")
+	fs.StringVar(&src.Identity.CertDir, "cert-dir", "/etc/certs", "with --identity files: the folder of cert-chain.pem, key.pem and root-cert.pem")
 }
 
 // runAgent is `meshtun agent`: pilot-agent. Subcommands `wait` and
