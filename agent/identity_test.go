@@ -11,9 +11,9 @@ import (
 	"testing"
 	"time"
 
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -32,8 +32,8 @@ func TestIdentityMode(t *testing.T) {
 	root := writeRoot(t)
 	for _, tc := range []struct {
 		name, addr, mode string
-		env            []string
-		want, wantErr  string
+		env              []string
+		want, wantErr    string
 	}{
 		{name: "plaintext 15010", addr: "istiod.istio-system.svc:15010", want: IdentityNone},
 		{name: "TLS 15012", addr: "istiod.istio-system.svc:15012", want: IdentityCA},
