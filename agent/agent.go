@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/meshtun/meshtun/internal/logging"
+	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/tun"
 )
 
@@ -138,7 +139,7 @@ func Run(cfg Config, root zerolog.Logger) error {
 
 	// The SDS socket before capture too: one another server answers on
 	// stops the start with the host unchanged.
-	if a.identity, err = startIdentity(in.identity, root); err != nil {
+	if a.identity, err = startIdentity(in.identity, (&upstream.Dialer{Mark: cfg.Capture.Mark}).Control, root); err != nil {
 		return err
 	}
 	defer a.identity.stop()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"syscall"
 
 	"github.com/rs/zerolog"
 
@@ -123,7 +124,9 @@ type identity struct {
 
 // startIdentity opens the SDS socket and starts the source; nil when the
 // plan is none. An SDS socket another server answers on is an error.
-func startIdentity(p *identityPlan, root zerolog.Logger) (*identity, error) {
+//
+// control marks the CA client's sockets so they bypass capture.
+func startIdentity(p *identityPlan, control func(network, address string, c syscall.RawConn) error, root zerolog.Logger) (*identity, error) {
 	if p == nil || p.mode == IdentityNone {
 		return nil, nil
 	}
@@ -138,6 +141,7 @@ func startIdentity(p *identityPlan, root zerolog.Logger) (*identity, error) {
 	case IdentityCA:
 		co := p.ca
 		co.Log = logging.Component(root, "caclient")
+		co.Control = control
 		c, err := caclient.New(co)
 		if err != nil {
 			srv.Close()

@@ -157,7 +157,7 @@ func TestIdentityFromCA(t *testing.T) {
 		if in.IdentityMode != IdentityCA {
 			t.Fatalf("identity %q with CA_ADDR set", in.IdentityMode)
 		}
-		id, err := startIdentity(in.identity, zerolog.Nop())
+		id, err := startIdentity(in.identity, nil, zerolog.Nop())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -60,7 +61,12 @@ type Options struct {
 	InitialBackoff, MaxBackoff time.Duration
 	// CallTimeout bounds one CreateCertificate call (10 s).
 	CallTimeout time.Duration
-	Log         zerolog.Logger
+	// Control, when set, is called on every socket before it connects
+	// (net.Dialer.Control): the agent sets the capture bypass mark there,
+	// since its own connection to the CA must not be captured into the
+	// pod's proxy (pilot-agent is kept out by running as UID 1337).
+	Control func(network, address string, c syscall.RawConn) error
+	Log     zerolog.Logger
 }
 
 // OptionsFromEnv reads pilot-agent's environment variables: CA_ADDR
@@ -232,8 +238,15 @@ func (c *Client) Fetch(ctx context.Context) (*Identity, error) {
 		return nil, fmt.Errorf("CA root file %s: no PEM certificate", c.o.RootFile)
 	}
 	tc := &tls.Config{RootCAs: pool, ServerName: c.o.ServerName, MinVersion: tls.VersionTLS12}
-	conn, err := grpc.NewClient(c.o.Addr, grpc.WithTransportCredentials(credentials.NewTLS(tc)),
-		grpc.WithPerRPCCredentials(tokenCreds{file: c.o.TokenFile, clusterID: c.o.ClusterID}))
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithPerRPCCredentials(tokenCreds{file: c.o.TokenFile, clusterID: c.o.ClusterID})}
+	if c.o.Control != nil {
+		d := net.Dialer{Control: c.o.Control}
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", addr)
+		}))
+	}
+	conn, err := grpc.NewClient(c.o.Addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("CA at %s: %v", c.o.Addr, err)
 	}

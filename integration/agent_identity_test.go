@@ -1,0 +1,132 @@
+//go:build linux
+
+package integration
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// identityAgent starts `meshtun controlplane` with its CA on GwV4:15012
+// and `meshtun agent` in the pod, its discovery address on that TLS port,
+// with token as its istio-token; it returns the agent, the token file and
+// the SDS socket.
+func identityAgent(t *testing.T, topo *topology, token func(state string) string) (*agentRun, string, string) {
+	t.Helper()
+	cp := startMeshtunControlPlane(t, topo, registryDoc(), "--secure-address", ap(topo.GwV4, 15012))
+	state := filepath.Dir(cp.tokenFile)
+	dir := t.TempDir()
+	tokenFile, socket := filepath.Join(dir, "tokens", "istio-token"), filepath.Join(dir, "workload-spiffe-uds", "socket")
+	if err := os.MkdirAll(filepath.Dir(tokenFile), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(tokenFile, []byte(token(state)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ag := startAgentNoWait(t, topo, agentEnv("ECC_SIGNATURE_ALGORITHM=ECDSA"), "--discovery-address", ap(topo.GwV4, 15012),
+		"--ca-root-file", filepath.Join(state, "ca", "root-cert.pem"), "--token-file", tokenFile, "--sds-socket", socket)
+	return ag, tokenFile, socket
+}
+
+// untilReadiness polls /healthz/ready until cond holds on its answer,
+// failing after d with the last one.
+func untilReadiness(t *testing.T, topo *topology, ag *agentRun, d time.Duration, what string, cond func(int, string) bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		code, body := readiness(topo)
+		if cond(code, body) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("readiness not %s after %v: %d %s; agent log:\n%s", what, d, code, body, strings.Join(ag.logLines(), "\n"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestAgentIdentityFromControlPlane is issue 13's test 2 on the agent: with
+// a token minted for default/app, the agent gets from the control plane's
+// CA (port 15012, TLS) a certificate whose only SAN is the token's SPIFFE
+// ID and serves it over SDS, its proxy gets its configuration by ADS over
+// the same TLS port with the same token, and the pod is ready.
+func TestAgentIdentityFromControlPlane(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	ag, _, socket := identityAgent(t, topo, func(state string) string {
+		code, tok, stderr := meshtunCmd(t, topo.Services, "controlplane", "token", "--namespace", "default", "--service-account", "app", "--state-dir", state)
+		if code != 0 {
+			t.Fatalf("controlplane token: %d %s", code, stderr)
+		}
+		return strings.TrimSpace(tok)
+	})
+	// Ready needs the certificate and the proxy's first LDS and CDS, which
+	// only ADS over 15012 can bring.
+	untilReadiness(t, topo, ag, 20*time.Second, "200", func(code int, _ string) bool { return code == 200 })
+
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := secretv3.NewSecretDiscoveryServiceClient(conn).StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+		ResourceNames: []string{"default"}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatalf("SDS default: %v", err)
+	}
+	if len(resp.GetResources()) != 1 {
+		t.Fatalf("SDS default: %d resources", len(resp.GetResources()))
+	}
+	var s tlsv3.Secret
+	if err := resp.GetResources()[0].UnmarshalTo(&s); err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(s.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+	if s.GetName() != "default" || blk == nil || len(s.GetTlsCertificate().GetPrivateKey().GetInlineBytes()) == 0 {
+		t.Fatalf("SDS default: %v", &s)
+	}
+	leaf, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != "spiffe://cluster.local/ns/default/sa/app" || len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
+		t.Errorf("leaf SANs: URIs %v DNS %v IPs %v; want only spiffe://cluster.local/ns/default/sa/app", leaf.URIs, leaf.DNSNames, leaf.IPAddresses)
+	}
+}
+
+// TestAgentIdentityBadToken is issue 13's test 3, bad token: readiness
+// says the CA rejected the token and names the file, and so does the log;
+// the pod is not ready.
+func TestAgentIdentityBadToken(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	ag, tokenFile, _ := identityAgent(t, topo, func(string) string { return "mt1.not.a-token" })
+	want := "secret default not issued yet: CA rejected the token (file " + tokenFile
+	untilReadiness(t, topo, ag, 15*time.Second, "the token's rejection", func(code int, body string) bool {
+		return code == 503 && strings.Contains(body, want)
+	})
+	if !ag.waitLine(func(l string) bool { return strings.Contains(l, "CA rejected the token (file "+tokenFile) }, 5*time.Second) {
+		t.Errorf("the agent's log does not say the CA rejected %s:\n%s", tokenFile, strings.Join(ag.logLines(), "\n"))
+	}
+}
