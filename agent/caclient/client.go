@@ -59,6 +59,9 @@ type Options struct {
 	// InitialBackoff doubles after each failure up to MaxBackoff (1 s and
 	// 30 s by default); the client never gives up.
 	InitialBackoff, MaxBackoff time.Duration
+	// MaxBackoffUnready bounds the wait instead while no certificate is
+	// in force (1 s, or MaxBackoff if lower): see retryWait.
+	MaxBackoffUnready time.Duration
 	// CallTimeout bounds one CreateCertificate call (10 s).
 	CallTimeout time.Duration
 	// Control, when set, is called on every socket before it connects
@@ -162,6 +165,10 @@ func New(o Options) (*Client, error) {
 	if o.MaxBackoff < o.InitialBackoff {
 		o.MaxBackoff = max(30*time.Second, o.InitialBackoff)
 	}
+	if o.MaxBackoffUnready <= 0 {
+		o.MaxBackoffUnready = time.Second
+	}
+	o.MaxBackoffUnready = min(o.MaxBackoffUnready, o.MaxBackoff)
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 10 * time.Second
 	}
@@ -202,9 +209,7 @@ func (c *Client) Run(ctx context.Context) {
 				cur = nil
 				c.o.Log.Error().Msg("workload certificate expired and no new one could be issued")
 			}
-			if cur != nil {
-				wait = min(wait, time.Until(cur.NotAfter))
-			}
+			wait = c.retryWait(wait, cur, time.Now())
 			c.o.Log.Warn().Err(err).Dur("retry_in", wait).Msg("certificate request failed")
 		}
 		t := time.NewTimer(max(wait, 0))
@@ -215,6 +220,18 @@ func (c *Client) Run(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// retryWait bounds the backoff wait after a failure: with a certificate
+// in force, by its expiry (one more try before it lapses); without one, by
+// MaxBackoffUnready, since the pod is not ready until a certificate
+// comes and must follow a CA coming back within about a second, while a
+// pod that serves can let the wait grow to MaxBackoff.
+func (c *Client) retryWait(backoff time.Duration, cur *Identity, now time.Time) time.Duration {
+	if cur != nil {
+		return min(backoff, cur.NotAfter.Sub(now))
+	}
+	return min(backoff, c.o.MaxBackoffUnready)
 }
 
 // rotateAt is when id is re-issued: with grace = (ratio ± jitter) ×

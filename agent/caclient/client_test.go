@@ -396,3 +396,36 @@ func TestOptionsFromEnv(t *testing.T) {
 		t.Errorf("localhost server name %q", cl.o.ServerName)
 	}
 }
+
+// TestRetryWaitUnready: without a certificate the backoff is capped at
+// MaxBackoffUnready (a pod waiting to be ready follows a CA coming back
+// within about a second); with one, it may grow to MaxBackoff but never
+// past the certificate's expiry.
+func TestRetryWaitUnready(t *testing.T) {
+	c, err := New(Options{Namespace: "ns", ServiceAccount: "sa", MaxBackoff: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	if got := c.retryWait(16*time.Second, nil, now); got != time.Second {
+		t.Errorf("no certificate: wait %v, want 1s", got)
+	}
+	if got := c.retryWait(500*time.Millisecond, nil, now); got != 500*time.Millisecond {
+		t.Errorf("no certificate, short backoff: wait %v, want 500ms", got)
+	}
+	cur := &Identity{NotAfter: now.Add(time.Hour)}
+	if got := c.retryWait(16*time.Second, cur, now); got != 16*time.Second {
+		t.Errorf("certificate in force: wait %v, want the backoff 16s", got)
+	}
+	cur.NotAfter = now.Add(3 * time.Second)
+	if got := c.retryWait(16*time.Second, cur, now); got != 3*time.Second {
+		t.Errorf("certificate expiring: wait %v, want 3s (its expiry)", got)
+	}
+	low, err := New(Options{Namespace: "ns", ServiceAccount: "sa", InitialBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := low.retryWait(time.Second, nil, now); got != 200*time.Millisecond {
+		t.Errorf("MaxBackoff below 1s: wait %v, want 200ms", got)
+	}
+}
