@@ -9,12 +9,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -128,5 +129,59 @@ func TestAgentIdentityBadToken(t *testing.T) {
 	})
 	if !ag.waitLine(func(l string) bool { return strings.Contains(l, "CA rejected the token (file "+tokenFile) }, 5*time.Second) {
 		t.Errorf("the agent's log does not say the CA rejected %s:\n%s", tokenFile, strings.Join(ag.logLines(), "\n"))
+	}
+}
+
+// startCA runs a second `meshtun controlplane` in the services namespace
+// as the CA only (its ADS ports unused) on GwV4:15012, keeping its root in
+// state, and waits until its TLS port serves.
+func startCA(t *testing.T, topo *topology, state string) *proxyProc {
+	t.Helper()
+	args := []string{"netns", "exec", topo.Services, meshtunBin(t), "controlplane", "--log-format", "json", "--log-level", "debug",
+		"--registry", "", "--state-dir", state, "--xds-address", ap(topo.GwV4, 15011), "--api-address", "127.0.0.1:15015",
+		"--secure-address", ap(topo.GwV4, 15012)}
+	p := startProc(t, "meshtun controlplane (CA)", args, nil, syscall.SIGTERM)
+	if !p.waitLine(func(l string) bool { return strings.HasPrefix(logMessage(l), "CA and ADS over TLS ready") }, 10*time.Second) {
+		t.Fatalf("CA not ready after 10s (exited: %v %v); log:\n%s", p.exited(), p.waitErr, strings.Join(p.logLines(), "\n"))
+	}
+	return p
+}
+
+// TestAgentIdentityCADownAtStart is issue 13's test 3, CA down at start:
+// the agent (xDS on plaintext 15010, CA_ADDR on the CA's 15012) is not
+// ready and names the missing secret while the CA is down, and is ready
+// within 2 s of the CA coming up.
+func TestAgentIdentityCADownAtStart(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startMeshtunControlPlane(t, topo, registryDoc(), "--secure-address", "off")
+	state := filepath.Join(t.TempDir(), "ca-state")
+	startCA(t, topo, state).stop() // its root, kept in state, is the agent's root-cert.pem
+	code, tok, stderr := meshtunCmd(t, topo.Services, "controlplane", "token", "--namespace", "default", "--service-account", "app", "--state-dir", state)
+	if code != 0 {
+		t.Fatalf("controlplane token: %d %s", code, stderr)
+	}
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "istio-token")
+	if err := os.WriteFile(tokenFile, []byte(strings.TrimSpace(tok)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ag := startAgentNoWait(t, topo, agentEnv("ECC_SIGNATURE_ALGORITHM=ECDSA", "CA_ADDR="+ap(topo.GwV4, 15012)),
+		"--discovery-address", ap(topo.GwV4, 15010), "--ca-root-file", filepath.Join(state, "ca", "root-cert.pem"),
+		"--token-file", tokenFile, "--sds-socket", filepath.Join(dir, "socket"))
+	untilReadiness(t, topo, ag, 15*time.Second, "waiting for the certificate", func(code int, body string) bool {
+		return code == 503 && strings.HasPrefix(body, "secret default not issued yet: CA at "+ap(topo.GwV4, 15012))
+	})
+	// Several failed attempts: the backoff would have grown past 2 s.
+	time.Sleep(4 * time.Second)
+	if code, body := readiness(topo); code != 503 || !strings.Contains(body, "secret default not issued yet") {
+		t.Fatalf("readiness with the CA down: %d %s", code, body)
+	}
+
+	startCA(t, topo, state)
+	up := time.Now()
+	untilReadiness(t, topo, ag, 10*time.Second, "200", func(code int, _ string) bool { return code == 200 })
+	if took := time.Since(up); took > 2*time.Second {
+		t.Errorf("ready %v after the CA came up, want within 2s", took.Round(time.Millisecond))
 	}
 }
