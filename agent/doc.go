@@ -18,4 +18,11 @@
 // checks it), merged Prometheus metrics on :15020, `meshtun agent wait`
 // for holdApplicationUntilProxyStarts, and graceful termination (the
 // proxy drains active flows for terminationDrainDuration).
+//
+// It gives the pod its workload identity (identity.go): the CA client
+// (agent/caclient) or the mounted /etc/certs feed the SDS server
+// (agent/sds) on Istio's socket, and readiness waits for the certificate.
+// With the discovery address on istiod's TLS port the proxy's xDS
+// connection carries TLS and the bearer token (bootstrap.go,
+// secureXDSCluster).
 package agent
