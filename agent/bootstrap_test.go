@@ -191,7 +191,7 @@ func lineDiff(a, b string) string {
 }
 
 func env(overrides ...string) []string {
-	base := []string{"POD_NAME=app", "POD_NAMESPACE=default", "INSTANCE_IP=10.0.0.2"}
+	base := []string{"POD_NAME=app", "POD_NAMESPACE=default", "INSTANCE_IP=10.0.0.2", "SERVICE_ACCOUNT=app"}
 	out := []string{}
 	for _, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")

@@ -86,7 +86,7 @@ func TestProxyConfigIstioFields(t *testing.T) {
 	var msgs []*meshconfig.ProxyConfig
 	for _, tc := range []struct{ name, doc string }{{"JSON", istioProxyConfigJSON}, {"YAML", istioProxyConfigYAML}} {
 		t.Run(tc.name, func(t *testing.T) {
-			in, err := Load(Sources{Environ: env("PROXY_CONFIG=" + tc.doc)})
+			in, err := Load(Sources{Environ: env("PROXY_CONFIG=" + tc.doc), RootCertFile: writeRoot(t)}) // 15012: TLS to istiod
 			if err != nil {
 				t.Fatalf("Istio's ProxyConfig rejected: %v", err)
 			}
