@@ -2,6 +2,9 @@ package agent
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"net"
@@ -204,6 +207,88 @@ func TestIdentityFromCA(t *testing.T) {
 		err := id.notReady()
 		if err == nil || !strings.HasPrefix(err.Error(), "secret default not issued yet: CA rejected the token (file "+tokenFile) {
 			t.Errorf("readiness: %v; want the missing secret, the CA's refusal and the token file", err)
+		}
+	})
+}
+
+// TestIdentityFromFiles: with FILE_MOUNTED_CERTS=true the mounted
+// cert-chain.pem, key.pem and root-cert.pem are served over SDS (ROOTCA =
+// root-cert.pem); missing files keep the pod not ready, naming the secret
+// and the file.
+func TestIdentityFromFiles(t *testing.T) {
+	dir := t.TempDir()
+	auth, err := ca.LoadOrCreate(dir, "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := auth.Sign(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csr}), "spiffe://cluster.local/ns/ns1/sa/sa1", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs := filepath.Join(t.TempDir(), "certs")
+	env := []string{"POD_NAME=app", "POD_NAMESPACE=ns1", "INSTANCE_IP=10.0.0.2", "SERVICE_ACCOUNT=sa1", "FILE_MOUNTED_CERTS=true"}
+	start := func(t *testing.T) (*identity, string) {
+		socket := filepath.Join(t.TempDir(), "socket")
+		in, err := Load(Sources{Environ: env, DiscoveryAddress: "10.0.0.9:15010", Identity: IdentityOptions{CertDir: certs, SocketPath: socket}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if in.IdentityMode != IdentityFiles {
+			t.Fatalf("identity %q with FILE_MOUNTED_CERTS=true", in.IdentityMode)
+		}
+		id, err := startIdentity(in.identity, nil, zerolog.Nop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { id.stop() })
+		return id, socket
+	}
+
+	t.Run("missing", func(t *testing.T) {
+		id, _ := start(t)
+		xdstest.Eventually(t, 10*time.Second, "the load error", func() bool { return id.src.Err() != nil })
+		err := id.notReady()
+		if err == nil || !strings.HasPrefix(err.Error(), "secret default not loaded yet:") || !strings.Contains(err.Error(), filepath.Join(certs, "cert-chain.pem")) {
+			t.Errorf("readiness: %v; want the secret and the missing file named", err)
+		}
+	})
+
+	t.Run("served", func(t *testing.T) {
+		if err := os.MkdirAll(certs, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for name, b := range map[string][]byte{
+			"cert-chain.pem": []byte(strings.Join(chain, "")),
+			"key.pem":        pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
+			"root-cert.pem":  auth.RootPEM(),
+		} {
+			if err := os.WriteFile(filepath.Join(certs, name), b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		id, socket := start(t)
+		xdstest.Eventually(t, 10*time.Second, "the certificate served", func() bool { return id.notReady() == nil })
+		if got := fetchSecret(t, socket, sds.WorkloadCert).GetTlsCertificate().GetCertificateChain().GetInlineBytes(); string(got) != strings.Join(chain, "") {
+			t.Errorf("default chain:\n%s\nwant cert-chain.pem", got)
+		}
+		want, err := sds.TrustBundle(auth.RootPEM())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := fetchSecret(t, socket, sds.RootCA).GetValidationContext().GetTrustedCa().GetInlineBytes(); string(got) != string(want) {
+			t.Errorf("ROOTCA:\n%s\nwant root-cert.pem:\n%s", got, want)
 		}
 	})
 }
