@@ -262,18 +262,22 @@ func (s *source) stopXDS() {
 // applied changes nothing, the xDS client included. The outcome is
 // counted in the admin stats.
 func (s *source) Reload() error {
-	if err := s.reload(); err != nil {
+	xdsRestarted, err := s.reload()
+	if err != nil {
 		s.rejected.Add(1)
 		return err
 	}
+	// Counted before it is logged: whoever reads the line and then the
+	// counter (the agent, a test) sees the reload counted.
 	s.reloaded.Add(1)
+	s.log.Info().Str("bootstrap", s.path).Bool("xds_restarted", xdsRestarted).Msg("bootstrap reloaded")
 	return nil
 }
 
-func (s *source) reload() error {
+func (s *source) reload() (xdsRestarted bool, err error) {
 	b, xcfg, err := s.load()
 	if err != nil {
-		return err
+		return false, err
 	}
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
@@ -295,7 +299,7 @@ func (s *source) reload() error {
 	}
 	s.applyMu.Unlock()
 	if err != nil {
-		return err // the client was not touched: nothing to roll back
+		return false, err // the client was not touched: nothing to roll back
 	}
 
 	switch {
@@ -307,10 +311,9 @@ func (s *source) reload() error {
 		err = s.client.Load().Reconfigure(s.clientConfig(*xcfg))
 	}
 	if err != nil {
-		return fmt.Errorf("bootstrap %s: static resources applied, but the xDS client keeps its previous settings: %w", s.path, err)
+		return false, fmt.Errorf("bootstrap %s: static resources applied, but the xDS client keeps its previous settings: %w", s.path, err)
 	}
-	s.log.Info().Str("bootstrap", s.path).Bool("xds_restarted", restart && xcfg != nil).Msg("bootstrap reloaded")
-	return nil
+	return restart && xcfg != nil, nil
 }
 
 // xdsCluster is the static cluster that says where the control plane is.
