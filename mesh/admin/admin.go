@@ -247,7 +247,7 @@ func (s *Server) clusters(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "%s::eds_service_name::%s\n", n, e)
 		}
 		for _, h := range hostsByPriority(c) {
-			hp := fmt.Sprintf("%s::%s", n, h.Address())
+			hp := fmt.Sprintf("%s::%s", n, h) // a pipe host prints its path, as Envoy
 			for _, st := range h.Stats() {
 				fmt.Fprintf(w, "%s::%s::%d\n", hp, st.Name, st.Value)
 			}
@@ -288,9 +288,13 @@ func clusterStatus(c *cluster.Cluster) *adminv3.ClusterStatus {
 	}
 	for _, h := range hostsByPriority(c) {
 		a := h.Address()
+		addr := &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())}}}}
+		if p := h.Pipe(); p != "" {
+			addr = &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: p}}}
+		}
 		hs := &adminv3.HostStatus{
-			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-				Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())}}}},
+			Address:      addr,
 			HealthStatus: &adminv3.HostHealthStatus{EdsHealthStatus: h.HealthStatus()},
 			Weight:       h.Weight(),
 			Hostname:     h.Hostname(),
