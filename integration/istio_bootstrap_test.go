@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"io/fs"
@@ -27,10 +28,13 @@ import (
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/proto"
 
+	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/meshtun/meshtun/agent/sds"
 	"github.com/meshtun/meshtun/internal/xdstest"
@@ -170,7 +174,9 @@ func testIdentity(t *testing.T, spiffeID string) (sds.Identity, *big.Int) {
 // ADS on the xds-grpc pipe (as pilot-agent's xDS proxy serves it) and
 // meshtun's SDS server on the sds-grpc pipe serving default and ROOTCA;
 // istiod's own listeners, clusters, endpoints and routes arrive and are
-// ACKed, /ready turns LIVE, and the proxy stays up.
+// ACKed, /ready turns LIVE, the proxy fetches default and ROOTCA (which
+// istiod's clusters reference) over SDS for /certs and /config_dump, and it
+// stays up.
 func TestIstioBootstrap(t *testing.T) {
 	requireRoot(t)
 	requireIstioFixtures(t)
@@ -189,7 +195,8 @@ func TestIstioBootstrap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
-	id, _ := testIdentity(t, "spiffe://cluster.local/ns/default/sa/app")
+	const spiffeID = "spiffe://cluster.local/ns/default/sa/app"
+	id, serial := testIdentity(t, spiffeID)
 	if err := srv.Update(id); err != nil {
 		t.Fatal(err)
 	}
@@ -217,6 +224,52 @@ func TestIstioBootstrap(t *testing.T) {
 			t.Errorf("/clusters lacks %q", want)
 		}
 	}
+
+	// istiod's clusters reference default and ROOTCA over sds-grpc (in
+	// transport_socket_matches): the proxy fetches them from the agent's
+	// SDS socket; /certs shows the workload certificate, /config_dump the
+	// secrets with the key redacted.
+	wantSerial := hex.EncodeToString(serial.Bytes())
+	var certs adminv3.Certificates
+	xdstest.Eventually(t, 10*time.Second, "/certs with the workload certificate", func() bool {
+		certs.Reset()
+		if protojson.Unmarshal([]byte(adminGet(t, topo, "/certs")), &certs) != nil {
+			return false
+		}
+		for _, c := range certs.GetCertificates() {
+			for _, d := range c.GetCertChain() {
+				if d.GetSerialNumber() == wantSerial && len(d.GetSubjectAltNames()) == 1 &&
+					d.GetSubjectAltNames()[0].GetUri() == spiffeID && len(c.GetCaCert()) == 1 {
+					return true
+				}
+			}
+		}
+		return false
+	})
+	cd := &adminv3.ConfigDump{}
+	if err := protojson.Unmarshal([]byte(adminGet(t, topo, "/config_dump")), cd); err != nil {
+		t.Fatalf("/config_dump: %v", err)
+	}
+	last := cd.GetConfigs()[len(cd.GetConfigs())-1]
+	sd := &adminv3.SecretsConfigDump{}
+	if err := last.UnmarshalTo(sd); err != nil {
+		t.Fatalf("/config_dump's last section is %s, want SecretsConfigDump: %v", last.GetTypeUrl(), err)
+	}
+	got := map[string]string{}
+	for _, ds := range sd.GetDynamicActiveSecrets() {
+		sec := &tlsv3.Secret{}
+		if err := ds.GetSecret().UnmarshalTo(sec); err != nil {
+			t.Fatal(err)
+		}
+		got[ds.GetName()] = string(sec.GetTlsCertificate().GetPrivateKey().GetInlineBytes())
+	}
+	if k, ok := got["default"]; !ok || k != "[redacted]" {
+		t.Errorf("secrets dump: default's key %q (present %v), want [redacted]", k, ok)
+	}
+	if _, ok := got["ROOTCA"]; !ok {
+		t.Errorf("secrets dump lacks ROOTCA: %v", got)
+	}
+
 	time.Sleep(time.Second)
 	if px.exited() {
 		t.Fatalf("proxy exited: %v", px.waitErr)

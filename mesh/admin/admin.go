@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/meshtun/meshtun/mesh"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/xdsclient"
 )
@@ -52,6 +53,9 @@ type Server struct {
 	// xDS that are not in force yet (nil: none), for /config_dump's
 	// warming states.
 	Warming func() *xdsclient.Warming
+	// Secrets, when set, is the proxy's SDS secret store, for /certs and
+	// /config_dump's secrets.
+	Secrets *secrets.Store
 	// Concurrency is reported as server.concurrency.
 	Concurrency int
 	// Drain stops listeners taking new flows (/drain_listeners).
@@ -76,6 +80,7 @@ type endpoint struct {
 
 func (s *Server) endpoints() []endpoint {
 	return []endpoint{
+		{"/certs", "print certs on machine", false, s.certs},
 		{"/clusters", "upstream cluster status", false, s.clusters},
 		{"/config_dump", "dump current Envoy configs (resource=, name_regex=, include_eds)", false, s.configDump},
 		{"/drain_listeners", "drain listeners (inboundonly, graceful)", true, s.drainListeners},
@@ -149,6 +154,16 @@ func format(w http.ResponseWriter, r *http.Request, choices ...string) (string, 
 	}
 	http.Error(w, fmt.Sprintf("format=%s: unknown format; want text or %s", f, strings.Join(choices, " or ")), http.StatusBadRequest)
 	return "", false
+}
+
+// certs serves /certs: Envoy's envoy.admin.v3.Certificates of the secrets
+// the configuration references (empty without a secret store).
+func (s *Server) certs(w http.ResponseWriter, r *http.Request) {
+	out := &adminv3.Certificates{}
+	if s.Secrets != nil {
+		out = s.Secrets.Certificates(time.Now())
+	}
+	writeProto(w, out)
 }
 
 func writeProto(w http.ResponseWriter, m proto.Message) {
