@@ -28,8 +28,8 @@ import (
 	"time"
 
 	"github.com/meshtun/meshtun/mesh"
-	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
