@@ -35,6 +35,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/admin"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 	"github.com/meshtun/meshtun/tun"
@@ -203,7 +204,7 @@ func New(cfg Config) (*Proxy, error) {
 	p.pools = httpconn.NewPools()
 	p.src = &source{
 		path: cfg.Bootstrap, root: cfg.Log, log: p.log, drain: cfg.DrainDuration,
-		control: dialer.Control, version: cfg.Version, srv: p.srv,
+		control: dialer.Control, version: cfg.Version, srv: p.srv, secrets: secrets.NewStore(),
 		opts: mesh.BuildOptions{
 			Roles:   mesh.Roles{OutboundPort: cfg.OutboundPort, InboundPort: cfg.InboundPort},
 			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(cfg.Log, "upstream")},
@@ -312,6 +313,7 @@ func (p *Proxy) stopConfig(exitBy time.Time) {
 		p.adminHTTP.Close()
 	}
 	p.src.stop(exitBy)
+	p.src.closeSecrets()
 	p.srv.Close()
 	if s := p.dispatcher.Snapshot(); s != nil {
 		s.Retire(nil)
@@ -324,6 +326,7 @@ func (p *Proxy) newAdmin() *admin.Server {
 	return &admin.Server{
 		D: p.dispatcher, Start: time.Now(), Extra: p.Stats, Bootstrap: p.src.Bootstrap, Initialized: p.src.Initialized,
 		Warming:     p.src.Warming,
+		Secrets:     p.src.secrets,
 		Concurrency: max(1, p.cfg.Concurrency),
 		// The listeners drain (HTTP connections told to close); with
 		// ?graceful they take new flows for the drain duration, after

@@ -10,12 +10,16 @@ import (
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/meshtun/meshtun/internal/logging"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/bootstrap"
+	clusterpkg "github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
@@ -49,6 +53,10 @@ type source struct {
 	drain   time.Duration
 	control func(network, address string, c syscall.RawConn) error
 	version string // the xDS client's user agent version
+	// secrets is the SDS secret store /certs and /config_dump read; sds
+	// (set by start) fetches what the configuration in force references.
+	secrets *secrets.Store
+	sds     atomic.Pointer[secrets.Client]
 
 	reloadMu sync.Mutex
 	// run is the xDS client's Run in progress (reloadMu); nil when the
@@ -125,6 +133,9 @@ func loadBootstrap(path string) (*bootstrapv3.Bootstrap, *xdsclient.Config, erro
 func (s *source) start(b *bootstrapv3.Bootstrap, xcfg *xdsclient.Config) error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
+	s.sds.Store(secrets.NewClient(secrets.ClientOptions{
+		Store: s.secrets, Node: b.GetNode(), Target: s.sdsTarget, Log: logging.Component(s.root, "sds"),
+	}))
 	s.applyMu.Lock()
 	err := s.applyStatic(b)
 	s.xdsOn = xcfg != nil
@@ -181,7 +192,70 @@ func (s *source) applyStatic(b *bootstrapv3.Bootstrap) error {
 		return fmt.Errorf("bootstrap %s: %w", s.path, err)
 	}
 	s.cur.Store(&loaded{b: b, at: now, applier: a})
+	s.watchSecrets()
 	return nil
+}
+
+// watchSecrets points the SDS client at the secrets the configuration now
+// in force references (applyMu held). A reference it cannot follow is
+// logged with its resource and field; the secret then stays missing.
+func (s *source) watchSecrets() {
+	c := s.sds.Load()
+	snap := s.srv.D.Snapshot()
+	if c == nil || snap == nil || snap.Dump == nil {
+		return
+	}
+	d := snap.Dump
+	var clusters []*clusterv3.Cluster
+	var listeners []*listenerv3.Listener
+	for _, recs := range [][]mesh.Record{d.StaticClusters, d.Clusters} {
+		for _, r := range recs {
+			if pb, ok := r.Msg.(*clusterv3.Cluster); ok {
+				clusters = append(clusters, pb)
+			}
+		}
+	}
+	for _, recs := range [][]mesh.Record{d.StaticListeners, d.Listeners} {
+		for _, r := range recs {
+			if pb, ok := r.Msg.(*listenerv3.Listener); ok {
+				listeners = append(listeners, pb)
+			}
+		}
+	}
+	refs, err := secrets.Find(clusters, listeners)
+	if err != nil {
+		s.log.Error().Err(err).Msg("sds: secret reference not followed")
+		return
+	}
+	c.Watch(refs)
+}
+
+// sdsTarget is the gRPC target of an sds_config's cluster, from the
+// configuration in force: its first host, a Unix socket for a pipe.
+func (s *source) sdsTarget(cluster string) (string, error) {
+	snap := s.srv.D.Snapshot()
+	var c *clusterpkg.Cluster
+	if snap != nil {
+		c = snap.Cluster(cluster)
+	}
+	if c == nil {
+		return "", fmt.Errorf("sds_config cluster %q: no such cluster", cluster)
+	}
+	hs := c.Hosts()
+	if len(hs) == 0 {
+		return "", fmt.Errorf("sds_config cluster %q: no host", cluster)
+	}
+	if p := hs[0].Pipe(); p != "" {
+		return "unix:" + p, nil
+	}
+	return hs[0].Address().String(), nil
+}
+
+// closeSecrets stops the SDS client.
+func (s *source) closeSecrets() {
+	if c := s.sds.Swap(nil); c != nil {
+		c.Close()
+	}
 }
 
 // applyXDS is the xDS client's Applier: an update is applied with the
@@ -196,6 +270,7 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 		return err
 	}
 	s.dynamic = r
+	s.watchSecrets()
 	if _, ok := r.Versions[xdsclient.ListenerType]; ok {
 		// Envoy is LIVE once its first CDS and LDS responses (with the
 		// listeners' routes) are in force, not at the first CDS.

@@ -43,7 +43,23 @@ func NewServer(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Addr: lis.Addr().String(), Cache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), acks: map[string]int{}}
+	return serve(t, lis, lis.Addr().String())
+}
+
+// NewUnixServer starts the server on a Unix socket at path, as pilot-agent's
+// xDS proxy serves Envoy on ./etc/istio/proxy/XDS; Addr is "unix:"+path.
+// It stops (and the socket is removed) when the test ends.
+func NewUnixServer(t testing.TB, path string) *Server {
+	t.Helper()
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return serve(t, lis, "unix:"+path)
+}
+
+func serve(t testing.TB, lis net.Listener, addr string) *Server {
+	s := &Server{Addr: addr, Cache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), acks: map[string]int{}}
 	record := func(typeURL, nonce string, detail interface{ GetMessage() string }, hasErr bool) {
 		s.mu.Lock()
 		defer s.mu.Unlock()

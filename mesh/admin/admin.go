@@ -29,6 +29,7 @@ import (
 
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
@@ -52,6 +53,9 @@ type Server struct {
 	// xDS that are not in force yet (nil: none), for /config_dump's
 	// warming states.
 	Warming func() *xdsclient.Warming
+	// Secrets, when set, is the proxy's SDS secret store, for /certs and
+	// /config_dump's secrets.
+	Secrets *secrets.Store
 	// Concurrency is reported as server.concurrency.
 	Concurrency int
 	// Drain stops listeners taking new flows (/drain_listeners).
@@ -76,6 +80,7 @@ type endpoint struct {
 
 func (s *Server) endpoints() []endpoint {
 	return []endpoint{
+		{"/certs", "print certs on machine", false, s.certs},
 		{"/clusters", "upstream cluster status", false, s.clusters},
 		{"/config_dump", "dump current Envoy configs (resource=, name_regex=, include_eds)", false, s.configDump},
 		{"/drain_listeners", "drain listeners (inboundonly, graceful)", true, s.drainListeners},
@@ -149,6 +154,16 @@ func format(w http.ResponseWriter, r *http.Request, choices ...string) (string, 
 	}
 	http.Error(w, fmt.Sprintf("format=%s: unknown format; want text or %s", f, strings.Join(choices, " or ")), http.StatusBadRequest)
 	return "", false
+}
+
+// certs serves /certs: Envoy's envoy.admin.v3.Certificates of the secrets
+// the configuration references (empty without a secret store).
+func (s *Server) certs(w http.ResponseWriter, r *http.Request) {
+	out := &adminv3.Certificates{}
+	if s.Secrets != nil {
+		out = s.Secrets.Certificates(time.Now())
+	}
+	writeProto(w, out)
 }
 
 func writeProto(w http.ResponseWriter, m proto.Message) {
@@ -247,7 +262,7 @@ func (s *Server) clusters(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "%s::eds_service_name::%s\n", n, e)
 		}
 		for _, h := range hostsByPriority(c) {
-			hp := fmt.Sprintf("%s::%s", n, h.Address())
+			hp := fmt.Sprintf("%s::%s", n, h) // a pipe host prints its path, as Envoy
 			for _, st := range h.Stats() {
 				fmt.Fprintf(w, "%s::%s::%d\n", hp, st.Name, st.Value)
 			}
@@ -288,9 +303,13 @@ func clusterStatus(c *cluster.Cluster) *adminv3.ClusterStatus {
 	}
 	for _, h := range hostsByPriority(c) {
 		a := h.Address()
+		addr := &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())}}}}
+		if p := h.Pipe(); p != "" {
+			addr = &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: p}}}
+		}
 		hs := &adminv3.HostStatus{
-			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-				Address: a.Addr().String(), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(a.Port())}}}},
+			Address:      addr,
 			HealthStatus: &adminv3.HostHealthStatus{EdsHealthStatus: h.HealthStatus()},
 			Weight:       h.Weight(),
 			Hostname:     h.Hostname(),

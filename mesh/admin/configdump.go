@@ -261,7 +261,13 @@ func (s *Server) dumpParts(includeEDS bool, re *regexp.Regexp) []proto.Message {
 		}
 	}
 	parts = append(parts, rd)
-	parts = append(parts, &adminv3.SecretsConfigDump{})
+	// Last, as in Envoy's dump: the secrets in force (keys redacted) and
+	// those referenced but not received yet.
+	sd := &adminv3.SecretsConfigDump{}
+	if s.Secrets != nil {
+		sd = s.Secrets.ConfigDump(keep)
+	}
+	parts = append(parts, sd)
 	return parts
 }
 

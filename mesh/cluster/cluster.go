@@ -84,8 +84,9 @@ type Cluster struct {
 	// locality_weighted_lb_config: pick a locality by weight, then a host.
 	localityWeighted bool
 
-	log  zerolog.Logger
-	dial dialFunc
+	log      zerolog.Logger
+	dial     dialFunc
+	dialPipe func(ctx context.Context, path string) (*net.UnixConn, error)
 
 	hosts    atomic.Pointer[hostSet]
 	updateMu sync.Mutex
@@ -127,6 +128,7 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 		addedViaAPI: opts.AddedViaAPI,
 		log:         opts.Log.With().Str("cluster", pb.GetName()).Logger(),
 		dial:        opts.Dialer.DialTCP,
+		dialPipe:    opts.Dialer.DialUnix,
 		initialized: make(chan struct{}),
 		stats:       opts.Stats,
 	}

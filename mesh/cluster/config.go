@@ -68,6 +68,11 @@ func (c *Cluster) configure(pb *clusterv3.Cluster) ([]hostSpec, error) {
 	if err != nil {
 		return nil, err
 	}
+	for i, e := range eps {
+		if e.pipe != "" && c.typ != clusterv3.Cluster_STATIC {
+			return nil, fmt.Errorf("load_assignment endpoint %d: pipe (Unix domain socket) addresses are only supported in STATIC clusters", i)
+		}
+	}
 	return ipSpecs(eps), nil
 }
 
@@ -216,6 +221,7 @@ func (c *Cluster) sourceFor(dst netip.Addr) netip.Addr {
 
 // endpoint is one lb_endpoint of a load assignment.
 type endpoint struct {
+	pipe string     // pipe.path of a pipe endpoint; the rest is unset
 	host string     // socket_address.address as configured
 	ip   netip.Addr // valid when host is an IP literal
 	port uint16
@@ -245,9 +251,38 @@ func parseAssignment(cla *endpointv3.ClusterLoadAssignment, field string, allowN
 			}
 			addr := ep.GetAddress()
 			af := ef + ".endpoint.address"
+			m := &hostMeta{
+				hostname:       ep.GetHostname(),
+				weight:         1,
+				region:         loc.GetRegion(),
+				zone:           loc.GetZone(),
+				subZone:        loc.GetSubZone(),
+				localityWeight: lw,
+				priority:       lle.GetPriority(),
+				health:         lbe.GetHealthStatus(),
+			}
+			if w := lbe.GetLoadBalancingWeight(); w != nil {
+				m.weight = w.GetValue()
+			}
+			if m.weight == 0 {
+				m.weight = 1
+			}
 			switch {
 			case addr.GetPipe() != nil:
-				return nil, fmt.Errorf("%s: pipe (Unix domain socket) addresses not supported", af)
+				// A Unix socket, such as the agent's SDS and xDS sockets in
+				// Istio's bootstrap. Abstract sockets ("@name") pass as is.
+				p := addr.GetPipe()
+				if p.GetPath() == "" {
+					return nil, fmt.Errorf("%s.pipe.path: empty", af)
+				}
+				if p.GetMode() != 0 {
+					return nil, fmt.Errorf("%s.pipe.mode: only for listeners", af)
+				}
+				if allowNames {
+					return nil, fmt.Errorf("%s: pipe addresses are not supported in STRICT_DNS clusters", af)
+				}
+				out = append(out, endpoint{pipe: p.GetPath(), meta: m})
+				continue
 			case addr.GetSocketAddress() == nil: // envoy_internal_address
 				return nil, fmt.Errorf("%s: want a socket_address", af)
 			}
@@ -271,22 +306,6 @@ func parseAssignment(cla *endpointv3.ClusterLoadAssignment, field string, allowN
 			} else if !allowNames {
 				return nil, fmt.Errorf("%s.address: %q is not an IP address", sf, e.host)
 			}
-			m := &hostMeta{
-				hostname:       ep.GetHostname(),
-				weight:         1,
-				region:         loc.GetRegion(),
-				zone:           loc.GetZone(),
-				subZone:        loc.GetSubZone(),
-				localityWeight: lw,
-				priority:       lle.GetPriority(),
-				health:         lbe.GetHealthStatus(),
-			}
-			if w := lbe.GetLoadBalancingWeight(); w != nil {
-				m.weight = w.GetValue()
-			}
-			if m.weight == 0 {
-				m.weight = 1
-			}
 			if m.hostname == "" && !e.ip.IsValid() {
 				m.hostname = e.host
 			}
@@ -300,6 +319,10 @@ func parseAssignment(cla *endpointv3.ClusterLoadAssignment, field string, allowN
 func ipSpecs(eps []endpoint) []hostSpec {
 	specs := make([]hostSpec, len(eps))
 	for i, e := range eps {
+		if e.pipe != "" {
+			specs[i] = hostSpec{pipe: e.pipe, meta: e.meta}
+			continue
+		}
 		specs[i] = hostSpec{addr: netip.AddrPortFrom(e.ip, e.port), meta: e.meta}
 	}
 	return specs

@@ -63,9 +63,9 @@ func TestValidationErrors(t *testing.T) {
 			return secondAddr(base(), &corev3.Address{Address: &corev3.Address_EnvoyInternalAddress{
 				EnvoyInternalAddress: &corev3.EnvoyInternalAddress{AddressNameSpecifier: &corev3.EnvoyInternalAddress_ServerListenerName{ServerListenerName: "x"}}}})
 		}, `cluster "` + svcName + `": load_assignment.endpoints[0].lb_endpoints[1].endpoint.address: want a socket_address`},
-		{"pipe address", func() *clusterv3.Cluster {
-			return secondAddr(base(), &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: "/tmp/s"}}})
-		}, "load_assignment.endpoints[0].lb_endpoints[1].endpoint.address: pipe (Unix domain socket) addresses not supported"},
+		{"pipe address with a mode", func() *clusterv3.Cluster {
+			return secondAddr(base(), &corev3.Address{Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: "/tmp/s", Mode: 0o600}}})
+		}, "load_assignment.endpoints[0].lb_endpoints[1].endpoint.address.pipe.mode: only for listeners"},
 		{"host name in STATIC", func() *clusterv3.Cluster {
 			return xdstest.Cluster(svcName, xdstest.WithEndpoints(xdstest.HostPort("db.example", 5432)))
 		}, `load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: "db.example" is not an IP address`},

@@ -23,7 +23,7 @@ func (e *ConnectError) Error() string {
 	if e.Timeout {
 		what = "connect timeout"
 	}
-	return fmt.Sprintf("cluster %q: %s to %s: %v", e.Cluster, what, e.Host.addr, e.Err)
+	return fmt.Sprintf("cluster %q: %s to %s: %v", e.Cluster, what, e.Host, e.Err)
 }
 
 func (e *ConnectError) Unwrap() error { return e.Err }
@@ -81,7 +81,8 @@ func (c *Cluster) released(h *Host, res *Resources) {
 // io.ReaderFrom/io.WriterTo, so io.Copy goes through the counting Read and
 // Write.
 type UpstreamConn struct {
-	conn   *net.TCPConn
+	conn   net.Conn
+	tcp    *net.TCPConn // conn, when it is TCP (nil for a pipe host)
 	host   *Host
 	c      *Cluster
 	res    *Resources
@@ -96,9 +97,15 @@ func (u *UpstreamConn) Host() *Host { return u.host }
 // Cluster is the cluster the connection belongs to.
 func (u *UpstreamConn) Cluster() *Cluster { return u.c }
 
-// TCPConn is the underlying socket; bytes moved through it directly are
-// not counted.
-func (u *UpstreamConn) TCPConn() *net.TCPConn { return u.conn }
+// TCPConn is the underlying socket, nil for a pipe host's Unix socket;
+// bytes moved through it directly are not counted.
+func (u *UpstreamConn) TCPConn() *net.TCPConn { return u.tcp }
+
+// halfCloser is what TCP and Unix stream sockets share.
+type halfCloser interface {
+	CloseWrite() error
+	CloseRead() error
+}
 
 func (u *UpstreamConn) Read(p []byte) (int, error) {
 	n, err := u.conn.Read(p)
@@ -128,14 +135,17 @@ func (u *UpstreamConn) Close() error {
 }
 
 // CloseWrite sends a FIN (half-close).
-func (u *UpstreamConn) CloseWrite() error { return u.conn.CloseWrite() }
+func (u *UpstreamConn) CloseWrite() error { return u.conn.(halfCloser).CloseWrite() }
 
 // CloseRead shuts down the reading side.
-func (u *UpstreamConn) CloseRead() error { return u.conn.CloseRead() }
+func (u *UpstreamConn) CloseRead() error { return u.conn.(halfCloser).CloseRead() }
 
-// Reset aborts the connection with a RST (SO_LINGER 0, then Close).
+// Reset aborts the connection with a RST (SO_LINGER 0, then Close); a
+// Unix socket has no RST and is just closed.
 func (u *UpstreamConn) Reset() {
-	_ = u.conn.SetLinger(0)
+	if u.tcp != nil {
+		_ = u.tcp.SetLinger(0)
+	}
 	_ = u.Close()
 }
 

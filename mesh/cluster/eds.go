@@ -32,6 +32,11 @@ func ParseEndpoints(cla *endpointv3.ClusterLoadAssignment) (*Endpoints, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, e := range eps {
+		if e.pipe != "" {
+			return nil, fmt.Errorf("cluster_load_assignment: pipe (Unix domain socket) endpoint %q: only STATIC clusters may have pipe endpoints", e.pipe)
+		}
+	}
 	return &Endpoints{specs: dedupe(ipSpecs(eps))}, nil
 }
 

@@ -13,6 +13,9 @@ import (
 // *Host and only replaces its attributes.
 type Host struct {
 	addr netip.AddrPort
+	// pipe is the Unix socket path of a pipe endpoint (STATIC clusters
+	// only, such as Istio's sds-grpc and xds-grpc); addr is then zero.
+	pipe string
 	meta atomic.Pointer[hostMeta]
 
 	cxActive      atomic.Int64
@@ -68,8 +71,28 @@ func newHost(addr netip.AddrPort, m *hostMeta) *Host {
 	return h
 }
 
-// Address is the host's IP and port.
+// hostKey identifies a host in a cluster: its IP and port, or its pipe path.
+type hostKey struct {
+	addr netip.AddrPort
+	pipe string
+}
+
+func (h *Host) key() hostKey { return hostKey{h.addr, h.pipe} }
+
+// Address is the host's IP and port (zero for a pipe host).
 func (h *Host) Address() netip.AddrPort { return h.addr }
+
+// Pipe is the Unix socket path of a pipe host, "" for an IP host.
+func (h *Host) Pipe() string { return h.pipe }
+
+// String is the host's address as Envoy prints it in /clusters and logs:
+// "ip:port", or the socket path of a pipe host.
+func (h *Host) String() string {
+	if h.pipe != "" {
+		return h.pipe
+	}
+	return h.addr.String()
+}
 
 // Hostname is the endpoint's hostname (for STRICT_DNS the DNS name).
 func (h *Host) Hostname() string { return h.meta.Load().hostname }

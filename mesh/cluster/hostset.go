@@ -25,8 +25,11 @@ type level struct {
 // *Host.
 type hostSpec struct {
 	addr netip.AddrPort
+	pipe string // pipe endpoints of STATIC clusters
 	meta *hostMeta
 }
+
+func (s hostSpec) key() hostKey { return hostKey{s.addr, s.pipe} }
 
 var emptySet = &hostSet{}
 
@@ -158,13 +161,13 @@ func (c *Cluster) buildLocalityPicker(hosts []*Host, metas []*hostMeta) *picker 
 // dedupe drops repeated addresses (the first entry wins): a host is
 // identified by its address.
 func dedupe(specs []hostSpec) []hostSpec {
-	seen := make(map[netip.AddrPort]struct{}, len(specs))
+	seen := make(map[hostKey]struct{}, len(specs))
 	out := specs[:0:0]
 	for _, s := range specs {
-		if _, dup := seen[s.addr]; dup {
+		if _, dup := seen[s.key()]; dup {
 			continue
 		}
-		seen[s.addr] = struct{}{}
+		seen[s.key()] = struct{}{}
 		out = append(out, s)
 	}
 	return out
@@ -189,19 +192,19 @@ type hostUpdate struct {
 // Envoy keeps a host across EDS updates and DNS refreshes; an update that
 // changes nothing keeps base (and its rotation state).
 func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
-	prev := make(map[netip.AddrPort]*Host, len(base.all))
+	prev := make(map[hostKey]*Host, len(base.all))
 	for _, h := range base.all {
-		prev[h.addr] = h
+		prev[h.key()] = h
 	}
 	specs = dedupe(specs)
 	u := &hostUpdate{specs: specs, base: base, metas: make([]*hostMeta, 0, len(specs))}
 	all := make([]*Host, 0, len(specs))
 	same := len(specs) == len(base.all)
 	for i, s := range specs {
-		h, ok := prev[s.addr]
+		h, ok := prev[s.key()]
 		m := s.meta
 		if ok {
-			delete(prev, s.addr)
+			delete(prev, s.key())
 			if old := h.meta.Load(); *old == *s.meta {
 				m = old
 			} else {
@@ -209,6 +212,7 @@ func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
 			}
 		} else {
 			h = newHost(s.addr, s.meta)
+			h.pipe = s.pipe
 			u.added++
 		}
 		if same && base.all[i] != h {
@@ -271,12 +275,12 @@ func sameAddrs(a, b *hostSet) bool {
 	if len(a.all) != len(b.all) {
 		return false
 	}
-	in := make(map[netip.AddrPort]struct{}, len(a.all))
+	in := make(map[hostKey]struct{}, len(a.all))
 	for _, h := range a.all {
-		in[h.addr] = struct{}{}
+		in[h.key()] = struct{}{}
 	}
 	for _, h := range b.all {
-		if _, ok := in[h.addr]; !ok {
+		if _, ok := in[h.key()]; !ok {
 			return false
 		}
 	}

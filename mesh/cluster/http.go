@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sort"
 	"strconv"
@@ -167,7 +168,19 @@ func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, erro
 	h.cxActive.Add(1)
 
 	dctx, cancel := context.WithTimeout(ctx, c.connectTimeout)
-	conn, err := c.dial(dctx, h.addr, c.sourceFor(h.addr.Addr()))
+	var (
+		tc   *net.TCPConn
+		conn net.Conn
+		err  error
+	)
+	if h.pipe != "" {
+		var uc *net.UnixConn
+		if uc, err = c.dialPipe(dctx, h.pipe); err == nil {
+			conn = uc
+		}
+	} else if tc, err = c.dial(dctx, h.addr, c.sourceFor(h.addr.Addr())); err == nil {
+		conn = tc
+	}
 	timedOut := err != nil && ctx.Err() == nil && (errors.Is(dctx.Err(), context.DeadlineExceeded) || isTimeout(err))
 	cancel()
 	if err != nil {
@@ -181,7 +194,7 @@ func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, erro
 		c.released(h, res)
 		return nil, &ConnectError{Cluster: c.name, Host: h, Timeout: timedOut, Err: err}
 	}
-	return &UpstreamConn{conn: conn, host: h, c: c, res: res}, nil
+	return &UpstreamConn{conn: conn, tcp: tc, host: h, c: c, res: res}, nil
 }
 
 // HTTPStats are the request-level counters Envoy keeps per cluster under

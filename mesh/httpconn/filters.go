@@ -30,8 +30,10 @@ const (
 
 // noOpNames are the HTTP filters accepted and not run: Istio's telemetry
 // and peer-metadata filters, gRPC stats and CORS (no effect on where a
-// request goes; CORS preflights are proxied like any request). Read
-// only; no other package needs the list.
+// request goes; CORS preflights are proxied like any request), and the
+// response compressor (Istio's bootstrap puts brotli/zstd/gzip on the
+// :15090 stats listener; an uncompressed response is valid for any
+// Accept-Encoding). Read only; no other package needs the list.
 var noOpNames = map[string]bool{
 	"istio.metadata_exchange":       true,
 	"istio.alpn":                    true,
@@ -48,6 +50,7 @@ var noOpTypeURLs = map[string]bool{
 	"type.googleapis.com/io.istio.stats.PluginConfig":                               true,
 	"type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig":  true,
 	"type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors":                true,
+	"type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor":    true,
 }
 
 const (

@@ -66,6 +66,18 @@ func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr
 	return tc, nil
 }
 
+// DialUnix connects to the Unix socket at path (an Envoy pipe address,
+// such as the agent's SDS socket in Istio's bootstrap). Unix sockets never
+// leave the host, so neither the mark nor the interface applies.
+func (d *Dialer) DialUnix(ctx context.Context, path string) (*net.UnixConn, error) {
+	nd := net.Dialer{Timeout: d.ConnectTimeout}
+	c, err := nd.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UnixConn), nil
+}
+
 // DialUDP returns a connected UDP socket to dst.
 func (d *Dialer) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
 	nd := net.Dialer{Control: d.Control}

@@ -1,0 +1,176 @@
+package secrets
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+)
+
+// Secret is one secret in force, as received.
+type Secret struct {
+	Name        string
+	Version     string
+	LastUpdated time.Time
+	Msg         *tlsv3.Secret
+	// Certs are the certificates of the secret, parsed once: the chain of a
+	// tls_certificate (leaf first) or the trusted CAs of a validation context.
+	Certs []*x509.Certificate
+}
+
+// state is an immutable view of the store, swapped whole.
+type state struct {
+	active map[string]*Secret
+	refs   *Refs
+}
+
+// Store holds the secrets the configuration in force references. Readers
+// (admin, later the TLS contexts) load one immutable state without
+// locking; writers (the SDS client, a configuration change) serialise on
+// a mutex and publish a new state.
+type Store struct {
+	mu  sync.Mutex
+	cur atomic.Pointer[state]
+}
+
+// NewStore returns an empty store.
+func NewStore() *Store {
+	s := &Store{}
+	s.cur.Store(&state{active: map[string]*Secret{}, refs: &Refs{Names: map[string]Source{}}})
+	return s
+}
+
+// SetRefs makes refs the references in force: secrets no longer referenced
+// are dropped, as Envoy drops a secret with its last user.
+func (s *Store) SetRefs(refs *Refs) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.cur.Load()
+	next := &state{active: map[string]*Secret{}, refs: refs}
+	for name, sec := range old.active {
+		if _, ok := refs.Names[name]; ok {
+			next.active[name] = sec
+		}
+	}
+	s.cur.Store(next)
+}
+
+// Put validates sec and makes it the secret name's version in force. The
+// error names the secret and field; the previous version stays then.
+func (s *Store) Put(version string, sec *tlsv3.Secret, at time.Time) error {
+	certs, err := parse(sec)
+	if err != nil {
+		return fmt.Errorf("secret %q: %w", sec.GetName(), err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.cur.Load()
+	if _, ok := old.refs.Names[sec.GetName()]; !ok {
+		return nil // no longer referenced: a late response
+	}
+	next := &state{active: maps.Clone(old.active), refs: old.refs}
+	next.active[sec.GetName()] = &Secret{Name: sec.GetName(), Version: version, LastUpdated: at, Msg: sec, Certs: certs}
+	s.cur.Store(next)
+	return nil
+}
+
+// Get is the secret name in force, or nil.
+func (s *Store) Get(name string) *Secret { return s.cur.Load().active[name] }
+
+// Active is every secret in force, sorted by name.
+func (s *Store) Active() []*Secret {
+	st := s.cur.Load()
+	out := make([]*Secret, 0, len(st.active))
+	for _, n := range slices.Sorted(maps.Keys(st.active)) {
+		out = append(out, st.active[n])
+	}
+	return out
+}
+
+// Warming is the referenced secrets not received yet, sorted.
+func (s *Store) Warming() []string {
+	st := s.cur.Load()
+	var out []string
+	for n := range st.refs.Names {
+		if _, ok := st.active[n]; !ok {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Refs is the references in force.
+func (s *Store) Refs() *Refs { return s.cur.Load().refs }
+
+// parse checks a Secret of the two kinds istiod's configuration uses and
+// returns its certificates.
+func parse(sec *tlsv3.Secret) ([]*x509.Certificate, error) {
+	if sec.GetName() == "" {
+		return nil, errors.New("name: empty")
+	}
+	switch {
+	case sec.GetTlsCertificate() != nil:
+		tc := sec.GetTlsCertificate()
+		chain, err := inline(tc.GetCertificateChain(), "tls_certificate.certificate_chain")
+		if err != nil {
+			return nil, err
+		}
+		if _, err := inline(tc.GetPrivateKey(), "tls_certificate.private_key"); err != nil {
+			return nil, err
+		}
+		return certsOf(chain, "tls_certificate.certificate_chain")
+	case sec.GetValidationContext() != nil:
+		ca, err := inline(sec.GetValidationContext().GetTrustedCa(), "validation_context.trusted_ca")
+		if err != nil {
+			return nil, err
+		}
+		return certsOf(ca, "validation_context.trusted_ca")
+	}
+	return nil, errors.New("type: want tls_certificate or validation_context")
+}
+
+// inline is the bytes of an inline data source: SDS secrets carry their
+// data, files are not read by the proxy.
+func inline(ds *corev3.DataSource, field string) ([]byte, error) {
+	switch {
+	case ds == nil:
+		return nil, fmt.Errorf("%s: missing", field)
+	case ds.GetInlineBytes() != nil:
+		return ds.GetInlineBytes(), nil
+	case ds.GetInlineString() != "":
+		return []byte(ds.GetInlineString()), nil
+	}
+	return nil, fmt.Errorf("%s: only inline_bytes or inline_string are supported", field)
+}
+
+func certsOf(p []byte, field string) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var b *pem.Block
+		b, p = pem.Decode(p)
+		if b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s: certificate %d: %w", field, len(out), err)
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s: no PEM certificate", field)
+	}
+	return out, nil
+}
