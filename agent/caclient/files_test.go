@@ -29,10 +29,22 @@ func TestFileSource(t *testing.T) {
 	dir := t.TempDir()
 	fs := &FileSource{CertChainFile: filepath.Join(dir, "cert-chain.pem"), KeyFile: filepath.Join(dir, "key.pem"),
 		RootCertFile: filepath.Join(dir, "root-cert.pem"), Interval: 10 * time.Millisecond, Log: zerolog.Nop()}
+	// Each file is replaced whole (a temporary file renamed over it), as a
+	// Kubernetes secret volume swaps its files: the poller never reads a
+	// half-written one.
+	put := func(path string, data []byte) {
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
 	write := func(id *Identity, key []byte) {
-		os.WriteFile(fs.CertChainFile, id.ChainPEM, 0o644)
-		os.WriteFile(fs.KeyFile, key, 0o600)
-		os.WriteFile(fs.RootCertFile, id.RootPEM, 0o644)
+		put(fs.CertChainFile, id.ChainPEM)
+		put(fs.KeyFile, key)
+		put(fs.RootCertFile, id.RootPEM)
 	}
 	if err := fs.Load(); err == nil || !strings.Contains(err.Error(), fs.CertChainFile) {
 		t.Errorf("no files: %v", err)
@@ -59,8 +71,8 @@ func TestFileSource(t *testing.T) {
 		t.Fatal("a new certificate in the files was not picked up")
 	}
 	write(a, b.KeyPEM) // inconsistent: a's chain with b's key
-	if !waitFor(5*time.Second, func() bool { return fs.Err() != nil }) {
-		t.Fatal("an inconsistent change was not rejected")
+	if !waitFor(5*time.Second, func() bool { err := fs.Err(); return err != nil && strings.Contains(err.Error(), "does not match") }) {
+		t.Fatalf("an inconsistent change was not rejected: %v", fs.Err())
 	}
 	if err := fs.Err(); !strings.Contains(err.Error(), "does not match") || !strings.Contains(err.Error(), fs.KeyFile) {
 		t.Errorf("error %v", err)
