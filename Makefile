@@ -29,6 +29,8 @@ bench: build deps
 	bash scripts/bench.sh
 	# xDS scale: 10,000 services pushed to a live proxy (time to ACK, RSS).
 	MESHTUN_SCALE=10000 MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags scale -count=1 -run TestXDSScale -v ./integration/ | grep -E 'services:|--- '
+	# Workload identity: agent start to ready with the CA (15012, token), median of 5 per key type.
+	MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags bench -count=1 -run TestAgentReadyWithCABench -v ./integration/ | grep -E 'start to ready|--- '
 
 # The README's first command: meshtun end to end in throwaway namespaces
 # (control plane, agent + proxy, sample servers), each step asserted; then

@@ -26,7 +26,15 @@ import (
 // the SDS socket.
 func identityAgent(t *testing.T, topo *topology, token func(state string) string) (*agentRun, string, string) {
 	t.Helper()
-	cp := startMeshtunControlPlane(t, topo, registryDoc(), "--secure-address", ap(topo.GwV4, 15012))
+	return identityAgentOn(t, topo, registryDoc(), nil, token)
+}
+
+// identityAgentOn is identityAgent with the control plane serving
+// registry, env added to the agent's environment and extra to its flags
+// (after the defaults: a flag given again there wins).
+func identityAgentOn(t *testing.T, topo *topology, registry string, env []string, token func(state string) string, extra ...string) (*agentRun, string, string) {
+	t.Helper()
+	cp := startMeshtunControlPlane(t, topo, registry, "--secure-address", ap(topo.GwV4, 15012))
 	state := filepath.Dir(cp.tokenFile)
 	dir := t.TempDir()
 	tokenFile, socket := filepath.Join(dir, "tokens", "istio-token"), filepath.Join(dir, "workload-spiffe-uds", "socket")
@@ -36,8 +44,8 @@ func identityAgent(t *testing.T, topo *topology, token func(state string) string
 	if err := os.WriteFile(tokenFile, []byte(token(state)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ag := startAgentNoWait(t, topo, agentEnv("ECC_SIGNATURE_ALGORITHM=ECDSA"), "--discovery-address", ap(topo.GwV4, 15012),
-		"--ca-root-file", filepath.Join(state, "ca", "root-cert.pem"), "--token-file", tokenFile, "--sds-socket", socket)
+	ag := startAgentNoWait(t, topo, agentEnv(append([]string{"ECC_SIGNATURE_ALGORITHM=ECDSA"}, env...)...), append([]string{"--discovery-address", ap(topo.GwV4, 15012),
+		"--ca-root-file", filepath.Join(state, "ca", "root-cert.pem"), "--token-file", tokenFile, "--sds-socket", socket}, extra...)...)
 	return ag, tokenFile, socket
 }
 
