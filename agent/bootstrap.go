@@ -149,10 +149,21 @@ func (in *Inputs) buildBootstrap() (*bootstrapv3.Bootstrap, error) {
 		}
 		b.StaticResources.Clusters = append(b.StaticResources.Clusters, xds)
 	}
+	sds := in.identity != nil && in.identity.mode != IdentityNone
+	if sds {
+		c, err := sdsServerCluster(in.identity.socket)
+		if err != nil {
+			return nil, err
+		}
+		b.StaticResources.Clusters = append(b.StaticResources.Clusters, c)
+	}
 	if in.Extra != nil {
 		for _, c := range in.Extra.GetStaticResources().GetClusters() {
 			if c.GetName() == xdsCluster && !in.NoXDS {
 				return nil, fmt.Errorf("extra bootstrap %s: static_resources.clusters: %q is generated from the discovery address", in.ExtraPath, xdsCluster)
+			}
+			if c.GetName() == sdsCluster && sds {
+				return nil, fmt.Errorf("extra bootstrap %s: static_resources.clusters: %q is generated from the SDS socket", in.ExtraPath, sdsCluster)
 			}
 		}
 		proto.Merge(b, in.Extra)
@@ -163,6 +174,36 @@ func (in *Inputs) buildBootstrap() (*bootstrapv3.Bootstrap, error) {
 func socketAddress(host string, port int) *corev3.Address {
 	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
 		Address: host, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(port)}}}}
+}
+
+// sdsCluster is the cluster istiod's TLS contexts name in their sds_config
+// (api_config_source GRPC, envoy_grpc.cluster_name "sds-grpc").
+const sdsCluster = "sds-grpc"
+
+// sdsServerCluster is Istio's sds-grpc cluster: HTTP/2 to the agent's SDS
+// socket (a pipe), so the proxy, or a real Envoy run on this bootstrap,
+// fetches `default` and `ROOTCA` from the agent when its configuration
+// names them.
+func sdsServerCluster(socket string) (*clusterv3.Cluster, error) {
+	h2, err := anypb.New(&httpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}}}}})
+	if err != nil {
+		return nil, err
+	}
+	return &clusterv3.Cluster{
+		Name:                 sdsCluster,
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
+		ConnectTimeout:       durationpb.New(1e9),
+		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
+		LoadAssignment: &endpointv3.ClusterLoadAssignment{
+			ClusterName: sdsCluster,
+			Endpoints: []*endpointv3.LocalityLbEndpoints{{LbEndpoints: []*endpointv3.LbEndpoint{{
+				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: &corev3.Address{
+					Address: &corev3.Address_Pipe{Pipe: &corev3.Pipe{Path: socket}}}}}}}}},
+		},
+		TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2},
+	}, nil
 }
 
 // xdsServerCluster is Istio's xds-grpc cluster: HTTP/2, breakers out of

@@ -116,3 +116,61 @@ func TestSecureXDSBootstrap(t *testing.T) {
 		}
 	})
 }
+
+// TestSDSClusterInBootstrap: with a workload identity the bootstrap has
+// Istio's sds-grpc cluster, HTTP/2 to the agent's SDS socket (a pipe the
+// proxy dials), so TLS contexts that name it reach the agent; without
+// one there is no such cluster; an extra bootstrap may not redefine it.
+func TestSDSClusterInBootstrap(t *testing.T) {
+	env := []string{"POD_NAME=app", "POD_NAMESPACE=ns1", "INSTANCE_IP=10.0.0.2", "SERVICE_ACCOUNT=sa1"}
+	sdsOf := func(t *testing.T, src Sources) (pipe string, found bool) {
+		t.Helper()
+		in, err := Load(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		js, _, err := in.render() // render validates it as the proxy would
+		if err != nil {
+			t.Fatalf("render: %v", err)
+		}
+		b, err := bootstrap.Parse(js, "generated", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range b.GetStaticResources().GetClusters() {
+			if c.GetName() == "sds-grpc" {
+				eps := c.GetLoadAssignment().GetEndpoints()
+				if len(eps) != 1 || len(eps[0].GetLbEndpoints()) != 1 {
+					t.Fatalf("sds-grpc endpoints: %v", eps)
+				}
+				if c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] == nil {
+					t.Error("sds-grpc: no HTTP/2 protocol options")
+				}
+				return eps[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetPipe().GetPath(), true
+			}
+		}
+		return "", false
+	}
+	socket := filepath.Join(t.TempDir(), "socket")
+	ca := Sources{Environ: env, DiscoveryAddress: "istiod.istio-system.svc:15012", RootCertFile: writeRoot(t),
+		TokenFile: filepath.Join(t.TempDir(), "istio-token"), Identity: IdentityOptions{SocketPath: socket}}
+	if pipe, ok := sdsOf(t, ca); !ok || pipe != socket {
+		t.Errorf("identity from the CA: sds-grpc pipe %q (found %v), want %q", pipe, ok, socket)
+	}
+	if pipe, ok := sdsOf(t, Sources{Environ: env, DiscoveryAddress: "127.0.0.1:15010"}); ok {
+		t.Errorf("no identity: sds-grpc cluster to %q, want none", pipe)
+	}
+
+	extra := filepath.Join(t.TempDir(), "extra.json")
+	if err := os.WriteFile(extra, []byte(`{"static_resources":{"clusters":[{"name":"sds-grpc","type":"STATIC","connect_timeout":"1s"}]}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ca.ExtraBootstrap = extra
+	in, err := Load(ca)
+	if err == nil {
+		_, _, err = in.render()
+	}
+	if err == nil || !strings.Contains(err.Error(), `"sds-grpc" is generated from the SDS socket`) {
+		t.Errorf("extra bootstrap redefining sds-grpc: %v", err)
+	}
+}

@@ -122,6 +122,13 @@ func TestAgentIdentityFromControlPlane(t *testing.T) {
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != "spiffe://cluster.local/ns/default/sa/app" || len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
 		t.Errorf("leaf SANs: URIs %v DNS %v IPs %v; want only spiffe://cluster.local/ns/default/sa/app", leaf.URIs, leaf.DNSNames, leaf.IPAddresses)
 	}
+
+	// The proxy has Istio's sds-grpc cluster, a pipe to the agent's SDS
+	// socket, for the TLS contexts that will name it.
+	code, body, err := httpGetIn(topo.Pod, "127.0.0.1:15000", "/clusters", 5*time.Second)
+	if err != nil || code != 200 || !strings.Contains(body, "sds-grpc::"+socket+"::") {
+		t.Errorf("/clusters: %d %v, want a sds-grpc host at %s:\n%.3000s", code, err, socket, body)
+	}
 }
 
 // TestAgentIdentityBadToken is issue 13's test 3, bad token: readiness
