@@ -128,35 +128,26 @@ func (s *Server) streamEnd(err error) error {
 	return err
 }
 
-// StreamSecrets serves a state-of-the-world stream: each response carries
-// the subscribed secrets that changed since the stream was last sent them,
-// version_info the store's version, and a fresh nonce.
-func (s *Server) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSecretsServer) error {
-	ctx := stream.Context()
-	log := s.log.With().Uint64("sds_stream", s.streamSeq.Add(1)).Str("mode", "sotw").Logger()
-	reqs := make(chan *discoveryv3.DiscoveryRequest)
+// serve runs one SDS stream, in either mode: it pushes what the
+// subscription is due (push sends it; the versions sent are recorded
+// here), and hands each request to handle, until the client, the server
+// or the stream ends it. The two modes differ only in the shape of their
+// responses and in how a request changes the subscription.
+func serve[Req interface{ GetTypeUrl() string }](s *Server, ctx context.Context, recv func() (Req, error), sub *subscription,
+	push func(sn *snapshot, due []string) error, handle func(Req) error) error {
+	reqs := make(chan Req)
 	errc := make(chan error, 1)
-	go recvLoop(ctx, stream.Recv, reqs, errc)
-
-	sub := newSubscription()
+	go recvLoop(ctx, recv, reqs, errc)
 	defer func() { s.unsubscribe(keys(sub.names)) }()
-	lastNonce := ""
-	first := true
 	for {
 		sn := s.snap.Load()
 		if due := sub.due(sn); len(due) > 0 {
-			resp := &discoveryv3.DiscoveryResponse{VersionInfo: sn.versionS, TypeUrl: SecretTypeURL, Nonce: sub.nextNonce()}
-			for _, n := range due {
-				resp.Resources = append(resp.Resources, sn.secrets[n].any)
-			}
-			if err := stream.Send(resp); err != nil {
+			if err := push(sn, due); err != nil {
 				return err
 			}
 			for _, n := range due {
 				sub.sent[n] = sn.secrets[n].version
 			}
-			lastNonce = resp.Nonce
-			log.Debug().Strs("secrets", due).Str("version", resp.VersionInfo).Str("nonce", resp.Nonce).Msg("SDS push")
 		}
 		select {
 		case <-ctx.Done():
@@ -170,22 +161,51 @@ func (s *Server) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSecr
 			if err := checkType(req.GetTypeUrl()); err != nil {
 				return err
 			}
-			if first {
-				first = false
-				log = log.With().Str("node", nodeID(req.GetNode())).Logger()
-			} else if req.GetResponseNonce() != lastNonce {
-				// A request answering an older response: the client has
-				// newer data in flight to it and will answer that.
-				continue
+			if err := handle(req); err != nil {
+				return err
 			}
-			if req.GetResponseNonce() != "" {
-				logAck(log, req.GetResponseNonce(), req.GetVersionInfo(), req.GetResourceNames(), req.GetErrorDetail())
-			}
-			added, removed := sub.set(req.GetResourceNames())
-			s.subscribe(added)
-			s.unsubscribe(removed)
 		}
 	}
+}
+
+// StreamSecrets serves a state-of-the-world stream: each response carries
+// the subscribed secrets that changed since the stream was last sent them,
+// version_info the store's version, and a fresh nonce.
+func (s *Server) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSecretsServer) error {
+	log := s.log.With().Uint64("sds_stream", s.streamSeq.Add(1)).Str("mode", "sotw").Logger()
+	sub := newSubscription()
+	lastNonce := ""
+	first := true
+	push := func(sn *snapshot, due []string) error {
+		resp := &discoveryv3.DiscoveryResponse{VersionInfo: sn.versionS, TypeUrl: SecretTypeURL, Nonce: sub.nextNonce()}
+		for _, n := range due {
+			resp.Resources = append(resp.Resources, sn.secrets[n].any)
+		}
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		lastNonce = resp.Nonce
+		log.Debug().Strs("secrets", due).Str("version", resp.VersionInfo).Str("nonce", resp.Nonce).Msg("SDS push")
+		return nil
+	}
+	handle := func(req *discoveryv3.DiscoveryRequest) error {
+		if first {
+			first = false
+			log = log.With().Str("node", nodeID(req.GetNode())).Logger()
+		} else if req.GetResponseNonce() != lastNonce {
+			// A request answering an older response: the client has
+			// newer data in flight to it and will answer that.
+			return nil
+		}
+		if req.GetResponseNonce() != "" {
+			logAck(log, req.GetResponseNonce(), req.GetVersionInfo(), req.GetResourceNames(), req.GetErrorDetail())
+		}
+		added, removed := sub.set(req.GetResourceNames())
+		s.subscribe(added)
+		s.unsubscribe(removed)
+		return nil
+	}
+	return serve(s, stream.Context(), stream.Recv, sub, push, handle)
 }
 
 // DeltaSecrets serves an incremental stream: each response carries only
@@ -194,79 +214,59 @@ func (s *Server) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSecr
 // no response has removed_resources; a name the agent has no secret for yet
 // is not "removed" either, it is waited for.
 func (s *Server) DeltaSecrets(stream secretv3.SecretDiscoveryService_DeltaSecretsServer) error {
-	ctx := stream.Context()
 	log := s.log.With().Uint64("sds_stream", s.streamSeq.Add(1)).Str("mode", "delta").Logger()
-	reqs := make(chan *discoveryv3.DeltaDiscoveryRequest)
-	errc := make(chan error, 1)
-	go recvLoop(ctx, stream.Recv, reqs, errc)
-
 	sub := newSubscription()
-	defer func() { s.unsubscribe(keys(sub.names)) }()
 	first := true
-	for {
-		sn := s.snap.Load()
-		if due := sub.due(sn); len(due) > 0 {
-			resp := &discoveryv3.DeltaDiscoveryResponse{SystemVersionInfo: sn.versionS, TypeUrl: SecretTypeURL, Nonce: sub.nextNonce()}
-			for _, n := range due {
-				e := sn.secrets[n]
-				resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: n, Version: e.version, Resource: e.any})
-			}
-			if err := stream.Send(resp); err != nil {
-				return err
-			}
-			for _, n := range due {
-				sub.sent[n] = sn.secrets[n].version
-			}
-			log.Debug().Strs("secrets", due).Str("version", resp.SystemVersionInfo).Str("nonce", resp.Nonce).Msg("SDS push")
+	push := func(sn *snapshot, due []string) error {
+		resp := &discoveryv3.DeltaDiscoveryResponse{SystemVersionInfo: sn.versionS, TypeUrl: SecretTypeURL, Nonce: sub.nextNonce()}
+		for _, n := range due {
+			e := sn.secrets[n]
+			resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: n, Version: e.version, Resource: e.any})
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-s.done:
-			return status.Error(codes.Unavailable, "SDS server closing")
-		case err := <-errc:
-			return s.streamEnd(err)
-		case <-sn.changed:
-		case req := <-reqs:
-			if err := checkType(req.GetTypeUrl()); err != nil {
-				return err
-			}
-			subscribe := req.GetResourceNamesSubscribe()
-			if first {
-				first = false
-				log = log.With().Str("node", nodeID(req.GetNode())).Logger()
-				// A reconnecting client says what it has; only newer
-				// versions are sent.
-				for n, v := range req.GetInitialResourceVersions() {
-					sub.sent[n] = v
-				}
-				if len(subscribe) == 0 {
-					subscribe = []string{"*"} // legacy wildcard
-				}
-			}
-			if req.GetResponseNonce() != "" {
-				logAck(log, req.GetResponseNonce(), "", nil, req.GetErrorDetail())
-			}
-			// Later requests change the subscription only by the names
-			// they list; an ACK lists none.
-			var added, removed []string
-			for _, n := range expand(subscribe) {
-				if !sub.names[n] {
-					sub.names[n] = true
-					added = append(added, n)
-				}
-			}
-			for _, n := range expand(req.GetResourceNamesUnsubscribe()) {
-				if sub.names[n] {
-					delete(sub.names, n)
-					delete(sub.sent, n)
-					removed = append(removed, n)
-				}
-			}
-			s.subscribe(added)
-			s.unsubscribe(removed)
+		if err := stream.Send(resp); err != nil {
+			return err
 		}
+		log.Debug().Strs("secrets", due).Str("version", resp.SystemVersionInfo).Str("nonce", resp.Nonce).Msg("SDS push")
+		return nil
 	}
+	handle := func(req *discoveryv3.DeltaDiscoveryRequest) error {
+		subscribe := req.GetResourceNamesSubscribe()
+		if first {
+			first = false
+			log = log.With().Str("node", nodeID(req.GetNode())).Logger()
+			// A reconnecting client says what it has; only newer
+			// versions are sent.
+			for n, v := range req.GetInitialResourceVersions() {
+				sub.sent[n] = v
+			}
+			if len(subscribe) == 0 {
+				subscribe = []string{"*"} // legacy wildcard
+			}
+		}
+		if req.GetResponseNonce() != "" {
+			logAck(log, req.GetResponseNonce(), "", nil, req.GetErrorDetail())
+		}
+		// Later requests change the subscription only by the names
+		// they list; an ACK lists none.
+		var added, removed []string
+		for _, n := range expand(subscribe) {
+			if !sub.names[n] {
+				sub.names[n] = true
+				added = append(added, n)
+			}
+		}
+		for _, n := range expand(req.GetResourceNamesUnsubscribe()) {
+			if sub.names[n] {
+				delete(sub.names, n)
+				delete(sub.sent, n)
+				removed = append(removed, n)
+			}
+		}
+		s.subscribe(added)
+		s.unsubscribe(removed)
+		return nil
+	}
+	return serve(s, stream.Context(), stream.Recv, sub, push, handle)
 }
 
 // logAck records the client's verdict on a response. A NACK is logged with
