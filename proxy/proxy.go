@@ -506,8 +506,7 @@ func (p *Proxy) closePools(exitBy time.Time) bool {
 		ctx, cancel = context.WithDeadline(ctx, exitBy)
 	}
 	defer cancel()
-	p.pools.Close(ctx)
-	if ctx.Err() != nil {
+	if !p.pools.Close(ctx) {
 		p.log.Warn().Msg("exit: upstream connections still busy after the drain are abandoned")
 		return false
 	}

@@ -198,8 +198,9 @@ func TestPoolsCloseBoundedByContext(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	closed := make(chan struct{})
+	var finished bool
 	go func() {
-		env.pools.Close(ctx)
+		finished = env.pools.Close(ctx)
 		close(closed)
 	}()
 	select {
@@ -212,6 +213,12 @@ func TestPoolsCloseBoundedByContext(t *testing.T) {
 	case <-closed:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not return once its context was done")
+	}
+	if finished {
+		t.Error("Close reported every connection finished, though it cut a busy one")
+	}
+	if !env.pools.Close(context.Background()) {
+		t.Error("a second Close, with nothing busy, reported a cut")
 	}
 	// Its upstream connection was closed under it.
 	waitFor(t, released, "the held request given up upstream")

@@ -427,8 +427,9 @@ func (p *Pools) Conns(name string) int {
 // it returns when all are closed. The caller bounds it: a proxy that exits
 // once its termination drain is over passes a context already done (what
 // a request still holds then is cut, as the exit would). Later requests
-// fail with 503 UO. Idempotent.
-func (p *Pools) Close(ctx context.Context) {
+// fail with 503 UO. Idempotent. It reports whether every busy connection
+// finished on its own (false: ctx ended first and the rest were cut).
+func (p *Pools) Close(ctx context.Context) bool {
 	p.mu.Lock()
 	if !p.closed {
 		p.closed = true
@@ -440,7 +441,7 @@ func (p *Pools) Close(ctx context.Context) {
 	abort := p.abort
 	p.mu.Unlock()
 	if abort == nil {
-		return // no pool had a busy connection: nothing to wait for
+		return true // no pool had a busy connection: nothing to wait for
 	}
 	stop := context.AfterFunc(ctx, func() {
 		p.mu.Lock()
@@ -451,6 +452,7 @@ func (p *Pools) Close(ctx context.Context) {
 			close(p.abort)
 		}
 	})
-	defer stop()
 	p.wg.Wait()
+	// stop reports false when ctx already fired the abort.
+	return stop()
 }
