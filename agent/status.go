@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/internal/adminguard"
 )
 
 // statusServer is what the kubelet and Prometheus talk to: readiness
@@ -115,7 +117,7 @@ func (s *statusServer) ReadinessHandler() http.Handler {
 
 // serve runs h on ln until ln closes.
 func serve(ln net.Listener, h http.Handler) *http.Server {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: adminguard.Wrap(h, adminguard.Options{}), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/internal/adminguard"
 )
 
 // Options configure a control plane.
@@ -157,7 +159,7 @@ func Run(ctx context.Context, o Options) error {
 		return fmt.Errorf("--api-address: %w", err)
 	}
 	api := &API{Server: srv, Token: token, Log: o.Log}
-	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: adminguard.Wrap(api.Handler(), adminguard.Options{}), ReadHeaderTimeout: 10 * time.Second}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

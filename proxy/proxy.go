@@ -29,6 +29,7 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	"github.com/rs/zerolog"
 
+	"github.com/meshtun/meshtun/internal/adminguard"
 	"github.com/meshtun/meshtun/internal/logging"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/accesslog"
@@ -296,7 +297,7 @@ func (p *Proxy) startConfig() error {
 		p.stopConfig(time.Time{})
 		return fmt.Errorf("bootstrap %s: admin.address: %w", p.cfg.Bootstrap, err)
 	}
-	p.adminHTTP = &http.Server{Handler: p.newAdmin().Handler(), ReadHeaderTimeout: 10 * time.Second}
+	p.adminHTTP = &http.Server{Handler: adminguard.Wrap(p.newAdmin().Handler(), adminguard.Options{CheckHost: true}), ReadHeaderTimeout: 10 * time.Second}
 	p.adminAddr = ln.Addr()
 	go p.adminHTTP.Serve(ln)
 	snap := p.dispatcher.Snapshot()

@@ -27,6 +27,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/adminguard"
 	"github.com/meshtun/meshtun/mesh"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/secrets"
@@ -124,7 +125,7 @@ func (s *Server) Handler() http.Handler {
 
 // Serve runs the admin API on ln until it is closed.
 func (s *Server) Serve(ln net.Listener) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: adminguard.Wrap(s.Handler(), adminguard.Options{CheckHost: true}), ReadHeaderTimeout: 10 * time.Second}
 	return srv.Serve(ln)
 }
 
