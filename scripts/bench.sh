@@ -6,13 +6,16 @@
 #   mtb-pod  eth0 10.77.0.2/24 fd77::2/64, default route via mtb-svc
 #   mtb-svc  eth0 10.77.0.1/24 fd77::1/64, runs `iperf3 -s` and `rrbench server`
 # then, for BENCH_ROUNDS rounds, measures from the pod with no proxy
-# (DIRECT) and with `meshtun proxy` capturing the pod (CAPTURE); the order
-# flips every round (D C, C D, …) so drift hits both sides alike:
+# (DIRECT), through the classic sidecar path (REDIRECT: iptables nat OUTPUT
+# REDIRECT to `rrbench redirect`, a minimal proxy on kernel sockets that
+# splices), and with `meshtun proxy` capturing the pod (CAPTURE, and VIP:
+# through a service listener); the order flips every round so drift hits
+# every side alike:
 #   iperf3 1 stream and 4 streams (bits/s received), 64-byte request/response
 #   latency on one connection (p50/p99), new connection + one RR (p50/p99).
 # Prints medians across rounds and writes them to $BENCH_OUT/bench-results.txt.
 #
-# Needs root, ip (iproute2), iperf3, awk, go (to build integration/cmd/rrbench).
+# Needs root, ip (iproute2), iperf3, iptables, awk, go (to build integration/cmd/rrbench).
 # Environment:
 #   BENCH_ROUNDS=3  BENCH_SECONDS=5  (iperf3 -t)
 #   BENCH_RR_N=20000  BENCH_CONNECT_N=2000   samples per latency test
@@ -60,8 +63,8 @@ die() {
 }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, veth, TUN)"
-for c in ip iperf3 awk "$GO"; do
-	command -v "$c" >/dev/null 2>&1 || die "$c not found (make deps installs iproute2 and iperf3)"
+for c in ip iperf3 iptables awk "$GO"; do
+	command -v "$c" >/dev/null 2>&1 || die "$c not found (make deps installs iproute2, iperf3 and iptables)"
 done
 case $ROUNDS in '' | *[!0-9]* | 0) die "BENCH_ROUNDS=$ROUNDS: want a positive integer" ;; esac
 case $SECONDS_PER_TEST in '' | *[!0-9]* | 0) die "BENCH_SECONDS=$SECONDS_PER_TEST: want a positive integer" ;; esac
@@ -342,6 +345,32 @@ measure_vip() { # measure_vip ROUND
 	stop_proxy
 }
 
+# measure_redirect ROUND: the iptables REDIRECT reference. The NAT rule
+# sends the pod's TCP to SVC_IP through `rrbench redirect` (its own
+# upstream sockets carry mark 0x539, which the rule skips).
+REDIR_PORT=15101
+measure_redirect() {
+	local r=$1 pid i nat
+	ip netns exec $POD "$RRB" redirect -listen "0.0.0.0:$REDIR_PORT" >"$OUT/redirect-round$r.log" 2>&1 &
+	pid=$!
+	PIDS+=("$pid")
+	for i in $(seq 50); do
+		ip netns exec $POD ss -ltnH "sport = :$REDIR_PORT" | grep -q . && break
+		[ "$i" -lt 50 ] || die "rrbench redirect did not listen (log: $OUT/redirect-round$r.log)"
+		sleep 0.1
+	done
+	in_pod iptables -t nat -A OUTPUT -p tcp -d $SVC_IP -m mark ! --mark 0x539 -j REDIRECT --to-ports $REDIR_PORT
+	measure "$r" redirect
+	# Proof the measured connections were redirected: the NAT rule's
+	# packet count (the first packet of each connection).
+	nat=$(in_pod iptables -t nat -L OUTPUT -v -x -n | awk '/REDIRECT/ { print $1; exit }')
+	in_pod iptables -t nat -D OUTPUT -p tcp -d $SVC_IP -m mark ! --mark 0x539 -j REDIRECT --to-ports $REDIR_PORT
+	kill -TERM "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	[ "${nat:-0}" -gt 0 ] || die "the REDIRECT rule matched no connection: the reference was not measured"
+	sample "$r" redirect nat_conns "$nat"
+}
+
 BASE_RULES=$(rules)
 OFFLOADS="n/a (BENCH_DIRECT_ONLY=1)"
 STARTUP="n/a"
@@ -371,11 +400,13 @@ for r in $(seq "$ROUNDS"); do
 		measure "$r" direct
 	elif [ $((r % 2)) -eq 1 ]; then
 		measure "$r" direct
+		measure_redirect "$r"
 		measure_capture "$r"
 		measure_vip "$r"
 	else
 		measure_vip "$r"
 		measure_capture "$r"
+		measure_redirect "$r"
 		measure "$r" direct
 	fi
 done
@@ -388,26 +419,26 @@ median() {
 		awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-row() { # row LABEL METRIC KIND(tput|lat)
-	local d c v
+# row LABEL METRIC KIND(tput|lat): medians per mode; for throughput the
+# ratios capture/direct, capture/redirect (>= 1 means meshtun is at least
+# as fast as the path it replaces) and vip/capture; for latency the
+# differences in microseconds.
+row() {
+	local d x c v
 	d=$(median direct "$2")
+	x=$(median redirect "$2")
 	c=$(median capture "$2")
 	v=$(median vip "$2")
-	awk -v label="$1" -v d="$d" -v c="$c" -v v="$v" -v kind="$3" 'BEGIN {
-		if (kind == "tput") {
-			ds = (d == "-") ? "-" : sprintf("%.2f", d / 1e9)
-			cs = (c == "-") ? "-" : sprintf("%.2f", c / 1e9)
-			vs = (v == "-") ? "-" : sprintf("%.2f", v / 1e9)
-			x = (d == "-" || c == "-" || d == 0) ? "-" : sprintf("%.3fx", c / d)
-			y = (v == "-" || c == "-" || c == 0) ? "-" : sprintf("%.3fx", v / c)
-		} else {
-			ds = (d == "-") ? "-" : sprintf("%.1f", d)
-			cs = (c == "-") ? "-" : sprintf("%.1f", c)
-			vs = (v == "-") ? "-" : sprintf("%.1f", v)
-			x = (d == "-" || c == "-") ? "-" : sprintf("%+.1f us", c - d)
-			y = (v == "-" || c == "-") ? "-" : sprintf("%+.1f us", v - c)
-		}
-		printf "%-26s | %10s | %10s | %10s | %-17s | %s\n", label, ds, cs, vs, x, y
+	awk -v label="$1" -v d="$d" -v x="$x" -v c="$c" -v v="$v" -v kind="$3" '
+	function num(a, s) { return (a == "-") ? "-" : sprintf(s, (kind == "tput") ? a / 1e9 : a) }
+	function cmp(a, b) {
+		if (a == "-" || b == "-") return "-"
+		if (kind == "tput") return (b == 0) ? "-" : sprintf("%.3fx", a / b)
+		return sprintf("%+.1f us", a - b)
+	}
+	BEGIN {
+		f = (kind == "tput") ? "%.2f" : "%.1f"
+		printf "%-26s | %9s | %9s | %9s | %9s | %-11s | %-11s | %s\n", label, num(d, f), num(x, f), num(c, f), num(v, f), cmp(c, d), cmp(c, x), cmp(v, c)
 	}'
 }
 
@@ -422,8 +453,8 @@ row() { # row LABEL METRIC KIND(tput|lat)
 	fi
 	echo "rounds: $ROUNDS (medians shown), iperf3 -t $SECONDS_PER_TEST, RR n=$RR_N, connect n=$CONNECT_N; loadavg $LOAD_START -> $LOAD_END"
 	echo
-	printf "%-26s | %10s | %10s | %10s | %-17s | %s\n" metric direct capture vip "capture vs direct" "vip vs capture"
-	printf '%s\n' "---------------------------+------------+------------+------------+-------------------+-----------------"
+	printf "%-26s | %9s | %9s | %9s | %9s | %-11s | %-11s | %s\n" metric direct redirect capture vip "cap/direct" "cap/redir" "vip/cap"
+	printf '%s\n' "---------------------------+-----------+-----------+-----------+-----------+-------------+-------------+------------"
 	row "TCP 1 stream (Gbit/s)" tput1 tput
 	row "TCP 4 streams (Gbit/s)" tput4 tput
 	row "RR 64 B p50 (us)" rr_p50 lat
@@ -432,7 +463,7 @@ row() { # row LABEL METRIC KIND(tput|lat)
 	row "connect+RR p99 (us)" conn_p99 lat
 	row "HTTP @${HTTP_RATE}/s p50 (us)" http_p50 lat
 	row "HTTP @${HTTP_RATE}/s p99 (us)" http_p99 lat
-	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | capture%s | vip (HCM)%s\n", v["direct"], v["capture"], v["vip"] }' "$SAMPLES"
+	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | redirect%s | capture%s | vip (HCM)%s\n", v["direct"], v["redirect"], v["capture"], v["vip"] }' "$SAMPLES"
 	echo
 	echo "per round (round mode metric value): $SAMPLES"
 } >"$RESULTS"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what meshtun's tests and benchmarks need on a fresh Debian machine:
-# iproute2 (ip netns, veth), iperf3 (throughput bench), curl, procps (sysctl,
+# iproute2 (ip netns, veth), iperf3 and iptables (throughput bench and its REDIRECT reference), curl, procps (sysctl,
 # ps), util-linux (setsid) and coreutils (timeout) for make demo, openssl.
 # Idempotent: does nothing when everything is already present.
 set -euo pipefail
@@ -8,6 +8,7 @@ set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
 command -v ps >/dev/null 2>&1 || need+=(procps)

@@ -13,6 +13,8 @@
 //	rrbench httpclient -url URL [-host H] [-conns 10] [-rate 1000] [-duration 10s]
 //	    keep-alive GETs, fixed rate (open loop) or -rate 0 (as fast as
 //	    possible); prints {"mode","conns","n","rps","p50_us","p90_us","p99_us","max_us","errors"}.
+//	rrbench redirect [-listen 0.0.0.0:15101] [-mark 0x539]
+//	    the iptables REDIRECT reference proxy (SO_ORIGINAL_DST, splice).
 //	rrbench iperfsum FILE
 //	    prints end.sum_received.bits_per_second of an `iperf3 -J` report.
 //
@@ -50,6 +52,8 @@ func main() {
 		err = httpServer(os.Args[2:])
 	case "httpclient":
 		err = httpClient(os.Args[2:])
+	case "redirect":
+		err = redirect(os.Args[2:])
 	default:
 		usage()
 	}
@@ -60,7 +64,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: rrbench server -listen ADDR | client -addr ADDR [-size 64 -n 20000 -warmup 1000 -conns 1 -connect] | iperfsum FILE")
+	fmt.Fprintln(os.Stderr, "usage: rrbench server -listen ADDR | client -addr ADDR [-size 64 -n 20000 -warmup 1000 -conns 1 -connect] | redirect [-listen ADDR] | iperfsum FILE")
 	os.Exit(2)
 }
 
