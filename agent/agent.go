@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -166,6 +167,8 @@ func Run(cfg Config, root zerolog.Logger) error {
 		AgentMetrics: a.writeMetrics,
 		ProxyMetrics: a.proxyMetrics,
 		Quit:         func() { a.quitOnce.Do(func() { close(a.quit) }) },
+		Drain:        a.drainProxy,
+		AppProbes:    in.appProbers,
 		Log:          log,
 	}
 	a.prober.Store(newProber(AdminAddress(b), hasADS(b)))
@@ -331,6 +334,21 @@ func (a *agent) proxyMetrics(ctx context.Context) ([]byte, error) {
 		return nil, fmt.Errorf("proxy /stats/prometheus: %d", code)
 	}
 	return body, nil
+}
+
+// drainProxy asks the proxy, through its admin, to stop taking new inbound
+// flows and to start closing its HTTP connections gracefully, as
+// pilot-agent's /drain asks Envoy (drain_listeners?inboundonly&graceful).
+func (a *agent) drainProxy() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	code, body, err := a.prober.Load().Do(ctx, http.MethodPost, "/drain_listeners?inboundonly&graceful")
+	switch {
+	case err != nil:
+		a.log.Warn().Err(err).Msg("/drain: the proxy's admin did not answer; it drains at termination")
+	case code != http.StatusOK:
+		a.log.Warn().Int("status", code).Str("body", strings.TrimSpace(string(body))).Msg("/drain: the proxy refused drain_listeners")
+	}
 }
 
 func (a *agent) writeMetrics(w io.Writer) {

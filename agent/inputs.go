@@ -121,6 +121,9 @@ type Inputs struct {
 	// env is the environment with proxyMetadata's entries filled in: the
 	// CA client's settings come from it as pilot-agent's do.
 	env map[string]string
+	// appProbers are the application's probes the injector moved to the
+	// status port (ISTIO_KUBE_APP_PROBERS), validated.
+	appProbers *appProbers
 	// Extra is the parsed ExtraBootstrap, nil without one.
 	Extra     *bootstrapv3.Bootstrap
 	ExtraPath string
@@ -179,6 +182,14 @@ func Load(src Sources) (*Inputs, error) {
 		in.Domain = in.Namespace + ".svc.cluster.local"
 	}
 	if in.InstanceIPs, err = instanceIPs(env); err != nil {
+		return nil, err
+	}
+
+	var podIP netip.Addr
+	if len(in.InstanceIPs) > 0 {
+		podIP = in.InstanceIPs[0]
+	}
+	if in.appProbers, err = parseAppProbers(env[envAppProbers], podIP, in.ProxyConfig.StatusPort); err != nil {
 		return nil, err
 	}
 

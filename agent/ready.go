@@ -50,7 +50,12 @@ func (p *prober) Admin() string { return p.admin }
 
 // Get fetches path from the admin API and returns the status and body.
 func (p *prober) Get(ctx context.Context, path string) (int, []byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://localhost"+path, nil)
+	return p.Do(ctx, http.MethodGet, path)
+}
+
+// Do sends method path to the proxy's admin; the status and body.
+func (p *prober) Do(ctx context.Context, method, path string) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://localhost"+path, nil)
 	if err != nil {
 		return 0, nil, err
 	}

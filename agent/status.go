@@ -30,7 +30,13 @@ type statusServer struct {
 	ProxyMetrics func(ctx context.Context) ([]byte, error)
 	// Quit starts a graceful exit (POST /quitquitquit, from the pod only).
 	Quit func()
-	Log  zerolog.Logger
+	// Drain starts the proxy's drain without exiting (POST /drain, from
+	// the pod only): Istio's native-sidecar preStop hook calls it through
+	// `pilot-agent request --debug-port=15020 POST drain`.
+	Drain func()
+	// AppProbes serves /app-health/ and /app-lifecycle/ (nil: 404).
+	AppProbes http.Handler
+	Log       zerolog.Logger
 
 	draining atomic.Bool
 }
@@ -81,13 +87,7 @@ func (s *statusServer) metrics(w http.ResponseWriter, r *http.Request) {
 // when done so the sidecar does not keep the pod alive. Only the pod
 // itself may (a loopback peer), and only with POST.
 func (s *statusServer) quit(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		http.Error(w, "use POST", http.StatusMethodNotAllowed)
-		return
-	}
-	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err != nil || !ap.Addr().IsLoopback() {
-		http.Error(w, "only from within the pod", http.StatusForbidden)
+	if !fromPod(w, r) {
 		return
 	}
 	fmt.Fprintln(w, "OK")
@@ -95,14 +95,56 @@ func (s *statusServer) quit(w http.ResponseWriter, r *http.Request) {
 	go s.Quit()
 }
 
+// drain is pilot-agent's /drain: readiness fails from now on and the
+// proxy stops taking new inbound flows while it keeps serving; the exit
+// comes later, with the SIGTERM.
+func (s *statusServer) drain(w http.ResponseWriter, r *http.Request) {
+	if !fromPod(w, r) {
+		return
+	}
+	s.SetDraining()
+	fmt.Fprintln(w, "OK")
+	s.Log.Info().Msg("/drain: draining; the proxy keeps serving until terminated")
+	if s.Drain != nil {
+		go s.Drain()
+	}
+}
+
+// fromPod admits only POSTs from a loopback peer (the pod itself).
+func fromPod(w http.ResponseWriter, r *http.Request) bool {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "use POST", http.StatusMethodNotAllowed)
+		return false
+	}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err != nil || !ap.Addr().IsLoopback() {
+		http.Error(w, "only from within the pod", http.StatusForbidden)
+		return false
+	}
+	return true
+}
+
+// appHealth serves the application probes the injector rewrote.
+func (s *statusServer) appHealth(w http.ResponseWriter, r *http.Request) {
+	if s.AppProbes == nil {
+		http.NotFound(w, r)
+		return
+	}
+	s.AppProbes.ServeHTTP(w, r)
+}
+
 // StatusHandler serves the status port: /healthz/ready, /healthz/live,
-// /stats/prometheus, /quitquitquit.
+// /stats/prometheus, /quitquitquit, /drain, and the application's probes
+// under /app-health/ and /app-lifecycle/.
 func (s *statusServer) StatusHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz/ready", s.ready)
 	mux.HandleFunc("/healthz/live", s.live)
 	mux.HandleFunc("/stats/prometheus", s.metrics)
 	mux.HandleFunc("/quitquitquit", s.quit)
+	mux.HandleFunc("/drain", s.drain)
+	mux.HandleFunc("/app-health/", s.appHealth)
+	mux.HandleFunc("/app-lifecycle/", s.appHealth)
 	return mux
 }
 

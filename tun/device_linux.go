@@ -27,6 +27,9 @@ func Open(cfg DeviceConfig) (*Device, error) {
 			return nil, fmt.Errorf("tun: deleting stale %s: %w", cfg.Name, err)
 		}
 	}
+	if err := ensureNode(tunNode); err != nil {
+		return nil, err
+	}
 	dev, err := wgtun.CreateTUN(cfg.Name, cfg.MTU)
 	if err != nil {
 		return nil, fmt.Errorf("tun: create %s: %w", cfg.Name, err)

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -38,6 +39,11 @@ func usage(w io.Writer) {
 }
 
 func main() {
+	// Under the name pilot-agent (the image links it so), Istio's
+	// injection template drives the binary with pilot-agent's argv.
+	if filepath.Base(os.Args[0]) == "pilot-agent" {
+		os.Exit(runPilotAgent(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
