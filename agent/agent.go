@@ -278,7 +278,7 @@ func (a *agent) proxyCommand() (*exec.Cmd, error) {
 		"--termination-drain-duration", pc.TerminationDrainDuration.String(),
 		"--drain-duration", pc.DrainDuration.String(),
 		"--concurrency", strconv.Itoa(pc.Concurrency),
-		"--mark", fmt.Sprintf("%#x", co.Mark),
+		"--mark", markArg(co.Mark),
 	)
 	if a.cfg.LogLevel != "" {
 		args = append(args, "--log-level", a.cfg.LogLevel)
@@ -357,4 +357,13 @@ func (a *agent) writeMetrics(w io.Writer) {
 	metric(w, "meshtun_agent_capture_blocked", "gauge", "1 while captured flows are refused because no proxy serves them.", b2f(a.sup.Blocked()))
 	metric(w, "meshtun_agent_reload_signals_total", "counter", "Reload signals (SIGHUP) sent to the proxy after a watched file changed; the proxy counts the reloads it applied as envoy_server_bootstrap_reload_update_success.", float64(a.reloadSignals.Load()))
 	metric(w, "meshtun_agent_reload_errors_total", "counter", "Watched-file changes not sent to the proxy because the new inputs were invalid or the bootstrap could not be written.", float64(a.reloadErrors.Load()))
+}
+
+// markArg is the proxy's --mark: none for the least-privilege sidecar,
+// whose sockets capture exempts by user (SO_MARK needs CAP_NET_ADMIN).
+func markArg(m uint32) string {
+	if m == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%#x", m)
 }

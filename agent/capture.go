@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 
 	"github.com/rs/zerolog"
@@ -15,9 +16,19 @@ import (
 // CaptureOptions are the agent's capture settings; the pod annotations'
 // exclusions are added to the ones given here.
 type CaptureOptions struct {
-	// Mode is "sidecar" (the agent installs capture), "none", or "" to
-	// follow INTERCEPTION_MODE (NONE means none, else sidecar).
-	Mode                 string
+	// Mode is "sidecar" (the agent installs capture), "attach" (the
+	// init container installed it through a persistent TUN the agent's
+	// user owns: the least-privilege sidecar attaches to it and changes
+	// nothing on the host), "none", or "" to follow INTERCEPTION_MODE
+	// (NONE means none, else sidecar).
+	Mode string
+	// TunOwner, with --capture-only, makes the TUN persistent and owned
+	// by this uid (TunGroup: gid, -1 none), and exempts the uid's sockets
+	// from capture: the unprivileged sidecar then attaches (Mode attach).
+	TunOwner, TunGroup int
+	// TunNode is the TUN clone device (default /dev/net/tun); an emptyDir
+	// path shares the node the init container made with the sidecar.
+	TunNode              string
 	TunName              string
 	TunMTU               int
 	StateDir             string
@@ -39,8 +50,11 @@ func (co *CaptureOptions) setDefaults() {
 	if co.TunMTU == 0 {
 		co.TunMTU = 65535
 	}
-	if co.Mark == 0 {
+	if co.Mark == 0 && co.Mode != "attach" {
 		co.Mark = 0x539
+	}
+	if co.TunNode == "" {
+		co.TunNode = "/dev/net/tun"
 	}
 }
 
@@ -57,6 +71,24 @@ func (a *agent) setupCapture(in *Inputs) error {
 	if mode == "none" || mode == "local" {
 		// Laptop mode: the proxy routes the CIDRs into its own TUN and
 		// takes them down when it exits; there is no pod traffic to hold.
+		return nil
+	}
+	if mode == "attach" {
+		// Capture is the init container's; this agent only holds the
+		// device for its proxies. It changes no route (it could not), so
+		// nothing is blocked while no proxy serves: the kernel drops what
+		// reaches the TUN while nobody reads it.
+		dev, err := tun.Attach(co.TunName, co.TunNode, co.TunMTU)
+		if err != nil {
+			return err
+		}
+		_, ips, err := tun.PodAddrs(co.PodInterface, co.PodIPs)
+		if err != nil {
+			dev.Close()
+			return err
+		}
+		a.dev, a.podIPs = dev, ips
+		a.log.Info().Str("tun", co.TunName).Int("uid", os.Getuid()).Msg("attached to the init container's TUN; capture is the init container's")
 		return nil
 	}
 	dev, capt, err := installCapture(co, in.Exclusions, agentPorts(in.ProxyConfig, in.ReadinessPort), a.root)
@@ -187,6 +219,9 @@ func CaptureOnly(co CaptureOptions, src Sources, root zerolog.Logger) error {
 	if readiness == 0 {
 		readiness = defaultReadinessPort
 	}
+	if co.TunOwner > 0 {
+		return persistentCapture(co, ex, agentPorts(pc, readiness), root)
+	}
 	dev, capt, err := installCapture(co, ex, agentPorts(pc, readiness), root)
 	if err != nil {
 		return err
@@ -221,8 +256,29 @@ func captureMode(flag, interception string) (string, error) {
 			return "none", nil
 		}
 		return "sidecar", nil
-	case "sidecar", "none", "local":
+	case "sidecar", "none", "local", "attach":
 		return flag, nil
 	}
-	return "", fmt.Errorf("--capture %q: want sidecar, none or local", flag)
+	return "", fmt.Errorf("--capture %q: want sidecar, attach, none or local", flag)
+}
+
+// persistentCapture is --capture-only --tun-owner: the least-privilege
+// split's init step. The TUN is made persistent and owned by the sidecar's
+// user, capture goes through it unblocked (the sidecar cannot change
+// routes later) with that user's own sockets exempt, and the process
+// exits: until the sidecar attaches, the kernel drops what capture routes
+// to the unread device, so nothing leaves uncaptured.
+func persistentCapture(co CaptureOptions, ex Exclusions, ports []tun.PortRange, root zerolog.Logger) error {
+	log := logging.Component(root, "agent")
+	if err := tun.CreatePersistent(tun.DeviceConfig{Name: co.TunName, MTU: co.TunMTU}, co.TunNode, co.TunOwner, co.TunGroup); err != nil {
+		return err
+	}
+	cfg := captureConfig(co, co.TunName, ex, ports)
+	cfg.OwnerUID = co.TunOwner
+	if _, err := tun.SetupCapture(cfg, logging.Component(root, "capture")); err != nil {
+		return err
+	}
+	log.Info().Str("tun", co.TunName).Int("owner", co.TunOwner).Int("group", co.TunGroup).Str("node", co.TunNode).
+		Msg("capture installed through a persistent TUN; dropped until the sidecar (as its owner) attaches")
+	return nil
 }

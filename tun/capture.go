@@ -32,6 +32,11 @@ type CaptureConfig struct {
 	// PodIPs default to the global unicast addresses of PodInterface.
 	PodIPs []netip.Addr
 
+	// OwnerUID, when positive, is a user whose sockets bypass capture
+	// like marked ones: the least-privilege sidecar's, which cannot set
+	// SO_MARK.
+	OwnerUID int
+
 	// Inbound captures TCP arriving on PodInterface for PodIPs.
 	Inbound bool
 

@@ -273,6 +273,14 @@ func (c *Capture) rules() []*netlink.Rule {
 		r := gotoLocal(prioMark)
 		r.Mark, r.Mask = cfg.Mark, &mask
 		out = append(out, r)
+		if cfg.OwnerUID > 0 {
+			// The unprivileged sidecar cannot mark its sockets (SO_MARK
+			// needs CAP_NET_ADMIN): its user is exempt instead, as
+			// istio-iptables exempts uid 1337.
+			r = gotoLocal(prioMark)
+			r.UIDRange = netlink.NewRuleUIDRange(uint32(cfg.OwnerUID), uint32(cfg.OwnerUID))
+			out = append(out, r)
+		}
 
 		r = newRule(fam, prioLocalOut)
 		r.IifName, r.Table = "lo", unix.RT_TABLE_LOCAL
@@ -673,6 +681,9 @@ func describe(r *netlink.Rule) string {
 	fmt.Fprintf(&b, "%d:", r.Priority)
 	if r.Mark != 0 {
 		fmt.Fprintf(&b, " fwmark %#x", r.Mark)
+	}
+	if r.UIDRange != nil {
+		fmt.Fprintf(&b, " uidrange %d-%d", r.UIDRange.Start, r.UIDRange.End)
 	}
 	if r.IifName != "" {
 		fmt.Fprintf(&b, " iif %s", r.IifName)

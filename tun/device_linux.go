@@ -87,6 +87,12 @@ func OpenFile(fd int, mtu int) (*Device, error) {
 		return nil, fmt.Errorf("tun: file descriptor %d: %w", fd, err)
 	}
 	f := os.NewFile(uintptr(fd), fmt.Sprintf("tun-fd-%d", fd))
+	// A plain device (no virtio-net header) is the least-privilege
+	// hand-over (Attach): adopt it as it is, without the offload and MTU
+	// set-up that needs CAP_NET_ADMIN.
+	if ifr, err := unix.NewIfreq(""); err == nil && unix.IoctlIfreq(fd, unix.TUNGETIFF, ifr) == nil && ifr.Uint16()&unix.IFF_VNET_HDR == 0 {
+		return adoptPlain(f, ifr.Name(), mtu), nil
+	}
 	dev, err := wgtun.CreateTUNFromFile(f, mtu)
 	if err != nil {
 		f.Close()
@@ -102,4 +108,13 @@ func OpenFile(fd int, mtu int) (*Device, error) {
 		d.index = link.Attrs().Index
 	}
 	return d, nil
+}
+
+// adoptPlain is OpenFile for a plain TUN named name.
+func adoptPlain(f *os.File, name string, mtu int) *Device {
+	d := &Device{dev: newPlain(f, name, mtu), name: name, mtu: mtu}
+	if link, err := netlink.LinkByName(name); err == nil {
+		d.index = link.Attrs().Index
+	}
+	return d
 }

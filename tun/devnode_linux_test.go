@@ -12,12 +12,7 @@ import (
 // made as the character device 10:200 (checked on a path of the test's
 // own: the host's node is left alone).
 func TestEnsureNodeCreatesTheTUNClone(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("needs root (CAP_MKNOD) under CI")
-		}
-		t.Skip("needs root (CAP_MKNOD)")
-	}
+	requireRoot(t)
 	path := filepath.Join(t.TempDir(), "dev", "net", "tun")
 	if err := ensureNode(path); err != nil {
 		t.Fatal(err)

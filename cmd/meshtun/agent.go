@@ -61,7 +61,10 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	printBootstrap := fs.Bool("print-bootstrap", false, "print the bootstrap the environment gives and exit (nothing is started or written)")
 	captureOnly := fs.Bool("capture-only", false, "install capture (blocked until the agent's proxy serves) and exit: the init container, like istio-init; with interception mode NONE (--capture none, ISTIO_META_INTERCEPTION_MODE=NONE) it changes nothing")
 	co := &cfg.Capture
-	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic), "local" (laptop mode, as --mode local) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
+	fs.StringVar(&co.Mode, "capture", "", `"sidecar" (capture the pod's traffic), "attach" (least privilege: attach, as its owner, to the TUN the init container made with --tun-owner; no capability needed), "local" (laptop mode, as --mode local) or "none"; default: none if ISTIO_META_INTERCEPTION_MODE=NONE, else sidecar`)
+	fs.IntVar(&co.TunOwner, "tun-owner", 0, "with --capture-only: make the TUN persistent and owned by this uid (the sidecar's, e.g. 1337), and exempt that uid's sockets from capture, for a sidecar running with --capture attach")
+	fs.IntVar(&co.TunGroup, "tun-group", -1, "with --tun-owner: the TUN's group (-1: none)")
+	fs.StringVar(&co.TunNode, "tun-node", "/dev/net/tun", "the TUN clone device; created (c 10:200) when missing. Share one on an emptyDir between the init container and the sidecar")
 	mode := fs.String("mode", "sidecar", `"sidecar" (in a pod, next to istiod) or "local" (a developer's machine: only --capture-cidr is routed into the TUN, nothing inbound; POD_NAME, POD_NAMESPACE and INSTANCE_IP default to the host name, "default" and the default route's address)`)
 	fs.Func("capture-cidr", `with --mode local: destinations routed into the TUN, comma separated or repeated (the mesh's service range, e.g. 10.96.0.0/12)`, func(s string) error {
 		ps, err := parseCaptureCIDRs(s)
@@ -135,8 +138,17 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	case *captureOnly && co.Mode == "local":
 		fmt.Fprintf(stderr, "meshtun agent: --capture-only: laptop mode has no init container; drop --capture-only (its proxy routes --capture-cidr itself)\n")
 		return 2
-	case co.Mode != "" && co.Mode != "sidecar" && co.Mode != "none" && co.Mode != "local":
-		fmt.Fprintf(stderr, "meshtun agent: -capture: want \"sidecar\", \"local\" or \"none\", got %q\n", co.Mode)
+	case co.Mode != "" && co.Mode != "sidecar" && co.Mode != "none" && co.Mode != "local" && co.Mode != "attach":
+		fmt.Fprintf(stderr, "meshtun agent: -capture: want \"sidecar\", \"attach\", \"local\" or \"none\", got %q\n", co.Mode)
+		return 2
+	case co.TunOwner != 0 && !*captureOnly:
+		fmt.Fprintf(stderr, "meshtun agent: --tun-owner applies to --capture-only (the init container); the sidecar attaches with --capture attach\n")
+		return 2
+	case co.TunOwner < 0:
+		fmt.Fprintf(stderr, "meshtun agent: --tun-owner %d: want a uid\n", co.TunOwner)
+		return 2
+	case co.Mode == "attach" && *captureOnly:
+		fmt.Fprintf(stderr, "meshtun agent: --capture attach is the sidecar's; the init container creates the device with --capture-only --tun-owner UID\n")
 		return 2
 	case co.Mode == "local" && len(co.CIDRs) == 0:
 		fmt.Fprintf(stderr, "meshtun agent: --mode local needs at least one --capture-cidr\n")
@@ -144,6 +156,11 @@ func runAgent(args []string, stdout, stderr io.Writer) int {
 	case co.Mode != "local" && len(co.CIDRs) > 0:
 		fmt.Fprintf(stderr, "meshtun agent: --capture-cidr applies to --mode local only\n")
 		return 2
+	}
+	if co.Mode == "attach" {
+		// Its sockets are exempt from capture by user: SO_MARK needs
+		// CAP_NET_ADMIN, which this sidecar does not have.
+		co.Mark = 0
 	}
 	out := &agent.LockedWriter{W: stderr}
 	log, err := logging.New(logging.Options{Level: cfg.LogLevel, Format: logging.Format(cfg.LogFormat), Out: out})

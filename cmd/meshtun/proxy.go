@@ -130,9 +130,14 @@ func parseCaptureCIDRs(s string) ([]netip.Prefix, error) {
 
 // parseMark reads a --mark value: a non-zero 32-bit number, decimal or 0x hex.
 func parseMark(s string) (uint32, error) {
+	if s == "none" {
+		// Sockets unmarked: capture exempts the proxy's user instead (the
+		// least-privilege sidecar cannot set SO_MARK).
+		return 0, nil
+	}
 	v, err := strconv.ParseUint(s, 0, 32)
 	if err != nil || v == 0 {
-		return 0, fmt.Errorf("want a non-zero 32-bit number such as 0x539, got %q", s)
+		return 0, fmt.Errorf("want a non-zero 32-bit number such as 0x539, or none, got %q", s)
 	}
 	return uint32(v), nil
 }
