@@ -120,7 +120,9 @@ func TestPilotAgentCompatibility(t *testing.T) {
 	if !ag.waitLine(func(l string) bool { return logMessage(l) == "proxy started" }, 15*time.Second) {
 		t.Fatalf("pilot-agent proxy sidecar did not start its proxy; log:\n%s", strings.Join(ag.logLines(), "\n"))
 	}
-	if !ag.waitLine(func(l string) bool { return strings.Contains(l, "accepted, not acted on by meshtun: --proxyComponentLogLevel=misc:error") }, time.Second) {
+	if !ag.waitLine(func(l string) bool {
+		return strings.Contains(l, "accepted, not acted on by meshtun: --proxyComponentLogLevel=misc:error")
+	}, time.Second) {
 		t.Errorf("the flag meshtun does not act on was not named")
 	}
 
