@@ -154,15 +154,21 @@ func TestParseErrors(t *testing.T) {
 		{"unknown cipher", up(func(u *tlsv3.UpstreamTlsContext) {
 			u.CommonTlsContext.TlsParams.CipherSuites = []string{"ECDHE-ECDSA-AES128-GCM-SHA256", "PSK-AES128-CBC-SHA"}
 		}), false, `tls_params.cipher_suites[1]: "PSK-AES128-CBC-SHA" is not a cipher suite meshtun supports`},
-		{"TLS 1.3 cipher", up(func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.TlsParams.CipherSuites = []string{"TLS_AES_128_GCM_SHA256"} }),
+		{"TLS 1.3 cipher", up(func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.TlsParams.CipherSuites = []string{"TLS_AES_128_GCM_SHA256"}
+		}),
 			false, "TLS 1.3 suites are not configurable"},
-		{"unknown curve", up(func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.TlsParams.EcdhCurves = []string{"brainpoolP256r1"} }),
+		{"unknown curve", up(func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.TlsParams.EcdhCurves = []string{"brainpoolP256r1"}
+		}),
 			false, `tls_params.ecdh_curves[0]: "brainpoolP256r1" is not a curve`},
 		{"versions inverted", up(func(u *tlsv3.UpstreamTlsContext) {
 			u.CommonTlsContext.TlsParams.TlsMinimumProtocolVersion = tlsv3.TlsParameters_TLSv1_3
 			u.CommonTlsContext.TlsParams.TlsMaximumProtocolVersion = tlsv3.TlsParameters_TLSv1_2
 		}), false, "tls_params: tls_minimum_protocol_version TLSv1_3 is above tls_maximum_protocol_version TLSv1_2"},
-		{"signature algorithms", up(func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.TlsParams.SignatureAlgorithms = []string{"ecdsa_secp256r1_sha256"} }),
+		{"signature algorithms", up(func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.TlsParams.SignatureAlgorithms = []string{"ecdsa_secp256r1_sha256"}
+		}),
 			false, "tls_params.signature_algorithms: not supported"},
 		{"regex ignore_case", up(func(u *tlsv3.UpstreamTlsContext) {
 			def(u.CommonTlsContext).MatchSubjectAltNames = []*matcherv3.StringMatcher{{IgnoreCase: true,
@@ -172,7 +178,9 @@ func TestParseErrors(t *testing.T) {
 			def(u.CommonTlsContext).MatchSubjectAltNames = []*matcherv3.StringMatcher{{
 				MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "(a"}}}}
 		}), false, "match_subject_alt_names[0].safe_regex.regex: error parsing regexp"},
-		{"empty prefix", up(func(u *tlsv3.UpstreamTlsContext) { def(u.CommonTlsContext).MatchSubjectAltNames = []*matcherv3.StringMatcher{testpki.Prefix("")} }),
+		{"empty prefix", up(func(u *tlsv3.UpstreamTlsContext) {
+			def(u.CommonTlsContext).MatchSubjectAltNames = []*matcherv3.StringMatcher{testpki.Prefix("")}
+		}),
 			false, "match_subject_alt_names[0]: empty pattern"},
 		{"other_name SAN", up(func(u *tlsv3.UpstreamTlsContext) {
 			def(u.CommonTlsContext).MatchTypedSubjectAltNames = []*tlsv3.SubjectAltNameMatcher{{SanType: tlsv3.SubjectAltNameMatcher_OTHER_NAME, Matcher: testpki.Exact("x")}}
@@ -186,7 +194,9 @@ func TestParseErrors(t *testing.T) {
 			u.CommonTlsContext.ValidationContextType = static(&tlsv3.CertificateValidationContext{
 				TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: "/nonexistent/ca.pem"}}})
 		}), false, "validation_context.trusted_ca.filename: open /nonexistent/ca.pem"},
-		{"sds without config", up(func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.TlsCertificateSdsSecretConfigs[0].SdsConfig = nil }),
+		{"sds without config", up(func(u *tlsv3.UpstreamTlsContext) {
+			u.CommonTlsContext.TlsCertificateSdsSecretConfigs[0].SdsConfig = nil
+		}),
 			false, "tls_certificate_sds_secret_configs[0] (default).sds_config: missing"},
 		{"auto_host_sni", up(func(u *tlsv3.UpstreamTlsContext) { u.AutoHostSni = true }), false, "typed_config.auto_host_sni: not supported"},
 		{"key_log", up(func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.KeyLog = &tlsv3.TlsKeyLog{Path: "/tmp/keys"} }),
