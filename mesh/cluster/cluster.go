@@ -49,6 +49,10 @@ type Options struct {
 	// the proxy's stats store so that it outlives this Cluster (nil: a
 	// block of its own).
 	Stats *Scope
+	// Transport compiles the cluster's transport_socket and
+	// transport_socket_matches (TLS: tlsctx.ParseUpstream over the
+	// proxy's secret store). Nil: only raw_buffer is accepted.
+	Transport TransportParser
 }
 
 // Sentinel errors Connect wraps; callers branch on them with errors.Is.
@@ -83,6 +87,7 @@ type Cluster struct {
 	addedViaAPI    bool
 	// locality_weighted_lb_config: pick a locality by weight, then a host.
 	localityWeighted bool
+	tr               transports
 
 	log      zerolog.Logger
 	dial     dialFunc
@@ -139,7 +144,7 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 		c.obsName = alt
 	}
 	c.hosts.Store(emptySet)
-	specs, err := c.configure(pb)
+	specs, err := c.configure(pb, opts.Transport)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %q: %w", c.name, err)
 	}

@@ -200,18 +200,30 @@ func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
 	u := &hostUpdate{specs: specs, base: base, metas: make([]*hostMeta, 0, len(specs))}
 	all := make([]*Host, 0, len(specs))
 	same := len(specs) == len(base.all)
+	var tsCache map[[2]string]uint16
+	if len(c.tr.matches) > 0 {
+		tsCache = make(map[[2]string]uint16, 2)
+	}
 	for i, s := range specs {
 		h, ok := prev[s.key()]
 		m := s.meta
+		// The transport the host's labels select in this cluster: the
+		// specs may be shared (an assignment staged for several
+		// clusters), so a different choice is a copy.
+		if ts := c.tr.resolve(m.tsEndpoint, m.tsLocality, tsCache); ts != m.ts {
+			cp := *m
+			cp.ts = ts
+			m = &cp
+		}
 		if ok {
 			delete(prev, s.key())
-			if old := h.meta.Load(); *old == *s.meta {
+			if old := h.meta.Load(); *old == *m {
 				m = old
 			} else {
 				same = false
 			}
 		} else {
-			h = newHost(s.addr, s.meta)
+			h = newHost(s.addr, m)
 			h.pipe = s.pipe
 			u.added++
 		}
