@@ -22,6 +22,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 
+	"github.com/meshtun/meshtun/internal/testpki"
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/upstream"
 )
@@ -125,10 +126,10 @@ func transportOf(c *Cluster, h *Host) string {
 const istioMatch = "transport_socket_matches[1] (tlsMode-istio).transport_socket"
 
 func TestSocketMatchSelection(t *testing.T) {
-	pki := xdstest.NewPKI(t)
-	istio := xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))
+	ca := testpki.NewCA(t)
+	istio := xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))
 	// istiod's two matches behind the hbone match it prepends for ambient.
-	p := &parser{roots: pki.Pool()}
+	p := &parser{roots: ca.Pool}
 	c := newTestCluster(t, xdstest.Cluster("outbound|80||httpbin", xdstest.WithEDS(),
 		xdstest.WithSocketMatches(append([]*clusterv3.Cluster_TransportSocketMatch{xdstest.HBONEMatch()}, istio...)...)), withParser(p))
 	if want := []string{istioMatch, "transport_socket_matches[2] (tlsMode-disabled).transport_socket"}; !slices.Equal(p.fields, want) {
@@ -183,14 +184,14 @@ func TestSocketMatchSelection(t *testing.T) {
 }
 
 func TestSocketMatchLocalityAndDefault(t *testing.T) {
-	pki := xdstest.NewPKI(t)
-	p := &parser{roots: pki.Pool()}
-	tlsOnly := xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))[:1]
+	ca := testpki.NewCA(t)
+	p := &parser{roots: ca.Pool}
+	tlsOnly := xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))[:1]
 	// No {} match: endpoints without labels fall back to the locality's,
 	// then to transport_socket (here TLS too, with another SNI).
-	def := xdstest.IstioUpstreamTLS("default-sni", httpbinID)
+	def := testpki.UpstreamSocket("default-sni", httpbinID)
 	c := newTestCluster(t, xdstest.Cluster("loc", xdstest.WithEDS(), xdstest.WithSocketMatches(tlsOnly...),
-		xdstest.WithTransportSocket(xdstest.TLSSocket(def))), withParser(p))
+		xdstest.WithTransportSocket(def)), withParser(p))
 	eps := []xdstest.Endpoint{
 		{Addr: netip.MustParseAddrPort("10.0.1.1:80"), Region: "r1", LocalitySocketMatch: xdstest.IstioTLS},
 		{Addr: netip.MustParseAddrPort("10.0.2.1:80"), Region: "r2"},
@@ -214,22 +215,22 @@ func TestSocketMatchLocalityAndDefault(t *testing.T) {
 		Name:                   "od",
 		ClusterDiscoveryType:   &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
 		LbPolicy:               clusterv3.Cluster_CLUSTER_PROVIDED,
-		TransportSocket:        xdstest.TLSSocket(def),
-		TransportSocketMatches: xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID)),
+		TransportSocket:        def,
+		TransportSocketMatches: xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID)),
 	}, withParser(p))
 	h := od.pick(netip.MustParseAddrPort("10.9.9.9:80"), nil)
 	if got := transportOf(od, h); got != "raw" {
 		t.Errorf("ORIGINAL_DST host with istiod's matches: %s, want raw (match {})", got)
 	}
 	static := newTestCluster(t, xdstest.Cluster("st", xdstest.WithEndpoints(xdstest.Endpoint{Addr: netip.MustParseAddrPort("10.0.0.9:80"), SocketMatch: xdstest.IstioTLS}),
-		xdstest.WithTransportSocket(xdstest.TLSSocket(def))), withParser(p))
+		xdstest.WithTransportSocket(def)), withParser(p))
 	if got := transportOf(static, static.Hosts()[0]); got != "transport_socket" {
 		t.Errorf("STATIC host with no matches: %s, want transport_socket", got)
 	}
 }
 
 func TestTransportSocketErrors(t *testing.T) {
-	tlsTS := xdstest.TLSSocket(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))
+	tlsTS := testpki.UpstreamSocket(httpbinSNI, httpbinID)
 	failing := func(field string, ts *corev3.TransportSocket) (Transport, error) {
 		return nil, fmt.Errorf("%s: secret %q: bad", field, "default")
 	}
@@ -241,7 +242,7 @@ func TestTransportSocketErrors(t *testing.T) {
 	}{
 		{"no parser, TLS", xdstest.Cluster("a", xdstest.WithTransportSocket(tlsTS)), nil,
 			`cluster "a": transport_socket: "envoy.transport_sockets.tls" not supported`},
-		{"parser error names the match", xdstest.Cluster("b", xdstest.WithSocketMatches(xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS("s"))...)), failing,
+		{"parser error names the match", xdstest.Cluster("b", xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket("s"))...)), failing,
 			`cluster "b": transport_socket_matches[0] (tlsMode-istio).transport_socket: secret "default": bad`},
 		{"transport_socket_matcher", func() *clusterv3.Cluster {
 			pb := xdstest.Cluster("c")
@@ -275,9 +276,9 @@ type tlsServer struct {
 	done chan struct{}
 }
 
-func startTLSServer(t *testing.T, pki *xdstest.PKI, id string, next []string) *tlsServer {
+func startTLSServer(t *testing.T, ca *testpki.CA, id string, next []string) *tlsServer {
 	t.Helper()
-	cert, _, _ := pki.Leaf(t, id)
+	cert := ca.Leaf(t, id, testpki.LeafOpts{}).TLS
 	s := &tlsServer{done: make(chan struct{}, 16)}
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: next,
 		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
@@ -323,13 +324,13 @@ func startTLSServer(t *testing.T, pki *xdstest.PKI, id string, next []string) *t
 }
 
 func TestTLSConnect(t *testing.T) {
-	pki := xdstest.NewPKI(t)
-	srv := startTLSServer(t, pki, httpbinID, []string{"istio"})
+	ca := testpki.NewCA(t)
+	srv := startTLSServer(t, ca, httpbinID, []string{"istio"})
 	plain := startServer(t, "127.0.0.1", 0, true)
-	p := &parser{roots: pki.Pool()}
+	p := &parser{roots: ca.Pool}
 	c := newTestCluster(t, xdstest.Cluster("tls", xdstest.WithEndpoints(
 		xdstest.Endpoint{Addr: srv.addr, SocketMatch: xdstest.IstioTLS}),
-		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))...)), withParser(p))
+		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))...)), withParser(p))
 
 	u := mustConnect(t, c)
 	defer u.Close()
@@ -374,7 +375,7 @@ func TestTLSConnect(t *testing.T) {
 
 	// An endpoint without the label in the same cluster is plaintext.
 	pc := newTestCluster(t, xdstest.Cluster("mixed", xdstest.WithEndpoints(xdstest.Endpoint{Addr: plain.addr}),
-		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))...)), withParser(p))
+		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))...)), withParser(p))
 	pu := mustConnect(t, pc)
 	defer pu.Close()
 	if pu.TCPConn() == nil || pu.TLS() != nil || pu.PeerURISAN() != "" {
@@ -383,12 +384,12 @@ func TestTLSConnect(t *testing.T) {
 }
 
 func TestTLSConnectSANMismatch(t *testing.T) {
-	pki := xdstest.NewPKI(t)
-	srv := startTLSServer(t, pki, "spiffe://cluster.local/ns/default/sa/impostor", []string{"istio"})
+	ca := testpki.NewCA(t)
+	srv := startTLSServer(t, ca, "spiffe://cluster.local/ns/default/sa/impostor", []string{"istio"})
 	c := newTestCluster(t, xdstest.Cluster("tls", xdstest.WithEndpoints(
 		xdstest.Endpoint{Addr: srv.addr, SocketMatch: xdstest.IstioTLS}),
-		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID))...)),
-		withParser(&parser{roots: pki.Pool()}))
+		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))...)),
+		withParser(&parser{roots: ca.Pool}))
 	_, err := c.Connect(context.Background(), netip.AddrPort{}, nil)
 	var ce *ConnectError
 	if !errors.As(err, &ce) {
@@ -414,7 +415,7 @@ func TestTLSHandshakeTimeout(t *testing.T) {
 	// A server that accepts and never answers the ClientHello.
 	silent := startServer(t, "127.0.0.1", 0, false)
 	c := newTestCluster(t, xdstest.Cluster("tls", xdstest.WithConnectTimeout(200*time.Millisecond), xdstest.WithEndpoints(
-		xdstest.Endpoint{Addr: silent.addr}), xdstest.WithTransportSocket(xdstest.TLSSocket(xdstest.IstioUpstreamTLS(httpbinSNI)))),
+		xdstest.Endpoint{Addr: silent.addr}), xdstest.WithTransportSocket(testpki.UpstreamSocket(httpbinSNI))),
 		withParser(&parser{roots: x509.NewCertPool()}))
 	_, err := c.Connect(context.Background(), netip.AddrPort{}, nil)
 	var ce *ConnectError
@@ -427,16 +428,16 @@ func TestTLSHandshakeTimeout(t *testing.T) {
 }
 
 func TestTLSResetSendsRST(t *testing.T) {
-	pki := xdstest.NewPKI(t)
-	cert, _, _ := pki.Leaf(t, httpbinID)
+	ca := testpki.NewCA(t)
+	cert := ca.Leaf(t, httpbinID, testpki.LeafOpts{}).TLS
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
 	c := newTestCluster(t, xdstest.Cluster("rst", xdstest.WithEndpoints(xdstest.Endpoint{Addr: ln.Addr().(*net.TCPAddr).AddrPort()}),
-		xdstest.WithTransportSocket(xdstest.TLSSocket(xdstest.IstioUpstreamTLS(httpbinSNI, httpbinID)))),
-		withParser(&parser{roots: pki.Pool()}))
+		xdstest.WithTransportSocket(testpki.UpstreamSocket(httpbinSNI, httpbinID))),
+		withParser(&parser{roots: ca.Pool}))
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		sc, err := ln.Accept()

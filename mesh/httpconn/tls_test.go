@@ -18,6 +18,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/rs/zerolog"
 
+	"github.com/meshtun/meshtun/internal/testpki"
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
@@ -73,9 +74,9 @@ func (u *tlsUpstream) offers() [][]string {
 
 // startTLSUpstream serves HTTPS with server ALPN preference next; h2
 // enables HTTP/2.
-func startTLSUpstream(t *testing.T, pki *xdstest.PKI, id string, next []string, h2 bool) *tlsUpstream {
+func startTLSUpstream(t *testing.T, ca *testpki.CA, id string, next []string, h2 bool) *tlsUpstream {
 	t.Helper()
-	cert, _, _ := pki.Leaf(t, id)
+	cert := ca.Leaf(t, id, testpki.LeafOpts{}).TLS
 	u := &tlsUpstream{}
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: next,
 		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
@@ -109,11 +110,11 @@ func startTLSUpstream(t *testing.T, pki *xdstest.PKI, id string, next []string, 
 
 // tlsEnv is newEnv with every cluster's TLS transport socket served by an
 // alpnTLS that wants san.
-func tlsEnv(t *testing.T, pki *xdstest.PKI, san string, pbs ...*clusterv3.Cluster) *testEnv {
+func tlsEnv(t *testing.T, ca *testpki.CA, san string, pbs ...*clusterv3.Cluster) *testEnv {
 	t.Helper()
 	e := &testEnv{routes: map[string]*Routes{}, clusters: map[string]*cluster.Cluster{}, opts: map[string]cluster.HTTPOptions{}, pools: NewPools()}
 	parse := func(string, *corev3.TransportSocket) (cluster.Transport, error) {
-		return alpnTLS{roots: pki.Pool(), san: san}, nil
+		return alpnTLS{roots: ca.Pool, san: san}, nil
 	}
 	for _, pb := range pbs {
 		c, err := cluster.New(pb, cluster.Options{Dialer: &upstream.Dialer{}, Log: zerolog.Nop(), Transport: parse})
@@ -139,7 +140,7 @@ func tlsEnv(t *testing.T, pki *xdstest.PKI, san string, pbs ...*clusterv3.Cluste
 // labelled tlsMode: istio, takes the tlsMode-istio match.
 func istioTLSCluster(name string, addr netip.AddrPort, san string) *clusterv3.Cluster {
 	return xdstest.Cluster(name, xdstest.WithEndpoints(xdstest.Endpoint{Addr: addr, SocketMatch: xdstest.IstioTLS}),
-		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(xdstest.IstioUpstreamTLS("sni", san))...))
+		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket("sni", san))...))
 }
 
 // HTTP/1.1 and HTTP/2 to TLS upstreams: the offered ALPN is istio.alpn's
@@ -148,7 +149,7 @@ func istioTLSCluster(name string, addr netip.AddrPort, san string) *clusterv3.Cl
 // upstream's SPIFFE ID.
 func TestUpstreamOverTLS(t *testing.T) {
 	const id = "spiffe://cluster.local/ns/default/sa/httpbin"
-	pki := xdstest.NewPKI(t)
+	ca := testpki.NewCA(t)
 	for _, tc := range []struct {
 		name       string
 		h2         bool
@@ -161,12 +162,12 @@ func TestUpstreamOverTLS(t *testing.T) {
 		{"h2", true, []string{"istio-h2", "istio", "h2"}, "HTTP/2.0", "h2", "upstream_cx_http2_total"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			u := startTLSUpstream(t, pki, id, []string{"h2", "http/1.1"}, true)
+			u := startTLSUpstream(t, ca, id, []string{"h2", "http/1.1"}, true)
 			pb := istioTLSCluster("c", u.addr, id)
 			if tc.h2 {
 				pb = withH2(pb)
 			}
-			env := tlsEnv(t, pki, id, pb)
+			env := tlsEnv(t, ca, id, pb)
 			p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
 			c := client(tc.h2)
 			for i := 0; i < 3; i++ {
@@ -202,10 +203,10 @@ func TestUpstreamOverTLS(t *testing.T) {
 // upstream selects another protocol than h2: 503 UF with the reason.
 func TestUpstreamTLSFailures(t *testing.T) {
 	const id = "spiffe://cluster.local/ns/default/sa/httpbin"
-	pki := xdstest.NewPKI(t)
-	impostor := startTLSUpstream(t, pki, "spiffe://cluster.local/ns/default/sa/impostor", []string{"http/1.1"}, false)
-	noH2 := startTLSUpstream(t, pki, id, []string{"istio", "http/1.1"}, false)
-	env := tlsEnv(t, pki, id, istioTLSCluster("impostor", impostor.addr, id), withH2(istioTLSCluster("noh2", noH2.addr, id)))
+	ca := testpki.NewCA(t)
+	impostor := startTLSUpstream(t, ca, "spiffe://cluster.local/ns/default/sa/impostor", []string{"http/1.1"}, false)
+	noH2 := startTLSUpstream(t, ca, id, []string{"istio", "http/1.1"}, false)
+	env := tlsEnv(t, ca, id, istioTLSCluster("impostor", impostor.addr, id), withH2(istioTLSCluster("noh2", noH2.addr, id)))
 	p := startProxy(t, mustParse(t, hcm(routeConfig(
 		vhost("a", []string{"impostor"}, prefixRoute("/", "impostor")),
 		vhost("b", []string{"noh2"}, prefixRoute("/", "noh2"))))), env)

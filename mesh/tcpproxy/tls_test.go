@@ -14,6 +14,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 
+	"github.com/meshtun/meshtun/internal/testpki"
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/cluster"
@@ -80,15 +81,15 @@ func tlsEcho(t *testing.T, cert tls.Certificate) netip.AddrPort {
 // handshake's reason.
 func TestConnectTLS(t *testing.T) {
 	const id = "spiffe://cluster.local/ns/default/sa/postgres"
-	pki := xdstest.NewPKI(t)
-	cert, _, _ := pki.Leaf(t, id)
+	ca := testpki.NewCA(t)
+	cert := ca.Leaf(t, id, testpki.LeafOpts{}).TLS
 	addr := tlsEcho(t, cert)
 	mk := func(name, san string) *cluster.Cluster {
 		pb := xdstest.StaticCluster(name, addr)
-		pb.TransportSocket = xdstest.TLSSocket(xdstest.IstioUpstreamTLS("sni", san))
+		pb.TransportSocket = testpki.UpstreamSocket("sni", san)
 		c, err := cluster.New(pb, cluster.Options{Dialer: &upstream.Dialer{},
 			Transport: func(string, *corev3.TransportSocket) (cluster.Transport, error) {
-				return sanTLS{roots: pki.Pool(), san: san}, nil
+				return sanTLS{roots: ca.Pool, san: san}, nil
 			}})
 		if err != nil {
 			t.Fatal(err)
