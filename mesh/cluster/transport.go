@@ -200,3 +200,14 @@ func (m *tsMatch) matches(fields map[string]*structpb.Value) bool {
 	}
 	return true
 }
+
+// TransportMatch names the transport_socket_matches entry h's labels
+// selected when its host set was built, "" for transport_socket (or a
+// host of another cluster).
+func (c *Cluster) TransportMatch(h *Host) string {
+	i := h.meta.Load().ts
+	if i == 0 || int(i) > len(c.tr.matches) {
+		return ""
+	}
+	return c.tr.matches[i-1].name
+}
