@@ -9,6 +9,12 @@
 // snapshot swapped atomically on every EDS update or DNS refresh, so
 // picking a host never takes a lock, and every upstream socket comes from
 // upstream.Dialer, whose mark keeps the proxy's own traffic out of capture.
+//
+// A host's transport socket (plaintext, or TLS such as istiod's
+// tlsMode-istio match) is chosen from its envoy.transport_socket_match
+// labels when the host set is built, and runs after the dial; TLS itself
+// comes from outside (Options.Transport, the proxy's tlsctx), so this
+// package knows no certificates or secrets.
 package cluster
 
 import (

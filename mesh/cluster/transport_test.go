@@ -222,6 +222,18 @@ func TestSocketMatchLocalityAndDefault(t *testing.T) {
 	if got := transportOf(od, h); got != "raw" {
 		t.Errorf("ORIGINAL_DST host with istiod's matches: %s, want raw (match {})", got)
 	}
+	// STRICT_DNS: every address of a name takes its endpoint's labels.
+	r := &fakeResolver{}
+	r.set("ip4", "svc.test", "10.3.0.1", "10.3.0.2")
+	dnsEP := xdstest.HostPort("svc.test", 80)
+	dnsEP.SocketMatch = xdstest.IstioTLS
+	dns := newTestCluster(t, xdstest.Cluster("dns", xdstest.WithType(clusterv3.Cluster_STRICT_DNS), xdstest.WithEndpoints(dnsEP),
+		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket(httpbinSNI, httpbinID))...)),
+		withParser(p), func(o *Options) { o.Resolver = r })
+	<-dns.Initialized()
+	if hs := dns.Hosts(); len(hs) != 2 || dns.TransportMatch(hs[0]) != "tlsMode-istio" || dns.TransportMatch(hs[1]) != "tlsMode-istio" {
+		t.Errorf("STRICT_DNS hosts %v: want two on tlsMode-istio", hs)
+	}
 	static := newTestCluster(t, xdstest.Cluster("st", xdstest.WithEndpoints(xdstest.Endpoint{Addr: netip.MustParseAddrPort("10.0.0.9:80"), SocketMatch: xdstest.IstioTLS}),
 		xdstest.WithTransportSocket(def)), withParser(p))
 	if got := transportOf(static, static.Hosts()[0]); got != "transport_socket" {
