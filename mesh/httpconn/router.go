@@ -569,7 +569,12 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 	if errors.As(err, &ce) {
 		s.e.UpstreamTransportFailureReason = ce.TransportFailure
 		m := prefix + "reset reason: connection failure, transport failure reason: " + ce.Err.Error()
-		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError}
+		details := "upstream_reset_before_response_started{connection_failure}"
+		if ce.TransportFailure != "" {
+			// Envoy appends the transport's reason, spaces made '_'.
+			details = "upstream_reset_before_response_started{connection_failure|" + strings.ReplaceAll(ce.TransportFailure, " ", "_") + "}"
+		}
+		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, details, cluster.RequestError}
 	}
 	f.stats.RqRxReset.Add(1)
 	return attemptFailure{p != nil && p.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError}

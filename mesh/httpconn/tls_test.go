@@ -222,6 +222,10 @@ func TestUpstreamTLSFailures(t *testing.T) {
 		if !e.ResponseFlags.Has(FlagUF) || !strings.Contains(e.UpstreamTransportFailureReason, tc.reason) || e.UpstreamPeerURISAN != "" {
 			t.Errorf("%s: flags %s, reason %q, SAN %q; want UF and %q", tc.host, e.ResponseFlags, e.UpstreamTransportFailureReason, e.UpstreamPeerURISAN, tc.reason)
 		}
+		// Envoy's details: the reset reason, then the transport's, spaces made '_'.
+		if want := "upstream_reset_before_response_started{connection_failure|" + strings.ReplaceAll(e.UpstreamTransportFailureReason, " ", "_") + "}"; e.ResponseCodeDetails != want {
+			t.Errorf("%s: response_code_details %q, want %q", tc.host, e.ResponseCodeDetails, want)
+		}
 	}
 	if got := clusterStat(t, env.clusters["impostor"], "upstream_cx_connect_fail"); got == 0 {
 		t.Error("a refused handshake is not counted as upstream_cx_connect_fail")
