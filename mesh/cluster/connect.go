@@ -38,8 +38,9 @@ func (e *ConnectError) Error() string {
 func (e *ConnectError) Unwrap() error { return e.Err }
 
 // failureReason is what a failed handshake reports as
-// upstream_transport_failure_reason: the transport's own reason when its
-// error carries one (tlsctx.HandshakeError's Error), never empty.
+// upstream_transport_failure_reason: the text of the transport's error
+// (the proxy's TLS transport makes that tlsctx.HandshakeError's Reason),
+// never empty.
 func failureReason(err error) string {
 	if r := err.Error(); r != "" {
 		return r
