@@ -231,3 +231,48 @@ func TestUpstreamTLSFailures(t *testing.T) {
 		t.Error("a refused handshake is not counted as upstream_cx_connect_fail")
 	}
 }
+
+// A pooled HTTP/1.1 TLS connection the upstream closed while idle (its
+// close_notify and FIN): there is no socket peek over TLS, so the request
+// written into it meets the end of stream before any response byte and
+// is resent on a new connection, not failed.
+func TestStaleTLSKeepAliveConnection(t *testing.T) {
+	const id = "spiffe://cluster.local/ns/default/sa/httpbin"
+	ca := testpki.NewCA(t)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{ca.Leaf(t, id, testpki.LeafOpts{}).TLS}, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := make(chan http.ConnState, 16)
+	var accepts atomic.Int64
+	srv := &http.Server{ErrorLog: discardLog,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") }),
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateIdle || s == http.StateClosed {
+				states <- s
+			}
+		}}
+	go srv.Serve(countingListener{ln, &accepts})
+	t.Cleanup(func() { srv.Close() })
+	env := tlsEnv(t, ca, id, istioTLSCluster("c", ln.Addr().(*net.TCPAddr).AddrPort(), id))
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
+	c := client(false)
+	if resp, body := get(t, c, p, "h", "/"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("first request: %d %q", resp.StatusCode, body)
+	}
+	if s := <-states; s != http.StateIdle {
+		t.Fatalf("upstream connection state %v, want idle", s)
+	}
+	srv.SetKeepAlivesEnabled(false) // closes the idle connection
+	if s := <-states; s != http.StateClosed {
+		t.Fatalf("upstream connection state %v, want closed", s)
+	}
+	if resp, body := get(t, c, p, "h", "/"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("request on the closed pooled connection: %d %q, want it resent", resp.StatusCode, body)
+	}
+	v, _ := env.pools.m.Load("c")
+	if resent := v.(*clusterPool).h1.resent.Load(); resent != 1 || accepts.Load() != 2 {
+		t.Errorf("resent %d, upstream connections %d; want 1 and 2", resent, accepts.Load())
+	}
+}
