@@ -282,6 +282,7 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
 				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
 				BytesReceived: he.BytesReceived, BytesSent: he.BytesSent, ResponseFlags: he.ResponseFlags.String(),
+				UpstreamPeerURISAN: he.UpstreamPeerURISAN, UpstreamTransportFailureReason: he.UpstreamTransportFailureReason,
 				HTTP: &accesslog.HTTP{Method: he.Method, Path: he.Path, Protocol: he.Protocol, Authority: he.Authority,
 					RequestID: he.RequestID, UserAgent: he.UserAgent, XFF: he.XFF, ResponseCode: he.ResponseCode,
 					ResponseCodeDetails: he.ResponseCodeDetails, RouteName: he.RouteName,

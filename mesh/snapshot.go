@@ -19,8 +19,10 @@ import (
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/xdsclient"
 )
@@ -65,6 +67,9 @@ type Snapshot struct {
 	tcpStats map[string]*tcpproxy.Stats
 	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
 	httpStats map[string]*httpconn.Stats
+	// sslStats are the cluster.<name>.ssl.* counters of the clusters with
+	// a TLS transport socket, by cluster name.
+	sslStats map[string]*tlsctx.Stats
 	// store is the stats store the blocks come from; scopes are the keys
 	// of the blocks this snapshot uses.
 	store  *stats.Store
@@ -203,6 +208,10 @@ type BuildOptions struct {
 	Stats *stats.Store
 	// Dump is what the snapshot shows on /config_dump (nil: an empty one).
 	Dump *Dump
+	// Secrets is the SDS secret store TLS contexts read their
+	// certificates and trust bundles from at each handshake (nil: an
+	// empty store; every handshake then fails naming the missing secret).
+	Secrets *secrets.Store
 }
 
 // buildErrors collects what is wrong with a build: every invalid xDS
@@ -272,6 +281,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		endpoints:     make(map[string]*cluster.Staged),
 		tcpStats:      make(map[string]*tcpproxy.Stats),
 		httpStats:     make(map[string]*httpconn.Stats),
+		sslStats:      make(map[string]*tlsctx.Stats),
 		pools:         opts.Pools,
 		store:         opts.Stats,
 		Dump:          opts.Dump,
@@ -287,6 +297,10 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 	}
 	if s.Dump == nil {
 		s.Dump = &Dump{}
+	}
+	secretStore := opts.Secrets
+	if secretStore == nil {
+		secretStore = secrets.NewStore()
 	}
 	var errs buildErrors
 	var created []*cluster.Cluster
@@ -305,6 +319,11 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			continue
 		}
 		scope := scopeOf(s, clusterStatPrefix(pb), cluster.NewScope)
+		var ssl *tlsctx.Stats
+		if hasUpstreamTLS(pb) {
+			ssl = scopeOf(s, clusterStatPrefix(pb), newSSLStats)
+			s.sslStats[name] = ssl
+		}
 		if prev != nil {
 			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
 				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
@@ -319,6 +338,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		co := opts.Cluster
 		co.AddedViaAPI = dynamic
 		co.Stats = scope
+		co.Transport = upstreamParser(secretStore, ssl)
 		c, err := cluster.New(pb, co)
 		if err != nil {
 			errs.add(xdsclient.ClusterType, "cluster", name, dynamic, err)
@@ -745,6 +765,12 @@ func (s *Snapshot) Routes(name string) *httpconn.Routes { return s.routes[name] 
 
 // Cluster implements httpconn.Env.
 func (s *Snapshot) Cluster(name string) *cluster.Cluster { return s.Clusters[name] }
+
+// ClusterSSL is the cluster.<name>.ssl.* block of cluster name, nil when
+// it has no TLS transport socket.
+func (s *Snapshot) ClusterSSL(name string) *tlsctx.Stats { return s.sslStats[name] }
+
+func newSSLStats() *tlsctx.Stats { return new(tlsctx.Stats) }
 
 // ClusterHTTP implements httpconn.Env.
 func (s *Snapshot) ClusterHTTP(name string) cluster.HTTPOptions { return s.httpOpts[name] }

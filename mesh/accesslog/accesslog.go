@@ -24,6 +24,12 @@ type Entry struct {
 	BytesSent       int64 // to downstream
 	ResponseFlags   string
 	Details         string // connection_termination_details / failure reason
+	// UpstreamPeerURISAN is the upstream TLS certificate's first URI SAN
+	// (its SPIFFE ID), "" over plaintext: upstream_peer_uri_san.
+	UpstreamPeerURISAN string
+	// UpstreamTransportFailureReason is why the upstream TLS handshake
+	// failed (with flag UF): upstream_transport_failure_reason.
+	UpstreamTransportFailureReason string
 	// HTTP is set on the line of one HTTP request.
 	HTTP *HTTP
 }
@@ -97,6 +103,12 @@ func (a *Logger) Log(e *Entry) {
 		Str("response_flags", flags)
 	if e.Details != "" {
 		ev = ev.Str("connection_termination_details", e.Details)
+	}
+	if e.UpstreamPeerURISAN != "" {
+		ev = ev.Str("upstream_peer_uri_san", e.UpstreamPeerURISAN)
+	}
+	if e.UpstreamTransportFailureReason != "" {
+		ev = ev.Str("upstream_transport_failure_reason", e.UpstreamTransportFailureReason)
 	}
 	if h := e.HTTP; h != nil {
 		ev = ev.Str("method", h.Method).Str("path", h.Path).Str("protocol", h.Protocol).

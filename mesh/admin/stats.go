@@ -114,6 +114,12 @@ func (s *Server) collectRaw() []stat {
 			for _, st := range c.HTTPStats().Stats() {
 				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
 			}
+			if ssl := snap.ClusterSSL(c.Name()); ssl != nil {
+				sslOwner := holder(ssl)
+				for _, st := range ssl.List() {
+					add("cluster."+scope+".ssl."+st.Name, st.Value, false, sslOwner)
+				}
+			}
 		}
 		for _, t := range snap.TCPStats() {
 			owner := holder(t)

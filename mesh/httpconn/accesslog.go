@@ -31,6 +31,11 @@ type Entry struct {
 	Duration            time.Duration  // duration: start to last byte sent
 	UpstreamServiceTime time.Duration  // upstream_service_time: last attempt's request to response headers
 	Attempts            int            // upstream_request_attempt_count
+	// UpstreamPeerURISAN is the TLS upstream's certificate's first URI
+	// SAN (upstream_peer_uri_san); UpstreamTransportFailureReason why the
+	// last attempt's TLS handshake failed (upstream_transport_failure_reason).
+	UpstreamPeerURISAN             string
+	UpstreamTransportFailureReason string
 }
 
 // Flags is a set of Envoy response flags.

@@ -2,8 +2,10 @@ package httpconn
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
@@ -378,9 +380,19 @@ func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Respo
 	a.h.BeginRequest()
 	a.sent = time.Now()
 	if f.h1 != nil {
-		return f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		resp, err := f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		if err == nil {
+			s.e.UpstreamPeerURISAN, s.e.UpstreamTransportFailureReason = s.h1s.body.c.pc.PeerURISAN(), ""
+		}
+		return resp, err
 	}
-	return s.roundTripH2(f.tr, out, a.ctx, f.cl, a.hc, a.h)
+	resp, err := s.roundTripH2(f.tr, out, a.ctx, f.cl, a.hc, a.h)
+	if err == nil {
+		// A retry reached an upstream: an earlier attempt's handshake
+		// failure is not why the request ended.
+		s.e.UpstreamTransportFailureReason = ""
+	}
+	return resp, err
 }
 
 // retryAfterError ends an attempt that got no response. It reports true
@@ -451,6 +463,7 @@ func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx conte
 	}
 	hc.waiting.Add(1)
 	var gotConn atomic.Bool
+	var pc atomic.Pointer[pooledConn]
 	connected := func() {
 		if gotConn.CompareAndSwap(false, true) {
 			hc.waiting.Add(-1)
@@ -460,10 +473,27 @@ func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx conte
 		}
 	}
 	ctx := context.WithValue(actx, hostKey{}, h)
-	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected() }})
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+		pc.Store(pooledOf(ci.Conn))
+		connected()
+	}})
 	resp, err := tr.RoundTrip(out.WithContext(ctx))
 	connected()
+	if c := pc.Load(); c != nil && err == nil {
+		s.e.UpstreamPeerURISAN = c.PeerURISAN()
+	}
 	return resp, err
+}
+
+// pooledOf is the pool's connection under what http.Transport reports in
+// its trace: the dialed connection, or for HTTP/2 with prior knowledge a
+// *tls.Conn standing in for it (the transport's own wrapper, not TLS).
+func pooledOf(c net.Conn) *pooledConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	pc, _ := c.(*pooledConn)
+	return pc
 }
 
 // outcomeOf is how a response counts for the host: a 5xx is an error.
@@ -537,8 +567,14 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 	}
 	var ce *cluster.ConnectError
 	if errors.As(err, &ce) {
+		s.e.UpstreamTransportFailureReason = ce.TransportFailure
 		m := prefix + "reset reason: connection failure, transport failure reason: " + ce.Err.Error()
-		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError}
+		details := "upstream_reset_before_response_started{connection_failure}"
+		if ce.TransportFailure != "" {
+			// Envoy appends the transport's reason, spaces made '_'.
+			details = "upstream_reset_before_response_started{connection_failure|" + strings.ReplaceAll(ce.TransportFailure, " ", "_") + "}"
+		}
+		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, details, cluster.RequestError}
 	}
 	f.stats.RqRxReset.Add(1)
 	return attemptFailure{p != nil && p.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError}
