@@ -43,6 +43,10 @@ type Client struct {
 	// warming is what the current stream holds back while it warms (nil:
 	// nothing); see Warming.
 	warming atomic.Pointer[Warming]
+	// secretNames are the secrets to subscribe to over ADS (WatchSecrets);
+	// secretsChanged tells the session they changed.
+	secretNames    atomic.Pointer[map[string]bool]
+	secretsChanged chan struct{}
 
 	mu      sync.Mutex
 	lastErr error
@@ -57,7 +61,7 @@ type Client struct {
 // New returns a client for cfg that installs configurations with applier.
 // Zero durations in cfg take the documented defaults.
 func New(cfg Config, applier Applier) *Client {
-	c := &Client{applier: applier, kick: make(chan struct{}, 1)}
+	c := &Client{applier: applier, kick: make(chan struct{}, 1), secretsChanged: make(chan struct{}, 1)}
 	c.use(cfg.withDefaults())
 	c.accepted.Store(emptyState())
 	return c
