@@ -390,19 +390,33 @@ func (s *source) install(ctx context.Context, a *mesh.XDSApplier, p *plan, desir
 	s.force = f
 	s.refCache = p.cache
 	s.follow(p.refs)
-	for name, h := range p.warm.clusters {
-		if old := s.warm.Load(); old == nil || old.clusters[name].msg != h.msg {
-			s.log.Warn().Str("cluster", name).Strs("waiting_for", h.waiting).Msg("cluster warming: not in force until its secrets arrive")
-		}
-	}
-	for name, h := range p.warm.listeners {
-		if old := s.warm.Load(); old == nil || old.listeners[name].msg != h.msg {
-			s.log.Warn().Str("listener", name).Strs("waiting_for", h.waiting).Msg("listener warming: not in force until its secrets arrive")
-		}
-	}
+	s.logWarming(s.warm.Load(), p.warm)
 	s.warm.Store(p.warm)
 	s.setDeadline(p.deadline)
 	return nil
+}
+
+// logWarming logs what starts waiting for secrets and what, having
+// waited, is now in force: once per resource version, not per apply.
+func (s *source) logWarming(before, after *warmState) {
+	if before == nil {
+		before = &warmState{}
+	}
+	for _, kind := range []struct {
+		noun          string
+		before, after map[string]held
+	}{{"cluster", before.clusters, after.clusters}, {"listener", before.listeners, after.listeners}} {
+		for name, h := range kind.after {
+			if kind.before[name].msg != h.msg {
+				s.log.Warn().Str(kind.noun, name).Strs("waiting_for", h.waiting).Msg(kind.noun + " warming: not in force until its secrets arrive")
+			}
+		}
+		for name := range kind.before {
+			if _, ok := kind.after[name]; !ok {
+				s.log.Info().Str(kind.noun, name).Msg(kind.noun + " warmed: in force, or no longer configured")
+			}
+		}
+	}
 }
 
 // follow points the secret subscriptions at refs: the SDS client's
@@ -497,7 +511,6 @@ func (s *source) rewarm(ctx context.Context) {
 	}
 	sr := cur.b.GetStaticResources()
 	res := s.desiredDynamic()
-	before := s.warm.Load()
 	p, err := s.makePlan(sr.GetListeners(), sr.GetClusters(), res, time.Now())
 	if err == nil {
 		err = s.install(ctx, cur.applier, p, sr.GetListeners(), sr.GetClusters(), res, s.xdsOn)
@@ -505,16 +518,6 @@ func (s *source) rewarm(ctx context.Context) {
 	if err != nil {
 		s.log.Error().Err(err).Msg("configuration waiting for secrets not applied; what is in force keeps serving")
 		return
-	}
-	for name := range before.clusters {
-		if _, ok := p.warm.clusters[name]; !ok {
-			s.log.Info().Str("cluster", name).Msg("cluster warmed: in force")
-		}
-	}
-	for name := range before.listeners {
-		if _, ok := p.warm.listeners[name]; !ok {
-			s.log.Info().Str("listener", name).Msg("listener warmed: in force")
-		}
 	}
 	s.settle()
 }
