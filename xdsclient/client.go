@@ -31,6 +31,9 @@ type Client struct {
 	cfg     Config
 	applier Applier
 	log     zerolog.Logger
+	// creds secure the streams of cfg (nil: plaintext); with a root file
+	// they keep the pool read from it across streams.
+	creds credentials.TransportCredentials
 
 	// accepted is the last state Apply accepted (or the empty state). Only the
 	// session goroutine stores it; anyone may load it.
@@ -71,6 +74,14 @@ func New(cfg Config, applier Applier) *Client {
 // New before anyone else has the client).
 func (c *Client) use(cfg Config) {
 	c.cfg = cfg
+	switch {
+	case cfg.TLS != nil && cfg.RootFile != "":
+		c.creds = newRootCreds(cfg.TLS, cfg.RootFile)
+	case cfg.TLS != nil:
+		c.creds = credentials.NewTLS(cfg.TLS)
+	default:
+		c.creds = insecure.NewCredentials()
+	}
 	c.log = cfg.Log.With().Str("component", "xdsclient").Str("server", cfg.Server).Logger()
 }
 
@@ -243,11 +254,7 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	c.streamStarted(cancel)
 	defer c.streamEnded()
 
-	creds := insecure.NewCredentials()
-	if c.cfg.TLS != nil {
-		creds = credentials.NewTLS(c.cfg.TLS)
-	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(c.creds)}
 	if c.cfg.FileMetadata != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(fileCreds{*c.cfg.FileMetadata}))
 	}

@@ -78,9 +78,10 @@ func DownstreamTLSNaming(t testing.TB, cert, ca *tlsv3.SdsSecretConfig) *corev3.
 		TypedConfig: MustAny(t, &tlsv3.DownstreamTlsContext{CommonTlsContext: common})}}
 }
 
-// SelfSigned is a fresh ECDSA P-256 certificate for spiffeID that signs
-// itself, and its key, in PEM: enough for a secret the store parses.
-func SelfSigned(t testing.TB, spiffeID string) (certPEM, keyPEM []byte) {
+// SelfSigned is a fresh ECDSA P-256 certificate for spiffeID (and the DNS
+// names, for a TLS server) that signs itself, and its key, in PEM: enough
+// for a secret the store parses, or a server its own root verifies.
+func SelfSigned(t testing.TB, spiffeID string, dns ...string) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -95,7 +96,7 @@ func SelfSigned(t testing.TB, spiffeID string) (certPEM, keyPEM []byte) {
 		t.Fatal(err)
 	}
 	now := time.Now()
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{Organization: []string{"xdstest"}}, URIs: []*url.URL{u},
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{Organization: []string{"xdstest"}}, URIs: []*url.URL{u}, DNSNames: dns,
 		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
