@@ -368,14 +368,23 @@ func trimSubject(err error, noun, name string) error {
 // is published.
 func (s *source) install(ctx context.Context, a *mesh.XDSApplier, p *plan, desiredL []*listenerv3.Listener, desiredC []*clusterv3.Cluster, desired *xdsclient.Resources, allowUnknown bool) error {
 	if !p.warm.empty() {
+		// A second build, only while something warms: the price of
+		// rejecting an invalid resource when it arrives.
+		prevAllow := a.Options.AllowUnknownClusters
 		a.Options.AllowUnknownClusters = allowUnknown
-		if err := a.Check(ctx, desiredL, desiredC, desired); err != nil {
+		err := a.Check(ctx, desiredL, desiredC, desired)
+		a.Options.AllowUnknownClusters = prevAllow
+		if err != nil {
 			return err
 		}
 	}
+	// The applier's static resources are the part of the bootstrap in
+	// force: set for this Apply, put back if it fails.
+	prevL, prevC, prevAllow := a.StaticListeners, a.StaticClusters, a.Options.AllowUnknownClusters
 	a.StaticListeners, a.StaticClusters = p.staticListeners, p.staticClusters
 	a.Options.AllowUnknownClusters = allowUnknown || p.staticHeld
 	if err := a.Apply(ctx, p.dyn); err != nil {
+		a.StaticListeners, a.StaticClusters, a.Options.AllowUnknownClusters = prevL, prevC, prevAllow
 		return err
 	}
 	f := inForce{dyn: p.dyn,

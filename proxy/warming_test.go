@@ -339,3 +339,32 @@ func TestPlanRejectsUnfollowableReference(t *testing.T) {
 		t.Errorf("static: err = %v", err)
 	}
 }
+
+// TestWarmingClusterValidatedOnArrival: a cluster that would warm on a
+// missing secret but is invalid is NACKed when it arrives, naming it and
+// its field, as Envoy rejects it, rather than ACKed and found out when its
+// secret comes; nothing waits for it.
+func TestWarmingClusterValidatedOnArrival(t *testing.T) {
+	srv := xdstest.NewServer(t)
+	const node = "node-b"
+	bad := adsSecureCluster(t, "kubernetes://never", 0)
+	bad.LbSubsetConfig = &clusterv3.Cluster_LbSubsetConfig{}
+	srv.Set(t, node, withSecure(t, bad))
+	p, _ := startProxy(t, bootstrapDoc(node, srv.Addr, "GRPC"))
+	a := newAdminClient(t, p)
+	xdstest.Eventually(t, wait, "the invalid cluster NACKed", func() bool {
+		for _, n := range srv.NACKs() {
+			if n.TypeURL == resource.ClusterType && strings.Contains(n.Message, `cluster "`+secureCluster+`": lb_subset_config: subset load balancing not supported`) {
+				return true
+			}
+		}
+		return false
+	})
+	xdstest.Eventually(t, wait, "LIVE with svc0 in force", func() bool {
+		code, _ := a.get(t, "/ready")
+		return code == 200 && a.listeners(t)[svc0]
+	})
+	if _, dump := a.get(t, "/config_dump?resource=dynamic_warming_clusters"); strings.Contains(dump, secureCluster) {
+		t.Errorf("the rejected cluster warms: %s", dump)
+	}
+}
