@@ -96,8 +96,9 @@ type inForce struct {
 // for a static resource, an xdsclient.ResourceErrors entry for a dynamic
 // one (NACKed alone).
 func (s *source) makePlan(staticL []*listenerv3.Listener, staticC []*clusterv3.Cluster, desired *xdsclient.Resources, now time.Time) (*plan, error) {
-	p := &plan{refs: secrets.NewRefs(), dyn: desired,
-		cache: refCache{clusters: map[*clusterv3.Cluster]*secrets.Refs{}, listeners: map[*listenerv3.Listener]*secrets.Refs{}}}
+	p := &plan{refs: secrets.NewRefs(), dyn: desired, cache: refCache{
+		clusters:  make(map[*clusterv3.Cluster]*secrets.Refs, len(staticC)+len(desired.Clusters)),
+		listeners: make(map[*listenerv3.Listener]*secrets.Refs, len(staticL)+len(desired.Listeners))}}
 	prev := s.force
 	warm := &warmState{clusters: map[string]held{}, listeners: map[string]held{}}
 	oldWarm := s.warm.Load()
@@ -311,6 +312,9 @@ func (s *source) refsOf(m proto.Message, cache *refCache) (*secrets.Refs, error)
 // initial_fetch_timeout (if any) has not passed since it was first
 // referenced. The earliest expiry of those is kept in deadline.
 func (s *source) missing(refs *secrets.Refs, now time.Time, deadline *time.Time) []string {
+	if refs.Empty() {
+		return nil
+	}
 	var out []string
 	for name, src := range refs.Names {
 		if s.secrets.Get(name) != nil {
