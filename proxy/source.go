@@ -403,7 +403,9 @@ func (s *source) reload() (xdsRestarted bool, err error) {
 		// configuration, and they are in force.
 		s.xdsOn, s.dynamic = false, nil
 		s.configured = true
-		s.settle()
+	}
+	if err == nil {
+		s.settle() // the new static resources may wait for no secret
 	}
 	s.applyMu.Unlock()
 	if err != nil {
