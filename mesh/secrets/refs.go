@@ -88,8 +88,12 @@ func (r *Refs) Empty() bool { return r == nil || len(r.Names) == 0 }
 // cluster and field of a reference meshtun cannot follow.
 //
 // A cluster that references no secret (most of them) has nil refs, and
-// costs one small allocation: this runs for every cluster of an update.
+// one without a transport socket costs nothing: this runs for every
+// cluster of an update.
 func ClusterRefs(c *clusterv3.Cluster) (*Refs, error) {
+	if c.GetTransportSocket() == nil && len(c.GetTransportSocketMatches()) == 0 {
+		return nil, nil
+	}
 	r := &Refs{}
 	if err := r.socket(c.GetTransportSocket(), fmt.Sprintf("cluster %q: transport_socket", c.GetName())); err != nil {
 		return nil, err
@@ -107,6 +111,13 @@ func ClusterRefs(c *clusterv3.Cluster) (*Refs, error) {
 // filter chain's and the default chain's transport_socket (nil refs when
 // there are none).
 func ListenerRefs(l *listenerv3.Listener) (*Refs, error) {
+	sockets := l.GetDefaultFilterChain().GetTransportSocket() != nil
+	for _, fc := range l.GetFilterChains() {
+		sockets = sockets || fc.GetTransportSocket() != nil
+	}
+	if !sockets {
+		return nil, nil
+	}
 	r := &Refs{}
 	for i, fc := range l.GetFilterChains() {
 		where := fmt.Sprintf("listener %q: filter_chains[%d] (%s).transport_socket", l.GetName(), i, fc.GetName())
