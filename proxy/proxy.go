@@ -331,6 +331,7 @@ func (p *Proxy) newAdmin() *admin.Server {
 	return &admin.Server{
 		D: p.dispatcher, Start: time.Now(), Extra: p.Stats, Bootstrap: p.src.Bootstrap, Initialized: p.src.Initialized,
 		Warming:     p.src.Warming,
+		Waiting:     p.src.Waiting,
 		Secrets:     p.src.secrets,
 		Concurrency: max(1, p.cfg.Concurrency),
 		// The listeners drain (HTTP connections told to close); with

@@ -36,6 +36,10 @@ type Secret struct {
 type state struct {
 	active map[string]*Secret
 	refs   *Refs
+	// since is when each referenced name was first referenced (kept
+	// while it stays referenced): a resource waiting for it goes into
+	// force without it once its initial_fetch_timeout has passed since.
+	since map[string]time.Time
 }
 
 // Store holds the secrets the configuration in force references. Readers
@@ -45,29 +49,49 @@ type state struct {
 type Store struct {
 	mu  sync.Mutex
 	cur atomic.Pointer[state]
+	// arrived is signalled (without blocking, coalesced) when a referenced
+	// name gets its first secret: what waits for it may go into force.
+	arrived chan struct{}
 }
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	s := &Store{}
-	s.cur.Store(&state{active: map[string]*Secret{}, refs: &Refs{Names: map[string]Source{}}})
+	s := &Store{arrived: make(chan struct{}, 1)}
+	s.cur.Store(&state{active: map[string]*Secret{}, refs: &Refs{Names: map[string]Source{}}, since: map[string]time.Time{}})
 	return s
 }
 
-// SetRefs makes refs the references in force: secrets no longer referenced
-// are dropped, as Envoy drops a secret with its last user.
+// SetRefs makes refs the references of the configuration (in force and
+// warming): secrets no longer referenced are dropped, as Envoy drops a
+// secret with its last user.
 func (s *Store) SetRefs(refs *Refs) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.cur.Load()
-	next := &state{active: map[string]*Secret{}, refs: refs}
-	for name, sec := range old.active {
-		if _, ok := refs.Names[name]; ok {
+	now := time.Now()
+	next := &state{active: map[string]*Secret{}, refs: refs, since: make(map[string]time.Time, len(refs.Names))}
+	for name := range refs.Names {
+		if t, ok := old.since[name]; ok {
+			next.since[name] = t
+		} else {
+			next.since[name] = now
+		}
+		if sec := old.active[name]; sec != nil {
 			next.active[name] = sec
 		}
 	}
 	s.cur.Store(next)
 }
+
+// Since is when name was first referenced by the configuration (zero if
+// it is not referenced).
+func (s *Store) Since(name string) time.Time { return s.cur.Load().since[name] }
+
+// Arrived is signalled when a referenced secret that was missing arrives.
+// Signals coalesce: a receiver checks what it waits for after each one.
+// An update of a secret already present does not signal: new handshakes
+// read it from the store, nothing in the configuration changes.
+func (s *Store) Arrived() <-chan struct{} { return s.arrived }
 
 // Put validates sec and makes it the secret name's version in force. The
 // error names the secret and field; the previous version stays then.
@@ -82,9 +106,16 @@ func (s *Store) Put(version string, sec *tlsv3.Secret, at time.Time) error {
 	if _, ok := old.refs.Names[sec.GetName()]; !ok {
 		return nil // no longer referenced: a late response
 	}
-	next := &state{active: maps.Clone(old.active), refs: old.refs}
+	next := &state{active: maps.Clone(old.active), refs: old.refs, since: old.since}
+	_, had := old.active[sec.GetName()]
 	next.active[sec.GetName()] = &Secret{Name: sec.GetName(), Version: version, LastUpdated: at, Msg: sec, Certs: p.certs, TLS: p.tls, Pool: p.pool}
 	s.cur.Store(next)
+	if !had {
+		select {
+		case s.arrived <- struct{}{}:
+		default: // a signal is pending already
+		}
+	}
 	return nil
 }
 
