@@ -2,6 +2,7 @@ package httpconn
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -50,6 +51,15 @@ type ConnInfo struct {
 	// proxy terminating): the connection is then asked to close (see
 	// Serve). Its end, the drain period being over, is Serve's ctx.
 	Draining context.Context
+	// TLS is the connection's TLS state when its filter chain terminated
+	// TLS, nil on plaintext. A peer certificate in it was verified by the
+	// handshake: it is the client's identity, which x-forwarded-client-cert
+	// carries on (forward_client_cert_details) and x-forwarded-proto says
+	// "https" for.
+	TLS *tls.ConnectionState
+	// LocalURISAN is the first URI SAN of the certificate the proxy
+	// presented on this connection (XFCC's By=), "" when none.
+	LocalURISAN string
 }
 
 // codec is the downstream codec_type.
@@ -87,6 +97,7 @@ type Config struct {
 	stripMatchingHostPort bool
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
+	xfcc                  xfccConfig
 
 	stats *Stats
 }
@@ -311,6 +322,11 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	default:
 		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d; valid: KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_REDIRECT, UNESCAPE_AND_FORWARD", int32(a))
 	}
+	xfcc, err := parseXFCC(h)
+	if err != nil {
+		return nil, err
+	}
+	c.xfcc = xfcc
 	if h.GetScopedRoutes() != nil {
 		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")
 	}

@@ -253,6 +253,7 @@ type connHandler struct {
 	env     Env
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+	xfcc    xfccCache   // the connection's x-forwarded-client-cert element
 
 	// goAwayOnStream (the listener's drain start), once done, makes the
 	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain
