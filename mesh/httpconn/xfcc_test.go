@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"net"
@@ -23,6 +22,13 @@ import (
 	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
+// The workload identities of these tests: the proxy's (By=) and the
+// client's.
+const (
+	srvID = "spiffe://cluster.local/ns/default/sa/httpbin"
+	cliID = "spiffe://cluster.local/ns/default/sa/sleep"
+)
+
 // plainConn hides a *tls.Conn's type, as the proxy hands a terminated
 // connection to Serve: net/http must not run its own TLS path on it.
 type plainConn struct{ net.Conn }
@@ -31,7 +37,7 @@ type plainConn struct{ net.Conn }
 // certificate: clients may present a certificate signed by ca (verified
 // if given, as require_client_certificate false would), and Serve gets
 // the connection's TLS state.
-func startTLSProxy(t testing.TB, cfg *Config, env Env, srv *testpki.Leaf, ca *testpki.CA) string {
+func startTLSProxy(t testing.TB, cfg *Config, env Env, srv *testpki.Leaf, srvID string, ca *testpki.CA) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -39,7 +45,7 @@ func startTLSProxy(t testing.TB, cfg *Config, env Env, srv *testpki.Leaf, ca *te
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tc := &tls.Config{Certificates: []tls.Certificate{srv.TLS}, ClientAuth: tls.VerifyClientCertIfGiven,
-		ClientCAs: testpki.Pool(ca), NextProtos: []string{"h2", "http/1.1"}}
+		ClientCAs: ca.Pool, NextProtos: []string{"h2", "http/1.1"}}
 	var wg sync.WaitGroup
 	var conns sync.Map
 	wg.Add(1)
@@ -63,7 +69,7 @@ func startTLSProxy(t testing.TB, cfg *Config, env Env, srv *testpki.Leaf, ca *te
 				cs := tl.ConnectionState()
 				cfg.Serve(ctx, plainConn{tl}, env, ConnInfo{
 					Peer: c.RemoteAddr().(*net.TCPAddr).AddrPort(), Local: c.LocalAddr().(*net.TCPAddr).AddrPort(),
-					TLS: &cs, LocalURISAN: srv.Identity,
+					TLS: &cs, LocalURISAN: srvID,
 				})
 			}()
 		}
@@ -119,18 +125,17 @@ func xfccHCM(mode hcmv3.HttpConnectionManager_ForwardClientCertDetails, d *hcmv3
 // By=<proxy's URI SAN>;Hash=<sha256 of the client's certificate> then the
 // set_current_client_cert_details fields in Envoy's order.
 func TestXFCC(t *testing.T) {
-	ca := testpki.NewCA(t, "root")
-	srv := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "httpbin")})
-	cli := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "sleep"),
-		DNS: []string{"sleep.default.svc", "sleep"}, Subject: pkix.Name{CommonName: "sleep", Organization: []string{"mesh"}}})
-	bare := ca.Issue(t, testpki.LeafOptions{}) // no SAN, no subject
+	ca := testpki.NewCA(t)
+	srv := ca.Leaf(t, srvID, testpki.LeafOpts{})
+	cli := ca.Leaf(t, cliID, testpki.LeafOpts{DNS: []string{"sleep.default.svc", "sleep"}, CommonName: "sleep"})
+	bare := ca.Leaf(t, "", testpki.LeafOpts{}) // no SAN, no subject
 	up := startUpstream(t, seenHeaders)
 	env := newEnv(t, xdstest.StaticCluster("up", up.addr))
 
 	sum := sha256.Sum256(cli.Cert.Raw)
 	hash := "Hash=" + hex.EncodeToString(sum[:])
 	bareSum := sha256.Sum256(bare.Cert.Raw)
-	by := "By=" + srv.Identity
+	by := "By=" + srvID
 	const prior = "By=spiffe://cluster.local/ns/default/sa/gateway;Hash=abc;URI=spiffe://cluster.local/ns/edge/sa/client"
 	istio := &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Subject: wrapperspb.Bool(true), Dns: true, Uri: true}
 
@@ -154,9 +159,9 @@ func TestXFCC(t *testing.T) {
 		{"forward only drops without client cert", hcmv3.HttpConnectionManager_FORWARD_ONLY, istio, tlsNoCert, prior, ""},
 		{"always forward only keeps on plaintext", hcmv3.HttpConnectionManager_ALWAYS_FORWARD_ONLY, istio, plaintext, prior, prior},
 		{"append forward, Istio's inbound", hcmv3.HttpConnectionManager_APPEND_FORWARD, istio, mtls, "",
-			by + ";" + hash + `;Subject="CN=sleep,O=mesh";URI=` + cli.Identity + ";DNS=sleep.default.svc;DNS=sleep"},
+			by + ";" + hash + `;Subject="CN=sleep";URI=` + cliID + ";DNS=sleep.default.svc;DNS=sleep"},
 		{"append forward appends", hcmv3.HttpConnectionManager_APPEND_FORWARD, &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}, mtls, prior,
-			prior + "," + by + ";" + hash + ";URI=" + cli.Identity},
+			prior + "," + by + ";" + hash + ";URI=" + cliID},
 		{"append forward drops on plaintext", hcmv3.HttpConnectionManager_APPEND_FORWARD, istio, plaintext, prior, ""},
 		{"append forward drops without client cert", hcmv3.HttpConnectionManager_APPEND_FORWARD, istio, tlsNoCert, prior, ""},
 		{"sanitize set replaces", hcmv3.HttpConnectionManager_SANITIZE_SET, nil, mtls, prior, by + ";" + hash},
@@ -172,11 +177,11 @@ func TestXFCC(t *testing.T) {
 			case plaintext:
 				c, base = client(false), "http://"+startProxy(t, cfg, env).addr
 			case mtls:
-				c, base = tlsClient(cli, false), "https://"+startTLSProxy(t, cfg, env, srv, ca)
+				c, base = tlsClient(cli, false), "https://"+startTLSProxy(t, cfg, env, srv, srvID, ca)
 			case tlsBare:
-				c, base = tlsClient(bare, false), "https://"+startTLSProxy(t, cfg, env, srv, ca)
+				c, base = tlsClient(bare, false), "https://"+startTLSProxy(t, cfg, env, srv, srvID, ca)
 			case tlsNoCert:
-				c, base = tlsClient(nil, false), "https://"+startTLSProxy(t, cfg, env, srv, ca)
+				c, base = tlsClient(nil, false), "https://"+startTLSProxy(t, cfg, env, srv, srvID, ca)
 			}
 			req, _ := http.NewRequest("GET", base+"/x", nil)
 			if tc.sent != "" {
@@ -203,14 +208,14 @@ func TestXFCC(t *testing.T) {
 // byte but ALPHA, DIGIT and "*-._" as upper-case %XX), so that the PEM's
 // newlines, '+', '/' and '=' never read as XFCC separators.
 func TestXFCCCertAndChain(t *testing.T) {
-	ca := testpki.NewCA(t, "root")
-	srv := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "httpbin")})
-	cli := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "sleep")})
+	ca := testpki.NewCA(t)
+	srv := ca.Leaf(t, srvID, testpki.LeafOpts{})
+	cli := ca.Leaf(t, cliID, testpki.LeafOpts{})
 	up := startUpstream(t, seenHeaders)
 	env := newEnv(t, xdstest.StaticCluster("up", up.addr))
 	cfg := mustParse(t, xfccHCM(hcmv3.HttpConnectionManager_SANITIZE_SET,
 		&hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Cert: true, Chain: true, Uri: true}, "up"))
-	addr := startTLSProxy(t, cfg, env, srv, ca)
+	addr := startTLSProxy(t, cfg, env, srv, srvID, ca)
 	resp, err := tlsClient(cli, false).Get("https://" + addr + "/")
 	if err != nil {
 		t.Fatal(err)
@@ -218,13 +223,13 @@ func TestXFCCCertAndChain(t *testing.T) {
 	resp.Body.Close()
 	v := resp.Header.Get("X-Seen-X-Forwarded-Client-Cert")
 	fields := strings.Split(v, ";")
-	if len(fields) != 5 || !strings.HasPrefix(fields[2], `Cert="`) || !strings.HasPrefix(fields[3], `Chain="`) || fields[4] != "URI="+cli.Identity {
+	if len(fields) != 5 || !strings.HasPrefix(fields[2], `Cert="`) || !strings.HasPrefix(fields[3], `Chain="`) || fields[4] != "URI="+cliID {
 		t.Fatalf("XFCC = %q, want By;Hash;Cert;Chain;URI", v)
 	}
 	leafPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cli.Cert.Raw}))
 	for _, f := range []struct{ field, want string }{
 		{fields[2], leafPEM},
-		{fields[3], string(cli.CertPEM)}, // the chain the client sent: leaf, then root
+		{fields[3], leafPEM}, // the chain the client sent: its leaf alone
 	} {
 		enc := f.field[strings.IndexByte(f.field, '"')+1 : len(f.field)-1]
 		if i := strings.IndexFunc(enc, func(r rune) bool {
@@ -247,13 +252,13 @@ func TestXFCCCertAndChain(t *testing.T) {
 // the request) nor the client (on the response), on plaintext or mTLS,
 // HTTP/1.1 or h2; and x-forwarded-proto says which the downstream was.
 func TestPeerMetadataHeadersStripped(t *testing.T) {
-	ca := testpki.NewCA(t, "root")
-	srv := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "httpbin")})
-	cli := ca.Issue(t, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "sleep")})
+	ca := testpki.NewCA(t)
+	srv := ca.Leaf(t, srvID, testpki.LeafOpts{})
+	cli := ca.Leaf(t, cliID, testpki.LeafOpts{})
 	up := startUpstream(t, seenHeaders)
 	env := newEnv(t, xdstest.StaticCluster("up", up.addr))
 	cfg := mustParse(t, xfccHCM(hcmv3.HttpConnectionManager_APPEND_FORWARD, nil, "up"))
-	tlsAddr := "https://" + startTLSProxy(t, cfg, env, srv, ca)
+	tlsAddr := "https://" + startTLSProxy(t, cfg, env, srv, srvID, ca)
 	plainAddr := "http://" + startProxy(t, cfg, env).addr
 	for _, tc := range []struct {
 		name, base, proto, xfp string
@@ -313,12 +318,12 @@ func TestXFCCConfigErrors(t *testing.T) {
 // BenchmarkXFCCAppend is one request's XFCC on an mTLS connection whose
 // element is built: the join with what the client sent, nothing else.
 func BenchmarkXFCCAppend(b *testing.B) {
-	ca := testpki.NewCA(b, "root")
-	cli := ca.Issue(b, testpki.LeafOptions{SPIFFE: testpki.SPIFFE("default", "sleep")})
+	ca := testpki.NewCA(b)
+	cli := ca.Leaf(b, cliID, testpki.LeafOpts{})
 	cfg := mustParse(b, xfccHCM(hcmv3.HttpConnectionManager_APPEND_FORWARD,
 		&hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Subject: wrapperspb.Bool(true), Dns: true, Uri: true}, "up"))
 	state := tls.ConnectionState{PeerCertificates: []*x509.Certificate{cli.Cert}}
-	h := &connHandler{cfg: cfg, info: ConnInfo{TLS: &state, LocalURISAN: testpki.SPIFFE("default", "httpbin")}}
+	h := &connHandler{cfg: cfg, info: ConnInfo{TLS: &state, LocalURISAN: srvID}}
 	s := &stream{h: h, cfg: cfg}
 	hdr := http.Header{}
 	b.ReportAllocs()
@@ -326,7 +331,7 @@ func BenchmarkXFCCAppend(b *testing.B) {
 		delete(hdr, xfccHeader)
 		s.mutateXFCC(hdr)
 	}
-	if !strings.Contains(hdr.Get(xfccHeader), "URI="+cli.Identity) {
+	if !strings.Contains(hdr.Get(xfccHeader), "URI="+cliID) {
 		b.Fatalf("XFCC %q", hdr.Get(xfccHeader))
 	}
 }

@@ -250,13 +250,13 @@ func TestPipeBufferAdapts(t *testing.T) {
 // client as a TCP reset (the connection under TLS is aborted), not as an
 // orderly TLS close, and an upstream FIN as close_notify then EOF.
 func TestSpliceUpstreamResetReachesTLSClient(t *testing.T) {
-	ca := testpki.NewCA(t, "root")
-	leaf := ca.Issue(t, testpki.LeafOptions{DNS: []string{"proxy"}})
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "", testpki.LeafOpts{DNS: []string{"proxy"}})
 	for _, reset := range []bool{true, false} {
 		client, down := pair(t)
 		up, server := pair(t)
 		tlsDown := tls.Server(down, &tls.Config{Certificates: []tls.Certificate{leaf.TLS}})
-		tlsClient := tls.Client(client, &tls.Config{RootCAs: testpki.Pool(ca), ServerName: "proxy"})
+		tlsClient := tls.Client(client, &tls.Config{RootCAs: ca.Pool, ServerName: "proxy"})
 		res := make(chan Result, 1)
 		go func() {
 			if tlsDown.Handshake() != nil {
