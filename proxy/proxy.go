@@ -202,13 +202,15 @@ func New(cfg Config) (*Proxy, error) {
 	p.gate = mesh.NewGate(p.dispatcher, local)
 	p.srv = &mesh.Server{D: p.dispatcher, Log: logging.Component(cfg.Log, "conn_handler"), Gate: p.gate}
 	p.pools = httpconn.NewPools()
+	sds := secrets.NewStore()
 	p.src = &source{
 		path: cfg.Bootstrap, root: cfg.Log, log: p.log, drain: cfg.DrainDuration,
-		control: dialer.Control, version: cfg.Version, srv: p.srv, secrets: secrets.NewStore(),
+		control: dialer.Control, version: cfg.Version, srv: p.srv, secrets: sds,
 		opts: mesh.BuildOptions{
 			Roles:   mesh.Roles{OutboundPort: cfg.OutboundPort, InboundPort: cfg.InboundPort},
 			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(cfg.Log, "upstream")},
 			Pools:   p.pools,
+			Secrets: sds,
 		},
 	}
 	return p, nil

@@ -14,6 +14,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 )
 
 // Envoy's defaults for the connection manager.
@@ -60,6 +61,24 @@ type ConnInfo struct {
 	// LocalURISAN is the first URI SAN of the certificate the proxy
 	// presented on this connection (XFCC's By=), "" when none.
 	LocalURISAN string
+	// TLSPeer is the client's verified identity (from TLS), nil when it
+	// presented no certificate. Filters find it through the request's
+	// context (ConnInfoFrom): the principal RBAC matches.
+	TLSPeer *tlsctx.Peer
+}
+
+type connInfoKey struct{}
+
+func withConnInfo(ctx context.Context, info *ConnInfo) context.Context {
+	return context.WithValue(ctx, connInfoKey{}, info)
+}
+
+// ConnInfoFrom is the downstream connection a request came on, from the
+// request's context (or one derived from it): its addresses and, over
+// TLS, who the client is. Nil outside a request Serve runs.
+func ConnInfoFrom(ctx context.Context) *ConnInfo {
+	info, _ := ctx.Value(connInfoKey{}).(*ConnInfo)
+	return info
 }
 
 // codec is the downstream codec_type.

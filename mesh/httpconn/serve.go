@@ -102,6 +102,8 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 			MaxReceiveBufferPerStream: 1 << 20,
 		},
 		ConnState: ln.connState,
+		// Requests' contexts carry the connection's ConnInfo (ConnInfoFrom).
+		ConnContext: func(ctx context.Context, _ net.Conn) context.Context { return withConnInfo(ctx, &h.info) },
 	}
 	if drainingAtStart {
 		// HTTP/1.1: every response says "Connection: close".
