@@ -632,3 +632,54 @@ func TestDownstreamCarriesPeer(t *testing.T) {
 		t.Error("a plaintext connection has a peer")
 	}
 }
+
+// TestTLSHandshakeBounded: a client that connects to a TLS chain and
+// never completes its handshake is closed at the chain's
+// transport_socket_connect_timeout, and at once when the listener's
+// drain ends; neither reaches the chain's tcp_proxy.
+func TestTLSHandshakeBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		timeout time.Duration
+		drain   bool
+		reason  string
+	}{
+		{"transport_socket_connect_timeout", 200 * time.Millisecond, false, "deadline"},
+		{"listener drained", time.Hour, true, "canceled"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := newInbound(t, false, false) // for its secrets
+			fc := tcpChain(t, "mtls", "BlackHoleCluster", 0)
+			fc.TransportSocket = testpki.DownstreamSocket("h2", "http/1.1")
+			fc.TransportSocketConnectTimeout = durationpb.New(tc.timeout)
+			opts := buildOpts()
+			opts.Secrets = in.snap.secrets
+			snap, err := Build("2", []*listenerv3.Listener{listener(t, "tls", "0.0.0.0", 9443, false, &no, fc)}, passthroughClusters(), nil, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer snap.Retire(nil)
+			if got := snap.Listener("tls").Chains[0].HandshakeTimeout; got != tc.timeout {
+				t.Fatalf("HandshakeTimeout %v, want %v", got, tc.timeout)
+			}
+			in.snap, in.l = snap, snap.Listener("tls")
+			in.d.Swap(snap)
+			c, done := in.flow(t, netip.MustParseAddrPort("10.244.0.5:9443"))
+			if tc.drain {
+				next, err := Build("3", nil, passthroughClusters(), snap, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer next.Retire(nil)
+				snap.Drain(next, 0)
+			}
+			if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+				t.Errorf("client read %v, want EOF (closed by the proxy)", err)
+			}
+			e := entryOf(t, done)
+			if !strings.Contains(e.DownstreamTransportFailureReason, tc.reason) || e.UpstreamCluster != "" || in.sslStat("connection_error") != 1 {
+				t.Errorf("entry %+v, ssl.connection_error %d; want a %q failure before any upstream, counted", e, in.sslStat("connection_error"), tc.reason)
+			}
+		})
+	}
+}
