@@ -683,3 +683,35 @@ func TestTLSHandshakeBounded(t *testing.T) {
 		})
 	}
 }
+
+// TestIstioListenersBuild: istiod's eight listeners for a PERMISSIVE pod,
+// with their TLS chains, build whole (they were rejected while TLS
+// termination was not supported); virtualInbound terminates on its
+// istio-ALPN chains (catch-all HTTP, catch-all TCP, the app's port 8080)
+// and passes the rest through.
+func TestIstioListenersBuild(t *testing.T) {
+	listeners := fixture(t, "listeners.pb", func() *listenerv3.Listener { return new(listenerv3.Listener) })
+	clusters := fixture(t, "clusters.pb", func() *clusterv3.Cluster { return new(clusterv3.Cluster) })
+	opts := buildOpts()
+	opts.AddedViaAPI, opts.AllowUnknownClusters = true, true
+	snap, err := Build("1", listeners, clusters, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Retire(nil)
+	if len(snap.Listeners) != 8 {
+		t.Errorf("%d listeners, want istiod's 8", len(snap.Listeners))
+	}
+	var terminating []string
+	for _, c := range snap.Listener("virtualInbound").Chains {
+		if c.TLS != nil {
+			terminating = append(terminating, c.Name)
+		}
+	}
+	if strings.Join(terminating, ",") != "virtualInbound-catchall-http,virtualInbound,0.0.0.0_8080" || !snap.Listener("virtualInbound").TerminatesTLS() {
+		t.Errorf("terminating chains %q, want the catch-all HTTP, TCP and port 8080 mTLS ones", terminating)
+	}
+	if snap.Listener("virtualOutbound").TerminatesTLS() {
+		t.Error("virtualOutbound terminates TLS")
+	}
+}
