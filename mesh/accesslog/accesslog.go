@@ -105,7 +105,9 @@ func (a *Logger) Log(e *Entry) {
 	if e.Details != "" {
 		ev = ev.Str("connection_termination_details", e.Details)
 	}
-	ev = ev.Str("downstream_peer_uri_san", dash(e.DownstreamPeerURISAN))
+	if e.DownstreamPeerURISAN != "" {
+		ev = ev.Str("downstream_peer_uri_san", e.DownstreamPeerURISAN)
+	}
 	if e.DownstreamTransportFailureReason != "" {
 		ev = ev.Str("downstream_transport_failure_reason", e.DownstreamTransportFailureReason)
 	}
