@@ -56,9 +56,6 @@ func (d *Downstream) Reset() {
 	resetConn(d.raw)
 }
 
-// NetConn is the connection TLS runs on.
-func (d *Downstream) NetConn() net.Conn { return d.raw }
-
 // PeerOf is the verified TLS identity of the client on conn, as the
 // network filters get conn; nil on plaintext or when the client sent no
 // certificate.
