@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -707,5 +709,100 @@ func TestIstioListenersBuild(t *testing.T) {
 	}
 	if snap.Listener("virtualOutbound").TerminatesTLS() {
 		t.Error("virtualOutbound terminates TLS")
+	}
+}
+
+// TestInboundOpenSSLClient: not Go talking to Go. openssl s_client with a
+// CA-issued client certificate gets through istiod's PERMISSIVE
+// virtualInbound (verifying the pod's certificate against the root) with
+// ALPN istio, or istio-peer-exchange alone, and no ALPN selected either
+// way, as Envoy answers; without a client certificate it is refused.
+func TestInboundOpenSSLClient(t *testing.T) {
+	openssl, err := exec.LookPath("openssl")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("openssl not installed")
+		}
+		t.Skip("openssl not installed")
+	}
+	in := newInbound(t, false, false)
+	app := startRecorder(t)
+	dir := t.TempDir()
+	write := func(name string, b []byte) string {
+		p := dir + "/" + name
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	certFile, keyFile, rootFile := write("cert.pem", in.sleep.CertPEM), write("key.pem", in.sleep.KeyPEM), write("root.pem", in.ca.CertPEM)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries := make(chan accesslog.Entry, 8)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fid := netstack.FlowID{Src: netip.MustParseAddrPort(c.RemoteAddr().String()), Dst: app.addr}
+				e := accesslog.Entry{Transport: "tcp", Direction: "inbound", Start: time.Now()}
+				serveFlow(in.snap, in.l, &accepted{conn: c, fid: fid}, &e, in.d)
+				entries <- e
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		output []string // in s_client's output
+		peer   string   // in the access entry
+		reason string   // downstream_transport_failure_reason
+	}{
+		{"alpn istio", []string{"-cert", certFile, "-key", keyFile, "-alpn", "istio"},
+			[]string{"Verify return code: 0 (ok)", "No ALPN negotiated", "New, TLSv1.3"}, sleepID, ""},
+		{"alpn istio-peer-exchange alone", []string{"-cert", certFile, "-key", keyFile, "-alpn", "istio-peer-exchange"},
+			[]string{"Verify return code: 0 (ok)", "No ALPN negotiated"}, sleepID, ""},
+		{"no client certificate", []string{"-alpn", "istio"}, nil, "", "no certificate"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			args := append([]string{"s_client", "-connect", ln.Addr().String(), "-CAfile", rootFile, "-verify_return_error"}, tc.args...)
+			cmd := exec.CommandContext(ctx, openssl, args...)
+			cmd.Stdin = strings.NewReader("ping\n")
+			out, _ := cmd.CombinedOutput()
+			for _, want := range tc.output {
+				if !strings.Contains(string(out), want) {
+					t.Errorf("s_client output lacks %q:\n%s", want, out)
+				}
+			}
+			if tc.peer != "" {
+				// The certificate s_client was shown is the pod's identity.
+				i := bytes.Index(out, []byte("-----BEGIN CERTIFICATE-----"))
+				if i < 0 {
+					t.Fatalf("s_client printed no server certificate:\n%s", out)
+				}
+				blk, _ := pem.Decode(out[i:])
+				if c, err := x509.ParseCertificate(blk.Bytes); err != nil || len(c.URIs) != 1 || c.URIs[0].String() != appID {
+					t.Errorf("server certificate %v (%v), want URI SAN %s", c, err, appID)
+				}
+			}
+			e := entryOf(t, entries)
+			if e.DownstreamPeerURISAN != tc.peer || !strings.Contains(e.DownstreamTransportFailureReason, tc.reason) {
+				t.Errorf("entry %+v, want peer %q, failure %q\ns_client:\n%s", e, tc.peer, tc.reason, out)
+			}
+		})
 	}
 }
