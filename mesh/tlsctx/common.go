@@ -99,6 +99,9 @@ func parseCommon(field string, c *tlsv3.CommonTlsContext, store *secrets.Store, 
 	if out.val, err = parseValidationSource(field, c, store); err != nil {
 		return nil, err
 	}
+	if store == nil && (len(out.certs.sds) > 0 || (out.val != nil && out.val.sds != "")) {
+		return nil, fmt.Errorf("%s: references SDS secrets but no secret store is configured", field)
+	}
 	return out, nil
 }
 

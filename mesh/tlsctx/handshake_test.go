@@ -13,6 +13,7 @@ import (
 	"time"
 
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/internal/testpki"
@@ -230,19 +231,24 @@ func TestClientCertificate(t *testing.T) {
 	rootsOnly := newStore(t, ca.RootSecret("ROOTCA"))
 
 	var dst Stats
-	r := handshake(t, mustUp(t, rootsOnly, noCert, nil), "", mustDown(t, sv.store, istioDown(), &dst))
-	if r.serverErr == nil {
-		t.Fatal("server accepted a client without a certificate under require_client_certificate")
+	tls12 := proto.Clone(noCert).(*tlsv3.UpstreamTlsContext)
+	tls12.CommonTlsContext.TlsParams = nil // Envoy's client default: TLS 1.2 at most
+	for _, uc := range []*tlsv3.UpstreamTlsContext{noCert, tls12} {
+		dst = Stats{}
+		r := handshake(t, mustUp(t, rootsOnly, uc, nil), "", mustDown(t, sv.store, istioDown(), &dst))
+		if r.serverErr == nil {
+			t.Fatal("server accepted a client without a certificate under require_client_certificate")
+		}
+		if got := reason(t, r.serverErr); !strings.Contains(got, "no certificate (require_client_certificate)") {
+			t.Errorf("server reason %q", got)
+		}
+		wantStats(t, "server", &dst, map[string]uint64{"fail_verify_no_cert": 1, "connection_error": 1, "handshake": 0})
 	}
-	if got := reason(t, r.serverErr); !strings.Contains(got, "no certificate (require_client_certificate)") {
-		t.Errorf("server reason %q", got)
-	}
-	wantStats(t, "server", &dst, map[string]uint64{"fail_verify_no_cert": 1, "connection_error": 1, "handshake": 0})
 
 	optional := istioDown()
 	optional.RequireClientCertificate = wrapperspb.Bool(false)
 	dst = Stats{}
-	r = handshake(t, mustUp(t, rootsOnly, noCert, nil), "", mustDown(t, sv.store, optional, &dst))
+	r := handshake(t, mustUp(t, rootsOnly, noCert, nil), "", mustDown(t, sv.store, optional, &dst))
 	if r.clientErr != nil || r.serverErr != nil {
 		t.Fatalf("optional client certificate: client %v, server %v", r.clientErr, r.serverErr)
 	}
@@ -373,6 +379,24 @@ func TestNoResumptionWithZeroKeys(t *testing.T) {
 		}
 	}
 	wantStats(t, "client", &ust, map[string]uint64{"handshake": 2, "session_reused": 0})
+}
+
+// TestStatelessResumptionDisabled: disable_stateless_session_resumption
+// stops the server issuing tickets, so nothing resumes.
+func TestStatelessResumptionDisabled(t *testing.T) {
+	ca := testpki.NewCA(t)
+	cl, sv := newSide(t, ca, clientID), newSide(t, ca, serverID)
+	dc := istioDown()
+	dc.SessionTicketKeysType = &tlsv3.DownstreamTlsContext_DisableStatelessSessionResumption{DisableStatelessSessionResumption: true}
+	var dst Stats
+	u := mustUp(t, cl.store, istioUp("sni", serverID), nil)
+	d := mustDown(t, sv.store, dc, &dst)
+	for i := 0; i < 2; i++ {
+		if r := handshake(t, u, "", d); r.clientErr != nil || r.serverErr != nil {
+			t.Fatalf("client %v, server %v", r.clientErr, r.serverErr)
+		}
+	}
+	wantStats(t, "server", &dst, map[string]uint64{"handshake": 2, "session_reused": 0})
 }
 
 // TestIntermediateChain: a leaf issued by an intermediate, which it sends,

@@ -30,8 +30,11 @@ type Stat struct {
 	Value uint64
 }
 
-// versionNames are the protocol versions by index (versionIndex); Envoy's
-// versions.<v> counters, with the underscore spelling of the protocol enum.
+// versionNames are the protocol versions by index (versionIndex), for the
+// versions.<v> counters. Envoy names them by SSL_get_version ("TLSv1.3");
+// meshtun uses the tls_params enum's spelling ("TLSv1_3"), as the TLS
+// contract between the packages fixes, which also keeps the dot out of a
+// stat name that /stats and Prometheus split on.
 var versionNames = [...]string{"TLSv1", "TLSv1_1", "TLSv1_2", "TLSv1_3"}
 
 func versionIndex(v uint16) int {
