@@ -39,7 +39,7 @@ func TestIstioClustersWarmOnSDS(t *testing.T) {
 	cp.Set(t, istioNode, map[string][]types.Resource{
 		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
 		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
-		resource.ListenerType: withoutTLSChains(istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} })),
+		resource.ListenerType: istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} }),
 		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
 	})
 	srv, err := sds.New(sds.Options{SocketPath: sdsSock, SocketMode: 0o660, Log: zerolog.Nop()})

@@ -22,10 +22,9 @@ import (
 	"github.com/meshtun/meshtun/mesh/tlsctx"
 )
 
-const (
-	appID     = "spiffe://cluster.local/ns/default/sa/app"
-	httpbinID = "spiffe://cluster.local/ns/default/sa/httpbin"
-)
+// httpbinID is the upstream's identity; appID (inbound_tls_test.go) the
+// client's.
+const httpbinID = "spiffe://cluster.local/ns/default/sa/httpbin"
 
 // mtlsServer is a TLS echo server requiring a client certificate from ca,
 // as a STRICT sidecar's inbound does; it records the client's URI SAN

@@ -100,6 +100,12 @@ func (s *Server) collectRaw() []stat {
 			lst("no_filter_chain_match", l.Stats.NoFilterChainMatch.Load(), false)
 			lst("downstream_pre_cx_active", uint64(max(0, l.Stats.DownstreamPreCxActive.Load())), true)
 			lst("downstream_pre_cx_timeout", l.Stats.DownstreamListenerTimeout.Load(), false)
+			if l.TerminatesTLS() {
+				// Envoy has ssl.* only where a chain has a TLS context.
+				for _, st := range l.Stats.SSL.List() {
+					lst("ssl."+st.Name, st.Value, false)
+				}
+			}
 		}
 		for _, c := range snap.Clusters {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:

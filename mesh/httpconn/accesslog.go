@@ -26,11 +26,14 @@ type Entry struct {
 	UpstreamHost        netip.AddrPort
 	DownstreamPeer      netip.AddrPort // downstream_remote_address
 	DownstreamLocal     netip.AddrPort // downstream_local_address
-	BytesReceived       int64          // bytes_received: request body
-	BytesSent           int64          // bytes_sent: response body
-	Duration            time.Duration  // duration: start to last byte sent
-	UpstreamServiceTime time.Duration  // upstream_service_time: last attempt's request to response headers
-	Attempts            int            // upstream_request_attempt_count
+	// DownstreamPeerURISAN is the client certificate's first URI SAN on
+	// a TLS connection (downstream_peer_uri_san), "" otherwise.
+	DownstreamPeerURISAN string
+	BytesReceived        int64         // bytes_received: request body
+	BytesSent            int64         // bytes_sent: response body
+	Duration             time.Duration // duration: start to last byte sent
+	UpstreamServiceTime  time.Duration // upstream_service_time: last attempt's request to response headers
+	Attempts             int           // upstream_request_attempt_count
 	// UpstreamPeerURISAN is the TLS upstream's certificate's first URI
 	// SAN (upstream_peer_uri_san); UpstreamTransportFailureReason why the
 	// last attempt's TLS handshake failed (upstream_transport_failure_reason).

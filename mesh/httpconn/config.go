@@ -2,6 +2,7 @@ package httpconn
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -13,6 +14,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 )
 
 // Envoy's defaults for the connection manager.
@@ -50,6 +52,33 @@ type ConnInfo struct {
 	// proxy terminating): the connection is then asked to close (see
 	// Serve). Its end, the drain period being over, is Serve's ctx.
 	Draining context.Context
+	// TLS is the connection's TLS state when its filter chain terminated
+	// TLS, nil on plaintext. A peer certificate in it was verified by the
+	// handshake: it is the client's identity, which x-forwarded-client-cert
+	// carries on (forward_client_cert_details) and x-forwarded-proto says
+	// "https" for.
+	TLS *tls.ConnectionState
+	// LocalURISAN is the first URI SAN of the certificate the proxy
+	// presented on this connection (XFCC's By=), "" when none.
+	LocalURISAN string
+	// TLSPeer is the client's verified identity (from TLS), nil when it
+	// presented no certificate. Filters find it through the request's
+	// context (ConnInfoFrom): the principal RBAC matches.
+	TLSPeer *tlsctx.Peer
+}
+
+type connInfoKey struct{}
+
+func withConnInfo(ctx context.Context, info *ConnInfo) context.Context {
+	return context.WithValue(ctx, connInfoKey{}, info)
+}
+
+// ConnInfoFrom is the downstream connection a request came on, from the
+// request's context (or one derived from it): its addresses and, over
+// TLS, who the client is. Nil outside a request Serve runs.
+func ConnInfoFrom(ctx context.Context) *ConnInfo {
+	info, _ := ctx.Value(connInfoKey{}).(*ConnInfo)
+	return info
 }
 
 // codec is the downstream codec_type.
@@ -87,6 +116,7 @@ type Config struct {
 	stripMatchingHostPort bool
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
+	xfcc                  xfccConfig
 
 	stats *Stats
 }
@@ -311,6 +341,11 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	default:
 		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d; valid: KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_REDIRECT, UNESCAPE_AND_FORWARD", int32(a))
 	}
+	xfcc, err := parseXFCC(h)
+	if err != nil {
+		return nil, err
+	}
+	c.xfcc = xfcc
 	if h.GetScopedRoutes() != nil {
 		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")
 	}

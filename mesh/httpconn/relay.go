@@ -18,6 +18,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		h[k] = vs
 	}
 	stripHopByHop(h, false)
+	stripPeerMetadata(h)
 	if resp.ContentLength >= 0 && s.r.Method != http.MethodHead {
 		h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
 	}

@@ -102,6 +102,8 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 			MaxReceiveBufferPerStream: 1 << 20,
 		},
 		ConnState: ln.connState,
+		// Requests' contexts carry the connection's ConnInfo (ConnInfoFrom).
+		ConnContext: func(ctx context.Context, _ net.Conn) context.Context { return withConnInfo(ctx, &h.info) },
 	}
 	if drainingAtStart {
 		// HTTP/1.1: every response says "Connection: close".
@@ -253,6 +255,7 @@ type connHandler struct {
 	env     Env
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+	xfcc    xfccCache   // the connection's x-forwarded-client-cert element
 
 	// goAwayOnStream (the listener's drain start), once done, makes the
 	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain

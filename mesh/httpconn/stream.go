@@ -50,6 +50,9 @@ func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
 		DownstreamPeer:  h.info.Peer,
 		DownstreamLocal: h.info.Local,
 	}
+	if info := ConnInfoFrom(r.Context()); info != nil && info.TLSPeer != nil && len(info.TLSPeer.URISANs) > 0 {
+		s.e.DownstreamPeerURISAN = info.TLSPeer.URISANs[0]
+	}
 	s.target = r.RequestURI
 	if s.target == "" || s.target[0] != '/' {
 		s.target = r.URL.RequestURI()
