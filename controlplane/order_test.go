@@ -115,7 +115,7 @@ func TestOrderRoutesFollowListeners(t *testing.T) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
-	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	s.changes.note(e.node.class(s.reg), 1, s.snapshot(e.node.class(s.reg)))
 	check := func(version, vhost, cls string) {
 		t.Helper()
 		r := s.served(nodeClass{v4: true})
@@ -165,7 +165,7 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
-	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	s.changes.note(e.node.class(s.reg), 1, s.snapshot(e.node.class(s.reg)))
 	ca, cb := "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
 	va, vb := "a.default.svc.cluster.local:80", "b.default.svc.cluster.local:80"
 	check := func(version, catchAll, httpCatchAll, vhost, cls string) {
