@@ -519,7 +519,10 @@ func TestIdentityNodeGetsMTLSAndProfileFlip(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); srv.serve(ctx, plain, grpcPort{lis: secLis, opts: sec.opts, register: sec.ca.Register}) }()
+	go func() {
+		defer close(done)
+		srv.serve(ctx, plain, grpcPort{lis: secLis, opts: sec.opts, register: sec.ca.Register})
+	}()
 	defer func() { cancel(); <-done }()
 
 	rootPEM, err := os.ReadFile(sec.roots)
