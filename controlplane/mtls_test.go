@@ -602,4 +602,8 @@ func TestIdentityNodeGetsMTLSAndProfileFlip(t *testing.T) {
 	if m, p := count(meshedNext()); m != 3 || p != 0 {
 		t.Errorf("after the flip to STRICT: %d mTLS and %d plaintext chains, want 3 and 0", m, p)
 	}
+	st := srv.status()
+	if st.PeerAuthentication != Strict || len(st.Nodes) != 2 || !st.Nodes[0].Identity || st.Nodes[1].Identity {
+		t.Errorf("status: %s, nodes %+v; want STRICT, the first node with an identity, the second without", st.PeerAuthentication, st.Nodes)
+	}
 }

@@ -206,7 +206,7 @@ func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version 
 			e = &nodeEntry{node: node}
 			s.nodes[id] = e
 			s.setSnapshot(id, node.class(s.reg))
-			s.log.Info().Str("node", id).Interface("ips", node.IPs).Bool("delta", k.delta).Msg("node connected")
+			s.log.Info().Str("node", id).Interface("ips", node.IPs).Bool("delta", k.delta).Bool("identity", node.Identity).Msg("node connected")
 		} else if e.node.class(s.reg) != node.class(s.reg) {
 			e.node = node
 			s.setSnapshot(id, node.class(s.reg))
@@ -315,6 +315,7 @@ func (s *Server) push(why string) {
 	}
 	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.hosts)).
 		Str("outbound_traffic_policy", string(s.profile.Spec.OutboundTrafficPolicy.Mode)).
+		Str("peer_authentication", string(s.profile.Spec.peerAuth())).
 		Dur("took", time.Since(start)).Msg("configuration pushed")
 }
 
@@ -384,6 +385,7 @@ type serverStatus struct {
 	Version               string       `json:"version"`
 	Profile               string       `json:"profile"`
 	OutboundTrafficPolicy OutboundMode `json:"outboundTrafficPolicy"`
+	PeerAuthentication    PeerAuthMode `json:"peerAuthentication"`
 	Hosts                 int          `json:"hosts"`
 	// Pending is the step of a change still under way (order.go), if any.
 	Pending          string       `json:"pending,omitempty"`
@@ -395,15 +397,18 @@ type serverStatus struct {
 
 // nodeStatus is one connected node.
 type nodeStatus struct {
-	ID        string       `json:"id"`
-	IPs       []netip.Addr `json:"ips"`
-	Streams   int          `json:"streams"`
-	Clusters  uint64       `json:"clustersVersion"`  // last ACKed
-	Listeners uint64       `json:"listenersVersion"` // last ACKed
-	Routes    uint64       `json:"routesVersion"`    // last ACKed
-	ACKs      uint64       `json:"acks"`
-	NACKs     uint64       `json:"nacks"`
-	LastNACK  string       `json:"lastNack,omitempty"`
+	ID  string       `json:"id"`
+	IPs []netip.Addr `json:"ips"`
+	// Identity: the node came over the TLS port with a token, and gets
+	// Istio's TLS shapes.
+	Identity  bool   `json:"identity"`
+	Streams   int    `json:"streams"`
+	Clusters  uint64 `json:"clustersVersion"`  // last ACKed
+	Listeners uint64 `json:"listenersVersion"` // last ACKed
+	Routes    uint64 `json:"routesVersion"`    // last ACKed
+	ACKs      uint64 `json:"acks"`
+	NACKs     uint64 `json:"nacks"`
+	LastNACK  string `json:"lastNack,omitempty"`
 }
 
 // status reports the state.
@@ -414,6 +419,7 @@ func (s *Server) status() serverStatus {
 		Version:               s.versionString(),
 		Profile:               s.profile.Metadata.Name,
 		OutboundTrafficPolicy: s.profile.Spec.OutboundTrafficPolicy.Mode,
+		PeerAuthentication:    s.profile.Spec.peerAuth(),
 		Hosts:                 len(s.reg.hosts),
 		Pending:               s.seq.describe(),
 		RegistryRejected:      s.registryRejected.Load(),
@@ -425,7 +431,7 @@ func (s *Server) status() serverStatus {
 	}
 	for _, id := range sortedKeys(s.nodes) {
 		e := s.nodes[id]
-		st.Nodes = append(st.Nodes, nodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
+		st.Nodes = append(st.Nodes, nodeStatus{ID: id, IPs: e.node.IPs, Identity: e.node.Identity, Streams: e.streams, Clusters: e.clusters,
 			Listeners: e.listeners, Routes: e.routes, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
 	}
 	return st
