@@ -209,7 +209,8 @@ func (g *generator) forClass(c nodeClass) *resources {
 
 // autoMTLSClusters are g.clusters with the services' ports given auto
 // mTLS's transport_socket_matches (external hosts are outside the mesh:
-// plaintext, as Istio leaves MESH_EXTERNAL entries).
+// plaintext, as Istio leaves MESH_EXTERNAL entries; UDP ports, meshtun's
+// own addition, have no TLS).
 func (g *generator) autoMTLSClusters() []*clusterv3.Cluster {
 	if g.mtlsClusters != nil {
 		return g.mtlsClusters
@@ -220,7 +221,9 @@ func (g *generator) autoMTLSClusters() []*clusterv3.Cluster {
 			continue
 		}
 		for _, p := range h.Ports {
-			byName[clusterName(p.Number, h.Name)] = route{host: h, port: p}
+			if p.Protocol != protocolUDP {
+				byName[clusterName(p.Number, h.Name)] = route{host: h, port: p}
+			}
 		}
 	}
 	out := make([]*clusterv3.Cluster, 0, len(g.clusters))

@@ -357,6 +357,11 @@ func TestAutoMTLSClusters(t *testing.T) {
   - {address: 10.0.0.2, sidecar: true, serviceAccount: api-canary}
   - {address: 10.0.0.3, sidecar: true, serviceAccount: api, peerAuthentication: DISABLE}
   - {address: 10.0.0.4}
+- name: dns
+  namespace: shop
+  vip: 10.96.1.2
+  ports: [{name: dns, port: 53, protocol: UDP}]
+  endpoints: [{address: 10.0.0.5, sidecar: true}]
 externalHosts:
 - hosts: [db.example.com]
   addresses: [240.0.0.1]
@@ -410,19 +415,22 @@ externalHosts:
 	if ext := findCluster(r, "outbound|5432||db.example.com"); ext == nil || ext.GetTransportSocketMatches() != nil {
 		t.Errorf("external host: %v", ext)
 	}
+	if udp := findCluster(r, "outbound|53||dns.shop.svc.cluster.local"); udp == nil || udp.GetTransportSocketMatches() != nil {
+		t.Errorf("UDP service: %v", udp)
+	}
 	for _, e := range r.Endpoints {
 		for _, l := range e.GetEndpoints() {
 			for _, lb := range l.GetLbEndpoints() {
 				addr := lb.GetEndpoint().GetAddress().GetSocketAddress().GetAddress()
 				tm := lb.GetMetadata().GetFilterMetadata()["envoy.transport_socket_match"].GetFields()["tlsMode"].GetStringValue()
-				want := map[string]string{"10.0.0.1": "istio", "10.0.0.2": "istio"}[addr]
+				want := map[string]string{"10.0.0.1": "istio", "10.0.0.2": "istio", "10.0.0.5": "istio"}[addr]
 				if tm != want {
 					t.Errorf("%s: tlsMode %q, want %q", addr, tm, want)
 				}
 				if e.GetClusterName() == svc && lb.GetMetadata().GetFilterMetadata()["istio"].GetFields()["workload"].GetStringValue() != "api;shop;api;;Kubernetes" {
 					t.Errorf("%s: istio metadata %v", addr, lb.GetMetadata())
 				}
-				if e.GetClusterName() != svc && lb.GetMetadata() != nil {
+				if e.GetClusterName() == "outbound|5432||db.example.com" && lb.GetMetadata() != nil {
 					t.Errorf("external endpoint %s has metadata %v", addr, lb.GetMetadata())
 				}
 			}
@@ -606,4 +614,71 @@ func TestIdentityNodeGetsMTLSAndProfileFlip(t *testing.T) {
 	if st.PeerAuthentication != Strict || len(st.Nodes) != 2 || !st.Nodes[0].Identity || st.Nodes[1].Identity {
 		t.Errorf("status: %s, nodes %+v; want STRICT, the first node with an identity, the second without", st.PeerAuthentication, st.Nodes)
 	}
+}
+
+// TestOrderInboundClusters: for a node with an identity that is a
+// workload, a port added to the workload brings its inbound|<port>||
+// cluster first and virtualInbound's chains to it once the node ACKed the
+// clusters; a port removed loses its chains first and its cluster once the
+// node ACKed the listeners. At every step each chain's cluster is served.
+func TestOrderInboundClusters(t *testing.T) {
+	reg := func(ports string) *Registry {
+		r, err := parseRegistry("r.yaml", []byte("services:\n- name: shop\n  vip: 10.96.1.1\n  ports: ["+ports+"]\n  endpoints: [{address: 10.0.0.7, sidecar: true}]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	const http, tcp = "{name: http, port: 80, targetPort: 8080, protocol: HTTP}", "{name: tcp, port: 9000, protocol: TCP}"
+	s := NewServer(reg(http), defaultMeshPtr(), zerolog.Nop())
+	s.stepWait = time.Hour
+	n := meshed(t, "sidecar~10.0.0.7~shop-1.default~default.svc.cluster.local", "")
+	e := &nodeEntry{node: n, clusters: 1, listeners: 1, routes: 1}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nodes[n.ID] = e
+	s.changes.note(n.class(s.reg), 1, s.snapshot(n.class(s.reg)))
+	check := func(version string, chain9000, cluster9000 bool) {
+		t.Helper()
+		r := s.served(n.class(s.reg))
+		have := map[string]bool{}
+		for _, c := range r.Clusters {
+			have[c.GetName()] = true
+		}
+		var chain bool
+		for _, fc := range findListener(r, virtualInbound).GetFilterChains() {
+			cl := tcpClusterOrHCM(t, fc)
+			cl = strings.TrimPrefix(cl, "hcm ")
+			if !have[cl] {
+				t.Errorf("version %s: chain %s names %s, which is not served", version, chainKey(fc), cl)
+			}
+			chain = chain || fc.GetFilterChainMatch().GetDestinationPort().GetValue() == 9000
+		}
+		if s.versionString() != version || chain != chain9000 || have["inbound|9000||"] != cluster9000 {
+			t.Fatalf("version %s: chain to 9000 %v, cluster inbound|9000|| %v; want %s, %v, %v (pending: %s)",
+				s.versionString(), chain, have["inbound|9000||"], version, chain9000, cluster9000, s.seq.describe())
+		}
+	}
+	check("1", false, false)
+	s.reg = reg(http + ", " + tcp)
+	s.rebuild()
+	check("2", false, true)
+	e.clusters = 2
+	if !s.step() {
+		t.Fatal("no step after the node ACKed the clusters")
+	}
+	check("3", true, true)
+	e.listeners, e.routes = 3, 3
+	s.step()
+	s.reg = reg(http)
+	s.rebuild()
+	check("4", false, true) // the chains go first, the cluster stays
+	if s.step() {
+		t.Fatal("dropped the cluster before the node ACKed the listeners")
+	}
+	e.clusters, e.listeners, e.routes = 4, 4, 4
+	if !s.step() {
+		t.Fatal("the unused cluster is never dropped")
+	}
+	check("5", false, false)
 }
