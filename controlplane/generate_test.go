@@ -208,11 +208,17 @@ func buildInProxy(r *resources) error {
 		routes[rc.GetName()] = rc
 	}
 	named := map[string]bool{}
+	var inline []*routev3.RouteConfiguration
 	for _, l := range r.Listeners {
 		for _, fc := range append(l.GetFilterChains(), l.GetDefaultFilterChain()) {
 			for _, f := range fc.GetFilters() {
 				var hcm hcmv3.HttpConnectionManager
 				if f.GetTypedConfig().UnmarshalTo(&hcm) != nil {
+					continue
+				}
+				if rc := hcm.GetRouteConfig(); rc != nil {
+					// Inline (inbound): its clusters must exist too.
+					inline = append(inline, rc)
 					continue
 				}
 				n := hcm.GetRds().GetRouteConfigName()
@@ -231,6 +237,10 @@ func buildInProxy(r *resources) error {
 		if !named[n] {
 			return fmt.Errorf("route configuration %q: no listener names it", n)
 		}
+		inline = append(inline, rc)
+	}
+	for _, rc := range inline {
+		n := rc.GetName()
 		for _, vh := range rc.GetVirtualHosts() {
 			for _, rt := range vh.GetRoutes() {
 				if c := rt.GetRoute().GetCluster(); c != "" && !clusters[c] {
