@@ -310,11 +310,15 @@ func (g *generator) virtualInboundMTLS(c nodeClass, w *workload, mode PeerAuthMo
 			}
 		}
 		off = append(off, self)
+		disabled := self // an or_match needs two rules at least
+		if len(off) > 1 {
+			disabled = &listenerv3.ListenerFilterChainMatchPredicate{Rule: &listenerv3.ListenerFilterChainMatchPredicate_OrMatch{
+				OrMatch: &listenerv3.ListenerFilterChainMatchPredicate_MatchSet{Rules: off}}}
+		}
 		l.ListenerFilters = append(l.ListenerFilters, &listenerv3.ListenerFilter{
-			Name:       httpInspector,
-			ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&httpinspectorv3.HttpInspector{})},
-			FilterDisabled: &listenerv3.ListenerFilterChainMatchPredicate{Rule: &listenerv3.ListenerFilterChainMatchPredicate_OrMatch{
-				OrMatch: &listenerv3.ListenerFilterChainMatchPredicate_MatchSet{Rules: off}}},
+			Name:           httpInspector,
+			ConfigType:     &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&httpinspectorv3.HttpInspector{})},
+			FilterDisabled: disabled,
 		})
 	}
 	if needTLS || needHTTP {
