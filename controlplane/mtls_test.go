@@ -682,3 +682,37 @@ func TestOrderInboundClusters(t *testing.T) {
 	}
 	check("5", false, false)
 }
+
+// TestTrustDomainFromCA: the control plane's trust domain (the CA's,
+// --trust-domain) is the one in the generated SANs: the servers' exact
+// SPIFFE IDs upstream, the accepted prefix inbound.
+func TestTrustDomainFromCA(t *testing.T) {
+	reg, err := parseRegistry("r.yaml", []byte("services:\n- name: shop\n  vip: 10.96.1.1\n  ports: [{name: tcp, port: 9000, protocol: TCP}]\n  endpoints: [{address: 10.0.0.7, sidecar: true, serviceAccount: shop}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(reg, defaultMeshPtr(), zerolog.Nop())
+	s.setTrustDomain("corp.example")
+	s.mu.Lock()
+	r := s.served(meshed(t, "sidecar~10.0.0.7~shop-1.default~default.svc.cluster.local", "").class(reg))
+	s.mu.Unlock()
+	var utc tlsv3.UpstreamTlsContext
+	if err := findCluster(r, "outbound|9000||shop.default.svc.cluster.local").GetTransportSocketMatches()[0].GetTransportSocket().GetTypedConfig().UnmarshalTo(&utc); err != nil {
+		t.Fatal(err)
+	}
+	if san := utc.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext().GetMatchSubjectAltNames()[0].GetExact(); san != "spiffe://corp.example/ns/default/sa/shop" { //nolint:staticcheck // Istio's shape
+		t.Errorf("upstream SAN %s", san)
+	}
+	var dtc tlsv3.DownstreamTlsContext
+	for _, fc := range findListener(r, virtualInbound).GetFilterChains() {
+		if fc.GetTransportSocket() != nil {
+			if err := fc.GetTransportSocket().GetTypedConfig().UnmarshalTo(&dtc); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if p := dtc.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext().GetMatchSubjectAltNames()[0].GetPrefix(); p != "spiffe://corp.example/" { //nolint:staticcheck // Istio's shape
+		t.Errorf("inbound SAN prefix %s", p)
+	}
+}
