@@ -37,9 +37,11 @@ bench: build deps
 # Ctrl-C'd at several points (mid-setup, agent starting, agent serving, a
 # profile just applied), each asserted to leave nothing behind.
 DEMO_INTERRUPT_POINTS ?= 1.veth 4.agent 5 8
+# DEMO_MTLS=1 adds the mutual TLS steps (two meshed pods, PERMISSIVE then STRICT).
+DEMO_MTLS ?= 0
 demo: build
 	$(GO) build -o bin/demoserver ./cmd/demoserver
-	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver bash scripts/demo.sh
+	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver DEMO_MTLS=$(DEMO_MTLS) bash scripts/demo.sh
 	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver DEMO_INTERRUPT_TEST="$(DEMO_INTERRUPT_POINTS)" bash scripts/demo.sh
 
 lint:
