@@ -41,11 +41,13 @@ type meshTest struct {
 
 // meshOpts vary the two-pod setup.
 type meshOpts struct {
-	peerAuth string   // the profile's peerAuthentication (default PERMISSIVE)
-	bSA      string   // B's service account (default "default", the registry's)
-	services []string // more registry services (meshServiceDoc)
-	env      []string // added to both agents' environment
-	aExtra   []string // more flags of A's agent
+	peerAuth string        // the profile's peerAuthentication (default PERMISSIVE)
+	bSA      string        // B's service account (default "default", the registry's)
+	services []string      // more registry services (meshServiceDoc)
+	env      []string      // added to both agents' environment
+	aExtra   []string      // more flags of A's agent
+	bExtra   []string      // more flags of B's agent
+	bPorts   []meshPortDoc // more TCP ports of service b (apps started by the test)
 }
 
 // newMeshTest starts the control plane (CA, ADS on 15012) serving service
@@ -225,13 +227,13 @@ func newMeshTestHook(t *testing.T, o meshOpts, extra func(topo, podB *topology) 
 	m.podB = addPod(t, m.topo)
 	m.vipB = vip(m.topo, false, 40)
 	reg := registryDoc(append([]string{
-		meshServiceDoc("b", m.vipB, []meshPortDoc{{"http", portHTTP, "HTTP"}, {"tcp", portTCP, "TCP"}}, true, m.podB.PodV4),
+		meshServiceDoc("b", m.vipB, append([]meshPortDoc{{"http", portHTTP, "HTTP"}, {"tcp", portTCP, "TCP"}}, o.bPorts...), true, m.podB.PodV4),
 		meshServiceDoc("a", vip(m.topo, false, 41), []meshPortDoc{{"tcp", 7070, "TCP"}}, true, m.topo.PodV4),
 	}, o.services...)...)
 	m.cp = startMeshCP(t, m.topo, reg, meshProfile("mtls-"+strings.ToLower(o.peerAuth), o.peerAuth))
 	m.web = startRecHTTP(t, m.podB.Pod, fmt.Sprintf("0.0.0.0:%d", portHTTP), "b")
 	m.echoB = startTCPServer(t, m.podB.Pod, fmt.Sprintf("0.0.0.0:%d", portTCP), echo)
-	m.b = startMeshedAgent(t, m.topo, m.podB, m.cp, "b-1", o.bSA, o.env)
+	m.b = startMeshedAgent(t, m.topo, m.podB, m.cp, "b-1", o.bSA, o.env, o.bExtra...)
 	aExtra := o.aExtra
 	if extra != nil {
 		aExtra = append(append([]string(nil), aExtra...), extra(m.topo, m.podB)...)
