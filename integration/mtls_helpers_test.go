@@ -43,11 +43,6 @@ const trustDomain = "cluster.local"
 // spiffeID is the SPIFFE ID the control plane's CA issues to default/sa.
 func spiffeID(sa string) string { return "spiffe://" + trustDomain + "/ns/default/sa/" + sa }
 
-// tlsModeLabel marks an endpoint as meshed (it has a sidecar), as the
-// injector labels the pod: the control plane then gives the endpoint
-// istiod's `envoy.transport_socket_match: {tlsMode: istio}` metadata.
-const tlsModeLabel = "security.istio.io/tlsMode"
-
 // addPod adds a second pod namespace to topo, joined to the services
 // namespace by its own veth, the services namespace forwarding between
 // the two pods. The returned topology shares Services with topo; its Pod,
@@ -119,7 +114,10 @@ type meshPortDoc struct {
 }
 
 // meshServiceDoc is a registry service in namespace default whose
-// endpoints are meshed (labelled tlsMode istio) when meshed is set.
+// endpoints are meshed when meshed is set: workloads with a sidecar (the
+// injector's security.istio.io/tlsMode=istio pod), service account
+// "default", so the control plane gives them istiod's
+// `envoy.transport_socket_match: {tlsMode: istio}` metadata.
 func meshServiceDoc(name string, vipAddr netip.Addr, ports []meshPortDoc, meshed bool, endpoints ...netip.Addr) string {
 	var ps []string
 	for _, p := range ports {
@@ -128,7 +126,7 @@ func meshServiceDoc(name string, vipAddr netip.Addr, ports []meshPortDoc, meshed
 	s := fmt.Sprintf("- name: %s\n  namespace: default\n  vip: %s\n  ports: [%s]\n  endpoints:\n", name, vipAddr, strings.Join(ps, ", "))
 	for _, e := range endpoints {
 		if meshed {
-			s += fmt.Sprintf("  - {address: %s, labels: {%s: istio}}\n", e, tlsModeLabel)
+			s += fmt.Sprintf("  - {address: %s, sidecar: true}\n", e)
 		} else {
 			s += fmt.Sprintf("  - {address: %s}\n", e)
 		}
