@@ -171,8 +171,8 @@ func TestMTLSOpenSSLInterop(t *testing.T) {
 		}
 
 		// The SAN check applies to openssl's certificate as to meshtun's.
-		local := refusedFlow(t, m.topo, ap(vBad, 9201))
-		checkUF(t, m.a, local, "openssl s_server presenting "+spiffeID("impostor"), "SAN", "subject_alt_name", spiffeID("impostor"))
+		refusedFlow(t, m.topo, ap(vBad, 9201))
+		checkUF(t, m.a, ap(vBad, 9201), "openssl s_server presenting "+spiffeID("impostor"), "SAN", "subject_alt_name", spiffeID("impostor"))
 		cl := "cluster.outbound|9201||ossl-bad.default.svc.cluster.local.ssl.fail_verify_san"
 		if n := statsMap(t, m.topo)[cl]; n == 0 {
 			t.Errorf("A: %s is 0; ssl stats:\n%s", cl, formatStats(statsWith(t, m.topo, ".ssl.")))
