@@ -3,7 +3,9 @@
 package integration
 
 import (
+	"encoding/json"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -87,11 +89,29 @@ func TestIstioConfigACKedWhole(t *testing.T) {
 		t.Fatalf("istiod's configuration NACKed: %+v", n)
 	}
 
+	// /listeners: istiod's 8 and the bootstrap's static ones (Istio's
+	// template has the stats and readiness listeners), nothing else.
 	var want, got []string
 	for _, r := range listeners {
 		want = append(want, r.(*listenerv3.Listener).GetName())
 	}
-	xdstest.Eventually(t, 10*time.Second, "/listeners with istiod's 8 listeners", func() bool {
+	if len(want) != 8 {
+		t.Errorf("the fixture has %d listeners, want istiod's 8: %v", len(want), want)
+	}
+	var boot struct {
+		StaticResources struct {
+			Listeners []struct {
+				Name string `json:"name"`
+			} `json:"listeners"`
+		} `json:"static_resources"`
+	}
+	if b, err := os.ReadFile(bs); err != nil || json.Unmarshal(b, &boot) != nil {
+		t.Fatalf("bootstrap %s: %v", bs, err)
+	}
+	for _, l := range boot.StaticResources.Listeners {
+		want = append(want, l.Name)
+	}
+	xdstest.Eventually(t, 10*time.Second, "/listeners with istiod's 8 listeners and the bootstrap's", func() bool {
 		got = got[:0]
 		for _, l := range strings.Split(strings.TrimSpace(adminGet(t, topo, "/listeners")), "\n") {
 			if name, _, ok := strings.Cut(l, "::"); ok {
@@ -102,9 +122,6 @@ func TestIstioConfigACKedWhole(t *testing.T) {
 		slices.Sort(want)
 		return slices.Equal(got, want)
 	})
-	if len(want) != 8 {
-		t.Errorf("the fixture has %d listeners, want istiod's 8: %v", len(want), want)
-	}
 
 	// TCP to the postgres VIP, through 10.96.0.54_5432 and its EDS cluster.
 	waitServes(t, topo, "10.96.0.54:5432")
