@@ -40,7 +40,7 @@ bench: build deps
 # profile just applied), each asserted to leave nothing behind.
 DEMO_INTERRUPT_POINTS ?= 1.veth 4.agent 5 8
 # DEMO_MTLS=1 adds the mutual TLS steps (two meshed pods, PERMISSIVE then STRICT).
-DEMO_MTLS ?= 0
+DEMO_MTLS ?= 1
 demo: build
 	$(GO) build -o bin/demoserver ./cmd/demoserver
 	MESHTUN_BIN=$(BIN) DEMOSERVER_BIN=bin/demoserver DEMO_MTLS=$(DEMO_MTLS) bash scripts/demo.sh

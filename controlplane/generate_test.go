@@ -282,7 +282,7 @@ func buildInProxy(r *resources) error {
 // is there and names only clusters that exist.
 func TestGeneratedConfigAcceptedByProxy(t *testing.T) {
 	reg := mustRegistry(t, "testdata/registry.yaml")
-	for _, tc := range goldenCases(t) {
+	for _, tc := range append(goldenCases(t), mtlsGoldenCases(t)...) {
 		if err := buildInProxy(generate(reg, &tc.profile.Spec, tc.node)); err != nil {
 			t.Errorf("%s: the proxy rejects the generated configuration: %v", tc.name, err)
 		}

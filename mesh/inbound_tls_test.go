@@ -336,8 +336,8 @@ func TestInboundPermissiveTCP(t *testing.T) {
 		if e.DownstreamPeerURISAN != sleepID || e.UpstreamCluster != InboundPassthroughCluster || e.BytesReceived != 4 || e.BytesSent != 4 {
 			t.Errorf("entry %+v, want peer %s, 4 bytes each way to %s", e, sleepID, InboundPassthroughCluster)
 		}
-		if in.sslStat("handshake") != 1 || in.sslStat("versions.TLSv1_3") != 1 {
-			t.Errorf("ssl stats %v, want one TLSv1_3 handshake", in.l.Stats.SSL.List())
+		if in.sslStat("handshake") != 1 || in.sslStat("versions.TLSv1.3") != 1 {
+			t.Errorf("ssl stats %v, want one TLSv1.3 handshake", in.l.Stats.SSL.List())
 		}
 		if !strings.Contains(in.log.String(), `"downstream_peer_uri_san":"`+sleepID+`"`) {
 			t.Errorf("access log has no downstream_peer_uri_san %s:\n%s", sleepID, in.log)

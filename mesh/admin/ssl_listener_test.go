@@ -79,14 +79,14 @@ func TestListenerSSLStats(t *testing.T) {
 		"listener.0.0.0.0_15006.ssl.handshake: 1",
 		"listener.0.0.0.0_15006.ssl.connection_error: 1",
 		"listener.0.0.0.0_15006.ssl.fail_verify_no_cert: 1",
-		"listener.0.0.0.0_15006.ssl.versions.TLSv1_3: 1",
+		"listener.0.0.0.0_15006.ssl.versions.TLSv1.3: 1",
 		"listener.0.0.0.0_15006.ssl.fail_verify_san: 0",
 	} {
 		if !strings.Contains(body, line+"\n") {
 			t.Errorf("/stats lacks %q:\n%s", line, body)
 		}
 	}
-	if strings.Contains(body, "listener.0.0.0.0_15001.ssl") || strings.Contains(body, "versions.TLSv1_2") {
+	if strings.Contains(body, "listener.0.0.0.0_15001.ssl") || strings.Contains(body, "versions.TLSv1.2") {
 		t.Errorf("ssl stats of a listener without TLS, or of a version never seen:\n%s", body)
 	}
 	_, prom := get(t, ts, "/stats/prometheus")

@@ -60,7 +60,7 @@ func TestMutualTLSIstioShapes(t *testing.T) {
 		t.Error("PeerOf(no certificate) reported a peer")
 	}
 	for who, st := range map[string]*Stats{"client": &ust, "server": &dst} {
-		wantStats(t, who, st, map[string]uint64{"handshake": 1, "versions.TLSv1_3": 1, "connection_error": 0,
+		wantStats(t, who, st, map[string]uint64{"handshake": 1, "versions.TLSv1.3": 1, "connection_error": 0,
 			"ciphers.TLS_AES_128_GCM_SHA256": 1, "no_certificate": 0})
 		if curves := slices.DeleteFunc(st.List(), func(s Stat) bool { return !strings.HasPrefix(s.Name, "curves.") }); len(curves) != 1 {
 			t.Errorf("%s: curves counters %v, want exactly one", who, curves)
@@ -465,7 +465,7 @@ func TestTLSParams(t *testing.T) {
 		t.Errorf("negotiated %x %s %v", cs.Version, tls.CipherSuiteName(cs.CipherSuite), cs.CurveID)
 	}
 	for who, st := range map[string]*Stats{"client": &ust, "server": &dst} {
-		wantStats(t, who, st, map[string]uint64{"versions.TLSv1_2": 1, "ciphers.ECDHE-ECDSA-CHACHA20-POLY1305": 1, "curves.P-384": 1})
+		wantStats(t, who, st, map[string]uint64{"versions.TLSv1.2": 1, "ciphers.ECDHE-ECDSA-CHACHA20-POLY1305": 1, "curves.P-384": 1})
 	}
 
 	// A TLS 1.3-only server refuses the default (TLS 1.2 max) client.

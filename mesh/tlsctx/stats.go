@@ -31,11 +31,10 @@ type Stat struct {
 }
 
 // versionNames are the protocol versions by index (versionIndex), for the
-// versions.<v> counters. Envoy names them by SSL_get_version ("TLSv1.3");
-// meshtun uses the tls_params enum's spelling ("TLSv1_3"), as the TLS
-// contract between the packages fixes, which also keeps the dot out of a
-// stat name that /stats and Prometheus split on.
-var versionNames = [...]string{"TLSv1", "TLSv1_1", "TLSv1_2", "TLSv1_3"}
+// versions.<v> counters, named as Envoy names them, by SSL_get_version:
+// ssl.versions.TLSv1.3 in /stats, envoy_..._ssl_versions_TLSv1_3 in
+// Prometheus.
+var versionNames = [...]string{"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
 
 func versionIndex(v uint16) int {
 	switch v {
