@@ -185,7 +185,7 @@ func TestRootfsRunsAsIstioUser(t *testing.T) {
 			}
 		}
 	}
-	if got := strings.Join(names, " "); got != "usr/ usr/local/ usr/local/bin/ tmp/ usr/local/bin/meshtun usr/local/bin/pilot-agent" {
+	if got := strings.Join(names, " "); got != "usr usr/local usr/local/bin tmp usr/local/bin/meshtun usr/local/bin/pilot-agent" {
 		t.Fatalf("image contents: %s", got)
 	}
 	for _, tc := range []struct{ name, want string }{{"meshtun", "meshtun test"}, {"pilot-agent", "(as pilot-agent)"}} {
