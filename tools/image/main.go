@@ -115,11 +115,11 @@ func Image(bin []byte, os_, arch, version string, epoch time.Time) (v1.Image, er
 	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
 		b, err := rootfs(bin, epoch)
 		return io.NopCloser(bytes.NewReader(b)), err
-	})
+	}, tarball.WithMediaType(types.OCILayer))
 	if err != nil {
 		return nil, err
 	}
-	img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), layer)
+	img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), plainLayer{layer})
 	if err != nil {
 		return nil, err
 	}
@@ -229,4 +229,26 @@ func Write(out, repo, version string, epoch time.Time, builds []Build) ([]Result
 		return nil, fmt.Errorf("%s: %w", ociDir, err)
 	}
 	return res, nil
+}
+
+// plainLayer describes a layer with no annotations at all: the tarball
+// layer's descriptor carries an empty (non-nil) annotation map, which the
+// manifest would then disagree about with its own JSON (validate.Image
+// rejects that).
+type plainLayer struct{ v1.Layer }
+
+func (l plainLayer) Descriptor() (*v1.Descriptor, error) {
+	d, err := l.Digest()
+	if err != nil {
+		return nil, err
+	}
+	n, err := l.Size()
+	if err != nil {
+		return nil, err
+	}
+	mt, err := l.MediaType()
+	if err != nil {
+		return nil, err
+	}
+	return &v1.Descriptor{MediaType: mt, Size: n, Digest: d}, nil
 }
