@@ -145,8 +145,8 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 }
 
 // buildHeaders builds the upstream request's headers, once for every
-// attempt: hop-by-hop headers out (Expect too: 100-continue is answered
-// downstream, Envoy's default), the header edits of the weighted
+// attempt: Expect out (100-continue is answered downstream, Envoy's
+// default; hop-by-hop headers went before prepareHeaders), the header edits of the weighted
 // cluster, route, virtual host and route configuration, host and path
 // rewrites.
 func (s *stream) buildHeaders(f *forwarding) {
@@ -155,7 +155,6 @@ func (s *stream) buildHeaders(f *forwarding) {
 	if hdr == nil {
 		hdr = http.Header{}
 	}
-	stripHopByHop(hdr, true)
 	delete(hdr, "Expect")
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {

@@ -120,6 +120,11 @@ func (s *stream) serve() {
 	if !s.normalizePath() {
 		return
 	}
+	// Hop-by-hop headers, and those Connection names, go before the
+	// proxy adds its own: a client naming X-Forwarded-For or
+	// X-Request-Id in Connection must not make the proxy's values vanish
+	// (the bug class of Traefik CVE-2024-45410).
+	stripHopByHop(r.Header, true)
 	s.prepareHeaders()
 
 	routes := cfg.routes
