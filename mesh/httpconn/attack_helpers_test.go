@@ -9,6 +9,9 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // rawConn serves one downstream connection with Serve on a loopback TCP
@@ -94,3 +97,7 @@ func closedAfter(c net.Conn, d time.Duration) bool {
 		}
 	}
 }
+
+type corev3CommonHTTP = corev3.HttpProtocolOptions
+
+func wrap32(v uint32) *wrapperspb.UInt32Value { return wrapperspb.UInt32(v) }

@@ -20,6 +20,7 @@ const (
 	DefaultStreamIdleTimeout = 5 * time.Minute
 	DefaultIdleTimeout       = time.Hour // common_http_protocol_options.idle_timeout
 	DefaultMaxHeadersKB      = 60        // max_request_headers_kb
+	DefaultMaxHeadersCount   = 100       // common_http_protocol_options.max_headers_count
 	DefaultServerName        = "envoy"
 )
 
@@ -75,6 +76,7 @@ type Config struct {
 	requestHeadersTimeout time.Duration
 	idleTimeout           time.Duration
 	maxHeaderBytes        int
+	maxHeadersCount       int
 	useRemoteAddress      bool
 	xffTrustedHops        uint32
 	skipXFFAppend         bool
@@ -252,6 +254,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		streamIdleTimeout: DefaultStreamIdleTimeout,
 		idleTimeout:       DefaultIdleTimeout,
 		maxHeaderBytes:    DefaultMaxHeadersKB << 10,
+		maxHeadersCount:   DefaultMaxHeadersCount,
 		useRemoteAddress:  h.GetUseRemoteAddress().GetValue(),
 		xffTrustedHops:    h.GetXffNumTrustedHops(),
 		skipXFFAppend:     h.GetSkipXffAppend(),
@@ -295,6 +298,9 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	}
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
+	}
+	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		c.maxHeadersCount = int(v.GetValue()) // validated >= 1
 	}
 	// Path handling, applied before routing (pathNorm.apply). Unset
 	// normalize_path is false (Envoy's runtime default for

@@ -105,6 +105,11 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			return
 		}
 		resp, err := s.send(&f, &a, out)
+		// The h1 transport counted the head's headers itself (1xx too).
+		if err == nil && f.h1 == nil && tooManyHeaders(resp.Header, maxResponseHeaders) {
+			resp.Body.Close()
+			resp, err = nil, errUpstreamHead
+		}
 		if err != nil {
 			if s.retryAfterError(&f, &a, err) {
 				continue
@@ -531,6 +536,9 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 		return attemptFailure{p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout}
 	case errors.Is(err, cluster.ErrOverflow), errors.Is(err, errPendingOverflow):
 		return attemptFailure{false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError}
+	case errors.Is(err, errUpstreamHead):
+		f.stats.RqRxReset.Add(1)
+		return attemptFailure{false, FlagUPE, http.StatusServiceUnavailable, prefix + "reset reason: protocol error", "upstream_reset_before_response_started{protocol_error}", cluster.RequestError}
 	case errors.Is(err, cluster.ErrNoHealthyUpstream):
 		return attemptFailure{false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError}
 	}

@@ -316,6 +316,9 @@ func (s *stream) replyHeader() http.Header {
 	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
+	if s.closeConn {
+		h["Connection"] = []string{"close"}
+	}
 	return h
 }
 

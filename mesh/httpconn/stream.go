@@ -29,6 +29,7 @@ type stream struct {
 	wroteHeader bool
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
+	closeConn   bool   // HTTP/1.1: the proxy's reply closes the connection
 	target      string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
@@ -115,6 +116,16 @@ func (s *stream) serve() {
 		s.body.done = s.reqTimer
 	}
 
+	// Envoy's codec refuses a request with more headers than
+	// max_headers_count (431; HTTP/1.1 then closes, as after any
+	// protocol error).
+	if tooManyHeaders(r.Header, cfg.maxHeadersCount) {
+		s.closeConn = r.ProtoMajor == 1
+		s.e.ResponseFlags |= FlagDPE
+		s.localReply(http.StatusRequestHeaderFieldsTooLarge, "", tooManyHeadersDetails(r))
+		return
+	}
+
 	// Path handling comes first, as in Envoy: nothing may see the path
 	// before it is normalized.
 	if !s.normalizePath() {
@@ -198,6 +209,15 @@ func (s *stream) serve() {
 	default:
 		s.proxy(routes, vh, rt, clusterName, wc)
 	}
+}
+
+// tooManyHeadersDetails is Envoy's response code details for a request
+// over max_headers_count, by codec.
+func tooManyHeadersDetails(r *http.Request) string {
+	if r.ProtoMajor == 2 {
+		return "http2.too_many_headers"
+	}
+	return "http1.too_many_headers"
 }
 
 // perRoute finds the most specific typed_per_filter_config of a filter.
