@@ -88,7 +88,7 @@ func (r *stringsReaderT) Read(p []byte) (int, error) {
 // within d.
 func closedAfter(c net.Conn, d time.Duration) bool {
 	_ = c.SetReadDeadline(time.Now().Add(d))
-	var b [1]byte
+	var b [64 << 10]byte
 	for {
 		_, err := c.Read(b[:])
 		if err != nil {

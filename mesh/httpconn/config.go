@@ -21,7 +21,19 @@ const (
 	DefaultIdleTimeout       = time.Hour // common_http_protocol_options.idle_timeout
 	DefaultMaxHeadersKB      = 60        // max_request_headers_kb
 	DefaultMaxHeadersCount   = 100       // common_http_protocol_options.max_headers_count
-	DefaultServerName        = "envoy"
+
+	// HTTP/2 downstream (http2_protocol_options). Envoy's own default for
+	// max_concurrent_streams is 2^31-1, which its premature-reset
+	// detection alone cannot bound: a client holding streams open (a
+	// zero flow-control window) would cost a goroutine and a stream each.
+	// meshtun's default bounds them per connection, and still serves a
+	// thousand concurrent gRPC calls on one connection. The windows are
+	// Go's defaults (Envoy's 256 MiB would let one connection buffer that
+	// much before the proxy reads it).
+	DefaultMaxConcurrentStreams = 1024
+	DefaultInitialStreamWindow  = 1 << 20 // initial_stream_window_size
+	DefaultInitialConnWindow    = 1 << 20 // initial_connection_window_size
+	DefaultServerName           = "envoy"
 )
 
 // Env is what the engine needs from the proxy's current configuration.
@@ -53,6 +65,13 @@ type ConnInfo struct {
 	Draining context.Context
 }
 
+// http2Options are the downstream http2_protocol_options meshtun honours.
+type http2Options struct {
+	maxStreams   int
+	streamWindow int
+	connWindow   int
+}
+
 // codec is the downstream codec_type.
 type codec uint8
 
@@ -77,6 +96,8 @@ type Config struct {
 	idleTimeout           time.Duration
 	maxHeaderBytes        int
 	maxHeadersCount       int
+	h2                    http2Options
+	allowChunkedLength    bool // http_protocol_options.allow_chunked_length
 	useRemoteAddress      bool
 	xffTrustedHops        uint32
 	skipXFFAppend         bool
@@ -109,12 +130,16 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
-	NoRoute                atomic.Uint64 // no_route
-	NoCluster              atomic.Uint64 // no_cluster
-	RqRedirect             atomic.Uint64 // rq_redirect
-	RqDirectResponse       atomic.Uint64 // rq_direct_response
-	FaultAborts            atomic.Uint64 // fault.aborts_injected
-	FaultDelays            atomic.Uint64 // fault.delays_injected
+	// PrematureResets counts connections closed for too many streams
+	// reset by the client right after they began
+	// (downstream_rq_too_many_premature_resets).
+	PrematureResets  atomic.Uint64
+	NoRoute          atomic.Uint64 // no_route
+	NoCluster        atomic.Uint64 // no_cluster
+	RqRedirect       atomic.Uint64 // rq_redirect
+	RqDirectResponse atomic.Uint64 // rq_direct_response
+	FaultAborts      atomic.Uint64 // fault.aborts_injected
+	FaultDelays      atomic.Uint64 // fault.delays_injected
 	// FailedPathNormalization counts requests answered 400 by path
 	// handling (downstream_rq_failed_path_normalization).
 	FailedPathNormalization atomic.Uint64
@@ -148,6 +173,7 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
 		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
+		{Name: "downstream_rq_too_many_premature_resets", Value: s.PrematureResets.Load()},
 		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
 		{Name: "fault.aborts_injected", Value: s.FaultAborts.Load()},
 		{Name: "fault.delays_injected", Value: s.FaultDelays.Load()},
@@ -255,6 +281,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		idleTimeout:       DefaultIdleTimeout,
 		maxHeaderBytes:    DefaultMaxHeadersKB << 10,
 		maxHeadersCount:   DefaultMaxHeadersCount,
+		h2:                http2Options{DefaultMaxConcurrentStreams, DefaultInitialStreamWindow, DefaultInitialConnWindow},
 		useRemoteAddress:  h.GetUseRemoteAddress().GetValue(),
 		xffTrustedHops:    h.GetXffNumTrustedHops(),
 		skipXFFAppend:     h.GetSkipXffAppend(),
@@ -302,6 +329,19 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
 		c.maxHeadersCount = int(v.GetValue()) // validated >= 1
 	}
+	// Validated ranges: streams >= 1, windows 65535..2^31-1.
+	if o := h.GetHttp2ProtocolOptions(); o != nil {
+		if v := o.GetMaxConcurrentStreams(); v != nil {
+			c.h2.maxStreams = int(v.GetValue())
+		}
+		if v := o.GetInitialStreamWindowSize(); v != nil {
+			c.h2.streamWindow = int(v.GetValue())
+		}
+		if v := o.GetInitialConnectionWindowSize(); v != nil {
+			c.h2.connWindow = int(v.GetValue())
+		}
+	}
+	c.allowChunkedLength = h.GetHttpProtocolOptions().GetAllowChunkedLength()
 	// Path handling, applied before routing (pathNorm.apply). Unset
 	// normalize_path is false (Envoy's runtime default for
 	// http_connection_manager.normalize_path is 0%); Istio sets it true.

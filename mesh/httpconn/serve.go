@@ -98,8 +98,13 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		ErrorLog:       discardLog,
 		Protocols:      protos,
 		HTTP2: &http.HTTP2Config{
-			MaxConcurrentStreams:      1 << 20,
-			MaxReceiveBufferPerStream: 1 << 20,
+			MaxConcurrentStreams:          c.h2.maxStreams,
+			MaxReceiveBufferPerStream:     c.h2.streamWindow,
+			MaxReceiveBufferPerConnection: c.h2.connWindow,
+			// A connection whose peer takes no byte for this long
+			// (its TCP window closed) is closed: no stream on it can
+			// move, so none would outlive its stream_idle_timeout.
+			WriteByteTimeout: c.streamIdleTimeout,
 		},
 		ConnState: ln.connState,
 	}
@@ -107,13 +112,16 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		// HTTP/1.1: every response says "Connection: close".
 		srv.SetKeepAlivesEnabled(false)
 	}
+	if isH2 {
+		h.srv = srv // for the premature-reset GOAWAY
+	}
 	if isH2 && info.Draining != nil {
 		// HTTP/2: the first stream after the drain's start sends the
 		// GOAWAY again (connHandler.maybeGoAway): net/http registers the
 		// connection for its shutdown hook only once it serves it, so a
 		// drain that starts with the connection (or just after) has
 		// nobody to send it to.
-		h.goAwayOnStream, h.srv = info.Draining.Done(), srv
+		h.goAwayOnStream = info.Draining.Done()
 	}
 	served := make(chan struct{})
 	go func() {
@@ -260,8 +268,50 @@ type connHandler struct {
 	// shutdown hook. Set before the connection is served; a stream's
 	// check is a non-blocking channel receive.
 	goAwayOnStream <-chan struct{}
-	srv            *http.Server
+	srv            *http.Server // HTTP/2 only
 	goneAway       atomic.Bool
+
+	// Envoy's premature-reset detection (CVE-2023-44487, "rapid
+	// reset"): streams ended, and those the client reset within
+	// prematureResetLifetime of their start.
+	streamsClosed   atomic.Uint64
+	prematureResets atomic.Uint64
+	resetGoAway     atomic.Bool
+}
+
+// Envoy's runtime defaults overload.premature_reset_min_stream_lifetime_seconds
+// and overload.premature_reset_total_stream_count.
+const (
+	prematureResetLifetime = time.Second
+	prematureResetTotal    = 500
+)
+
+// streamEnded counts an HTTP/2 stream's end for the premature-reset
+// detection, as Envoy's ConnectionManagerImpl does: once half of the
+// connection's streams (of at least prematureResetTotal, or half of that
+// number already) were reset by the client before a second had passed,
+// the connection gets a GOAWAY and takes no more streams: a rapid-reset
+// flood costs a bounded number of handlers and upstream requests.
+func (h *connHandler) streamEnded(reset bool, lifetime time.Duration) {
+	closed := h.streamsClosed.Add(1)
+	premature := h.prematureResets.Load()
+	if reset && lifetime < prematureResetLifetime {
+		premature = h.prematureResets.Add(1)
+	}
+	if premature == 0 {
+		return
+	}
+	if closed < prematureResetTotal {
+		if premature*2 < prematureResetTotal {
+			return
+		}
+	} else if premature*2 < closed {
+		return
+	}
+	if h.resetGoAway.CompareAndSwap(false, true) {
+		h.cfg.stats.PrematureResets.Add(1)
+		goAway(h.srv)
+	}
 }
 
 func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -287,6 +337,11 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.init(h, w, r)
 	defer func() {
 		st.DownstreamRqActive.Add(-1)
+		if h.srv != nil {
+			// The stream's context is done before the handler returns
+			// only when the client reset it (or the connection went).
+			h.streamEnded(r.Context().Err() != nil, time.Since(s.e.Start))
+		}
 		s.finish()
 	}()
 	s.serve()
@@ -402,7 +457,10 @@ func (s *stream) abort() {
 // route replacing the timeout) against fire, so a shorter route timeout
 // is never overwritten by a re-arm computed from the old one.
 // Firing cancels the stream with errStreamIdle; a stream blocked reading
-// a stalled body is ended by its bodyUnblock.
+// a stalled body is ended by its bodyUnblock, one blocked writing its
+// response to a client that reads nothing by the write deadline fire sets
+// (writesTo): Envoy's idle timer ends a stream that makes no progress
+// either way, so a slow reader cannot hold an upstream slot for ever.
 type idleWatch struct {
 	last   atomic.Int64 // nanotime of the last activity
 	cancel context.CancelCauseFunc
@@ -410,6 +468,15 @@ type idleWatch struct {
 	mu sync.Mutex
 	d  time.Duration // 0: disarmed
 	t  *time.Timer
+	w  http.ResponseWriter // set while the response body is relayed
+}
+
+// writesTo tells the watch that the stream now writes its response body
+// to w: a fire from now on also cuts the blocked write.
+func (iw *idleWatch) writesTo(w http.ResponseWriter) {
+	iw.mu.Lock()
+	iw.w = w
+	iw.mu.Unlock()
 }
 
 // bodyUnblock ends a stream whose client stalls mid-body. Cancelling the
@@ -498,6 +565,7 @@ func (iw *idleWatch) stop() {
 	iw.mu.Lock()
 	iw.d = 0
 	iw.cancel = nil
+	iw.w = nil // the ResponseWriter is not the watch's to touch any more
 	if iw.t != nil {
 		iw.t.Stop()
 	}
@@ -519,6 +587,14 @@ func (iw *idleWatch) fire() {
 	cancel := iw.cancel
 	iw.mu.Unlock()
 	cancel(errStreamIdle)
+	// A write blocked on the client (HTTP/1.1: the socket; HTTP/2: the
+	// flow-control window) fails at once; HTTP/2 resets the stream.
+	// Under mu: stop, before the handler returns, takes w away.
+	iw.mu.Lock()
+	if w := iw.w; w != nil && iw.cancel != nil {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now())
+	}
+	iw.mu.Unlock()
 }
 
 var epoch = time.Now()
