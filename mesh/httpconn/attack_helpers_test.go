@@ -101,3 +101,15 @@ func closedAfter(c net.Conn, d time.Duration) bool {
 type corev3CommonHTTP = corev3.HttpProtocolOptions
 
 func wrap32(v uint32) *wrapperspb.UInt32Value { return wrapperspb.UInt32(v) }
+
+// rawConnTo dials addr for raw bytes.
+func rawConnTo(t testing.TB, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c
+}

@@ -130,6 +130,9 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
+	// DownstreamRqHeaderTimeout counts requests answered 408 by
+	// request_headers_timeout (downstream_rq_header_timeout).
+	DownstreamRqHeaderTimeout atomic.Uint64
 	// PrematureResets counts connections closed for too many streams
 	// reset by the client right after they began
 	// (downstream_rq_too_many_premature_resets).
@@ -168,6 +171,7 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_5xx", Value: s.DownstreamRq5xx.Load()},
 		{Name: "downstream_rq_active", Value: g(s.DownstreamRqActive.Load()), Gauge: true},
 		{Name: "downstream_rq_failed_path_normalization", Value: s.FailedPathNormalization.Load()},
+		{Name: "downstream_rq_header_timeout", Value: s.DownstreamRqHeaderTimeout.Load()},
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},

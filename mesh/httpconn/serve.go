@@ -74,7 +74,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 		var conn net.Conn
 		var err error
-		isH2, conn, err = sniffPreface(raw, c.idleTimeout)
+		isH2, conn, err = sniffPreface(raw, c.idleTimeout, c.headTimeout())
 		stop()
 		stopDrain()
 		if err != nil {
@@ -87,10 +87,17 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 			protos.SetHTTP1(true)
 		}
 	}
+	if !isH2 {
+		// HTTP/1.x framing checks net/http cannot do (h1Guard).
+		down = newH1Guard(down, c, &h.info)
+	}
 	ln := newOneConnListener(down)
 	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: c.requestHeadersTimeout,
+		Handler: h,
+		// Envoy's stream exists from a request's first byte, so
+		// stream_idle_timeout bounds the head too, as does
+		// request_headers_timeout; h1Guard answers 408 when it fires.
+		ReadHeaderTimeout: c.headTimeout(),
 		IdleTimeout:       c.idleTimeout,
 		// net/http allows 4096 bytes over MaxHeaderBytes for the request
 		// line and slack: the total matches max_request_headers_kb.
@@ -175,17 +182,36 @@ var discardLog = log.New(io.Discard, "", 0)
 
 const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
+// headTimeout bounds the arrival of a request head once its first byte
+// came: the shorter of request_headers_timeout and stream_idle_timeout
+// (0: none).
+func (c *Config) headTimeout() time.Duration {
+	d := c.requestHeadersTimeout
+	if s := c.streamIdleTimeout; s > 0 && (d <= 0 || s < d) {
+		d = s
+	}
+	return d
+}
+
 // sniffPreface reads until the bytes diverge from the HTTP/2 connection
-// preface or match all of it, and returns a conn that replays them.
-func sniffPreface(c net.Conn, timeout time.Duration) (bool, net.Conn, error) {
-	if timeout > 0 {
-		_ = c.SetReadDeadline(time.Now().Add(timeout))
+// preface or match all of it, and returns a conn that replays them. The
+// first byte may take idle (the connection's idle timeout); the rest of
+// the preface head (a head under way: a slowloris sending one byte at a
+// time) only head.
+func sniffPreface(c net.Conn, idle, head time.Duration) (bool, net.Conn, error) {
+	if idle > 0 {
+		_ = c.SetReadDeadline(time.Now().Add(idle))
+	}
+	if idle > 0 || head > 0 {
 		defer c.SetReadDeadline(time.Time{})
 	}
 	buf := make([]byte, len(h2Preface))
 	n := 0
 	for n < len(buf) {
 		m, err := c.Read(buf[n:])
+		if n == 0 && m > 0 && head > 0 {
+			_ = c.SetReadDeadline(time.Now().Add(head))
+		}
 		n += m
 		if string(buf[:n]) != h2Preface[:n] {
 			return false, &prefixConn{Conn: c, pre: buf[:n]}, nil
@@ -246,7 +272,12 @@ func (l *oneConnListener) connState(_ net.Conn, s http.ConnState) {
 	switch s {
 	case http.StateNew:
 		close(l.taken)
-	case http.StateClosed, http.StateHijacked:
+	case http.StateHijacked:
+		if g, ok := l.conn.(*h1Guard); ok {
+			g.hijacked() // the handler's bytes from now on
+		}
+		l.doneOnce.Do(func() { close(l.done) })
+	case http.StateClosed:
 		l.doneOnce.Do(func() { close(l.done) })
 	}
 }

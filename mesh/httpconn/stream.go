@@ -126,6 +126,17 @@ func (s *stream) serve() {
 		return
 	}
 
+	// CONNECT is an upgrade in Envoy's terms ("CONNECT" in
+	// upgrade_configs, routes with connect_matcher); none is configured
+	// to allow it, so it is refused (403 upgrade_failed), where it was
+	// forwarded as "CONNECT / HTTP/1.1". HTTP/1.1 closes: bytes a client
+	// sends after its CONNECT are tunnel data, not requests.
+	if r.Method == http.MethodConnect && !s.connectAllowed() {
+		s.closeConn = r.ProtoMajor == 1
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return
+	}
+
 	// Path handling comes first, as in Envoy: nothing may see the path
 	// before it is normalized.
 	if !s.normalizePath() {
@@ -210,6 +221,11 @@ func (s *stream) serve() {
 		s.proxy(routes, vh, rt, clusterName, wc)
 	}
 }
+
+// connectAllowed reports whether a CONNECT request may be tunnelled:
+// never yet (no connect_matcher routes nor CONNECT upgrade_configs are
+// accepted); the tunnel's upgrade code decides here.
+func (s *stream) connectAllowed() bool { return false }
 
 // tooManyHeadersDetails is Envoy's response code details for a request
 // over max_headers_count, by codec.
