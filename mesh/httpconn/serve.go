@@ -434,6 +434,12 @@ func (s *stream) localReply(code int, body, details string) {
 	}
 	s.writeHeader(code)
 	if body != "" && s.r.Method != http.MethodHead {
+		if s.r.ProtoMajor == 2 && s.cfg.streamIdleTimeout > 0 {
+			// net/http sends the body after the handler returns, past
+			// the idle watch: a client with a closed flow-control
+			// window would hold the stream for ever without a deadline.
+			_ = http.NewResponseController(s.w).SetWriteDeadline(time.Now().Add(s.cfg.streamIdleTimeout))
+		}
 		n, _ := io.WriteString(s.w, body)
 		s.e.BytesSent += int64(n)
 	}
@@ -500,13 +506,20 @@ type idleWatch struct {
 	d  time.Duration // 0: disarmed
 	t  *time.Timer
 	w  http.ResponseWriter // set while the response body is relayed
+	// fired: the stream was cancelled for idleness (writesTo then cuts
+	// the writes at once: the relay may still hold buffered bytes).
+	fired bool
 }
 
 // writesTo tells the watch that the stream now writes its response body
-// to w: a fire from now on also cuts the blocked write.
+// to w: a fire from now on (or one already past) also cuts the blocked
+// write.
 func (iw *idleWatch) writesTo(w http.ResponseWriter) {
 	iw.mu.Lock()
 	iw.w = w
+	if iw.fired {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now())
+	}
 	iw.mu.Unlock()
 }
 
@@ -565,6 +578,7 @@ func (iw *idleWatch) reset(cancel context.CancelCauseFunc) {
 	iw.mu.Lock()
 	iw.cancel = cancel
 	iw.d = 0
+	iw.fired = false
 	iw.mu.Unlock()
 	iw.touch()
 }
@@ -616,6 +630,7 @@ func (iw *idleWatch) fire() {
 		return
 	}
 	cancel := iw.cancel
+	iw.fired = true
 	iw.mu.Unlock()
 	cancel(errStreamIdle)
 	// A write blocked on the client (HTTP/1.1: the socket; HTTP/2: the
