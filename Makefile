@@ -31,6 +31,8 @@ bench: build deps
 	MESHTUN_SCALE=10000 MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags scale -count=1 -run TestXDSScale -v ./integration/ | grep -E 'services:|--- '
 	# Workload identity: agent start to ready with the CA (15012, token), median of 5 per key type.
 	MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags bench -count=1 -run TestAgentReadyWithCABench -v ./integration/ | grep -E 'start to ready|--- '
+	# HTTP memory: 10,000 idle keep-alive h1 connections, one h2c connection with 1,000 open streams.
+	$(GO) test -tags bench -count=1 -run TestMemory -v ./mesh/httpconn/ | grep -E 'connections:|streams:|--- '
 
 # The README's first command: meshtun end to end in throwaway namespaces
 # (control plane, agent + proxy, sample servers), each step asserted; then
