@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"net/http"
 	"testing"
 )
 
@@ -73,4 +74,22 @@ func FuzzH1Guard(f *testing.F) {
 			return
 		}
 	})
+}
+
+// TestH1GuardHijackedPassesThrough: once net/http hands the connection
+// to a handler (an Upgrade tunnel: StateHijacked), the guard passes the
+// bytes as they are, even what it would refuse as a request head.
+func TestH1GuardHijackedPassesThrough(t *testing.T) {
+	cfg := &Config{maxHeaderBytes: 4096, stats: &Stats{}}
+	in := []byte("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+	if out := guarded(cfg, in, len(in)); bytes.Equal(out, in) {
+		t.Fatal("the guard passed a refused head before any hijack")
+	}
+	g := newH1Guard(&chunkedConn{src: in, step: len(in)}, cfg, &ConnInfo{})
+	l := newOneConnListener(g)
+	l.connState(g, http.StateHijacked)
+	out, err := io.ReadAll(g)
+	if err != nil || !bytes.Equal(out, in) {
+		t.Errorf("after the hijack: %q, %v; want the bytes unchanged", out, err)
+	}
 }

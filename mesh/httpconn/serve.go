@@ -369,13 +369,23 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer func() {
 		st.DownstreamRqActive.Add(-1)
 		if h.srv != nil {
-			// The stream's context is done before the handler returns
-			// only when the client reset it (or the connection went).
-			h.streamEnded(r.Context().Err() != nil, time.Since(s.e.Start))
+			h.streamEnded(s.clientReset(), time.Since(s.e.Start))
 		}
 		s.finish()
 	}()
 	s.serve()
+}
+
+// clientReset reports whether the client ended the stream before its
+// handler did: the request's context is done then only when the client
+// reset it (or the connection went), or when the proxy itself reset it
+// for a timeout, which Envoy does not count as a premature reset.
+func (s *stream) clientReset() bool {
+	if s.r.Context().Err() == nil {
+		return false
+	}
+	c := context.Cause(s.ctx)
+	return c != errStreamIdle && c != errRequestTimeout
 }
 
 // maybeGoAway sends the GOAWAY of a drain that began before the
