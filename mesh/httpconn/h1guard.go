@@ -1,6 +1,7 @@
 package httpconn
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
@@ -199,6 +200,17 @@ func (g *h1Guard) scan(b []byte) (int, bool) {
 				}
 			}
 		case gHead:
+			if g.h.lineLen == 0 {
+				// A whole line in this read takes a few vector
+				// searches, not a step per byte.
+				if j := bytes.IndexByte(b[i:], '\n'); j > 0 && g.fastLine(b[i:i+j]) {
+					i += j
+					if g.h.headLen > g.cfg.maxHeaderBytes+8192 {
+						g.err = errFraming
+						return i, false
+					}
+				}
+			}
 			c := b[i]
 			i++
 			if c != '\n' {
@@ -270,6 +282,42 @@ func (g *h1Guard) scan(b []byte) (int, bool) {
 		}
 	}
 	return len(b), false
+}
+
+// fastLine takes a whole head line but its line feed, when it can tell
+// at once that the line is not one whose value matters (not
+// Content-Length nor Transfer-Encoding); false leaves it to headByte.
+func (g *h1Guard) fastLine(line []byte) bool {
+	h := &g.h
+	n := len(line)
+	if h.lineNo == 0 {
+		// The request line: only its version matters.
+		v := line
+		if v[n-1] == '\r' {
+			v = v[:n-1]
+		}
+		if bytes.IndexByte(v, '\r') >= 0 {
+			return false
+		}
+		if len(v) >= len(h.tail) {
+			copy(h.tail[:], v[len(v)-len(h.tail):])
+		} else {
+			h.tail = [len(h.tail)]byte{}
+			copy(h.tail[len(h.tail)-len(v):], v)
+		}
+	} else {
+		colon := bytes.IndexByte(line, ':')
+		if line[0] == ' ' || line[0] == '\t' || colon == len("content-length") || colon == len("transfer-encoding") {
+			return false
+		}
+		if colon >= 0 {
+			h.inValue, h.field, h.nameLen = true, fieldOther, colon
+		}
+	}
+	h.headLen += n
+	h.lineLen = n
+	h.lastCR = line[n-1] == '\r'
+	return true
 }
 
 // headByte takes one byte of a head line other than its line feed.
