@@ -35,6 +35,8 @@ bench: build deps
 	MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags bench -count=1 -run TestAgentReadyWithCABench -v ./integration/ | grep -E 'start to ready|--- '
 	# mTLS between two meshed pods vs plaintext: 1-stream throughput, 64 B RR p50/p99, connections/s (ECDSA), with and without session resumption.
 	MESHTUN_BIN=$(CURDIR)/$(BIN) $(GO) test -tags bench -count=1 -timeout 20m -run TestMTLSBench -v ./integration/ | grep -E '^ *mTLS|--- '
+	# HTTP memory: 10,000 idle keep-alive h1 connections, one h2c connection with 1,000 open streams.
+	$(GO) test -tags bench -count=1 -run TestMemory -v ./mesh/httpconn/ | grep -E 'connections:|streams:|--- '
 
 # The README's first command: meshtun end to end in throwaway namespaces
 # (control plane, agent + proxy, sample servers), each step asserted; then

@@ -60,9 +60,10 @@ const (
 	FlagSI                    // stream idle timeout
 	FlagFI                    // fault injected abort
 	FlagDI                    // fault injected delay
+	FlagUPE                   // upstream protocol error
 )
 
-var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI"}
+var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI", "UPE"}
 
 // String renders the flags as Envoy does: comma-separated, "-" when none.
 func (f Flags) String() string {

@@ -22,7 +22,20 @@ const (
 	DefaultStreamIdleTimeout = 5 * time.Minute
 	DefaultIdleTimeout       = time.Hour // common_http_protocol_options.idle_timeout
 	DefaultMaxHeadersKB      = 60        // max_request_headers_kb
-	DefaultServerName        = "envoy"
+	DefaultMaxHeadersCount   = 100       // common_http_protocol_options.max_headers_count
+
+	// HTTP/2 downstream (http2_protocol_options). Envoy's own default for
+	// max_concurrent_streams is 2^31-1, which its premature-reset
+	// detection alone cannot bound: a client holding streams open (a
+	// zero flow-control window) would cost a goroutine and a stream each.
+	// meshtun's default bounds them per connection, and still serves a
+	// thousand concurrent gRPC calls on one connection. The windows are
+	// Go's defaults (Envoy's 256 MiB would let one connection buffer that
+	// much before the proxy reads it).
+	DefaultMaxConcurrentStreams = 1024
+	DefaultInitialStreamWindow  = 1 << 20 // initial_stream_window_size
+	DefaultInitialConnWindow    = 1 << 20 // initial_connection_window_size
+	DefaultServerName           = "envoy"
 )
 
 // Env is what the engine needs from the proxy's current configuration.
@@ -81,6 +94,13 @@ func ConnInfoFrom(ctx context.Context) *ConnInfo {
 	return info
 }
 
+// http2Options are the downstream http2_protocol_options meshtun honours.
+type http2Options struct {
+	maxStreams   int
+	streamWindow int
+	connWindow   int
+}
+
 // codec is the downstream codec_type.
 type codec uint8
 
@@ -104,6 +124,9 @@ type Config struct {
 	requestHeadersTimeout time.Duration
 	idleTimeout           time.Duration
 	maxHeaderBytes        int
+	maxHeadersCount       int
+	h2                    http2Options
+	allowChunkedLength    bool // http_protocol_options.allow_chunked_length
 	useRemoteAddress      bool
 	xffTrustedHops        uint32
 	skipXFFAppend         bool
@@ -137,12 +160,19 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
-	NoRoute                atomic.Uint64 // no_route
-	NoCluster              atomic.Uint64 // no_cluster
-	RqRedirect             atomic.Uint64 // rq_redirect
-	RqDirectResponse       atomic.Uint64 // rq_direct_response
-	FaultAborts            atomic.Uint64 // fault.aborts_injected
-	FaultDelays            atomic.Uint64 // fault.delays_injected
+	// DownstreamRqHeaderTimeout counts requests answered 408 by
+	// request_headers_timeout (downstream_rq_header_timeout).
+	DownstreamRqHeaderTimeout atomic.Uint64
+	// PrematureResets counts connections closed for too many streams
+	// reset by the client right after they began
+	// (downstream_rq_too_many_premature_resets).
+	PrematureResets  atomic.Uint64
+	NoRoute          atomic.Uint64 // no_route
+	NoCluster        atomic.Uint64 // no_cluster
+	RqRedirect       atomic.Uint64 // rq_redirect
+	RqDirectResponse atomic.Uint64 // rq_direct_response
+	FaultAborts      atomic.Uint64 // fault.aborts_injected
+	FaultDelays      atomic.Uint64 // fault.delays_injected
 	// FailedPathNormalization counts requests answered 400 by path
 	// handling (downstream_rq_failed_path_normalization).
 	FailedPathNormalization atomic.Uint64
@@ -171,11 +201,13 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_5xx", Value: s.DownstreamRq5xx.Load()},
 		{Name: "downstream_rq_active", Value: g(s.DownstreamRqActive.Load()), Gauge: true},
 		{Name: "downstream_rq_failed_path_normalization", Value: s.FailedPathNormalization.Load()},
+		{Name: "downstream_rq_header_timeout", Value: s.DownstreamRqHeaderTimeout.Load()},
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
 		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
+		{Name: "downstream_rq_too_many_premature_resets", Value: s.PrematureResets.Load()},
 		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
 		{Name: "fault.aborts_injected", Value: s.FaultAborts.Load()},
 		{Name: "fault.delays_injected", Value: s.FaultDelays.Load()},
@@ -282,6 +314,8 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		streamIdleTimeout: DefaultStreamIdleTimeout,
 		idleTimeout:       DefaultIdleTimeout,
 		maxHeaderBytes:    DefaultMaxHeadersKB << 10,
+		maxHeadersCount:   DefaultMaxHeadersCount,
+		h2:                http2Options{DefaultMaxConcurrentStreams, DefaultInitialStreamWindow, DefaultInitialConnWindow},
 		useRemoteAddress:  h.GetUseRemoteAddress().GetValue(),
 		xffTrustedHops:    h.GetXffNumTrustedHops(),
 		skipXFFAppend:     h.GetSkipXffAppend(),
@@ -326,6 +360,22 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
 	}
+	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		c.maxHeadersCount = int(v.GetValue()) // validated >= 1
+	}
+	// Validated ranges: streams >= 1, windows 65535..2^31-1.
+	if o := h.GetHttp2ProtocolOptions(); o != nil {
+		if v := o.GetMaxConcurrentStreams(); v != nil {
+			c.h2.maxStreams = int(v.GetValue())
+		}
+		if v := o.GetInitialStreamWindowSize(); v != nil {
+			c.h2.streamWindow = int(v.GetValue())
+		}
+		if v := o.GetInitialConnectionWindowSize(); v != nil {
+			c.h2.connWindow = int(v.GetValue())
+		}
+	}
+	c.allowChunkedLength = h.GetHttpProtocolOptions().GetAllowChunkedLength()
 	// Path handling, applied before routing (pathNorm.apply). Unset
 	// normalize_path is false (Envoy's runtime default for
 	// http_connection_manager.normalize_path is 0%); Istio sets it true.

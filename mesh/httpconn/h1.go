@@ -35,6 +35,7 @@ type h1Transport struct {
 
 type h1Conn struct {
 	pc       *pooledConn
+	lim      headLimit // br's source: bounds the bytes read for response heads
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	addr     string
@@ -49,12 +50,66 @@ type h1Conn struct {
 	peekErr error
 }
 
+// Upstream response heads are bounded as Envoy bounds them (60 KiB and
+// 100 headers by default): an upstream that sends an endless head, or an
+// endless run of 1xx responses, must not grow the proxy's heap. Beyond,
+// the request fails as an upstream protocol error (503, UPE).
+const (
+	h1ReadBuffer         = 16 << 10
+	maxResponseHeadBytes = DefaultMaxHeadersKB << 10
+	maxResponseHeaders   = DefaultMaxHeadersCount
+	// maxInformational bounds the 1xx responses relayed before the final
+	// one (100 Continue, 102 Processing, 103 Early Hints: a handful in
+	// real use).
+	maxInformational = 16
+)
+
+// errUpstreamHead fails an exchange whose response head broke the limits.
+var errUpstreamHead = errors.New("httpconn: upstream response head exceeds the limits (60 KiB, 100 headers, 16 informational responses)")
+
+// headLimit is the h1 connection's reader under its bufio.Reader: while
+// a response head is read, n bounds the bytes that may still come from
+// the socket (the head, and what bufio reads ahead past it); n < 0 is no
+// bound (bodies).
+type headLimit struct {
+	r io.Reader
+	n int64
+}
+
+func (l *headLimit) Read(p []byte) (int, error) {
+	if l.n < 0 {
+		return l.r.Read(p)
+	}
+	if l.n == 0 {
+		return 0, errUpstreamHead
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	m, err := l.r.Read(p)
+	l.n -= int64(m)
+	return m, err
+}
+
+// tooManyHeaders reports whether h has more than max field lines.
+func tooManyHeaders(h http.Header, max int) bool {
+	n := 0
+	for _, vs := range h {
+		if n += len(vs); n > max {
+			return true
+		}
+	}
+	return false
+}
+
 // errPendingOverflow: max_pending_requests is reached (503 UO, as Envoy's
 // upstream_rq_pending_overflow).
 var errPendingOverflow = errors.New("httpconn: upstream pending requests overflow (circuit breaker max_pending_requests)")
 
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
-	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	c := &h1Conn{pc: pc, bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	c.lim = headLimit{r: pc, n: -1}
+	c.br = bufio.NewReaderSize(&c.lim, h1ReadBuffer)
 	c.killFn = c.kill
 	if tc := pc.TCPConn(); tc != nil && canPeek {
 		if raw, err := tc.SyscallConn(); err == nil {
@@ -375,19 +430,29 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 	}
 	// The first response byte tells a dead connection (EOF, reset, EPIPE
 	// with nothing received) from a failed response.
+	c.lim.n = maxResponseHeadBytes + h1ReadBuffer - int64(c.br.Buffered())
 	if _, err := c.br.Peek(1); err != nil {
 		stop()
+		c.lim.n = -1
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
 	}
-	for {
+	for informational := 0; ; informational++ {
 		resp, err := http.ReadResponse(c.br, req)
+		if err == nil && (informational > maxInformational || tooManyHeaders(resp.Header, maxResponseHeaders)) {
+			err = errUpstreamHead
+		}
 		if err != nil {
 			stop()
+			c.lim.n = -1
+			if errors.Is(err, errUpstreamHead) {
+				return nil, err, false
+			}
 			return nil, ctxErr(ctx, err), false
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 1xx informational: the final response follows
 		}
+		c.lim.n = -1
 		if body == nil {
 			body = new(h1Body)
 		}

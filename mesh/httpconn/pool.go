@@ -231,6 +231,8 @@ func (cp *clusterPool) h2Transport() *http.Transport {
 		WriteBufferSize:     16 << 10,
 		ReadBufferSize:      16 << 10,
 		HTTP2:               &http.HTTP2Config{MaxConcurrentStreams: 1 << 20},
+		// Envoy's bound on response heads (max_response_headers_kb).
+		MaxResponseHeaderBytes: maxResponseHeadBytes,
 		// For HTTP/2 this bounds concurrent dials, not connections:
 		// requests arriving together share the first connection instead
 		// of each dialing one (Envoy's pool also connects once and queues).

@@ -37,6 +37,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 	s.writeHeader(resp.StatusCode)
 	outcome := outcomeOf(resp.StatusCode)
 
+	s.idle.writesTo(s.w)
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -59,9 +60,17 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 			w, werr := s.w.Write(buf[:n])
 			s.e.BytesSent += int64(w)
 			if werr != nil {
-				s.e.ResponseFlags |= FlagDC
-				s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+				if context.Cause(s.ctx) == errStreamIdle {
+					// The client took nothing for stream_idle_timeout.
+					s.e.ResponseFlags |= FlagSI
+					s.e.ResponseCodeDetails = "stream_idle_timeout"
+					s.cfg.stats.DownstreamRqIdle.Add(1)
+				} else {
+					s.e.ResponseFlags |= FlagDC
+					s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+				}
 				f.stats.RqTxReset.Add(1)
+				s.abort()
 				return outcome
 			}
 			_ = rc.Flush()

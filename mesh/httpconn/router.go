@@ -107,6 +107,11 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			return
 		}
 		resp, err := s.send(&f, &a, out)
+		// The h1 transport counted the head's headers itself (1xx too).
+		if err == nil && f.h1 == nil && tooManyHeaders(resp.Header, maxResponseHeaders) {
+			resp.Body.Close()
+			resp, err = nil, errUpstreamHead
+		}
 		if err != nil {
 			if s.retryAfterError(&f, &a, err) {
 				continue
@@ -147,8 +152,8 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 }
 
 // buildHeaders builds the upstream request's headers, once for every
-// attempt: hop-by-hop headers out (Expect too: 100-continue is answered
-// downstream, Envoy's default), the header edits of the weighted
+// attempt: Expect out (100-continue is answered downstream, Envoy's
+// default; hop-by-hop headers went before prepareHeaders), the header edits of the weighted
 // cluster, route, virtual host and route configuration, host and path
 // rewrites.
 func (s *stream) buildHeaders(f *forwarding) {
@@ -157,7 +162,6 @@ func (s *stream) buildHeaders(f *forwarding) {
 	if hdr == nil {
 		hdr = http.Header{}
 	}
-	stripHopByHop(hdr, true)
 	delete(hdr, "Expect")
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
@@ -562,6 +566,9 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 		return attemptFailure{p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout}
 	case errors.Is(err, cluster.ErrOverflow), errors.Is(err, errPendingOverflow):
 		return attemptFailure{false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError}
+	case errors.Is(err, errUpstreamHead):
+		f.stats.RqRxReset.Add(1)
+		return attemptFailure{false, FlagUPE, http.StatusServiceUnavailable, prefix + "reset reason: protocol error", "upstream_reset_before_response_started{protocol_error}", cluster.RequestError}
 	case errors.Is(err, cluster.ErrNoHealthyUpstream):
 		return attemptFailure{false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError}
 	}

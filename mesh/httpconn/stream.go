@@ -29,6 +29,7 @@ type stream struct {
 	wroteHeader bool
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
+	closeConn   bool   // HTTP/1.1: the proxy's reply closes the connection
 	target      string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
@@ -118,11 +119,37 @@ func (s *stream) serve() {
 		s.body.done = s.reqTimer
 	}
 
+	// Envoy's codec refuses a request with more headers than
+	// max_headers_count (431; HTTP/1.1 then closes, as after any
+	// protocol error).
+	if tooManyHeaders(r.Header, cfg.maxHeadersCount) {
+		s.closeConn = r.ProtoMajor == 1
+		s.e.ResponseFlags |= FlagDPE
+		s.localReply(http.StatusRequestHeaderFieldsTooLarge, "", tooManyHeadersDetails(r))
+		return
+	}
+
+	// CONNECT is an upgrade in Envoy's terms ("CONNECT" in
+	// upgrade_configs, routes with connect_matcher); none is configured
+	// to allow it, so it is refused (403 upgrade_failed), where it was
+	// forwarded as "CONNECT / HTTP/1.1". HTTP/1.1 closes: bytes a client
+	// sends after its CONNECT are tunnel data, not requests.
+	if r.Method == http.MethodConnect && !s.connectAllowed() {
+		s.closeConn = r.ProtoMajor == 1
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return
+	}
+
 	// Path handling comes first, as in Envoy: nothing may see the path
 	// before it is normalized.
 	if !s.normalizePath() {
 		return
 	}
+	// Hop-by-hop headers, and those Connection names, go before the
+	// proxy adds its own: a client naming X-Forwarded-For or
+	// X-Request-Id in Connection must not make the proxy's values vanish
+	// (the bug class of Traefik CVE-2024-45410).
+	stripHopByHop(r.Header, true)
 	s.prepareHeaders()
 
 	routes := cfg.routes
@@ -196,6 +223,20 @@ func (s *stream) serve() {
 	default:
 		s.proxy(routes, vh, rt, clusterName, wc)
 	}
+}
+
+// connectAllowed reports whether a CONNECT request may be tunnelled:
+// never yet (no connect_matcher routes nor CONNECT upgrade_configs are
+// accepted); the tunnel's upgrade code decides here.
+func (s *stream) connectAllowed() bool { return false }
+
+// tooManyHeadersDetails is Envoy's response code details for a request
+// over max_headers_count, by codec.
+func tooManyHeadersDetails(r *http.Request) string {
+	if r.ProtoMajor == 2 {
+		return "http2.too_many_headers"
+	}
+	return "http1.too_many_headers"
 }
 
 // perRoute finds the most specific typed_per_filter_config of a filter.
