@@ -35,11 +35,20 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 	s.e.ResponseCodeDetails = "via_upstream"
 	s.writeHeader(resp.StatusCode)
 	outcome := outcomeOf(resp.StatusCode)
+	rc := http.NewResponseController(s.w)
+	if resp.ContentLength < 0 && s.r.Method != http.MethodHead {
+		// A streaming response (chunked, or HTTP/2 without a length:
+		// server-sent events, long polls, gRPC) gets its head at once, as
+		// Envoy sends headers when they arrive: net/http would hold it
+		// until the first body byte, which such an upstream may send
+		// much later. A response of known length comes whole, soon;
+		// its head goes out with its first bytes (one write, not two).
+		_ = rc.Flush()
+	}
 
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
-	rc := http.NewResponseController(s.w)
 	var total int64
 	for {
 		n, rerr := resp.Body.Read(buf)
