@@ -87,6 +87,7 @@ type Config struct {
 	stripMatchingHostPort bool
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
+	upgrades              upgrades // upgrade_configs (upgrade.go)
 
 	stats *Stats
 }
@@ -107,12 +108,16 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
-	NoRoute                atomic.Uint64 // no_route
-	NoCluster              atomic.Uint64 // no_cluster
-	RqRedirect             atomic.Uint64 // rq_redirect
-	RqDirectResponse       atomic.Uint64 // rq_direct_response
-	FaultAborts            atomic.Uint64 // fault.aborts_injected
-	FaultDelays            atomic.Uint64 // fault.delays_injected
+	// DownstreamCxUpgradesTotal and DownstreamCxUpgradesActive count
+	// upgraded (WebSocket) connections: downstream_cx_upgrades_*.
+	DownstreamCxUpgradesTotal  atomic.Uint64
+	DownstreamCxUpgradesActive atomic.Int64
+	NoRoute                    atomic.Uint64 // no_route
+	NoCluster                  atomic.Uint64 // no_cluster
+	RqRedirect                 atomic.Uint64 // rq_redirect
+	RqDirectResponse           atomic.Uint64 // rq_direct_response
+	FaultAborts                atomic.Uint64 // fault.aborts_injected
+	FaultDelays                atomic.Uint64 // fault.delays_injected
 	// FailedPathNormalization counts requests answered 400 by path
 	// handling (downstream_rq_failed_path_normalization).
 	FailedPathNormalization atomic.Uint64
@@ -135,6 +140,8 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_cx_http1_total", Value: s.DownstreamCxHTTP1Total.Load()},
 		{Name: "downstream_cx_http2_total", Value: s.DownstreamCxHTTP2Total.Load()},
 		{Name: "downstream_cx_total", Value: s.DownstreamCxTotal.Load()},
+		{Name: "downstream_cx_upgrades_active", Value: g(s.DownstreamCxUpgradesActive.Load()), Gauge: true},
+		{Name: "downstream_cx_upgrades_total", Value: s.DownstreamCxUpgradesTotal.Load()},
 		{Name: "downstream_rq_2xx", Value: s.DownstreamRq2xx.Load()},
 		{Name: "downstream_rq_3xx", Value: s.DownstreamRq3xx.Load()},
 		{Name: "downstream_rq_4xx", Value: s.DownstreamRq4xx.Load()},
@@ -240,14 +247,14 @@ func ParseHCM(hcm *hcmv3.HttpConnectionManager) (*Config, error) {
 	return c, nil
 }
 
-func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
+func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if h == nil {
 		return nil, errors.New("missing")
 	}
 	if err := h.ValidateAll(); err != nil {
 		return nil, err
 	}
-	c := &Config{
+	c = &Config{
 		StatPrefix:        h.GetStatPrefix(),
 		streamIdleTimeout: DefaultStreamIdleTimeout,
 		idleTimeout:       DefaultIdleTimeout,
@@ -334,6 +341,9 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		c.routes = rt
 	default:
 		return nil, fieldf("route_specifier", "want rds or route_config")
+	}
+	if c.upgrades, err = parseHCMUpgrades(h.GetUpgradeConfigs()); err != nil {
+		return nil, err
 	}
 	f, err := parseHTTPFilters(h.GetHttpFilters())
 	if err != nil {

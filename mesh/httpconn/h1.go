@@ -53,6 +53,9 @@ type h1Conn struct {
 // upstream_rq_pending_overflow).
 var errPendingOverflow = errors.New("httpconn: upstream pending requests overflow (circuit breaker max_pending_requests)")
 
+// errUpgradeCut: the exchange was cancelled as its 101 arrived.
+var errUpgradeCut = errors.New("httpconn: upgrade cancelled as the upstream switched protocols")
+
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
 	c.killFn = c.kill
@@ -387,6 +390,17 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 1xx informational: the final response follows
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// The connection is the tunnel's now (tunnel.go): the
+			// exchange's timeouts (route, per-try) end here; the tunnel
+			// has its own.
+			if !stop() {
+				c.pc.Close()
+				return nil, ctxErr(ctx, errUpgradeCut), false
+			}
+			resp.Body = &upgradedConn{c: c}
+			return resp, nil, false
 		}
 		if body == nil {
 			body = new(h1Body)

@@ -12,6 +12,9 @@ import (
 
 // relay sends the upstream response downstream.
 func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcome {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return s.tunnel(resp, f)
+	}
 	defer resp.Body.Close()
 	h := s.w.Header()
 	for k, vs := range resp.Header {

@@ -141,6 +141,12 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 	f.name, f.cl, f.cp, f.stats = name, cl, cp, cp.stats
 	f.tr = cp.transportFor(s.r.ProtoMajor)
 	f.h1, _ = f.tr.(*h1Transport)
+	if s.upgrade != "" && f.h1 == nil {
+		// Envoy would turn it into an extended CONNECT (RFC 8441) to an
+		// HTTP/2-only cluster; meshtun upgrades over HTTP/1.1 only.
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return false
+	}
 	return true
 }
 
@@ -157,6 +163,12 @@ func (s *stream) buildHeaders(f *forwarding) {
 	}
 	stripHopByHop(hdr, true)
 	delete(hdr, "Expect")
+	if s.upgrade != "" {
+		// An allowed upgrade goes upstream: its two hop-by-hop headers
+		// are re-added (tunnel.go relays the 101).
+		hdr["Connection"] = []string{"Upgrade"}
+		hdr["Upgrade"] = []string{s.upgrade}
+	}
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
 		f.authority = wc.hostRewrite

@@ -81,6 +81,7 @@ type Route struct {
 	timeout        time.Duration // 0: none
 	idleTimeout    time.Duration // -1: the HCM's stream_idle_timeout
 	retry          *retryPolicy
+	upgrades       upgrades // upgrade_configs (upgrade.go)
 	reqOps, rspOps *headerOps
 	direct         directResponse
 	redirect       redirect
@@ -418,6 +419,11 @@ func (rt *Route) compileAction(a *routev3.RouteAction) error {
 		}
 		rt.retry = p
 	}
+	u, err := parseRouteUpgrades(a.GetUpgradeConfigs())
+	if err != nil {
+		return err
+	}
+	rt.upgrades = u
 	if a.GetRetryPolicyTypedConfig() != nil {
 		return fieldf("retry_policy_typed_config", "not supported")
 	}

@@ -48,7 +48,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 	}
 
-	h := &connHandler{cfg: c, env: env, info: info}
+	h := &connHandler{cfg: c, env: env, info: info, ctx: ctx}
 	protos := new(http.Protocols)
 	isH2 := false
 	switch c.codec {
@@ -150,6 +150,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 	}
 	ln.Close()
 	<-served
+	h.tunnels.Wait() // upgraded connections net/http let go of (tunnel.go)
 	return nil
 }
 
@@ -253,6 +254,12 @@ type connHandler struct {
 	env     Env
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+
+	// ctx is Serve's: its end (the drain's end) also ends the
+	// connection's tunnels, which Serve waits for (tunnels) since
+	// net/http no longer tracks a hijacked connection.
+	ctx     context.Context
+	tunnels sync.WaitGroup
 
 	// goAwayOnStream (the listener's drain start), once done, makes the
 	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain

@@ -29,6 +29,7 @@ type stream struct {
 	wroteHeader bool
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
+	upgrade     string // the Upgrade the request asks and its route allows ("": none)
 	target      string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
@@ -143,6 +144,12 @@ func (s *stream) serve() {
 	}
 	if rt != nil {
 		s.e.RouteName = rt.Name
+	}
+	// An Upgrade (WebSocket) goes through only where upgrade_configs
+	// allow its type, else 403 as Envoy answers (upgrade_failed).
+	if s.upgrade = upgradeType(r); s.upgrade != "" && !cfg.upgradeAllowed(rt, s.upgrade) {
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return
 	}
 
 	// The cluster is chosen with the route, so that filters (fault's
