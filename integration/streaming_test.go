@@ -34,6 +34,20 @@ type streamService struct {
 // routeExtra, and an h2c upstream when h2 is set (Istio's gRPC ports).
 func startStreamService(t *testing.T, handler http.Handler, h2 bool, hcmExtra, routeExtra obj) *streamService {
 	t.Helper()
+	return startStreamServer(t, func(ln net.Listener) func() {
+		srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second, Protocols: new(http.Protocols)}
+		srv.Protocols.SetHTTP1(true)
+		srv.Protocols.SetUnencryptedHTTP2(true)
+		go srv.Serve(ln)
+		return func() { srv.Close() }
+	}, h2, hcmExtra, routeExtra)
+}
+
+// startStreamServer is startStreamService with a server of the caller's
+// (a gRPC server): serve starts it on the endpoint's listener and returns
+// its stop.
+func startStreamServer(t *testing.T, serve func(net.Listener) func(), h2 bool, hcmExtra, routeExtra obj) *streamService {
+	t.Helper()
 	topo := newTopology(t)
 	cp := startControlPlane(t, topo.Services, ap(topo.GwV4, 15010))
 	ep := netip.AddrPortFrom(topo.SvcV4, 9090)
@@ -41,11 +55,7 @@ func startStreamService(t *testing.T, handler http.Handler, h2 bool, hcmExtra, r
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second, Protocols: new(http.Protocols)}
-	srv.Protocols.SetHTTP1(true)
-	srv.Protocols.SetUnencryptedHTTP2(true)
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(serve(ln))
 
 	const name = "outbound|80||stream.default.svc.cluster.local"
 	v := vip(topo, false, 80)

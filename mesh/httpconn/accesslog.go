@@ -52,9 +52,10 @@ const (
 	FlagSI                    // stream idle timeout
 	FlagFI                    // fault injected abort
 	FlagDI                    // fault injected delay
+	FlagDT                    // max stream duration reached
 )
 
-var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI"}
+var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI", "DT"}
 
 // String renders the flags as Envoy does: comma-separated, "-" when none.
 func (f Flags) String() string {

@@ -74,6 +74,7 @@ type Config struct {
 	requestTimeout        time.Duration
 	requestHeadersTimeout time.Duration
 	idleTimeout           time.Duration
+	maxStreamDuration     time.Duration // common_http_protocol_options.max_stream_duration; 0: none
 	maxHeaderBytes        int
 	useRemoteAddress      bool
 	xffTrustedHops        uint32
@@ -108,6 +109,9 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
+	// DownstreamRqMaxDurationReached counts streams ended by their max
+	// stream duration (downstream_rq_max_duration_reached).
+	DownstreamRqMaxDurationReached atomic.Uint64
 	// DownstreamCxUpgradesTotal and DownstreamCxUpgradesActive count
 	// upgraded (WebSocket) connections: downstream_cx_upgrades_*.
 	DownstreamCxUpgradesTotal  atomic.Uint64
@@ -151,6 +155,7 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
+		{Name: "downstream_rq_max_duration_reached", Value: s.DownstreamRqMaxDurationReached.Load()},
 		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
 		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
@@ -300,6 +305,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if d := h.GetCommonHttpProtocolOptions().GetIdleTimeout(); d != nil {
 		c.idleTimeout = d.AsDuration()
 	}
+	c.maxStreamDuration = h.GetCommonHttpProtocolOptions().GetMaxStreamDuration().AsDuration()
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
 	}

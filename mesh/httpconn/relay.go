@@ -83,10 +83,14 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		if rerr != nil {
 			switch {
 			case s.ctx.Err() != nil:
-				if context.Cause(s.ctx) == errStreamIdle {
+				switch context.Cause(s.ctx) {
+				case errStreamIdle:
 					s.e.ResponseFlags |= FlagSI
 					s.cfg.stats.DownstreamRqIdle.Add(1)
-				} else {
+				case errMaxDuration:
+					s.e.ResponseFlags |= FlagDT
+					s.cfg.stats.DownstreamRqMaxDurationReached.Add(1)
+				default:
 					s.e.ResponseFlags |= FlagDC
 				}
 			case f.gctx.Err() != nil:

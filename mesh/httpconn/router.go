@@ -202,6 +202,12 @@ func (s *stream) choosePolicy(f *forwarding) {
 		policy = f.vh.retry
 	}
 	timeout := f.rt.timeout
+	// A gRPC call's grpc-timeout replaces the route timeout where the
+	// route says so (max_grpc_timeout, grpc.go).
+	grpcTimed := false
+	if t, ok := f.rt.grpcTO.routeTimeout(s.r); ok {
+		timeout, grpcTimed = t, true
+	}
 	if s.internal {
 		timeout, policy = requestOverrides(f.hdr, timeout, policy)
 	}
@@ -209,14 +215,16 @@ func (s *stream) choosePolicy(f *forwarding) {
 	if policy != nil {
 		f.numRetries = policy.numRetries
 	}
-	if !s.cfg.filters.suppressEnvoy {
-		t := timeout
-		if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
-			t = policy.perTry
-		}
-		if t > 0 {
-			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
-		}
+	t := timeout
+	if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
+		t = policy.perTry
+	}
+	if t > 0 && !s.cfg.filters.suppressEnvoy {
+		f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+	}
+	if t > 0 && grpcTimed {
+		// The upstream learns the time it has, as Envoy rewrites it.
+		f.hdr["Grpc-Timeout"] = []string{formatGRPCTimeout(t)}
 	}
 }
 

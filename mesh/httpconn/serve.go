@@ -338,7 +338,11 @@ func (s *stream) localReply(code int, body, details string) {
 	h := s.replyHeader()
 	if isGRPC(s.r) && code != http.StatusOK {
 		h["Content-Type"] = []string{"application/grpc"}
-		h["Grpc-Status"] = []string{strconv.Itoa(grpcStatusFor(code))}
+		gs := grpcStatusFor(code)
+		if s.grpcReplyStatus != 0 {
+			gs = s.grpcReplyStatus
+		}
+		h["Grpc-Status"] = []string{strconv.Itoa(gs)}
 		if body != "" {
 			h["Grpc-Message"] = []string{body}
 		}
@@ -440,7 +444,7 @@ type bodyUnblock struct {
 func newBodyUnblock(ctx context.Context, w http.ResponseWriter, body *countingBody) *bodyUnblock {
 	u := &bodyUnblock{w: w, body: body}
 	u.stop = context.AfterFunc(ctx, func() {
-		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle {
+		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle && c != errMaxDuration {
 			return
 		}
 		u.mu.Lock()

@@ -30,7 +30,10 @@ type stream struct {
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
 	upgrade     string // the Upgrade the request asks and its route allows ("": none)
-	target      string // request target: path and query
+	// grpcReplyStatus, if set, is the grpc-status of a local reply to a
+	// gRPC request (else mapped from the HTTP status).
+	grpcReplyStatus int
+	target          string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
 }
@@ -69,6 +72,9 @@ func (s *stream) finish() {
 	s.idle.stop()
 	if s.reqTimer != nil {
 		s.reqTimer.Stop()
+	}
+	if s.msd != nil {
+		s.msd.stop()
 	}
 	if s.unblock != nil {
 		s.unblock.finish()
@@ -151,6 +157,7 @@ func (s *stream) serve() {
 		s.localReply(http.StatusForbidden, "", "upgrade_failed")
 		return
 	}
+	s.armMaxDuration(rt)
 
 	// The cluster is chosen with the route, so that filters (fault's
 	// upstream_cluster) see it, as in Envoy.
