@@ -89,6 +89,7 @@ type Config struct {
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
 	upgrades              upgrades // upgrade_configs (upgrade.go)
+	allowConnect          bool     // http2_protocol_options.allow_connect: RFC 8441 upgrades
 
 	stats *Stats
 }
@@ -348,6 +349,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	default:
 		return nil, fieldf("route_specifier", "want rds or route_config")
 	}
+	c.allowConnect = h.GetHttp2ProtocolOptions().GetAllowConnect()
 	if c.upgrades, err = parseHCMUpgrades(h.GetUpgradeConfigs()); err != nil {
 		return nil, err
 	}

@@ -168,6 +168,9 @@ func (s *stream) buildHeaders(f *forwarding) {
 		// are re-added (tunnel.go relays the 101).
 		hdr["Connection"] = []string{"Upgrade"}
 		hdr["Upgrade"] = []string{s.upgrade}
+		if r.ProtoMajor == 2 {
+			h2UpgradeHeaders(hdr)
+		}
 	}
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
@@ -236,7 +239,8 @@ func (s *stream) choosePolicy(f *forwarding) {
 // resendBuffer).
 func (s *stream) bufferBody(f *forwarding) {
 	switch {
-	case s.body == nil:
+	case s.body == nil, s.upgrade != "": // an upgrade's body is the tunnel's
+
 	case f.numRetries > 0:
 		f.body = newRetryBody(s.body, maxRetryBuffer, &f.stats.RetryOrShadowAbandoned)
 	default:
@@ -350,8 +354,12 @@ func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool
 		}
 		sc := s.h1s
 		sc.url = url.URL{Scheme: "http", Host: sc.hostString(a.h.Address())}
+		method := r.Method
+		if s.upgrade != "" {
+			method = http.MethodGet // an RFC 8441 CONNECT is a GET upgrade over HTTP/1.1
+		}
 		sc.req = http.Request{
-			Method:     r.Method,
+			Method:     method,
 			URL:        &sc.url,
 			Proto:      "HTTP/1.1",
 			ProtoMajor: 1,

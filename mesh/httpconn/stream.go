@@ -153,9 +153,12 @@ func (s *stream) serve() {
 	}
 	// An Upgrade (WebSocket) goes through only where upgrade_configs
 	// allow its type, else 403 as Envoy answers (upgrade_failed).
-	if s.upgrade = upgradeType(r); s.upgrade != "" && !cfg.upgradeAllowed(rt, s.upgrade) {
-		s.localReply(http.StatusForbidden, "", "upgrade_failed")
-		return
+	if typ, ok := upgradeType(r, cfg.allowConnect); typ != "" {
+		if !ok || !cfg.upgradeAllowed(rt, typ) {
+			s.localReply(http.StatusForbidden, "", "upgrade_failed")
+			return
+		}
+		s.upgrade = typ
 	}
 	s.armMaxDuration(rt)
 

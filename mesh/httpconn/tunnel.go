@@ -2,9 +2,13 @@ package httpconn
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,7 +41,7 @@ func (u *upgradedConn) Close() error                { return u.c.pc.Close() }
 // returns and its caller closes the connection.
 func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutcome {
 	up, ok := resp.Body.(io.ReadWriteCloser)
-	if s.upgrade == "" || !ok || s.r.ProtoMajor != 1 {
+	if s.upgrade == "" || !ok {
 		// A 101 the request did not ask for: the upstream is out of step.
 		resp.Body.Close()
 		f.stats.RqRxReset.Add(1)
@@ -61,6 +65,10 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
 	s.setServer(h)
+	if s.r.ProtoMajor == 2 {
+		delete(h, "Sec-Websocket-Accept") // answers the key h2UpgradeHeaders made up
+		return s.tunnelH2(up, h)
+	}
 	h["Connection"] = []string{"Upgrade"}
 	h["Upgrade"] = upgrade
 
@@ -153,4 +161,95 @@ func (s *stream) copyTouch(dst io.Writer, src io.Reader, n *atomic.Int64) (int64
 			return total, rerr
 		}
 	}
+}
+
+// h2UpgradeHeaders turns the headers of an RFC 8441 extended CONNECT into
+// those of an HTTP/1.1 upgrade: :protocol is gone (it is the Upgrade
+// now), and a WebSocket gets the Sec-WebSocket-Key RFC 6455 requires of
+// an HTTP/1.1 handshake, which RFC 8441 clients do not send (the
+// upstream's Sec-WebSocket-Accept is not relayed).
+func h2UpgradeHeaders(h http.Header) {
+	delete(h, ":protocol")
+	if strings.EqualFold(h.Get("Upgrade"), "websocket") && len(h["Sec-Websocket-Key"]) == 0 {
+		var k [16]byte
+		_, _ = rand.Read(k[:])
+		h["Sec-Websocket-Key"] = []string{base64.StdEncoding.EncodeToString(k[:])}
+	}
+}
+
+// tunnelH2 is the tunnel of an RFC 8441 extended CONNECT: the client gets
+// 200 (the upstream's 101 translated, as Envoy does), then the stream's
+// DATA frames carry the bytes: the request body upstream, the upstream's
+// bytes as response body, each chunk flushed. Either end closes both: the
+// handler returns (END_STREAM) and the upstream connection closes.
+func (s *stream) tunnelH2(up io.ReadWriteCloser, h http.Header) cluster.RequestOutcome {
+	wh := s.w.Header()
+	for k, vs := range h {
+		wh[k] = vs
+	}
+	s.e.ResponseCodeDetails = "via_upstream"
+	s.writeHeader(http.StatusOK)
+	rc := http.NewResponseController(s.w)
+	if rc.Flush() != nil {
+		s.e.ResponseFlags |= FlagDC
+		return cluster.RequestSuccess
+	}
+	st := s.cfg.stats
+	st.DownstreamCxUpgradesTotal.Add(1)
+	st.DownstreamCxUpgradesActive.Add(1)
+	defer st.DownstreamCxUpgradesActive.Add(-1)
+
+	// cut unblocks both copies; the ResponseWriter must not be touched
+	// once the handler returns (guarded by mu and done).
+	var mu sync.Mutex
+	done := false
+	cut := func() {
+		mu.Lock()
+		if !done {
+			_ = rc.SetReadDeadline(time.Unix(1, 0))
+		}
+		mu.Unlock()
+		up.Close()
+	}
+	stopStream := context.AfterFunc(s.ctx, cut)
+	stopDrain := context.AfterFunc(s.h.ctx, cut)
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
+		if s.body != nil {
+			_, _ = s.copyTouch(up, s.body, nil)
+		}
+		cut()
+	}()
+	sent, _ := s.copyTouch(flushWriter{s.w, rc}, up, nil)
+	cut()
+	<-upDone
+	stopStream()
+	stopDrain()
+	mu.Lock()
+	done = true
+	mu.Unlock()
+	s.e.BytesSent += sent
+	switch {
+	case context.Cause(s.ctx) == errStreamIdle:
+		s.e.ResponseFlags |= FlagSI
+		st.DownstreamRqIdle.Add(1)
+	case s.h.ctx.Err() != nil:
+		s.e.ResponseFlags |= FlagDC
+	}
+	return cluster.RequestSuccess
+}
+
+// flushWriter flushes each write: a tunnel's bytes go out as they come.
+type flushWriter struct {
+	w  io.Writer
+	rc *http.ResponseController
+}
+
+func (f flushWriter) Write(p []byte) (int, error) {
+	n, err := f.w.Write(p)
+	if err == nil {
+		err = f.rc.Flush()
+	}
+	return n, err
 }

@@ -73,18 +73,32 @@ func (c *Config) upgradeAllowed(rt *Route, typ string) bool {
 // Connection tokens, as Envoy's Utility::isUpgrade. "h2c" is not an
 // upgrade the proxy forwards: Envoy drops those headers and serves the
 // request as HTTP/1.1, and so does buildHeaders (they are hop-by-hop).
-func upgradeType(r *http.Request) string {
+//
+// Over HTTP/2 the upgrade is RFC 8441's extended CONNECT (its :protocol),
+// taken only when allowConnect (http2_protocol_options.allow_connect) is
+// set; without it ok is false: Envoy would not have announced extended
+// CONNECT, and the request is refused. net/http's HTTP/2 server accepts
+// extended CONNECT only when the process runs with GODEBUG=http2xconnect=1
+// (read once, at start); without it such a request never reaches the
+// proxy.
+func upgradeType(r *http.Request, allowConnect bool) (typ string, ok bool) {
+	if r.ProtoMajor == 2 {
+		if p := r.Header[":protocol"]; r.Method == http.MethodConnect && len(p) > 0 {
+			return p[0], allowConnect
+		}
+		return "", true
+	}
 	if r.ProtoMajor != 1 {
-		return ""
+		return "", true
 	}
 	up := r.Header["Upgrade"]
 	if len(up) == 0 || up[0] == "" || !connectionHas(r.Header, "upgrade") {
-		return ""
+		return "", true
 	}
 	if strings.EqualFold(strings.TrimSpace(up[0]), "h2c") {
-		return ""
+		return "", true
 	}
-	return strings.TrimSpace(up[0])
+	return strings.TrimSpace(up[0]), true
 }
 
 // connectionHas reports whether the Connection header lists token.

@@ -106,9 +106,10 @@ func TestWebSocketUpgrade(t *testing.T) {
 
 // rawUpgrade sends an HTTP/1.1 Upgrade request and returns the response
 // head and the connection (for the tunnel's bytes).
-func rawUpgrade(t *testing.T, addr, path, proto string) (*http.Response, net.Conn, *bufio.Reader) {
+func rawUpgrade(t *testing.T, addr *proxy, path, proto string) (*http.Response, net.Conn, *bufio.Reader) {
 	t.Helper()
-	conn, err := net.Dial("tcp", addr)
+	addr.sent.Add(1)
+	conn, err := net.Dial("tcp", addr.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,15 +176,19 @@ func TestUpgradeConfigs(t *testing.T) {
 		{"/ws", "h2c", 200},
 	} {
 		<-drainSeen(seen)
-		resp, conn, br := rawUpgrade(t, p.addr, tc.path, tc.proto)
+		failedBefore := 0
+		if n := int(p.sent.Load()); n > 0 {
+			failedBefore = upgradeFailures(p.waitEntries(t, n))
+		}
+		resp, conn, br := rawUpgrade(t, p, tc.path, tc.proto)
 		if resp.StatusCode != tc.want {
 			t.Errorf("%s Upgrade: %s: %d, want %d", tc.path, tc.proto, resp.StatusCode, tc.want)
 			continue
 		}
 		switch tc.want {
 		case 403:
-			if d := p.waitEntries(t, 1); d[len(d)-1].ResponseCodeDetails != "upgrade_failed" {
-				t.Errorf("%s %s: details %q", tc.path, tc.proto, d[len(d)-1].ResponseCodeDetails)
+			if n := upgradeFailures(p.waitEntries(t, int(p.sent.Load()))); n != failedBefore+1 {
+				t.Errorf("%s %s: %d upgrade_failed entries, want %d", tc.path, tc.proto, n, failedBefore+1)
 			}
 			select {
 			case h := <-seen:
@@ -213,6 +218,16 @@ func TestUpgradeConfigs(t *testing.T) {
 	}
 }
 
+func upgradeFailures(es []Entry) int {
+	n := 0
+	for _, e := range es {
+		if e.ResponseCodeDetails == "upgrade_failed" {
+			n++
+		}
+	}
+	return n
+}
+
 func drainSeen(seen chan http.Header) <-chan struct{} {
 	select {
 	case <-seen:
@@ -234,7 +249,7 @@ func TestUpgradeTunnelEnds(t *testing.T) {
 
 	// The client closes: the upstream's echo loop ends (it sees EOF) and
 	// the stream is logged.
-	resp, conn, _ := rawUpgrade(t, p.addr, "/", "websocket")
+	resp, conn, _ := rawUpgrade(t, p, "/", "websocket")
 	if resp.StatusCode != 101 {
 		t.Fatalf("upgrade: %d", resp.StatusCode)
 	}
@@ -244,7 +259,7 @@ func TestUpgradeTunnelEnds(t *testing.T) {
 	}
 
 	// Busy for longer than the idle timeout, then idle: closed, SI.
-	resp, conn, br := rawUpgrade(t, p.addr, "/", "websocket")
+	resp, conn, br := rawUpgrade(t, p, "/", "websocket")
 	if resp.StatusCode != 101 {
 		t.Fatalf("upgrade: %d", resp.StatusCode)
 	}
@@ -273,7 +288,7 @@ func TestUpgradeTunnelEnds(t *testing.T) {
 		conn.Close()
 	})
 	p2 := startProxy(t, mustParse(t, wsHCM(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))), "websocket")), newEnv(t, xdstest.StaticCluster("c", u2.addr)))
-	resp, _, br = rawUpgrade(t, p2.addr, "/", "websocket")
+	resp, _, br = rawUpgrade(t, p2, "/", "websocket")
 	rest, err := io.ReadAll(br)
 	if resp.StatusCode != 101 || string(rest) != "bye" || err != nil {
 		t.Errorf("upstream close: %d %q %v, want 101, \"bye\", then the end", resp.StatusCode, rest, err)
