@@ -3,9 +3,11 @@ package httpconn
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -278,6 +280,23 @@ func TestUpgradeTunnelEnds(t *testing.T) {
 	es := p.waitEntries(t, 2)
 	if e := es[1]; !e.ResponseFlags.Has(FlagSI) {
 		t.Errorf("idle tunnel: flags %v, want SI", e.ResponseFlags)
+	}
+
+	// The end of the listener's drain (Serve's context) cuts a tunnel
+	// (one without an idle timeout), and Serve returns once it is gone.
+	p3 := startProxy(t, mustParse(t, wsHCM(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))), "websocket")), newEnv(t, xdstest.StaticCluster("c", u.addr)))
+	resp, conn, br = rawUpgrade(t, p3, "/", "websocket")
+	if resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %d", resp.StatusCode)
+	}
+	io.WriteString(conn, "k")
+	if _, err := io.ReadFull(br, b); err != nil {
+		t.Fatal(err)
+	}
+	p3.cancel()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("tunnel after the drain's end: %v, want it closed", err)
 	}
 
 	// The upstream closes: the client sees the end.
