@@ -115,6 +115,12 @@ func (s *stream) serve() {
 		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
 		s.unblock = newBodyUnblock(s.ctx, s.w, s.body)
+		if r.ProtoMajor == 1 {
+			// The body may still stream in while the response streams
+			// out (a bidirectional exchange): net/http's HTTP/1.1 server
+			// allows that only when told.
+			_ = http.NewResponseController(s.w).EnableFullDuplex()
+		}
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
 		cancel := s.cancel

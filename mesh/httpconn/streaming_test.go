@@ -3,6 +3,7 @@ package httpconn
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net/http"
 	"testing"
 	"time"
@@ -98,6 +99,71 @@ func TestStreamingResponseFlushed(t *testing.T) {
 				})
 			}
 			<-u.done
+		})
+	}
+}
+
+// TestBidiStreamingH1Upstream (issue #15 item 12, "bidirectional
+// streaming to an HTTP/1.1 upstream where the protocol allows"): a
+// request body of unknown length streams to an HTTP/1.1 upstream while
+// its response streams back, in lock step (each line echoed before the
+// next is sent), from HTTP/1.1 and h2c clients. Before, the h1 transport
+// wrote the whole request before reading the response: the first echo
+// never came.
+func TestBidiStreamingH1Upstream(t *testing.T) {
+	u := startUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		rc.EnableFullDuplex()
+		w.WriteHeader(http.StatusOK)
+		rc.Flush()
+		br := bufio.NewReader(r.Body)
+		for {
+			line, err := br.ReadString('\n')
+			if line != "" {
+				w.Write([]byte("echo " + line))
+				rc.Flush()
+			}
+			if err != nil {
+				return
+			}
+		}
+	})
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), newEnv(t, xdstest.StaticCluster("c", u.addr)))
+	for _, h2 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "h1", true: "h2c"}[h2], func(t *testing.T) {
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			req, _ := http.NewRequest("POST", "http://"+p.addr+"/bidi", pr)
+			c := client(h2)
+			defer c.CloseIdleConnections()
+			var resp *http.Response
+			within(t, 5*time.Second, "response head while the request streams", func() (err error) {
+				resp, err = c.Do(req)
+				return err
+			})
+			defer resp.Body.Close()
+			br := bufio.NewReader(resp.Body)
+			for i := 0; i < 5; i++ {
+				msg := fmt.Sprintf("line %d\n", i)
+				within(t, 5*time.Second, "echo of "+msg, func() error {
+					if _, err := io.WriteString(pw, msg); err != nil {
+						return err
+					}
+					got, err := br.ReadString('\n')
+					if got != "echo "+msg {
+						return fmt.Errorf("read %q (%v)", got, err)
+					}
+					return nil
+				})
+			}
+			pw.Close()
+			within(t, 5*time.Second, "the end", func() error {
+				rest, err := io.ReadAll(br)
+				if err != nil || len(rest) != 0 {
+					return fmt.Errorf("after the request's end: %q %v", rest, err)
+				}
+				return nil
+			})
 		})
 	}
 }
