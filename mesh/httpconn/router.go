@@ -239,8 +239,8 @@ func (s *stream) choosePolicy(f *forwarding) {
 // resendBuffer).
 func (s *stream) bufferBody(f *forwarding) {
 	switch {
-	case s.body == nil, s.upgrade != "": // an upgrade's body is the tunnel's
-
+	case s.body == nil, s.upgrade != "":
+		// No body, or an upgrade's, which is the tunnel's (tunnel.go).
 	case f.numRetries > 0:
 		f.body = newRetryBody(s.body, maxRetryBuffer, &f.stats.RetryOrShadowAbandoned)
 	default:
