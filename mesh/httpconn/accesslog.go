@@ -61,9 +61,10 @@ const (
 	FlagFI                    // fault injected abort
 	FlagDI                    // fault injected delay
 	FlagUPE                   // upstream protocol error
+	FlagDT                    // max stream duration reached
 )
 
-var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI", "UPE"}
+var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI", "UPE", "DT"}
 
 // String renders the flags as Envoy does: comma-separated, "-" when none.
 func (f Flags) String() string {

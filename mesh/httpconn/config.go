@@ -123,6 +123,7 @@ type Config struct {
 	requestTimeout        time.Duration
 	requestHeadersTimeout time.Duration
 	idleTimeout           time.Duration
+	maxStreamDuration     time.Duration // common_http_protocol_options.max_stream_duration; 0: none
 	maxHeaderBytes        int
 	maxHeadersCount       int
 	h2                    http2Options
@@ -140,6 +141,8 @@ type Config struct {
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
 	xfcc                  xfccConfig
+	upgrades              upgrades // upgrade_configs (upgrade.go)
+	allowConnect          bool     // http2_protocol_options.allow_connect: RFC 8441 upgrades
 
 	stats *Stats
 }
@@ -166,13 +169,20 @@ type Stats struct {
 	// PrematureResets counts connections closed for too many streams
 	// reset by the client right after they began
 	// (downstream_rq_too_many_premature_resets).
-	PrematureResets  atomic.Uint64
-	NoRoute          atomic.Uint64 // no_route
-	NoCluster        atomic.Uint64 // no_cluster
-	RqRedirect       atomic.Uint64 // rq_redirect
-	RqDirectResponse atomic.Uint64 // rq_direct_response
-	FaultAborts      atomic.Uint64 // fault.aborts_injected
-	FaultDelays      atomic.Uint64 // fault.delays_injected
+	PrematureResets atomic.Uint64
+	// DownstreamRqMaxDurationReached counts streams ended by their max
+	// stream duration (downstream_rq_max_duration_reached).
+	DownstreamRqMaxDurationReached atomic.Uint64
+	// DownstreamCxUpgradesTotal and DownstreamCxUpgradesActive count
+	// upgraded (WebSocket) connections: downstream_cx_upgrades_*.
+	DownstreamCxUpgradesTotal  atomic.Uint64
+	DownstreamCxUpgradesActive atomic.Int64
+	NoRoute                    atomic.Uint64 // no_route
+	NoCluster                  atomic.Uint64 // no_cluster
+	RqRedirect                 atomic.Uint64 // rq_redirect
+	RqDirectResponse           atomic.Uint64 // rq_direct_response
+	FaultAborts                atomic.Uint64 // fault.aborts_injected
+	FaultDelays                atomic.Uint64 // fault.delays_injected
 	// FailedPathNormalization counts requests answered 400 by path
 	// handling (downstream_rq_failed_path_normalization).
 	FailedPathNormalization atomic.Uint64
@@ -195,6 +205,8 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_cx_http1_total", Value: s.DownstreamCxHTTP1Total.Load()},
 		{Name: "downstream_cx_http2_total", Value: s.DownstreamCxHTTP2Total.Load()},
 		{Name: "downstream_cx_total", Value: s.DownstreamCxTotal.Load()},
+		{Name: "downstream_cx_upgrades_active", Value: g(s.DownstreamCxUpgradesActive.Load()), Gauge: true},
+		{Name: "downstream_cx_upgrades_total", Value: s.DownstreamCxUpgradesTotal.Load()},
 		{Name: "downstream_rq_2xx", Value: s.DownstreamRq2xx.Load()},
 		{Name: "downstream_rq_3xx", Value: s.DownstreamRq3xx.Load()},
 		{Name: "downstream_rq_4xx", Value: s.DownstreamRq4xx.Load()},
@@ -205,6 +217,7 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
+		{Name: "downstream_rq_max_duration_reached", Value: s.DownstreamRqMaxDurationReached.Load()},
 		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
 		{Name: "downstream_rq_too_many_premature_resets", Value: s.PrematureResets.Load()},
@@ -302,14 +315,14 @@ func ParseHCM(hcm *hcmv3.HttpConnectionManager) (*Config, error) {
 	return c, nil
 }
 
-func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
+func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if h == nil {
 		return nil, errors.New("missing")
 	}
 	if err := h.ValidateAll(); err != nil {
 		return nil, err
 	}
-	c := &Config{
+	c = &Config{
 		StatPrefix:        h.GetStatPrefix(),
 		streamIdleTimeout: DefaultStreamIdleTimeout,
 		idleTimeout:       DefaultIdleTimeout,
@@ -357,6 +370,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	if d := h.GetCommonHttpProtocolOptions().GetIdleTimeout(); d != nil {
 		c.idleTimeout = d.AsDuration()
 	}
+	c.maxStreamDuration = h.GetCommonHttpProtocolOptions().GetMaxStreamDuration().AsDuration()
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
 	}
@@ -419,6 +433,10 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		c.routes = rt
 	default:
 		return nil, fieldf("route_specifier", "want rds or route_config")
+	}
+	c.allowConnect = h.GetHttp2ProtocolOptions().GetAllowConnect()
+	if c.upgrades, err = parseHCMUpgrades(h.GetUpgradeConfigs()); err != nil {
+		return nil, err
 	}
 	f, err := parseHTTPFilters(h.GetHttpFilters())
 	if err != nil {

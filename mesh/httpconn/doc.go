@@ -66,7 +66,12 @@
 //     attempts, how an attempt's failure is classified.
 //   - retry.go, body.go: retry policies and back-off; the request body
 //     as attempts replay it.
-//   - relay.go: the upstream response copied downstream.
+//   - relay.go: the upstream response copied downstream (a streaming
+//     one flushed as it comes).
+//   - upgrade.go, tunnel.go: upgrade_configs, and an upgraded exchange
+//     (WebSocket; RFC 8441 over h2c) spliced both ways.
+//   - grpc.go: a gRPC call's grpc-timeout as the router timeout
+//     (max_grpc_timeout) and the max stream duration.
 //   - reply.go: answers that need no upstream (direct responses,
 //     redirects, fault aborts, failures before a response).
 //   - h1.go, pool.go, streampool.go: upstream connections and the

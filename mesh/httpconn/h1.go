@@ -106,6 +106,9 @@ func tooManyHeaders(h http.Header, max int) bool {
 // upstream_rq_pending_overflow).
 var errPendingOverflow = errors.New("httpconn: upstream pending requests overflow (circuit breaker max_pending_requests)")
 
+// errUpgradeCut: the exchange was cancelled as its 101 arrived.
+var errUpgradeCut = errors.New("httpconn: upgrade cancelled as the upstream switched protocols")
+
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	c := &h1Conn{pc: pc, bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
 	c.lim = headLimit{r: pc, n: -1}
@@ -420,13 +423,45 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request, body *h1Body) (*http.Response, error, bool) {
 	// Cancellation (per-try timeout, downstream gone) unblocks the I/O.
 	stop := context.AfterFunc(ctx, c.killFn)
-	if err := req.Write(c.bw); err != nil {
-		stop()
-		return nil, ctxErr(ctx, err), ctx.Err() == nil
-	}
-	if err := c.bw.Flush(); err != nil {
-		stop()
-		return nil, ctxErr(ctx, err), ctx.Err() == nil
+	var wdone chan error
+	if req.ContentLength < 0 && req.Body != nil {
+		// A body of unknown length (chunked: a stream, such as a
+		// bidirectional call) is written while the response is read, as
+		// Envoy relays both directions at once: the upstream may answer
+		// (and stream its answer) before the request ends. Each chunk is
+		// flushed as it is written (net/http does, writing a request into
+		// a bufio.Writer). A request of known length stays on this
+		// goroutine: no hand-off. The writer has its own copy of the
+		// request (the router's is reused by its next attempt or request)
+		// and may outlive the exchange while it waits for the downstream
+		// body: closing the connection ends its writes, the end of the
+		// downstream request its reads.
+		wreq, wurl := *req, *req.URL
+		wreq.URL = &wurl
+		wdone = make(chan error, 1)
+		go func() {
+			err := wreq.Write(c.bw)
+			if err == nil {
+				err = c.bw.Flush()
+			}
+			if err != nil {
+				// A failed body (the client's malformed chunk, say)
+				// leaves the upstream waiting for the rest: closing ends
+				// the response read too, and the router sees the body's
+				// error.
+				c.pc.Close()
+			}
+			wdone <- err
+		}()
+	} else {
+		if err := req.Write(c.bw); err != nil {
+			stop()
+			return nil, ctxErr(ctx, err), ctx.Err() == nil
+		}
+		if err := c.bw.Flush(); err != nil {
+			stop()
+			return nil, ctxErr(ctx, err), ctx.Err() == nil
+		}
 	}
 	// The first response byte tells a dead connection (EOF, reset, EPIPE
 	// with nothing received) from a failed response.
@@ -434,6 +469,10 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 	if _, err := c.br.Peek(1); err != nil {
 		stop()
 		c.lim.n = -1
+		if wdone != nil {
+			c.pc.Close() // ends the writer's writes
+			return nil, ctxErr(ctx, err), false
+		}
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
 	}
 	for informational := 0; ; informational++ {
@@ -444,6 +483,9 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		if err != nil {
 			stop()
 			c.lim.n = -1
+			if wdone != nil {
+				c.pc.Close()
+			}
 			if errors.Is(err, errUpstreamHead) {
 				return nil, err, false
 			}
@@ -453,10 +495,21 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 			continue // 1xx informational: the final response follows
 		}
 		c.lim.n = -1
+		if resp.StatusCode == http.StatusSwitchingProtocols && wdone == nil {
+			// The connection is the tunnel's now (tunnel.go): the
+			// exchange's timeouts (route, per-try) end here; the tunnel
+			// has its own.
+			if !stop() {
+				c.pc.Close()
+				return nil, ctxErr(ctx, errUpgradeCut), false
+			}
+			resp.Body = &upgradedConn{c: c}
+			return resp, nil, false
+		}
 		if body == nil {
 			body = new(h1Body)
 		}
-		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx}
+		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx, wdone: wdone}
 		resp.Body = body
 		return resp, nil, false
 	}
@@ -479,6 +532,10 @@ type h1Body struct {
 	keep bool
 	ctx  context.Context
 	done bool
+	// wdone, for a request body written while the response is read,
+	// reports the writer's end: the connection is reused only when the
+	// request was written whole before the response ended.
+	wdone chan error
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
@@ -504,6 +561,14 @@ func (b *h1Body) Close() error {
 
 func (b *h1Body) finish(ok bool) {
 	b.done = true
+	if b.wdone != nil {
+		select {
+		case err := <-b.wdone:
+			ok = ok && err == nil
+		default:
+			ok = false // still writing: the connection is closed, which ends the writer
+		}
+	}
 	if !b.stop() || !ok || !b.keep {
 		// The cancel callback ran (the deadline is set) or the body did
 		// not end cleanly: the connection cannot carry another request.

@@ -148,6 +148,12 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 	f.name, f.cl, f.cp, f.stats = name, cl, cp, cp.stats
 	f.tr = cp.transportFor(s.r.ProtoMajor)
 	f.h1, _ = f.tr.(*h1Transport)
+	if s.upgrade != "" && f.h1 == nil {
+		// Envoy would turn it into an extended CONNECT (RFC 8441) to an
+		// HTTP/2-only cluster; meshtun upgrades over HTTP/1.1 only.
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return false
+	}
 	return true
 }
 
@@ -163,6 +169,15 @@ func (s *stream) buildHeaders(f *forwarding) {
 		hdr = http.Header{}
 	}
 	delete(hdr, "Expect")
+	if s.upgrade != "" {
+		// An allowed upgrade goes upstream: its two hop-by-hop headers
+		// are re-added (tunnel.go relays the 101).
+		hdr["Connection"] = []string{"Upgrade"}
+		hdr["Upgrade"] = []string{s.upgrade}
+		if r.ProtoMajor == 2 {
+			h2UpgradeHeaders(hdr)
+		}
+	}
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
 		f.authority = wc.hostRewrite
@@ -196,6 +211,12 @@ func (s *stream) choosePolicy(f *forwarding) {
 		policy = f.vh.retry
 	}
 	timeout := f.rt.timeout
+	// A gRPC call's grpc-timeout replaces the route timeout where the
+	// route says so (max_grpc_timeout, grpc.go).
+	grpcTimed := false
+	if t, ok := f.rt.grpcTO.routeTimeout(s.r); ok {
+		timeout, grpcTimed = t, true
+	}
 	if s.internal {
 		timeout, policy = requestOverrides(f.hdr, timeout, policy)
 	}
@@ -203,14 +224,16 @@ func (s *stream) choosePolicy(f *forwarding) {
 	if policy != nil {
 		f.numRetries = policy.numRetries
 	}
-	if !s.cfg.filters.suppressEnvoy {
-		t := timeout
-		if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
-			t = policy.perTry
-		}
-		if t > 0 {
-			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
-		}
+	t := timeout
+	if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
+		t = policy.perTry
+	}
+	if t > 0 && !s.cfg.filters.suppressEnvoy {
+		f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+	}
+	if t > 0 && grpcTimed {
+		// The upstream learns the time it has, as Envoy rewrites it.
+		f.hdr["Grpc-Timeout"] = []string{formatGRPCTimeout(t)}
 	}
 }
 
@@ -222,7 +245,8 @@ func (s *stream) choosePolicy(f *forwarding) {
 // resendBuffer).
 func (s *stream) bufferBody(f *forwarding) {
 	switch {
-	case s.body == nil:
+	case s.body == nil, s.upgrade != "":
+		// No body, or an upgrade's, which is the tunnel's (tunnel.go).
 	case f.numRetries > 0:
 		f.body = newRetryBody(s.body, maxRetryBuffer, &f.stats.RetryOrShadowAbandoned)
 	default:
@@ -336,8 +360,12 @@ func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool
 		}
 		sc := s.h1s
 		sc.url = url.URL{Scheme: "http", Host: sc.hostString(a.h.Address())}
+		method := r.Method
+		if s.upgrade != "" {
+			method = http.MethodGet // an RFC 8441 CONNECT is a GET upgrade over HTTP/1.1
+		}
 		sc.req = http.Request{
-			Method:     r.Method,
+			Method:     method,
 			URL:        &sc.url,
 			Proto:      "HTTP/1.1",
 			ProtoMajor: 1,

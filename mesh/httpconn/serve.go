@@ -48,7 +48,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 	}
 
-	h := &connHandler{cfg: c, env: env, info: info}
+	h := &connHandler{cfg: c, env: env, info: info, ctx: ctx}
 	protos := new(http.Protocols)
 	isH2 := false
 	switch c.codec {
@@ -167,6 +167,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 	}
 	ln.Close()
 	<-served
+	h.tunnels.Wait() // upgraded connections net/http let go of (tunnel.go)
 	return nil
 }
 
@@ -295,6 +296,12 @@ type connHandler struct {
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
 	xfcc    xfccCache   // the connection's x-forwarded-client-cert element
+
+	// ctx is Serve's: its end (the drain's end) also ends the
+	// connection's tunnels, which Serve waits for (tunnels) since
+	// net/http no longer tracks a hijacked connection.
+	ctx     context.Context
+	tunnels sync.WaitGroup
 
 	// goAwayOnStream (the listener's drain start), once done, makes the
 	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain
@@ -433,7 +440,11 @@ func (s *stream) localReply(code int, body, details string) {
 	h := s.replyHeader()
 	if isGRPC(s.r) && code != http.StatusOK {
 		h["Content-Type"] = []string{"application/grpc"}
-		h["Grpc-Status"] = []string{strconv.Itoa(grpcStatusFor(code))}
+		gs := grpcStatusFor(code)
+		if s.grpcReplyStatus != 0 {
+			gs = s.grpcReplyStatus
+		}
+		h["Grpc-Status"] = []string{strconv.Itoa(gs)}
 		if body != "" {
 			h["Grpc-Message"] = []string{body}
 		}
@@ -560,7 +571,7 @@ type bodyUnblock struct {
 func newBodyUnblock(ctx context.Context, w http.ResponseWriter, body *countingBody) *bodyUnblock {
 	u := &bodyUnblock{w: w, body: body}
 	u.stop = context.AfterFunc(ctx, func() {
-		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle {
+		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle && c != errMaxDuration {
 			return
 		}
 		u.mu.Lock()

@@ -30,7 +30,11 @@ type stream struct {
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
 	closeConn   bool   // HTTP/1.1: the proxy's reply closes the connection
-	target      string // request target: path and query
+	upgrade     string // the Upgrade the request asks and its route allows ("": none)
+	// grpcReplyStatus, if set, is the grpc-status of a local reply to a
+	// gRPC request (else mapped from the HTTP status).
+	grpcReplyStatus int
+	target          string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
 }
@@ -73,6 +77,9 @@ func (s *stream) finish() {
 	if s.reqTimer != nil {
 		s.reqTimer.Stop()
 	}
+	if s.msd != nil {
+		s.msd.stop()
+	}
 	if s.unblock != nil {
 		s.unblock.finish()
 	}
@@ -112,6 +119,12 @@ func (s *stream) serve() {
 		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
 		s.unblock = newBodyUnblock(s.ctx, s.w, s.body)
+		if r.ProtoMajor == 1 {
+			// The body may still stream in while the response streams
+			// out (a bidirectional exchange): net/http's HTTP/1.1 server
+			// allows that only when told.
+			_ = http.NewResponseController(s.w).EnableFullDuplex()
+		}
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
 		cancel := s.cancel
@@ -134,7 +147,7 @@ func (s *stream) serve() {
 	// to allow it, so it is refused (403 upgrade_failed), where it was
 	// forwarded as "CONNECT / HTTP/1.1". HTTP/1.1 closes: bytes a client
 	// sends after its CONNECT are tunnel data, not requests.
-	if r.Method == http.MethodConnect && !s.connectAllowed() {
+	if r.Method == http.MethodConnect && len(r.Header[":protocol"]) == 0 && !s.connectAllowed() {
 		s.closeConn = r.ProtoMajor == 1
 		s.localReply(http.StatusForbidden, "", "upgrade_failed")
 		return
@@ -145,6 +158,10 @@ func (s *stream) serve() {
 	if !s.normalizePath() {
 		return
 	}
+	// The Upgrade a request asks for is read before the hop-by-hop
+	// headers that carry it go; whether its route allows it is decided
+	// once the route is known.
+	upTyp, upOK := upgradeType(r, cfg.allowConnect)
 	// Hop-by-hop headers, and those Connection names, go before the
 	// proxy adds its own: a client naming X-Forwarded-For or
 	// X-Request-Id in Connection must not make the proxy's values vanish
@@ -174,6 +191,16 @@ func (s *stream) serve() {
 	if rt != nil {
 		s.e.RouteName = rt.Name
 	}
+	// An Upgrade (WebSocket) goes through only where upgrade_configs
+	// allow its type, else 403 as Envoy answers (upgrade_failed).
+	if upTyp != "" {
+		if !upOK || !cfg.upgradeAllowed(rt, upTyp) {
+			s.localReply(http.StatusForbidden, "", "upgrade_failed")
+			return
+		}
+		s.upgrade = upTyp
+	}
+	s.armMaxDuration(rt)
 
 	// The cluster is chosen with the route, so that filters (fault's
 	// upstream_cluster) see it, as in Envoy.
