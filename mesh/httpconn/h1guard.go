@@ -524,6 +524,10 @@ func (g *h1Guard) headTimeout() {
 		"\r\ncontent-type: text/plain\r\nserver: " + c.serverName + "\r\nconnection: close\r\n\r\n" + body
 	_ = g.Conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = io.WriteString(g.Conn, resp)
+	// The 408 is the connection's last word: its write side closes now,
+	// so nothing net/http might still answer the broken head with (a 400
+	// after the guard's error) can follow it.
+	closeWrite(g.Conn)
 	g.err = errFraming
 	g.account(http.StatusRequestTimeout, flags, details)
 }
@@ -541,5 +545,24 @@ func (g *h1Guard) account(code int, flags Flags, details string) {
 		}
 		log(Entry{Start: time.Now(), Protocol: proto, ResponseCode: code, ResponseFlags: flags,
 			ResponseCodeDetails: details, DownstreamPeer: g.info.Peer, DownstreamLocal: g.info.Local})
+	}
+}
+
+// closeWrite half-closes c, looking through the connection wrappers the
+// downstream may be behind (the preface sniff's prefixConn, a TLS
+// Downstream's NetConn).
+func closeWrite(c net.Conn) {
+	for range 4 {
+		switch x := c.(type) {
+		case interface{ CloseWrite() error }:
+			_ = x.CloseWrite()
+			return
+		case *prefixConn:
+			c = x.Conn
+		case interface{ NetConn() net.Conn }:
+			c = x.NetConn()
+		default:
+			return
+		}
 	}
 }
