@@ -13,6 +13,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
+	"github.com/meshtun/meshtun/mesh/rbac"
 )
 
 // Envoy's defaults for the connection manager.
@@ -50,6 +51,12 @@ type ConnInfo struct {
 	// proxy terminating): the connection is then asked to close (see
 	// Serve). Its end, the drain period being over, is Serve's ctx.
 	Draining context.Context
+	// SNI is the TLS server name the listener saw (requested_server_name).
+	SNI string
+	// PeerIdentity is the verified TLS peer certificate's identity, nil
+	// for a plaintext downstream: RBAC's authenticated principals match
+	// it. The TLS termination fills it in.
+	PeerIdentity *rbac.Peer
 }
 
 // codec is the downstream codec_type.
@@ -335,7 +342,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	default:
 		return nil, fieldf("route_specifier", "want rds or route_config")
 	}
-	f, err := parseHTTPFilters(h.GetHttpFilters())
+	f, err := parseHTTPFilters(h.GetHttpFilters(), c.StatPrefix)
 	if err != nil {
 		return nil, err
 	}

@@ -154,6 +154,10 @@ func (s *stream) serve() {
 		s.e.UpstreamCluster = clusterName
 	}
 
+	if !s.authorize(rt, vh, routes) {
+		return
+	}
+
 	if f := cfg.filters.fault; cfg.filters.faultName != "" {
 		if pf, ok := perRoute(cfg.filters.faultName, rt, vh, routes); ok {
 			f = pf

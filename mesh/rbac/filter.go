@@ -19,21 +19,32 @@ type Filter struct {
 	// the HTTP filter. ShadowPrefix is shadow_rules_stat_prefix.
 	StatsPrefix  string
 	ShadowPrefix string
-	Stats        *Stats
+	// Stats and ShadowStats are the filter's counters; the snapshot
+	// replaces them with its stats store's blocks of the same prefix so
+	// that they outlive config updates.
+	Stats       *Stats
+	ShadowStats *ShadowStats
 }
 
 // Stats are Envoy's RBAC filter counters (Filters::Common::RBAC
-// generateStats), under Prefix ("tcp.rbac."); the shadow ones carry the
-// shadow_rules_stat_prefix before their name.
+// generateStats) under Prefix ("tcp.rbac."). Filters with the same
+// prefix (istiod's DENY and ALLOW filters on one chain) count into the
+// same block, as into the same counters in Envoy.
 type Stats struct {
-	Prefix        string
-	ShadowPrefix  string
-	Allowed       atomic.Uint64
-	Denied        atomic.Uint64
-	ShadowAllowed atomic.Uint64
-	ShadowDenied  atomic.Uint64
-	Logged        atomic.Uint64
-	NotLogged     atomic.Uint64
+	Prefix    string
+	Allowed   atomic.Uint64
+	Denied    atomic.Uint64
+	Logged    atomic.Uint64
+	NotLogged atomic.Uint64
+}
+
+// ShadowStats count what the shadow rules would have decided, under
+// Prefix = the filter's prefix + shadow_rules_stat_prefix + "shadow_"
+// ("tcp.rbac.istio_dry_run_allow_shadow_").
+type ShadowStats struct {
+	Prefix  string
+	Allowed atomic.Uint64
+	Denied  atomic.Uint64
 }
 
 // Stat is one counter's full name and value.
@@ -48,10 +59,16 @@ func (s *Stats) List() []Stat {
 	return []Stat{
 		{s.Prefix + "allowed", s.Allowed.Load()},
 		{s.Prefix + "denied", s.Denied.Load()},
-		{s.Prefix + s.ShadowPrefix + "shadow_allowed", s.ShadowAllowed.Load()},
-		{s.Prefix + s.ShadowPrefix + "shadow_denied", s.ShadowDenied.Load()},
 		{s.Prefix + "logged", s.Logged.Load()},
 		{s.Prefix + "not_logged", s.NotLogged.Load()},
+	}
+}
+
+// List returns the shadow counters with their full names.
+func (s *ShadowStats) List() []Stat {
+	return []Stat{
+		{s.Prefix + "allowed", s.Allowed.Load()},
+		{s.Prefix + "denied", s.Denied.Load()},
 	}
 }
 
@@ -70,9 +87,13 @@ func NewFilter(rules, shadow *rbacv3.RBAC, statsPrefix, shadowPrefix string) (*F
 			return nil, err
 		}
 	}
-	f.Stats = &Stats{Prefix: statsPrefix, ShadowPrefix: shadowPrefix}
+	f.Stats = &Stats{Prefix: statsPrefix}
+	f.ShadowStats = &ShadowStats{Prefix: f.ShadowStatsPrefix()}
 	return f, nil
 }
+
+// ShadowStatsPrefix is the shadow counters' prefix.
+func (f *Filter) ShadowStatsPrefix() string { return f.StatsPrefix + f.ShadowPrefix + "shadow_" }
 
 // Decision is what a filter decided for one connection or request.
 type Decision struct {
@@ -95,12 +116,17 @@ func (d Decision) Details() string {
 
 // Evaluate runs the shadow rules (counted only) and the rules, counting
 // the outcome, and returns the decision. It allocates nothing.
-func (f *Filter) Evaluate(in *Input) Decision {
+func (f *Filter) Evaluate(in *Input) Decision { return f.EvaluateInto(in, f) }
+
+// EvaluateInto evaluates f counting into counters' stats: a per-route
+// override (RBACPerRoute) counts as the filter it overrides.
+func (f *Filter) EvaluateInto(in *Input, counters *Filter) Decision {
+	st, sh := counters.Stats, counters.ShadowStats
 	if f.Shadow != nil {
 		if ok, _, _ := f.Shadow.Allowed(in); ok {
-			f.Stats.ShadowAllowed.Add(1)
+			sh.Allowed.Add(1)
 		} else {
-			f.Stats.ShadowDenied.Add(1)
+			sh.Denied.Add(1)
 		}
 	}
 	if f.Rules == nil {
@@ -110,16 +136,16 @@ func (f *Filter) Evaluate(in *Input) Decision {
 	d := Decision{Allowed: ok, Logged: logged, Policy: name}
 	if f.Rules.action == Log {
 		if logged {
-			f.Stats.Logged.Add(1)
+			st.Logged.Add(1)
 		} else {
-			f.Stats.NotLogged.Add(1)
+			st.NotLogged.Add(1)
 		}
 		return d
 	}
 	if ok {
-		f.Stats.Allowed.Add(1)
+		st.Allowed.Add(1)
 	} else {
-		f.Stats.Denied.Add(1)
+		st.Denied.Add(1)
 	}
 	return d
 }

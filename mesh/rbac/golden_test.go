@@ -158,7 +158,7 @@ func TestIstioGoldenStats(t *testing.T) {
 	f.Evaluate(tcpIn(80, nil))   // enforced deny, shadow allow
 	f.Evaluate(tcpIn(80, nil))
 	got := map[string]uint64{}
-	for _, s := range f.Stats.List() {
+	for _, s := range append(f.Stats.List(), f.ShadowStats.List()...) {
 		got[s.Name] = s.Value
 	}
 	want := map[string]uint64{
