@@ -46,7 +46,8 @@ func withHTTPFilter(l obj, f obj) obj {
 // ALLOW with no rules closes a TCP service's connections before any
 // byte reaches it while another service passes; a DENY on /admin answers
 // 403 "RBAC: access denied" while / is proxied; removing the policy by
-// xDS lets new requests to /admin through within a second.
+// xDS lets new requests to /admin through within a second; a policy on
+// JWT claims is NACKed naming the field and the last good config serves.
 func TestRBACThroughSidecar(t *testing.T) {
 	requireRoot(t)
 	topo := newTopology(t)
@@ -154,6 +155,40 @@ func TestRBACThroughSidecar(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("policy removal in force after %v", time.Since(start).Round(time.Millisecond))
+
+	// A policy meshtun cannot evaluate (requestPrincipals: JWT metadata,
+	// and meshtun runs no JWT filter) is NACKed naming the field; the
+	// last good listener keeps serving.
+	n0, _ := cp.nack()
+	jwt := withHTTPFilter(istioHTTPListener(80), obj{"name": "envoy.filters.http.rbac", "typed_config": obj{
+		"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+		"rules": obj{"policies": obj{"ns[default]-policy[jwt]-rule[0]": obj{
+			"permissions": []obj{{"any": true}},
+			"principals": []obj{{"metadata": obj{"filter": "envoy.filters.http.jwt_authn",
+				"path": []obj{{"key": "payload"}, {"key": "iss"}}, "value": obj{"string_match": obj{"exact": "issuer"}}}}},
+		}}}}})
+	ls := listeners(false)
+	ls[2] = jwt
+	cp.pushHTTP(t, "3", ls, clusters, eps, []obj{route})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n, msg := cp.nack()
+		if n > n0 {
+			if !strings.Contains(msg, "0.0.0.0_80") || !strings.Contains(msg, `principals[0].metadata (filter "envoy.filters.http.jwt_authn")`) {
+				t.Fatalf("NACK error_detail %q does not name the listener and the field", msg)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the JWT policy was never NACKed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fresh := podClient(topo, false, 1)
+	defer fresh.CloseIdleConnections()
+	if code, body := get1(t, fresh, web+"/admin/users", "web"); code != 200 || body != "web /admin/users" {
+		t.Fatalf("after the NACK, GET /admin/users: %d %q (want the last good config: 200)", code, body)
+	}
 }
 
 func grepLines(s, sub string) string {
