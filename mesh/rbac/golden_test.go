@@ -20,7 +20,11 @@ import (
 // mesh does with a filter from LDS.
 func loadGolden(t *testing.T, name string) (*Filter, error) {
 	t.Helper()
-	y, err := os.ReadFile(filepath.Join("testdata", "istio", name))
+	dir := "istio"
+	if strings.HasPrefix(name, "constructed/") {
+		dir = "" // testdata/constructed: see its README
+	}
+	y, err := os.ReadFile(filepath.Join("testdata", dir, name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,6 +131,11 @@ func TestIstioGolden(t *testing.T) {
 		{"http/allow-host-before-111-out.yaml", []goldenCase{ // present and not present: never
 			{"host", httpIn("GET", "example.com", "/", nil), false, false, ""},
 		}},
+		{"http/td-aliases-source-principal-out.yaml", []goldenCase{ // namespace regex and "*"
+			{"istio-system", httpIn("GET", "a", "/", peer("spiffe://cluster.local/ns/istio-system/sa/gw")), true, false, "ns[foo]-policy[httpbin]-rule[0]"},
+			{"other namespace", httpIn("GET", "a", "/", peer("spiffe://cluster.local/ns/foo/sa/gw")), false, false, ""},
+		}},
+		{"constructed/allow-sources-ops-out.yaml", constructedCases()},
 		{"http/allow-path-out.yaml", []goldenCase{ // url_path, uri_template, not_rule
 			{"path regex .+ and not .+", httpIn("GET", "a", "/exact", nil), false, false, ""},
 		}},
@@ -191,5 +200,37 @@ func TestIstioGoldenNACK(t *testing.T) {
 		if !strings.Contains(err.Error(), ".metadata (filter ") || !strings.Contains(err.Error(), "policies[") {
 			t.Errorf("%s: error %q does not name the metadata field and policy", file, err)
 		}
+	}
+}
+
+// constructedCases exercise testdata/constructed/allow-sources-ops-out.yaml:
+// each case changes one fact of a request the policy allows.
+func constructedCases() []goldenCase {
+	const pol = "ns[foo]-policy[constructed]-rule[0]"
+	ok := func(mod func(*Input)) *Input {
+		in := httpIn("GET", "web.foo.svc", "/api/items?x=1", peer("spiffe://cluster.local/ns/foo/sa/sleep"))
+		in.Local = netip.MustParseAddrPort("10.0.1.5:8080")
+		in.DirectRemote = netip.MustParseAddr("10.0.3.4")
+		in.Remote = netip.MustParseAddr("192.0.2.77")
+		if mod != nil {
+			mod(in)
+		}
+		return in
+	}
+	return []goldenCase{
+		{"all facts allowed", ok(nil), true, false, pol},
+		{"host ignore_case", ok(func(in *Input) { in.Authority = "WEB.Foo.SVC" }), true, false, pol},
+		{"service account under a sub-path", ok(func(in *Input) { in.Peer = peer("spiffe://td/ns/foo/x/sa/sleep") }), true, false, pol},
+		{"other service account", ok(func(in *Input) { in.Peer = peer("spiffe://cluster.local/ns/foo/sa/sleeper") }), false, false, ""},
+		{"other namespace", ok(func(in *Input) { in.Peer = peer("spiffe://cluster.local/ns/bar/sa/sleep") }), false, false, ""},
+		{"method", ok(func(in *Input) { in.Method = "POST" }), false, false, ""},
+		{"host", ok(func(in *Input) { in.Authority = "web.bar.svc" }), false, false, ""},
+		{"notPaths", ok(func(in *Input) { in.Path = "/api/admin/users" }), false, false, ""},
+		{"paths", ok(func(in *Input) { in.Path = "/other" }), false, false, ""},
+		{"ports", ok(func(in *Input) { in.Local = netip.MustParseAddrPort("10.0.1.5:9090") }), false, false, ""},
+		{"ipBlocks", ok(func(in *Input) { in.DirectRemote = netip.MustParseAddr("10.1.0.1") }), false, false, ""},
+		{"notIpBlocks", ok(func(in *Input) { in.DirectRemote = netip.MustParseAddr("10.0.9.1") }), false, false, ""},
+		{"remoteIpBlocks", ok(func(in *Input) { in.Remote = netip.MustParseAddr("198.51.100.1") }), false, false, ""},
+		{"no TLS", ok(func(in *Input) { in.Peer = nil }), false, false, ""},
 	}
 }
