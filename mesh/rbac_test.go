@@ -135,7 +135,7 @@ func TestNetworkRBACClosesBeforeUpstream(t *testing.T) {
 
 // TestHTTPRBAC: the HTTP filter answers 403 before the route's action,
 // an ALLOW filter denies what no policy matches, and RBACPerRoute
-// without rbac disables the filter on its route.
+// replaces the filter's rules on its route, or without rbac disables it.
 func TestHTTPRBAC(t *testing.T) {
 	prefix := func(p string) *routev3.RouteMatch {
 		return &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: p}}
@@ -145,6 +145,8 @@ func TestHTTPRBAC(t *testing.T) {
 		Routes: []*routev3.Route{
 			{Match: prefix("/public"), Action: ok, TypedPerFilterConfig: map[string]*anypb.Any{
 				"envoy.filters.http.rbac": anyOf(t, &httprbacv3.RBACPerRoute{})}},
+			{Match: prefix("/strict"), Action: ok, TypedPerFilterConfig: map[string]*anypb.Any{
+				"envoy.filters.http.rbac": anyOf(t, &httprbacv3.RBACPerRoute{Rbac: &httprbacv3.RBAC{Rules: &rbacv3.RBAC{}}})}},
 			{Match: prefix("/"), Action: ok},
 		}}}}
 	exact := func(s string) *matcherv3.StringMatcher {
@@ -207,6 +209,7 @@ func TestHTTPRBAC(t *testing.T) {
 		{"GET", "/admin/users", 403}, // DENY filter
 		{"POST", "/", 403},           // ALLOW filter: no policy matches
 		{"POST", "/public/x", 204},   // ALLOW filter disabled on the route
+		{"GET", "/strict", 403},      // ALLOW filter overridden: rules {} deny all
 	} {
 		code, body := do(tc.method, tc.path)
 		if code != tc.code {
@@ -217,10 +220,10 @@ func TestHTTPRBAC(t *testing.T) {
 		}
 	}
 	p := "http.inbound_0.0.0.0_80.rbac."
-	if a, dn := rbacStat(t, snap, p+"allowed"), rbacStat(t, snap, p+"denied"); a != 3+1 || dn != 1+1 {
-		// The DENY filter allows 3 and denies /admin; the ALLOW filter
-		// allows GET / and denies POST /; the request on the route that
-		// disables it counts nowhere in the ALLOW filter.
+	if a, dn := rbacStat(t, snap, p+"allowed"), rbacStat(t, snap, p+"denied"); a != 4+1 || dn != 1+2 {
+		// The DENY filter allows 4 and denies /admin; the ALLOW filter
+		// allows GET / and denies POST / and, by its override, /strict;
+		// the request on the route that disables it counts nowhere.
 		t.Errorf("%sallowed=%d denied=%d", p, a, dn)
 	}
 	if n := rbacStat(t, snap, p+"istio_dry_run_deny_shadow_denied"); n != 0 {
