@@ -190,7 +190,8 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		return
 	}
 
-	if len(chain.RBAC) > 0 && !authorizeFlow(chain, &info, src, down, e) {
+	// No TLS termination on this path yet: no verified peer (nil).
+	if len(chain.RBAC) > 0 && !authorizeFlow(chain, &info, nil, src, down, e) {
 		return
 	}
 
@@ -228,14 +229,15 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 // decision) without any upstream connection, so no byte of it reaches
 // the upstream; connection_termination_details name the policy. A
 // connection is evaluated only at its start, as Envoy's default
-// ONE_TIME_ON_FIRST_BYTE: a later policy change leaves it open.
-func authorizeFlow(chain *Chain, info *filterchain.ConnInfo, src flowSource, down net.Conn, e *accesslog.Entry) bool {
+// ONE_TIME_ON_FIRST_BYTE: a later policy change leaves it open. peer is
+// the verified TLS peer (rbac.PeerOf after the chain's handshake), nil
+// for plaintext: authenticated principals then never match.
+func authorizeFlow(chain *Chain, info *filterchain.ConnInfo, peer *rbac.Peer, src flowSource, down net.Conn, e *accesslog.Entry) bool {
 	in := rbac.Input{
 		DirectRemote: info.DirectSrcIP, Remote: info.DirectSrcIP,
 		Local: netip.AddrPortFrom(info.DstIP, info.DstPort),
 		SNI:   info.ServerName,
-		// Peer stays nil until the chain terminates TLS: authenticated
-		// principals then never match (an ALLOW on them denies).
+		Peer:  peer,
 	}
 	for _, f := range chain.RBAC {
 		d := f.Evaluate(&in)
