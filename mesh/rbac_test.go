@@ -17,11 +17,13 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
 	httprbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -250,5 +252,55 @@ func TestRBACConfigNACK(t *testing.T) {
 	want := `filters[0] (envoy.filters.network.rbac): rules.policies["ns[foo]-policy[jwt]-rule[0]"].principals[0].metadata (filter "envoy.filters.http.jwt_authn")`
 	if !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %q\nwant it to contain %q", err, want)
+	}
+}
+
+// TestHTTPRBACFaultOrder: RBAC and fault run in http_filters order.
+func TestHTTPRBACFaultOrder(t *testing.T) {
+	denyAll := &hcmv3.HttpFilter{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{
+		TypedConfig: anyOf(t, &httprbacv3.RBAC{Rules: &rbacv3.RBAC{}})}}
+	abort := &hcmv3.HttpFilter{Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{
+		TypedConfig: anyOf(t, &faultv3.HTTPFault{Abort: &faultv3.FaultAbort{
+			ErrorType:  &faultv3.FaultAbort_HttpStatus{HttpStatus: 503},
+			Percentage: &typev3.FractionalPercent{Numerator: 100, Denominator: typev3.FractionalPercent_HUNDRED}}})}}
+	router := &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: anyOf(t, &routerv3.Router{})}}
+	for _, tc := range []struct {
+		name    string
+		filters []*hcmv3.HttpFilter
+		want    int
+	}{
+		{"rbac first", []*hcmv3.HttpFilter{denyAll, abort, router}, 403},
+		{"fault first", []*hcmv3.HttpFilter{abort, denyAll, router}, 503},
+	} {
+		rc := &routev3.RouteConfiguration{Name: "inline", VirtualHosts: []*routev3.VirtualHost{{Name: "all", Domains: []string{"*"},
+			Routes: []*routev3.Route{{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 204}}}}}}}
+		hcm := anyOf(t, &hcmv3.HttpConnectionManager{StatPrefix: "p", HttpFilters: tc.filters,
+			RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: rc}})
+		chain := &listenerv3.FilterChain{Filters: []*listenerv3.Filter{{Name: HCMFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: hcm}}}}
+		snap, err := Build("1", []*listenerv3.Listener{listener(t, "0.0.0.0_80", "0.0.0.0", 80, false, &no, chain)}, passthroughClusters(), nil, buildOpts())
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := snap.Listener("0.0.0.0_80")
+		d := NewDispatcher(DispatcherOptions{})
+		d.Swap(snap)
+		cli, srv := net.Pipe()
+		fid := netstack.FlowID{Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.96.0.1:80")}
+		var e accesslog.Entry
+		done := make(chan struct{})
+		go func() { defer close(done); serveHTTP(d, snap, l, l.Chains[0], srv, fid, "", &e) }()
+		cli.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(cli, "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(cli), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cli.Close()
+		<-done
+		snap.Retire(nil)
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: %d, want %d", tc.name, resp.StatusCode, tc.want)
+		}
 	}
 }

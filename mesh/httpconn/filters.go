@@ -104,7 +104,8 @@ func unmarshalConfig(a *anypb.Any, m proto.Message) error {
 type httpFilters struct {
 	faultName      string // name of the fault filter ("" when absent)
 	fault          *faultConfig
-	rbac           []rbacFilter // envoy.filters.http.rbac, in order (run before fault)
+	rbac           []rbacFilter // envoy.filters.http.rbac, in order
+	faultFirst     bool         // the fault filter comes before the RBAC filters
 	suppressEnvoy  bool         // router suppress_envoy_headers
 	noOps          []string
 	skippedOptions []string
@@ -154,6 +155,7 @@ func parseHTTPFilters(fs []*hcmv3.HttpFilter, statPrefix string) (httpFilters, e
 				}
 			}
 			out.faultName, out.fault = f.GetName(), fc
+			out.faultFirst = len(out.rbac) == 0
 		case f.GetName() == rbac.HTTPName || url == rbac.HTTPTypeURL:
 			rf, err := parseRBACFilter(f, statPrefix, field)
 			if err != nil {
