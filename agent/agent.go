@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -295,7 +296,10 @@ func (a *agent) proxyCommand() (*exec.Cmd, error) {
 	}
 	cmd := exec.Command(bin, append(args, a.cfg.ProxyArgs...)...)
 	cmd.ExtraFiles = files
-	cmd.Env = os.Environ()
+	// net/http's HTTP/2 server takes RFC 8441 extended CONNECT (WebSocket
+	// over h2, http2_protocol_options.allow_connect) only when this is set
+	// as the process starts.
+	cmd.Env = withGODEBUG(os.Environ(), "http2xconnect=1")
 	// This child is probed at the admin address of the bootstrap it starts with.
 	a.prober.Store(newProber(AdminAddress(b), hasADS(b)))
 	return cmd, nil
@@ -366,4 +370,28 @@ func markArg(m uint32) string {
 		return "none"
 	}
 	return fmt.Sprintf("%#x", m)
+}
+
+// withGODEBUG adds setting to env's GODEBUG, unless it names the setting's
+// key already (the user's choice stands).
+func withGODEBUG(env []string, setting string) []string {
+	key, _, _ := strings.Cut(setting, "=")
+	for i, kv := range env {
+		v, ok := strings.CutPrefix(kv, "GODEBUG=")
+		if !ok {
+			continue
+		}
+		for _, part := range strings.Split(v, ",") {
+			if k, _, _ := strings.Cut(part, "="); k == key {
+				return env
+			}
+		}
+		if v != "" {
+			v += ","
+		}
+		out := slices.Clone(env)
+		out[i] = "GODEBUG=" + v + setting
+		return out
+	}
+	return append(slices.Clone(env), "GODEBUG="+setting)
 }

@@ -185,3 +185,16 @@ func TestCaptureOnlyInterceptionNone(t *testing.T) {
 		t.Error("REDIRECT with an impossible TUN name succeeded: capture was not attempted")
 	}
 }
+
+func TestWithGODEBUG(t *testing.T) {
+	for _, tc := range []struct{ in, want []string }{
+		{[]string{"A=1"}, []string{"A=1", "GODEBUG=http2xconnect=1"}},
+		{[]string{"GODEBUG=madvdontneed=1"}, []string{"GODEBUG=madvdontneed=1,http2xconnect=1"}},
+		{[]string{"GODEBUG=http2xconnect=0"}, []string{"GODEBUG=http2xconnect=0"}},
+		{[]string{"GODEBUG="}, []string{"GODEBUG=http2xconnect=1"}},
+	} {
+		if got := withGODEBUG(tc.in, "http2xconnect=1"); !slices.Equal(got, tc.want) {
+			t.Errorf("withGODEBUG(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

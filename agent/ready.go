@@ -69,14 +69,17 @@ func (p *prober) Do(ctx context.Context, method, path string) (int, []byte, erro
 }
 
 // Live reports whether the proxy serves: its admin /ready answers 200
-// (LIVE).
+// (LIVE). Otherwise the error carries the state and what meshtun's proxy
+// says it waits for, on one line ("503 INITIALIZING: waiting for secret
+// ROOTCA from sds-grpc"), as the agent's own readiness names its missing
+// secret.
 func (p *prober) Live(ctx context.Context) error {
 	code, body, err := p.Get(ctx, "/ready")
 	if err != nil {
 		return fmt.Errorf("proxy admin %s: %w", p.admin, err)
 	}
 	if code != http.StatusOK {
-		return fmt.Errorf("proxy admin /ready: %d %s", code, strings.TrimSpace(string(body)))
+		return fmt.Errorf("proxy admin /ready: %d %s", code, strings.ReplaceAll(strings.TrimSpace(string(body)), "\n", ": "))
 	}
 	return nil
 }

@@ -104,10 +104,15 @@ func TestStatusServer(t *testing.T) {
 // LDS and CDS update_success above 0.
 func TestProber(t *testing.T) {
 	var cds, lds atomic.Int64
-	var live atomic.Bool
+	var live, waiting atomic.Bool
 	admin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/ready":
+			if waiting.Load() {
+				w.WriteHeader(503)
+				io.WriteString(w, "INITIALIZING\nwaiting for secret ROOTCA from sds-grpc\n")
+				return
+			}
 			if !live.Load() {
 				w.WriteHeader(503)
 				io.WriteString(w, "PRE_INITIALIZING\n")
@@ -130,6 +135,12 @@ func TestProber(t *testing.T) {
 	if err := static.Live(ctx); err == nil || !strings.Contains(err.Error(), "PRE_INITIALIZING") {
 		t.Errorf("not live: %v", err)
 	}
+	// meshtun's proxy says what its configuration waits for: one line.
+	waiting.Store(true)
+	if err := static.Live(ctx); err == nil || err.Error() != "proxy admin /ready: 503 INITIALIZING: waiting for secret ROOTCA from sds-grpc" {
+		t.Errorf("warming on a secret: %v", err)
+	}
+	waiting.Store(false)
 	live.Store(true)
 	if err := static.Ready(ctx); err != nil {
 		t.Errorf("static ready: %v", err)

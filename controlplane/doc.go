@@ -20,7 +20,15 @@
 //     with an http_connection_manager over RDS, and the route
 //     configuration "<port>" (a virtual host per host, matched on Host,
 //     and allow_any or block_all);
-//   - node.go: the sidecar node id, its IPs and namespace;
+//   - workload.go: the registry's workloads (service endpoints by IP: a
+//     sidecar, a service account, a peer authentication mode, ports),
+//     their SPIFFE IDs and Istio's endpoint metadata;
+//   - mtls.go: Istio's mutual TLS shapes for sidecars with a workload
+//     identity: auto mTLS transport_socket_matches on service clusters,
+//     virtualInbound's chains per PeerAuthentication mode, the SDS
+//     references to default and ROOTCA over sds-grpc;
+//   - node.go: the sidecar node id, its IPs and namespace, whether it has
+//     a workload identity (it came over the TLS port with a token);
 //   - server.go: per-node snapshots (shared by nodes of one class: IP
 //     families and namespace), ACK/NACK tracking, status;
 //   - order.go: the order a change goes out in (new clusters, then the

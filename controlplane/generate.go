@@ -62,26 +62,36 @@ type resources struct {
 	Routes []*routev3.RouteConfiguration
 }
 
+// defaultTrustDomain is Istio's default trust domain, the control plane's
+// CA's unless told otherwise.
+const defaultTrustDomain = "cluster.local"
+
 // generate returns the sidecar configuration of node under reg and mesh.
 func generate(reg *Registry, mesh *MeshConfig, node nodeInfo) *resources {
-	return newGenerator(reg, mesh).forClass(node.class())
+	return newGenerator(reg, mesh, defaultTrustDomain).forClass(node.class(reg))
 }
 
 // nodeClass is what makes one node's configuration differ from another's:
 // the IP families of the proxy (the wildcard addresses, the inbound bind
 // addresses, DNS lookup families) and its namespace (the short host names
-// of HTTP virtual hosts: "reviews" means reviews.<its namespace>). Nodes
-// of one class share a snapshot.
+// of HTTP virtual hosts: "reviews" means reviews.<its namespace>), whether
+// it has a workload identity (mtls: then it gets Istio's TLS shapes) and,
+// if so, the registry workload it is (by IP; invalid if none), whose ports
+// and peer authentication make its virtualInbound. Nodes of one class
+// share a snapshot.
 type nodeClass struct {
-	v4, v6 bool
-	ns     string
+	v4, v6   bool
+	ns       string
+	mtls     bool
+	workload netip.Addr
 }
 
 // generator builds configuration for one registry and mesh config; the
 // parts every node shares are built once.
 type generator struct {
-	reg  *Registry
-	mesh *MeshConfig
+	reg         *Registry
+	mesh        *MeshConfig
+	trustDomain string // of the SPIFFE IDs in TLS contexts
 
 	listeners []*listenerv3.Listener // outbound, per address and port
 	wildcards []*listenerPlan        // outbound on the wildcard: per class
@@ -90,10 +100,14 @@ type generator struct {
 	endpoints []*endpointv3.ClusterLoadAssignment
 	dns       []route // ports of DNS-resolved hosts: clusters per class
 	names     map[string]bool
+	// mtlsClusters are clusters with auto mTLS's transport_socket_matches
+	// on the services' ports, for nodes with an identity; built on first
+	// use.
+	mtlsClusters []*clusterv3.Cluster
 }
 
-func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
-	g := &generator{reg: reg, mesh: mesh}
+func newGenerator(reg *Registry, mesh *MeshConfig, trustDomain string) *generator {
+	g := &generator{reg: reg, mesh: mesh, trustDomain: trustDomain}
 	for _, pl := range reg.listeners {
 		if pl.protocol == protocolHTTP {
 			g.http = append(g.http, pl)
@@ -109,7 +123,7 @@ func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 			switch h.Resolution {
 			case resolutionStatic:
 				g.clusters = append(g.clusters, g.edsCluster(h, p))
-				g.endpoints = append(g.endpoints, loadAssignment(h, p))
+				g.endpoints = append(g.endpoints, loadAssignment(h, p, mesh))
 			case resolutionNone:
 				g.clusters = append(g.clusters, g.originalDstCluster(h, p))
 			case resolutionDNS:
@@ -121,13 +135,19 @@ func newGenerator(reg *Registry, mesh *MeshConfig) *generator {
 }
 
 // clusterNames returns a new set of the names of g's clusters, the same
-// for every class.
+// for every class: the inbound clusters of every workload's ports are
+// among them, though only a node that is the workload has them.
 func (g *generator) clusterNames() map[string]bool {
 	if g.names == nil {
 		g.names = map[string]bool{passthroughCluster: true, blackHoleCluster: true, inboundPassthroughCluster: true}
 		for _, h := range g.reg.hosts {
 			for _, p := range h.Ports {
 				g.names[clusterName(p.Number, h.Name)] = true
+			}
+		}
+		for _, w := range g.reg.workloads {
+			for _, p := range w.Ports {
+				g.names[inboundClusterName(p.Number)] = true
 			}
 		}
 	}
@@ -140,10 +160,29 @@ func (g *generator) clusterNames() map[string]bool {
 
 // forClass assembles the configuration of a node class.
 func (g *generator) forClass(c nodeClass) *resources {
+	inbound := g.virtualInbound(c)
+	clusters := g.clusters
+	var w *workload
+	if c.mtls {
+		w = g.reg.workloads[c.workload]
+		mode := g.mesh.peerAuth()
+		if w != nil {
+			mode = w.mode(g.mesh)
+		}
+		inbound = g.virtualInboundMTLS(c, w, mode)
+		if g.mesh.EnableAutoMtls {
+			clusters = g.autoMTLSClusters()
+		}
+	}
 	r := &resources{
-		Listeners: append([]*listenerv3.Listener{g.virtualOutbound(c), g.virtualInbound(c)}, g.listeners...),
-		Clusters:  append([]*clusterv3.Cluster{g.passthroughCluster(), g.blackHoleCluster(), g.inboundPassthroughCluster(c)}, g.clusters...),
+		Listeners: append([]*listenerv3.Listener{g.virtualOutbound(c), inbound}, g.listeners...),
+		Clusters:  append([]*clusterv3.Cluster{g.passthroughCluster(), g.blackHoleCluster(), g.inboundPassthroughCluster(c)}, clusters...),
 		Endpoints: append([]*endpointv3.ClusterLoadAssignment(nil), g.endpoints...),
+	}
+	if w != nil {
+		for _, p := range w.Ports {
+			r.Clusters = append(r.Clusters, g.inboundCluster(c, p.Number))
+		}
 	}
 	for _, pl := range g.wildcards {
 		// The proxy's wildcard family; a dual-stack proxy gets both (Istio
@@ -166,6 +205,37 @@ func (g *generator) forClass(c nodeClass) *resources {
 	sort.Slice(r.Clusters, func(i, j int) bool { return r.Clusters[i].GetName() < r.Clusters[j].GetName() })
 	sort.Slice(r.Endpoints, func(i, j int) bool { return r.Endpoints[i].GetClusterName() < r.Endpoints[j].GetClusterName() })
 	return r
+}
+
+// autoMTLSClusters are g.clusters with the services' ports given auto
+// mTLS's transport_socket_matches (external hosts are outside the mesh:
+// plaintext, as Istio leaves MESH_EXTERNAL entries; UDP ports, meshtun's
+// own addition, have no TLS).
+func (g *generator) autoMTLSClusters() []*clusterv3.Cluster {
+	if g.mtlsClusters != nil {
+		return g.mtlsClusters
+	}
+	byName := map[string]route{}
+	for _, h := range g.reg.hosts {
+		if h.External {
+			continue
+		}
+		for _, p := range h.Ports {
+			if p.Protocol != protocolUDP {
+				byName[clusterName(p.Number, h.Name)] = route{host: h, port: p}
+			}
+		}
+	}
+	out := make([]*clusterv3.Cluster, 0, len(g.clusters))
+	for _, c := range g.clusters {
+		if rt, ok := byName[c.GetName()]; ok {
+			c = proto.Clone(c).(*clusterv3.Cluster)
+			c.TransportSocketMatches = upstreamTransportSocketMatches(rt.host, rt.port, g.trustDomain)
+		}
+		out = append(out, c)
+	}
+	g.mtlsClusters = out
+	return out
 }
 
 // catchAll is where virtualOutbound sends traffic no listener claims:
@@ -376,17 +446,20 @@ func (g *generator) accessLog(http bool) []*accesslogv3.AccessLog {
 // istioJSONLogFormat is the TCP part of Istio's default JSON access log
 // format (EnvoyJSONLogFormatIstio).
 var istioJSONLogFormat = map[string]string{
-	"start_time":                     "%START_TIME%",
-	"upstream_cluster":               "%UPSTREAM_CLUSTER_RAW%",
-	"upstream_host":                  "%UPSTREAM_HOST%",
-	"upstream_local_address":         "%UPSTREAM_LOCAL_ADDRESS%",
-	"downstream_local_address":       "%DOWNSTREAM_LOCAL_ADDRESS%",
-	"downstream_remote_address":      "%DOWNSTREAM_REMOTE_ADDRESS%",
-	"bytes_received":                 "%BYTES_RECEIVED%",
-	"bytes_sent":                     "%BYTES_SENT%",
-	"duration":                       "%DURATION%",
-	"response_flags":                 "%RESPONSE_FLAGS%",
-	"connection_termination_details": "%CONNECTION_TERMINATION_DETAILS%",
+	"start_time":                        "%START_TIME%",
+	"downstream_peer_uri_san":           "%DOWNSTREAM_PEER_URI_SAN%",
+	"upstream_peer_uri_san":             "%UPSTREAM_PEER_URI_SAN%",
+	"upstream_transport_failure_reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+	"upstream_cluster":                  "%UPSTREAM_CLUSTER_RAW%",
+	"upstream_host":                     "%UPSTREAM_HOST%",
+	"upstream_local_address":            "%UPSTREAM_LOCAL_ADDRESS%",
+	"downstream_local_address":          "%DOWNSTREAM_LOCAL_ADDRESS%",
+	"downstream_remote_address":         "%DOWNSTREAM_REMOTE_ADDRESS%",
+	"bytes_received":                    "%BYTES_RECEIVED%",
+	"bytes_sent":                        "%BYTES_SENT%",
+	"duration":                          "%DURATION%",
+	"response_flags":                    "%RESPONSE_FLAGS%",
+	"connection_termination_details":    "%CONNECTION_TERMINATION_DETAILS%",
 }
 
 // istioJSONLogFormatHTTP is the request part of the same format.
@@ -472,15 +545,16 @@ func (g *generator) dnsCluster(h *host, p port, cls nodeClass) *clusterv3.Cluste
 	c.DnsRefreshRate = durationpb.New(time.Duration(g.mesh.DNSRefreshRate))
 	c.DnsJitter = durationpb.New(dnsJitter)
 	c.RespectDnsTtl = true
-	c.LoadAssignment = loadAssignment(h, p)
+	c.LoadAssignment = loadAssignment(h, p, g.mesh)
 	return c
 }
 
 // loadAssignment groups a host port's endpoints by locality. The locality
 // weight is the sum of its endpoints' weights, as Istio's EndpointBuilder
 // computes it; without locality_weighted_lb_config (Istio's default) it
-// is informational.
-func loadAssignment(h *host, p port) *endpointv3.ClusterLoadAssignment {
+// is informational. A service's endpoints carry Istio's metadata
+// (endpointMetadata).
+func loadAssignment(h *host, p port, mesh *MeshConfig) *endpointv3.ClusterLoadAssignment {
 	name := clusterName(p.Number, h.Name)
 	type loc struct{ region, zone, sub string }
 	groups := map[loc]*endpointv3.LocalityLbEndpoints{}
@@ -497,7 +571,7 @@ func loadAssignment(h *host, p port) *endpointv3.ClusterLoadAssignment {
 			groups[k] = grp
 			order = append(order, k)
 		}
-		grp.LbEndpoints = append(grp.LbEndpoints, &endpointv3.LbEndpoint{
+		lb := &endpointv3.LbEndpoint{
 			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
 				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
 					Address:       e.Address,
@@ -505,7 +579,11 @@ func loadAssignment(h *host, p port) *endpointv3.ClusterLoadAssignment {
 				}}},
 			}},
 			LoadBalancingWeight: wrapperspb.UInt32(e.Weight),
-		})
+		}
+		if !h.External {
+			lb.Metadata = endpointMetadata(h, e, mesh)
+		}
+		grp.LbEndpoints = append(grp.LbEndpoints, lb)
 		grp.LoadBalancingWeight.Value += e.Weight
 	}
 	sort.Slice(order, func(i, j int) bool {

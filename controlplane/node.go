@@ -14,6 +14,10 @@ type nodeInfo struct {
 	IPs       []netip.Addr
 	Pod       string // <pod>.<namespace> from the node id
 	Namespace string
+	// Identity is set when the node came over the TLS port with a token:
+	// its agent then has a certificate from this control plane's CA (the
+	// agent's identity mode ca), so the node gets Istio's TLS shapes.
+	Identity bool
 }
 
 // parseNode reads an Istio sidecar node: the id is
@@ -51,8 +55,15 @@ func parseNode(n *corev3.Node) (nodeInfo, error) {
 	return out, nil
 }
 
-func (n nodeInfo) class() nodeClass {
-	c := nodeClass{ns: n.Namespace}
+// class is the node's class under reg: a node with an identity whose IP is
+// a workload of reg is that workload.
+func (n nodeInfo) class(reg *Registry) nodeClass {
+	c := nodeClass{ns: n.Namespace, mtls: n.Identity}
+	if n.Identity {
+		if w := reg.workloadOf(n.IPs); w != nil {
+			c.workload = w.IP
+		}
+	}
 	for _, ip := range n.IPs {
 		if ip.Is4() {
 			c.v4 = true

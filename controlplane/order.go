@@ -113,7 +113,7 @@ func subset(a, b map[string]bool) bool {
 // s.mu held.
 func (s *Server) rebuild() {
 	q := &s.seq
-	next := newGenerator(s.reg, &s.profile.Spec)
+	next := newGenerator(s.reg, &s.profile.Spec, s.trustDomain)
 	if q.target == nil {
 		q.target, q.lis, q.names = next, next, next.clusterNames()
 		s.push("configuration loaded")
@@ -158,7 +158,7 @@ func (q *sequence) remesh() {
 		}
 		n := next
 		if g.reg != next.reg {
-			n = newGenerator(g.reg, next.mesh)
+			n = newGenerator(g.reg, next.mesh, next.trustDomain)
 		}
 		done[g] = n
 		return n
@@ -211,9 +211,9 @@ func (s *Server) step() bool {
 		s.push("every node has the new clusters: the new listeners")
 	default: // clusters to drop
 		if !clustersDone || !s.ready("listeners", q.listenersAt, q.listenersT, now, func(e *nodeEntry) bool {
-			return e.listeners < s.changes.need(e.node.class(), resource.ListenerType, q.listenersAt)
+			return e.listeners < s.changes.need(e.node.class(s.reg), resource.ListenerType, q.listenersAt)
 		}) || !s.ready("routes", q.listenersAt, q.listenersT, now, func(e *nodeEntry) bool {
-			return e.routes < s.changes.need(e.node.class(), resource.RouteType, q.listenersAt)
+			return e.routes < s.changes.need(e.node.class(s.reg), resource.RouteType, q.listenersAt)
 		}) {
 			return false
 		}

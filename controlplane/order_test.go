@@ -82,16 +82,19 @@ func TestOrderMakeBeforeBreak(t *testing.T) {
 	// A node that never ACKs holds each step back for stepWait only. (It
 	// has not ACKed the clusters of version 5 either: one change of cluster
 	// names at a time, so c's cluster waits too.)
-	s.stepWait = 20 * time.Millisecond
+	// The wait is decided by comparing with stepWait at each step: an hour
+	// is "not yet", a nanosecond "timed out", however slow the machine.
 	s.reg = reg("c", "10.96.0.3")
 	s.rebuild()
 	check("6", "10.96.0.2_80", cb)
 	cc := "outbound|80||c.default.svc.cluster.local"
 	for i, want := range [][3]string{{"7", "10.96.0.2_80", cb + " " + cc}, {"8", "10.96.0.3_80", cb + " " + cc}, {"9", "10.96.0.3_80", cc}} {
+		s.stepWait = time.Hour
 		if s.step() {
 			t.Fatalf("step %d went out before stepWait", i)
 		}
-		time.Sleep(30 * time.Millisecond)
+		s.stepWait = time.Nanosecond
+		time.Sleep(time.Millisecond)
 		if !s.step() {
 			t.Fatalf("step %d: the lagging node held the change back past stepWait", i)
 		}
@@ -115,7 +118,7 @@ func TestOrderRoutesFollowListeners(t *testing.T) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
-	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	s.changes.note(e.node.class(s.reg), 1, s.snapshot(e.node.class(s.reg)))
 	check := func(version, vhost, cls string) {
 		t.Helper()
 		r := s.served(nodeClass{v4: true})
@@ -165,7 +168,7 @@ func TestOrderProfileNotHeldBack(t *testing.T) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nodes["n"] = e
-	s.changes.note(e.node.class(), 1, s.snapshot(e.node.class()))
+	s.changes.note(e.node.class(s.reg), 1, s.snapshot(e.node.class(s.reg)))
 	ca, cb := "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"
 	va, vb := "a.default.svc.cluster.local:80", "b.default.svc.cluster.local:80"
 	check := func(version, catchAll, httpCatchAll, vhost, cls string) {

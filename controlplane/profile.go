@@ -67,6 +67,37 @@ func (m *OutboundMode) UnmarshalJSON(b []byte) error {
 	return choiceError(s, outboundModes)
 }
 
+// PeerAuthMode is the mTLS mode of a workload's inbound traffic, Istio's
+// PeerAuthentication mtls.mode: PERMISSIVE accepts mTLS and plaintext,
+// STRICT only mTLS, DISABLE only plaintext. Set mesh-wide in the profile
+// (peerAuthentication, as a PeerAuthentication in the root namespace) and
+// per workload in the registry (as one with a workload selector).
+type PeerAuthMode string
+
+// The peer authentication modes.
+const (
+	Permissive PeerAuthMode = "PERMISSIVE"
+	Strict     PeerAuthMode = "STRICT"
+	Disable    PeerAuthMode = "DISABLE"
+)
+
+var peerAuthModes = []string{string(Permissive), string(Strict), string(Disable)}
+
+// UnmarshalJSON accepts exactly the mode names.
+func (m *PeerAuthMode) UnmarshalJSON(b []byte) error {
+	s, err := unquote(b)
+	if err != nil {
+		return err
+	}
+	for _, c := range peerAuthModes {
+		if s == c {
+			*m = PeerAuthMode(s)
+			return nil
+		}
+	}
+	return choiceError(s, peerAuthModes)
+}
+
 // AccessLogEncoding is MeshConfig.accessLogEncoding.
 type AccessLogEncoding string
 
@@ -156,9 +187,16 @@ type MeshConfig struct {
 	// and udp_proxy ("/dev/stdout" in the demo profile).
 	AccessLogFile     string            `json:"accessLogFile" yaml:"accessLogFile"`
 	AccessLogEncoding AccessLogEncoding `json:"accessLogEncoding" yaml:"accessLogEncoding"`
-	// EnableAutoMtls must be false: meshtun has no mTLS yet.
-	EnableAutoMtls bool        `json:"enableAutoMtls" yaml:"enableAutoMtls"`
-	DefaultConfig  ProxyConfig `json:"defaultConfig" yaml:"defaultConfig"`
+	// EnableAutoMtls: sidecars with a workload identity reach mesh
+	// services' endpoints that have one (tlsMode: istio) over mTLS,
+	// through the clusters' transport_socket_matches (Istio's auto mTLS).
+	EnableAutoMtls bool `json:"enableAutoMtls" yaml:"enableAutoMtls"`
+	// PeerAuthentication is the mesh-wide inbound mTLS mode (Istio's
+	// PeerAuthentication in the root namespace; PERMISSIVE when there is
+	// none); a registry endpoint's peerAuthentication overrides it for
+	// that workload.
+	PeerAuthentication PeerAuthMode `json:"peerAuthentication" yaml:"peerAuthentication"`
+	DefaultConfig      ProxyConfig  `json:"defaultConfig" yaml:"defaultConfig"`
 }
 
 // Metadata names a profile. Namespace is accepted so that an IstioOperator
@@ -199,7 +237,8 @@ func defaultMesh() MeshConfig {
 		DNSRefreshRate:        Duration(60 * time.Second),
 		AccessLogFile:         "",
 		AccessLogEncoding:     "TEXT",
-		EnableAutoMtls:        false,
+		EnableAutoMtls:        true,
+		PeerAuthentication:    Permissive,
 		DefaultConfig: ProxyConfig{
 			DrainDuration:            Duration(45 * time.Second),
 			TerminationDrainDuration: Duration(5 * time.Second),
@@ -299,9 +338,6 @@ func (m *MeshConfig) validate(path string) error {
 	}
 	if m.DNSRefreshRate < Duration(time.Millisecond) {
 		return fieldErr(join(path, "dnsRefreshRate"), "must be at least 1ms, got %s", m.DNSRefreshRate)
-	}
-	if m.EnableAutoMtls {
-		return fieldErr(join(path, "enableAutoMtls"), "true is not supported (meshtun has no mTLS yet); valid choices: false")
 	}
 	if f := m.AccessLogFile; f != "" && !strings.HasPrefix(f, "/") {
 		return fieldErr(join(path, "accessLogFile"), "want an absolute path such as /dev/stdout, or \"\" for none, got %q", f)

@@ -21,11 +21,13 @@ func TestProfileStrictDecode(t *testing.T) {
 		{head + "spec:\n  outboundTrafficPolicy:\n    mod: REGISTRY_ONLY\n",
 			`p.yaml: spec.outboundTrafficPolicy: unknown field "mod"; valid fields: mode`},
 		{head + "spec:\n  outboundtrafficpolicy: {mode: REGISTRY_ONLY}\n",
-			`p.yaml: spec: unknown field "outboundtrafficpolicy"; valid fields: accessLogEncoding, accessLogFile, connectTimeout, defaultConfig, dnsRefreshRate, enableAutoMtls, outboundTrafficPolicy`},
+			`p.yaml: spec: unknown field "outboundtrafficpolicy"; valid fields: accessLogEncoding, accessLogFile, connectTimeout, defaultConfig, dnsRefreshRate, enableAutoMtls, outboundTrafficPolicy, peerAuthentication`},
 		{head + "meshConfig: {}\n", `p.yaml: unknown field "meshConfig"; valid fields: apiVersion, kind, metadata, spec`},
 		{head + "spec:\n  connectTimeout: ten\n", `p.yaml: spec.connectTimeout: want a duration such as "10s", got "ten"`},
 		{head + "spec:\n  connectTimeout: 0s\n", `p.yaml: spec.connectTimeout: must be at least 1ms, got 0s`},
-		{head + "spec:\n  enableAutoMtls: true\n", `p.yaml: spec.enableAutoMtls: true is not supported (meshtun has no mTLS yet); valid choices: false`},
+		{head + "spec:\n  peerAuthentication: strict\n", `p.yaml: spec.peerAuthentication: "strict" is not valid; valid choices: PERMISSIVE, STRICT, DISABLE`},
+		{head + "spec:\n  peerAuthentication: {mode: STRICT}\n", `p.yaml: spec.peerAuthentication: want a string`},
+		{head + "spec:\n  enableAutoMtls: yes please\n", `p.yaml: spec.enableAutoMtls`},
 		{head + "spec:\n  accessLogEncoding: XML\n", `p.yaml: spec.accessLogEncoding: "XML" is not valid; valid choices: TEXT, JSON`},
 		{head + "spec:\n  defaultConfig: {concurrency: -1}\n", `p.yaml: spec.defaultConfig.concurrency: must be 0 (all cores) or more, got -1`},
 		{head + "spec:\n  defaultConfig: {concurrency: two}\n", `p.yaml: spec.defaultConfig.concurrency: want a whole number, got "two"`},
@@ -100,7 +102,7 @@ func TestProfileDumpHasEveryFieldModeFirst(t *testing.T) {
 			t.Errorf("%s dump does not start with the outbound traffic policy:\n%s", name, out)
 		}
 		for _, f := range []string{"connectTimeout: 10s", "dnsRefreshRate: 60s", "accessLogFile: ", "accessLogEncoding: TEXT",
-			"enableAutoMtls: false", "drainDuration: 45s", "terminationDrainDuration: 5s", "concurrency: 2"} {
+			"enableAutoMtls: true", "peerAuthentication: PERMISSIVE", "drainDuration: 45s", "terminationDrainDuration: 5s", "concurrency: 2"} {
 			if !strings.Contains(out, f) {
 				t.Errorf("%s dump lacks %q:\n%s", name, f, out)
 			}

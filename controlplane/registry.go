@@ -20,6 +20,8 @@ import (
 //	  ports: [{name: tcp, port: 9080, protocol: TCP}]
 //	  endpoints:
 //	  - {address: 10.1.0.10, locality: us-east1/us-east1-b, weight: 2, labels: {version: v1}}
+//	  - {address: 10.1.0.11, name: reviews-v2-7d9c, sidecar: true, serviceAccount: reviews,
+//	     peerAuthentication: STRICT}
 //	externalHosts:
 //	- hosts: [api.example.com]
 //	  ports: [{name: https, port: 443, protocol: TLS}]
@@ -91,19 +93,33 @@ type portSpec struct {
 
 // endpointSpec is one endpoint. Its port for a service port is, in order:
 // ports[<port name>], port, the service port's targetPort, its port.
+//
+// A service endpoint is a workload (a pod): sidecar says it runs a meshtun
+// or Istio sidecar with a workload identity (Istio's injected pod, label
+// security.istio.io/tlsMode=istio), which mesh clients then reach over
+// mTLS; serviceAccount is its identity's account; peerAuthentication
+// overrides the profile's mode for it. One workload may back several
+// services: its entries must then agree on these fields.
 type endpointSpec struct {
-	Address  string            `json:"address"` // IP; a host name for DNS resolution
-	Port     uint32            `json:"port"`
-	Ports    map[string]uint32 `json:"ports"`
-	Labels   map[string]string `json:"labels"`
-	Locality string            `json:"locality"` // region/zone/subzone
-	Weight   *uint32           `json:"weight"`   // default 1
+	Address            string            `json:"address"` // IP; a host name for DNS resolution
+	Port               uint32            `json:"port"`
+	Ports              map[string]uint32 `json:"ports"`
+	Labels             map[string]string `json:"labels"`
+	Locality           string            `json:"locality"` // region/zone/subzone
+	Weight             *uint32           `json:"weight"`   // default 1
+	Name               string            `json:"name"`     // the pod's name; default the service's
+	Sidecar            bool              `json:"sidecar"`
+	ServiceAccount     string            `json:"serviceAccount"`     // default "default"
+	PeerAuthentication PeerAuthMode      `json:"peerAuthentication"` // default: the profile's
 }
 
-// Registry is a validated registry: every host, and the listener plan.
+// Registry is a validated registry: every host, the listener plan, and the
+// workloads behind the services (by IP), whose inbound side a sidecar
+// with that IP gets.
 type Registry struct {
 	hosts     []*host // services first, then external hosts, in file order
 	listeners []*listenerPlan
+	workloads map[netip.Addr]*workload
 }
 
 // host is one service or external host name with its ports and endpoints.
@@ -138,6 +154,13 @@ type endpoint struct {
 	Zone    string
 	SubZone string
 	Weight  uint32
+	// Name is the workload's name (default the service's); Sidecar,
+	// ServiceAccount (never "") and Mode ("" = the profile's) its
+	// mesh identity.
+	Name           string
+	Sidecar        bool
+	ServiceAccount string
+	Mode           PeerAuthMode
 }
 
 // PortFor is the endpoint's port for service port p.
@@ -242,6 +265,8 @@ func serviceLabel(name, ns string) string {
 
 var (
 	dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
+	// dnsSubdomain is a Kubernetes object name (pods, service accounts).
+	dnsSubdomain = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
 	// dnsName is a host name, optionally with a leading "*." wildcard.
 	dnsName = regexp.MustCompile(`^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 )
@@ -282,6 +307,9 @@ func (f *registryFile) validate() (*Registry, error) {
 	if err := r.plan(); err != nil {
 		return nil, err
 	}
+	if err := r.collectWorkloads(); err != nil {
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -315,6 +343,11 @@ func (s *serviceSpec) validate(i int) (*host, error) {
 	}
 	if h.Endpoints, err = validateEndpoints(s.Endpoints, h.Ports, false); err != nil {
 		return nil, fmt.Errorf("%s: %w", h.label, err)
+	}
+	for i := range h.Endpoints {
+		if h.Endpoints[i].Name == "" {
+			h.Endpoints[i].Name = s.Name
+		}
 	}
 	return h, nil
 }
@@ -377,6 +410,11 @@ func (x *externalSpec) validate(i int) ([]*host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", label, err)
 	}
+	for j, e := range x.Endpoints {
+		if e.Sidecar || e.ServiceAccount != "" || e.PeerAuthentication != "" || e.Name != "" {
+			return fail(fmt.Sprintf("endpoints[%d]", j), "name, sidecar, serviceAccount and peerAuthentication describe a workload of the mesh; an external host's endpoints are outside it")
+		}
+	}
 	var out []*host
 	for _, name := range x.Hosts {
 		h := &host{Name: name, External: true, Resolution: res, Addresses: addrs, Ports: ports, Endpoints: eps, label: label}
@@ -434,7 +472,17 @@ func validateEndpoints(es []endpointSpec, ports []port, dns bool) ([]endpoint, e
 	var out []endpoint
 	for i, e := range es {
 		field := fmt.Sprintf("endpoints[%d]", i)
-		ep := endpoint{Address: e.Address, Port: e.Port, Ports: e.Ports, Labels: e.Labels, Weight: 1}
+		ep := endpoint{Address: e.Address, Port: e.Port, Ports: e.Ports, Labels: e.Labels, Weight: 1,
+			Name: e.Name, Sidecar: e.Sidecar, ServiceAccount: e.ServiceAccount, Mode: e.PeerAuthentication}
+		if ep.ServiceAccount == "" {
+			ep.ServiceAccount = "default"
+		}
+		if !dnsSubdomain.MatchString(ep.ServiceAccount) || len(ep.ServiceAccount) > 253 {
+			return nil, fmt.Errorf("%s.serviceAccount: %q is not a Kubernetes name (lower-case letters, digits, '-' and '.')", field, e.ServiceAccount)
+		}
+		if e.Name != "" && (!dnsSubdomain.MatchString(e.Name) || len(e.Name) > 253) {
+			return nil, fmt.Errorf("%s.name: %q is not a Kubernetes name (lower-case letters, digits, '-' and '.')", field, e.Name)
+		}
 		ip, err := netip.ParseAddr(e.Address)
 		switch {
 		case err == nil && !ip.IsUnspecified() && ip.Zone() == "":

@@ -113,6 +113,7 @@ func Run(ctx context.Context, o Options) error {
 		}
 	}
 	srv = NewServer(reg, profile, o.Log)
+	srv.setTrustDomain(o.TrustDomain)
 	if regWatch != nil {
 		regWatch.Reject = srv.rejectRegistry
 	}

@@ -1,6 +1,7 @@
 package controlplane
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -113,15 +114,31 @@ func adsAuth(srv *ca.Server) grpc.StreamServerInterceptor {
 				return err
 			}
 		}
-		return handler(s, &replayStream{ServerStream: ss, first: first})
+		return handler(s, &replayStream{ServerStream: ss, first: first, ctx: context.WithValue(ss.Context(), identityKey{}, id)})
 	}
 }
 
-// replayStream gives the server the first request the interceptor read.
+// identityKey carries the authenticated caller (ca.Identity) of an ADS
+// stream on the TLS port in the stream's context, where the server's
+// stream-open callback finds it: such a node has a workload identity.
+type identityKey struct{}
+
+// streamIdentity is the identity the TLS port authenticated the stream
+// of ctx with, if it came that way.
+func streamIdentity(ctx context.Context) (ca.Identity, bool) {
+	id, ok := ctx.Value(identityKey{}).(ca.Identity)
+	return id, ok
+}
+
+// replayStream gives the server the first request the interceptor read,
+// and the caller's identity in its context.
 type replayStream struct {
 	grpc.ServerStream
 	first proto.Message
+	ctx   context.Context
 }
+
+func (r *replayStream) Context() context.Context { return r.ctx }
 
 func (r *replayStream) RecvMsg(m any) error {
 	if r.first != nil {

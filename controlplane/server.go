@@ -41,6 +41,10 @@ type Server struct {
 	changes classChanges                    // when each class's listeners and routes last changed
 	nodes   map[string]*nodeEntry           // by node id
 	streams map[streamKey]string            // stream -> node id
+	// identified are the open streams that came over the TLS port with a
+	// token: their nodes have a workload identity.
+	identified  map[streamKey]bool
+	trustDomain string // of the SPIFFE IDs generated (the CA's)
 	// nonces maps a delta stream's cluster, listener and route response
 	// nonces to versions: a delta ACK carries only the nonce.
 	nonces   map[int64]map[string]string
@@ -71,16 +75,18 @@ type streamKey struct {
 // NewServer returns a server for reg and profile (version 1).
 func NewServer(reg *Registry, profile *Profile, log zerolog.Logger) *Server {
 	s := &Server{
-		log:      log,
-		cache:    cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil),
-		reg:      reg,
-		profile:  profile,
-		nodes:    map[string]*nodeEntry{},
-		changes:  classChanges{},
-		streams:  map[streamKey]string{},
-		nonces:   map[int64]map[string]string{},
-		advance:  make(chan struct{}, 1),
-		stepWait: maxStepWait,
+		log:         log,
+		cache:       cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil),
+		reg:         reg,
+		profile:     profile,
+		nodes:       map[string]*nodeEntry{},
+		changes:     classChanges{},
+		streams:     map[streamKey]string{},
+		identified:  map[streamKey]bool{},
+		trustDomain: defaultTrustDomain,
+		nonces:      map[int64]map[string]string{},
+		advance:     make(chan struct{}, 1),
+		stepWait:    maxStepWait,
 	}
 	s.mu.Lock()
 	s.rebuild()
@@ -136,7 +142,21 @@ func (s *Server) serve(ctx context.Context, lis net.Listener, more ...grpcPort) 
 // node its snapshot, track what each node ACKed and NACKed, and forget a
 // node when its last stream closes.
 func (s *Server) callbacks() serverv3.Callbacks {
+	opened := func(k streamKey, ctx context.Context) error {
+		if _, ok := streamIdentity(ctx); ok {
+			s.mu.Lock()
+			s.identified[k] = true
+			s.mu.Unlock()
+		}
+		return nil
+	}
 	return serverv3.CallbackFuncs{
+		StreamOpenFunc: func(ctx context.Context, id int64, _ string) error {
+			return opened(streamKey{false, id}, ctx)
+		},
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, _ string) error {
+			return opened(streamKey{true, id}, ctx)
+		},
 		StreamRequestFunc: func(id int64, r *discoveryv3.DiscoveryRequest) error {
 			return s.onRequest(streamKey{false, id}, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), r.GetVersionInfo(), r.GetErrorDetail())
 		},
@@ -178,17 +198,18 @@ func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version 
 			s.log.Warn().Err(err).Msg("node rejected")
 			return grpcstatus.Error(codes.InvalidArgument, err.Error())
 		}
+		node.Identity = s.identified[k]
 		id = node.ID
 		s.streams[k] = id
 		e := s.nodes[id]
 		if e == nil {
 			e = &nodeEntry{node: node}
 			s.nodes[id] = e
-			s.setSnapshot(id, node.class())
-			s.log.Info().Str("node", id).Interface("ips", node.IPs).Bool("delta", k.delta).Msg("node connected")
-		} else if e.node.class() != node.class() {
+			s.setSnapshot(id, node.class(s.reg))
+			s.log.Info().Str("node", id).Interface("ips", node.IPs).Bool("delta", k.delta).Bool("identity", node.Identity).Msg("node connected")
+		} else if e.node.class(s.reg) != node.class(s.reg) {
 			e.node = node
-			s.setSnapshot(id, node.class())
+			s.setSnapshot(id, node.class(s.reg))
 		}
 		e.streams++
 	}
@@ -231,6 +252,7 @@ func (s *Server) onRequest(k streamKey, n *corev3.Node, typeURL, nonce, version 
 func (s *Server) onClosed(k streamKey) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	delete(s.identified, k)
 	id, ok := s.streams[k]
 	if !ok {
 		return
@@ -284,7 +306,7 @@ func (s *Server) push(why string) {
 	s.version++
 	s.classes = map[nodeClass]*cachev3.Snapshot{}
 	for _, id := range sortedKeys(s.nodes) {
-		s.setSnapshot(id, s.nodes[id].node.class())
+		s.setSnapshot(id, s.nodes[id].node.class(s.reg))
 	}
 	for c := range s.changes {
 		if s.classes[c] == nil {
@@ -293,6 +315,7 @@ func (s *Server) push(why string) {
 	}
 	s.log.Info().Str("version", s.versionString()).Str("reason", why).Int("nodes", len(s.nodes)).Int("hosts", len(s.reg.hosts)).
 		Str("outbound_traffic_policy", string(s.profile.Spec.OutboundTrafficPolicy.Mode)).
+		Str("peer_authentication", string(s.profile.Spec.peerAuth())).
 		Dur("took", time.Since(start)).Msg("configuration pushed")
 }
 
@@ -303,6 +326,20 @@ func (s *Server) setRegistry(reg *Registry) string {
 	s.reg = reg
 	s.rebuild()
 	return s.versionString()
+}
+
+// setTrustDomain makes td the trust domain of the SPIFFE IDs generated
+// (the CA's). Called before serving: the configuration is generated
+// afresh, as if loaded with it.
+func (s *Server) setTrustDomain(td string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if td == "" || td == s.trustDomain {
+		return
+	}
+	s.trustDomain = td
+	s.seq = sequence{}
+	s.rebuild()
 }
 
 // SetProfile puts p in force and pushes it; it returns the new version.
@@ -348,6 +385,7 @@ type serverStatus struct {
 	Version               string       `json:"version"`
 	Profile               string       `json:"profile"`
 	OutboundTrafficPolicy OutboundMode `json:"outboundTrafficPolicy"`
+	PeerAuthentication    PeerAuthMode `json:"peerAuthentication"`
 	Hosts                 int          `json:"hosts"`
 	// Pending is the step of a change still under way (order.go), if any.
 	Pending          string       `json:"pending,omitempty"`
@@ -359,15 +397,18 @@ type serverStatus struct {
 
 // nodeStatus is one connected node.
 type nodeStatus struct {
-	ID        string       `json:"id"`
-	IPs       []netip.Addr `json:"ips"`
-	Streams   int          `json:"streams"`
-	Clusters  uint64       `json:"clustersVersion"`  // last ACKed
-	Listeners uint64       `json:"listenersVersion"` // last ACKed
-	Routes    uint64       `json:"routesVersion"`    // last ACKed
-	ACKs      uint64       `json:"acks"`
-	NACKs     uint64       `json:"nacks"`
-	LastNACK  string       `json:"lastNack,omitempty"`
+	ID  string       `json:"id"`
+	IPs []netip.Addr `json:"ips"`
+	// Identity: the node came over the TLS port with a token, and gets
+	// Istio's TLS shapes.
+	Identity  bool   `json:"identity"`
+	Streams   int    `json:"streams"`
+	Clusters  uint64 `json:"clustersVersion"`  // last ACKed
+	Listeners uint64 `json:"listenersVersion"` // last ACKed
+	Routes    uint64 `json:"routesVersion"`    // last ACKed
+	ACKs      uint64 `json:"acks"`
+	NACKs     uint64 `json:"nacks"`
+	LastNACK  string `json:"lastNack,omitempty"`
 }
 
 // status reports the state.
@@ -378,6 +419,7 @@ func (s *Server) status() serverStatus {
 		Version:               s.versionString(),
 		Profile:               s.profile.Metadata.Name,
 		OutboundTrafficPolicy: s.profile.Spec.OutboundTrafficPolicy.Mode,
+		PeerAuthentication:    s.profile.Spec.peerAuth(),
 		Hosts:                 len(s.reg.hosts),
 		Pending:               s.seq.describe(),
 		RegistryRejected:      s.registryRejected.Load(),
@@ -389,7 +431,7 @@ func (s *Server) status() serverStatus {
 	}
 	for _, id := range sortedKeys(s.nodes) {
 		e := s.nodes[id]
-		st.Nodes = append(st.Nodes, nodeStatus{ID: id, IPs: e.node.IPs, Streams: e.streams, Clusters: e.clusters,
+		st.Nodes = append(st.Nodes, nodeStatus{ID: id, IPs: e.node.IPs, Identity: e.node.Identity, Streams: e.streams, Clusters: e.clusters,
 			Listeners: e.listeners, Routes: e.routes, ACKs: e.acks, NACKs: e.nacks, LastNACK: e.lastNack})
 	}
 	return st

@@ -3,8 +3,10 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"os"
 	"path/filepath"
@@ -13,11 +15,15 @@ import (
 	"testing"
 	"time"
 
+	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // identityAgent starts `meshtun controlplane` with its CA on GwV4:15012
@@ -70,11 +76,18 @@ func untilReadiness(t *testing.T, topo *topology, ag *agentRun, d time.Duration,
 // a token minted for default/app, the agent gets from the control plane's
 // CA (port 15012, TLS) a certificate whose only SAN is the token's SPIFFE
 // ID and serves it over SDS, its proxy gets its configuration by ADS over
-// the same TLS port with the same token, and the pod is ready.
+// the same TLS port with the same token, and the pod is ready; once the
+// control plane's configuration references default and ROOTCA, the
+// proxy's /certs and /config_dump (SecretsConfigDump) show the issued
+// certificate.
 func TestAgentIdentityFromControlPlane(t *testing.T) {
 	requireRoot(t)
 	topo := newTopology(t)
-	ag, _, socket := identityAgent(t, topo, func(state string) string {
+	// A meshed service (its endpoint labelled tlsMode istio): the control
+	// plane's clusters and inbound chains then reference default and
+	// ROOTCA, so the proxy fetches both from the agent.
+	reg := registryDoc(meshServiceDoc("reviews", vip(topo, false, 30), []meshPortDoc{{"tcp", 9080, "TCP"}}, true, topo.SvcV4))
+	ag, _, socket := identityAgentOn(t, topo, reg, nil, func(state string) string {
 		code, tok, stderr := meshtunCmd(t, topo.Services, "controlplane", "token", "--namespace", "default", "--service-account", "app", "--state-dir", state)
 		if code != 0 {
 			t.Fatalf("controlplane token: %d %s", code, stderr)
@@ -128,6 +141,64 @@ func TestAgentIdentityFromControlPlane(t *testing.T) {
 	code, body, err := httpGetIn(topo.Pod, "127.0.0.1:15000", "/clusters", 5*time.Second)
 	if err != nil || code != 200 || !strings.Contains(body, "sds-grpc::"+socket+"::") {
 		t.Errorf("/clusters: %d %v, want a sds-grpc host at %s:\n%.3000s", code, err, socket, body)
+	}
+	// The proxy holds the issued certificate: /certs (Envoy's JSON) and
+	// /config_dump's SecretsConfigDump (istioctl proxy-config secret)
+	// show it, with its serial and SPIFFE ID, the key redacted.
+	serial := hex.EncodeToString(leaf.SerialNumber.Bytes())
+	xdstest.Eventually(t, 15*time.Second, "/certs with the issued certificate "+serial, func() bool {
+		return certSerial(t, topo) == serial
+	})
+	var certs adminv3.Certificates
+	if err := protojson.Unmarshal([]byte(adminGet(t, topo, "/certs")), &certs); err != nil {
+		t.Fatalf("/certs: %v", err)
+	}
+	foundCert := false
+	for _, c := range certs.GetCertificates() {
+		for _, d := range c.GetCertChain() {
+			if d.GetSerialNumber() == serial {
+				foundCert = len(d.GetSubjectAltNames()) == 1 && d.GetSubjectAltNames()[0].GetUri() == "spiffe://cluster.local/ns/default/sa/app" &&
+					len(c.GetCaCert()) > 0
+			}
+		}
+	}
+	if !foundCert {
+		t.Errorf("/certs: the issued certificate %s without its one SPIFFE ID or without the CA certificate:\n%s", serial, adminGet(t, topo, "/certs"))
+	}
+	cd := &adminv3.ConfigDump{}
+	if err := protojson.Unmarshal([]byte(adminGet(t, topo, "/config_dump")), cd); err != nil {
+		t.Fatalf("/config_dump: %v", err)
+	}
+	var sd *adminv3.SecretsConfigDump
+	for _, a := range cd.GetConfigs() {
+		if m := (&adminv3.SecretsConfigDump{}); a.UnmarshalTo(m) == nil {
+			sd = m
+		}
+	}
+	if sd == nil {
+		t.Fatalf("/config_dump has no SecretsConfigDump")
+	}
+	dumped := map[string]*tlsv3.Secret{}
+	for _, ds := range sd.GetDynamicActiveSecrets() {
+		sec := &tlsv3.Secret{}
+		if err := ds.GetSecret().UnmarshalTo(sec); err != nil {
+			t.Fatal(err)
+		}
+		dumped[ds.GetName()] = sec
+	}
+	if d := dumped["default"]; d == nil {
+		t.Errorf("SecretsConfigDump has no active default: %v", sd)
+	} else {
+		blk, _ := pem.Decode(d.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+		if blk == nil || !bytes.Equal(blk.Bytes, leaf.Raw) {
+			t.Errorf("SecretsConfigDump default: not the issued certificate %s", serial)
+		}
+		if k := string(d.GetTlsCertificate().GetPrivateKey().GetInlineBytes()); k != "[redacted]" {
+			t.Errorf("SecretsConfigDump default: private key %q, want [redacted]", k)
+		}
+	}
+	if r := dumped["ROOTCA"]; r == nil || len(r.GetValidationContext().GetTrustedCa().GetInlineBytes()) == 0 {
+		t.Errorf("SecretsConfigDump has no ROOTCA with a trusted CA: %v", r)
 	}
 }
 

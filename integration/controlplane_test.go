@@ -170,7 +170,7 @@ func TestControlPlaneRejectsInvalidAndKeepsServing(t *testing.T) {
 		{strings.Replace(profileRegistryOnly, "REGISTRY_ONLY", "REGISTY_ONLY", 1),
 			`spec.outboundTrafficPolicy.mode: "REGISTY_ONLY" is not valid; valid choices: ALLOW_ANY, REGISTRY_ONLY`},
 		{profileRegistryOnly + "  outboundTrafficPolcy: {mode: REGISTRY_ONLY}\n",
-			`spec: unknown field "outboundTrafficPolcy"; valid fields: accessLogEncoding, accessLogFile, connectTimeout, defaultConfig, dnsRefreshRate, enableAutoMtls, outboundTrafficPolicy`},
+			`spec: unknown field "outboundTrafficPolcy"; valid fields: accessLogEncoding, accessLogFile, connectTimeout, defaultConfig, dnsRefreshRate, enableAutoMtls, outboundTrafficPolicy, peerAuthentication`},
 	} {
 		code, _, errs := cp.applyProfile(t, "bad.yaml", tc.doc)
 		if code != 1 || !strings.Contains(errs, tc.want) || !strings.Contains(errs, "nothing was changed") {

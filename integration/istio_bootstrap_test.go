@@ -115,19 +115,6 @@ func istioBootstrapCopy(t *testing.T, dir string) (bootstrap, xdsSock, sdsSock s
 	return bootstrap, xdsSock, sdsSock
 }
 
-// withoutTLSChains drops the filter chains that terminate TLS (istiod's
-// PERMISSIVE mTLS chains of virtualInbound): TLS termination is the next
-// step of issue 13, and until then meshtun rejects such a listener.
-func withoutTLSChains(ls []types.Resource) []types.Resource {
-	for _, r := range ls {
-		l := r.(*listenerv3.Listener)
-		l.FilterChains = slices.DeleteFunc(l.FilterChains, func(fc *listenerv3.FilterChain) bool {
-			return fc.GetTransportSocket().GetName() == "envoy.transport_sockets.tls"
-		})
-	}
-	return ls
-}
-
 // testIdentity is a workload certificate for spiffeID issued by a fresh
 // self-signed root, as istiod's CA issues it: chain [leaf, root].
 func testIdentity(t *testing.T, spiffeID string) (sds.Identity, *big.Int) {
@@ -187,7 +174,7 @@ func TestIstioBootstrap(t *testing.T) {
 	cp.Set(t, istioNode, map[string][]types.Resource{
 		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
 		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
-		resource.ListenerType: withoutTLSChains(istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} })),
+		resource.ListenerType: istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} }),
 		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
 	})
 	srv, err := sds.New(sds.Options{SocketPath: sdsSock, SocketMode: 0o660, Log: zerolog.Nop()})
@@ -214,6 +201,15 @@ func TestIstioBootstrap(t *testing.T) {
 		ready, _ = nsRun(topo.Pod, meshtunBin(t), "request", "--admin-address", "127.0.0.1:15000", "GET", "/ready")
 		return strings.TrimSpace(ready) == "LIVE"
 	})
+	// istiod's eight listeners (virtualInbound with its mTLS chains)
+	// besides the bootstrap's two (15090, 15021), and the ssl.* of the
+	// listener that terminates TLS.
+	if ls := strings.Split(strings.TrimSpace(adminGet(t, topo, "/listeners")), "\n"); len(ls) != 10 || !slices.Contains(ls, "virtualInbound::0.0.0.0:15006") {
+		t.Errorf("/listeners has %d listeners, want istiod's 8 with virtualInbound and the bootstrap's 2:\n%s", len(ls), strings.Join(ls, "\n"))
+	}
+	if st := adminGet(t, topo, "/stats?filter=ssl.handshake"); !strings.Contains(st, "listener.0.0.0.0_15006.ssl.handshake: 0\n") {
+		t.Errorf("/stats has no ssl.handshake for virtualInbound:\n%s", st)
+	}
 	clusters := adminGet(t, topo, "/clusters")
 	for _, want := range []string{
 		"xds-grpc::" + xdsSock + "::health_flags::healthy",

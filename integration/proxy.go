@@ -48,6 +48,10 @@ type AccessEntry struct {
 	Duration         float64 `json:"duration"`
 	ResponseFlags    string  `json:"response_flags"`
 	UpstreamCluster  string  `json:"upstream_cluster"`
+	// Peer identities and the TLS failure, Istio's field names (issue 14).
+	DownstreamPeerURISAN           string `json:"downstream_peer_uri_san"`
+	UpstreamPeerURISAN             string `json:"upstream_peer_uri_san"`
+	UpstreamTransportFailureReason string `json:"upstream_transport_failure_reason"`
 
 	Raw string `json:"-"` // the line as logged
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/rbac"
 	"github.com/meshtun/meshtun/mesh/sniff"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -152,13 +153,16 @@ func resetConn(c net.Conn) {
 
 // serveFlow runs listener l on one flow, in Envoy's order: listener
 // filters when its chains need them (inspect), the filter-chain match,
-// then the chain's terminal network filter (httpconn or tcpproxy).
+// the chain's transport socket (TLS termination), then its terminal
+// network filter (httpconn or tcpproxy).
 //
 // Without listener filters the chain is known from the SYN alone, so a
 // captured flow's handshake is left pending until the tcp_proxy upstream
 // is connected: a refused or absent upstream, or no chain, reaches the
 // client as a refused connect (RST), as the original destination itself
-// would answer.
+// would answer. A chain that terminates TLS accepts the flow first: its
+// upstream is connected only once the client has proved who it is, so a
+// failed handshake reaches nothing behind the proxy.
 func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, d *Dispatcher) {
 	fid := src.id()
 	info := filterchain.ConnInfo{
@@ -190,9 +194,32 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		return
 	}
 
-	// No TLS termination on this path yet: no verified peer (nil).
-	if len(chain.RBAC) > 0 && !authorizeFlow(chain, &info, nil, src, down, e) {
-		return
+	if chain.TLS != nil {
+		if down == nil {
+			var err error
+			if raw, err = src.accept(); err != nil {
+				e.ResponseFlags, e.Details = "DC", err.Error()
+				return
+			}
+			down = raw
+		}
+		tc, ok := terminate(l, chain, down, e)
+		if !ok {
+			return
+		}
+		down = tc
+	}
+
+	// Network RBAC runs after the chain's TLS handshake, on its verified
+	// peer (nil on plaintext), before the terminal filter.
+	if len(chain.RBAC) > 0 {
+		var peer *rbac.Peer
+		if tc, ok := down.(*Downstream); ok {
+			peer = tc.Peer
+		}
+		if !authorizeFlow(chain, &info, peer, src, down, e) {
+			return
+		}
 	}
 
 	if chain.HTTP != nil {
@@ -210,7 +237,11 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	up, flags, err := chain.TCP.Connect(snap, fid.Dst, e)
 	if err != nil {
 		e.ResponseFlags, e.Details = flags, err.Error()
-		reject(src, raw)
+		if tc, ok := down.(*Downstream); ok {
+			tc.Reset()
+		} else {
+			reject(src, raw)
+		}
 		return
 	}
 	if down == nil {
@@ -324,6 +355,8 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
 				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
 				BytesReceived: he.BytesReceived, BytesSent: he.BytesSent, ResponseFlags: he.ResponseFlags.String(),
+				UpstreamPeerURISAN: he.UpstreamPeerURISAN, UpstreamTransportFailureReason: he.UpstreamTransportFailureReason,
+				DownstreamPeerURISAN: he.DownstreamPeerURISAN,
 				HTTP: &accesslog.HTTP{Method: he.Method, Path: he.Path, Protocol: he.Protocol, Authority: he.Authority,
 					RequestID: he.RequestID, UserAgent: he.UserAgent, XFF: he.XFF, ResponseCode: he.ResponseCode,
 					ResponseCodeDetails: he.ResponseCodeDetails, RouteName: he.RouteName,
@@ -331,9 +364,12 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 			access.Log(&re)
 		}
 	}
-	err := chain.HTTP.Serve(l.drain.drained, down, liveEnv{d: d, start: snap}, httpconn.ConnInfo{
-		Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining, SNI: sni,
-	})
+	info := httpconn.ConnInfo{Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining, SNI: sni}
+	if tc, ok := down.(*Downstream); ok {
+		info.TLS, info.TLSPeer = &tc.TLS, tc.Peer
+		info.LocalURISAN = tlsctx.LocalURISAN(tc.TLS)
+	}
+	err := chain.HTTP.Serve(l.drain.drained, down, liveEnv{d: d, start: snap}, info)
 	down.Close()
 	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, context.Canceled) {
 		e.ResponseFlags, e.Details = "DC", err.Error()

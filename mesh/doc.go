@@ -40,7 +40,15 @@
 //     answer.
 //  6. Filter-chain match (Listener.selectChain, package filterchain).
 //     Envoy's filter_chain_match rules pick one chain, else the default
-//     chain, else none (NR: the flow is refused or reset).
+//     chain, else none (NR: the flow is refused or reset). A chain whose
+//     transport_socket is a DownstreamTlsContext (package tlsctx, with
+//     the SDS secrets) then terminates TLS (downstream.go): the flow is
+//     accepted and the handshake runs over the ClientHello step 5
+//     peeked, bounded by transport_socket_connect_timeout and the
+//     listener's drain; a failed one ends the flow before any filter
+//     (listener ssl.* counters). The filters get a *Downstream: the
+//     plaintext and the client's verified identity (Downstream.Peer,
+//     for the access log, XFCC and RBAC).
 //  7. Network filter. The chain's terminal filter serves the flow
 //     (parsed by parseNetworkFilters, filters.go; Istio's telemetry
 //     filters are accepted and skipped): package tcpproxy connects the

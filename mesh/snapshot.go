@@ -20,8 +20,10 @@ import (
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
 	"github.com/meshtun/meshtun/mesh/rbac"
+	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 	"github.com/meshtun/meshtun/mesh/udpproxy"
 	"github.com/meshtun/meshtun/xdsclient"
 )
@@ -69,10 +71,17 @@ type Snapshot struct {
 	rbacShadow map[string]*rbac.ShadowStats
 	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
 	httpStats map[string]*httpconn.Stats
+	// sslStats are the cluster.<name>.ssl.* counters of the clusters with
+	// a TLS transport socket, by cluster name.
+	sslStats map[string]*tlsctx.Stats
 	// store is the stats store the blocks come from; scopes are the keys
 	// of the blocks this snapshot uses.
 	store  *stats.Store
 	scopes []stats.Key // may repeat a key
+
+	// secrets is the SDS secret store the TLS contexts read at each
+	// handshake (BuildOptions.Secrets).
+	secrets *secrets.Store
 
 	// EDS: the assignments by service name, the host set each EDS cluster
 	// has in this snapshot (staged by its build or kept from the one
@@ -109,6 +118,7 @@ type Listener struct {
 
 	insp    inspection
 	dynamic bool // came over LDS: a bind failure is a ResourceError
+	tls     bool // a chain terminates TLS
 
 	// drain tells the listener's flows when it starts draining and when
 	// they are to be closed (a removal or change by an update: Drain; the
@@ -119,12 +129,19 @@ type Listener struct {
 }
 
 // Chain is one filter chain: where its flows go, which is its terminal
-// network filter. Exactly one of TCP and HTTP is set.
+// network filter. Exactly one of TCP and HTTP is set. A chain with TLS
+// terminates it: its filters get the decrypted bytes (a *Downstream).
 type Chain struct {
 	Name    string
 	TCP     *tcpproxy.Config // tcp_proxy
 	HTTP    *httpconn.Config // http_connection_manager
 	Skipped []string         // telemetry filters accepted and not run
+	// TLS is the transport_socket's DownstreamTlsContext; nil is
+	// raw_buffer (the bytes go on as they came, TLS or not).
+	TLS *tlsctx.Downstream
+	// HandshakeTimeout bounds TLS's handshake: the chain's
+	// transport_socket_connect_timeout, else DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
 	// RBAC are the chain's envoy.filters.network.rbac filters in order
 	// (istiod: LOG, DENY, ALLOW), evaluated before the terminal filter.
 	RBAC []*rbac.Filter
@@ -141,6 +158,9 @@ type ListenerStats struct {
 	NoFilterChainMatch        atomic.Uint64
 	DownstreamPreCxActive     atomic.Int64
 	DownstreamListenerTimeout atomic.Uint64 // downstream_pre_cx_timeout
+	// SSL are the listener's ssl.* counters, shared by the TLS contexts
+	// of all its chains, as in Envoy.
+	SSL tlsctx.Stats
 }
 
 // listenerStatPrefix is Envoy's listener stat scope: "listener." + the
@@ -210,6 +230,12 @@ type BuildOptions struct {
 	Stats *stats.Store
 	// Dump is what the snapshot shows on /config_dump (nil: an empty one).
 	Dump *Dump
+	// Secrets is the SDS secret store (the proxy's, fed by its SDS
+	// client): TLS contexts look their certificates and trust bundles up
+	// in it by name at each handshake, so a rotation reaches the next
+	// connection without a new snapshot. Nil: an empty store, in which
+	// every TLS handshake fails naming the missing secret.
+	Secrets *secrets.Store
 }
 
 // buildErrors collects what is wrong with a build: every invalid xDS
@@ -281,9 +307,14 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		rbacStats:     make(map[string]*rbac.Stats),
 		rbacShadow:    make(map[string]*rbac.ShadowStats),
 		httpStats:     make(map[string]*httpconn.Stats),
+		sslStats:      make(map[string]*tlsctx.Stats),
 		pools:         opts.Pools,
 		store:         opts.Stats,
 		Dump:          opts.Dump,
+		secrets:       opts.Secrets,
+	}
+	if s.secrets == nil {
+		s.secrets = secrets.NewStore()
 	}
 	if s.pools == nil {
 		s.pools = httpconn.NewPools()
@@ -297,6 +328,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 	if s.Dump == nil {
 		s.Dump = &Dump{}
 	}
+	secretStore := s.secrets
 	var errs buildErrors
 	var created []*cluster.Cluster
 	lastCluster := lastIndex(clusters)
@@ -314,6 +346,11 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			continue
 		}
 		scope := scopeOf(s, clusterStatPrefix(pb), cluster.NewScope)
+		var ssl *tlsctx.Stats
+		if hasUpstreamTLS(pb) {
+			ssl = scopeOf(s, clusterStatPrefix(pb), newSSLStats)
+			s.sslStats[name] = ssl
+		}
 		if prev != nil {
 			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
 				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
@@ -328,6 +365,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		co := opts.Cluster
 		co.AddedViaAPI = dynamic
 		co.Stats = scope
+		co.Transport = upstreamParser(secretStore, ssl)
 		c, err := cluster.New(pb, co)
 		if err != nil {
 			errs.add(xdsclient.ClusterType, "cluster", name, dynamic, err)
@@ -609,23 +647,28 @@ func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(stri
 	if l.insp, err = parseListenerFilters(pb); err != nil {
 		return nil, err
 	}
+	// The stats first: the chains' TLS contexts count into its ssl.*.
+	prefix := listenerStatPrefix(pb)
+	l.Stats = scopeOf(s, prefix, func() *ListenerStats { return &ListenerStats{Prefix: prefix} })
 	for i, fc := range pb.GetFilterChains() {
-		c, err := buildChain(s, fc, clusterExists)
+		c, err := buildChain(s, fc, clusterExists, &l.Stats.SSL)
 		if err != nil {
 			return nil, fmt.Errorf("filter_chains[%d]%s: %w", i, chainLabel(fc), err)
 		}
 		l.Chains = append(l.Chains, c)
 	}
 	if dfc := pb.GetDefaultFilterChain(); dfc != nil {
-		if l.Default, err = buildChain(s, dfc, clusterExists); err != nil {
+		if l.Default, err = buildChain(s, dfc, clusterExists, &l.Stats.SSL); err != nil {
 			return nil, fmt.Errorf("default_filter_chain: %w", err)
 		}
 	}
 	if l.matcher, err = filterchain.Compile(pb.GetFilterChains(), pb.GetDefaultFilterChain()); err != nil {
 		return nil, err
 	}
-	prefix := listenerStatPrefix(pb)
-	l.Stats = scopeOf(s, prefix, func() *ListenerStats { return &ListenerStats{Prefix: prefix} })
+	l.tls = l.Default != nil && l.Default.TLS != nil
+	for _, c := range l.Chains {
+		l.tls = l.tls || c.TLS != nil
+	}
 	if prev != nil {
 		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
 			// The same listener: its flows, old and new, drain together.
@@ -645,10 +688,17 @@ func chainLabel(fc *listenerv3.FilterChain) string {
 
 // buildChain parses one filter chain and gives its tcp_proxy the
 // tcp.<stat_prefix>. block, its http_connection_manager the
-// http.<stat_prefix>. one (chains with the same prefix share them).
-func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(string) bool) (*Chain, error) {
-	if fc.GetTransportSocket() != nil {
-		return nil, errors.New("transport_socket: TLS termination is not supported")
+// http.<stat_prefix>. one (chains with the same prefix share them). Its
+// transport_socket (a DownstreamTlsContext, or raw_buffer) compiles with
+// the snapshot's secret store and counts into ssl, the listener's ssl.*.
+func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(string) bool, ssl *tlsctx.Stats) (*Chain, error) {
+	down, err := tlsctx.ParseDownstream("transport_socket", fc.GetTransportSocket(), s.secrets, ssl)
+	if err != nil {
+		return nil, err
+	}
+	timeout := DefaultHandshakeTimeout
+	if d := fc.GetTransportSocketConnectTimeout(); d != nil && d.AsDuration() > 0 {
+		timeout = d.AsDuration()
 	}
 	tcpStats := func(prefix string) *tcpproxy.Stats {
 		st := scopeOf(s, prefix, func() *tcpproxy.Stats { return &tcpproxy.Stats{Prefix: prefix} })
@@ -672,7 +722,7 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 		hcm.ShareStats(st)
 		s.httpStats[hcm.StatPrefix] = st
 	}
-	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, RBAC: authz}, nil
+	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, TLS: down, HandshakeTimeout: timeout, RBAC: authz}, nil
 }
 
 // shareRBACStats gives an RBAC filter the stats store's blocks for its
@@ -701,6 +751,10 @@ func (s *Snapshot) RBACStats() ([]*rbac.Stats, []*rbac.ShadowStats) {
 	sort.Slice(sh, func(i, j int) bool { return sh[i].Prefix < sh[j].Prefix })
 	return st, sh
 }
+
+// TerminatesTLS reports whether a chain of l has a TLS context (and so
+// l has ssl.* stats).
+func (l *Listener) TerminatesTLS() bool { return l.tls }
 
 // Listener returns the listener named name.
 func (s *Snapshot) Listener(name string) *Listener { return s.byName[name] }
@@ -789,6 +843,12 @@ func (s *Snapshot) Routes(name string) *httpconn.Routes { return s.routes[name] 
 
 // Cluster implements httpconn.Env.
 func (s *Snapshot) Cluster(name string) *cluster.Cluster { return s.Clusters[name] }
+
+// ClusterSSL is the cluster.<name>.ssl.* block of cluster name, nil when
+// it has no TLS transport socket.
+func (s *Snapshot) ClusterSSL(name string) *tlsctx.Stats { return s.sslStats[name] }
+
+func newSSLStats() *tlsctx.Stats { return new(tlsctx.Stats) }
 
 // ClusterHTTP implements httpconn.Env.
 func (s *Snapshot) ClusterHTTP(name string) cluster.HTTPOptions { return s.httpOpts[name] }

@@ -203,13 +203,17 @@ func New(cfg Config) (*Proxy, error) {
 	p.gate = mesh.NewGate(p.dispatcher, local)
 	p.srv = &mesh.Server{D: p.dispatcher, Log: logging.Component(cfg.Log, "conn_handler"), Gate: p.gate}
 	p.pools = httpconn.NewPools()
+	// One secret store: SDS fills it, /certs reads it, and the TLS
+	// contexts of every snapshot look their secrets up in it.
+	store := secrets.NewStore()
 	p.src = &source{
 		path: cfg.Bootstrap, root: cfg.Log, log: p.log, drain: cfg.DrainDuration,
-		control: dialer.Control, version: cfg.Version, srv: p.srv, secrets: secrets.NewStore(),
+		control: dialer.Control, version: cfg.Version, srv: p.srv, secrets: store,
 		opts: mesh.BuildOptions{
 			Roles:   mesh.Roles{OutboundPort: cfg.OutboundPort, InboundPort: cfg.InboundPort},
 			Cluster: cluster.Options{Dialer: dialer, Log: logging.Component(cfg.Log, "upstream")},
 			Pools:   p.pools,
+			Secrets: store,
 		},
 	}
 	return p, nil
@@ -327,6 +331,7 @@ func (p *Proxy) newAdmin() *admin.Server {
 	return &admin.Server{
 		D: p.dispatcher, Start: time.Now(), Extra: p.Stats, Bootstrap: p.src.Bootstrap, Initialized: p.src.Initialized,
 		Warming:     p.src.Warming,
+		Waiting:     p.src.Waiting,
 		Secrets:     p.src.secrets,
 		Concurrency: max(1, p.cfg.Concurrency),
 		// The listeners drain (HTTP connections told to close); with

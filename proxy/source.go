@@ -10,8 +10,7 @@ import (
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/proto"
 
@@ -79,11 +78,32 @@ type source struct {
 	// and counters are the process's.
 	client atomic.Pointer[xdsclient.Client]
 
-	// initialized is set once the first configuration is in force: without
-	// ADS when the bootstrap is applied (at start or by a reload), else
-	// when the first xDS update with listeners is. Until then the server
-	// is INITIALIZING, as Envoy is before its first CDS/LDS responses.
+	// initialized is set once the first configuration is in force with
+	// nothing waiting for a secret (settle). Until then the server is
+	// INITIALIZING, as Envoy is before its first CDS/LDS responses and
+	// while its initial clusters and listeners warm.
 	initialized atomic.Bool
+	// configured (applyMu): the first configuration was delivered:
+	// without ADS when the bootstrap is applied (at start or by a
+	// reload), else when the first xDS update with listeners is.
+	configured bool
+
+	// Warming on secrets (warming.go), all applyMu but the atomics:
+	// force is what the last plan put in force, refCache the references
+	// of the resources it saw, warm what waits (read by the admin),
+	// deadline the next initial_fetch_timeout expiry (UnixNano, 0: none)
+	// and wake tells the rewarm loop that it changed.
+	force      inForce
+	refCache   refCache
+	warm       atomic.Pointer[warmState]
+	deadline   atomic.Int64
+	wake       chan struct{}
+	rewarmStop context.CancelFunc
+	rewarmDone chan struct{}
+	// bootADS: the bootstrap in force has an ads_config; adsNames are the
+	// secrets subscribed to over ADS.
+	bootADS  bool
+	adsNames []string
 
 	// reloaded and rejected count the bootstrap reloads (SIGHUP) applied
 	// and refused: the outcome the agent's signal counter cannot see.
@@ -136,15 +156,23 @@ func (s *source) start(b *bootstrapv3.Bootstrap, xcfg *xdsclient.Config) error {
 	s.sds.Store(secrets.NewClient(secrets.ClientOptions{
 		Store: s.secrets, Node: b.GetNode(), Target: s.sdsTarget, Log: logging.Component(s.root, "sds"),
 	}))
+	s.wake = make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.rewarmStop, s.rewarmDone = cancel, make(chan struct{})
+	go s.rewarmLoop(ctx, s.rewarmDone)
 	s.applyMu.Lock()
-	err := s.applyStatic(b)
 	s.xdsOn = xcfg != nil
+	s.configured = xcfg == nil
+	err := s.applyStatic(b)
+	if err == nil {
+		s.settle()
+	}
 	s.applyMu.Unlock()
 	if err != nil {
+		s.closeSecrets()
 		return err
 	}
 	if xcfg == nil {
-		s.initialized.Store(true)
 		return nil
 	}
 	return s.runXDS(*xcfg)
@@ -166,12 +194,14 @@ func (s *source) stop(exitBy time.Time) {
 	s.run = nil
 }
 
-// applyStatic installs b's static resources with the xDS resources in
-// force (applyMu held), and makes b the bootstrap in force.
+// applyStatic installs b's static resources with the desired xDS
+// resources (applyMu held), each resource waiting for its secrets, and
+// makes b the bootstrap in force.
 func (s *source) applyStatic(b *bootstrapv3.Bootstrap) error {
 	now := time.Now()
 	opts := s.opts
-	opts.AllowUnknownClusters = b.GetDynamicResources().GetAdsConfig() != nil
+	ads := b.GetDynamicResources().GetAdsConfig() != nil
+	opts.AllowUnknownClusters = ads
 	sr := b.GetStaticResources()
 	a := &mesh.XDSApplier{
 		Server:          s.srv,
@@ -185,49 +215,22 @@ func (s *source) applyStatic(b *bootstrapv3.Bootstrap) error {
 		a.Adopt(cur.applier)
 	}
 	res := &xdsclient.Resources{}
-	if s.dynamic != nil && opts.AllowUnknownClusters {
+	if s.dynamic != nil && ads {
 		res = s.dynamic
 	}
-	if err := a.Apply(context.Background(), res); err != nil {
+	s.bootADS = ads
+	p, err := s.makePlan(sr.GetListeners(), sr.GetClusters(), res, now)
+	if err == nil {
+		err = s.install(context.Background(), a, p, sr.GetListeners(), sr.GetClusters(), res, ads)
+	}
+	if err != nil {
+		if cur := s.cur.Load(); cur != nil {
+			s.bootADS = cur.b.GetDynamicResources().GetAdsConfig() != nil
+		}
 		return fmt.Errorf("bootstrap %s: %w", s.path, err)
 	}
 	s.cur.Store(&loaded{b: b, at: now, applier: a})
-	s.watchSecrets()
 	return nil
-}
-
-// watchSecrets points the SDS client at the secrets the configuration now
-// in force references (applyMu held). A reference it cannot follow is
-// logged with its resource and field; the secret then stays missing.
-func (s *source) watchSecrets() {
-	c := s.sds.Load()
-	snap := s.srv.D.Snapshot()
-	if c == nil || snap == nil || snap.Dump == nil {
-		return
-	}
-	d := snap.Dump
-	var clusters []*clusterv3.Cluster
-	var listeners []*listenerv3.Listener
-	for _, recs := range [][]mesh.Record{d.StaticClusters, d.Clusters} {
-		for _, r := range recs {
-			if pb, ok := r.Msg.(*clusterv3.Cluster); ok {
-				clusters = append(clusters, pb)
-			}
-		}
-	}
-	for _, recs := range [][]mesh.Record{d.StaticListeners, d.Listeners} {
-		for _, r := range recs {
-			if pb, ok := r.Msg.(*listenerv3.Listener); ok {
-				listeners = append(listeners, pb)
-			}
-		}
-	}
-	refs, err := secrets.Find(clusters, listeners)
-	if err != nil {
-		s.log.Error().Err(err).Msg("sds: secret reference not followed")
-		return
-	}
-	c.Watch(refs)
 }
 
 // sdsTarget is the gRPC target of an sds_config's cluster, from the
@@ -251,32 +254,58 @@ func (s *source) sdsTarget(cluster string) (string, error) {
 	return hs[0].Address().String(), nil
 }
 
-// closeSecrets stops the SDS client.
+// closeSecrets stops the rewarm loop and the SDS client.
 func (s *source) closeSecrets() {
+	if s.rewarmStop != nil {
+		s.rewarmStop()
+		<-s.rewarmDone
+		s.rewarmStop = nil
+	}
 	if c := s.sds.Swap(nil); c != nil {
 		c.Close()
 	}
 }
 
 // applyXDS is the xDS client's Applier: an update is applied with the
-// static resources in force, one at a time with reloads.
+// static resources in force, one at a time with reloads; what waits for
+// secrets is held back (warming.go). r becomes the desired xDS
+// configuration, and the client ACKs it: as in Envoy, a resource warming
+// on a secret is accepted, not pending.
 func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	s.applyMu.Lock()
 	defer s.applyMu.Unlock()
 	if !s.xdsOn {
 		return errXDSOff
 	}
-	if err := s.cur.Load().applier.Apply(ctx, r); err != nil {
+	cur := s.cur.Load()
+	sr := cur.b.GetStaticResources()
+	p, err := s.makePlan(sr.GetListeners(), sr.GetClusters(), r, time.Now())
+	if err == nil {
+		err = s.install(ctx, cur.applier, p, sr.GetListeners(), sr.GetClusters(), r, true)
+	}
+	if err != nil {
 		return err
 	}
 	s.dynamic = r
-	s.watchSecrets()
 	if _, ok := r.Versions[xdsclient.ListenerType]; ok {
 		// Envoy is LIVE once its first CDS and LDS responses (with the
 		// listeners' routes) are in force, not at the first CDS.
-		s.initialized.Store(true)
+		s.configured = true
 	}
+	s.settle()
 	return nil
+}
+
+// xdsSink is what the xDS client delivers to: configurations (Apply) and
+// secrets subscribed to over ADS (ApplySecrets).
+type xdsSink struct{ s *source }
+
+func (x xdsSink) Apply(ctx context.Context, r *xdsclient.Resources) error {
+	return x.s.applyXDS(ctx, r)
+}
+
+func (x xdsSink) ApplySecrets(version string, secs []*tlsv3.Secret) error {
+	return x.s.ApplySecrets(version, secs)
 }
 
 // clientConfig completes a Config read from the bootstrap with what the
@@ -298,8 +327,11 @@ func (s *source) runXDS(xcfg xdsclient.Config) error {
 	cfg := s.clientConfig(xcfg)
 	c := s.client.Load()
 	if c == nil {
-		c = xdsclient.New(cfg, xdsclient.ApplierFunc(s.applyXDS))
+		c = xdsclient.New(cfg, xdsSink{s})
 		s.client.Store(c)
+		s.applyMu.Lock()
+		c.WatchSecrets(s.adsNames) // named by the static resources
+		s.applyMu.Unlock()
 	} else if err := c.Reconfigure(cfg); err != nil {
 		return err
 	}
@@ -370,7 +402,10 @@ func (s *source) reload() (xdsRestarted bool, err error) {
 		// No ADS any more: the static resources are the whole
 		// configuration, and they are in force.
 		s.xdsOn, s.dynamic = false, nil
-		s.initialized.Store(true)
+		s.configured = true
+	}
+	if err == nil {
+		s.settle() // the new static resources may wait for no secret
 	}
 	s.applyMu.Unlock()
 	if err != nil {
@@ -435,11 +470,7 @@ func (s *source) Stats() map[string]uint64 {
 	return out
 }
 
-// Warming returns what the xDS client holds back while it warms, for the
-// admin's /config_dump.
-func (s *source) Warming() *xdsclient.Warming {
-	if c := s.client.Load(); c != nil {
-		return c.Warming()
-	}
-	return nil
-}
+// Warming returns what is received but not in force yet, for the admin's
+// /config_dump: what the xDS client holds back while it warms on
+// endpoints or routes, and the resources waiting for secrets.
+func (s *source) Warming() *xdsclient.Warming { return s.warming() }

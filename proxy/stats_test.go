@@ -76,6 +76,8 @@ func TestAdminAnswersWhileApplying(t *testing.T) {
 // serve calls h for GET path and returns the status and body.
 func serve(h http.Handler, path string) (int, string) {
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	req.Host = "127.0.0.1:15000" // the admin answers loopback names only
+	h.ServeHTTP(rec, req)
 	return rec.Code, rec.Body.String()
 }

@@ -8,6 +8,9 @@
 #   mtd-svc  10.78.0.1      meshtun controlplane (:15010 ADS, 127.0.0.1:15014 API)
 #            10.78.1.10/11  reviews v1 and v2, endpoints of VIP 10.96.0.20:9080
 #   mtd-ext  10.78.2.10     an external server nobody registered
+#   mtd-a    10.78.3.2      with DEMO_MTLS=1: a meshed pod (client), agent on :15012
+#   mtd-b    10.78.4.2      with DEMO_MTLS=1: a meshed pod (server-b :8080, service
+#                           hello, VIP 10.96.0.30:80), agent on :15012
 #
 # Needs root, iproute2, curl and procps (scripts/install-deps.sh). Everything
 # it started and created is removed on exit, Ctrl-C included: the processes
@@ -16,6 +19,9 @@
 # addresses, rules and routes, IPv4 and IPv6 — is asserted unchanged.
 #
 # For CI:
+#   DEMO_MTLS=1                  also run mtls_steps (11-15): workload identities
+#                                and mutual TLS between two meshed pods, PERMISSIVE
+#                                then STRICT; they need the proxy's TLS data path
 #   DEMO_INTERRUPT_AT=POINT      send SIGINT to the demo's process group (what a
 #                                Ctrl-C does) at POINT: a step number ("5") or
 #                                one of 1.veth, 4.agent; exits 130 after cleanup
@@ -27,8 +33,10 @@ cd "$(dirname "$SELF")/.."
 
 BIN=${MESHTUN_BIN:-bin/meshtun}
 DEMOSERVER=${DEMOSERVER_BIN:-bin/demoserver}
-POD=mtd-pod SVC=mtd-svc EXT=mtd-ext
+POD=mtd-pod SVC=mtd-svc EXT=mtd-ext PODA=mtd-a PODB=mtd-b
 VIP=10.96.0.20
+HELLO_VIP=10.96.0.30
+DEMO_MTLS=${DEMO_MTLS:-0}
 EXT_IP=10.78.2.10
 DIR=
 PIDS=()
@@ -165,7 +173,7 @@ cleanup() {
 		fi
 	fi
 	local ns pid
-	for ns in $POD $SVC $EXT; do
+	for ns in $POD $SVC $EXT $PODA $PODB; do
 		if [ -e "/run/netns/$ns" ]; then
 			for pid in $(ip netns pids "$ns" 2>/dev/null); do
 				printf "   ${R}FAIL${N} pid %s still in %s: SIGKILL\n" "$pid" "$ns"
@@ -387,5 +395,135 @@ done
 body=$(curl_pod "http://$EXT_IP/") || fail "external request still refused after ALLOW_ANY"
 [ "$body" = external ] || fail "the external server should answer \"external\", got: $body"
 ok "http://$EXT_IP/ → $body"
+
+# mtls_steps: issue 14's mutual TLS in the demo. Two more pods, each with a
+# meshtun agent whose identity comes from the control plane's CA on :15012
+# (a token per service account, as Kubernetes projects one), and ADS over
+# the same TLS port, so the control plane gives them Istio's TLS shapes:
+# endpoints of hello carry tlsMode istio, hello's cluster the
+# transport_socket_matches, virtualInbound the PERMISSIVE chains.
+mtls_steps() {
+	step 11 "two meshed pods: $PODA (client, account client) and $PODB (server-b, account server), identities from the control plane's CA"
+	local ns n
+	for ns in $PODA $PODB; do
+		if [ -e "/run/netns/$ns" ]; then ip netns del "$ns"; fi
+		ip netns add $ns
+		ip -n $ns link set lo up
+	done
+	ip -n $PODA link add eth0 type veth peer name mtd-as netns $SVC
+	ip -n $PODB link add eth0 type veth peer name mtd-bs netns $SVC
+	for n in 3 4; do
+		ns=$PODA
+		[ $n -eq 4 ] && ns=$PODB
+		ip -n $ns addr add 10.78.$n.2/24 dev eth0
+		ip -n $ns link set eth0 up
+		ip -n $ns route add default via 10.78.$n.1
+	done
+	ip -n $SVC addr add 10.78.3.1/24 dev mtd-as
+	ip -n $SVC link set mtd-as up
+	ip -n $SVC addr add 10.78.4.1/24 dev mtd-bs
+	ip -n $SVC link set mtd-bs up
+	start_ns $PODB "$DIR/server-b.log" "$DEMOSERVER" --name server-b --listen 10.78.4.2:8080
+	# hello's endpoint is a workload with a sidecar (Istio's injected pod,
+	# security.istio.io/tlsMode=istio) and the service account server.
+	cat >>"$DIR/registry.yaml" <<YAML
+- name: hello
+  namespace: default
+  vip: $HELLO_VIP
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: HTTP}
+  endpoints:
+  - {address: 10.78.4.2, name: server-b, sidecar: true, serviceAccount: server}
+YAML
+	local pod ip sa
+	for pod in a b; do
+		ns=$PODA ip=10.78.3 sa=client
+		[ $pod = b ] && ns=$PODB ip=10.78.4 sa=server
+		mkdir -p "$DIR/$pod"
+		"$BIN" controlplane token --namespace default --service-account $sa --state-dir "$DIR/cp" >"$DIR/$pod/istio-token" ||
+			fail "meshtun controlplane token failed"
+		start_ns $ns "$DIR/agent-$pod.log" env -i PATH="$PATH" POD_NAME=$sa-$pod POD_NAMESPACE=default INSTANCE_IP=$ip.2 \
+			SERVICE_ACCOUNT=$sa ISTIOD_SAN=istiod.istio-system.svc \
+			"$BIN" agent --discovery-address $ip.1:15012 --ca-root-file "$DIR/cp/ca/root-cert.pem" --token-file "$DIR/$pod/istio-token" \
+			--sds-socket "$DIR/$pod/sds.sock" --state-dir "$DIR/$pod/state" --bootstrap-out "$DIR/$pod/envoy-rev.json" \
+			--pod-labels-file "" --pod-annotations-file "" --log-format json
+	done
+	for ns in $PODA $PODB; do
+		in_ns $ns "$BIN" agent wait --timeout 30s >>"$DIR/wait.log" 2>&1 || fail "the proxy in $ns never became ready (see $DIR/agent-*.log)"
+	done
+	ok "both ready: each agent got a certificate from the CA and its configuration over ADS on :15012"
+
+	step 12 "workload identity: each proxy's certificate (meshtun request GET /certs)"
+	local certs id leaf
+	for pod in a b; do
+		ns=$PODA sa=client
+		[ $pod = b ] && ns=$PODB sa=server
+		certs=$(in_ns $ns "$BIN" request GET /certs) || fail "meshtun request GET /certs failed in $ns"
+		id=spiffe://cluster.local/ns/default/sa/$sa
+		grep -q "\"$id\"" <<<"$certs" || fail "$ns: /certs does not show $id:
+$certs"
+		# The leaf is under cert_chain (ca_cert, the root, comes first).
+		leaf=$(sed -n '/"cert_chain"/,$p' <<<"$certs")
+		printf "   %s: %s, serial %s, expires %s\n" "$ns" "$id" "$(grep -o '"serial_number": *"[0-9a-f]*"' <<<"$leaf" | head -1 | grep -o '[0-9a-f]*"$' | tr -d '"')" \
+			"$(grep -o '"expiration_time": *"[^"]*"' <<<"$leaf" | head -1 | cut -d'"' -f4)"
+	done
+	ok "each proxy holds its own SPIFFE identity (the CA's root in ROOTCA)"
+
+	step 13 "$PODA → http://$HELLO_VIP/ (service hello, endpoint tlsMode istio) over mutual TLS"
+	in_ns $SVC "$BIN" profile apply -f examples/profile-demo.yaml --controlplane 127.0.0.1:15014 \
+		--token-file "$DIR/cp/controlplane.token" >/dev/null || fail "profile apply failed (see $DIR/controlplane.log)"
+	local body="" deadline=$((SECONDS + 15))
+	while [ $SECONDS -lt $deadline ]; do
+		body=$(in_ns $PODA curl -s --max-time 2 "http://$HELLO_VIP/") && [ "$body" = server-b ] && break
+		sleep 0.2
+	done
+	[ "$body" = server-b ] || fail "$PODA → hello: got \"$body\" (see $DIR/agent-a.log, $DIR/agent-b.log)"
+	ok "http://$HELLO_VIP/ → $body"
+	local xfcc
+	xfcc=$(in_ns $PODA curl -s --max-time 2 "http://$HELLO_VIP/xfcc") || fail "$PODA → hello/xfcc failed"
+	echo "   x-forwarded-client-cert at server-b: $xfcc"
+	grep -q 'URI=spiffe://cluster.local/ns/default/sa/client' <<<"$xfcc" ||
+		fail "server-b's application did not get the client's identity in x-forwarded-client-cert"
+	local hs
+	hs=$(in_ns $PODB "$BIN" request GET /stats | { grep -E '^listener\.[^ ]*15006\.ssl\.handshake: ' || true; } | awk '{s+=$2} END {print s+0}')
+	[ "$hs" -gt 0 ] || fail "$PODB's virtualInbound counted no TLS handshake (listener.*15006.ssl.handshake)"
+	in_ns $PODA "$BIN" request GET /stats | { grep -E "^cluster\.outbound\|80\|\|hello\.default\.svc\.cluster\.local\.ssl\.(handshake|versions)" || true; } | sed 's/^/   /'
+	ok "mutual TLS between the pods: $hs handshake(s) on $PODB's inbound (ssl.handshake), $PODA's cluster above; the application got plaintext"
+	local line=""
+	deadline=$((SECONDS + 5))
+	while [ $SECONDS -lt $deadline ]; do
+		line=$(grep '"logger":"access"' "$DIR/agent-b.log" | grep '"downstream_peer_uri_san":"spiffe://cluster.local/ns/default/sa/client"' | tail -1) && break
+		sleep 0.2
+	done
+	[ -n "$line" ] || fail "$PODB's access log does not name the client's SPIFFE ID (see $DIR/agent-b.log)"
+	echo "   $(grep -o '"direction":"[^"]*"\|"upstream_cluster":"[^"]*"\|"response_code":[0-9]*\|"downstream_peer_uri_san":"[^"]*"' <<<"$line" | tr '\n' ' ')"
+	ok "server-b's proxy logged the peer spiffe://cluster.local/ns/default/sa/client"
+
+	step 14 "a plaintext client outside the mesh ($EXT) → http://10.78.4.2:8080/: accepted under PERMISSIVE"
+	body=$(in_ns $EXT curl -s --max-time 3 "http://10.78.4.2:8080/") || fail "plaintext to $PODB refused under PERMISSIVE"
+	[ "$body" = server-b ] || fail "plaintext to $PODB: got \"$body\""
+	ok "http://10.78.4.2:8080/ → $body (plaintext chain)"
+
+	step 15 "meshtun profile apply -f examples/profile-strict.yaml: the plaintext client is refused, $PODA still served"
+	in_ns $SVC "$BIN" profile apply -f examples/profile-strict.yaml --controlplane 127.0.0.1:15014 \
+		--token-file "$DIR/cp/controlplane.token" >/dev/null || fail "profile apply failed (see $DIR/controlplane.log)"
+	local rc=0
+	deadline=$((SECONDS + 5))
+	while [ $SECONDS -lt $deadline ]; do
+		rc=0
+		body=$(in_ns $EXT curl -s --max-time 2 "http://10.78.4.2:8080/") || rc=$?
+		[ "$rc" -ne 0 ] && break
+		sleep 0.1
+	done
+	[ "$rc" -ne 0 ] && [ "$body" != server-b ] || fail "plaintext still served 5 s after STRICT: \"$body\""
+	ok "plaintext refused (curl exit $rc)"
+	body=$(in_ns $PODA curl -s --max-time 3 "http://$HELLO_VIP/") || fail "$PODA → hello failed under STRICT"
+	[ "$body" = server-b ] || fail "$PODA → hello under STRICT: \"$body\""
+	ok "$PODA → http://$HELLO_VIP/ → $body (mTLS)"
+}
+
+if [ "$DEMO_MTLS" = 1 ]; then
+	mtls_steps
+fi
 
 say "demo passed"

@@ -107,7 +107,7 @@ func FromBootstrap(b *bootstrapv3.Bootstrap) (Config, error) {
 		return cfg, err
 	}
 	if ts := c.GetTransportSocket(); ts != nil {
-		if cfg.TLS, err = upstreamTLS(field+".transport_socket", ts); err != nil {
+		if cfg.TLS, cfg.RootFile, err = upstreamTLS(field+".transport_socket", ts); err != nil {
 			return cfg, err
 		}
 	}
@@ -185,18 +185,19 @@ func clusterAddress(field string, c *clusterv3.Cluster) (string, error) {
 
 // upstreamTLS builds the client TLS configuration from an
 // envoy.transport_sockets.tls UpstreamTlsContext: trusted CA, optional client
-// certificate, SNI.
-func upstreamTLS(field string, ts *corev3.TransportSocket) (*tls.Config, error) {
+// certificate, SNI. rootFile is the trusted CA's file when it is one: it is
+// re-read when it changes (a rotated root).
+func upstreamTLS(field string, ts *corev3.TransportSocket) (cfg *tls.Config, rootFile string, err error) {
 	tc := ts.GetTypedConfig()
 	if ts.GetName() != tlsTransportSocket && tc.GetTypeUrl() != upstreamTLSType {
-		return nil, fmt.Errorf("%s.name: %q is not supported, want %s", field, ts.GetName(), tlsTransportSocket)
+		return nil, "", fmt.Errorf("%s.name: %q is not supported, want %s", field, ts.GetName(), tlsTransportSocket)
 	}
 	if tc.GetTypeUrl() != upstreamTLSType {
-		return nil, fmt.Errorf("%s.typed_config: type %q, want UpstreamTlsContext", field, tc.GetTypeUrl())
+		return nil, "", fmt.Errorf("%s.typed_config: type %q, want UpstreamTlsContext", field, tc.GetTypeUrl())
 	}
 	var utc tlsv3.UpstreamTlsContext
 	if err := tc.UnmarshalTo(&utc); err != nil {
-		return nil, fmt.Errorf("%s.typed_config: %w", field, err)
+		return nil, "", fmt.Errorf("%s.typed_config: %w", field, err)
 	}
 	ctxField := field + ".typed_config.common_tls_context"
 	ctc := utc.GetCommonTlsContext()
@@ -206,40 +207,40 @@ func upstreamTLS(field string, ts *corev3.TransportSocket) (*tls.Config, error) 
 		vc, vcField = cvc.GetDefaultValidationContext(), ctxField+".combined_validation_context.default_validation_context"
 	}
 	if vc == nil {
-		return nil, fmt.Errorf("%s.validation_context: missing (only validation_context.trusted_ca is supported)", ctxField)
+		return nil, "", fmt.Errorf("%s.validation_context: missing (only validation_context.trusted_ca is supported)", ctxField)
 	}
 	if len(vc.GetMatchTypedSubjectAltNames()) > 0 || len(vc.GetMatchSubjectAltNames()) > 0 {
-		return nil, fmt.Errorf("%s.match_typed_subject_alt_names: not supported", vcField)
+		return nil, "", fmt.Errorf("%s.match_typed_subject_alt_names: not supported", vcField)
 	}
 	ca, err := readDataSource(vcField+".trusted_ca", vc.GetTrustedCa())
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(ca) {
-		return nil, fmt.Errorf("%s.trusted_ca: no PEM certificate found", vcField)
+		return nil, "", fmt.Errorf("%s.trusted_ca: no PEM certificate found", vcField)
 	}
-	cfg := &tls.Config{RootCAs: pool, ServerName: utc.GetSni(), MinVersion: tls.VersionTLS12}
+	cfg = &tls.Config{RootCAs: pool, ServerName: utc.GetSni(), MinVersion: tls.VersionTLS12}
 	if len(ctc.GetTlsCertificateSdsSecretConfigs()) > 0 {
-		return nil, fmt.Errorf("%s.tls_certificate_sds_secret_configs: SDS is not supported for the xDS server connection", ctxField)
+		return nil, "", fmt.Errorf("%s.tls_certificate_sds_secret_configs: SDS is not supported for the xDS server connection", ctxField)
 	}
 	for i, tcert := range ctc.GetTlsCertificates() {
 		cf := fmt.Sprintf("%s.tls_certificates[%d]", ctxField, i)
 		chain, err := readDataSource(cf+".certificate_chain", tcert.GetCertificateChain())
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		key, err := readDataSource(cf+".private_key", tcert.GetPrivateKey())
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		pair, err := tls.X509KeyPair(chain, key)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", cf, err)
+			return nil, "", fmt.Errorf("%s: %w", cf, err)
 		}
 		cfg.Certificates = append(cfg.Certificates, pair)
 	}
-	return cfg, nil
+	return cfg, vc.GetTrustedCa().GetFilename(), nil
 }
 
 // fileMetadata reads a FileBasedMetadataConfig whose secret_data is a file.

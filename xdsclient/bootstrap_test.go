@@ -155,6 +155,9 @@ func TestFromBootstrap(t *testing.T) {
 		if cfg.TLS == nil || cfg.TLS.ServerName != "istiod.istio-system.svc" || cfg.TLS.RootCAs == nil {
 			t.Errorf("TLS = %+v", cfg.TLS)
 		}
+		if cfg.RootFile != ca {
+			t.Errorf("RootFile = %q, want %q: a rotated root would not be re-read", cfg.RootFile, ca)
+		}
 
 		if cfg.FileMetadata != nil {
 			t.Errorf("FileMetadata = %+v without metadata", cfg.FileMetadata)

@@ -31,6 +31,9 @@ type Client struct {
 	cfg     Config
 	applier Applier
 	log     zerolog.Logger
+	// creds secure the streams of cfg (nil: plaintext); with a root file
+	// they keep the pool read from it across streams.
+	creds credentials.TransportCredentials
 
 	// accepted is the last state Apply accepted (or the empty state). Only the
 	// session goroutine stores it; anyone may load it.
@@ -43,6 +46,10 @@ type Client struct {
 	// warming is what the current stream holds back while it warms (nil:
 	// nothing); see Warming.
 	warming atomic.Pointer[Warming]
+	// secretNames are the secrets to subscribe to over ADS (WatchSecrets);
+	// secretsChanged tells the session they changed.
+	secretNames    atomic.Pointer[map[string]bool]
+	secretsChanged chan struct{}
 
 	mu      sync.Mutex
 	lastErr error
@@ -57,7 +64,7 @@ type Client struct {
 // New returns a client for cfg that installs configurations with applier.
 // Zero durations in cfg take the documented defaults.
 func New(cfg Config, applier Applier) *Client {
-	c := &Client{applier: applier, kick: make(chan struct{}, 1)}
+	c := &Client{applier: applier, kick: make(chan struct{}, 1), secretsChanged: make(chan struct{}, 1)}
 	c.use(cfg.withDefaults())
 	c.accepted.Store(emptyState())
 	return c
@@ -67,6 +74,14 @@ func New(cfg Config, applier Applier) *Client {
 // New before anyone else has the client).
 func (c *Client) use(cfg Config) {
 	c.cfg = cfg
+	switch {
+	case cfg.TLS != nil && cfg.RootFile != "":
+		c.creds = newRootCreds(cfg.TLS, cfg.RootFile)
+	case cfg.TLS != nil:
+		c.creds = credentials.NewTLS(cfg.TLS)
+	default:
+		c.creds = insecure.NewCredentials()
+	}
 	c.log = cfg.Log.With().Str("component", "xdsclient").Str("server", cfg.Server).Logger()
 }
 
@@ -239,11 +254,7 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 	c.streamStarted(cancel)
 	defer c.streamEnded()
 
-	creds := insecure.NewCredentials()
-	if c.cfg.TLS != nil {
-		creds = credentials.NewTLS(c.cfg.TLS)
-	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(c.creds)}
 	if c.cfg.FileMetadata != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(fileCreds{*c.cfg.FileMetadata}))
 	}

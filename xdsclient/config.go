@@ -34,6 +34,11 @@ type Config struct {
 	Delta bool
 	// TLS secures the connection; nil means plaintext.
 	TLS *tls.Config
+	// RootFile, with TLS, is the file TLS.RootCAs was read from (istiod's
+	// root-cert.pem): each new connection re-reads it if its size, mtime
+	// or inode changed, so a rotated root reaches the xDS TLS without a
+	// restart, as pilot-agent rebuilds its connection to pick it up.
+	RootFile string
 	// FileMetadata, when set, is a header read from a file and sent on every
 	// stream (gRPC per-RPC credentials): istiod's bearer token, which
 	// Kubernetes rotates under the proxy, so it is re-read for each stream.

@@ -27,5 +27,11 @@
 // names no resource rejects the update as a whole, and the previous configuration
 // keeps running.
 //
+// SDS secrets named with `ads: {}` ride the same stream outside the lanes
+// (secrets.go): the proxy names them (WatchSecrets) and takes them as they come
+// (SecretApplier), each judged alone; the listeners and clusters that use them
+// warm in the proxy, not here, since Envoy ACKs a resource that waits for its
+// secret.
+//
 // xdsclient does not know meshtun's mesh package: it hands over Envoy protos.
 package xdsclient

@@ -7,7 +7,8 @@ import (
 )
 
 // ResourceError says that one resource of an update is invalid, and why.
-// TypeURL is one of ClusterType, EndpointType, ListenerType, RouteType.
+// TypeURL is one of ClusterType, EndpointType, ListenerType, RouteType (or
+// SecretType, from a SecretApplier).
 type ResourceError struct {
 	TypeURL string
 	Name    string

@@ -9,6 +9,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -18,6 +19,11 @@ const (
 	EndpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 	ListenerType = "type.googleapis.com/envoy.config.listener.v3.Listener"
 	RouteType    = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+	// SecretType is SDS over ADS (`sds_config: {ads: {}}`, Istio's
+	// kubernetes:// credentials): subscribed by name (Client.WatchSecrets)
+	// and handed to the Applier's ApplySecrets, outside the configuration
+	// lanes.
+	SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 )
 
 // Resources is the complete configuration after an update (state of the world, also
@@ -81,6 +87,7 @@ const (
 	kindEndpoint
 	kindListener
 	kindRoute
+	kindSecret // not a lane's: see secrets.go
 	numKinds
 )
 
@@ -131,6 +138,12 @@ var kinds = [numKinds]kindInfo{
 		empty: func(name string) proto.Message {
 			return &routev3.RouteConfiguration{Name: name}
 		},
+	},
+	kindSecret: {
+		url:  SecretType,
+		noun: "secret",
+		new:  func() proto.Message { return new(tlsv3.Secret) },
+		name: func(m proto.Message) string { return m.(*tlsv3.Secret).GetName() },
 	},
 }
 

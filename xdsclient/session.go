@@ -63,6 +63,7 @@ func newSession(c *Client, ctx context.Context) *session {
 	for i := range s.lanes {
 		s.subs[s.lanes[i].dep] = s.wanted(&s.lanes[i])
 	}
+	s.subs[kindSecret] = c.wantedSecrets()
 	return s
 }
 
@@ -129,10 +130,16 @@ func (s *session) run() error {
 			}
 			if it.r != nil {
 				s.w.observe(it.r)
-				s.handle(it.r)
+				if it.r.kind == kindSecret {
+					s.handleSecrets(it.r)
+				} else {
+					s.handle(it.r)
+				}
 			}
 		case f := <-s.events:
 			f()
+		case <-s.c.secretsChanged:
+			s.resubscribeSecrets()
 		}
 	}
 }
@@ -193,6 +200,7 @@ func (s *session) after(d time.Duration, f func()) *time.Timer {
 // replaces a lost one requests every type at once, in ADS order.
 func (s *session) start() {
 	s.request(kindCluster)
+	s.request(kindSecret) // none until a secret is named
 	if s.c.initialized.Load() {
 		s.request(kindEndpoint)
 		s.startListeners()

@@ -1,6 +1,8 @@
 // Command demoserver is the sample application of `make demo`: an HTTP
 // server that answers every request with its name, so the demo can show
-// which endpoint a request reached.
+// which endpoint a request reached; GET /xfcc answers the request's
+// x-forwarded-client-cert instead, so the demo can show the identity a
+// sidecar terminating mTLS passed on to the application.
 package main
 
 import (
@@ -24,6 +26,10 @@ func main() {
 		Addr:              *addr,
 		ReadHeaderTimeout: 5 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/xfcc" {
+				fmt.Fprintf(w, "%s\n", r.Header.Get("X-Forwarded-Client-Cert"))
+				return
+			}
 			fmt.Fprintf(w, "%s\n", *name)
 		}),
 	}

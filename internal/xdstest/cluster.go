@@ -8,6 +8,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -37,6 +38,34 @@ type Endpoint struct {
 	// LocalityWeight is the locality's load_balancing_weight; the first
 	// endpoint of a locality that sets one gives it. 0 leaves it unset.
 	LocalityWeight uint32
+
+	// SocketMatch is the endpoint's
+	// filter_metadata["envoy.transport_socket_match"] (istiod's
+	// {"tlsMode": "istio"}, IstioTLS); nil leaves metadata unset.
+	// LocalitySocketMatch is the same on its locality (the first endpoint
+	// of a locality that sets one gives it).
+	SocketMatch, LocalitySocketMatch map[string]string
+}
+
+// IstioTLS is the transport socket match label istiod puts on an endpoint
+// whose workload takes mTLS.
+var IstioTLS = map[string]string{"tlsMode": "istio"}
+
+// socketMatchMeta is metadata holding labels under
+// envoy.transport_socket_match, nil for none.
+func socketMatchMeta(labels map[string]string) *corev3.Metadata {
+	if labels == nil {
+		return nil
+	}
+	f := map[string]any{}
+	for k, v := range labels {
+		f[k] = v
+	}
+	st, err := structpb.NewStruct(f)
+	if err != nil {
+		panic(err)
+	}
+	return &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{"envoy.transport_socket_match": st}}
 }
 
 // HostPort is an endpoint at host:port, where host need not be an IP
@@ -85,11 +114,15 @@ func AssignmentOf(name string, eps ...Endpoint) *endpointv3.ClusterLoadAssignmen
 		if lle.LoadBalancingWeight == nil && e.LocalityWeight > 0 {
 			lle.LoadBalancingWeight = wrapperspb.UInt32(e.LocalityWeight)
 		}
+		if lle.Metadata == nil {
+			lle.Metadata = socketMatchMeta(e.LocalitySocketMatch)
+		}
 		lbe := &endpointv3.LbEndpoint{
 			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
 				Address: e.socketAddress(), Hostname: e.Hostname,
 			}},
 			HealthStatus: e.Health,
+			Metadata:     socketMatchMeta(e.SocketMatch),
 		}
 		if e.Weight > 0 {
 			lbe.LoadBalancingWeight = wrapperspb.UInt32(e.Weight)

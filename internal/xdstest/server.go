@@ -2,7 +2,9 @@ package xdstest
 
 import (
 	"context"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,6 +30,10 @@ type Server struct {
 	mu      sync.Mutex
 	nacks   []NACK
 	acks    map[string]int // by type URL
+	// subs are the resource names each type is subscribed to, as the
+	// last SotW request listed them or the delta requests added and
+	// removed them.
+	subs map[string]map[string]bool
 }
 
 // NACK is a rejection the server received.
@@ -59,7 +65,23 @@ func NewUnixServer(t testing.TB, path string) *Server {
 }
 
 func serve(t testing.TB, lis net.Listener, addr string) *Server {
-	s := &Server{Addr: addr, Cache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), acks: map[string]int{}}
+	s := &Server{Addr: addr, Cache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), acks: map[string]int{},
+		subs: map[string]map[string]bool{}}
+	subscribe := func(typeURL string, replace bool, add, remove []string) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		set := s.subs[typeURL]
+		if replace || set == nil {
+			set = map[string]bool{}
+			s.subs[typeURL] = set
+		}
+		for _, n := range add {
+			set[n] = true
+		}
+		for _, n := range remove {
+			delete(set, n)
+		}
+	}
 	record := func(typeURL, nonce string, detail interface{ GetMessage() string }, hasErr bool) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -81,10 +103,12 @@ func serve(t testing.TB, lis net.Listener, addr string) *Server {
 		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
 			record(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			subscribe(r.GetTypeUrl(), true, r.GetResourceNames(), nil)
 			return nil
 		},
 		StreamDeltaRequestFunc: func(_ int64, r *discoveryv3.DeltaDiscoveryRequest) error {
 			record(r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			subscribe(r.GetTypeUrl(), false, r.GetResourceNamesSubscribe(), r.GetResourceNamesUnsubscribe())
 			return nil
 		},
 	}
@@ -127,6 +151,15 @@ func (s *Server) ACKs(typeURL string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.acks[typeURL]
+}
+
+// Subscribed returns the names typeURL is subscribed to, sorted: the
+// last state-of-the-world request's resource_names, or what the delta
+// requests subscribed and did not unsubscribe ("*" for a wildcard).
+func (s *Server) Subscribed(typeURL string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Sorted(maps.Keys(s.subs[typeURL]))
 }
 
 // Streams returns how many ADS streams (SotW or delta) were opened: a

@@ -24,6 +24,19 @@ type Entry struct {
 	BytesSent       int64 // to downstream
 	ResponseFlags   string
 	Details         string // connection_termination_details / failure reason
+	// UpstreamPeerURISAN is the upstream TLS certificate's first URI SAN
+	// (its SPIFFE ID), "" over plaintext: upstream_peer_uri_san.
+	UpstreamPeerURISAN string
+	// UpstreamTransportFailureReason is why the upstream TLS handshake
+	// failed (with flag UF): upstream_transport_failure_reason.
+	UpstreamTransportFailureReason string
+	// DownstreamPeerURISAN is the first URI SAN of the certificate the
+	// downstream presented on a TLS chain (downstream_peer_uri_san): the
+	// client's SPIFFE identity; "" on plaintext.
+	DownstreamPeerURISAN string
+	// DownstreamTransportFailureReason says why the downstream TLS
+	// handshake failed (downstream_transport_failure_reason).
+	DownstreamTransportFailureReason string
 	// HTTP is set on the line of one HTTP request.
 	HTTP *HTTP
 }
@@ -97,6 +110,18 @@ func (a *Logger) Log(e *Entry) {
 		Str("response_flags", flags)
 	if e.Details != "" {
 		ev = ev.Str("connection_termination_details", e.Details)
+	}
+	if e.UpstreamPeerURISAN != "" {
+		ev = ev.Str("upstream_peer_uri_san", e.UpstreamPeerURISAN)
+	}
+	if e.UpstreamTransportFailureReason != "" {
+		ev = ev.Str("upstream_transport_failure_reason", e.UpstreamTransportFailureReason)
+	}
+	if e.DownstreamPeerURISAN != "" {
+		ev = ev.Str("downstream_peer_uri_san", e.DownstreamPeerURISAN)
+	}
+	if e.DownstreamTransportFailureReason != "" {
+		ev = ev.Str("downstream_transport_failure_reason", e.DownstreamTransportFailureReason)
 	}
 	if h := e.HTTP; h != nil {
 		ev = ev.Str("method", h.Method).Str("path", h.Path).Str("protocol", h.Protocol).

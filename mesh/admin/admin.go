@@ -50,6 +50,11 @@ type Server struct {
 	// its first CDS and LDS responses before it is LIVE). Nil: a snapshot
 	// is enough.
 	Initialized func() bool
+	// Waiting, when set, says what the initial configuration still waits
+	// for ("waiting for secret ROOTCA from sds-grpc"; "" for nothing
+	// named): /ready prints it under the state while not LIVE, so that a
+	// readiness probe's failure says why.
+	Waiting func() string
 	// Warming, when set, returns the listeners and clusters received over
 	// xDS that are not in force yet (nil: none), for /config_dump's
 	// warming states.
@@ -370,6 +375,11 @@ func (s *Server) ready(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
 	fmt.Fprintln(w, st.String())
+	if st == adminv3.ServerInfo_INITIALIZING && s.Waiting != nil {
+		if why := s.Waiting(); why != "" {
+			fmt.Fprintln(w, why)
+		}
+	}
 }
 
 // state is Envoy's server state: PRE_INITIALIZING before any snapshot,

@@ -146,10 +146,18 @@ func TestUnknownPathAndReady(t *testing.T) {
 	d := &mesh.Dispatcher{}
 	d.Swap(build(t, b))
 	var initialized atomic.Bool
-	waiting := httptest.NewServer((&Server{D: d, Start: time.Now(), Initialized: initialized.Load}).Handler())
+	var why atomic.Value
+	why.Store("")
+	waiting := httptest.NewServer((&Server{D: d, Start: time.Now(), Initialized: initialized.Load,
+		Waiting: func() string { return why.Load().(string) }}).Handler())
 	defer waiting.Close()
 	if code, body := get(t, waiting, "/ready"); code != 503 || body != "INITIALIZING\n" {
 		t.Errorf("/ready before the first xDS config = %d %q, want 503 INITIALIZING", code, body)
+	}
+	// Warming on a secret: the state, then what it waits for.
+	why.Store("waiting for secret ROOTCA from sds-grpc")
+	if code, body := get(t, waiting, "/ready"); code != 503 || body != "INITIALIZING\nwaiting for secret ROOTCA from sds-grpc\n" {
+		t.Errorf("/ready warming on a secret = %d %q", code, body)
 	}
 	if _, body := get(t, waiting, "/stats?filter=^server\\.(state|live)$"); body != "server.live: 1\nserver.state: 3\n" {
 		t.Errorf("stats before the first xDS config: %q", body)

@@ -100,6 +100,12 @@ func (s *Server) collectRaw() []stat {
 			lst("no_filter_chain_match", l.Stats.NoFilterChainMatch.Load(), false)
 			lst("downstream_pre_cx_active", uint64(max(0, l.Stats.DownstreamPreCxActive.Load())), true)
 			lst("downstream_pre_cx_timeout", l.Stats.DownstreamListenerTimeout.Load(), false)
+			if l.TerminatesTLS() {
+				// Envoy has ssl.* only where a chain has a TLS context.
+				for _, st := range l.Stats.SSL.List() {
+					lst("ssl."+st.Name, st.Value, false)
+				}
+			}
 		}
 		for _, c := range snap.Clusters {
 			// Envoy scopes cluster stats by alt_stat_name when set (Istio:
@@ -113,6 +119,12 @@ func (s *Server) collectRaw() []stat {
 			}
 			for _, st := range c.HTTPStats().Stats() {
 				add("cluster."+scope+"."+st.Name, st.Value, st.Gauge, owner)
+			}
+			if ssl := snap.ClusterSSL(c.Name()); ssl != nil {
+				sslOwner := holder(ssl)
+				for _, st := range ssl.List() {
+					add("cluster."+scope+".ssl."+st.Name, st.Value, false, sslOwner)
+				}
 			}
 		}
 		for _, t := range snap.TCPStats() {

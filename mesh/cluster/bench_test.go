@@ -97,3 +97,31 @@ func BenchmarkUpstreamConnReadWrite(b *testing.B) {
 		})
 	})
 }
+
+// BenchmarkEDSUpdateSocketMatches is an unchanged EDS update of 1,000
+// endpoints on a cluster with istiod's transport socket matches: the
+// transport choice is resolved once per distinct label set and an
+// endpoint whose choice is unchanged costs no copy of its metadata.
+func BenchmarkEDSUpdateSocketMatches(b *testing.B) {
+	c := newTestCluster(b, xdstest.Cluster("eds", xdstest.WithEDS(),
+		xdstest.WithSocketMatches(append([]*clusterv3.Cluster_TransportSocketMatch{xdstest.HBONEMatch()},
+			xdstest.IstioSocketMatches(xdstest.RawBufferSocket())...)...)))
+	eps := make([]xdstest.Endpoint, 1000)
+	for i := range eps {
+		eps[i] = xdstest.Endpoint{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 80)}
+		if i%2 == 0 {
+			eps[i].SocketMatch = xdstest.IstioTLS
+		}
+	}
+	e, err := ParseEndpoints(xdstest.AssignmentOf("eds", eps...))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, _ := c.Stage(e)
+	s.Commit()
+	b.ReportAllocs()
+	for b.Loop() {
+		s, _ := c.Stage(e)
+		s.Commit()
+	}
+}

@@ -9,6 +9,12 @@
 // snapshot swapped atomically on every EDS update or DNS refresh, so
 // picking a host never takes a lock, and every upstream socket comes from
 // upstream.Dialer, whose mark keeps the proxy's own traffic out of capture.
+//
+// A host's transport socket (plaintext, or TLS such as istiod's
+// tlsMode-istio match) is chosen from its envoy.transport_socket_match
+// labels when the host set is built, and runs after the dial; TLS itself
+// comes from outside (Options.Transport, the proxy's tlsctx), so this
+// package knows no certificates or secrets.
 package cluster
 
 import (
@@ -49,6 +55,10 @@ type Options struct {
 	// the proxy's stats store so that it outlives this Cluster (nil: a
 	// block of its own).
 	Stats *Scope
+	// Transport compiles the cluster's transport_socket and
+	// transport_socket_matches (TLS: tlsctx.ParseUpstream over the
+	// proxy's secret store). Nil: only raw_buffer is accepted.
+	Transport TransportParser
 }
 
 // Sentinel errors Connect wraps; callers branch on them with errors.Is.
@@ -83,6 +93,7 @@ type Cluster struct {
 	addedViaAPI    bool
 	// locality_weighted_lb_config: pick a locality by weight, then a host.
 	localityWeighted bool
+	tr               transports
 
 	log      zerolog.Logger
 	dial     dialFunc
@@ -139,7 +150,7 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 		c.obsName = alt
 	}
 	c.hosts.Store(emptySet)
-	specs, err := c.configure(pb)
+	specs, err := c.configure(pb, opts.Transport)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %q: %w", c.name, err)
 	}

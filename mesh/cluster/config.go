@@ -15,9 +15,10 @@ import (
 )
 
 // configure applies the semantic checks and settings of pb (already
-// validated by its protoc-gen-validate rules). It returns the initial
+// validated by its protoc-gen-validate rules); parse compiles its
+// transport sockets. It returns the initial
 // hosts of STATIC clusters and the inline hosts of EDS clusters.
-func (c *Cluster) configure(pb *clusterv3.Cluster) ([]hostSpec, error) {
+func (c *Cluster) configure(pb *clusterv3.Cluster, parse TransportParser) ([]hostSpec, error) {
 	if ct := pb.GetClusterType(); ct != nil {
 		return nil, fmt.Errorf("cluster_type: custom cluster type %q not supported", ct.GetName())
 	}
@@ -44,6 +45,9 @@ func (c *Cluster) configure(pb *clusterv3.Cluster) ([]hostSpec, error) {
 		newResources(c, PriorityHigh, th[1]),
 	}
 	if err := c.configureBind(pb.GetUpstreamBindConfig()); err != nil {
+		return nil, err
+	}
+	if err := c.configureTransport(pb, parse); err != nil {
 		return nil, err
 	}
 
@@ -240,6 +244,7 @@ func parseAssignment(cla *endpointv3.ClusterLoadAssignment, field string, allowN
 		}
 		loc := lle.GetLocality()
 		lw := lle.GetLoadBalancingWeight().GetValue()
+		locLabels := tsLabels(lle.GetMetadata())
 		for j, lbe := range lle.GetLbEndpoints() {
 			ef := fmt.Sprintf("%s.lb_endpoints[%d]", lf, j)
 			if lbe.GetEndpointName() != "" {
@@ -260,6 +265,8 @@ func parseAssignment(cla *endpointv3.ClusterLoadAssignment, field string, allowN
 				localityWeight: lw,
 				priority:       lle.GetPriority(),
 				health:         lbe.GetHealthStatus(),
+				tsEndpoint:     tsLabels(lbe.GetMetadata()),
+				tsLocality:     locLabels,
 			}
 			if w := lbe.GetLoadBalancingWeight(); w != nil {
 				m.weight = w.GetValue()

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -15,18 +16,37 @@ type ConnectError struct {
 	Cluster string
 	Host    *Host
 	Timeout bool // connect_timeout expired (upstream_cx_connect_timeout)
-	Err     error
+	// TransportFailure is set when the socket connected and its transport
+	// (TLS) handshake failed: Envoy's upstream_transport_failure_reason.
+	TransportFailure string
+	Err              error
 }
 
 func (e *ConnectError) Error() string {
 	what := "connect"
-	if e.Timeout {
+	switch {
+	case e.TransportFailure != "" && e.Timeout:
+		what = "TLS handshake timeout"
+	case e.TransportFailure != "":
+		what = "TLS handshake"
+	case e.Timeout:
 		what = "connect timeout"
 	}
 	return fmt.Sprintf("cluster %q: %s to %s: %v", e.Cluster, what, e.Host, e.Err)
 }
 
 func (e *ConnectError) Unwrap() error { return e.Err }
+
+// failureReason is what a failed handshake reports as
+// upstream_transport_failure_reason: the text of the transport's error
+// (the proxy's TLS transport makes that tlsctx.HandshakeError's Reason),
+// never empty.
+func failureReason(err error) string {
+	if r := err.Error(); r != "" {
+		return r
+	}
+	return "transport handshake failed"
+}
 
 // pick chooses the host for a new connection, or nil.
 func (c *Cluster) pick(origDst netip.AddrPort, exclude func(*Host) bool) *Host {
@@ -79,17 +99,39 @@ func (c *Cluster) released(h *Host, res *Resources) {
 // atomic add per call); the first Close or Reset releases the connection's
 // stats and circuit-breaker slot. It deliberately does not implement
 // io.ReaderFrom/io.WriterTo, so io.Copy goes through the counting Read and
-// Write.
+// Write. Over TLS the bytes counted are the plaintext ones, as Envoy counts
+// what its transport socket hands the connection.
 type UpstreamConn struct {
-	conn   net.Conn
-	tcp    *net.TCPConn // conn, when it is TCP (nil for a pipe host)
-	host   *Host
-	c      *Cluster
-	res    *Resources
-	closed atomic.Bool
+	conn   net.Conn     // what Read and Write use: raw, or TLS over it
+	raw    net.Conn     // the socket
+	rawTCP *net.TCPConn // raw when it is TCP (Reset's SO_LINGER)
+	tcp    *net.TCPConn // raw when TCP and plaintext: TCPConn
+	tls    *tls.ConnectionState
+	// peerURISAN is the TLS peer certificate's first URI SAN, taken once
+	// at the handshake for every access log line of the connection.
+	peerURISAN string
+	host       *Host
+	c          *Cluster
+	res        *Resources
+	closed     atomic.Bool
 }
 
 var _ net.Conn = (*UpstreamConn)(nil)
+
+// secured makes sc, the transport's connection over u.raw, the one u
+// reads and writes.
+func (u *UpstreamConn) secured(sc net.Conn) {
+	u.conn, u.tcp = sc, nil
+	if s, ok := sc.(interface{ ConnectionState() tls.ConnectionState }); ok {
+		cs := s.ConnectionState()
+		u.tls = &cs
+		if len(cs.PeerCertificates) > 0 {
+			if uris := cs.PeerCertificates[0].URIs; len(uris) > 0 {
+				u.peerURISAN = uris[0].String()
+			}
+		}
+	}
+}
 
 // Host is the host the connection goes to.
 func (u *UpstreamConn) Host() *Host { return u.host }
@@ -97,9 +139,19 @@ func (u *UpstreamConn) Host() *Host { return u.host }
 // Cluster is the cluster the connection belongs to.
 func (u *UpstreamConn) Cluster() *Cluster { return u.c }
 
-// TCPConn is the underlying socket, nil for a pipe host's Unix socket;
-// bytes moved through it directly are not counted.
+// TCPConn is the underlying socket of a plaintext TCP connection; nil for
+// a pipe host's Unix socket and for a TLS connection, whose bytes must not
+// bypass TLS (no splice, no peek at the socket). Bytes moved through it
+// directly are not counted.
 func (u *UpstreamConn) TCPConn() *net.TCPConn { return u.tcp }
+
+// TLS is the connection's TLS state as of its handshake, nil when it is
+// plaintext (raw_buffer).
+func (u *UpstreamConn) TLS() *tls.ConnectionState { return u.tls }
+
+// PeerURISAN is the first URI SAN of the upstream's certificate (Istio's
+// upstream_peer_uri_san: its SPIFFE ID), "" when plaintext or none.
+func (u *UpstreamConn) PeerURISAN() string { return u.peerURISAN }
 
 // halfCloser is what TCP and Unix stream sockets share.
 type halfCloser interface {
@@ -123,30 +175,49 @@ func (u *UpstreamConn) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// Close closes the socket; the first call also releases the connection
-// (upstream_cx_active, host cx_active, circuit breaker) and counts
-// upstream_cx_destroy.
+// Close closes the connection (over TLS after a close_notify); the first
+// call also releases the connection (upstream_cx_active, host cx_active,
+// circuit breaker) and counts upstream_cx_destroy.
 func (u *UpstreamConn) Close() error {
 	err := u.conn.Close()
-	if u.closed.CompareAndSwap(false, true) {
-		u.c.released(u.host, u.res)
-	}
+	u.release()
 	return err
 }
 
-// CloseWrite sends a FIN (half-close).
-func (u *UpstreamConn) CloseWrite() error { return u.conn.(halfCloser).CloseWrite() }
-
-// CloseRead shuts down the reading side.
-func (u *UpstreamConn) CloseRead() error { return u.conn.(halfCloser).CloseRead() }
-
-// Reset aborts the connection with a RST (SO_LINGER 0, then Close); a
-// Unix socket has no RST and is just closed.
-func (u *UpstreamConn) Reset() {
-	if u.tcp != nil {
-		_ = u.tcp.SetLinger(0)
+func (u *UpstreamConn) release() {
+	if u.closed.CompareAndSwap(false, true) {
+		u.c.released(u.host, u.res)
 	}
-	_ = u.Close()
+}
+
+// CloseWrite half-closes: over TLS a close_notify alert first (the
+// peer's TLS sees a clean end of stream), then the socket's FIN.
+func (u *UpstreamConn) CloseWrite() error {
+	if u.conn != u.raw {
+		if cw, ok := u.conn.(interface{ CloseWrite() error }); ok {
+			if err := cw.CloseWrite(); err != nil {
+				return err
+			}
+		}
+	}
+	return u.raw.(halfCloser).CloseWrite()
+}
+
+// CloseRead shuts down the reading side of the socket.
+func (u *UpstreamConn) CloseRead() error { return u.raw.(halfCloser).CloseRead() }
+
+// Reset aborts the connection with a RST (SO_LINGER 0, then the socket's
+// Close: over TLS no close_notify goes first); a Unix socket has no RST
+// and is just closed.
+func (u *UpstreamConn) Reset() {
+	if u.rawTCP != nil {
+		_ = u.rawTCP.SetLinger(0)
+	}
+	_ = u.raw.Close()
+	if u.conn != u.raw {
+		_ = u.conn.Close() // releases the TLS state; its alert fails on the closed socket
+	}
+	u.release()
 }
 
 func (u *UpstreamConn) LocalAddr() net.Addr                { return u.conn.LocalAddr() }

@@ -39,6 +39,11 @@ type hostMeta struct {
 	localityWeight        uint32
 	priority              uint32
 	health                corev3.HealthStatus
+	// The envoy.transport_socket_match labels of the endpoint and of its
+	// locality (tsLabels form), and the transport they select in the
+	// host's cluster (transports.at), resolved when the set is built.
+	tsEndpoint, tsLocality string
+	ts                     uint16
 }
 
 // coarse health of a host, as Envoy's Host::Health plus the excluded set.

@@ -200,18 +200,29 @@ func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
 	u := &hostUpdate{specs: specs, base: base, metas: make([]*hostMeta, 0, len(specs))}
 	all := make([]*Host, 0, len(specs))
 	same := len(specs) == len(base.all)
+	var tsCache map[[2]string]uint16
+	if len(c.tr.matches) > 0 {
+		tsCache = make(map[[2]string]uint16, 2)
+	}
 	for i, s := range specs {
 		h, ok := prev[s.key()]
 		m := s.meta
+		// The transport the host's labels select in this cluster. The
+		// specs may be shared (an assignment staged for several
+		// clusters), so a different choice is a copy, made only when
+		// the host's metadata in force does not already say the same.
+		ts := c.tr.resolve(m.tsEndpoint, m.tsLocality, tsCache)
 		if ok {
 			delete(prev, s.key())
-			if old := h.meta.Load(); *old == *s.meta {
+			if old := h.meta.Load(); sameMeta(old, m, ts) {
 				m = old
 			} else {
+				m = withTS(m, ts)
 				same = false
 			}
 		} else {
-			h = newHost(s.addr, s.meta)
+			m = withTS(m, ts)
+			h = newHost(s.addr, m)
 			h.pipe = s.pipe
 			u.added++
 		}
@@ -228,6 +239,24 @@ func (c *Cluster) prepare(base *hostSet, specs []hostSpec) *hostUpdate {
 	}
 	u.set = c.buildSet(all, u.metas)
 	return u
+}
+
+// sameMeta reports whether old is m with transport choice ts.
+func sameMeta(old, m *hostMeta, ts uint16) bool {
+	o := *old
+	o.ts = m.ts
+	return old.ts == ts && o == *m
+}
+
+// withTS is m with transport choice ts: m itself if it has it.
+func withTS(m *hostMeta, ts uint16) *hostMeta {
+	if m.ts == ts {
+		return m
+	}
+	cp := new(hostMeta)
+	*cp = *m
+	cp.ts = ts
+	return cp
 }
 
 // commitLocked puts u in force: the hosts' new metadata, then the set, in

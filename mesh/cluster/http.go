@@ -146,14 +146,27 @@ func (c *Cluster) PickHostFor(origDst netip.AddrPort, exclude func(*Host) bool) 
 // out when to drop what they keep for hosts that are gone.
 func (c *Cluster) MembershipVersion() uint64 { return c.stats.membershipChange.Load() }
 
-// ConnectHost opens a TCP connection to h, a host of this cluster chosen by
+// ConnectHost opens a connection to h, a host of this cluster chosen by
 // PickHostFor, with Connect's accounting: the default-priority
 // max_connections breaker (ErrOverflow, upstream_cx_overflow),
 // connect_timeout, cluster and host cx stats, and the capture-bypass
 // dialer. HTTP connection pools dial through it so that every pooled
 // connection is a counted cluster connection; on ErrOverflow an HTTP
 // request waits as pending for ConnectionReleased instead of failing.
+// It is ConnectHostFor with no application protocol (a TCP flow).
 func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, error) {
+	return c.ConnectHostFor(ctx, h, "")
+}
+
+// ConnectHostFor is ConnectHost for an application protocol: "" for
+// TCP, "http/1.1" or "h2" from an HTTP pool. When the host's transport
+// socket (chosen when the host set was built) is TLS, the handshake runs
+// after the dial, and connect_timeout bounds both; appProto then selects
+// the ALPN list offered. A failed handshake is a connect failure
+// (upstream_cx_connect_fail, the host's cx_connect_fail) whose
+// ConnectError carries the TransportFailure reason (Envoy's
+// upstream_transport_failure_reason; the access log flag is UF).
+func (c *Cluster) ConnectHostFor(ctx context.Context, h *Host, appProto string) (*UpstreamConn, error) {
 	if h == nil {
 		return nil, errors.New("cluster: ConnectHost: nil host")
 	}
@@ -181,6 +194,19 @@ func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, erro
 	} else if tc, err = c.dial(dctx, h.addr, c.sourceFor(h.addr.Addr())); err == nil {
 		conn = tc
 	}
+	u := &UpstreamConn{conn: conn, raw: conn, rawTCP: tc, tcp: tc, host: h, c: c, res: res}
+	var reason string
+	if err == nil {
+		if tr := c.tr.at(h.meta.Load().ts); tr != nil {
+			var sc net.Conn
+			if sc, err = tr.Secure(dctx, conn, appProto); err == nil {
+				u.secured(sc)
+			} else {
+				reason = failureReason(err)
+				conn.Close()
+			}
+		}
+	}
 	timedOut := err != nil && ctx.Err() == nil && (errors.Is(dctx.Err(), context.DeadlineExceeded) || isTimeout(err))
 	cancel()
 	if err != nil {
@@ -192,9 +218,9 @@ func (c *Cluster) ConnectHost(ctx context.Context, h *Host) (*UpstreamConn, erro
 			}
 		}
 		c.released(h, res)
-		return nil, &ConnectError{Cluster: c.name, Host: h, Timeout: timedOut, Err: err}
+		return nil, &ConnectError{Cluster: c.name, Host: h, Timeout: timedOut, TransportFailure: reason, Err: err}
 	}
-	return &UpstreamConn{conn: conn, tcp: tc, host: h, c: c, res: res}, nil
+	return u, nil
 }
 
 // HTTPStats are the request-level counters Envoy keeps per cluster under

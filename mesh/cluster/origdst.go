@@ -20,6 +20,7 @@ type origDstHosts struct {
 	m            sync.Map // netip.AddrPort → *Host
 	n            atomic.Int64
 	portOverride uint16
+	meta         *hostMeta // every host's: no endpoint metadata
 	interval     time.Duration
 	nextSweep    atomic.Int64 // unix nanoseconds
 	sweepMu      sync.Mutex
@@ -27,6 +28,9 @@ type origDstHosts struct {
 
 func newOrigDstHosts(c *Cluster, pb *clusterv3.Cluster) *origDstHosts {
 	o := &origDstHosts{c: c, interval: dur(pb.GetCleanupInterval(), defaultCleanupInterval)}
+	// A destination has no metadata: only a match with no labels (or
+	// transport_socket) applies, the same for every host.
+	o.meta = &hostMeta{weight: 1, ts: c.tr.resolve("", "", nil)}
 	if v := pb.GetOriginalDstLbConfig().GetUpstreamPortOverride(); v != nil {
 		o.portOverride = uint16(v.GetValue())
 	}
@@ -50,7 +54,7 @@ func (o *origDstHosts) get(dst netip.AddrPort) *Host {
 	if v, ok := o.m.Load(key); ok {
 		h = v.(*Host)
 	} else {
-		nh := newHost(key, defaultMeta)
+		nh := newHost(key, o.meta)
 		v, loaded := o.m.LoadOrStore(key, nh)
 		h = v.(*Host)
 		if !loaded {

@@ -26,11 +26,19 @@ type Entry struct {
 	UpstreamHost        netip.AddrPort
 	DownstreamPeer      netip.AddrPort // downstream_remote_address
 	DownstreamLocal     netip.AddrPort // downstream_local_address
-	BytesReceived       int64          // bytes_received: request body
-	BytesSent           int64          // bytes_sent: response body
-	Duration            time.Duration  // duration: start to last byte sent
-	UpstreamServiceTime time.Duration  // upstream_service_time: last attempt's request to response headers
-	Attempts            int            // upstream_request_attempt_count
+	// DownstreamPeerURISAN is the client certificate's first URI SAN on
+	// a TLS connection (downstream_peer_uri_san), "" otherwise.
+	DownstreamPeerURISAN string
+	BytesReceived        int64         // bytes_received: request body
+	BytesSent            int64         // bytes_sent: response body
+	Duration             time.Duration // duration: start to last byte sent
+	UpstreamServiceTime  time.Duration // upstream_service_time: last attempt's request to response headers
+	Attempts             int           // upstream_request_attempt_count
+	// UpstreamPeerURISAN is the TLS upstream's certificate's first URI
+	// SAN (upstream_peer_uri_san); UpstreamTransportFailureReason why the
+	// last attempt's TLS handshake failed (upstream_transport_failure_reason).
+	UpstreamPeerURISAN             string
+	UpstreamTransportFailureReason string
 }
 
 // Flags is a set of Envoy response flags.
@@ -52,9 +60,11 @@ const (
 	FlagSI                    // stream idle timeout
 	FlagFI                    // fault injected abort
 	FlagDI                    // fault injected delay
+	FlagUPE                   // upstream protocol error
+	FlagDT                    // max stream duration reached
 )
 
-var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI"}
+var flagNames = [...]string{"NR", "NC", "UH", "UF", "UO", "URX", "DC", "UT", "UC", "UR", "DPE", "SI", "FI", "DI", "UPE", "DT"}
 
 // String renders the flags as Envoy does: comma-separated, "-" when none.
 func (f Flags) String() string {

@@ -2,6 +2,7 @@ package httpconn
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -13,7 +14,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshtun/meshtun/mesh/cluster"
-	"github.com/meshtun/meshtun/mesh/rbac"
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 )
 
 // Envoy's defaults for the connection manager.
@@ -21,7 +22,20 @@ const (
 	DefaultStreamIdleTimeout = 5 * time.Minute
 	DefaultIdleTimeout       = time.Hour // common_http_protocol_options.idle_timeout
 	DefaultMaxHeadersKB      = 60        // max_request_headers_kb
-	DefaultServerName        = "envoy"
+	DefaultMaxHeadersCount   = 100       // common_http_protocol_options.max_headers_count
+
+	// HTTP/2 downstream (http2_protocol_options). Envoy's own default for
+	// max_concurrent_streams is 2^31-1, which its premature-reset
+	// detection alone cannot bound: a client holding streams open (a
+	// zero flow-control window) would cost a goroutine and a stream each.
+	// meshtun's default bounds them per connection, and still serves a
+	// thousand concurrent gRPC calls on one connection. The windows are
+	// Go's defaults (Envoy's 256 MiB would let one connection buffer that
+	// much before the proxy reads it).
+	DefaultMaxConcurrentStreams = 1024
+	DefaultInitialStreamWindow  = 1 << 20 // initial_stream_window_size
+	DefaultInitialConnWindow    = 1 << 20 // initial_connection_window_size
+	DefaultServerName           = "envoy"
 )
 
 // Env is what the engine needs from the proxy's current configuration.
@@ -53,10 +67,40 @@ type ConnInfo struct {
 	Draining context.Context
 	// SNI is the TLS server name the listener saw (requested_server_name).
 	SNI string
-	// PeerIdentity is the verified TLS peer certificate's identity, nil
-	// for a plaintext downstream: RBAC's authenticated principals match
-	// it. The TLS termination fills it in.
-	PeerIdentity *rbac.Peer
+	// TLS is the connection's TLS state when its filter chain terminated
+	// TLS, nil on plaintext. A peer certificate in it was verified by the
+	// handshake: it is the client's identity, which x-forwarded-client-cert
+	// carries on (forward_client_cert_details) and x-forwarded-proto says
+	// "https" for.
+	TLS *tls.ConnectionState
+	// LocalURISAN is the first URI SAN of the certificate the proxy
+	// presented on this connection (XFCC's By=), "" when none.
+	LocalURISAN string
+	// TLSPeer is the client's verified identity (from TLS), nil when it
+	// presented no certificate. Filters find it through the request's
+	// context (ConnInfoFrom): the principal RBAC matches.
+	TLSPeer *tlsctx.Peer
+}
+
+type connInfoKey struct{}
+
+func withConnInfo(ctx context.Context, info *ConnInfo) context.Context {
+	return context.WithValue(ctx, connInfoKey{}, info)
+}
+
+// ConnInfoFrom is the downstream connection a request came on, from the
+// request's context (or one derived from it): its addresses and, over
+// TLS, who the client is. Nil outside a request Serve runs.
+func ConnInfoFrom(ctx context.Context) *ConnInfo {
+	info, _ := ctx.Value(connInfoKey{}).(*ConnInfo)
+	return info
+}
+
+// http2Options are the downstream http2_protocol_options meshtun honours.
+type http2Options struct {
+	maxStreams   int
+	streamWindow int
+	connWindow   int
 }
 
 // codec is the downstream codec_type.
@@ -81,7 +125,11 @@ type Config struct {
 	requestTimeout        time.Duration
 	requestHeadersTimeout time.Duration
 	idleTimeout           time.Duration
+	maxStreamDuration     time.Duration // common_http_protocol_options.max_stream_duration; 0: none
 	maxHeaderBytes        int
+	maxHeadersCount       int
+	h2                    http2Options
+	allowChunkedLength    bool // http_protocol_options.allow_chunked_length
 	useRemoteAddress      bool
 	xffTrustedHops        uint32
 	skipXFFAppend         bool
@@ -94,6 +142,9 @@ type Config struct {
 	stripMatchingHostPort bool
 	accessLog             bool     // access_log has a logger meshtun writes (writesAccessLog)
 	paths                 pathNorm // normalize_path, merge_slashes, path_with_escaped_slashes_action
+	xfcc                  xfccConfig
+	upgrades              upgrades // upgrade_configs (upgrade.go)
+	allowConnect          bool     // http2_protocol_options.allow_connect: RFC 8441 upgrades
 
 	stats *Stats
 }
@@ -114,12 +165,26 @@ type Stats struct {
 	DownstreamRq5xx        atomic.Uint64
 	DownstreamRqTimeout    atomic.Uint64 // request_timeout fired
 	DownstreamRqIdle       atomic.Uint64 // downstream_rq_idle_timeout
-	NoRoute                atomic.Uint64 // no_route
-	NoCluster              atomic.Uint64 // no_cluster
-	RqRedirect             atomic.Uint64 // rq_redirect
-	RqDirectResponse       atomic.Uint64 // rq_direct_response
-	FaultAborts            atomic.Uint64 // fault.aborts_injected
-	FaultDelays            atomic.Uint64 // fault.delays_injected
+	// DownstreamRqHeaderTimeout counts requests answered 408 by
+	// request_headers_timeout (downstream_rq_header_timeout).
+	DownstreamRqHeaderTimeout atomic.Uint64
+	// PrematureResets counts connections closed for too many streams
+	// reset by the client right after they began
+	// (downstream_rq_too_many_premature_resets).
+	PrematureResets atomic.Uint64
+	// DownstreamRqMaxDurationReached counts streams ended by their max
+	// stream duration (downstream_rq_max_duration_reached).
+	DownstreamRqMaxDurationReached atomic.Uint64
+	// DownstreamCxUpgradesTotal and DownstreamCxUpgradesActive count
+	// upgraded (WebSocket) connections: downstream_cx_upgrades_*.
+	DownstreamCxUpgradesTotal  atomic.Uint64
+	DownstreamCxUpgradesActive atomic.Int64
+	NoRoute                    atomic.Uint64 // no_route
+	NoCluster                  atomic.Uint64 // no_cluster
+	RqRedirect                 atomic.Uint64 // rq_redirect
+	RqDirectResponse           atomic.Uint64 // rq_direct_response
+	FaultAborts                atomic.Uint64 // fault.aborts_injected
+	FaultDelays                atomic.Uint64 // fault.delays_injected
 	// FailedPathNormalization counts requests answered 400 by path
 	// handling (downstream_rq_failed_path_normalization).
 	FailedPathNormalization atomic.Uint64
@@ -142,17 +207,22 @@ func (s *Stats) List() []cluster.Stat {
 		{Name: "downstream_cx_http1_total", Value: s.DownstreamCxHTTP1Total.Load()},
 		{Name: "downstream_cx_http2_total", Value: s.DownstreamCxHTTP2Total.Load()},
 		{Name: "downstream_cx_total", Value: s.DownstreamCxTotal.Load()},
+		{Name: "downstream_cx_upgrades_active", Value: g(s.DownstreamCxUpgradesActive.Load()), Gauge: true},
+		{Name: "downstream_cx_upgrades_total", Value: s.DownstreamCxUpgradesTotal.Load()},
 		{Name: "downstream_rq_2xx", Value: s.DownstreamRq2xx.Load()},
 		{Name: "downstream_rq_3xx", Value: s.DownstreamRq3xx.Load()},
 		{Name: "downstream_rq_4xx", Value: s.DownstreamRq4xx.Load()},
 		{Name: "downstream_rq_5xx", Value: s.DownstreamRq5xx.Load()},
 		{Name: "downstream_rq_active", Value: g(s.DownstreamRqActive.Load()), Gauge: true},
 		{Name: "downstream_rq_failed_path_normalization", Value: s.FailedPathNormalization.Load()},
+		{Name: "downstream_rq_header_timeout", Value: s.DownstreamRqHeaderTimeout.Load()},
 		{Name: "downstream_rq_http1_total", Value: s.DownstreamRqHTTP1Total.Load()},
 		{Name: "downstream_rq_http2_total", Value: s.DownstreamRqHTTP2Total.Load()},
 		{Name: "downstream_rq_idle_timeout", Value: s.DownstreamRqIdle.Load()},
+		{Name: "downstream_rq_max_duration_reached", Value: s.DownstreamRqMaxDurationReached.Load()},
 		{Name: "downstream_rq_redirected_with_normalized_path", Value: s.RedirectedWithNormalizedPath.Load()},
 		{Name: "downstream_rq_timeout", Value: s.DownstreamRqTimeout.Load()},
+		{Name: "downstream_rq_too_many_premature_resets", Value: s.PrematureResets.Load()},
 		{Name: "downstream_rq_total", Value: s.DownstreamRqTotal.Load()},
 		{Name: "fault.aborts_injected", Value: s.FaultAborts.Load()},
 		{Name: "fault.delays_injected", Value: s.FaultDelays.Load()},
@@ -247,18 +317,20 @@ func ParseHCM(hcm *hcmv3.HttpConnectionManager) (*Config, error) {
 	return c, nil
 }
 
-func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
+func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if h == nil {
 		return nil, errors.New("missing")
 	}
 	if err := h.ValidateAll(); err != nil {
 		return nil, err
 	}
-	c := &Config{
+	c = &Config{
 		StatPrefix:        h.GetStatPrefix(),
 		streamIdleTimeout: DefaultStreamIdleTimeout,
 		idleTimeout:       DefaultIdleTimeout,
 		maxHeaderBytes:    DefaultMaxHeadersKB << 10,
+		maxHeadersCount:   DefaultMaxHeadersCount,
+		h2:                http2Options{DefaultMaxConcurrentStreams, DefaultInitialStreamWindow, DefaultInitialConnWindow},
 		useRemoteAddress:  h.GetUseRemoteAddress().GetValue(),
 		xffTrustedHops:    h.GetXffNumTrustedHops(),
 		skipXFFAppend:     h.GetSkipXffAppend(),
@@ -300,9 +372,26 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	if d := h.GetCommonHttpProtocolOptions().GetIdleTimeout(); d != nil {
 		c.idleTimeout = d.AsDuration()
 	}
+	c.maxStreamDuration = h.GetCommonHttpProtocolOptions().GetMaxStreamDuration().AsDuration()
 	if v := h.GetMaxRequestHeadersKb(); v != nil {
 		c.maxHeaderBytes = int(v.GetValue()) << 10
 	}
+	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		c.maxHeadersCount = int(v.GetValue()) // validated >= 1
+	}
+	// Validated ranges: streams >= 1, windows 65535..2^31-1.
+	if o := h.GetHttp2ProtocolOptions(); o != nil {
+		if v := o.GetMaxConcurrentStreams(); v != nil {
+			c.h2.maxStreams = int(v.GetValue())
+		}
+		if v := o.GetInitialStreamWindowSize(); v != nil {
+			c.h2.streamWindow = int(v.GetValue())
+		}
+		if v := o.GetInitialConnectionWindowSize(); v != nil {
+			c.h2.connWindow = int(v.GetValue())
+		}
+	}
+	c.allowChunkedLength = h.GetHttpProtocolOptions().GetAllowChunkedLength()
 	// Path handling, applied before routing (pathNorm.apply). Unset
 	// normalize_path is false (Envoy's runtime default for
 	// http_connection_manager.normalize_path is 0%); Istio sets it true.
@@ -318,6 +407,11 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 	default:
 		return nil, fieldf("path_with_escaped_slashes_action", "unknown action %d; valid: KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_REDIRECT, UNESCAPE_AND_FORWARD", int32(a))
 	}
+	xfcc, err := parseXFCC(h)
+	if err != nil {
+		return nil, err
+	}
+	c.xfcc = xfcc
 	if h.GetScopedRoutes() != nil {
 		return nil, fieldf("scoped_routes", "not supported (use rds or route_config)")
 	}
@@ -341,6 +435,10 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (*Config, error) {
 		c.routes = rt
 	default:
 		return nil, fieldf("route_specifier", "want rds or route_config")
+	}
+	c.allowConnect = h.GetHttp2ProtocolOptions().GetAllowConnect()
+	if c.upgrades, err = parseHCMUpgrades(h.GetUpgradeConfigs()); err != nil {
+		return nil, err
 	}
 	f, err := parseHTTPFilters(h.GetHttpFilters(), c.StatPrefix)
 	if err != nil {

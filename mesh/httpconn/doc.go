@@ -18,8 +18,12 @@
 // Transport speaks either to an upstream over connections we dial. So
 // there is no second HTTP/2 implementation (golang.org/x/net/http2 is the
 // same code, bundled in the standard library) and no hand-written HTTP/1
-// parser to harden: request smuggling, chunked-encoding and header-size
-// checks are the standard library's, fuzzed and maintained. Each
+// parser to harden: chunked-encoding and header-size checks are the
+// standard library's, fuzzed and maintained. What net/http tolerates and
+// hides from the handler (Content-Length with Transfer-Encoding, HTTP/1.0
+// with Transfer-Encoding, a head trickling in for ever) is refused by
+// h1Guard, which follows the request framing on the bytes underneath
+// without parsing requests itself. Each
 // downstream connection gets its own http.Server on a one-connection
 // listener, which makes drain per connection: at the drain's start its
 // keep-alives are turned off (HTTP/1.1 answers "Connection: close", an
@@ -50,7 +54,10 @@
 // A request goes through the files in this order:
 //
 //   - serve.go: one downstream connection (codec sniffing, the
-//     http.Server, drain), the stream's local replies and timers.
+//     http.Server, drain, HTTP/2 limits and premature resets), the
+//     stream's local replies and timers.
+//   - h1guard.go: the HTTP/1 framing checks under net/http (smuggling
+//     shapes, the 408 for a head that does not arrive).
 //   - stream.go: one request: its state, path handling, route and
 //     cluster selection, the RBAC and fault filters, the route's action.
 //   - rbac.go: envoy.filters.http.rbac on the mesh/rbac engine, with
@@ -61,7 +68,12 @@
 //     attempts, how an attempt's failure is classified.
 //   - retry.go, body.go: retry policies and back-off; the request body
 //     as attempts replay it.
-//   - relay.go: the upstream response copied downstream.
+//   - relay.go: the upstream response copied downstream (a streaming
+//     one flushed as it comes).
+//   - upgrade.go, tunnel.go: upgrade_configs, and an upgraded exchange
+//     (WebSocket; RFC 8441 over h2c) spliced both ways.
+//   - grpc.go: a gRPC call's grpc-timeout as the router timeout
+//     (max_grpc_timeout) and the max stream duration.
 //   - reply.go: answers that need no upstream (direct responses,
 //     redirects, fault aborts, failures before a response).
 //   - h1.go, pool.go, streampool.go: upstream connections and the

@@ -9,8 +9,9 @@ import (
 )
 
 // prepareHeaders applies the connection manager's request edits that do
-// not depend on the route: x-request-id, x-forwarded-for/-proto, host
-// port stripping.
+// not depend on the route: x-request-id, x-forwarded-for/-proto,
+// x-forwarded-client-cert, Istio's peer metadata headers out, host port
+// stripping.
 func (s *stream) prepareHeaders() {
 	r, cfg := s.r, s.cfg
 	h := r.Header
@@ -20,7 +21,9 @@ func (s *stream) prepareHeaders() {
 		s.e.RequestID = newUUID()
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
-	s.internal = cfg.mutateForwarded(h, s.h.info.Peer.Addr())
+	s.internal = cfg.mutateForwarded(h, s.h.info.Peer.Addr(), s.h.info.TLS != nil)
+	s.mutateXFCC(h)
+	stripPeerMetadata(h)
 	if vs := h["X-Forwarded-For"]; len(vs) > 0 {
 		s.e.XFF = vs[0]
 	}
@@ -48,9 +51,9 @@ func (s *stream) prepareHeaders() {
 //   - Only with use_remote_address is XFF appended to (the peer, unless
 //     skip_xff_append) and x-envoy-external-address set, to the trusted
 //     client address of an external request; x-forwarded-proto is then
-//     overwritten (http: downstream connections are cleartext) unless a
-//     trusted hop (N > 0) set it. Otherwise XFF is left as it came and
-//     x-forwarded-proto only added when missing.
+//     overwritten ("https" when the downstream connection is TLS, else
+//     "http") unless a trusted hop (N > 0) set it. Otherwise XFF is left
+//     as it came and x-forwarded-proto only added when missing.
 //   - A request that is not internal loses the x-envoy-* headers that
 //     steer Envoy (cleanInternalHeaders): a client outside must not pick
 //     its own retries or timeouts.
@@ -58,8 +61,12 @@ func (s *stream) prepareHeaders() {
 // It reports whether the request is internal. Without XFF and
 // use_remote_address (a mesh sidecar's usual request) it allocates
 // nothing.
-func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) (internal bool) {
+func (c *Config) mutateForwarded(h http.Header, peer netip.Addr, tls bool) (internal bool) {
 	n := int(c.xffTrustedHops)
+	scheme := "http"
+	if tls {
+		scheme = "https"
+	}
 	var xff string
 	switch vs := h["X-Forwarded-For"]; len(vs) {
 	case 0:
@@ -90,7 +97,7 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) (internal bool)
 			h["X-Forwarded-For"] = []string{ip}
 		}
 		if _, ok := h["X-Forwarded-Proto"]; n == 0 || !ok {
-			h["X-Forwarded-Proto"] = []string{"http"}
+			h["X-Forwarded-Proto"] = []string{scheme}
 		}
 	} else {
 		if xff != "" && strings.IndexByte(xff, ',') < 0 {
@@ -98,7 +105,7 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr) (internal bool)
 			internal = err == nil && isInternalAddr(a)
 		}
 		if _, ok := h["X-Forwarded-Proto"]; !ok {
-			h["X-Forwarded-Proto"] = []string{"http"}
+			h["X-Forwarded-Proto"] = []string{scheme}
 		}
 	}
 	if internal {

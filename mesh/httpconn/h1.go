@@ -35,6 +35,7 @@ type h1Transport struct {
 
 type h1Conn struct {
 	pc       *pooledConn
+	lim      headLimit // br's source: bounds the bytes read for response heads
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	addr     string
@@ -49,12 +50,69 @@ type h1Conn struct {
 	peekErr error
 }
 
+// Upstream response heads are bounded as Envoy bounds them (60 KiB and
+// 100 headers by default): an upstream that sends an endless head, or an
+// endless run of 1xx responses, must not grow the proxy's heap. Beyond,
+// the request fails as an upstream protocol error (503, UPE).
+const (
+	h1ReadBuffer         = 16 << 10
+	maxResponseHeadBytes = DefaultMaxHeadersKB << 10
+	maxResponseHeaders   = DefaultMaxHeadersCount
+	// maxInformational bounds the 1xx responses relayed before the final
+	// one (100 Continue, 102 Processing, 103 Early Hints: a handful in
+	// real use).
+	maxInformational = 16
+)
+
+// errUpstreamHead fails an exchange whose response head broke the limits.
+var errUpstreamHead = errors.New("httpconn: upstream response head exceeds the limits (60 KiB, 100 headers, 16 informational responses)")
+
+// headLimit is the h1 connection's reader under its bufio.Reader: while
+// a response head is read, n bounds the bytes that may still come from
+// the socket (the head, and what bufio reads ahead past it); n < 0 is no
+// bound (bodies).
+type headLimit struct {
+	r io.Reader
+	n int64
+}
+
+func (l *headLimit) Read(p []byte) (int, error) {
+	if l.n < 0 {
+		return l.r.Read(p)
+	}
+	if l.n == 0 {
+		return 0, errUpstreamHead
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	m, err := l.r.Read(p)
+	l.n -= int64(m)
+	return m, err
+}
+
+// tooManyHeaders reports whether h has more than max field lines.
+func tooManyHeaders(h http.Header, max int) bool {
+	n := 0
+	for _, vs := range h {
+		if n += len(vs); n > max {
+			return true
+		}
+	}
+	return false
+}
+
 // errPendingOverflow: max_pending_requests is reached (503 UO, as Envoy's
 // upstream_rq_pending_overflow).
 var errPendingOverflow = errors.New("httpconn: upstream pending requests overflow (circuit breaker max_pending_requests)")
 
+// errUpgradeCut: the exchange was cancelled as its 101 arrived.
+var errUpgradeCut = errors.New("httpconn: upgrade cancelled as the upstream switched protocols")
+
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
-	c := &h1Conn{pc: pc, br: bufio.NewReaderSize(pc, 16<<10), bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	c := &h1Conn{pc: pc, bw: bufio.NewWriterSize(pc, 16<<10), addr: addr}
+	c.lim = headLimit{r: pc, n: -1}
+	c.br = bufio.NewReaderSize(&c.lim, h1ReadBuffer)
 	c.killFn = c.kill
 	if tc := pc.TCPConn(); tc != nil && canPeek {
 		if raw, err := tc.SyscallConn(); err == nil {
@@ -365,33 +423,93 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request, body *h1Body) (*http.Response, error, bool) {
 	// Cancellation (per-try timeout, downstream gone) unblocks the I/O.
 	stop := context.AfterFunc(ctx, c.killFn)
-	if err := req.Write(c.bw); err != nil {
-		stop()
-		return nil, ctxErr(ctx, err), ctx.Err() == nil
-	}
-	if err := c.bw.Flush(); err != nil {
-		stop()
-		return nil, ctxErr(ctx, err), ctx.Err() == nil
+	var wdone chan error
+	if req.ContentLength < 0 && req.Body != nil {
+		// A body of unknown length (chunked: a stream, such as a
+		// bidirectional call) is written while the response is read, as
+		// Envoy relays both directions at once: the upstream may answer
+		// (and stream its answer) before the request ends. Each chunk is
+		// flushed as it is written (net/http does, writing a request into
+		// a bufio.Writer). A request of known length stays on this
+		// goroutine: no hand-off. The writer has its own copy of the
+		// request (the router's is reused by its next attempt or request)
+		// and may outlive the exchange while it waits for the downstream
+		// body: closing the connection ends its writes, the end of the
+		// downstream request its reads.
+		wreq, wurl := *req, *req.URL
+		wreq.URL = &wurl
+		wdone = make(chan error, 1)
+		go func() {
+			err := wreq.Write(c.bw)
+			if err == nil {
+				err = c.bw.Flush()
+			}
+			if err != nil {
+				// A failed body (the client's malformed chunk, say)
+				// leaves the upstream waiting for the rest: closing ends
+				// the response read too, and the router sees the body's
+				// error.
+				c.pc.Close()
+			}
+			wdone <- err
+		}()
+	} else {
+		if err := req.Write(c.bw); err != nil {
+			stop()
+			return nil, ctxErr(ctx, err), ctx.Err() == nil
+		}
+		if err := c.bw.Flush(); err != nil {
+			stop()
+			return nil, ctxErr(ctx, err), ctx.Err() == nil
+		}
 	}
 	// The first response byte tells a dead connection (EOF, reset, EPIPE
 	// with nothing received) from a failed response.
+	c.lim.n = maxResponseHeadBytes + h1ReadBuffer - int64(c.br.Buffered())
 	if _, err := c.br.Peek(1); err != nil {
 		stop()
+		c.lim.n = -1
+		if wdone != nil {
+			c.pc.Close() // ends the writer's writes
+			return nil, ctxErr(ctx, err), false
+		}
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
 	}
-	for {
+	for informational := 0; ; informational++ {
 		resp, err := http.ReadResponse(c.br, req)
+		if err == nil && (informational > maxInformational || tooManyHeaders(resp.Header, maxResponseHeaders)) {
+			err = errUpstreamHead
+		}
 		if err != nil {
 			stop()
+			c.lim.n = -1
+			if wdone != nil {
+				c.pc.Close()
+			}
+			if errors.Is(err, errUpstreamHead) {
+				return nil, err, false
+			}
 			return nil, ctxErr(ctx, err), false
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
 			continue // 1xx informational: the final response follows
 		}
+		c.lim.n = -1
+		if resp.StatusCode == http.StatusSwitchingProtocols && wdone == nil {
+			// The connection is the tunnel's now (tunnel.go): the
+			// exchange's timeouts (route, per-try) end here; the tunnel
+			// has its own.
+			if !stop() {
+				c.pc.Close()
+				return nil, ctxErr(ctx, errUpgradeCut), false
+			}
+			resp.Body = &upgradedConn{c: c}
+			return resp, nil, false
+		}
 		if body == nil {
 			body = new(h1Body)
 		}
-		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx}
+		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx, wdone: wdone}
 		resp.Body = body
 		return resp, nil, false
 	}
@@ -414,6 +532,10 @@ type h1Body struct {
 	keep bool
 	ctx  context.Context
 	done bool
+	// wdone, for a request body written while the response is read,
+	// reports the writer's end: the connection is reused only when the
+	// request was written whole before the response ended.
+	wdone chan error
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
@@ -439,6 +561,14 @@ func (b *h1Body) Close() error {
 
 func (b *h1Body) finish(ok bool) {
 	b.done = true
+	if b.wdone != nil {
+		select {
+		case err := <-b.wdone:
+			ok = ok && err == nil
+		default:
+			ok = false // still writing: the connection is closed, which ends the writer
+		}
+	}
 	if !b.stop() || !ok || !b.keep {
 		// The cancel callback ran (the deadline is set) or the body did
 		// not end cleanly: the connection cannot carry another request.

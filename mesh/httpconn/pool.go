@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -217,8 +218,11 @@ func newClusterPool(c *cluster.Cluster, opts cluster.HTTPOptions) *clusterPool {
 	return cp
 }
 
-// h2Transport is the upstream h2c client: one multiplexed connection per
-// host, dialed through the cluster.
+// h2Transport is the upstream HTTP/2 client: one multiplexed connection
+// per host, dialed through the cluster. It speaks HTTP/2 with prior
+// knowledge on whatever the dial returns: a plaintext socket (h2c) or, on
+// a host whose transport socket is TLS, the TLS connection dialHost
+// checked negotiated ALPN h2.
 func (cp *clusterPool) h2Transport() *http.Transport {
 	t := &http.Transport{
 		DisableCompression:  true, // bytes pass through as the upstream sent them
@@ -227,6 +231,8 @@ func (cp *clusterPool) h2Transport() *http.Transport {
 		WriteBufferSize:     16 << 10,
 		ReadBufferSize:      16 << 10,
 		HTTP2:               &http.HTTP2Config{MaxConcurrentStreams: 1 << 20},
+		// Envoy's bound on response heads (max_response_headers_kb).
+		MaxResponseHeaderBytes: maxResponseHeadBytes,
 		// For HTTP/2 this bounds concurrent dials, not connections:
 		// requests arriving together share the first connection instead
 		// of each dialing one (Envoy's pool also connects once and queues).
@@ -288,10 +294,21 @@ func (cp *clusterPool) dialHost(ctx context.Context, addr string, h *cluster.Hos
 		hc.dialing.Add(-1)
 		return nil, errDialNotNeeded
 	}
-	uc, err := cp.c.ConnectHost(ctx, h)
+	appProto := "http/1.1"
+	if h2 {
+		appProto = "h2"
+	}
+	uc, err := cp.c.ConnectHostFor(ctx, h, appProto)
 	hc.dialing.Add(-1)
 	if err != nil {
 		return nil, err
+	}
+	if st := uc.TLS(); h2 && st != nil && st.NegotiatedProtocol != "h2" {
+		// HTTP/2 frames to a server that agreed to something else (or
+		// to nothing) would fail obscurely: refuse the connection.
+		uc.Close()
+		reason := "ALPN: the upstream selected " + strconv.Quote(st.NegotiatedProtocol) + ", not h2, for a cluster configured for HTTP/2"
+		return nil, &cluster.ConnectError{Cluster: cp.c.Name(), Host: h, TransportFailure: reason, Err: errors.New(reason)}
 	}
 	hc.open.Add(1)
 	if h2 {

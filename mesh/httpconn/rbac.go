@@ -81,14 +81,14 @@ func (s *stream) authorize(rt *Route, vh *VirtualHost, routes *Routes) bool {
 		Remote:       s.cfg.remoteAddr(r.Header, peer),
 		Local:        s.h.info.Local,
 		SNI:          s.h.info.SNI,
-		Peer:         s.h.info.PeerIdentity,
+		Peer:         s.h.info.TLSPeer,
 		Method:       r.Method,
 		Authority:    r.Host,
 		Path:         s.target,
 		Scheme:       "http",
 		Header:       r.Header,
 	}
-	if s.h.info.PeerIdentity != nil {
+	if s.h.info.TLS != nil {
 		in.Scheme = "https"
 	}
 	for i := range s.cfg.filters.rbac {

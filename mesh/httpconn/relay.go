@@ -12,12 +12,16 @@ import (
 
 // relay sends the upstream response downstream.
 func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcome {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return s.tunnel(resp, f)
+	}
 	defer resp.Body.Close()
 	h := s.w.Header()
 	for k, vs := range resp.Header {
 		h[k] = vs
 	}
 	stripHopByHop(h, false)
+	stripPeerMetadata(h)
 	if resp.ContentLength >= 0 && s.r.Method != http.MethodHead {
 		h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
 	}
@@ -35,11 +39,21 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 	s.e.ResponseCodeDetails = "via_upstream"
 	s.writeHeader(resp.StatusCode)
 	outcome := outcomeOf(resp.StatusCode)
+	rc := http.NewResponseController(s.w)
+	if resp.ContentLength < 0 && s.r.Method != http.MethodHead {
+		// A streaming response (chunked, or HTTP/2 without a length:
+		// server-sent events, long polls, gRPC) gets its head at once, as
+		// Envoy sends headers when they arrive: net/http would hold it
+		// until the first body byte, which such an upstream may send
+		// much later. A response of known length comes whole, soon;
+		// its head goes out with its first bytes (one write, not two).
+		_ = rc.Flush()
+	}
 
+	s.idle.writesTo(s.w)
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
-	rc := http.NewResponseController(s.w)
 	var total int64
 	for {
 		n, rerr := resp.Body.Read(buf)
@@ -58,9 +72,17 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 			w, werr := s.w.Write(buf[:n])
 			s.e.BytesSent += int64(w)
 			if werr != nil {
-				s.e.ResponseFlags |= FlagDC
-				s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+				if context.Cause(s.ctx) == errStreamIdle {
+					// The client took nothing for stream_idle_timeout.
+					s.e.ResponseFlags |= FlagSI
+					s.e.ResponseCodeDetails = "stream_idle_timeout"
+					s.cfg.stats.DownstreamRqIdle.Add(1)
+				} else {
+					s.e.ResponseFlags |= FlagDC
+					s.e.ResponseCodeDetails = "downstream_remote_disconnect"
+				}
 				f.stats.RqTxReset.Add(1)
+				s.abort()
 				return outcome
 			}
 			_ = rc.Flush()
@@ -71,10 +93,14 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		if rerr != nil {
 			switch {
 			case s.ctx.Err() != nil:
-				if context.Cause(s.ctx) == errStreamIdle {
+				switch context.Cause(s.ctx) {
+				case errStreamIdle:
 					s.e.ResponseFlags |= FlagSI
 					s.cfg.stats.DownstreamRqIdle.Add(1)
-				} else {
+				case errMaxDuration:
+					s.e.ResponseFlags |= FlagDT
+					s.cfg.stats.DownstreamRqMaxDurationReached.Add(1)
+				default:
 					s.e.ResponseFlags |= FlagDC
 				}
 			case f.gctx.Err() != nil:

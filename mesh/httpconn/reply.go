@@ -18,6 +18,8 @@ func (s *stream) failStream(err error) {
 	case errRequestTimeout:
 		s.cfg.stats.DownstreamRqTimeout.Add(1)
 		s.localReply(http.StatusRequestTimeout, "request timeout", "request_overall_timeout")
+	case errMaxDuration:
+		s.maxDurationReply()
 	default:
 		s.e.ResponseFlags |= FlagDC
 		s.e.ResponseCodeDetails = "downstream_remote_disconnect"

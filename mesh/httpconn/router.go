@@ -2,8 +2,10 @@ package httpconn
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
@@ -105,6 +107,11 @@ func (s *stream) proxy(routes *Routes, vh *VirtualHost, rt *Route, clusterName s
 			return
 		}
 		resp, err := s.send(&f, &a, out)
+		// The h1 transport counted the head's headers itself (1xx too).
+		if err == nil && f.h1 == nil && tooManyHeaders(resp.Header, maxResponseHeaders) {
+			resp.Body.Close()
+			resp, err = nil, errUpstreamHead
+		}
 		if err != nil {
 			if s.retryAfterError(&f, &a, err) {
 				continue
@@ -141,12 +148,18 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 	f.name, f.cl, f.cp, f.stats = name, cl, cp, cp.stats
 	f.tr = cp.transportFor(s.r.ProtoMajor)
 	f.h1, _ = f.tr.(*h1Transport)
+	if s.upgrade != "" && f.h1 == nil {
+		// Envoy would turn it into an extended CONNECT (RFC 8441) to an
+		// HTTP/2-only cluster; meshtun upgrades over HTTP/1.1 only.
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return false
+	}
 	return true
 }
 
 // buildHeaders builds the upstream request's headers, once for every
-// attempt: hop-by-hop headers out (Expect too: 100-continue is answered
-// downstream, Envoy's default), the header edits of the weighted
+// attempt: Expect out (100-continue is answered downstream, Envoy's
+// default; hop-by-hop headers went before prepareHeaders), the header edits of the weighted
 // cluster, route, virtual host and route configuration, host and path
 // rewrites.
 func (s *stream) buildHeaders(f *forwarding) {
@@ -155,8 +168,16 @@ func (s *stream) buildHeaders(f *forwarding) {
 	if hdr == nil {
 		hdr = http.Header{}
 	}
-	stripHopByHop(hdr, true)
 	delete(hdr, "Expect")
+	if s.upgrade != "" {
+		// An allowed upgrade goes upstream: its two hop-by-hop headers
+		// are re-added (tunnel.go relays the 101).
+		hdr["Connection"] = []string{"Upgrade"}
+		hdr["Upgrade"] = []string{s.upgrade}
+		if r.ProtoMajor == 2 {
+			h2UpgradeHeaders(hdr)
+		}
+	}
 	f.authority = r.Host
 	if wc != nil && wc.hostRewrite != "" {
 		f.authority = wc.hostRewrite
@@ -190,6 +211,12 @@ func (s *stream) choosePolicy(f *forwarding) {
 		policy = f.vh.retry
 	}
 	timeout := f.rt.timeout
+	// A gRPC call's grpc-timeout replaces the route timeout where the
+	// route says so (max_grpc_timeout, grpc.go).
+	grpcTimed := false
+	if t, ok := f.rt.grpcTO.routeTimeout(s.r); ok {
+		timeout, grpcTimed = t, true
+	}
 	if s.internal {
 		timeout, policy = requestOverrides(f.hdr, timeout, policy)
 	}
@@ -197,14 +224,16 @@ func (s *stream) choosePolicy(f *forwarding) {
 	if policy != nil {
 		f.numRetries = policy.numRetries
 	}
-	if !s.cfg.filters.suppressEnvoy {
-		t := timeout
-		if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
-			t = policy.perTry
-		}
-		if t > 0 {
-			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
-		}
+	t := timeout
+	if policy != nil && policy.perTry > 0 && (t == 0 || policy.perTry < t) {
+		t = policy.perTry
+	}
+	if t > 0 && !s.cfg.filters.suppressEnvoy {
+		f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+	}
+	if t > 0 && grpcTimed {
+		// The upstream learns the time it has, as Envoy rewrites it.
+		f.hdr["Grpc-Timeout"] = []string{formatGRPCTimeout(t)}
 	}
 }
 
@@ -216,7 +245,8 @@ func (s *stream) choosePolicy(f *forwarding) {
 // resendBuffer).
 func (s *stream) bufferBody(f *forwarding) {
 	switch {
-	case s.body == nil:
+	case s.body == nil, s.upgrade != "":
+		// No body, or an upgrade's, which is the tunnel's (tunnel.go).
 	case f.numRetries > 0:
 		f.body = newRetryBody(s.body, maxRetryBuffer, &f.stats.RetryOrShadowAbandoned)
 	default:
@@ -330,8 +360,12 @@ func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool
 		}
 		sc := s.h1s
 		sc.url = url.URL{Scheme: "http", Host: sc.hostString(a.h.Address())}
+		method := r.Method
+		if s.upgrade != "" {
+			method = http.MethodGet // an RFC 8441 CONNECT is a GET upgrade over HTTP/1.1
+		}
 		sc.req = http.Request{
-			Method:     r.Method,
+			Method:     method,
 			URL:        &sc.url,
 			Proto:      "HTTP/1.1",
 			ProtoMajor: 1,
@@ -378,9 +412,19 @@ func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Respo
 	a.h.BeginRequest()
 	a.sent = time.Now()
 	if f.h1 != nil {
-		return f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		resp, err := f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		if err == nil {
+			s.e.UpstreamPeerURISAN, s.e.UpstreamTransportFailureReason = s.h1s.body.c.pc.PeerURISAN(), ""
+		}
+		return resp, err
 	}
-	return s.roundTripH2(f.tr, out, a.ctx, f.cl, a.hc, a.h)
+	resp, err := s.roundTripH2(f.tr, out, a.ctx, f.cl, a.hc, a.h)
+	if err == nil {
+		// A retry reached an upstream: an earlier attempt's handshake
+		// failure is not why the request ended.
+		s.e.UpstreamTransportFailureReason = ""
+	}
+	return resp, err
 }
 
 // retryAfterError ends an attempt that got no response. It reports true
@@ -451,6 +495,7 @@ func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx conte
 	}
 	hc.waiting.Add(1)
 	var gotConn atomic.Bool
+	var pc atomic.Pointer[pooledConn]
 	connected := func() {
 		if gotConn.CompareAndSwap(false, true) {
 			hc.waiting.Add(-1)
@@ -460,10 +505,27 @@ func (s *stream) roundTripH2(tr http.RoundTripper, out *http.Request, actx conte
 		}
 	}
 	ctx := context.WithValue(actx, hostKey{}, h)
-	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected() }})
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+		pc.Store(pooledOf(ci.Conn))
+		connected()
+	}})
 	resp, err := tr.RoundTrip(out.WithContext(ctx))
 	connected()
+	if c := pc.Load(); c != nil && err == nil {
+		s.e.UpstreamPeerURISAN = c.PeerURISAN()
+	}
 	return resp, err
+}
+
+// pooledOf is the pool's connection under what http.Transport reports in
+// its trace: the dialed connection, or for HTTP/2 with prior knowledge a
+// *tls.Conn standing in for it (the transport's own wrapper, not TLS).
+func pooledOf(c net.Conn) *pooledConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	pc, _ := c.(*pooledConn)
+	return pc
 }
 
 // outcomeOf is how a response counts for the host: a 5xx is an error.
@@ -532,13 +594,22 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 		return attemptFailure{p != nil && p.retriableTimeout(), FlagUT, http.StatusGatewayTimeout, "upstream request timeout", "upstream_per_try_timeout", cluster.RequestTimeout}
 	case errors.Is(err, cluster.ErrOverflow), errors.Is(err, errPendingOverflow):
 		return attemptFailure{false, FlagUO, http.StatusServiceUnavailable, prefix + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", cluster.RequestError}
+	case errors.Is(err, errUpstreamHead):
+		f.stats.RqRxReset.Add(1)
+		return attemptFailure{false, FlagUPE, http.StatusServiceUnavailable, prefix + "reset reason: protocol error", "upstream_reset_before_response_started{protocol_error}", cluster.RequestError}
 	case errors.Is(err, cluster.ErrNoHealthyUpstream):
 		return attemptFailure{false, FlagUH, http.StatusServiceUnavailable, "no healthy upstream", "no_healthy_upstream", cluster.RequestError}
 	}
 	var ce *cluster.ConnectError
 	if errors.As(err, &ce) {
+		s.e.UpstreamTransportFailureReason = ce.TransportFailure
 		m := prefix + "reset reason: connection failure, transport failure reason: " + ce.Err.Error()
-		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, "upstream_reset_before_response_started{connection_failure}", cluster.RequestError}
+		details := "upstream_reset_before_response_started{connection_failure}"
+		if ce.TransportFailure != "" {
+			// Envoy appends the transport's reason, spaces made '_'.
+			details = "upstream_reset_before_response_started{connection_failure|" + strings.ReplaceAll(ce.TransportFailure, " ", "_") + "}"
+		}
+		return attemptFailure{p != nil && p.retriableReset(true), FlagUF, http.StatusServiceUnavailable, m, details, cluster.RequestError}
 	}
 	f.stats.RqRxReset.Add(1)
 	return attemptFailure{p != nil && p.retriableReset(false), FlagUC, http.StatusServiceUnavailable, prefix + "reset reason: connection termination", "upstream_reset_before_response_started{connection_termination}", cluster.RequestError}

@@ -82,7 +82,9 @@ type Route struct {
 	hostRewrite    string
 	timeout        time.Duration // 0: none
 	idleTimeout    time.Duration // -1: the HCM's stream_idle_timeout
+	grpcTO         grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
 	retry          *retryPolicy
+	upgrades       upgrades // upgrade_configs (upgrade.go)
 	reqOps, rspOps *headerOps
 	direct         directResponse
 	redirect       redirect
@@ -257,7 +259,7 @@ func compileVHost(v *routev3.VirtualHost) (*VirtualHost, error) {
 }
 
 func compileRoute(r *routev3.Route) (*Route, error) {
-	rt := &Route{Name: r.GetName(), caseSensitive: true, idleTimeout: -1}
+	rt := &Route{Name: r.GetName(), caseSensitive: true, idleTimeout: -1, grpcTO: noGRPCTimeouts}
 	m := r.GetMatch()
 	if cs := m.GetCaseSensitive(); cs != nil {
 		rt.caseSensitive = cs.GetValue()
@@ -420,6 +422,12 @@ func (rt *Route) compileAction(a *routev3.RouteAction) error {
 		}
 		rt.retry = p
 	}
+	rt.grpcTO = parseGRPCTimeouts(a)
+	u, err := parseRouteUpgrades(a.GetUpgradeConfigs())
+	if err != nil {
+		return err
+	}
+	rt.upgrades = u
 	if a.GetRetryPolicyTypedConfig() != nil {
 		return fieldf("retry_policy_typed_config", "not supported")
 	}

@@ -48,7 +48,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 	}
 
-	h := &connHandler{cfg: c, env: env, info: info}
+	h := &connHandler{cfg: c, env: env, info: info, ctx: ctx}
 	protos := new(http.Protocols)
 	isH2 := false
 	switch c.codec {
@@ -74,7 +74,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 		var conn net.Conn
 		var err error
-		isH2, conn, err = sniffPreface(raw, c.idleTimeout)
+		isH2, conn, err = sniffPreface(raw, c.idleTimeout, c.headTimeout())
 		stop()
 		stopDrain()
 		if err != nil {
@@ -87,10 +87,17 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 			protos.SetHTTP1(true)
 		}
 	}
+	if !isH2 {
+		// HTTP/1.x framing checks net/http cannot do (h1Guard).
+		down = newH1Guard(down, c, &h.info)
+	}
 	ln := newOneConnListener(down)
 	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: c.requestHeadersTimeout,
+		Handler: h,
+		// Envoy's stream exists from a request's first byte, so
+		// stream_idle_timeout bounds the head too, as does
+		// request_headers_timeout; h1Guard answers 408 when it fires.
+		ReadHeaderTimeout: c.headTimeout(),
 		IdleTimeout:       c.idleTimeout,
 		// net/http allows 4096 bytes over MaxHeaderBytes for the request
 		// line and slack: the total matches max_request_headers_kb.
@@ -98,14 +105,24 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		ErrorLog:       discardLog,
 		Protocols:      protos,
 		HTTP2: &http.HTTP2Config{
-			MaxConcurrentStreams:      1 << 20,
-			MaxReceiveBufferPerStream: 1 << 20,
+			MaxConcurrentStreams:          c.h2.maxStreams,
+			MaxReceiveBufferPerStream:     c.h2.streamWindow,
+			MaxReceiveBufferPerConnection: c.h2.connWindow,
+			// A connection whose peer takes no byte for this long
+			// (its TCP window closed) is closed: no stream on it can
+			// move, so none would outlive its stream_idle_timeout.
+			WriteByteTimeout: c.streamIdleTimeout,
 		},
 		ConnState: ln.connState,
+		// Requests' contexts carry the connection's ConnInfo (ConnInfoFrom).
+		ConnContext: func(ctx context.Context, _ net.Conn) context.Context { return withConnInfo(ctx, &h.info) },
 	}
 	if drainingAtStart {
 		// HTTP/1.1: every response says "Connection: close".
 		srv.SetKeepAlivesEnabled(false)
+	}
+	if isH2 {
+		h.srv = srv // for the premature-reset GOAWAY
 	}
 	if isH2 && info.Draining != nil {
 		// HTTP/2: the first stream after the drain's start sends the
@@ -113,7 +130,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		// connection for its shutdown hook only once it serves it, so a
 		// drain that starts with the connection (or just after) has
 		// nobody to send it to.
-		h.goAwayOnStream, h.srv = info.Draining.Done(), srv
+		h.goAwayOnStream = info.Draining.Done()
 	}
 	served := make(chan struct{})
 	go func() {
@@ -150,6 +167,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 	}
 	ln.Close()
 	<-served
+	h.tunnels.Wait() // upgraded connections net/http let go of (tunnel.go)
 	return nil
 }
 
@@ -167,17 +185,36 @@ var discardLog = log.New(io.Discard, "", 0)
 
 const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
+// headTimeout bounds the arrival of a request head once its first byte
+// came: the shorter of request_headers_timeout and stream_idle_timeout
+// (0: none).
+func (c *Config) headTimeout() time.Duration {
+	d := c.requestHeadersTimeout
+	if s := c.streamIdleTimeout; s > 0 && (d <= 0 || s < d) {
+		d = s
+	}
+	return d
+}
+
 // sniffPreface reads until the bytes diverge from the HTTP/2 connection
-// preface or match all of it, and returns a conn that replays them.
-func sniffPreface(c net.Conn, timeout time.Duration) (bool, net.Conn, error) {
-	if timeout > 0 {
-		_ = c.SetReadDeadline(time.Now().Add(timeout))
+// preface or match all of it, and returns a conn that replays them. The
+// first byte may take idle (the connection's idle timeout); the rest of
+// the preface head (a head under way: a slowloris sending one byte at a
+// time) only head.
+func sniffPreface(c net.Conn, idle, head time.Duration) (bool, net.Conn, error) {
+	if idle > 0 {
+		_ = c.SetReadDeadline(time.Now().Add(idle))
+	}
+	if idle > 0 || head > 0 {
 		defer c.SetReadDeadline(time.Time{})
 	}
 	buf := make([]byte, len(h2Preface))
 	n := 0
 	for n < len(buf) {
 		m, err := c.Read(buf[n:])
+		if n == 0 && m > 0 && head > 0 {
+			_ = c.SetReadDeadline(time.Now().Add(head))
+		}
 		n += m
 		if string(buf[:n]) != h2Preface[:n] {
 			return false, &prefixConn{Conn: c, pre: buf[:n]}, nil
@@ -238,7 +275,12 @@ func (l *oneConnListener) connState(_ net.Conn, s http.ConnState) {
 	switch s {
 	case http.StateNew:
 		close(l.taken)
-	case http.StateClosed, http.StateHijacked:
+	case http.StateHijacked:
+		if g, ok := l.conn.(*h1Guard); ok {
+			g.hijacked() // the handler's bytes from now on
+		}
+		l.doneOnce.Do(func() { close(l.done) })
+	case http.StateClosed:
 		l.doneOnce.Do(func() { close(l.done) })
 	}
 }
@@ -253,6 +295,13 @@ type connHandler struct {
 	env     Env
 	info    ConnInfo
 	counted atomic.Bool // downstream_cx_http{1,2}_total counted
+	xfcc    xfccCache   // the connection's x-forwarded-client-cert element
+
+	// ctx is Serve's: its end (the drain's end) also ends the
+	// connection's tunnels, which Serve waits for (tunnels) since
+	// net/http no longer tracks a hijacked connection.
+	ctx     context.Context
+	tunnels sync.WaitGroup
 
 	// goAwayOnStream (the listener's drain start), once done, makes the
 	// next HTTP/2 stream send the connection's GOAWAY on srv, for a drain
@@ -260,8 +309,50 @@ type connHandler struct {
 	// shutdown hook. Set before the connection is served; a stream's
 	// check is a non-blocking channel receive.
 	goAwayOnStream <-chan struct{}
-	srv            *http.Server
+	srv            *http.Server // HTTP/2 only
 	goneAway       atomic.Bool
+
+	// Envoy's premature-reset detection (CVE-2023-44487, "rapid
+	// reset"): streams ended, and those the client reset within
+	// prematureResetLifetime of their start.
+	streamsClosed   atomic.Uint64
+	prematureResets atomic.Uint64
+	resetGoAway     atomic.Bool
+}
+
+// Envoy's runtime defaults overload.premature_reset_min_stream_lifetime_seconds
+// and overload.premature_reset_total_stream_count.
+const (
+	prematureResetLifetime = time.Second
+	prematureResetTotal    = 500
+)
+
+// streamEnded counts an HTTP/2 stream's end for the premature-reset
+// detection, as Envoy's ConnectionManagerImpl does: once half of the
+// connection's streams (of at least prematureResetTotal, or half of that
+// number already) were reset by the client before a second had passed,
+// the connection gets a GOAWAY and takes no more streams: a rapid-reset
+// flood costs a bounded number of handlers and upstream requests.
+func (h *connHandler) streamEnded(reset bool, lifetime time.Duration) {
+	closed := h.streamsClosed.Add(1)
+	premature := h.prematureResets.Load()
+	if reset && lifetime < prematureResetLifetime {
+		premature = h.prematureResets.Add(1)
+	}
+	if premature == 0 {
+		return
+	}
+	if closed < prematureResetTotal {
+		if premature*2 < prematureResetTotal {
+			return
+		}
+	} else if premature*2 < closed {
+		return
+	}
+	if h.resetGoAway.CompareAndSwap(false, true) {
+		h.cfg.stats.PrematureResets.Add(1)
+		goAway(h.srv)
+	}
 }
 
 func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -287,9 +378,24 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.init(h, w, r)
 	defer func() {
 		st.DownstreamRqActive.Add(-1)
+		if h.srv != nil {
+			h.streamEnded(s.clientReset(), time.Since(s.e.Start))
+		}
 		s.finish()
 	}()
 	s.serve()
+}
+
+// clientReset reports whether the client ended the stream before its
+// handler did: the request's context is done then only when the client
+// reset it (or the connection went), or when the proxy itself reset it
+// for a timeout, which Envoy does not count as a premature reset.
+func (s *stream) clientReset() bool {
+	if s.r.Context().Err() == nil {
+		return false
+	}
+	c := context.Cause(s.ctx)
+	return c != errStreamIdle && c != errRequestTimeout
 }
 
 // maybeGoAway sends the GOAWAY of a drain that began before the
@@ -316,6 +422,9 @@ func (s *stream) replyHeader() http.Header {
 	if s.cfg.alwaysSetRequestID && s.e.RequestID != "" {
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
+	if s.closeConn {
+		h["Connection"] = []string{"close"}
+	}
 	return h
 }
 
@@ -331,7 +440,11 @@ func (s *stream) localReply(code int, body, details string) {
 	h := s.replyHeader()
 	if isGRPC(s.r) && code != http.StatusOK {
 		h["Content-Type"] = []string{"application/grpc"}
-		h["Grpc-Status"] = []string{strconv.Itoa(grpcStatusFor(code))}
+		gs := grpcStatusFor(code)
+		if s.grpcReplyStatus != 0 {
+			gs = s.grpcReplyStatus
+		}
+		h["Grpc-Status"] = []string{strconv.Itoa(gs)}
 		if body != "" {
 			h["Grpc-Message"] = []string{body}
 		}
@@ -345,6 +458,12 @@ func (s *stream) localReply(code int, body, details string) {
 	}
 	s.writeHeader(code)
 	if body != "" && s.r.Method != http.MethodHead {
+		if s.r.ProtoMajor == 2 && s.cfg.streamIdleTimeout > 0 {
+			// net/http sends the body after the handler returns, past
+			// the idle watch: a client with a closed flow-control
+			// window would hold the stream for ever without a deadline.
+			_ = http.NewResponseController(s.w).SetWriteDeadline(time.Now().Add(s.cfg.streamIdleTimeout))
+		}
 		n, _ := io.WriteString(s.w, body)
 		s.e.BytesSent += int64(n)
 	}
@@ -399,7 +518,10 @@ func (s *stream) abort() {
 // route replacing the timeout) against fire, so a shorter route timeout
 // is never overwritten by a re-arm computed from the old one.
 // Firing cancels the stream with errStreamIdle; a stream blocked reading
-// a stalled body is ended by its bodyUnblock.
+// a stalled body is ended by its bodyUnblock, one blocked writing its
+// response to a client that reads nothing by the write deadline fire sets
+// (writesTo): Envoy's idle timer ends a stream that makes no progress
+// either way, so a slow reader cannot hold an upstream slot for ever.
 type idleWatch struct {
 	last   atomic.Int64 // nanotime of the last activity
 	cancel context.CancelCauseFunc
@@ -407,6 +529,22 @@ type idleWatch struct {
 	mu sync.Mutex
 	d  time.Duration // 0: disarmed
 	t  *time.Timer
+	w  http.ResponseWriter // set while the response body is relayed
+	// fired: the stream was cancelled for idleness (writesTo then cuts
+	// the writes at once: the relay may still hold buffered bytes).
+	fired bool
+}
+
+// writesTo tells the watch that the stream now writes its response body
+// to w: a fire from now on (or one already past) also cuts the blocked
+// write.
+func (iw *idleWatch) writesTo(w http.ResponseWriter) {
+	iw.mu.Lock()
+	iw.w = w
+	if iw.fired {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now())
+	}
+	iw.mu.Unlock()
 }
 
 // bodyUnblock ends a stream whose client stalls mid-body. Cancelling the
@@ -433,7 +571,7 @@ type bodyUnblock struct {
 func newBodyUnblock(ctx context.Context, w http.ResponseWriter, body *countingBody) *bodyUnblock {
 	u := &bodyUnblock{w: w, body: body}
 	u.stop = context.AfterFunc(ctx, func() {
-		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle {
+		if c := context.Cause(ctx); c != errRequestTimeout && c != errStreamIdle && c != errMaxDuration {
 			return
 		}
 		u.mu.Lock()
@@ -464,6 +602,7 @@ func (iw *idleWatch) reset(cancel context.CancelCauseFunc) {
 	iw.mu.Lock()
 	iw.cancel = cancel
 	iw.d = 0
+	iw.fired = false
 	iw.mu.Unlock()
 	iw.touch()
 }
@@ -495,6 +634,7 @@ func (iw *idleWatch) stop() {
 	iw.mu.Lock()
 	iw.d = 0
 	iw.cancel = nil
+	iw.w = nil // the ResponseWriter is not the watch's to touch any more
 	if iw.t != nil {
 		iw.t.Stop()
 	}
@@ -514,8 +654,17 @@ func (iw *idleWatch) fire() {
 		return
 	}
 	cancel := iw.cancel
+	iw.fired = true
 	iw.mu.Unlock()
 	cancel(errStreamIdle)
+	// A write blocked on the client (HTTP/1.1: the socket; HTTP/2: the
+	// flow-control window) fails at once; HTTP/2 resets the stream.
+	// Under mu: stop, before the handler returns, takes w away.
+	iw.mu.Lock()
+	if w := iw.w; w != nil && iw.cancel != nil {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now())
+	}
+	iw.mu.Unlock()
 }
 
 var epoch = time.Now()

@@ -29,7 +29,12 @@ type stream struct {
 	wroteHeader bool
 	aborted     bool
 	internal    bool   // Envoy's internal request (x-envoy-internal set)
-	target      string // request target: path and query
+	closeConn   bool   // HTTP/1.1: the proxy's reply closes the connection
+	upgrade     string // the Upgrade the request asks and its route allows ("": none)
+	// grpcReplyStatus, if set, is the grpc-status of a local reply to a
+	// gRPC request (else mapped from the HTTP status).
+	grpcReplyStatus int
+	target          string // request target: path and query
 
 	streamReuse // kept when pooled (streampool.go)
 }
@@ -50,6 +55,9 @@ func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
 		DownstreamPeer:  h.info.Peer,
 		DownstreamLocal: h.info.Local,
 	}
+	if info := ConnInfoFrom(r.Context()); info != nil && info.TLSPeer != nil && len(info.TLSPeer.URISANs) > 0 {
+		s.e.DownstreamPeerURISAN = info.TLSPeer.URISANs[0]
+	}
 	s.target = r.RequestURI
 	if s.target == "" || s.target[0] != '/' {
 		s.target = r.URL.RequestURI()
@@ -68,6 +76,9 @@ func (s *stream) finish() {
 	s.idle.stop()
 	if s.reqTimer != nil {
 		s.reqTimer.Stop()
+	}
+	if s.msd != nil {
+		s.msd.stop()
 	}
 	if s.unblock != nil {
 		s.unblock.finish()
@@ -108,6 +119,12 @@ func (s *stream) serve() {
 		s.body = &countingBody{rc: r.Body, idle: s.idle}
 		r.Body = s.body
 		s.unblock = newBodyUnblock(s.ctx, s.w, s.body)
+		if r.ProtoMajor == 1 {
+			// The body may still stream in while the response streams
+			// out (a bidirectional exchange): net/http's HTTP/1.1 server
+			// allows that only when told.
+			_ = http.NewResponseController(s.w).EnableFullDuplex()
+		}
 	}
 	if d := cfg.requestTimeout; d > 0 && hasBody {
 		cancel := s.cancel
@@ -115,11 +132,41 @@ func (s *stream) serve() {
 		s.body.done = s.reqTimer
 	}
 
+	// Envoy's codec refuses a request with more headers than
+	// max_headers_count (431; HTTP/1.1 then closes, as after any
+	// protocol error).
+	if tooManyHeaders(r.Header, cfg.maxHeadersCount) {
+		s.closeConn = r.ProtoMajor == 1
+		s.e.ResponseFlags |= FlagDPE
+		s.localReply(http.StatusRequestHeaderFieldsTooLarge, "", tooManyHeadersDetails(r))
+		return
+	}
+
+	// CONNECT is an upgrade in Envoy's terms ("CONNECT" in
+	// upgrade_configs, routes with connect_matcher); none is configured
+	// to allow it, so it is refused (403 upgrade_failed), where it was
+	// forwarded as "CONNECT / HTTP/1.1". HTTP/1.1 closes: bytes a client
+	// sends after its CONNECT are tunnel data, not requests.
+	if r.Method == http.MethodConnect && len(r.Header[":protocol"]) == 0 && !s.connectAllowed() {
+		s.closeConn = r.ProtoMajor == 1
+		s.localReply(http.StatusForbidden, "", "upgrade_failed")
+		return
+	}
+
 	// Path handling comes first, as in Envoy: nothing may see the path
 	// before it is normalized.
 	if !s.normalizePath() {
 		return
 	}
+	// The Upgrade a request asks for is read before the hop-by-hop
+	// headers that carry it go; whether its route allows it is decided
+	// once the route is known.
+	upTyp, upOK := upgradeType(r, cfg.allowConnect)
+	// Hop-by-hop headers, and those Connection names, go before the
+	// proxy adds its own: a client naming X-Forwarded-For or
+	// X-Request-Id in Connection must not make the proxy's values vanish
+	// (the bug class of Traefik CVE-2024-45410).
+	stripHopByHop(r.Header, true)
 	s.prepareHeaders()
 
 	routes := cfg.routes
@@ -144,6 +191,16 @@ func (s *stream) serve() {
 	if rt != nil {
 		s.e.RouteName = rt.Name
 	}
+	// An Upgrade (WebSocket) goes through only where upgrade_configs
+	// allow its type, else 403 as Envoy answers (upgrade_failed).
+	if upTyp != "" {
+		if !upOK || !cfg.upgradeAllowed(rt, upTyp) {
+			s.localReply(http.StatusForbidden, "", "upgrade_failed")
+			return
+		}
+		s.upgrade = upTyp
+	}
+	s.armMaxDuration(rt)
 
 	// The cluster is chosen with the route, so that filters (fault's
 	// upstream_cluster) see it, as in Envoy.
@@ -182,6 +239,20 @@ func (s *stream) serve() {
 	default:
 		s.proxy(routes, vh, rt, clusterName, wc)
 	}
+}
+
+// connectAllowed reports whether a CONNECT request may be tunnelled:
+// never yet (no connect_matcher routes nor CONNECT upgrade_configs are
+// accepted); the tunnel's upgrade code decides here.
+func (s *stream) connectAllowed() bool { return false }
+
+// tooManyHeadersDetails is Envoy's response code details for a request
+// over max_headers_count, by codec.
+func tooManyHeadersDetails(r *http.Request) string {
+	if r.ProtoMajor == 2 {
+		return "http2.too_many_headers"
+	}
+	return "http1.too_many_headers"
 }
 
 // perRoute finds the most specific typed_per_filter_config of a filter.

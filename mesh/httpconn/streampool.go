@@ -26,6 +26,7 @@ var streamPool = sync.Pool{New: func() any { return new(stream) }}
 type streamReuse struct {
 	idle  *idleWatch     // armed by stream_idle_timeout or the route's idle_timeout
 	rto   *deadlineTimer // the route timeout; nil until a route has one
+	msd   *deadlineTimer // the max stream duration; nil until one is set
 	tried []*cluster.Host
 	h1s   *h1Scratch // nil until an h1 attempt
 }
@@ -82,13 +83,19 @@ type deadlineTimer struct {
 	t        *time.Timer
 	deadline int64 // nanotime; 0: disarmed
 	cancel   context.CancelCauseFunc
+	cause    error
 }
 
 // start arms the timer to call cancel(context.DeadlineExceeded) after d.
 func (dt *deadlineTimer) start(d time.Duration, cancel context.CancelCauseFunc) {
+	dt.startCause(d, cancel, context.DeadlineExceeded)
+}
+
+// startCause arms the timer to call cancel(cause) after d.
+func (dt *deadlineTimer) startCause(d time.Duration, cancel context.CancelCauseFunc, cause error) {
 	dt.mu.Lock()
 	dt.deadline = nanotime() + int64(d)
-	dt.cancel = cancel
+	dt.cancel, dt.cause = cancel, cause
 	if dt.t == nil {
 		dt.t = time.AfterFunc(d, dt.fire)
 	} else {
@@ -118,8 +125,8 @@ func (dt *deadlineTimer) fire() {
 		dt.mu.Unlock()
 		return
 	}
-	cancel := dt.cancel
+	cancel, cause := dt.cancel, dt.cause
 	dt.deadline, dt.cancel = 0, nil
 	dt.mu.Unlock()
-	cancel(context.DeadlineExceeded)
+	cancel(cause)
 }

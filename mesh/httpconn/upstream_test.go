@@ -618,7 +618,7 @@ func TestForwardedHeaders(t *testing.T) {
 			if tc.inInternal {
 				h["X-Envoy-Internal"] = []string{"true"}
 			}
-			cfg.mutateForwarded(h, netip.MustParseAddr(tc.peer))
+			cfg.mutateForwarded(h, netip.MustParseAddr(tc.peer), false)
 			if got := h.Get("X-Forwarded-For"); got != tc.wantXFF {
 				t.Errorf("x-forwarded-for %q, want %q", got, tc.wantXFF)
 			}
@@ -637,7 +637,7 @@ func TestForwardedHeaders(t *testing.T) {
 	// allocates nothing beyond x-forwarded-proto.
 	cfg := &Config{}
 	h := http.Header{"X-Forwarded-Proto": {"http"}}
-	if n := testing.AllocsPerRun(100, func() { cfg.mutateForwarded(h, netip.MustParseAddr("10.0.0.1")) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { cfg.mutateForwarded(h, netip.MustParseAddr("10.0.0.1"), false) }); n != 0 {
 		t.Errorf("mutateForwarded allocates %v times", n)
 	}
 }

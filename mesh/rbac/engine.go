@@ -19,15 +19,14 @@ import (
 
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	uritemplatev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/path/match/uri_template/v3"
+
+	"github.com/meshtun/meshtun/mesh/tlsctx"
 )
 
-// Peer is the verified peer certificate of a TLS downstream: what
+// Peer is the verified peer certificate of a TLS downstream, as the TLS
+// termination reports it: its URI SANs, DNS SANs and subject are what
 // authenticated.principal_name is matched against.
-type Peer struct {
-	URISANs []string
-	DNSSANs []string
-	Subject string // RFC 2253 form, as Envoy prints it
-}
+type Peer = tlsctx.Peer
 
 // Input is what the policies are evaluated on: the connection's facts
 // and, for the HTTP filter, the request's. The zero value of a field is

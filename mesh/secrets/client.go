@@ -55,10 +55,11 @@ func NewClient(o ClientOptions) *Client {
 	return &Client{o: o, streams: map[string]*stream{}}
 }
 
-// Watch makes refs the references in force: the store follows them, and
-// each cluster's stream asks for exactly its names (a stream whose names
-// are all gone ends). Secrets delivered over ADS are not fetched here:
-// they are logged once as unsupported and stay warming.
+// Watch makes refs the references of the configuration: the store
+// follows them, and each cluster's stream asks for exactly its names (a
+// stream whose names are all gone ends). Secrets delivered over ADS are
+// not fetched here: the xDS client's ADS stream subscribes to them and the
+// proxy puts them in the same store.
 func (c *Client) Watch(refs *Refs) {
 	c.o.Store.SetRefs(refs)
 	byCluster := map[string][]string{}

@@ -1,6 +1,7 @@
 package secrets
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -24,12 +25,21 @@ type Secret struct {
 	// Certs are the certificates of the secret, parsed once: the chain of a
 	// tls_certificate (leaf first) or the trusted CAs of a validation context.
 	Certs []*x509.Certificate
+	// TLS is a tls_certificate's key pair ready for crypto/tls (Leaf
+	// set), Pool a validation context's trusted CAs: parsed once per
+	// version so a handshake parses nothing.
+	TLS  *tls.Certificate
+	Pool *x509.CertPool
 }
 
 // state is an immutable view of the store, swapped whole.
 type state struct {
 	active map[string]*Secret
 	refs   *Refs
+	// since is when each referenced name was first referenced (kept
+	// while it stays referenced): a resource waiting for it goes into
+	// force without it once its initial_fetch_timeout has passed since.
+	since map[string]time.Time
 }
 
 // Store holds the secrets the configuration in force references. Readers
@@ -39,34 +49,54 @@ type state struct {
 type Store struct {
 	mu  sync.Mutex
 	cur atomic.Pointer[state]
+	// arrived is signalled (without blocking, coalesced) when a referenced
+	// name gets its first secret: what waits for it may go into force.
+	arrived chan struct{}
 }
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	s := &Store{}
-	s.cur.Store(&state{active: map[string]*Secret{}, refs: &Refs{Names: map[string]Source{}}})
+	s := &Store{arrived: make(chan struct{}, 1)}
+	s.cur.Store(&state{active: map[string]*Secret{}, refs: &Refs{Names: map[string]Source{}}, since: map[string]time.Time{}})
 	return s
 }
 
-// SetRefs makes refs the references in force: secrets no longer referenced
-// are dropped, as Envoy drops a secret with its last user.
+// SetRefs makes refs the references of the configuration (in force and
+// warming): secrets no longer referenced are dropped, as Envoy drops a
+// secret with its last user.
 func (s *Store) SetRefs(refs *Refs) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.cur.Load()
-	next := &state{active: map[string]*Secret{}, refs: refs}
-	for name, sec := range old.active {
-		if _, ok := refs.Names[name]; ok {
+	now := time.Now()
+	next := &state{active: map[string]*Secret{}, refs: refs, since: make(map[string]time.Time, len(refs.Names))}
+	for name := range refs.Names {
+		if t, ok := old.since[name]; ok {
+			next.since[name] = t
+		} else {
+			next.since[name] = now
+		}
+		if sec := old.active[name]; sec != nil {
 			next.active[name] = sec
 		}
 	}
 	s.cur.Store(next)
 }
 
+// Since is when name was first referenced by the configuration (zero if
+// it is not referenced).
+func (s *Store) Since(name string) time.Time { return s.cur.Load().since[name] }
+
+// Arrived is signalled when a referenced secret that was missing arrives.
+// Signals coalesce: a receiver checks what it waits for after each one.
+// An update of a secret already present does not signal: new handshakes
+// read it from the store, nothing in the configuration changes.
+func (s *Store) Arrived() <-chan struct{} { return s.arrived }
+
 // Put validates sec and makes it the secret name's version in force. The
 // error names the secret and field; the previous version stays then.
 func (s *Store) Put(version string, sec *tlsv3.Secret, at time.Time) error {
-	certs, err := parse(sec)
+	p, err := parse(sec)
 	if err != nil {
 		return fmt.Errorf("secret %q: %w", sec.GetName(), err)
 	}
@@ -76,9 +106,16 @@ func (s *Store) Put(version string, sec *tlsv3.Secret, at time.Time) error {
 	if _, ok := old.refs.Names[sec.GetName()]; !ok {
 		return nil // no longer referenced: a late response
 	}
-	next := &state{active: maps.Clone(old.active), refs: old.refs}
-	next.active[sec.GetName()] = &Secret{Name: sec.GetName(), Version: version, LastUpdated: at, Msg: sec, Certs: certs}
+	next := &state{active: maps.Clone(old.active), refs: old.refs, since: old.since}
+	_, had := old.active[sec.GetName()]
+	next.active[sec.GetName()] = &Secret{Name: sec.GetName(), Version: version, LastUpdated: at, Msg: sec, Certs: p.certs, TLS: p.tls, Pool: p.pool}
 	s.cur.Store(next)
+	if !had {
+		select {
+		case s.arrived <- struct{}{}:
+		default: // a signal is pending already
+		}
+	}
 	return nil
 }
 
@@ -111,31 +148,55 @@ func (s *Store) Warming() []string {
 // Refs is the references in force.
 func (s *Store) Refs() *Refs { return s.cur.Load().refs }
 
+// parsed is what parse makes of a secret.
+type parsed struct {
+	certs []*x509.Certificate
+	tls   *tls.Certificate
+	pool  *x509.CertPool
+}
+
 // parse checks a Secret of the two kinds istiod's configuration uses and
-// returns its certificates.
-func parse(sec *tlsv3.Secret) ([]*x509.Certificate, error) {
+// returns its certificates, parsed for the handshakes.
+func parse(sec *tlsv3.Secret) (parsed, error) {
 	if sec.GetName() == "" {
-		return nil, errors.New("name: empty")
+		return parsed{}, errors.New("name: empty")
 	}
 	switch {
 	case sec.GetTlsCertificate() != nil:
 		tc := sec.GetTlsCertificate()
 		chain, err := inline(tc.GetCertificateChain(), "tls_certificate.certificate_chain")
 		if err != nil {
-			return nil, err
+			return parsed{}, err
 		}
-		if _, err := inline(tc.GetPrivateKey(), "tls_certificate.private_key"); err != nil {
-			return nil, err
+		key, err := inline(tc.GetPrivateKey(), "tls_certificate.private_key")
+		if err != nil {
+			return parsed{}, err
 		}
-		return certsOf(chain, "tls_certificate.certificate_chain")
+		certs, err := certsOf(chain, "tls_certificate.certificate_chain")
+		if err != nil {
+			return parsed{}, err
+		}
+		pair, err := tls.X509KeyPair(chain, key)
+		if err != nil {
+			return parsed{}, fmt.Errorf("tls_certificate: %w", err)
+		}
+		return parsed{certs: certs, tls: &pair}, nil
 	case sec.GetValidationContext() != nil:
 		ca, err := inline(sec.GetValidationContext().GetTrustedCa(), "validation_context.trusted_ca")
 		if err != nil {
-			return nil, err
+			return parsed{}, err
 		}
-		return certsOf(ca, "validation_context.trusted_ca")
+		certs, err := certsOf(ca, "validation_context.trusted_ca")
+		if err != nil {
+			return parsed{}, err
+		}
+		pool := x509.NewCertPool()
+		for _, c := range certs {
+			pool.AddCert(c)
+		}
+		return parsed{certs: certs, pool: pool}, nil
 	}
-	return nil, errors.New("type: want tls_certificate or validation_context")
+	return parsed{}, errors.New("type: want tls_certificate or validation_context")
 }
 
 // inline is the bytes of an inline data source: SDS secrets carry their

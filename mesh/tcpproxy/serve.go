@@ -24,7 +24,10 @@ type Clusters interface {
 // dial it). It fills in the upstream fields of e and, on failure, returns
 // Envoy's response flag with the error: NC no such cluster (counted as
 // downstream_cx_no_route), UO the max_connections circuit breaker is open,
-// UH no host to pick, UF every attempt failed. The caller then rejects the
+// UH no host to pick, UF every attempt failed (e's
+// UpstreamTransportFailureReason says why when the last one's TLS
+// handshake failed). A TLS upstream's SPIFFE ID goes in e's
+// UpstreamPeerURISAN. The caller then rejects the
 // downstream the way it can (refuse the SYN, or reset).
 func (t *Config) Connect(clusters Clusters, origDst netip.AddrPort, e *accesslog.Entry) (*cluster.UpstreamConn, string, error) {
 	name := t.pickCluster(rand.Uint32())
@@ -46,6 +49,8 @@ func (t *Config) Connect(clusters Clusters, origDst netip.AddrPort, e *accesslog
 			if la, ok := up.LocalAddr().(*net.TCPAddr); ok {
 				e.UpstreamLocal = la.AddrPort()
 			}
+			e.UpstreamPeerURISAN = up.PeerURISAN()
+			e.UpstreamTransportFailureReason = ""
 			return up, "", nil
 		}
 		lastErr = err
@@ -56,8 +61,12 @@ func (t *Config) Connect(clusters Clusters, origDst netip.AddrPort, e *accesslog
 			return nil, "UH", err
 		}
 		var ce *cluster.ConnectError
-		if errors.As(err, &ce) && ce.Host != nil {
-			tried = append(tried, ce.Host)
+		if errors.As(err, &ce) {
+			if ce.Host != nil {
+				tried = append(tried, ce.Host)
+			}
+			// The last attempt's: a TLS handshake that failed (UF).
+			e.UpstreamTransportFailureReason = ce.TransportFailure
 		}
 		if exclude == nil {
 			exclude = func(h *cluster.Host) bool {

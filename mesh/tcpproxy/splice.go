@@ -183,16 +183,25 @@ func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED)
 }
 
+// closeWrite half-closes c: a FIN, or for a TLS connection close_notify
+// and then the FIN of the connection under it, as Envoy's TLS socket
+// shuts down both (crypto/tls's CloseWrite sends only the alert). A
+// connection without half-close is closed.
 func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
+		if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
+			closeWrite(tc.NetConn())
+		}
 		return
 	}
 	_ = c.Close()
 }
 
-// resetConn aborts c with a RST: Reset() for netstack flows, SO_LINGER 0
-// and close for kernel sockets.
+// resetConn aborts c with a RST: Reset() for netstack flows (and the
+// proxy's wrappers), SO_LINGER 0 and close for kernel sockets, and for a
+// TLS connection the connection it runs on (a TLS alert would be an
+// orderly close, not the reset the peer must see).
 func resetConn(c net.Conn) {
 	switch v := c.(type) {
 	case interface{ Reset() }:
@@ -200,6 +209,8 @@ func resetConn(c net.Conn) {
 	case *net.TCPConn:
 		_ = v.SetLinger(0)
 		_ = v.Close()
+	case interface{ NetConn() net.Conn }:
+		resetConn(v.NetConn())
 	default:
 		_ = c.Close()
 	}

@@ -3,6 +3,7 @@ package tcpproxy
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshtun/meshtun/internal/testpki"
 )
 
 // pair returns the two ends of a loopback TCP connection.
@@ -238,6 +241,60 @@ func TestPipeBufferAdapts(t *testing.T) {
 	for _, sz := range small.sizes {
 		if sz != bufClasses[0] {
 			t.Fatalf("small reads used a %d-byte buffer, want %d", sz, bufClasses[0])
+		}
+	}
+}
+
+// TestSpliceUpstreamResetReachesTLSClient: on a chain that terminated TLS
+// the downstream is a *tls.Conn; an upstream reset still reaches the
+// client as a TCP reset (the connection under TLS is aborted), not as an
+// orderly TLS close, and an upstream FIN as close_notify then EOF.
+func TestSpliceUpstreamResetReachesTLSClient(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "", testpki.LeafOpts{DNS: []string{"proxy"}})
+	for _, reset := range []bool{true, false} {
+		client, down := pair(t)
+		up, server := pair(t)
+		tlsDown := tls.Server(down, &tls.Config{Certificates: []tls.Certificate{leaf.TLS}})
+		tlsClient := tls.Client(client, &tls.Config{RootCAs: ca.Pool, ServerName: "proxy"})
+		res := make(chan Result, 1)
+		go func() {
+			if tlsDown.Handshake() != nil {
+				res <- Result{}
+				return
+			}
+			res <- Splice(tlsDown, up, 0)
+		}()
+		tlsClient.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := tlsClient.Write([]byte("hi")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 2)
+		server.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(server, buf); err != nil || string(buf) != "hi" {
+			t.Fatalf("upstream read %q %v", buf, err)
+		}
+		if reset {
+			server.SetLinger(0)
+		}
+		server.Close()
+		_, err := tlsClient.Read(make([]byte, 10))
+		if reset {
+			if r := waitResult(t, res); !errors.Is(err, syscall.ECONNRESET) || !r.UpstreamReset {
+				t.Errorf("after an upstream reset: client read %v, result %+v; want ECONNRESET, UpstreamReset", err, r)
+			}
+			continue
+		}
+		if err != io.EOF {
+			t.Errorf("after an upstream FIN: client read %v, want io.EOF (close_notify)", err)
+		}
+		if _, err := client.Read(make([]byte, 10)); err != io.EOF {
+			t.Errorf("after close_notify: TCP read %v, want io.EOF (the FIN)", err)
+		}
+		tlsClient.CloseWrite()
+		client.CloseWrite()
+		if r := waitResult(t, res); r.UpstreamReset || r.DownstreamReset || r.Received != 2 {
+			t.Errorf("result %+v, want an orderly end with 2 bytes received", r)
 		}
 	}
 }
