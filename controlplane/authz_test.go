@@ -139,3 +139,19 @@ func TestAuthzTCPDropsHTTPRules(t *testing.T) {
 		t.Fatalf("TCP DENY with methods and ports: %v, want the port only", p)
 	}
 }
+
+// TestAuthzRegistryErrors: a bad policy in the registry is refused naming
+// the entry and field.
+func TestAuthzRegistryErrors(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{"authorizationPolicies:\n- {name: p, action: CUSTOM}\n", "authorizationPolicies[0] (default/p).action"},
+		{"authorizationPolicies:\n- {name: p, rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]}\n", "rules[0].from[0].source.ipBlocks"},
+		{"authorizationPolicies:\n- {name: p, rules: [{to: [{operation: {ports: [http]}}]}]}\n", "rules[0].to[0].operation.ports"},
+		{"authorizationPolicies:\n- {name: p, rules: [{when: [{key: request.auth.claims}]}]}\n", "when"},
+	} {
+		_, err := parseRegistry("registry.yaml", []byte("apiVersion: meshtun.io/v1alpha1\nkind: Registry\n"+tc.doc))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want it to name %q", tc.doc, err, tc.want)
+		}
+	}
+}
