@@ -10,12 +10,13 @@ import (
 	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
-// TestAdminAnswersWhileApplying: /stats and /ready answer within 100 ms
-// (p99 of 20 requests each) while an update of 10,000 istiod-shaped
-// services (EDS cluster, assignment, VIP listener) is being applied: they
-// read atomics and immutable values, never the lock updates hold for a
-// whole build. The requests are made while the update holds that lock and
-// before it is in force, which the test checks.
+// TestAdminAnswersWhileApplying: /stats and /ready answer while an update
+// of 10,000 istiod-shaped services (EDS cluster, assignment, VIP listener)
+// is being applied: they read atomics and immutable values, never the lock
+// updates hold for a whole build. Each answer comes back while the update
+// still holds that lock, and all of them before it is in force, which the
+// test checks; an admin that waited for the lock would answer only after.
+// (Latencies are logged, not asserted: speed is for benchmarks.)
 func TestAdminAnswersWhileApplying(t *testing.T) {
 	const n = 10000
 	srv := xdstest.NewServer(t)
@@ -40,7 +41,14 @@ func TestAdminAnswersWhileApplying(t *testing.T) {
 	// machine the update keeps busy.
 	h := p.adminHTTP.Handler
 	var statsTimes, readyTimes []time.Duration
-	for range 20 {
+	held := func() bool {
+		if p.src.applyMu.TryLock() {
+			p.src.applyMu.Unlock()
+			return false
+		}
+		return true
+	}
+	for i := range 20 {
 		start := time.Now()
 		code, body := serve(h, "/stats")
 		statsTimes = append(statsTimes, time.Since(start))
@@ -53,6 +61,9 @@ func TestAdminAnswersWhileApplying(t *testing.T) {
 		if code != 200 || body != "LIVE\n" {
 			t.Fatalf("/ready: %d %q while an update applies, want 200 LIVE", code, body)
 		}
+		if !held() {
+			t.Fatalf("request %d answered only after the update released its lock: the admin waited for it", i+1)
+		}
 	}
 	inForce := p.dispatcher.Snapshot().Listener(last) != nil
 	for _, m := range []struct {
@@ -60,9 +71,7 @@ func TestAdminAnswersWhileApplying(t *testing.T) {
 		times []time.Duration
 	}{{"/stats", statsTimes}, {"/ready", readyTimes}} {
 		slices.Sort(m.times)
-		if p99 := m.times[(len(m.times)*99+99)/100-1]; p99 >= 100*time.Millisecond {
-			t.Errorf("%s p99 %v while the update applied, want < 100ms (all: %v)", m.path, p99, m.times)
-		}
+		t.Logf("%s while the update applied: median %v, max %v", m.path, m.times[len(m.times)/2], m.times[len(m.times)-1])
 	}
 	if inForce {
 		t.Error("the update was in force before the 20 requests ended: they did not overlap it")

@@ -414,7 +414,19 @@ func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Respo
 	if f.h1 != nil {
 		resp, err := f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
 		if err == nil {
-			s.e.UpstreamPeerURISAN, s.e.UpstreamTransportFailureReason = s.h1s.body.c.pc.PeerURISAN(), ""
+			// The connection the head came on: the body's, or an
+			// upgrade's tunnel (whose body is the connection itself).
+			var c *h1Conn
+			switch b := resp.Body.(type) {
+			case *h1Body:
+				c = b.c
+			case *upgradedConn:
+				c = b.c
+			}
+			if c != nil {
+				s.e.UpstreamPeerURISAN = c.pc.PeerURISAN()
+			}
+			s.e.UpstreamTransportFailureReason = ""
 		}
 		return resp, err
 	}
