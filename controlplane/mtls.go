@@ -327,6 +327,10 @@ func (g *generator) virtualInboundMTLS(c nodeClass, w *workload, mode PeerAuthMo
 		l.ListenerFiltersTimeout = durationpb.New(0)
 		l.ContinueOnListenerFiltersTimeout = true
 	}
+	var policies []*authzPolicy
+	if w != nil {
+		policies = g.reg.policiesFor(w.Namespace)
+	}
 	for _, ch := range chains {
 		fc := &listenerv3.FilterChain{
 			Name:             ch.name,
@@ -336,9 +340,9 @@ func (g *generator) virtualInboundMTLS(c nodeClass, w *workload, mode PeerAuthMo
 			fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(ch.port)
 		}
 		if ch.http {
-			fc.Filters = []*listenerv3.Filter{g.inboundHCM(ch)}
+			fc.Filters = []*listenerv3.Filter{g.inboundHCM(ch, httpRBAC(policies))}
 		} else {
-			fc.Filters = []*listenerv3.Filter{g.tcpProxy(ch.cluster)}
+			fc.Filters = append(networkRBAC(policies), g.tcpProxy(ch.cluster))
 		}
 		if ch.mtls != nil {
 			fc.TransportSocket = downstreamTLS(ch.mtls, g.trustDomain)
@@ -359,7 +363,7 @@ func portRange(port uint32) *listenerv3.ListenerFilterChainMatchPredicate {
 // retried only if reset before the request went out), the peer's
 // certificate forwarded to the application in x-forwarded-client-cert
 // (APPEND_FORWARD with subject, URI and DNS, as Istio).
-func (g *generator) inboundHCM(ch inboundChain) *listenerv3.Filter {
+func (g *generator) inboundHCM(ch inboundChain, authz []*hcmv3.HttpFilter) *listenerv3.Filter {
 	port := ch.port
 	statPrefix := "inbound_0.0.0.0_" + strconv.FormatUint(uint64(port), 10) + statDelimiter
 	rcName, vhName, op := ch.cluster, "inbound|http|"+strconv.FormatUint(uint64(port), 10), ":0/*"
@@ -392,10 +396,10 @@ func (g *generator) inboundHCM(ch inboundChain) *listenerv3.Filter {
 			}},
 			ValidateClusters: wrapperspb.Bool(false),
 		}},
-		HttpFilters: []*hcmv3.HttpFilter{{
+		HttpFilters: append(authz, &hcmv3.HttpFilter{
 			Name:       routerFilterName,
 			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})},
-		}},
+		}),
 		AccessLog:                    g.accessLog(true),
 		UseRemoteAddress:             wrapperspb.Bool(false),
 		ForwardClientCertDetails:     hcmv3.HttpConnectionManager_APPEND_FORWARD,

@@ -63,6 +63,8 @@ type registryFile struct {
 	Kind          string         `json:"kind"`
 	Services      []serviceSpec  `json:"services"`
 	ExternalHosts []externalSpec `json:"externalHosts"`
+	// AuthorizationPolicies are Istio AuthorizationPolicies (authz.go).
+	AuthorizationPolicies []authzPolicySpec `json:"authorizationPolicies"`
 }
 
 // serviceSpec is a mesh service: a VIP in front of endpoints.
@@ -120,6 +122,7 @@ type Registry struct {
 	hosts     []*host // services first, then external hosts, in file order
 	listeners []*listenerPlan
 	workloads map[netip.Addr]*workload
+	policies  []*authzPolicy // by namespace and name
 }
 
 // host is one service or external host name with its ports and endpoints.
@@ -279,6 +282,14 @@ func (f *registryFile) validate() (*Registry, error) {
 		return nil, fieldErr("kind", "%s", choiceError(f.Kind, []string{registryKind}))
 	}
 	r := &Registry{}
+	for i := range f.AuthorizationPolicies {
+		p, err := f.AuthorizationPolicies[i].validate(i)
+		if err != nil {
+			return nil, err
+		}
+		r.policies = append(r.policies, p)
+	}
+	sortedPolicies(r.policies)
 	byName := map[string]string{} // FQDN -> label of its entry
 	for i := range f.Services {
 		h, err := f.Services[i].validate(i)

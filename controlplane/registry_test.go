@@ -17,7 +17,7 @@ func TestRegistryErrorsNameFileEntryAndField(t *testing.T) {
 		{"unknown field", svc + "  ports: [{port: 80, protocol: TCP, protocl: TCP}]\n",
 			`reg.yaml: services[0] (reviews.shop): ports[0]: unknown field "protocl"; valid fields: name, port, protocol, targetPort`},
 		{"unknown top-level field", "service: []\n",
-			`reg.yaml: unknown field "service"; valid fields: apiVersion, externalHosts, kind, services`},
+			`reg.yaml: unknown field "service"; valid fields: apiVersion, authorizationPolicies, externalHosts, kind, services`},
 		{"wrong type", svc + "  ports: [{port: eighty, protocol: TCP}]\n",
 			`reg.yaml: services[0] (reviews.shop): ports[0].port: want a whole number, got "eighty"`},
 		{"bad vip", "services:\n- name: reviews\n  vip: 10.96.0.300\n  ports: [{port: 80, protocol: TCP}]\n",

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/rbac"
 	"github.com/meshtun/meshtun/mesh/sniff"
 	"github.com/meshtun/meshtun/mesh/tlsctx"
 	"github.com/meshtun/meshtun/mesh/upstream"
@@ -208,6 +210,18 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		down = tc
 	}
 
+	// Network RBAC runs after the chain's TLS handshake, on its verified
+	// peer (nil on plaintext), before the terminal filter.
+	if len(chain.RBAC) > 0 {
+		var peer *rbac.Peer
+		if tc, ok := down.(*Downstream); ok {
+			peer = tc.Peer
+		}
+		if !authorizeFlow(chain, &info, peer, src, down, e) {
+			return
+		}
+	}
+
 	if chain.HTTP != nil {
 		if down == nil {
 			var err error
@@ -216,7 +230,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 				return
 			}
 		}
-		serveHTTP(d, snap, l, chain, down, fid, e)
+		serveHTTP(d, snap, l, chain, down, fid, info.ServerName, e)
 		return
 	}
 
@@ -238,6 +252,41 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 	}
 	chain.TCP.Serve(l.drain.closed, down, up, e)
+}
+
+// authorizeFlow runs the chain's network RBAC filters in order, once per
+// connection, before its terminal filter: a denied connection is
+// accepted and closed at once (Envoy accepts, then closes on its RBAC
+// decision) without any upstream connection, so no byte of it reaches
+// the upstream; connection_termination_details name the policy. A
+// connection is evaluated only at its start, as Envoy's default
+// ONE_TIME_ON_FIRST_BYTE: a later policy change leaves it open. peer is
+// the verified TLS peer (rbac.PeerOf after the chain's handshake), nil
+// for plaintext: authenticated principals then never match.
+func authorizeFlow(chain *Chain, info *filterchain.ConnInfo, peer *rbac.Peer, src flowSource, down net.Conn, e *accesslog.Entry) bool {
+	in := rbac.Input{
+		DirectRemote: info.DirectSrcIP, Remote: info.DirectSrcIP,
+		Local: netip.AddrPortFrom(info.DstIP, info.DstPort),
+		SNI:   info.ServerName,
+		Peer:  peer,
+	}
+	for _, f := range chain.RBAC {
+		d := f.Evaluate(&in)
+		if d.Allowed {
+			continue
+		}
+		e.Details = d.Details()
+		if down == nil {
+			var err error
+			if down, err = src.accept(); err != nil {
+				e.ResponseFlags = "DC"
+				return false
+			}
+		}
+		down.Close()
+		return false
+	}
+	return true
 }
 
 // inspect runs the listener filters (tls_inspector, http_inspector) on
@@ -296,7 +345,7 @@ func (l *Listener) selectChain(info *filterchain.ConnInfo) *Chain {
 // tcp_proxy flow's, is written either way and keeps the byte counts.
 // The listener's drain start asks the connection to close (Connection:
 // close, GOAWAY; in-flight requests finish); the drain's end closes it.
-func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, e *accesslog.Entry) {
+func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down net.Conn, fid netstack.FlowID, sni string, e *accesslog.Entry) {
 	e.Details = "http"
 	access := d.o.Access
 	var logReq func(httpconn.Entry)
@@ -315,7 +364,7 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 			access.Log(&re)
 		}
 	}
-	info := httpconn.ConnInfo{Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining}
+	info := httpconn.ConnInfo{Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining, SNI: sni}
 	if tc, ok := down.(*Downstream); ok {
 		info.TLS, info.TLSPeer = &tc.TLS, tc.Peer
 		info.LocalURISAN = tlsctx.LocalURISAN(tc.TLS)

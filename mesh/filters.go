@@ -9,6 +9,7 @@ import (
 	xdstype "github.com/cncf/xds/go/xds/type/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	udpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/rbac"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
 	"github.com/meshtun/meshtun/mesh/udpproxy"
 )
@@ -36,7 +38,6 @@ var skippedNetworkFilters = map[string]bool{
 	"istio.metadata_exchange":                 true,
 	"envoy.filters.network.metadata_exchange": true,
 	"envoy.filters.network.wasm":              true,
-	"envoy.filters.network.rbac":              true, // Istio AuthorizationPolicy; not enforced (README)
 	"envoy.filters.network.connection_limit":  true,
 }
 
@@ -46,7 +47,6 @@ var skippedTypeURLs = map[string]bool{
 	"type.googleapis.com/stats.PluginConfig":                                                   true,
 	"type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange":                   true,
 	"type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm":                        true,
-	"type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC":                        true,
 	"type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit": true,
 	"type.googleapis.com/io.istio.stats.PluginConfig":                                          true,
 }
@@ -76,60 +76,72 @@ func typeURLOf(a *anypb.Any) string {
 // parseNetworkFilters validates a chain's filters: exactly one terminal
 // filter, last (tcp_proxy, parsed by tcpproxy.Parse with its stats block
 // from tcpStats, or http_connection_manager, by httpconn.ParseHCM), Istio
-// telemetry filters skipped, anything else an error.
-func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool, tcpStats func(prefix string) *tcpproxy.Stats) (*tcpproxy.Config, *httpconn.Config, []string, error) {
+// telemetry filters skipped, RBAC filters (before the terminal one)
+// compiled in their order, anything else an error.
+func parseNetworkFilters(filters []*listenerv3.Filter, clusterExists func(string) bool, tcpStats func(prefix string) *tcpproxy.Stats) (*tcpproxy.Config, *httpconn.Config, []*rbac.Filter, []string, error) {
 	var tp *tcpproxy.Config
 	var hcm *httpconn.Config
 	var skipped []string
+	var authz []*rbac.Filter
 	for i, f := range filters {
 		field := fmt.Sprintf("filters[%d] (%s)", i, f.GetName())
 		if f.GetConfigDiscovery() != nil {
-			return nil, nil, nil, fmt.Errorf("%s: config_discovery (ECDS) is not supported", field)
+			return nil, nil, nil, nil, fmt.Errorf("%s: config_discovery (ECDS) is not supported", field)
 		}
 		url := typeURLOf(f.GetTypedConfig())
 		switch {
 		case f.GetName() == TCPProxyFilter || url == tcpproxy.TypeURL:
 			if tp != nil || hcm != nil {
-				return nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
+				return nil, nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
 			}
 			if i != len(filters)-1 {
-				return nil, nil, nil, fmt.Errorf("%s: tcp_proxy is a terminal filter and must be last", field)
+				return nil, nil, nil, nil, fmt.Errorf("%s: tcp_proxy is a terminal filter and must be last", field)
 			}
 			var pb tcpproxyv3.TcpProxy
 			if err := f.GetTypedConfig().UnmarshalTo(&pb); err != nil {
-				return nil, nil, nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy: %w", field, err)
+				return nil, nil, nil, nil, fmt.Errorf("%s: typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy: %w", field, err)
 			}
 			t, err := tcpproxy.Parse(&pb, clusterExists, tcpStats)
 			if err != nil {
-				return nil, nil, nil, fmt.Errorf("%s: %w", field, err)
+				return nil, nil, nil, nil, fmt.Errorf("%s: %w", field, err)
 			}
 			tp = t
+		case f.GetName() == rbac.NetworkName || url == rbac.NetworkTypeURL:
+			var pb netrbacv3.RBAC
+			if err := unmarshalTyped(f.GetTypedConfig(), &pb); err != nil {
+				return nil, nil, nil, nil, fmt.Errorf("%s: typed_config: want %s: %w", field, strings.TrimPrefix(rbac.NetworkTypeURL, "type.googleapis.com/"), err)
+			}
+			rf, err := rbac.FromNetwork(&pb)
+			if err != nil {
+				return nil, nil, nil, nil, fmt.Errorf("%s: %w", field, err)
+			}
+			authz = append(authz, rf)
 		case skippedNetworkFilters[f.GetName()] || skippedTypeURLs[url]:
 			skipped = append(skipped, f.GetName())
 		case f.GetName() == HCMFilter || url == hcmType:
 			if tp != nil || hcm != nil {
-				return nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
+				return nil, nil, nil, nil, fmt.Errorf("%s: a second terminal filter", field)
 			}
 			if i != len(filters)-1 {
-				return nil, nil, nil, fmt.Errorf("%s: http_connection_manager is a terminal filter and must be last", field)
+				return nil, nil, nil, nil, fmt.Errorf("%s: http_connection_manager is a terminal filter and must be last", field)
 			}
 			var pb hcmv3.HttpConnectionManager
 			if err := unmarshalTyped(f.GetTypedConfig(), &pb); err != nil {
-				return nil, nil, nil, fmt.Errorf("%s: typed_config: want %s: %w", field, strings.TrimPrefix(hcmType, "type.googleapis.com/"), err)
+				return nil, nil, nil, nil, fmt.Errorf("%s: typed_config: want %s: %w", field, strings.TrimPrefix(hcmType, "type.googleapis.com/"), err)
 			}
 			c, err := httpconn.ParseHCM(&pb)
 			if err != nil {
-				return nil, nil, nil, fmt.Errorf("%s: %w", field, err)
+				return nil, nil, nil, nil, fmt.Errorf("%s: %w", field, err)
 			}
 			hcm = c
 		default:
-			return nil, nil, nil, fmt.Errorf("%s: unknown network filter (type %q)", field, url)
+			return nil, nil, nil, nil, fmt.Errorf("%s: unknown network filter (type %q)", field, url)
 		}
 	}
 	if tp == nil && hcm == nil {
-		return nil, nil, nil, fmt.Errorf("filters: no terminal filter (want %s or %s)", TCPProxyFilter, HCMFilter)
+		return nil, nil, nil, nil, fmt.Errorf("filters: no terminal filter (want %s or %s)", TCPProxyFilter, HCMFilter)
 	}
-	return tp, hcm, skipped, nil
+	return tp, hcm, authz, skipped, nil
 }
 
 const hcmType = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"

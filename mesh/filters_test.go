@@ -41,7 +41,7 @@ func TestParseNetworkFilters(t *testing.T) {
 	block := &tcpproxy.Stats{Prefix: "tcp.PassthroughCluster."}
 	var asked []string
 	lookup := func(p string) *tcpproxy.Stats { asked = append(asked, p); return block }
-	tp, hcm, skipped, err := parseNetworkFilters(filters, known, lookup)
+	tp, hcm, _, skipped, err := parseNetworkFilters(filters, known, lookup)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestParseNetworkFiltersErrors(t *testing.T) {
 		{"wrong config type", []*listenerv3.Filter{{Name: TCPProxyFilter, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(t, &structpb.Struct{})}}}, "typed_config: want envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, _, err := parseNetworkFilters(tc.filters, known, nil)
+			_, _, _, _, err := parseNetworkFilters(tc.filters, known, nil)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want one containing %q", err, tc.want)
 			}

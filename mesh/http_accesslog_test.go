@@ -93,7 +93,7 @@ func TestHTTPAccessLogFollowsHCM(t *testing.T) {
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
-				serveHTTP(d, snap, l, l.Chains[0], srv, fid, &e)
+				serveHTTP(d, snap, l, l.Chains[0], srv, fid, "", &e)
 				d.o.Access.Log(&e)
 			}()
 			cli.SetDeadline(time.Now().Add(5 * time.Second))

@@ -94,7 +94,7 @@ func TestHTTPAccessLogUpstreamTLS(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		serveHTTP(d, snap, l, l.Chains[0], down, fid, &e)
+		serveHTTP(d, snap, l, l.Chains[0], down, fid, "", &e)
 	}()
 	cli.SetDeadline(time.Now().Add(5 * time.Second))
 	br := bufio.NewReader(cli)

@@ -95,6 +95,13 @@ type inbound struct {
 
 func newInbound(t testing.TB, strict, accessLog bool) *inbound {
 	t.Helper()
+	return newInboundWith(t, strict, accessLog, nil)
+}
+
+// newInboundWith is newInbound with edit applied to virtualInbound
+// before the snapshot is built (nil: none).
+func newInboundWith(t testing.TB, strict, accessLog bool, edit func(*listenerv3.Listener)) *inbound {
+	t.Helper()
 	var vi *listenerv3.Listener
 	for _, l := range fixture(t, "listeners.pb", func() *listenerv3.Listener { return new(listenerv3.Listener) }) {
 		if l.GetName() == "virtualInbound" {
@@ -131,6 +138,9 @@ func newInbound(t testing.TB, strict, accessLog bool) *inbound {
 				f.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: anyOf(t, &h)}
 			}
 		}
+	}
+	if edit != nil {
+		edit(vi)
 	}
 	var clusters []*clusterv3.Cluster
 	for _, c := range fixture(t, "clusters.pb", func() *clusterv3.Cluster { return new(clusterv3.Cluster) }) {

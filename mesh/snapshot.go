@@ -19,6 +19,7 @@ import (
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/rbac"
 	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
@@ -65,6 +66,9 @@ type Snapshot struct {
 	// tcpStats are the tcp.<stat_prefix>.* counters by prefix; chains with
 	// the same prefix share them (one block of the store).
 	tcpStats map[string]*tcpproxy.Stats
+	// rbacStats and rbacShadow are the RBAC filters' counters by prefix.
+	rbacStats  map[string]*rbac.Stats
+	rbacShadow map[string]*rbac.ShadowStats
 	// httpStats are the http.<stat_prefix>.* counters, shared the same way.
 	httpStats map[string]*httpconn.Stats
 	// sslStats are the cluster.<name>.ssl.* counters of the clusters with
@@ -138,6 +142,9 @@ type Chain struct {
 	// HandshakeTimeout bounds TLS's handshake: the chain's
 	// transport_socket_connect_timeout, else DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// RBAC are the chain's envoy.filters.network.rbac filters in order
+	// (istiod: LOG, DENY, ALLOW), evaluated before the terminal filter.
+	RBAC []*rbac.Filter
 }
 
 // ListenerStats are Envoy's listener.<address>.* counters, a block of the
@@ -297,6 +304,8 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		claProtos:     opts.Endpoints,
 		endpoints:     make(map[string]*cluster.Staged),
 		tcpStats:      make(map[string]*tcpproxy.Stats),
+		rbacStats:     make(map[string]*rbac.Stats),
+		rbacShadow:    make(map[string]*rbac.ShadowStats),
 		httpStats:     make(map[string]*httpconn.Stats),
 		sslStats:      make(map[string]*tlsctx.Stats),
 		pools:         opts.Pools,
@@ -696,16 +705,51 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 		s.tcpStats[prefix] = st
 		return st
 	}
-	tp, hcm, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists, tcpStats)
+	tp, hcm, authz, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists, tcpStats)
 	if err != nil {
 		return nil, err
+	}
+	for _, f := range authz {
+		s.shareRBACStats(f)
+	}
+	if hcm != nil {
+		for _, f := range hcm.RBACFilters() {
+			s.shareRBACStats(f)
+		}
 	}
 	if hcm != nil {
 		st := scopeOf(s, "http."+hcm.StatPrefix+".", func() *httpconn.Stats { return new(httpconn.Stats) })
 		hcm.ShareStats(st)
 		s.httpStats[hcm.StatPrefix] = st
 	}
-	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, TLS: down, HandshakeTimeout: timeout}, nil
+	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, TLS: down, HandshakeTimeout: timeout, RBAC: authz}, nil
+}
+
+// shareRBACStats gives an RBAC filter the stats store's blocks for its
+// prefixes, so its counters survive updates and are shared with the
+// filters counting under the same names.
+func (s *Snapshot) shareRBACStats(f *rbac.Filter) {
+	f.Stats = scopeOf(s, f.StatsPrefix, func() *rbac.Stats { return &rbac.Stats{Prefix: f.StatsPrefix} })
+	sp := f.ShadowStatsPrefix()
+	f.ShadowStats = scopeOf(s, sp, func() *rbac.ShadowStats { return &rbac.ShadowStats{Prefix: sp} })
+	s.rbacStats[f.StatsPrefix] = f.Stats
+	s.rbacShadow[sp] = f.ShadowStats
+}
+
+// RBACStats returns the RBAC filters' counter blocks, enforced and
+// shadow, each sorted by prefix.
+func (s *Snapshot) RBACStats() ([]*rbac.Stats, []*rbac.ShadowStats) {
+	st := make([]*rbac.Stats, 0, len(s.rbacStats))
+	for _, b := range s.rbacStats {
+		st = append(st, b)
+	}
+	sh := make([]*rbac.ShadowStats, 0, len(s.rbacShadow))
+	for _, b := range s.rbacShadow {
+		sh = append(sh, b)
+	}
+	sort.Slice(st, func(i, j int) bool { return st[i].Prefix < st[j].Prefix })
+	sort.Slice(sh, func(i, j int) bool { return sh[i].Prefix < sh[j].Prefix })
+	return st, sh
 }
 
 // TerminatesTLS reports whether a chain of l has a TLS context (and so

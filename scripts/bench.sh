@@ -26,6 +26,10 @@
 #   BENCH_DIRECT_ONLY=1      skip everything that needs the proxy
 #   BENCH_OUT=/tmp/meshtun-bench   logs, raw iperf3 JSON, results
 #   BENCH_TESTS="tcp rr connect http"   which measurements to run
+#   BENCH_HTTP_RBAC=1        the vip HTTP listener runs one istiod-shaped
+#                            ALLOW envoy.filters.http.rbac policy (method,
+#                            path, source IP) before the router: compare its
+#                            HTTP rows with a run without it
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -321,7 +325,11 @@ vip_bootstrap() {
 		listeners+="${listeners:+,}{\"name\":\"${VIP}_$port\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$port}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.tcp_proxy\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\",\"stat_prefix\":\"svc$port\",\"cluster\":\"outbound|$port||svc\"}}]}]}"
 		clusters+=",{\"name\":\"outbound|$port||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$port||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$port}}}}]}]}}"
 	done
-	listeners+=",{\"name\":\"${VIP}_$HTTP_PORT\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$HTTP_PORT}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.http_connection_manager\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\",\"stat_prefix\":\"outbound_$HTTP_PORT\",\"route_config\":{\"name\":\"$HTTP_PORT\",\"virtual_hosts\":[{\"name\":\"svc\",\"domains\":[\"*\"],\"routes\":[{\"match\":{\"prefix\":\"/\"},\"route\":{\"cluster\":\"outbound|$HTTP_PORT||svc\"}}]}]},\"http_filters\":[{\"name\":\"envoy.filters.http.router\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\"}}]}}]}]}"
+	local authz=""
+	if [ "${BENCH_HTTP_RBAC:-0}" = 1 ]; then
+		authz="{\"name\":\"envoy.filters.http.rbac\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC\",\"rules\":{\"policies\":{\"ns[default]-policy[bench]-rule[0]\":{\"permissions\":[{\"and_rules\":{\"rules\":[{\"or_rules\":{\"rules\":[{\"header\":{\"name\":\":method\",\"string_match\":{\"exact\":\"GET\"}}}]}},{\"or_rules\":{\"rules\":[{\"url_path\":{\"path\":{\"prefix\":\"/\"}}}]}}]}}],\"principals\":[{\"and_ids\":{\"ids\":[{\"or_ids\":{\"ids\":[{\"direct_remote_ip\":{\"address_prefix\":\"0.0.0.0\",\"prefix_len\":0}}]}}]}}]}}},\"shadow_rules_stat_prefix\":\"istio_dry_run_allow_\"}},"
+	fi
+	listeners+=",{\"name\":\"${VIP}_$HTTP_PORT\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$HTTP_PORT}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.http_connection_manager\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\",\"stat_prefix\":\"outbound_$HTTP_PORT\",\"route_config\":{\"name\":\"$HTTP_PORT\",\"virtual_hosts\":[{\"name\":\"svc\",\"domains\":[\"*\"],\"routes\":[{\"match\":{\"prefix\":\"/\"},\"route\":{\"cluster\":\"outbound|$HTTP_PORT||svc\"}}]}]},\"http_filters\":[$authz{\"name\":\"envoy.filters.http.router\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\"}}]}}]}]}"
 	clusters+=",{\"name\":\"outbound|$HTTP_PORT||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$HTTP_PORT||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$HTTP_PORT}}}}]}]}}"
 	cat >"$f" <<JSON
 {"static_resources":{"listeners":[

@@ -19,7 +19,7 @@
 # addresses, rules and routes, IPv4 and IPv6 — is asserted unchanged.
 #
 # For CI:
-#   DEMO_MTLS=1                  also run mtls_steps (11-15): workload identities
+#   DEMO_MTLS=1                  also run mtls_steps (11-16): workload identities
 #                                and mutual TLS between two meshed pods, PERMISSIVE
 #                                then STRICT; they need the proxy's TLS data path
 #   DEMO_INTERRUPT_AT=POINT      send SIGINT to the demo's process group (what a
@@ -520,6 +520,34 @@ $certs"
 	body=$(in_ns $PODA curl -s --max-time 3 "http://$HELLO_VIP/") || fail "$PODA → hello failed under STRICT"
 	[ "$body" = server-b ] || fail "$PODA → hello under STRICT: \"$body\""
 	ok "$PODA → http://$HELLO_VIP/ → $body (mTLS)"
+
+	step 16 "authorization: $PODA → http://$HELLO_VIP/private allowed, then an AuthorizationPolicy denies it, live"
+	body=$(in_ns $PODA curl -s --max-time 3 -o /dev/null -w '%{http_code}' "http://$HELLO_VIP/private") || fail "$PODA → hello/private failed"
+	[ "$body" = 200 ] || fail "$PODA → hello/private before the policy: $body"
+	ok "GET /private → 200 (no policy)"
+	# Istio's AuthorizationPolicy: DENY paths /private* to the workloads of
+	# namespace default, from anyone; istiod's RBAC filters result.
+	cat >>"$DIR/registry.yaml" <<YAML
+authorizationPolicies:
+- name: no-private
+  namespace: default
+  action: DENY
+  rules:
+  - to:
+    - operation: {ports: ["8080"], paths: ["/private*"]}
+YAML
+	local code=""
+	deadline=$((SECONDS + 10))
+	while [ $SECONDS -lt $deadline ]; do
+		code=$(in_ns $PODA curl -s --max-time 2 -o "$DIR/private.body" -w '%{http_code}' "http://$HELLO_VIP/private") && [ "$code" = 403 ] && break
+		sleep 0.1
+	done
+	[ "$code" = 403 ] || fail "GET /private still $code 10 s after the policy (see $DIR/controlplane.log, $DIR/agent-b.log)"
+	ok "GET /private → 403 \"$(cat "$DIR/private.body")\" from $PODB's proxy (envoy.filters.http.rbac)"
+	body=$(in_ns $PODA curl -s --max-time 3 "http://$HELLO_VIP/") || fail "$PODA → hello failed under the policy"
+	[ "$body" = server-b ] || fail "$PODA → hello under the policy: \"$body\""
+	ok "GET / → $body (not covered by the policy)"
+	in_ns $PODB "$BIN" request GET /stats | { grep -E '\.rbac\.(allowed|denied): ' || true; } | sed 's/^/   /'
 }
 
 if [ "$DEMO_MTLS" = 1 ]; then

@@ -136,6 +136,19 @@ func (s *Server) collectRaw() []stat {
 			tcp("downstream_cx_tx_bytes_total", t.DownstreamTxBytes.Load())
 			tcp("idle_timeout", t.IdleTimeout.Load())
 		}
+		authz, shadow := snap.RBACStats()
+		for _, b := range authz {
+			owner := holder(b)
+			for _, st := range b.List() {
+				add(st.Name, st.Value, false, owner)
+			}
+		}
+		for _, b := range shadow {
+			owner := holder(b)
+			for _, st := range b.List() {
+				add(st.Name, st.Value, false, owner)
+			}
+		}
 		for prefix, hs := range snap.HTTPStats() {
 			owner := holder(hs)
 			for _, st := range hs.List() {

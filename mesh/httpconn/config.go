@@ -65,6 +65,8 @@ type ConnInfo struct {
 	// proxy terminating): the connection is then asked to close (see
 	// Serve). Its end, the drain period being over, is Serve's ctx.
 	Draining context.Context
+	// SNI is the TLS server name the listener saw (requested_server_name).
+	SNI string
 	// TLS is the connection's TLS state when its filter chain terminated
 	// TLS, nil on plaintext. A peer certificate in it was verified by the
 	// handshake: it is the client's identity, which x-forwarded-client-cert
@@ -438,7 +440,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if c.upgrades, err = parseHCMUpgrades(h.GetUpgradeConfigs()); err != nil {
 		return nil, err
 	}
-	f, err := parseHTTPFilters(h.GetHttpFilters())
+	f, err := parseHTTPFilters(h.GetHttpFilters(), c.StatPrefix)
 	if err != nil {
 		return nil, err
 	}

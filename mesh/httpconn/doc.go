@@ -3,7 +3,7 @@
 // and validates the filter's config (ParseHCM) and route configurations
 // (CompileRoutes), and serves HTTP/1.1 and cleartext HTTP/2 on one
 // downstream connection (Config.Serve): virtual host and route matching,
-// the fault filter, and the router with retries, timeouts, circuit
+// the RBAC and fault filters, and the router with retries, timeouts, circuit
 // breakers and per-cluster upstream connection pools (Pools).
 //
 // It follows Envoy's names and semantics (response flags, local reply
@@ -59,7 +59,9 @@
 //   - h1guard.go: the HTTP/1 framing checks under net/http (smuggling
 //     shapes, the 408 for a head that does not arrive).
 //   - stream.go: one request: its state, path handling, route and
-//     cluster selection, the fault filter, the route's action.
+//     cluster selection, the RBAC and fault filters, the route's action.
+//   - rbac.go: envoy.filters.http.rbac on the mesh/rbac engine, with
+//     RBACPerRoute overrides.
 //   - forwarded.go: the connection manager's request edits
 //     (x-forwarded-for, internal requests, x-request-id).
 //   - router.go: the router filter: the upstream request and its

@@ -20,6 +20,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshtun/meshtun/mesh/rbac"
 )
 
 // HTTP filter names as Envoy and Istio write them.
@@ -102,12 +104,14 @@ func unmarshalConfig(a *anypb.Any, m proto.Message) error {
 type httpFilters struct {
 	faultName      string // name of the fault filter ("" when absent)
 	fault          *faultConfig
-	suppressEnvoy  bool // router suppress_envoy_headers
+	rbac           []rbacFilter // envoy.filters.http.rbac, in order
+	faultFirst     bool         // the fault filter comes before the RBAC filters
+	suppressEnvoy  bool         // router suppress_envoy_headers
 	noOps          []string
 	skippedOptions []string
 }
 
-func parseHTTPFilters(fs []*hcmv3.HttpFilter) (httpFilters, error) {
+func parseHTTPFilters(fs []*hcmv3.HttpFilter, statPrefix string) (httpFilters, error) {
 	var out httpFilters
 	if len(fs) == 0 {
 		return out, fieldf("http_filters", "empty; %s is required", RouterFilter)
@@ -151,6 +155,13 @@ func parseHTTPFilters(fs []*hcmv3.HttpFilter) (httpFilters, error) {
 				}
 			}
 			out.faultName, out.fault = f.GetName(), fc
+			out.faultFirst = len(out.rbac) == 0
+		case f.GetName() == rbac.HTTPName || url == rbac.HTTPTypeURL:
+			rf, err := parseRBACFilter(f, statPrefix, field)
+			if err != nil {
+				return out, err
+			}
+			out.rbac = append(out.rbac, rf)
 		case noOpNames[f.GetName()] || noOpTypeURLs[url]:
 			out.noOps = append(out.noOps, f.GetName())
 		case f.GetIsOptional():

@@ -12,6 +12,8 @@ import (
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshtun/meshtun/mesh/rbac"
 )
 
 // DefaultRouteTimeout is Envoy's route timeout when route.timeout is unset.
@@ -495,17 +497,27 @@ func (rt *Route) compileRedirect(r *routev3.RedirectAction) error {
 }
 
 // perFilter holds the typed_per_filter_config entries this engine uses
-// (fault overrides), by filter name.
+// (fault and RBAC overrides), by filter name.
 type perFilter []perFilterEntry
 
 type perFilterEntry struct {
-	name  string
-	fault *faultConfig // nil: the filter is disabled on this route
+	name   string
+	fault  *faultConfig // nil: the filter is disabled on this route
+	isRBAC bool
+	rbac   *rbac.Filter // RBACPerRoute; nil: disabled on this route
 }
 
 func compilePerFilter(m map[string]*anypb.Any, field string) (perFilter, error) {
 	var out perFilter
 	for name, a := range m {
+		rf, ok, err := parsePerFilterRBAC(a)
+		if err != nil {
+			return nil, at(fmt.Sprintf("%s[%q]", field, name), err)
+		}
+		if ok {
+			out = append(out, perFilterEntry{name: name, isRBAC: true, rbac: rf})
+			continue
+		}
 		f, ok, err := parsePerFilterFault(a)
 		if err != nil {
 			return nil, at(fmt.Sprintf("%s[%q]", field, name), err)
@@ -518,12 +530,19 @@ func compilePerFilter(m map[string]*anypb.Any, field string) (perFilter, error) 
 }
 
 func (p perFilter) lookup(name string) (*faultConfig, bool) {
-	for i := range p {
-		if p[i].name == name {
-			return p[i].fault, true
-		}
+	if e := p.entry(name); e != nil && !e.isRBAC {
+		return e.fault, true
 	}
 	return nil, false
+}
+
+func (p perFilter) entry(name string) *perFilterEntry {
+	for i := range p {
+		if p[i].name == name {
+			return &p[i]
+		}
+	}
+	return nil
 }
 
 // findVHost is Envoy's RouteMatcher::findVirtualHost: exact domain, then

@@ -211,27 +211,16 @@ func (s *stream) serve() {
 		s.e.UpstreamCluster = clusterName
 	}
 
-	if f := cfg.filters.fault; cfg.filters.faultName != "" {
-		if pf, ok := perRoute(cfg.filters.faultName, rt, vh, routes); ok {
-			f = pf
-		}
-		if f != nil {
-			res, err := f.apply(s.ctx, r, clusterName)
-			if err != nil {
-				s.failStream(err)
-				return
-			}
-			if res.delayed {
-				s.e.ResponseFlags |= FlagDI
-				cfg.stats.FaultDelays.Add(1)
-			}
-			if res.abort != 0 {
-				s.e.ResponseFlags |= FlagFI
-				cfg.stats.FaultAborts.Add(1)
-				s.faultAbort(res)
-				return
-			}
-		}
+	// The RBAC and fault filters run in their http_filters order: an
+	// abort before RBAC answers even a request RBAC would deny.
+	if !cfg.filters.faultFirst && !s.authorize(rt, vh, routes) {
+		return
+	}
+	if !s.applyFault(rt, vh, routes, clusterName) {
+		return
+	}
+	if cfg.filters.faultFirst && !s.authorize(rt, vh, routes) {
+		return
 	}
 
 	if rt == nil {
@@ -305,4 +294,33 @@ func (rt *Route) pickCluster(r *http.Request) (string, *weightedCluster) {
 	}
 	w := &rt.weighted[len(rt.weighted)-1]
 	return w.name, w
+}
+
+// applyFault runs the fault filter (with the route's override): it may
+// delay the request, or abort it (false: the stream is answered).
+func (s *stream) applyFault(rt *Route, vh *VirtualHost, routes *Routes, clusterName string) bool {
+	r, cfg := s.r, s.cfg
+	if f := cfg.filters.fault; cfg.filters.faultName != "" {
+		if pf, ok := perRoute(cfg.filters.faultName, rt, vh, routes); ok {
+			f = pf
+		}
+		if f != nil {
+			res, err := f.apply(s.ctx, r, clusterName)
+			if err != nil {
+				s.failStream(err)
+				return false
+			}
+			if res.delayed {
+				s.e.ResponseFlags |= FlagDI
+				cfg.stats.FaultDelays.Add(1)
+			}
+			if res.abort != 0 {
+				s.e.ResponseFlags |= FlagFI
+				cfg.stats.FaultAborts.Add(1)
+				s.faultAbort(res)
+				return false
+			}
+		}
+	}
+	return true
 }
