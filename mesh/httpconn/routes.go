@@ -68,25 +68,29 @@ type Route struct {
 	grpc          bool
 
 	// action
-	action         uint8
-	cluster        string
-	clusterHeader  string // canonical key
-	weighted       []weightedCluster
-	totalWeight    uint32
-	notFoundCode   int
-	prefixRewrite  string
-	regexRewrite   *regexp.Regexp
-	regexSubst     string
-	hostRewrite    string
-	timeout        time.Duration // 0: none
-	idleTimeout    time.Duration // -1: the HCM's stream_idle_timeout
-	grpcTO         grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
-	retry          *retryPolicy
-	upgrades       upgrades // upgrade_configs (upgrade.go)
-	reqOps, rspOps *headerOps
-	direct         directResponse
-	redirect       redirect
-	faults         perFilter
+	action        uint8
+	cluster       string
+	clusterHeader string // canonical key
+	weighted      []weightedCluster
+	totalWeight   uint32
+	notFoundCode  int
+	prefixRewrite string
+	regexRewrite  *regexp.Regexp
+	regexSubst    string
+	hostRewrite   string
+	timeout       time.Duration // 0: none
+	idleTimeout   time.Duration // -1: the HCM's stream_idle_timeout
+	grpcTO        grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
+	retry         *retryPolicy
+	upgrades      upgrades // upgrade_configs (upgrade.go)
+	// connectTerminate: the CONNECT upgrade_config has connect_config,
+	// so the proxy ends the CONNECT itself and relays its bytes to the
+	// cluster over TCP (connect.go).
+	connectTerminate bool
+	reqOps, rspOps   *headerOps
+	direct           directResponse
+	redirect         redirect
+	faults           perFilter
 }
 
 type weightedCluster struct {
@@ -102,6 +106,9 @@ const (
 	pathExact
 	pathRegex
 	pathSeparatedPrefix
+	// pathConnect is connect_matcher: the route matches CONNECT requests
+	// only, and only such routes match CONNECT (a CONNECT has no path).
+	pathConnect
 )
 
 const (
@@ -275,6 +282,8 @@ func compileRoute(r *routev3.Route) (*Route, error) {
 		rt.pathKind, rt.re = pathRegex, re
 	case *routev3.RouteMatch_PathSeparatedPrefix:
 		rt.pathKind, rt.path = pathSeparatedPrefix, p.PathSeparatedPrefix
+	case *routev3.RouteMatch_ConnectMatcher_:
+		rt.pathKind = pathConnect
 	default:
 		return nil, fieldf("match", "path specifier %T not supported", p)
 	}
@@ -339,7 +348,24 @@ func compileRoute(r *routev3.Route) (*Route, error) {
 	default:
 		return nil, fieldf("action", "%T not supported (want route, redirect or direct_response)", a)
 	}
+	if err := rt.checkConnect(); err != nil {
+		return nil, err
+	}
 	return rt, nil
+}
+
+// checkConnect refuses a connect_matcher route that would proxy CONNECT
+// upstream as a CONNECT request (Envoy's behaviour without connect_config):
+// meshtun only terminates CONNECT. A route that disables the CONNECT
+// upgrade (enabled: false) is accepted: it answers 403.
+func (rt *Route) checkConnect() error {
+	if rt.pathKind != pathConnect || rt.action != actionRoute || rt.connectTerminate {
+		return nil
+	}
+	if on, listed := rt.upgrades["connect"]; listed && !on {
+		return nil
+	}
+	return fieldf("route.upgrade_configs", "a connect_matcher route needs an upgrade_config {upgrade_type: CONNECT, connect_config: {}}: forwarding CONNECT upstream as CONNECT (no connect_config) is not supported")
 }
 
 func (rt *Route) compileAction(a *routev3.RouteAction) error {
@@ -421,11 +447,11 @@ func (rt *Route) compileAction(a *routev3.RouteAction) error {
 		rt.retry = p
 	}
 	rt.grpcTO = parseGRPCTimeouts(a)
-	u, err := parseRouteUpgrades(a.GetUpgradeConfigs())
+	u, terminate, err := parseRouteUpgrades(a.GetUpgradeConfigs())
 	if err != nil {
 		return err
 	}
-	rt.upgrades = u
+	rt.upgrades, rt.connectTerminate = u, terminate
 	if a.GetRetryPolicyTypedConfig() != nil {
 		return fieldf("retry_policy_typed_config", "not supported")
 	}
@@ -603,6 +629,9 @@ func (vh *VirtualHost) match(r *http.Request, path string) *Route {
 }
 
 func (rt *Route) matches(r *http.Request, target string) bool {
+	if (rt.pathKind == pathConnect) != isConnect(r) {
+		return false
+	}
 	path, query, _ := strings.Cut(target, "?")
 	switch rt.pathKind {
 	case pathPrefix:
@@ -649,6 +678,13 @@ func hasPrefixFold(s, prefix string, caseSensitive bool) bool {
 		return strings.HasPrefix(s, prefix)
 	}
 	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
+// isConnect reports a CONNECT request (HTTP/1.1, or HTTP/2 without
+// :protocol): an RFC 8441 extended CONNECT is an upgrade with a path and
+// matches routes as the HTTP/1.1 upgrade it stands for.
+func isConnect(r *http.Request) bool {
+	return r.Method == http.MethodConnect && len(r.Header[":protocol"]) == 0
 }
 
 func isGRPC(r *http.Request) bool {
