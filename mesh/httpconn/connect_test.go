@@ -16,6 +16,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"golang.org/x/net/http2"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
@@ -312,5 +313,41 @@ func TestParseConnectConfig(t *testing.T) {
 		case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
 			t.Errorf("%s: %v, want an error with %q", tc.name, err, tc.wantErr)
 		}
+	}
+}
+
+// TestConnectTunnelTimeouts: a terminated CONNECT's tunnel is ended by
+// stream_idle_timeout once nothing moves (flag SI, the upstream closed
+// too), not while bytes move; the route timeout bounds only the connect
+// (the 200 is the response head), not the tunnel.
+func TestConnectTunnelTimeouts(t *testing.T) {
+	echo := tcpEcho(t)
+	rt := connectRoute("c")
+	routeAction(rt).Timeout = durationpb.New(100 * time.Millisecond)
+	h := wsHCM(routeConfig(vhost("v", []string{"*"}, rt)), "CONNECT")
+	h.StreamIdleTimeout = durationpb.New(300 * time.Millisecond)
+	env := newEnv(t, xdstest.StaticCluster("c", echo))
+	p := startProxy(t, mustParse(t, h), env)
+	resp, conn, br := connectH1(t, p.addr, "example.com:443", "")
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", resp.StatusCode)
+	}
+	b := make([]byte, 1)
+	for i := 0; i < 8; i++ { // 8 × 100 ms of traffic: beyond both timeouts
+		io.WriteString(conn, "k")
+		if _, err := io.ReadFull(br, b); err != nil {
+			t.Fatalf("tunnel cut while busy, after %d round trips: %v", i, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := br.ReadByte(); err == nil {
+		t.Fatal("an idle tunnel read a byte")
+	}
+	e := p.waitEntries(t, 1)[0]
+	if e.ResponseCode != 200 || !e.ResponseFlags.Has(FlagSI) {
+		t.Errorf("idle tunnel: %d flags %v, want 200 SI", e.ResponseCode, e.ResponseFlags)
+	}
+	if n := clusterStat(t, env.Cluster("c"), "upstream_cx_active"); n != 0 {
+		t.Errorf("upstream_cx_active %d after the tunnel, want 0", n)
 	}
 }
