@@ -24,12 +24,6 @@ import (
 // the cluster counts upstream_rq_200 and the host one request, as the
 // 200 Envoy synthesizes goes through its router's accounting.
 func (s *stream) terminateConnect(routes *Routes, vh *VirtualHost, rt *Route, clusterName string, wc *weightedCluster) {
-	if !rt.connectTerminate {
-		// checkConnect lets through only routes that disable CONNECT,
-		// and upgradeAllowed refused those already.
-		s.localReply(http.StatusForbidden, "", "upgrade_failed")
-		return
-	}
 	cl := s.h.env.Cluster(clusterName)
 	if clusterName == "" || cl == nil {
 		s.cfg.stats.NoCluster.Add(1)

@@ -273,9 +273,9 @@ func TestConnectMatcher(t *testing.T) {
 }
 
 // TestParseConnectConfig: connect_config is accepted on the CONNECT
-// upgrade of a route; errors name the field for connect_config on another
-// type, its unsupported fields, and a connect_matcher route that would
-// forward CONNECT upstream (no connect_config), which meshtun does not do.
+// upgrade of a route, and a connect_matcher route without it (CONNECT
+// forwarded upstream); errors name the field for connect_config on
+// another type and its unsupported fields.
 func TestParseConnectConfig(t *testing.T) {
 	withUpgrades := func(r *routev3.Route, ups ...*routev3.RouteAction_UpgradeConfig) *routev3.Route {
 		routeAction(r).UpgradeConfigs = ups
@@ -302,9 +302,8 @@ func TestParseConnectConfig(t *testing.T) {
 		{"allow_post", withUpgrades(connectRoute("c"), &routev3.RouteAction_UpgradeConfig{UpgradeType: "CONNECT",
 			ConnectConfig: &routev3.RouteAction_UpgradeConfig_ConnectConfig{AllowPost: true}}),
 			"routes[0].route.upgrade_configs[0].connect_config.allow_post"},
-		{"no connect_config", withUpgrades(connectRoute("c"), &routev3.RouteAction_UpgradeConfig{UpgradeType: "CONNECT"}),
-			"routes[0].route.upgrade_configs: a connect_matcher route needs"},
-		{"no upgrade_configs", withUpgrades(connectRoute("c")), "routes[0].route.upgrade_configs: a connect_matcher route needs"},
+		{"forwarded", withUpgrades(connectRoute("c"), &routev3.RouteAction_UpgradeConfig{UpgradeType: "CONNECT"}), ""},
+		{"no upgrade_configs", withUpgrades(connectRoute("c")), ""},
 	} {
 		_, err := CompileRoutes(routeConfig(vhost("v", []string{"*"}, tc.r)))
 		switch {
@@ -349,5 +348,88 @@ func TestConnectTunnelTimeouts(t *testing.T) {
 	}
 	if n := clusterStat(t, env.Cluster("c"), "upstream_cx_active"); n != 0 {
 		t.Errorf("upstream_cx_active %d after the tunnel, want 0", n)
+	}
+}
+
+// connectProxy is an HTTP/1.1 upstream that accepts CONNECT (200, then
+// echoes the tunnel's bytes and answers a half-close with its own) and
+// refuses CONNECT to "forbidden:443" (403); it records each request's
+// method and target.
+func connectProxy(seen chan<- string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Method + " " + r.RequestURI + " " + r.Host
+		if r.Method != http.MethodConnect || r.Host == "forbidden:443" {
+			http.Error(w, "no", http.StatusForbidden)
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n")
+		brw.Flush()
+		io.Copy(conn, brw)
+		conn.(*net.TCPConn).CloseWrite()
+	}
+}
+
+// TestConnectForwarded: a connect_matcher route without connect_config
+// forwards the CONNECT to its HTTP/1.1 upstream as a CONNECT (authority
+// form, no Upgrade headers), as Envoy does; the upstream's 2xx starts
+// the tunnel (HTTP/1.1 and h2 clients, the client's end half-closing the
+// upstream), its refusal is relayed (and HTTP/1.1 closes).
+func TestConnectForwarded(t *testing.T) {
+	seen := make(chan string, 4)
+	u := startUpstream(t, connectProxy(seen))
+	rt := connectRoute("c")
+	routeAction(rt).UpgradeConfigs = nil
+	p := startProxy(t, mustParse(t, wsHCM(routeConfig(vhost("v", []string{"*"}, rt)), "CONNECT")), newEnv(t, xdstest.StaticCluster("c", u.addr)))
+
+	resp, conn, br := connectH1(t, p.addr, "example.com:443", "early")
+	if resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %d", resp.StatusCode)
+	}
+	if got := <-seen; got != "CONNECT example.com:443 example.com:443" {
+		t.Errorf("upstream saw %q", got)
+	}
+	io.WriteString(conn, "-late")
+	conn.(*net.TCPConn).CloseWrite()
+	if rest, err := io.ReadAll(br); err != nil || string(rest) != "early-late" {
+		t.Errorf("tunnel: %q %v, want the echo then the end", rest, err)
+	}
+	if e := p.waitEntries(t, 1)[0]; e.ResponseCode != 200 || e.BytesSent != 10 || e.BytesReceived != 10 || e.UpstreamCluster != "c" {
+		t.Errorf("access log: %d sent %d received %d cluster %q", e.ResponseCode, e.BytesSent, e.BytesReceived, e.UpstreamCluster)
+	}
+
+	resp, conn, br = connectH1(t, p.addr, "forbidden:443", "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	<-seen
+	io.Copy(io.Discard, resp.Body)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); resp.StatusCode != 403 || err == nil {
+		t.Errorf("refused CONNECT: %d, then read error %v (want 403 and the connection closed)", resp.StatusCode, err)
+	}
+
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest(http.MethodConnect, "http://"+p.addr, pr)
+	req.Host = "example.com:443"
+	h2c := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	}}
+	defer h2c.CloseIdleConnections()
+	hresp, err := h2c.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hresp.Body.Close()
+	if got := <-seen; hresp.StatusCode != 200 || got != "CONNECT example.com:443 example.com:443" {
+		t.Fatalf("h2 CONNECT: %d, upstream saw %q", hresp.StatusCode, got)
+	}
+	go func() {
+		pw.Write([]byte("h2 bytes"))
+		pw.Close()
+	}()
+	if rest, err := io.ReadAll(hresp.Body); err != nil || string(rest) != "h2 bytes" {
+		t.Errorf("h2 tunnel: %q %v", rest, err)
 	}
 }

@@ -85,7 +85,8 @@ type Route struct {
 	upgrades      upgrades // upgrade_configs (upgrade.go)
 	// connectTerminate: the CONNECT upgrade_config has connect_config,
 	// so the proxy ends the CONNECT itself and relays its bytes to the
-	// cluster over TCP (connect.go).
+	// cluster over TCP (connect.go); without it a CONNECT is forwarded
+	// upstream as a CONNECT (tunnel.go).
 	connectTerminate bool
 	reqOps, rspOps   *headerOps
 	direct           directResponse
@@ -348,24 +349,7 @@ func compileRoute(r *routev3.Route) (*Route, error) {
 	default:
 		return nil, fieldf("action", "%T not supported (want route, redirect or direct_response)", a)
 	}
-	if err := rt.checkConnect(); err != nil {
-		return nil, err
-	}
 	return rt, nil
-}
-
-// checkConnect refuses a connect_matcher route that would proxy CONNECT
-// upstream as a CONNECT request (Envoy's behaviour without connect_config):
-// meshtun only terminates CONNECT. A route that disables the CONNECT
-// upgrade (enabled: false) is accepted: it answers 403.
-func (rt *Route) checkConnect() error {
-	if rt.pathKind != pathConnect || rt.action != actionRoute || rt.connectTerminate {
-		return nil
-	}
-	if on, listed := rt.upgrades["connect"]; listed && !on {
-		return nil
-	}
-	return fieldf("route.upgrade_configs", "a connect_matcher route needs an upgrade_config {upgrade_type: CONNECT, connect_config: {}}: forwarding CONNECT upstream as CONNECT (no connect_config) is not supported")
 }
 
 func (rt *Route) compileAction(a *routev3.RouteAction) error {

@@ -144,7 +144,9 @@ func (s *stream) serve() {
 
 	// CONNECT is an upgrade in Envoy's terms: it goes through only where
 	// upgrade_configs list "CONNECT" and a connect_matcher route takes
-	// it (connect.go), else 403 upgrade_failed (or 404 without a route).
+	// it, else 403 upgrade_failed (or 404 without a route). The route's
+	// connect_config terminates it (connect.go); without, it is forwarded
+	// to an HTTP/1.1 upstream as a CONNECT, whose 2xx starts the tunnel.
 	// HTTP/1.1 closes after any reply but the tunnel's 200: bytes a
 	// client sends after its CONNECT are tunnel data, not requests.
 	connect := isConnect(r)
@@ -251,7 +253,7 @@ func (s *stream) serve() {
 		cfg.stats.RqRedirect.Add(1)
 		s.redirect(routes, vh, rt)
 	default:
-		if connect {
+		if connect && rt.connectTerminate {
 			s.terminateConnect(routes, vh, rt, clusterName, wc)
 			return
 		}

@@ -26,6 +26,12 @@ func (u *upgradedConn) Read(p []byte) (int, error)  { return u.c.br.Read(p) }
 func (u *upgradedConn) Write(p []byte) (int, error) { return u.c.pc.Write(p) }
 func (u *upgradedConn) Close() error                { return u.c.pc.Close() }
 
+// connectedConn is an upstream HTTP/1.1 connection after its 2xx to a
+// forwarded CONNECT: an upgradedConn that can half-close (halfClose).
+type connectedConn struct{ *upgradedConn }
+
+func (c connectedConn) CloseWrite() error { return c.c.pc.CloseWrite() }
+
 // tunnel relays an upgraded exchange (a WebSocket, or another type the
 // upgrade_configs allow): the upstream's 101 goes to the client with its
 // Connection and Upgrade headers, then bytes are copied both ways until
@@ -41,7 +47,8 @@ func (u *upgradedConn) Close() error                { return u.c.pc.Close() }
 // returns and its caller closes the connection.
 func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutcome {
 	up, ok := resp.Body.(io.ReadWriteCloser)
-	if s.upgrade == "" || !ok {
+	connect := isConnect(s.r)
+	if s.upgrade == "" || !ok || (connect && resp.StatusCode == http.StatusSwitchingProtocols) {
 		// A 101 the request did not ask for: the upstream is out of step.
 		resp.Body.Close()
 		f.stats.RqRxReset.Add(1)
@@ -65,6 +72,20 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
 	s.setServer(h)
+	if connect {
+		// A CONNECT forwarded upstream: its 2xx starts the tunnel, whose
+		// client end half-closes the upstream connection, as a
+		// terminated CONNECT's does (connect.go).
+		delete(h, "Content-Length")
+		if uc, ok := up.(*upgradedConn); ok {
+			up = connectedConn{uc}
+		}
+		if s.r.ProtoMajor == 2 {
+			return s.tunnelH2(up, h)
+		}
+		s.closeConn = false
+		return s.tunnelH1(up, h, resp.StatusCode)
+	}
 	if s.r.ProtoMajor == 2 {
 		delete(h, "Sec-Websocket-Accept") // answers the key h2UpgradeHeaders made up
 		return s.tunnelH2(up, h)
