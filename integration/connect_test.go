@@ -4,13 +4,18 @@ package integration
 
 import (
 	"bufio"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // TestConnectThroughSidecar (issue #15 item 8): the pod's outbound
@@ -20,7 +25,7 @@ import (
 // terminated by the sidecar, which dials the route's cluster and relays
 // the tunnel's bytes. curl --proxytunnel fetches a page through the
 // tunnel; a Go client sends a 500 KB body through it and reads the echo
-// back; a GET to the same VIP still takes the path route; the access log
+// back; an h2c client's CONNECT stream carries a request too; a GET to the same VIP still takes the path route; the access log
 // shows the CONNECT's 200 and its bytes. Before, every CONNECT was
 // answered 403.
 func TestConnectThroughSidecar(t *testing.T) {
@@ -119,6 +124,29 @@ func TestConnectThroughSidecar(t *testing.T) {
 	if _, err := br.ReadByte(); err != io.EOF {
 		t.Errorf("after the upstream's close: %v, want EOF", err)
 	}
+	// An h2c client's CONNECT is a stream: its DATA is the tunnel.
+	h2c := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+		return dialTCP(topo.Pod, ap(v, 80), dialTimeout)
+	}}
+	defer h2c.CloseIdleConnections()
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest(http.MethodConnect, url, pr)
+	req.Host = "tunnel:80"
+	hresp, err := h2c.RoundTrip(req)
+	if err != nil || hresp.StatusCode != 200 {
+		t.Fatalf("h2 CONNECT: %v %v", hresp, err)
+	}
+	go fmt.Fprintf(pw, "GET /h2 HTTP/1.1\r\nHost: tunnel\r\nConnection: close\r\n\r\n")
+	inner, err = http.ReadResponse(bufio.NewReader(hresp.Body), nil)
+	if err != nil {
+		t.Fatalf("the response inside the h2 tunnel: %v", err)
+	}
+	if b, _ := io.ReadAll(inner.Body); string(b) != "GET /h2 from the upstream" {
+		t.Errorf("through the h2 tunnel: %q", b)
+	}
+	pw.Close()
+	hresp.Body.Close()
+
 	e, ok := px.waitAccess(func(e AccessEntry) bool {
 		return strings.Contains(e.Raw, `"method":"CONNECT"`) && e.BytesSent > int64(len(big))
 	}, 5*time.Second)
