@@ -495,7 +495,7 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 			continue // 1xx informational: the final response follows
 		}
 		c.lim.n = -1
-		if resp.StatusCode == http.StatusSwitchingProtocols && wdone == nil {
+		if isTunnel(req, resp) && wdone == nil {
 			// The connection is the tunnel's now (tunnel.go): the
 			// exchange's timeouts (route, per-try) end here; the tunnel
 			// has its own.
@@ -513,6 +513,16 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		resp.Body = body
 		return resp, nil, false
 	}
+}
+
+// isTunnel reports a response after which the connection carries a
+// tunnel's bytes: a 101 to an upgrade, a 2xx to a CONNECT (RFC 9110
+// §9.3.6: the connection is the tunnel from the end of the head).
+func isTunnel(req *http.Request, resp *http.Response) bool {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return true
+	}
+	return req.Method == http.MethodConnect && resp.StatusCode >= 200 && resp.StatusCode < 300
 }
 
 func ctxErr(ctx context.Context, err error) error {

@@ -12,7 +12,7 @@ import (
 
 // relay sends the upstream response downstream.
 func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcome {
-	if resp.StatusCode == http.StatusSwitchingProtocols {
+	if resp.StatusCode == http.StatusSwitchingProtocols || (isConnect(s.r) && resp.StatusCode >= 200 && resp.StatusCode < 300) {
 		return s.tunnel(resp, f)
 	}
 	defer resp.Body.Close()
@@ -36,6 +36,11 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
 	s.setServer(h)
+	if s.closeConn {
+		// A CONNECT the upstream refused: what the client sent after it
+		// is tunnel data, not a request.
+		h["Connection"] = []string{"close"}
+	}
 	s.e.ResponseCodeDetails = "via_upstream"
 	s.writeHeader(resp.StatusCode)
 	outcome := outcomeOf(resp.StatusCode)

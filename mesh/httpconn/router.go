@@ -150,7 +150,8 @@ func (s *stream) findCluster(f *forwarding, name string) bool {
 	f.h1, _ = f.tr.(*h1Transport)
 	if s.upgrade != "" && f.h1 == nil {
 		// Envoy would turn it into an extended CONNECT (RFC 8441) to an
-		// HTTP/2-only cluster; meshtun upgrades over HTTP/1.1 only.
+		// HTTP/2-only cluster, or send a CONNECT as an h2 stream;
+		// meshtun upgrades and forwards CONNECT over HTTP/1.1 only.
 		s.localReply(http.StatusForbidden, "", "upgrade_failed")
 		return false
 	}
@@ -169,9 +170,9 @@ func (s *stream) buildHeaders(f *forwarding) {
 		hdr = http.Header{}
 	}
 	delete(hdr, "Expect")
-	if s.upgrade != "" {
+	if s.upgrade != "" && !isConnect(r) {
 		// An allowed upgrade goes upstream: its two hop-by-hop headers
-		// are re-added (tunnel.go relays the 101).
+		// are re-added (tunnel.go relays the 101). A CONNECT needs none.
 		hdr["Connection"] = []string{"Upgrade"}
 		hdr["Upgrade"] = []string{s.upgrade}
 		if r.ProtoMajor == 2 {
@@ -361,7 +362,7 @@ func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool
 		sc := s.h1s
 		sc.url = url.URL{Scheme: "http", Host: sc.hostString(a.h.Address())}
 		method := r.Method
-		if s.upgrade != "" {
+		if s.upgrade != "" && !isConnect(r) {
 			method = http.MethodGet // an RFC 8441 CONNECT is a GET upgrade over HTTP/1.1
 		}
 		sc.req = http.Request{
@@ -385,7 +386,9 @@ func (s *stream) upstreamRequest(f *forwarding, a *attempt) (*http.Request, bool
 			Host:       f.authority,
 		}
 	}
-	setTarget(out.URL, f.target)
+	if !isConnect(r) {
+		setTarget(out.URL, f.target)
+	} // a CONNECT's target is its authority (out.Host), which net/http writes
 	if f.body == nil {
 		return out, true
 	}

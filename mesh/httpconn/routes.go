@@ -70,25 +70,30 @@ type Route struct {
 	grpc          bool
 
 	// action
-	action         uint8
-	cluster        string
-	clusterHeader  string // canonical key
-	weighted       []weightedCluster
-	totalWeight    uint32
-	notFoundCode   int
-	prefixRewrite  string
-	regexRewrite   *regexp.Regexp
-	regexSubst     string
-	hostRewrite    string
-	timeout        time.Duration // 0: none
-	idleTimeout    time.Duration // -1: the HCM's stream_idle_timeout
-	grpcTO         grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
-	retry          *retryPolicy
-	upgrades       upgrades // upgrade_configs (upgrade.go)
-	reqOps, rspOps *headerOps
-	direct         directResponse
-	redirect       redirect
-	faults         perFilter
+	action        uint8
+	cluster       string
+	clusterHeader string // canonical key
+	weighted      []weightedCluster
+	totalWeight   uint32
+	notFoundCode  int
+	prefixRewrite string
+	regexRewrite  *regexp.Regexp
+	regexSubst    string
+	hostRewrite   string
+	timeout       time.Duration // 0: none
+	idleTimeout   time.Duration // -1: the HCM's stream_idle_timeout
+	grpcTO        grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
+	retry         *retryPolicy
+	upgrades      upgrades // upgrade_configs (upgrade.go)
+	// connectTerminate: the CONNECT upgrade_config has connect_config,
+	// so the proxy ends the CONNECT itself and relays its bytes to the
+	// cluster over TCP (connect.go); without it a CONNECT is forwarded
+	// upstream as a CONNECT (tunnel.go).
+	connectTerminate bool
+	reqOps, rspOps   *headerOps
+	direct           directResponse
+	redirect         redirect
+	faults           perFilter
 }
 
 type weightedCluster struct {
@@ -104,6 +109,9 @@ const (
 	pathExact
 	pathRegex
 	pathSeparatedPrefix
+	// pathConnect is connect_matcher: the route matches CONNECT requests
+	// only, and only such routes match CONNECT (a CONNECT has no path).
+	pathConnect
 )
 
 const (
@@ -277,6 +285,8 @@ func compileRoute(r *routev3.Route) (*Route, error) {
 		rt.pathKind, rt.re = pathRegex, re
 	case *routev3.RouteMatch_PathSeparatedPrefix:
 		rt.pathKind, rt.path = pathSeparatedPrefix, p.PathSeparatedPrefix
+	case *routev3.RouteMatch_ConnectMatcher_:
+		rt.pathKind = pathConnect
 	default:
 		return nil, fieldf("match", "path specifier %T not supported", p)
 	}
@@ -423,11 +433,11 @@ func (rt *Route) compileAction(a *routev3.RouteAction) error {
 		rt.retry = p
 	}
 	rt.grpcTO = parseGRPCTimeouts(a)
-	u, err := parseRouteUpgrades(a.GetUpgradeConfigs())
+	u, terminate, err := parseRouteUpgrades(a.GetUpgradeConfigs())
 	if err != nil {
 		return err
 	}
-	rt.upgrades = u
+	rt.upgrades, rt.connectTerminate = u, terminate
 	if a.GetRetryPolicyTypedConfig() != nil {
 		return fieldf("retry_policy_typed_config", "not supported")
 	}
@@ -622,6 +632,9 @@ func (vh *VirtualHost) match(r *http.Request, path string) *Route {
 }
 
 func (rt *Route) matches(r *http.Request, target string) bool {
+	if (rt.pathKind == pathConnect) != isConnect(r) {
+		return false
+	}
 	path, query, _ := strings.Cut(target, "?")
 	switch rt.pathKind {
 	case pathPrefix:
@@ -668,6 +681,13 @@ func hasPrefixFold(s, prefix string, caseSensitive bool) bool {
 		return strings.HasPrefix(s, prefix)
 	}
 	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
+// isConnect reports a CONNECT request (HTTP/1.1, or HTTP/2 without
+// :protocol): an RFC 8441 extended CONNECT is an upgrade with a path and
+// matches routes as the HTTP/1.1 upgrade it stands for.
+func isConnect(r *http.Request) bool {
+	return r.Method == http.MethodConnect && len(r.Header[":protocol"]) == 0
 }
 
 func isGRPC(r *http.Request) bool {

@@ -142,26 +142,31 @@ func (s *stream) serve() {
 		return
 	}
 
-	// CONNECT is an upgrade in Envoy's terms ("CONNECT" in
-	// upgrade_configs, routes with connect_matcher); none is configured
-	// to allow it, so it is refused (403 upgrade_failed), where it was
-	// forwarded as "CONNECT / HTTP/1.1". HTTP/1.1 closes: bytes a client
-	// sends after its CONNECT are tunnel data, not requests.
-	if r.Method == http.MethodConnect && len(r.Header[":protocol"]) == 0 && !s.connectAllowed() {
+	// CONNECT is an upgrade in Envoy's terms: it goes through only where
+	// upgrade_configs list "CONNECT" and a connect_matcher route takes
+	// it, else 403 upgrade_failed (or 404 without a route). The route's
+	// connect_config terminates it (connect.go); without, it is forwarded
+	// to an HTTP/1.1 upstream as a CONNECT, whose 2xx starts the tunnel.
+	// HTTP/1.1 closes after any reply but the tunnel's 200: bytes a
+	// client sends after its CONNECT are tunnel data, not requests.
+	connect := isConnect(r)
+	if connect {
 		s.closeConn = r.ProtoMajor == 1
-		s.localReply(http.StatusForbidden, "", "upgrade_failed")
-		return
+		s.e.Path = "" // a CONNECT has no :path
 	}
 
 	// Path handling comes first, as in Envoy: nothing may see the path
 	// before it is normalized.
-	if !s.normalizePath() {
+	if !connect && !s.normalizePath() {
 		return
 	}
 	// The Upgrade a request asks for is read before the hop-by-hop
 	// headers that carry it go; whether its route allows it is decided
 	// once the route is known.
 	upTyp, upOK := upgradeType(r, cfg.allowConnect)
+	if connect {
+		upTyp, upOK = http.MethodConnect, true
+	}
 	// Hop-by-hop headers, and those Connection names, go before the
 	// proxy adds its own: a client naming X-Forwarded-For or
 	// X-Request-Id in Connection must not make the proxy's values vanish
@@ -237,14 +242,13 @@ func (s *stream) serve() {
 		cfg.stats.RqRedirect.Add(1)
 		s.redirect(routes, vh, rt)
 	default:
+		if connect && rt.connectTerminate {
+			s.terminateConnect(routes, vh, rt, clusterName, wc)
+			return
+		}
 		s.proxy(routes, vh, rt, clusterName, wc)
 	}
 }
-
-// connectAllowed reports whether a CONNECT request may be tunnelled:
-// never yet (no connect_matcher routes nor CONNECT upgrade_configs are
-// accepted); the tunnel's upgrade code decides here.
-func (s *stream) connectAllowed() bool { return false }
 
 // tooManyHeadersDetails is Envoy's response code details for a request
 // over max_headers_count, by codec.

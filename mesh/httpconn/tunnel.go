@@ -26,6 +26,12 @@ func (u *upgradedConn) Read(p []byte) (int, error)  { return u.c.br.Read(p) }
 func (u *upgradedConn) Write(p []byte) (int, error) { return u.c.pc.Write(p) }
 func (u *upgradedConn) Close() error                { return u.c.pc.Close() }
 
+// connectedConn is an upstream HTTP/1.1 connection after its 2xx to a
+// forwarded CONNECT: an upgradedConn that can half-close (halfClose).
+type connectedConn struct{ *upgradedConn }
+
+func (c connectedConn) CloseWrite() error { return c.c.pc.CloseWrite() }
+
 // tunnel relays an upgraded exchange (a WebSocket, or another type the
 // upgrade_configs allow): the upstream's 101 goes to the client with its
 // Connection and Upgrade headers, then bytes are copied both ways until
@@ -41,7 +47,8 @@ func (u *upgradedConn) Close() error                { return u.c.pc.Close() }
 // returns and its caller closes the connection.
 func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutcome {
 	up, ok := resp.Body.(io.ReadWriteCloser)
-	if s.upgrade == "" || !ok {
+	connect := isConnect(s.r)
+	if s.upgrade == "" || !ok || (connect && resp.StatusCode == http.StatusSwitchingProtocols) {
 		// A 101 the request did not ask for: the upstream is out of step.
 		resp.Body.Close()
 		f.stats.RqRxReset.Add(1)
@@ -65,13 +72,35 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 		h["X-Request-Id"] = []string{s.e.RequestID}
 	}
 	s.setServer(h)
+	if connect {
+		// A CONNECT forwarded upstream: its 2xx starts the tunnel, whose
+		// client end half-closes the upstream connection, as a
+		// terminated CONNECT's does (connect.go).
+		delete(h, "Content-Length")
+		if uc, ok := up.(*upgradedConn); ok {
+			up = connectedConn{uc}
+		}
+		if s.r.ProtoMajor == 2 {
+			return s.tunnelH2(up, h)
+		}
+		s.closeConn = false
+		return s.tunnelH1(up, h, resp.StatusCode)
+	}
 	if s.r.ProtoMajor == 2 {
 		delete(h, "Sec-Websocket-Accept") // answers the key h2UpgradeHeaders made up
 		return s.tunnelH2(up, h)
 	}
 	h["Connection"] = []string{"Upgrade"}
 	h["Upgrade"] = upgrade
+	return s.tunnelH1(up, h, http.StatusSwitchingProtocols)
+}
 
+// tunnelH1 answers an HTTP/1.1 client with the tunnel's head (code and
+// headers h: the upstream's 101, or the 200 of a terminated CONNECT),
+// then relays bytes both ways on the hijacked connection until either
+// side closes or fails, or the stream's idle timeout or the drain's end
+// cuts both.
+func (s *stream) tunnelH1(up io.ReadWriteCloser, h http.Header, code int) cluster.RequestOutcome {
 	s.h.tunnels.Add(1)
 	defer s.h.tunnels.Done()
 	down, brw, err := http.NewResponseController(s.w).Hijack()
@@ -83,9 +112,9 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 	defer down.Close()
 	_ = down.SetDeadline(time.Time{}) // what net/http set is for requests, not a tunnel
 	s.wroteHeader = true
-	s.e.ResponseCode = http.StatusSwitchingProtocols
+	s.e.ResponseCode = code
 	s.e.ResponseCodeDetails = "via_upstream"
-	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\n")
+	brw.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) + "\r\n")
 	h.Write(brw)
 	brw.WriteString("\r\n")
 	if err := brw.Flush(); err != nil {
@@ -100,7 +129,7 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 	defer st.DownstreamCxUpgradesActive.Add(-1)
 
 	// Either end closes both: the stream's end (idle timeout), the
-	// drain's end, or one direction finishing.
+	// drain's end, or one direction finishing (but see halfClose).
 	cut := func() {
 		down.Close()
 		up.Close()
@@ -113,9 +142,18 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 	var received atomic.Int64
 	upDone := make(chan error, 1)
 	go func() {
-		// Bytes the client sent after its request are in brw.Reader.
-		_, err := s.copyTouch(up, brw.Reader, &received)
-		cut()
+		// Bytes the client sent after its request are in brw.Reader;
+		// the rest is read from the connection itself: net/http's reader
+		// would cancel the request's context (and so cut the tunnel) at
+		// the client's half-close.
+		var src io.Reader = down
+		if n := brw.Reader.Buffered(); n > 0 {
+			src = io.MultiReader(io.LimitReader(brw.Reader, int64(n)), down)
+		}
+		_, err := s.copyTouch(up, src, &received)
+		if err != nil || !halfClose(up) {
+			cut()
+		}
 		upDone <- err
 	}()
 	sent, _ := s.copyTouch(down, up, nil)
@@ -131,6 +169,16 @@ func (s *stream) tunnel(resp *http.Response, f *forwarding) cluster.RequestOutco
 		s.e.ResponseFlags |= FlagDC
 	}
 	return cluster.RequestSuccess
+}
+
+// halfClose passes the client's end of its bytes on as a half-close of
+// up, when up is a TCP connection of the proxy's own (a terminated
+// CONNECT): the upstream may still answer, as Envoy's TCP tunnel lets it.
+// An upgraded HTTP/1.1 connection has no half-close: false, and the
+// caller closes both ends.
+func halfClose(up io.ReadWriteCloser) bool {
+	hc, ok := up.(interface{ CloseWrite() error })
+	return ok && hc.CloseWrite() == nil
 }
 
 // copyTouch copies src to dst as bytes arrive, touching the stream's idle
@@ -216,10 +264,13 @@ func (s *stream) tunnelH2(up io.ReadWriteCloser, h http.Header) cluster.RequestO
 	upDone := make(chan struct{})
 	go func() {
 		defer close(upDone)
+		var err error
 		if s.body != nil {
-			_, _ = s.copyTouch(up, s.body, nil)
+			_, err = s.copyTouch(up, s.body, nil)
 		}
-		cut()
+		if err != nil || !halfClose(up) {
+			cut()
+		}
 	}()
 	sent, _ := s.copyTouch(flushWriter{s.w, rc}, up, nil)
 	cut()

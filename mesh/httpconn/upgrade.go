@@ -37,20 +37,37 @@ func parseHCMUpgrades(cfgs []*hcmv3.HttpConnectionManager_UpgradeConfig) (upgrad
 	return u, nil
 }
 
-// parseRouteUpgrades reads route.upgrade_configs.
-func parseRouteUpgrades(cfgs []*routev3.RouteAction_UpgradeConfig) (upgrades, error) {
+// parseRouteUpgrades reads route.upgrade_configs; terminate reports a
+// CONNECT entry with connect_config (the proxy terminates CONNECT).
+// connect_config on another type is refused, as Envoy does, and so are
+// its proxy_protocol_config and allow_post, which meshtun does not do.
+func parseRouteUpgrades(cfgs []*routev3.RouteAction_UpgradeConfig) (u upgrades, terminate bool, err error) {
 	if len(cfgs) == 0 {
-		return nil, nil
+		return nil, false, nil
 	}
-	u := upgrades{}
+	u = upgrades{}
 	for i, c := range cfgs {
+		field := fmt.Sprintf("upgrade_configs[%d]", i)
 		typ := strings.ToLower(c.GetUpgradeType())
 		if _, dup := u[typ]; dup {
-			return nil, fieldf(fmt.Sprintf("upgrade_configs[%d].upgrade_type", i), "multiple upgrade configs with the same name: %q", c.GetUpgradeType())
+			return nil, false, fieldf(field+".upgrade_type", "multiple upgrade configs with the same name: %q", c.GetUpgradeType())
 		}
 		u[typ] = c.GetEnabled() == nil || c.GetEnabled().GetValue()
+		cc := c.GetConnectConfig()
+		if cc == nil {
+			continue
+		}
+		switch {
+		case typ != "connect":
+			return nil, false, fieldf(field+".connect_config", "non-CONNECT upgrade type %q has connect_config", c.GetUpgradeType())
+		case cc.GetProxyProtocolConfig() != nil:
+			return nil, false, fieldf(field+".connect_config.proxy_protocol_config", "not supported")
+		case cc.GetAllowPost():
+			return nil, false, fieldf(field+".connect_config.allow_post", "not supported")
+		}
+		terminate = true
 	}
-	return u, nil
+	return u, terminate, nil
 }
 
 // upgradeAllowed reports whether requests upgrading to typ (compared
