@@ -213,6 +213,24 @@ func (p *proxy) lastEntry(t testing.TB) Entry {
 	return p.waitEntries(t, int(p.sent.Load()))[p.sent.Load()-1]
 }
 
+// findEntry waits for an access entry match accepts: entries are written
+// as streams finish, so the last one need not be the last request's.
+func (p *proxy) findEntry(t testing.TB, match func(Entry) bool) Entry {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		for _, e := range p.entries() {
+			if match(e) {
+				return e
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no matching access log entry among %d", len(p.entries()))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func (p *proxy) waitEntries(t testing.TB, n int) []Entry {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Second)

@@ -126,7 +126,8 @@ func TestRequestHeaderCountLimit(t *testing.T) {
 		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 			t.Errorf("h2=%v: 150 headers: %d, want 431", h2, resp.StatusCode)
 		}
-		if e := p.lastEntry(t); !e.ResponseFlags.Has(FlagDPE) {
+		e := p.findEntry(t, func(e Entry) bool { return e.ResponseCode == 431 && (e.Protocol == "HTTP/2.0") == h2 })
+		if !e.ResponseFlags.Has(FlagDPE) {
 			t.Errorf("h2=%v: flags %s, want DPE", h2, e.ResponseFlags)
 		}
 		if !h2 && !resp.Close {
