@@ -1,6 +1,7 @@
 package httpconn
 
 import (
+	"errors"
 	"net/http"
 	"net/textproto"
 	"net/url"
@@ -10,97 +11,37 @@ import (
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
-// stringMatcher is a compiled envoy.type.matcher.v3.StringMatcher.
-type stringMatcher struct {
-	kind       uint8 // smExact, …
-	value      string
-	ignoreCase bool
-	re         *regexp.Regexp
-}
-
-const (
-	smExact = iota
-	smPrefix
-	smSuffix
-	smContains
-	smRegex
-)
-
-func compileStringMatcher(m *matcherv3.StringMatcher, field string) (stringMatcher, error) {
-	sm := stringMatcher{ignoreCase: m.GetIgnoreCase()}
-	switch p := m.GetMatchPattern().(type) {
-	case *matcherv3.StringMatcher_Exact:
-		sm.kind, sm.value = smExact, p.Exact
-	case *matcherv3.StringMatcher_Prefix:
-		sm.kind, sm.value = smPrefix, p.Prefix
-	case *matcherv3.StringMatcher_Suffix:
-		sm.kind, sm.value = smSuffix, p.Suffix
-	case *matcherv3.StringMatcher_Contains:
-		sm.kind, sm.value = smContains, p.Contains
-	case *matcherv3.StringMatcher_SafeRegex:
-		re, err := compileRegex(p.SafeRegex, field+".safe_regex")
-		if err != nil {
-			return sm, err
-		}
-		sm.kind, sm.re = smRegex, re
-		return sm, nil
-	case *matcherv3.StringMatcher_Custom:
-		return sm, fieldf(field+".custom", "custom string matchers are not supported")
-	default:
-		return sm, fieldf(field, "no match_pattern")
-	}
-	if sm.ignoreCase {
-		sm.value = strings.ToLower(sm.value)
-	}
-	return sm, nil
+// compileStringMatcher is strmatch.Compile with this package's field
+// errors (so at nests them under the caller's path).
+func compileStringMatcher(m *matcherv3.StringMatcher, field string) (strmatch.Matcher, error) {
+	sm, err := strmatch.Compile(field, m)
+	return sm, matchErr(err)
 }
 
 // compileRegex compiles a RegexMatcher for a full match (Envoy's
-// safe_regex matches the whole value). Go's regexp is RE2, the engine
-// Envoy uses.
+// safe_regex matches the whole value).
 func compileRegex(m *matcherv3.RegexMatcher, field string) (*regexp.Regexp, error) {
-	re, err := regexp.Compile("^(?:" + m.GetRegex() + ")$")
-	if err != nil {
-		return nil, at(field+".regex", err)
-	}
-	return re, nil
+	re, err := strmatch.CompileRegex(field, m)
+	return re, matchErr(err)
 }
 
-func (m *stringMatcher) match(v string) bool {
-	switch m.kind {
-	case smRegex:
-		return m.re.MatchString(v)
-	case smExact:
-		if m.ignoreCase {
-			return strings.EqualFold(v, m.value)
-		}
-		return v == m.value
-	case smPrefix:
-		if m.ignoreCase {
-			return len(v) >= len(m.value) && strings.EqualFold(v[:len(m.value)], m.value)
-		}
-		return strings.HasPrefix(v, m.value)
-	case smSuffix:
-		if m.ignoreCase {
-			return len(v) >= len(m.value) && strings.EqualFold(v[len(v)-len(m.value):], m.value)
-		}
-		return strings.HasSuffix(v, m.value)
-	case smContains:
-		if m.ignoreCase {
-			return strings.Contains(strings.ToLower(v), m.value)
-		}
-		return strings.Contains(v, m.value)
+func matchErr(err error) error {
+	var se *strmatch.Error
+	if errors.As(err, &se) {
+		return &fieldError{se.Field, se.Err}
 	}
-	return false
+	return err
 }
 
 // headerMatcher is a compiled route.v3.HeaderMatcher.
 type headerMatcher struct {
 	name    string // canonical MIME key, or a pseudo-header (":path", …)
 	kind    uint8
-	sm      stringMatcher
+	sm      strmatch.Matcher
 	present bool
 	lo, hi  int64 // range_match [lo, hi)
 	invert  bool
@@ -133,21 +74,21 @@ func compileHeaderMatcher(h *routev3.HeaderMatcher, field string) (headerMatcher
 	var err error
 	switch s := h.GetHeaderMatchSpecifier().(type) {
 	case *routev3.HeaderMatcher_ExactMatch:
-		m.sm = stringMatcher{kind: smExact, value: s.ExactMatch}
+		m.sm = strmatch.Exactly(s.ExactMatch)
 	case *routev3.HeaderMatcher_SafeRegexMatch:
 		var re *regexp.Regexp
 		re, err = compileRegex(s.SafeRegexMatch, field+".safe_regex_match")
-		m.sm = stringMatcher{kind: smRegex, re: re}
+		m.sm = strmatch.Regex(re)
 	case *routev3.HeaderMatcher_RangeMatch:
 		m.kind, m.lo, m.hi = hmRange, s.RangeMatch.GetStart(), s.RangeMatch.GetEnd()
 	case *routev3.HeaderMatcher_PresentMatch:
 		m.kind, m.present = hmPresent, s.PresentMatch
 	case *routev3.HeaderMatcher_PrefixMatch:
-		m.sm = stringMatcher{kind: smPrefix, value: s.PrefixMatch}
+		m.sm = strmatch.Prefix(s.PrefixMatch)
 	case *routev3.HeaderMatcher_SuffixMatch:
-		m.sm = stringMatcher{kind: smSuffix, value: s.SuffixMatch}
+		m.sm = strmatch.Suffix(s.SuffixMatch)
 	case *routev3.HeaderMatcher_ContainsMatch:
-		m.sm = stringMatcher{kind: smContains, value: s.ContainsMatch}
+		m.sm = strmatch.Contains(s.ContainsMatch)
 	case *routev3.HeaderMatcher_StringMatch:
 		m.sm, err = compileStringMatcher(s.StringMatch, field+".string_match")
 	case nil:
@@ -197,7 +138,7 @@ func (m *headerMatcher) match(r *http.Request) bool {
 		n, err := strconv.ParseInt(v, 10, 64)
 		res = err == nil && n >= m.lo && n < m.hi
 	default:
-		res = m.sm.match(v)
+		res = m.sm.Match(v)
 	}
 	return res != m.invert
 }
@@ -206,7 +147,7 @@ func (m *headerMatcher) match(r *http.Request) bool {
 type queryMatcher struct {
 	name    string
 	present bool // present_match (no string matcher)
-	sm      *stringMatcher
+	sm      *strmatch.Matcher
 }
 
 func compileQueryMatcher(q *routev3.QueryParameterMatcher, field string) (queryMatcher, error) {
@@ -232,7 +173,7 @@ func (m *queryMatcher) match(rawQuery string) bool {
 	if m.sm == nil {
 		return ok == m.present
 	}
-	return ok && m.sm.match(v)
+	return ok && m.sm.Match(v)
 }
 
 // queryValue finds the first value of key in a raw query string without

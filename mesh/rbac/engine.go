@@ -21,6 +21,8 @@ import (
 	uritemplatev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/path/match/uri_template/v3"
 
 	"github.com/meshtun/meshtun/mesh/tlsctx"
+
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
 // Peer is the verified peer certificate of a TLS downstream, as the TLS
@@ -184,8 +186,8 @@ func anyPrincipal(ps []principal, in *Input) bool {
 // permission is a compiled Permission: a node of kind with its operands.
 type permission struct {
 	kind  uint8
-	sub   []permission // and/or/not (not: one)
-	str   strMatch     // url_path, requested_server_name
+	sub   []permission     // and/or/not (not: one)
+	str   strmatch.Matcher // url_path, requested_server_name
 	hdr   headerMatch
 	cidr  netip.Prefix
 	lo    uint32 // destination_port; range [lo, hi)
@@ -246,7 +248,7 @@ func compilePermission(pb *rbacv3.Permission, field string) (permission, error) 
 		}
 		p.kind, p.hdr = pHeader, h
 	case *rbacv3.Permission_UrlPath:
-		s, err := compileString(r.UrlPath.GetPath(), field+".url_path.path")
+		s, err := strmatch.Compile(field+".url_path.path", r.UrlPath.GetPath())
 		if err != nil {
 			return p, err
 		}
@@ -262,7 +264,7 @@ func compilePermission(pb *rbacv3.Permission, field string) (permission, error) 
 	case *rbacv3.Permission_DestinationPortRange:
 		p.kind, p.lo, p.hi = pDstPortRange, uint32(r.DestinationPortRange.GetStart()), uint32(r.DestinationPortRange.GetEnd())
 	case *rbacv3.Permission_RequestedServerName:
-		s, err := compileString(r.RequestedServerName, field+".requested_server_name")
+		s, err := strmatch.Compile(field+".requested_server_name", r.RequestedServerName)
 		if err != nil {
 			return p, err
 		}
@@ -314,7 +316,7 @@ func (p *permission) match(in *Input) bool {
 	case pHeader:
 		return p.hdr.match(in)
 	case pURLPath:
-		return in.Path != "" && p.str.match(pathOnly(in.Path))
+		return in.Path != "" && p.str.Match(pathOnly(in.Path))
 	case pDstIP:
 		return in.Local.IsValid() && p.cidr.Contains(in.Local.Addr().Unmap())
 	case pDstPort:
@@ -323,7 +325,7 @@ func (p *permission) match(in *Input) bool {
 		port := uint32(in.Local.Port())
 		return in.Local.IsValid() && port >= p.lo && port < p.hi
 	case pSNI:
-		return p.str.match(in.SNI)
+		return p.str.Match(in.SNI)
 	case pURITemplate:
 		return in.Path != "" && p.regex.MatchString(pathOnly(in.Path))
 	}
@@ -334,7 +336,7 @@ func (p *permission) match(in *Input) bool {
 type principal struct {
 	kind uint8
 	sub  []principal
-	str  strMatch // authenticated (hasStr false: any authenticated peer), url_path
+	str  strmatch.Matcher // authenticated (hasStr false: any authenticated peer), url_path
 	has  bool
 	hdr  headerMatch
 	cidr netip.Prefix
@@ -390,7 +392,7 @@ func compilePrincipal(pb *rbacv3.Principal, field string) (principal, error) {
 		p.kind = idAuthenticated
 		if m := r.Authenticated.GetPrincipalName(); m != nil {
 			p.has = true
-			if p.str, err = compileString(m, field+".authenticated.principal_name"); err != nil {
+			if p.str, err = strmatch.Compile(field+".authenticated.principal_name", m); err != nil {
 				return p, err
 			}
 		}
@@ -408,7 +410,7 @@ func compilePrincipal(pb *rbacv3.Principal, field string) (principal, error) {
 		p.hdr, err = compileHeader(r.Header, field+".header")
 	case *rbacv3.Principal_UrlPath:
 		p.kind = idURLPath
-		p.str, err = compileString(r.UrlPath.GetPath(), field+".url_path.path")
+		p.str, err = strmatch.Compile(field+".url_path.path", r.UrlPath.GetPath())
 	case *rbacv3.Principal_Metadata:
 		return p, fmt.Errorf("%s.metadata (filter %q): dynamic metadata is not available: meshtun runs no %s filter to produce it (requestPrincipals need JWT authentication)", field, r.Metadata.GetFilter(), metadataSource(r.Metadata.GetFilter()))
 	case *rbacv3.Principal_FilterState:
@@ -451,7 +453,7 @@ func (p *principal) match(in *Input) bool {
 	case idHeader:
 		return p.hdr.match(in)
 	case idURLPath:
-		return in.Path != "" && p.str.match(pathOnly(in.Path))
+		return in.Path != "" && p.str.Match(pathOnly(in.Path))
 	}
 	return false
 }
@@ -467,14 +469,14 @@ func (p *principal) authenticated(peer *Peer) bool {
 		return true
 	}
 	for _, s := range peer.URISANs {
-		if p.str.match(s) {
+		if p.str.Match(s) {
 			return true
 		}
 	}
 	for _, s := range peer.DNSSANs {
-		if p.str.match(s) {
+		if p.str.Match(s) {
 			return true
 		}
 	}
-	return p.str.match(peer.Subject)
+	return p.str.Match(peer.Subject)
 }

@@ -4,115 +4,19 @@ import (
 	"fmt"
 	"net/netip"
 	"net/textproto"
-	"regexp"
 	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
-
-// strMatch is a compiled envoy.type.matcher.v3.StringMatcher. Matching
-// never allocates: ignore_case compares with strings.EqualFold on the
-// pattern lowered once at compile time.
-type strMatch struct {
-	kind       uint8
-	value      string
-	ignoreCase bool
-	re         *regexp.Regexp
-}
-
-const (
-	smExact = iota
-	smPrefix
-	smSuffix
-	smContains
-	smRegex
-)
-
-func compileString(m *matcherv3.StringMatcher, field string) (strMatch, error) {
-	sm := strMatch{ignoreCase: m.GetIgnoreCase()}
-	switch p := m.GetMatchPattern().(type) {
-	case *matcherv3.StringMatcher_Exact:
-		sm.kind, sm.value = smExact, p.Exact
-	case *matcherv3.StringMatcher_Prefix:
-		sm.kind, sm.value = smPrefix, p.Prefix
-	case *matcherv3.StringMatcher_Suffix:
-		sm.kind, sm.value = smSuffix, p.Suffix
-	case *matcherv3.StringMatcher_Contains:
-		sm.kind, sm.value = smContains, p.Contains
-	case *matcherv3.StringMatcher_SafeRegex:
-		re, err := compileRegex(p.SafeRegex, field+".safe_regex")
-		if err != nil {
-			return sm, err
-		}
-		sm.kind, sm.re = smRegex, re
-		return sm, nil
-	case *matcherv3.StringMatcher_Custom:
-		return sm, fmt.Errorf("%s.custom: custom string matchers are not supported", field)
-	default:
-		return sm, fmt.Errorf("%s: no match_pattern", field)
-	}
-	if sm.ignoreCase {
-		sm.value = strings.ToLower(sm.value)
-	}
-	return sm, nil
-}
-
-// compileRegex compiles a RegexMatcher for a full match, as Envoy's RE2
-// matcher (Go's regexp is RE2 too; anchoring makes it whole-string).
-func compileRegex(m *matcherv3.RegexMatcher, field string) (*regexp.Regexp, error) {
-	re, err := regexp.Compile("^(?:" + m.GetRegex() + ")$")
-	if err != nil {
-		return nil, fmt.Errorf("%s.regex: %w", field, err)
-	}
-	return re, nil
-}
-
-func (m *strMatch) match(s string) bool {
-	switch m.kind {
-	case smExact:
-		if m.ignoreCase {
-			return strings.EqualFold(s, m.value)
-		}
-		return s == m.value
-	case smPrefix:
-		if len(s) < len(m.value) {
-			return false
-		}
-		if m.ignoreCase {
-			return strings.EqualFold(s[:len(m.value)], m.value)
-		}
-		return s[:len(m.value)] == m.value
-	case smSuffix:
-		if len(s) < len(m.value) {
-			return false
-		}
-		if m.ignoreCase {
-			return strings.EqualFold(s[len(s)-len(m.value):], m.value)
-		}
-		return s[len(s)-len(m.value):] == m.value
-	case smContains:
-		if !m.ignoreCase {
-			return strings.Contains(s, m.value)
-		}
-		for i := 0; i+len(m.value) <= len(s); i++ {
-			if strings.EqualFold(s[i:i+len(m.value)], m.value) {
-				return true
-			}
-		}
-		return false
-	case smRegex:
-		return m.re.MatchString(s)
-	}
-	return false
-}
 
 // headerMatch is a compiled route.v3.HeaderMatcher as RBAC uses it.
 type headerMatch struct {
 	name          string // canonical key, or a pseudo-header (":path")
 	kind          uint8  // hmString, hmPresent, hmRange
-	str           strMatch
+	str           strmatch.Matcher
 	present       bool
 	lo, hi        int64 // range [lo, hi)
 	invert        bool
@@ -147,21 +51,21 @@ func compileHeader(h *routev3.HeaderMatcher, field string) (headerMatch, error) 
 	var err error
 	switch s := h.GetHeaderMatchSpecifier().(type) {
 	case *routev3.HeaderMatcher_ExactMatch:
-		hm.str = strMatch{kind: smExact, value: s.ExactMatch}
+		hm.str = strmatch.Exactly(s.ExactMatch)
 	case *routev3.HeaderMatcher_PrefixMatch:
-		hm.str = strMatch{kind: smPrefix, value: s.PrefixMatch}
+		hm.str = strmatch.Prefix(s.PrefixMatch)
 	case *routev3.HeaderMatcher_SuffixMatch:
-		hm.str = strMatch{kind: smSuffix, value: s.SuffixMatch}
+		hm.str = strmatch.Suffix(s.SuffixMatch)
 	case *routev3.HeaderMatcher_ContainsMatch:
-		hm.str = strMatch{kind: smContains, value: s.ContainsMatch}
+		hm.str = strmatch.Contains(s.ContainsMatch)
 	case *routev3.HeaderMatcher_SafeRegexMatch:
-		re, err := compileRegex(s.SafeRegexMatch, field+".safe_regex_match")
+		re, err := strmatch.CompileRegex(field+".safe_regex_match", s.SafeRegexMatch)
 		if err != nil {
 			return hm, err
 		}
-		hm.str = strMatch{kind: smRegex, re: re}
+		hm.str = strmatch.Regex(re)
 	case *routev3.HeaderMatcher_StringMatch:
-		hm.str, err = compileString(s.StringMatch, field+".string_match")
+		hm.str, err = strmatch.Compile(field+".string_match", s.StringMatch)
 	case *routev3.HeaderMatcher_PresentMatch:
 		hm.kind, hm.present = hmPresent, s.PresentMatch
 	case *routev3.HeaderMatcher_RangeMatch:
@@ -193,7 +97,7 @@ func (m *headerMatch) match(in *Input) bool {
 	var r bool
 	switch m.kind {
 	case hmString:
-		r = m.str.match(v)
+		r = m.str.Match(v)
 	case hmRange:
 		n, err := parseInt(v)
 		r = err == nil && n >= m.lo && n < m.hi

@@ -11,6 +11,7 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
 	"github.com/meshtun/meshtun/internal/testpki"
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
 func regex(r string) *matcherv3.StringMatcher {
@@ -41,11 +42,11 @@ func TestStringMatcher(t *testing.T) {
 		{regex("ns/x"), "spiffe://a/ns/x/sa/b", false}, // full match, not search
 		{regex("a|spiffe://.*"), "spiffe://q", true},   // the alternation is anchored as a whole
 	} {
-		m, err := compileStringMatcher("m", tc.m)
+		m, err := strmatch.Compile("m", tc.m)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := m.match(tc.v); got != tc.want {
+		if got := m.Match(tc.v); got != tc.want {
 			t.Errorf("%v on %q = %v, want %v", tc.m, tc.v, got, tc.want)
 		}
 	}
