@@ -33,6 +33,7 @@ import (
 //
 //	pod A eth0 10.X.0.2 ── services vsXXXX 10.X.0.1 (CP: 15010, 15012, 15014)
 //	pod B eth0 10.X.2.2 ── services vbXXXX 10.X.2.1
+//	pod C eth0 10.X.3.2 ── services vbYYYY 10.X.3.1 (meshOpts.podC only)
 //
 // The wire between A and the services namespace (vsXXXX) is where the
 // tests read what A's proxy sends to B.
@@ -43,27 +44,37 @@ const trustDomain = "cluster.local"
 // spiffeID is the SPIFFE ID the control plane's CA issues to default/sa.
 func spiffeID(sa string) string { return "spiffe://" + trustDomain + "/ns/default/sa/" + sa }
 
-// addPod adds a second pod namespace to topo, joined to the services
-// namespace by its own veth, the services namespace forwarding between
-// the two pods. The returned topology shares Services with topo; its Pod,
-// PodV4, GwV4, SvcIface and StateDir are the new pod's (no IPv6).
-func addPod(t *testing.T, topo *topology) *topology {
+// addPod adds pod B (10.X.2.2) to topo: addPodAt with subnet 2.
+func addPod(t *testing.T, topo *topology) *topology { return addPodAt(t, topo, 2) }
+
+// addPodAt adds another pod namespace to topo, joined to the services
+// namespace by its own veth on 10.X.<subnet>.0/24 (pod .2, gateway .1),
+// the services namespace forwarding between all pods. Each pod needs its
+// own subnet: the control plane finds a workload by its address, and two
+// pods on one address would share an identity. Subnets 0 (pod A) and 1
+// (the services' addresses) are taken. The returned topology shares
+// Services with topo; its Pod, PodV4, GwV4, SvcIface and StateDir are
+// the new pod's (no IPv6).
+func addPodAt(t *testing.T, topo *topology, subnet byte) *topology {
 	t.Helper()
+	if subnet < 2 {
+		t.Fatalf("addPodAt: subnet %d is taken (0 is pod A's, 1 the services')", subnet)
+	}
 	x := topo.PodV4.As4()[1]
 	suffix := randHex(3)
-	b := &topology{Pod: "mt" + suffix + "-pb", Services: topo.Services, PodIface: "eth0", SvcIface: "vb" + suffix,
-		PodV4:    netip.AddrFrom4([4]byte{10, x, 2, 2}),
-		GwV4:     netip.AddrFrom4([4]byte{10, x, 2, 1}),
+	b := &topology{Pod: fmt.Sprintf("mt%s-p%d", suffix, subnet), Services: topo.Services, PodIface: "eth0", SvcIface: "vb" + suffix,
+		PodV4:    netip.AddrFrom4([4]byte{10, x, subnet, 2}),
+		GwV4:     netip.AddrFrom4([4]byte{10, x, subnet, 1}),
 		SvcV4:    topo.SvcV4,
 		Svc2V4:   topo.Svc2V4,
 		StateDir: t.TempDir(),
 	}
 	if _, err := run("ip", "netns", "add", b.Pod); err != nil {
-		t.Fatalf("pod B: %v", err)
+		t.Fatalf("pod %s: %v", b.PodV4, err)
 	}
 	t.Cleanup(func() {
 		if _, err := run("ip", "netns", "del", b.Pod); err != nil {
-			t.Errorf("pod B cleanup: %v", err)
+			t.Errorf("pod %s cleanup: %v", b.PodV4, err)
 		}
 	})
 	ipn := func(ns string, args ...string) []string { return append([]string{"ip", "-n", ns}, args...) }
@@ -79,7 +90,7 @@ func addPod(t *testing.T, topo *topology) *topology {
 	}
 	for _, s := range steps {
 		if _, err := run(s[0], s[1:]...); err != nil {
-			t.Fatalf("pod B: %v", err)
+			t.Fatalf("pod %s: %v", b.PodV4, err)
 		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -90,7 +101,7 @@ func addPod(t *testing.T, topo *topology) *topology {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("pod B: %s/%s has no carrier after 5s: %s %v", end[0], end[1], out, err)
+				t.Fatalf("pod %s: %s/%s has no carrier after 5s: %s %v", b.PodV4, end[0], end[1], out, err)
 			}
 			time.Sleep(20 * time.Millisecond)
 		}

@@ -37,6 +37,14 @@ type meshTest struct {
 	web   *recHTTP   // B's HTTP app on :8080
 	echoB *tcpServer // B's TCP app (echo) on :9000
 	wire  *sniffer   // A's veth, on the services side: A's traffic to B
+
+	// Pod C (meshOpts.podC): a third meshed pod, service account "c",
+	// endpoint of service c; nil otherwise.
+	podC *topology
+	c    *meshedAgent
+	// services are the registry's service entries (b, a, and c when
+	// present), so a test rewriting the registry keeps them.
+	services []string
 }
 
 // meshOpts vary the two-pod setup.
@@ -48,11 +56,19 @@ type meshOpts struct {
 	aExtra   []string      // more flags of A's agent
 	bExtra   []string      // more flags of B's agent
 	bPorts   []meshPortDoc // more TCP ports of service b (apps started by the test)
+	podC     bool          // add pod C (10.X.3.2, service account "c", service c) with its agent
+}
+
+// writeRegistry replaces the control plane's registry by the test's
+// services followed by more (e.g. a policyDoc).
+func (m *meshTest) writeRegistry(t *testing.T, more ...string) {
+	t.Helper()
+	m.cp.writeRegistry(t, registryDoc(append(append([]string(nil), m.services...), more...)...))
 }
 
 // newMeshTest starts the control plane (CA, ADS on 15012) serving service
 // b (VIP, HTTP 8080 and TCP 9000, endpoint pod B, meshed) and service a
-// (pod A, meshed), B's apps, both pods' agents (ready), and the wire
+// (pod A, meshed) (and service c, pod C, with o.podC), B's apps, both pods' agents (ready), and the wire
 // sniffer on A's veth.
 func newMeshTest(t *testing.T, o meshOpts) *meshTest {
 	t.Helper()
@@ -226,10 +242,15 @@ func newMeshTestHook(t *testing.T, o meshOpts, extra func(topo, podB *topology) 
 	m := &meshTest{topo: newTopology(t)}
 	m.podB = addPod(t, m.topo)
 	m.vipB = vip(m.topo, false, 40)
-	reg := registryDoc(append([]string{
+	m.services = []string{
 		meshServiceDoc("b", m.vipB, append([]meshPortDoc{{"http", portHTTP, "HTTP"}, {"tcp", portTCP, "TCP"}}, o.bPorts...), true, m.podB.PodV4),
 		meshServiceDoc("a", vip(m.topo, false, 41), []meshPortDoc{{"tcp", 7070, "TCP"}}, true, m.topo.PodV4),
-	}, o.services...)...)
+	}
+	if o.podC {
+		m.podC = addPodAt(t, m.topo, 3)
+		m.services = append(m.services, meshServiceDoc("c", vip(m.topo, false, 42), []meshPortDoc{{"tcp", 7070, "TCP"}}, true, m.podC.PodV4))
+	}
+	reg := registryDoc(append(append([]string(nil), m.services...), o.services...)...)
 	m.cp = startMeshCP(t, m.topo, reg, meshProfile("mtls-"+strings.ToLower(o.peerAuth), o.peerAuth))
 	m.web = startRecHTTP(t, m.podB.Pod, fmt.Sprintf("0.0.0.0:%d", portHTTP), "b")
 	m.echoB = startTCPServer(t, m.podB.Pod, fmt.Sprintf("0.0.0.0:%d", portTCP), echo)
@@ -239,6 +260,9 @@ func newMeshTestHook(t *testing.T, o meshOpts, extra func(topo, podB *topology) 
 		aExtra = append(append([]string(nil), aExtra...), extra(m.topo, m.podB)...)
 	}
 	m.a = startMeshedAgent(t, m.topo, m.topo, m.cp, "a-1", "a", o.env, aExtra...)
+	if o.podC {
+		m.c = startMeshedAgent(t, m.topo, m.podC, m.cp, "c-1", "c", o.env)
+	}
 	m.wire = startSniffer(t, m.topo.Services, m.topo.SvcIface)
 	return m
 }
