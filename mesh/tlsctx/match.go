@@ -10,7 +10,6 @@ import (
 	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
-
 // SAN types a sanMatcher applies to (bits).
 const (
 	sanDNS = 1 << iota
