@@ -247,10 +247,10 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 	if n := s1.Drain(s2, 0); n != 1 {
 		t.Fatalf("%d listeners draining, want 1 (b changed)", n)
 	}
-	if s1.Listener("b").drain.closed.Err() == nil {
+	if s1.Listener("b").drain.closed().Err() == nil {
 		t.Fatal("changed listener b not drained")
 	}
-	if s1.Listener("a").drain.draining.Err() != nil || s2.Listener("b").drain.draining.Err() != nil {
+	if s1.Listener("a").drain.draining().Err() != nil || s2.Listener("b").drain.draining().Err() != nil {
 		t.Fatal("an unchanged or new listener was drained")
 	}
 	s3, err := Build("3", []*listenerv3.Listener{b2}, passthroughClusters(), s2, buildOpts())
@@ -258,14 +258,14 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2.Drain(s3, 50*time.Millisecond) // a removed
-	if s2.Listener("a").drain.draining.Err() == nil {
+	if s2.Listener("a").drain.draining().Err() == nil {
 		t.Fatal("the drain did not start at once")
 	}
-	if s2.Listener("a").drain.closed.Err() != nil {
+	if s2.Listener("a").drain.closed().Err() != nil {
 		t.Fatal("drained before the drain duration")
 	}
 	select {
-	case <-s2.Listener("a").drain.closed.Done():
+	case <-s2.Listener("a").drain.closed().Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("removed listener never drained")
 	}
