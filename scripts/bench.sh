@@ -551,6 +551,7 @@ lrow() {
 		lrow "idle RSS (MB)" idle_rss_kb 1024 "%.1f" "goal: <= 20"
 		lrow "req/s achieved" load_rps 1 "%.0f" ""
 	fi
+	[[ $TESTS != *" http "* ]] ||
 	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | redirect%s | capture%s | vip (HCM)%s\n", v["direct"], v["redirect"], v["capture"], v["vip"] }' "$SAMPLES"
 	echo
 	echo "per round (round mode metric value): $SAMPLES"
