@@ -251,7 +251,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 			return
 		}
 	}
-	chain.TCP.Serve(l.drain.closed, down, up, e)
+	chain.TCP.Serve(l.drain.closed(), down, up, e)
 }
 
 // authorizeFlow runs the chain's network RBAC filters in order, once per
@@ -364,12 +364,12 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 			access.Log(&re)
 		}
 	}
-	info := httpconn.ConnInfo{Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining, SNI: sni}
+	info := httpconn.ConnInfo{Peer: fid.Src, Local: fid.Dst, AccessLog: logReq, Draining: l.drain.draining(), SNI: sni}
 	if tc, ok := down.(*Downstream); ok {
 		info.TLS, info.TLSPeer = &tc.TLS, tc.Peer
 		info.LocalURISAN = tlsctx.LocalURISAN(tc.TLS)
 	}
-	err := chain.HTTP.Serve(l.drain.drained, down, liveEnv{d: d, start: snap}, info)
+	err := chain.HTTP.Serve(l.drain.drained(), down, liveEnv{d: d, start: snap}, info)
 	down.Close()
 	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, context.Canceled) {
 		e.ResponseFlags, e.Details = "DC", err.Error()

@@ -72,7 +72,7 @@ func PeerOf(conn net.Conn) *tlsctx.Peer {
 // failure conn is closed, the reason is in e, the listener's ssl.*
 // counters have it, and nothing reaches the chain's filters.
 func terminate(l *Listener, chain *Chain, conn net.Conn, e *accesslog.Entry) (*Downstream, bool) {
-	ctx, cancel := context.WithTimeout(l.drain.closed, chain.HandshakeTimeout)
+	ctx, cancel := context.WithTimeout(l.drain.closed(), chain.HandshakeTimeout)
 	tc, err := chain.TLS.Handshake(ctx, conn)
 	cancel()
 	if err != nil {

@@ -316,10 +316,10 @@ func TestProxyDrain(t *testing.T) {
 	done := func(c context.Context) bool { return c.Err() != nil }
 
 	srv.StartDrain(true)
-	if !done(l("in").draining) || done(l("out").draining) {
-		t.Fatalf("inbound-only drain: in draining %v, out draining %v; want true, false", done(l("in").draining), done(l("out").draining))
+	if !done(l("in").draining()) || done(l("out").draining()) {
+		t.Fatalf("inbound-only drain: in draining %v, out draining %v; want true, false", done(l("in").draining()), done(l("out").draining()))
 	}
-	if done(l("in").drained) {
+	if done(l("in").drained()) {
 		t.Fatal("the drain's start ended it")
 	}
 	// A listener a later update adds (or changes) drains as well.
@@ -329,20 +329,52 @@ func TestProxyDrain(t *testing.T) {
 	if err := a.Apply(context.Background(), res); err != nil {
 		t.Fatal(err)
 	}
-	if !done(l("in2").draining) || done(l("out").draining) {
+	if !done(l("in2").draining()) || done(l("out").draining()) {
 		t.Fatal("a listener added during an inbound drain does not drain, or an outbound one does")
 	}
 	srv.EndDrain(true)
 	for _, n := range []string{"in", "in2"} {
-		if !done(l(n).drained) || done(l(n).closed) {
-			t.Errorf("%s after EndDrain: drained %v, closed %v; want HTTP ended, TCP going on", n, done(l(n).drained), done(l(n).closed))
+		if !done(l(n).drained()) || done(l(n).closed()) {
+			t.Errorf("%s after EndDrain: drained %v, closed %v; want HTTP ended, TCP going on", n, done(l(n).drained()), done(l(n).closed()))
 		}
 	}
-	if done(l("out").drained) {
+	if done(l("out").drained()) {
 		t.Error("an inbound-only drain ended an outbound listener's")
 	}
 	srv.StartDrain(false)
-	if !done(l("out").draining) {
+	if !done(l("out").draining()) {
 		t.Error("a drain of all listeners left the outbound one")
+	}
+}
+
+// A listener's drain contexts are made by its first flow, not by the
+// build; a step taken before then holds for the contexts made after it,
+// and a later step reaches contexts already made.
+func TestListenerDrainLazyContexts(t *testing.T) {
+	ld := newListenerDrain()
+	if ld.ctxs.Load() != nil {
+		t.Fatal("a new listener drain made its contexts")
+	}
+	ld.start()
+	if ld.ctxs.Load() != nil {
+		t.Fatal("starting the drain made the contexts")
+	}
+	if ld.draining().Err() == nil || ld.drained().Err() != nil || ld.closed().Err() != nil {
+		t.Fatalf("started before the contexts were made: draining %v, drained %v, closed %v; want only draining done",
+			ld.draining().Err(), ld.drained().Err(), ld.closed().Err())
+	}
+	ld.end()
+	if ld.drained().Err() == nil || ld.closed().Err() != nil {
+		t.Fatalf("ended after the contexts were made: drained %v, closed %v; want drained only", ld.drained().Err(), ld.closed().Err())
+	}
+	ld.start() // never back
+	ld.close()
+	if ld.closed().Err() == nil || ld.draining().Err() == nil {
+		t.Fatal("closed: the contexts are not all done")
+	}
+	late := newListenerDrain()
+	late.close()
+	if late.draining().Err() == nil || late.drained().Err() == nil || late.closed().Err() == nil {
+		t.Fatal("closed before the contexts were made: they were not born done")
 	}
 }

@@ -216,7 +216,7 @@ func entryOf(t testing.TB, done <-chan accesslog.Entry) accesslog.Entry {
 
 // sslStat is the listener's ssl.<name> counter.
 func (in *inbound) sslStat(name string) uint64 {
-	for _, st := range in.l.Stats.SSL.List() {
+	for _, st := range in.l.Stats.SSL().List() {
 		if st.Name == name {
 			return st.Value
 		}
@@ -347,7 +347,7 @@ func TestInboundPermissiveTCP(t *testing.T) {
 			t.Errorf("entry %+v, want peer %s, 4 bytes each way to %s", e, sleepID, InboundPassthroughCluster)
 		}
 		if in.sslStat("handshake") != 1 || in.sslStat("versions.TLSv1.3") != 1 {
-			t.Errorf("ssl stats %v, want one TLSv1.3 handshake", in.l.Stats.SSL.List())
+			t.Errorf("ssl stats %v, want one TLSv1.3 handshake", in.l.Stats.SSL().List())
 		}
 		if !strings.Contains(in.log.String(), `"downstream_peer_uri_san":"`+sleepID+`"`) {
 			t.Errorf("access log has no downstream_peer_uri_san %s:\n%s", sleepID, in.log)

@@ -9,6 +9,7 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	udpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
@@ -247,10 +248,10 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 	if n := s1.Drain(s2, 0); n != 1 {
 		t.Fatalf("%d listeners draining, want 1 (b changed)", n)
 	}
-	if s1.Listener("b").drain.closed.Err() == nil {
+	if s1.Listener("b").drain.closed().Err() == nil {
 		t.Fatal("changed listener b not drained")
 	}
-	if s1.Listener("a").drain.draining.Err() != nil || s2.Listener("b").drain.draining.Err() != nil {
+	if s1.Listener("a").drain.draining().Err() != nil || s2.Listener("b").drain.draining().Err() != nil {
 		t.Fatal("an unchanged or new listener was drained")
 	}
 	s3, err := Build("3", []*listenerv3.Listener{b2}, passthroughClusters(), s2, buildOpts())
@@ -258,14 +259,14 @@ func TestDrainRemovedOrChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	s2.Drain(s3, 50*time.Millisecond) // a removed
-	if s2.Listener("a").drain.draining.Err() == nil {
+	if s2.Listener("a").drain.draining().Err() == nil {
 		t.Fatal("the drain did not start at once")
 	}
-	if s2.Listener("a").drain.closed.Err() != nil {
+	if s2.Listener("a").drain.closed().Err() != nil {
 		t.Fatal("drained before the drain duration")
 	}
 	select {
-	case <-s2.Listener("a").drain.closed.Done():
+	case <-s2.Listener("a").drain.closed().Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("removed listener never drained")
 	}
@@ -337,4 +338,27 @@ func hasStat(st []cluster.Stat, name string, v uint64) bool {
 		}
 	}
 	return false
+}
+
+// A listener without a transport socket gets no ssl.* block: most have
+// none, and the block was half of a listener's stats.
+func TestPlainListenerHasNoSSLStats(t *testing.T) {
+	ls, cs, eps := services(t, 1)
+	opts := buildOpts()
+	opts.Endpoints = map[string]*endpointv3.ClusterLoadAssignment{eps[0].GetClusterName(): eps[0]}
+	s, err := Build("1", ls, cs, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Retire(nil)
+	l := s.Listener(ls[0].GetName())
+	if l == nil || l.Stats == nil {
+		t.Fatalf("listener %q not built", ls[0].GetName())
+	}
+	if l.Stats.ssl.Load() != nil {
+		t.Fatal("a listener without TLS has an ssl.* block")
+	}
+	if a, b := l.Stats.SSL(), l.Stats.SSL(); a == nil || a != b {
+		t.Fatal("SSL() does not make one block and keep it")
+	}
 }

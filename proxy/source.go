@@ -286,6 +286,7 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	if err != nil {
 		return err
 	}
+	releaseAfterUpdate(s.dynamic, r)
 	s.dynamic = r
 	if _, ok := r.Versions[xdsclient.ListenerType]; ok {
 		// Envoy is LIVE once its first CDS and LDS responses (with the

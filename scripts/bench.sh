@@ -13,6 +13,13 @@
 # every side alike:
 #   iperf3 1 stream and 4 streams (bits/s received), 64-byte request/response
 #   latency on one connection (p50/p99), new connection + one RR (p50/p99).
+# The "load" test measures the cost of the proxy process itself, Istio's
+# published yardstick: HTTP/1.1 keep-alive at a fixed BENCH_HTTP_RATE for
+# BENCH_LOAD_SECONDS through the http_connection_manager (vip) and through
+# plain TCP capture (capture, L4); utime+stime from /proc/<pid>/stat before
+# and after give vCPU (CPU seconds per second) per 1,000 req/s, VmRSS at the
+# end the RSS under load; idle RSS is read before any traffic but the
+# readiness probe. The REDIRECT reference proxy is measured the same way.
 # Prints medians across rounds and writes them to $BENCH_OUT/bench-results.txt.
 #
 # Needs root, ip (iproute2), iperf3, iptables, awk, go (to build integration/cmd/rrbench).
@@ -25,7 +32,8 @@
 #   MESHTUN_ARGS=            extra `meshtun proxy` flags (word-split)
 #   BENCH_DIRECT_ONLY=1      skip everything that needs the proxy
 #   BENCH_OUT=/tmp/meshtun-bench   logs, raw iperf3 JSON, results
-#   BENCH_TESTS="tcp rr connect http"   which measurements to run
+#   BENCH_LOAD_SECONDS=30    duration of the fixed-rate CPU/RSS load test
+#   BENCH_TESTS="tcp rr connect http load"   which measurements to run
 #   BENCH_HTTP_RBAC=1        the vip HTTP listener runs one istiod-shaped
 #                            ALLOW envoy.filters.http.rbac policy (method,
 #                            path, source IP) before the router: compare its
@@ -35,7 +43,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${BENCH_ROUNDS:-3}
-TESTS=" ${BENCH_TESTS:-tcp rr connect http} "
+TESTS=" ${BENCH_TESTS:-tcp rr connect http load} "
+LOAD_SECONDS=${BENCH_LOAD_SECONDS:-30}
 SECONDS_PER_TEST=${BENCH_SECONDS:-5}
 RR_N=${BENCH_RR_N:-20000}
 CONNECT_N=${BENCH_CONNECT_N:-2000}
@@ -72,6 +81,9 @@ for c in ip iperf3 iptables awk "$GO"; do
 done
 case $ROUNDS in '' | *[!0-9]* | 0) die "BENCH_ROUNDS=$ROUNDS: want a positive integer" ;; esac
 case $SECONDS_PER_TEST in '' | *[!0-9]* | 0) die "BENCH_SECONDS=$SECONDS_PER_TEST: want a positive integer" ;; esac
+case $LOAD_SECONDS in '' | *[!0-9]* | 0) die "BENCH_LOAD_SECONDS=$LOAD_SECONDS: want a positive integer" ;; esac
+case $HTTP_RATE in '' | *[!0-9]* | 0) die "BENCH_HTTP_RATE=$HTTP_RATE: want a positive integer" ;; esac
+CLK_TCK=$(getconf CLK_TCK)
 
 if [ "$DIRECT_ONLY" != 1 ]; then
 	[ -x "$BIN" ] || die "MESHTUN_BIN=$BIN is not executable (run make build, or BENCH_DIRECT_ONLY=1)"
@@ -268,6 +280,11 @@ iperf() {
 measure() { # measure ROUND MODE
 	local r=$1 mode=$2 dir=$OUT/round$1 bps j
 	mkdir -p "$dir"
+	# First, so that the RSS under load is not the high-water mark of the
+	# throughput tests.
+	if [[ $TESTS == *" load "* && -n $MEASURED_PID ]]; then
+		measure_load "$r" "$mode"
+	fi
 	if [[ $TESTS == *" tcp "* ]]; then
 	log "round $r/$ROUNDS $mode: iperf3 1 stream"
 	bps=$(iperf "$dir/$mode-iperf-P1.json") || die "iperf3 failed"
@@ -304,12 +321,58 @@ measure() { # measure ROUND MODE
 	sample "$r" "$mode" http_rps "$(jfield "$j" rps)"
 }
 
+# proc_cpu_ticks PID: utime+stime of PID in clock ticks (fields 14 and 15
+# of /proc/PID/stat, counted after the ")" that ends the command name).
+proc_cpu_ticks() {
+	local st
+	st=$(cat "/proc/$1/stat") || die "pid $1 is gone: no CPU time to read"
+	st=${st##*) }
+	awk '{ print $12 + $13 }' <<<"$st"
+}
+
+# proc_kb PID FIELD: a /proc/PID/status field in kB (VmRSS, VmHWM).
+proc_kb() { awk -v k="$2:" '$1 == k { print $2; exit }' "/proc/$1/status"; }
+
+# MEASURED_PID is the proxy process of the mode being measured (empty for
+# direct); set by measure_capture, measure_vip and measure_redirect.
+MEASURED_PID=
+
+# idle_rss MODE: the measured process's RSS before any traffic but the
+# readiness probe, after a second to settle.
+idle_rss() {
+	sleep 1
+	sample "$R" "$1" idle_rss_kb "$(proc_kb "$MEASURED_PID" VmRSS)"
+}
+
+# measure_load ROUND MODE: HTTP/1.1 keep-alive at a fixed HTTP_RATE for
+# LOAD_SECONDS; the measured process's CPU time over the run, per 1,000
+# req/s actually served, and its RSS at the end.
+measure_load() {
+	local r=$1 mode=$2 dir=$OUT/round$1 j t0 t1 c0 c1 rps wall
+	log "round $r/$ROUNDS $mode: CPU and RSS at $HTTP_RATE req/s for ${LOAD_SECONDS}s (pid $MEASURED_PID)"
+	c0=$(proc_cpu_ticks "$MEASURED_PID")
+	t0=$(date +%s%N)
+	j=$(in_pod "$RRB" httpclient -url "http://$TARGET:$HTTP_PORT/" -host svc -conns 10 -rate "$HTTP_RATE" -duration "${LOAD_SECONDS}s") || die "httpclient (load) failed"
+	t1=$(date +%s%N)
+	c1=$(proc_cpu_ticks "$MEASURED_PID")
+	echo "$j" >"$dir/$mode-load.json"
+	rps=$(jfield "$j" rps)
+	[ "$(jfield "$j" errors)" = 0 ] || die "$mode load: $(jfield "$j" errors) HTTP errors ($dir/$mode-load.json)"
+	wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", (b - a) / 1e9 }')
+	# vCPU per 1,000 req/s = (CPU s / wall s) * 1000 / achieved req/s.
+	sample "$r" "$mode" load_vcpu "$(awk -v c=$((c1 - c0)) -v hz="$CLK_TCK" -v w="$wall" -v q="$rps" 'BEGIN { printf "%.5f", (c / hz / w) * 1000 / q }')"
+	sample "$r" "$mode" load_rps "$rps"
+	sample "$r" "$mode" load_rss_kb "$(proc_kb "$MEASURED_PID" VmRSS)"
+	sample "$r" "$mode" load_hwm_kb "$(proc_kb "$MEASURED_PID" VmHWM)"
+}
+
 measure_capture() { # measure_capture ROUND
 	local r=$1 before after
 	start_proxy "$OUT/proxy-round$r.log" "$LOG_LEVEL"
 	log "round $r/$ROUNDS capture: proxy ready in ${READY_MS} ms ($READY_HOW)"
+	MEASURED_PID=$PROXY_PID R=$r idle_rss capture
 	before=$(tun_tx_bytes)
-	measure "$r" capture
+	MEASURED_PID=$PROXY_PID measure "$r" capture
 	after=$(tun_tx_bytes)
 	# Proof the measured traffic went through the TUN, not around it.
 	[ $((after - before)) -gt 100000 ] ||
@@ -347,8 +410,9 @@ measure_vip() { # measure_vip ROUND
 	start_proxy "$OUT/proxy-vip-round$r.log" "$LOG_LEVEL"
 	MESHTUN_ARGS=$saved
 	log "round $r/$ROUNDS vip: proxy ready in ${READY_MS} ms ($READY_HOW)"
+	MEASURED_PID=$PROXY_PID R=$r idle_rss vip
 	TARGET=$VIP
-	measure "$r" vip
+	MEASURED_PID=$PROXY_PID measure "$r" vip
 	TARGET=$SVC_IP
 	stop_proxy
 }
@@ -368,7 +432,8 @@ measure_redirect() {
 		sleep 0.1
 	done
 	in_pod iptables -t nat -A OUTPUT -p tcp -d $SVC_IP -m mark ! --mark 0x539 -j REDIRECT --to-ports $REDIR_PORT
-	measure "$r" redirect
+	MEASURED_PID=$pid R=$r idle_rss redirect
+	MEASURED_PID=$pid measure "$r" redirect
 	# Proof the measured connections were redirected: the NAT rule's
 	# packet count (the first packet of each connection).
 	nat=$(in_pod iptables -t nat -L OUTPUT -v -x -n | awk '/REDIRECT/ { print $1; exit }')
@@ -450,6 +515,18 @@ row() {
 	}'
 }
 
+# lrow LABEL METRIC DIVISOR FORMAT NOTE: medians of a per-process metric for
+# the three proxied modes, divided by DIVISOR.
+lrow() {
+	local x c v
+	x=$(median redirect "$2")
+	c=$(median capture "$2")
+	v=$(median vip "$2")
+	awk -v label="$1" -v x="$x" -v c="$c" -v v="$v" -v div="$3" -v f="$4" -v note="$5" '
+	function num(a) { return (a == "-") ? "-" : sprintf(f, a / div) }
+	BEGIN { printf "%-34s | %9s | %9s | %9s | %s\n", label, num(x), num(c), num(v), note }'
+}
+
 {
 	echo "meshtun bench $(date -u +%FT%TZ)  host: $(nproc) CPUs, kernel $(uname -r)"
 	if [ "$DIRECT_ONLY" != 1 ]; then
@@ -471,6 +548,18 @@ row() {
 	row "connect+RR p99 (us)" conn_p99 lat
 	row "HTTP @${HTTP_RATE}/s p50 (us)" http_p50 lat
 	row "HTTP @${HTTP_RATE}/s p99 (us)" http_p99 lat
+	if [[ $TESTS == *" load "* ]]; then
+		echo
+		echo "Proxy process cost per 1,000 HTTP/1.1 req/s (fixed $HTTP_RATE req/s, 10 keep-alive conns, ${LOAD_SECONDS}s; utime+stime from /proc):"
+		printf "%-34s | %9s | %9s | %9s | %s\n" metric redirect "capture" "vip (HCM)" "goal / Istio's published figures"
+		printf '%s\n' "-----------------------------------+-----------+-----------+-----------+------------------------------------------"
+		lrow "vCPU per 1,000 req/s" load_vcpu 1 "%.3f" "goal: <= 0.10 HTTP (vip), <= 0.05 L4 (capture); Envoy sidecar 0.20, ztunnel 0.06"
+		lrow "RSS under load (MB)" load_rss_kb 1024 "%.1f" "goal: <= 40 HTTP; Envoy sidecar 60, ztunnel 12"
+		lrow "RSS high-water mark (MB)" load_hwm_kb 1024 "%.1f" ""
+		lrow "idle RSS (MB)" idle_rss_kb 1024 "%.1f" "goal: <= 20"
+		lrow "req/s achieved" load_rps 1 "%.0f" ""
+	fi
+	[[ $TESTS != *" http "* ]] ||
 	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | redirect%s | capture%s | vip (HCM)%s\n", v["direct"], v["redirect"], v["capture"], v["vip"] }' "$SAMPLES"
 	echo
 	echo "per round (round mode metric value): $SAMPLES"

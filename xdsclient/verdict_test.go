@@ -266,3 +266,36 @@ func TestRejectedRouteOfAWarmingListener(t *testing.T) {
 		t.Errorf("stats = %v", st)
 	}
 }
+
+// An assignment that arrives stops its initial fetch timer: the timer of
+// one still awaited goes on, the others no longer hold memory until they
+// would have fired (10,000 of them at 10,000 services).
+func TestArrivalStopsFetchTimer(t *testing.T) {
+	for _, delta := range []bool{false, true} {
+		t.Run(fmt.Sprintf("delta=%v", delta), func(t *testing.T) {
+			_, s, fw := newTestSession(t, delta, time.Hour, &recorder{t: t})
+			s.handle(&response{kind: kindCluster, nonce: "1", version: "c1", delta: delta, resources: []rawResource{
+				raw(t, "a", "a-c1", xdstest.EDSCluster("a")), raw(t, "b", "b-c1", xdstest.EDSCluster("b")),
+			}})
+			if n := len(s.fetchTimers[kindEndpoint]); n != 2 {
+				t.Fatalf("%d fetch timers after CDS, want 2 (a, b)", n)
+			}
+			s.handle(&response{kind: kindEndpoint, nonce: "2", version: "e1", delta: delta, resources: []rawResource{
+				raw(t, "a", "a1", xdstest.Assignment("a", netip.MustParseAddrPort("10.0.0.1:80"))),
+			}})
+			if _, ok := s.fetchTimers[kindEndpoint]["b"]; !ok || len(s.fetchTimers[kindEndpoint]) != 1 {
+				t.Fatalf("fetch timers after a arrived: %v, want b's only", s.fetchTimers[kindEndpoint])
+			}
+			s.handle(&response{kind: kindEndpoint, nonce: "3", version: "e2", delta: delta, resources: []rawResource{
+				raw(t, "a", "a1", xdstest.Assignment("a", netip.MustParseAddrPort("10.0.0.1:80"))),
+				raw(t, "b", "b1", xdstest.Assignment("b", netip.MustParseAddrPort("10.0.0.2:80"))),
+			}})
+			if n := len(s.fetchTimers[kindEndpoint]); n != 0 {
+				t.Fatalf("%d fetch timers once both arrived, want 0", n)
+			}
+			if v := verdictOf(t, fw, kindEndpoint, "3"); v.nack != nil {
+				t.Fatalf("EDS NACKed: %v", v.nack)
+			}
+		})
+	}
+}

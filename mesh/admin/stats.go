@@ -102,7 +102,7 @@ func (s *Server) collectRaw() []stat {
 			lst("downstream_pre_cx_timeout", l.Stats.DownstreamListenerTimeout.Load(), false)
 			if l.TerminatesTLS() {
 				// Envoy has ssl.* only where a chain has a TLS context.
-				for _, st := range l.Stats.SSL.List() {
+				for _, st := range l.Stats.SSL().List() {
 					lst("ssl."+st.Name, st.Value, false)
 				}
 			}

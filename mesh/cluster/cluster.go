@@ -95,6 +95,7 @@ type Cluster struct {
 	localityWeighted bool
 	tr               transports
 
+	// log is the proxy's logger; lines add the cluster's name themselves: a child logger per cluster was ~650 bytes each.
 	log      zerolog.Logger
 	dial     dialFunc
 	dialPipe func(ctx context.Context, path string) (*net.UnixConn, error)
@@ -109,8 +110,9 @@ type Cluster struct {
 	resources [2]*Resources
 	stats     *Scope // Options.Stats
 
-	errNoHealthy error
-	errOverflow  error
+	// The errors a flow gets, made with the cluster, not per flow, and
+	// held in it rather than allocated beside it.
+	errNoHealthy, errOverflow clusterError
 
 	initOnce    sync.Once
 	initialized chan struct{}
@@ -137,7 +139,7 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 		name:        pb.GetName(),
 		obsName:     pb.GetName(),
 		addedViaAPI: opts.AddedViaAPI,
-		log:         opts.Log.With().Str("cluster", pb.GetName()).Logger(),
+		log:         opts.Log,
 		dial:        opts.Dialer.DialTCP,
 		dialPipe:    opts.Dialer.DialUnix,
 		initialized: make(chan struct{}),
@@ -154,8 +156,8 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster %q: %w", c.name, err)
 	}
-	c.errNoHealthy = fmt.Errorf("cluster %q: %w", c.name, ErrNoHealthyUpstream)
-	c.errOverflow = fmt.Errorf("cluster %q: %w", c.name, ErrOverflow)
+	c.errNoHealthy = clusterError{c.name, ErrNoHealthyUpstream}
+	c.errOverflow = clusterError{c.name, ErrOverflow}
 
 	switch c.typ {
 	case clusterv3.Cluster_STRICT_DNS:
@@ -181,6 +183,16 @@ func New(pb *clusterv3.Cluster, opts Options) (*Cluster, error) {
 	}
 	return c, nil
 }
+
+// clusterError is `cluster "<name>": <err>`, as fmt.Errorf with %w
+// would say it.
+type clusterError struct {
+	cluster string
+	err     error
+}
+
+func (e *clusterError) Error() string { return fmt.Sprintf("cluster %q: %v", e.cluster, e.err) }
+func (e *clusterError) Unwrap() error { return e.err }
 
 func (c *Cluster) markInitialized() { c.initOnce.Do(func() { close(c.initialized) }) }
 

@@ -76,7 +76,7 @@ func (c *Cluster) Connect(ctx context.Context, origDst netip.AddrPort, exclude f
 	h := c.pick(origDst, exclude)
 	if h == nil {
 		c.stats.cxNoneHealthy.Add(1)
-		return nil, c.errNoHealthy
+		return nil, &c.errNoHealthy
 	}
 	return c.ConnectHost(ctx, h)
 }
@@ -234,7 +234,7 @@ func (c *Cluster) PickHost(origDst netip.AddrPort) (*Host, error) {
 	h := c.pick(origDst, nil)
 	if h == nil {
 		c.stats.cxNoneHealthy.Add(1)
-		return nil, c.errNoHealthy
+		return nil, &c.errNoHealthy
 	}
 	return h, nil
 }

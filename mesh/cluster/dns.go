@@ -92,7 +92,7 @@ func (c *Cluster) resolveAll(ctx context.Context, r Resolver, last [][]netip.Add
 		}
 		if err != nil {
 			c.stats.updateFailure.Add(1)
-			c.log.Warn().Err(err).Str("host", t.host).Msg("DNS resolution failed; keeping previous addresses")
+			c.log.Warn().Str("cluster", c.name).Err(err).Str("host", t.host).Msg("DNS resolution failed; keeping previous addresses")
 			failed = true
 			continue
 		}

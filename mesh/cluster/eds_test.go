@@ -60,8 +60,12 @@ func TestEDSUpdate(t *testing.T) {
 	if err := c.UpdateEndpoints(xdstest.AssignmentOf("eds")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Connect(context.Background(), netip.AddrPort{}, nil); !errors.Is(err, ErrNoHealthyUpstream) {
-		t.Fatalf("empty EDS: %v", err)
+	_, err = c.Connect(context.Background(), netip.AddrPort{}, nil)
+	if !errors.Is(err, ErrNoHealthyUpstream) || err.Error() != `cluster "eds": `+ErrNoHealthyUpstream.Error() {
+		t.Fatalf("empty EDS: %v, want the cluster named and %v wrapped", err, ErrNoHealthyUpstream)
+	}
+	if allocs := testing.AllocsPerRun(10, func() { _, _ = c.Connect(context.Background(), netip.AddrPort{}, nil) }); allocs != 0 {
+		t.Errorf("a refusal for no healthy host allocates %v times", allocs)
 	}
 	for name, want := range map[string]uint64{"update_success": 3, "update_rejected": 1, "update_empty": 1, "update_attempt": 4, "membership_total": 0} {
 		if v := stat(t, c, name); v != want {

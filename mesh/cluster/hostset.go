@@ -287,7 +287,7 @@ func (c *Cluster) commitLocked(u *hostUpdate) *hostUpdate {
 	if changed {
 		c.stats.membershipChange.Add(1)
 	}
-	c.log.Debug().Int("hosts", len(u.set.all)).Int("healthy", u.set.healthy).
+	c.log.Debug().Str("cluster", c.name).Int("hosts", len(u.set.all)).Int("healthy", u.set.healthy).
 		Int("added", u.added).Int("removed", u.remove).Msg("cluster membership updated")
 	return u
 }

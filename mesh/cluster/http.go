@@ -135,7 +135,7 @@ func (c *Cluster) PickHostFor(origDst netip.AddrPort, exclude func(*Host) bool) 
 	h := c.pick(origDst, exclude)
 	if h == nil {
 		c.stats.cxNoneHealthy.Add(1)
-		return nil, c.errNoHealthy
+		return nil, &c.errNoHealthy
 	}
 	return h, nil
 }
@@ -173,7 +173,7 @@ func (c *Cluster) ConnectHostFor(ctx context.Context, h *Host, appProto string) 
 	res := c.resources[PriorityDefault]
 	if !res.cx.tryAcquire() {
 		c.stats.cxOverflow.Add(1)
-		return nil, c.errOverflow
+		return nil, &c.errOverflow
 	}
 	c.stats.cxTotal.Add(1)
 	c.stats.cxActive.Add(1)

@@ -85,7 +85,7 @@ func (c *Cluster) configureTransport(pb *clusterv3.Cluster, parse TransportParse
 	for i, m := range pb.GetTransportSocketMatches() {
 		field := fmt.Sprintf("transport_socket_matches[%d] (%s)", i, m.GetName())
 		if unservable(m) {
-			c.log.Debug().Str("match", m.GetName()).Msg("transport_socket_matches entry skipped: meshtun cannot serve its transport socket")
+			c.log.Debug().Str("cluster", c.name).Str("match", m.GetName()).Msg("transport_socket_matches entry skipped: meshtun cannot serve its transport socket")
 			continue
 		}
 		tm := tsMatch{name: m.GetName()}

@@ -333,6 +333,56 @@ func TestEmptyMatchIsNoMatch(t *testing.T) {
 	})
 }
 
+// A lone chain with an empty (or absent) filter_chain_match skips the
+// tree; the shortcut must answer exactly as the tree does, for every kind
+// of connection, with and without a default chain; a lone chain with any
+// field set, even a zero wrapper, is not taken for empty.
+func TestLoneEmptyChainShortcut(t *testing.T) {
+	conns := []*ConnInfo{
+		conn("1.2.3.4:80"), conn("[::1]:443", tls("A.example.com"), alpn("h2")),
+		conn("10.0.0.5:8080", raw, alpn("http/1.1")), conn("127.0.0.1:15001", from("127.0.0.1:5")),
+		conn("[::ffff:10.0.0.5]:7000", from("[fe80::1%eth0]:1")), conn("1.2.3.4:80", pipe),
+	}
+	for _, chain := range []*listenerv3.FilterChain{
+		{Name: "none"}, {Name: "empty", FilterChainMatch: &listenerv3.FilterChainMatch{}},
+	} {
+		for _, def := range []*listenerv3.FilterChain{nil, dflt} {
+			chains := []*listenerv3.FilterChain{chain}
+			fast, err := Compile(chains, def)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tree, err := compileTree(chains, def)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !fast.only || tree.only {
+				t.Fatalf("%s: shortcut taken %v (want true), by the tree %v (want false)", chain.Name, fast.only, tree.only)
+			}
+			if fast.NeedsTLSInspection() != tree.NeedsTLSInspection() || fast.NeedsHTTPInspection() != tree.NeedsHTTPInspection() {
+				t.Errorf("%s: inspection needs differ from the tree's", chain.Name)
+			}
+			for _, c := range conns {
+				fi, fok := fast.Match(c)
+				ti, tok := tree.Match(c)
+				if fi != ti || fok != tok || fi != 0 || !fok {
+					t.Errorf("%s: %+v: shortcut (%d, %v), tree (%d, %v), want (0, true)", chain.Name, c, fi, fok, ti, tok)
+				}
+			}
+		}
+	}
+	m, err := Compile([]*listenerv3.FilterChain{fc("port0", dstPort(8080))}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.only {
+		t.Fatal("a chain with destination_port set was taken for one with an empty match")
+	}
+	if _, ok := m.Match(conn("1.2.3.4:80")); ok {
+		t.Fatal("a chain for port 8080 matched port 80")
+	}
+}
+
 func TestMatchDoesNotAllocate(t *testing.T) {
 	m, err := Compile(istioInbound(8080, 9080), nil)
 	if err != nil {
