@@ -5,7 +5,7 @@ PKGS      := ./...
 # Integration tests create network namespaces and TUN devices: root only.
 INTEG_TIMEOUT ?= 20m
 
-.PHONY: all build test unit integration bench demo lint clean deps image image-check
+.PHONY: all build test unit integration bench demo lint clean deps image image-check k8s-check k8s-update
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 ARCHES    := amd64 arm64
 
@@ -19,7 +19,7 @@ deps:
 
 # Every test: lint, unit tests (with the race detector), then the integration
 # tests in network namespaces against the built binary.
-test: lint unit integration demo image-check
+test: lint unit integration demo image-check k8s-check
 
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
@@ -69,6 +69,21 @@ image:
 # filesystem runs `meshtun version` and `pilot-agent version` as uid 1337.
 image-check:
 	cd tools/image && $(GO) vet ./ && $(GO) test -count=1 -timeout 30m ./
+
+# Kubernetes packaging, with no cluster and no daemon (tools/k8scheck, its own module, so Istio, Helm
+# and the Kubernetes libraries stay out of the proxy's dependencies): after the image checks, Istio's
+# istiod chart renders the injector files from deploy/istio's values file, Istio's injector
+# (pkg/kube/inject, istioctl kube-inject's code) renders a sample Deployment for {classic, native} x
+# {plain, holdApplicationUntilProxyStarts, interception NONE} against goldens, each pod is strictly
+# decoded into k8s.io/api types, defaulted, checked and judged by Pod Security Admission (verdicts
+# printed), and deploy/charts/meshtun goes through helm lint --strict and helm template.
+k8s-check: image-check
+	cd tools/k8scheck && $(GO) vet ./ && $(GO) test -count=1 -v -timeout 30m ./
+
+# Regenerate what k8s-check compares (deploy/istio's offline injector files, the chart's copies, the
+# goldens) after a change of the template or of the pinned Istio; review the diff.
+k8s-update:
+	cd tools/k8scheck && $(GO) test -count=1 -update ./
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
