@@ -1,11 +1,13 @@
 package httpconn
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -102,7 +104,7 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		// net/http allows 4096 bytes over MaxHeaderBytes for the request
 		// line and slack: the total matches max_request_headers_kb.
 		MaxHeaderBytes: max(c.maxHeaderBytes-4096, 1024),
-		ErrorLog:       discardLog,
+		ErrorLog:       serverLog,
 		Protocols:      protos,
 		HTTP2: &http.HTTP2Config{
 			MaxConcurrentStreams:          c.h2.maxStreams,
@@ -181,7 +183,22 @@ func goAway(srv *http.Server) {
 	_ = srv.Shutdown(ctx)
 }
 
-var discardLog = log.New(io.Discard, "", 0)
+// serverLog is net/http's ErrorLog for the downstream servers. What
+// net/http reports there is mostly the client's doing (a bad preface, a
+// reset mid-request) and already counted and logged by the proxy, so it is
+// dropped; a handler panic, which net/http recovers and would otherwise
+// hide, is a meshtun bug and goes to stderr with its stack.
+var serverLog = log.New(panicOnly{os.Stderr}, "", 0)
+
+// panicOnly passes on the "http: panic serving" reports only.
+type panicOnly struct{ w io.Writer }
+
+func (p panicOnly) Write(b []byte) (int, error) {
+	if bytes.Contains(b, []byte("http: panic serving")) {
+		_, _ = p.w.Write(append([]byte("meshtun: BUG: "), b...))
+	}
+	return len(b), nil
+}
 
 const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
