@@ -61,6 +61,18 @@ func requireIstioFixtures(t *testing.T) {
 
 // istioResources decodes a fixture .pb (one DiscoveryResponse, its Anys as
 // istiod sent them) into resources of type m for go-control-plane's cache.
+// istiodConfig is the real istiod output for the fixture sidecar, its four
+// types as go-control-plane serves them.
+func istiodConfig(t *testing.T) map[string][]types.Resource {
+	t.Helper()
+	return map[string][]types.Resource{
+		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
+		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
+		resource.ListenerType: istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} }),
+		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
+	}
+}
+
 func istioResources[M proto.Message](t *testing.T, file string, newM func() M) []types.Resource {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(istioFixtures, file))
@@ -171,12 +183,7 @@ func TestIstioBootstrap(t *testing.T) {
 	bs, xdsSock, sdsSock := istioBootstrapCopy(t, t.TempDir())
 
 	cp := xdstest.NewUnixServer(t, xdsSock)
-	cp.Set(t, istioNode, map[string][]types.Resource{
-		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
-		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
-		resource.ListenerType: istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} }),
-		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
-	})
+	cp.Set(t, istioNode, istiodConfig(t))
 	srv, err := sds.New(sds.Options{SocketPath: sdsSock, SocketMode: 0o660, Log: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)

@@ -12,11 +12,7 @@ import (
 	"testing"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
@@ -71,14 +67,10 @@ func TestIstioConfigACKedWhole(t *testing.T) {
 	hb2 := startRecHTTP(t, topo.Services, httpbin[1].String(), "httpbin-2")
 	ext := startTCPServer(t, topo.Services, ap(topo.SvcV4, 7000), echo)
 
-	listeners := istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} })
+	cfg := istiodConfig(t)
+	listeners := cfg[resource.ListenerType]
 	srv := xdstest.NewUnixServer(t, xdsSock)
-	srv.Set(t, istioNode, map[string][]types.Resource{
-		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
-		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
-		resource.ListenerType: listeners,
-		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
-	})
+	srv.Set(t, istioNode, cfg)
 
 	startProxy(t, topo, "--bootstrap", bs)
 	xdstest.Eventually(t, 20*time.Second, "LDS, RDS, CDS and EDS ACKed", func() bool {

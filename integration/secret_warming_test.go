@@ -9,11 +9,6 @@ import (
 	"testing"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/rs/zerolog"
 
@@ -36,12 +31,7 @@ func TestIstioClustersWarmOnSDS(t *testing.T) {
 	bs, xdsSock, sdsSock := istioBootstrapCopy(t, t.TempDir())
 
 	cp := xdstest.NewUnixServer(t, xdsSock)
-	cp.Set(t, istioNode, map[string][]types.Resource{
-		resource.ClusterType:  istioResources(t, "clusters.pb", func() *clusterv3.Cluster { return &clusterv3.Cluster{} }),
-		resource.EndpointType: istioResources(t, "endpoints.pb", func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} }),
-		resource.ListenerType: istioResources(t, "listeners.pb", func() *listenerv3.Listener { return &listenerv3.Listener{} }),
-		resource.RouteType:    istioResources(t, "routes.pb", func() *routev3.RouteConfiguration { return &routev3.RouteConfiguration{} }),
-	})
+	cp.Set(t, istioNode, istiodConfig(t))
 	srv, err := sds.New(sds.Options{SocketPath: sdsSock, SocketMode: 0o660, Log: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
