@@ -172,7 +172,7 @@ func parse(sec *tlsv3.Secret) (parsed, error) {
 		if err != nil {
 			return parsed{}, err
 		}
-		certs, err := certsOf(chain, "tls_certificate.certificate_chain")
+		certs, err := ParseCertificates(chain, "tls_certificate.certificate_chain")
 		if err != nil {
 			return parsed{}, err
 		}
@@ -186,7 +186,7 @@ func parse(sec *tlsv3.Secret) (parsed, error) {
 		if err != nil {
 			return parsed{}, err
 		}
-		certs, err := certsOf(ca, "validation_context.trusted_ca")
+		certs, err := ParseCertificates(ca, "validation_context.trusted_ca")
 		if err != nil {
 			return parsed{}, err
 		}
@@ -213,7 +213,10 @@ func inline(ds *corev3.DataSource, field string) ([]byte, error) {
 	return nil, fmt.Errorf("%s: only inline_bytes or inline_string are supported", field)
 }
 
-func certsOf(p []byte, field string) ([]*x509.Certificate, error) {
+// ParseCertificates parses the PEM certificates of p (other blocks are
+// skipped); none is an error naming field. TLS contexts' inline trust
+// bundles use it too.
+func ParseCertificates(p []byte, field string) ([]*x509.Certificate, error) {
 	var out []*x509.Certificate
 	for {
 		var b *pem.Block

@@ -3,7 +3,6 @@ package tlsctx
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"os"
 	"slices"
@@ -167,26 +166,13 @@ func dataSource(field string, ds *corev3.DataSource) ([]byte, error) {
 
 // certPool parses PEM certificates into a pool; none is an error.
 func certPool(field string, p []byte) (*x509.CertPool, error) {
-	pool := x509.NewCertPool()
-	n := 0
-	for {
-		var b *pem.Block
-		b, p = pem.Decode(p)
-		if b == nil {
-			break
-		}
-		if b.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("%s: certificate %d: %w", field, n, err)
-		}
-		pool.AddCert(c)
-		n++
+	certs, err := secrets.ParseCertificates(p, field)
+	if err != nil {
+		return nil, err
 	}
-	if n == 0 {
-		return nil, fmt.Errorf("%s: no PEM certificate", field)
+	pool := x509.NewCertPool()
+	for _, c := range certs {
+		pool.AddCert(c)
 	}
 	return pool, nil
 }
