@@ -22,6 +22,8 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshtun/meshtun/mesh/rbac"
+
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
 // HTTP filter names as Envoy and Istio write them.
@@ -187,7 +189,7 @@ type faultConfig struct {
 	hasAbort    bool
 	abortBody   string
 
-	headers   []headerMatcher
+	headers   []strmatch.Header
 	cluster   string // upstream_cluster
 	maxActive uint32 // 0: unlimited
 	active    atomic.Int64
@@ -301,7 +303,7 @@ func (fc *faultConfig) apply(ctx context.Context, r *http.Request, cluster strin
 		return res, nil
 	}
 	for i := range fc.headers {
-		if !fc.headers[i].match(r) {
+		if !matchHeader(&fc.headers[i], r) {
 			return res, nil
 		}
 	}

@@ -3,10 +3,8 @@ package httpconn
 import (
 	"errors"
 	"net/http"
-	"net/textproto"
 	"net/url"
 	"regexp"
-	"strconv"
 	"strings"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -37,65 +35,16 @@ func matchErr(err error) error {
 	return err
 }
 
-// headerMatcher is a compiled route.v3.HeaderMatcher.
-type headerMatcher struct {
-	name    string // canonical MIME key, or a pseudo-header (":path", …)
-	kind    uint8
-	sm      strmatch.Matcher
-	present bool
-	lo, hi  int64 // range_match [lo, hi)
-	invert  bool
-	missing bool // treat_missing_header_as_empty
+// compileHeaderMatcher is strmatch.CompileHeader with this package's
+// field errors.
+func compileHeaderMatcher(h *routev3.HeaderMatcher, field string) (strmatch.Header, error) {
+	m, err := strmatch.CompileHeader(field, h)
+	return m, matchErr(err)
 }
 
-const (
-	hmString = iota
-	hmPresent
-	hmRange
-)
-
-func compileHeaderMatcher(h *routev3.HeaderMatcher, field string) (headerMatcher, error) {
-	name := strings.ToLower(h.GetName())
-	if name == "" {
-		return headerMatcher{}, fieldf(field+".name", "empty")
-	}
-	m := headerMatcher{invert: h.GetInvertMatch(), missing: h.GetTreatMissingHeaderAsEmpty()}
-	switch name {
-	case ":authority", "host":
-		m.name = ":authority"
-	case ":path", ":method", ":scheme":
-		m.name = name
-	default:
-		if name[0] == ':' {
-			return m, fieldf(field+".name", "pseudo-header %q not supported", name)
-		}
-		m.name = textproto.CanonicalMIMEHeaderKey(name)
-	}
-	var err error
-	switch s := h.GetHeaderMatchSpecifier().(type) {
-	case *routev3.HeaderMatcher_ExactMatch:
-		m.sm = strmatch.Exactly(s.ExactMatch)
-	case *routev3.HeaderMatcher_SafeRegexMatch:
-		var re *regexp.Regexp
-		re, err = compileRegex(s.SafeRegexMatch, field+".safe_regex_match")
-		m.sm = strmatch.Regex(re)
-	case *routev3.HeaderMatcher_RangeMatch:
-		m.kind, m.lo, m.hi = hmRange, s.RangeMatch.GetStart(), s.RangeMatch.GetEnd()
-	case *routev3.HeaderMatcher_PresentMatch:
-		m.kind, m.present = hmPresent, s.PresentMatch
-	case *routev3.HeaderMatcher_PrefixMatch:
-		m.sm = strmatch.Prefix(s.PrefixMatch)
-	case *routev3.HeaderMatcher_SuffixMatch:
-		m.sm = strmatch.Suffix(s.SuffixMatch)
-	case *routev3.HeaderMatcher_ContainsMatch:
-		m.sm = strmatch.Contains(s.ContainsMatch)
-	case *routev3.HeaderMatcher_StringMatch:
-		m.sm, err = compileStringMatcher(s.StringMatch, field+".string_match")
-	case nil:
-		// No specifier: Envoy matches on presence.
-		m.kind, m.present = hmPresent, true
-	}
-	return m, err
+// matchHeader evaluates m on r's header (Envoy's HeaderUtility).
+func matchHeader(m *strmatch.Header, r *http.Request) bool {
+	return m.Match(headerValue(r, m.Name))
 }
 
 // headerValue returns the request's value of a header for matching: the
@@ -119,28 +68,6 @@ func headerValue(r *http.Request, name string) (string, bool) {
 		return vs[0], true
 	}
 	return strings.Join(vs, ","), true
-}
-
-// match is Envoy's HeaderUtility::matchHeaders.
-func (m *headerMatcher) match(r *http.Request) bool {
-	v, ok := headerValue(r, m.name)
-	if !ok && !m.missing {
-		if m.invert {
-			return m.kind == hmPresent && m.present
-		}
-		return m.kind == hmPresent && !m.present
-	}
-	var res bool
-	switch m.kind {
-	case hmPresent:
-		res = m.present
-	case hmRange:
-		n, err := strconv.ParseInt(v, 10, 64)
-		res = err == nil && n >= m.lo && n < m.hi
-	default:
-		res = m.sm.Match(v)
-	}
-	return res != m.invert
 }
 
 // queryMatcher is a compiled route.v3.QueryParameterMatcher.

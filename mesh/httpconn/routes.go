@@ -14,6 +14,8 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshtun/meshtun/mesh/rbac"
+
+	"github.com/meshtun/meshtun/mesh/strmatch"
 )
 
 // DefaultRouteTimeout is Envoy's route timeout when route.timeout is unset.
@@ -65,7 +67,7 @@ type Route struct {
 	path          string
 	caseSensitive bool
 	re            *regexp.Regexp
-	headers       []headerMatcher
+	headers       []strmatch.Header
 	query         []queryMatcher
 	grpc          bool
 
@@ -664,7 +666,7 @@ func (rt *Route) matches(r *http.Request, target string) bool {
 		return false
 	}
 	for i := range rt.headers {
-		if !rt.headers[i].match(r) {
+		if !matchHeader(&rt.headers[i], r) {
 			return false
 		}
 	}

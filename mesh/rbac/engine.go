@@ -188,7 +188,7 @@ type permission struct {
 	kind  uint8
 	sub   []permission     // and/or/not (not: one)
 	str   strmatch.Matcher // url_path, requested_server_name
-	hdr   headerMatch
+	hdr   strmatch.Header
 	cidr  netip.Prefix
 	lo    uint32 // destination_port; range [lo, hi)
 	hi    uint32
@@ -242,7 +242,7 @@ func compilePermission(pb *rbacv3.Permission, field string) (permission, error) 
 		}
 		p.kind, p.sub = pNot, []permission{c}
 	case *rbacv3.Permission_Header:
-		h, err := compileHeader(r.Header, field+".header")
+		h, err := strmatch.CompileHeader(field+".header", r.Header)
 		if err != nil {
 			return p, err
 		}
@@ -314,7 +314,7 @@ func (p *permission) match(in *Input) bool {
 	case pNot:
 		return !p.sub[0].match(in)
 	case pHeader:
-		return p.hdr.match(in)
+		return matchHeader(&p.hdr, in)
 	case pURLPath:
 		return in.Path != "" && p.str.Match(pathOnly(in.Path))
 	case pDstIP:
@@ -338,7 +338,7 @@ type principal struct {
 	sub  []principal
 	str  strmatch.Matcher // authenticated (hasStr false: any authenticated peer), url_path
 	has  bool
-	hdr  headerMatch
+	hdr  strmatch.Header
 	cidr netip.Prefix
 }
 
@@ -407,7 +407,7 @@ func compilePrincipal(pb *rbacv3.Principal, field string) (principal, error) {
 		p.cidr, err = compileCIDR(r.RemoteIp, field+".remote_ip")
 	case *rbacv3.Principal_Header:
 		p.kind = idHeader
-		p.hdr, err = compileHeader(r.Header, field+".header")
+		p.hdr, err = strmatch.CompileHeader(field+".header", r.Header)
 	case *rbacv3.Principal_UrlPath:
 		p.kind = idURLPath
 		p.str, err = strmatch.Compile(field+".url_path.path", r.UrlPath.GetPath())
@@ -451,7 +451,7 @@ func (p *principal) match(in *Input) bool {
 		}
 		return a.IsValid() && p.cidr.Contains(a.Unmap())
 	case idHeader:
-		return p.hdr.match(in)
+		return matchHeader(&p.hdr, in)
 	case idURLPath:
 		return in.Path != "" && p.str.Match(pathOnly(in.Path))
 	}
