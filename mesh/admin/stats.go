@@ -82,6 +82,22 @@ func (s *Server) collectRaw() []stat {
 	plain("server.memory_allocated", ms.HeapAlloc, true)
 	plain("server.memory_heap_size", ms.HeapSys, true)
 	plain("server.memory_physical_size", ms.Sys-ms.HeapReleased, true)
+	// Envoy's gauge of open downstream connections, here those of the
+	// listeners in force: with the fd count of the process it tells a
+	// flow leak from a socket leak.
+	var active uint64
+	if snap != nil {
+		for _, l := range snap.Listeners {
+			active += uint64(max(0, l.Stats.DownstreamCxActive.Load()))
+		}
+	}
+	plain("server.total_connections", active, true)
+	// Envoy's workers are a fixed set of threads; a Go proxy runs
+	// goroutines per flow instead, so their count is the figure that
+	// grows with load and must come back down after it (a leak shows
+	// here first). Beside the memory gauges, it reaches the same
+	// dashboards as they do (envoy_server_goroutines in Prometheus).
+	plain("server.goroutines", uint64(runtime.NumGoroutine()), true)
 	// pilot-agent's readiness reads these as used stats: set them used.
 	for i := range out {
 		out[i].used = true
