@@ -59,7 +59,7 @@ func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr
 	}
 	c, err := nd.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
-		return nil, err
+		return nil, withLimit(err)
 	}
 	tc := c.(*net.TCPConn)
 	_ = tc.SetNoDelay(true)
@@ -83,7 +83,7 @@ func (d *Dialer) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn,
 	nd := net.Dialer{Control: d.Control}
 	c, err := nd.DialContext(ctx, "udp", dst.String())
 	if err != nil {
-		return nil, err
+		return nil, withLimit(err)
 	}
 	return c.(*net.UDPConn), nil
 }

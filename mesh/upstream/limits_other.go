@@ -1,0 +1,6 @@
+//go:build !unix
+
+package upstream
+
+// withLimit returns err: only Unix has an open-file limit to name.
+func withLimit(err error) error { return err }
