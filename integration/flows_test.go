@@ -485,11 +485,12 @@ func TestFlowsAtFdLimit(t *testing.T) {
 		t.Errorf("only %d flows open at RLIMIT_NOFILE %d with %d fds in use before, want at least %d", open, limit, base.FDs, want)
 	}
 	emfile := func(e AccessEntry) bool {
-		return e.DownstreamLocal == svc && e.ResponseFlags == "UF" && strings.Contains(e.Raw, "too many open files")
+		return e.DownstreamLocal == svc && e.ResponseFlags == "UF" && strings.Contains(e.Raw, "too many open files") &&
+			strings.Contains(e.Raw, fmt.Sprintf("RLIMIT_NOFILE %d", limit))
 	}
 	if got := px.waitAccessN(emfile, refused, 10*time.Second); len(got) != refused {
-		t.Errorf("%d access lines with UF naming \"too many open files\" for %d refused flows; lines:\n%s",
-			len(got), refused, entriesText(px.accessMatching(func(e AccessEntry) bool { return e.ResponseFlags != "-" })))
+		t.Errorf("%d access lines with UF naming \"too many open files\" and RLIMIT_NOFILE %d for %d refused flows; lines:\n%s",
+			len(got), limit, refused, entriesText(px.accessMatching(func(e AccessEntry) bool { return e.ResponseFlags != "-" })))
 	}
 	if px.exited() {
 		t.Fatalf("the proxy exited at its fd limit: %v", px.waitErr)
