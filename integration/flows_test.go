@@ -382,8 +382,10 @@ func TestTenThousandFlows(t *testing.T) {
 		t.Errorf("the proxy has %d fds with %d flows open, %d before: want one upstream socket per flow", peakProc.FDs, flows, baseProc.FDs)
 	}
 
+	echoed := time.Since(start)
 	closeAll(conns)
 	got := px.waitAccessN(toSvc, warm+flows, max(time.Until(deadline), 10*time.Second))
+	logged := time.Since(start)
 	if len(got) != warm+flows {
 		t.Errorf("%d access lines for %d flows", len(got), warm+flows)
 	}
@@ -397,9 +399,9 @@ func TestTenThousandFlows(t *testing.T) {
 		t.Errorf("%d access lines with wrong byte counts or flags (want %d both ways, \"-\"):\n%s", len(bad), 2*flowMsg, entriesText(bad))
 	}
 	endStats, endProc := settle(t, topo, pid, &baseProc, baseStats["server.goroutines"], max(time.Until(deadline), 10*time.Second))
-	t.Logf("proxy after closing: RSS %.1f MiB, heap %.1f MiB, %d goroutines, %d fds, %d threads (after %v in all)",
+	t.Logf("proxy after closing: RSS %.1f MiB, heap %.1f MiB, %d goroutines, %d fds, %d threads (at %v: second echo done at %v, every access line at %v)",
 		mib(endProc.RSS), mib(endStats["server.memory_allocated"]), endStats["server.goroutines"], endProc.FDs, endProc.Threads,
-		time.Since(start).Round(time.Millisecond))
+		time.Since(start).Round(time.Millisecond), echoed.Round(time.Millisecond), logged.Round(time.Millisecond))
 	if endProc.FDs > baseProc.FDs {
 		t.Errorf("the proxy holds %d fds after every flow closed, %d before", endProc.FDs, baseProc.FDs)
 	}
