@@ -9,6 +9,7 @@ package integration
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -443,7 +444,9 @@ func settle(t *testing.T, topo *topology, pid int, base *procSample, baseG uint6
 func TestFlowsAtFdLimit(t *testing.T) {
 	requireRoot(t)
 	const (
-		limit   = 1024
+		limit = 1024
+		// Few dialers at once, so that the stack offers every flow
+		// DialFirst (few half-open) and a refused one sees a RST.
 		workers = 8
 	)
 	deadline := time.Now().Add(90 * time.Second)
@@ -493,6 +496,22 @@ func TestFlowsAtFdLimit(t *testing.T) {
 	if got := px.waitAccessN(emfile, refused, 10*time.Second); len(got) != refused {
 		t.Errorf("%d access lines with UF naming \"too many open files\" and RLIMIT_NOFILE %d for %d refused flows; lines:\n%s",
 			len(got), limit, refused, entriesText(px.accessMatching(func(e AccessEntry) bool { return e.ResponseFlags != "-" })))
+	}
+	// The proxy's own log says it too (the access log is often off): one
+	// warning for the burst, not one per flow.
+	var warns []string
+	for _, l := range px.logLines() {
+		var m struct{ Level, Logger, Error, Message string }
+		if json.Unmarshal([]byte(l), &m) == nil && m.Logger == "upstream" && strings.Contains(m.Message, "no file descriptor left") {
+			warns = append(warns, l)
+			if m.Level != "warn" || !strings.Contains(m.Error, fmt.Sprintf("RLIMIT_NOFILE %d", limit)) {
+				t.Errorf("fd-limit log line %s: want level warn and the error naming RLIMIT_NOFILE %d", l, limit)
+			}
+		}
+	}
+	if len(warns) == 0 || len(warns) > refused/10 {
+		t.Errorf("%d fd-limit warnings in the proxy's log for %d refused flows, want at least one and far fewer than flows:\n%s",
+			len(warns), refused, strings.Join(warns, "\n"))
 	}
 	if px.exited() {
 		t.Fatalf("the proxy exited at its fd limit: %v", px.waitErr)

@@ -165,7 +165,7 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy: Config.Concurrency: want 0 or more, got %d", cfg.Concurrency)
 	}
 	p := &Proxy{cfg: cfg, log: logging.Component(cfg.Log, "main"), quit: make(chan string, 1)}
-	dialer := &upstream.Dialer{Mark: cfg.Mark, ConnectTimeout: cfg.ConnectTimeout}
+	dialer := &upstream.Dialer{Mark: cfg.Mark, ConnectTimeout: cfg.ConnectTimeout, Log: logging.Component(cfg.Log, "upstream")}
 	if cfg.Capture == CaptureLocal {
 		// Where there is no socket mark (darwin), the proxy's sockets are
 		// pinned to the outgoing interface so they skip the CIDR routes.

@@ -12,8 +12,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // Dialer opens marked upstream sockets.
@@ -28,6 +31,15 @@ type Dialer struct {
 	// ConnectTimeout bounds a TCP connect (Envoy's cluster connect_timeout;
 	// Istio's mesh default is 10 s).
 	ConnectTimeout time.Duration
+	// Log gets a warning when dials fail for want of a file descriptor, at
+	// most one per limitWarnEvery with the count of such failures: the
+	// access log, which names the errno per flow, is often off (Istio's
+	// default), and a proxy at its fd limit refuses every new flow. The
+	// zero Logger logs nothing.
+	Log zerolog.Logger
+
+	limitWarned atomic.Int64 // unix nanoseconds of the last fd-limit warning
+	limitFailed atomic.Int64 // fd-limit failures since that warning
 }
 
 // Control marks a socket before it connects; as a net.Dialer.Control it
@@ -59,7 +71,7 @@ func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr
 	}
 	c, err := nd.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
-		return nil, withLimit(err)
+		return nil, d.limited(err)
 	}
 	tc := c.(*net.TCPConn)
 	_ = tc.SetNoDelay(true)
@@ -83,7 +95,7 @@ func (d *Dialer) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn,
 	nd := net.Dialer{Control: d.Control}
 	c, err := nd.DialContext(ctx, "udp", dst.String())
 	if err != nil {
-		return nil, withLimit(err)
+		return nil, d.limited(err)
 	}
 	return c.(*net.UDPConn), nil
 }

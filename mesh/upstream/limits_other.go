@@ -4,3 +4,5 @@ package upstream
 
 // withLimit returns err: only Unix has an open-file limit to name.
 func withLimit(err error) error { return err }
+
+func (d *Dialer) limited(err error) error { return err }

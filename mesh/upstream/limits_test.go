@@ -3,7 +3,9 @@
 package upstream
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/netip"
@@ -12,6 +14,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // TestDialAtFileLimit: with the process at its open-file limit, a dial
@@ -95,5 +100,53 @@ func TestWithLimitPassesOtherErrors(t *testing.T) {
 	}
 	if got := withLimit(syscall.ENFILE); !errors.Is(got, syscall.ENFILE) || !strings.Contains(got.Error(), "fs.file-max") {
 		t.Errorf("withLimit(ENFILE) = %v", got)
+	}
+}
+
+// TestLimitWarningRateLimited: fd-limit failures give one warning per
+// limitWarnEvery on the dialer's log, counting the failures since the
+// last; other dial errors give none.
+func TestLimitWarningRateLimited(t *testing.T) {
+	defer func(v time.Duration) { limitWarnEvery = v }(limitWarnEvery)
+	var buf bytes.Buffer
+	d := &Dialer{Log: zerolog.New(&buf)}
+	lines := func() []map[string]any {
+		var out []map[string]any
+		for _, l := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+			if l == "" {
+				continue
+			}
+			var m map[string]any
+			if err := json.Unmarshal([]byte(l), &m); err != nil {
+				t.Fatalf("log line %q: %v", l, err)
+			}
+			out = append(out, m)
+		}
+		return out
+	}
+	emfile := &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EMFILE)}
+
+	d.limited(errors.New("connection refused"))
+	if n := len(lines()); n != 0 {
+		t.Fatalf("%d warnings for a refused dial, want none", n)
+	}
+	limitWarnEvery = time.Hour
+	for range 3 {
+		if err := d.limited(emfile); !errors.Is(err, syscall.EMFILE) {
+			t.Fatalf("limited(EMFILE) = %v, want it to wrap EMFILE", err)
+		}
+	}
+	ls := lines()
+	if len(ls) != 1 {
+		t.Fatalf("%d warnings for 3 fd-limit failures within the interval, want 1:\n%s", len(ls), buf.String())
+	}
+	if ls[0]["level"] != "warn" || ls[0]["failed_dials"] != 1.0 || !strings.Contains(ls[0]["error"].(string), "RLIMIT_NOFILE") {
+		t.Errorf("first warning %v, want level warn, failed_dials 1 and the error naming RLIMIT_NOFILE", ls[0])
+	}
+	limitWarnEvery = 0
+	d.limited(emfile)
+	ls = lines()
+	if len(ls) != 2 || ls[1]["failed_dials"] != 3.0 {
+		t.Fatalf("after the interval: %d warnings, the second %v, want 2 with failed_dials 3 (2 held back and this one)", len(ls), ls[len(ls)-1])
 	}
 }

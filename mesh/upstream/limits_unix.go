@@ -26,3 +26,12 @@ func withLimit(err error) error {
 	}
 	return err
 }
+
+// limited is withLimit, warning on d.Log when err is about the fd limit.
+func (d *Dialer) limited(err error) error {
+	named := withLimit(err)
+	if named != err {
+		d.warnLimit(named)
+	}
+	return named
+}
