@@ -545,6 +545,16 @@ func TestFlowsAtFdLimit(t *testing.T) {
 		t.Fatal("admin request made at the fd limit not answered by the deadline")
 	}
 
+	// The admin's accept met EMFILE and said so in the proxy's format.
+	adminWarned := px.waitLine(func(l string) bool {
+		var m struct{ Level, Logger, Message string }
+		return json.Unmarshal([]byte(l), &m) == nil && m.Logger == "admin" && m.Level == "warn" &&
+			strings.Contains(m.Message, "too many open files")
+	}, time.Second)
+	if !adminWarned {
+		t.Error("no admin warning naming \"too many open files\" after an admin request made at the fd limit")
+	}
+
 	// With fds free again (once the closed flows are torn down on the
 	// upstream side too), new flows succeed.
 	const again = 50

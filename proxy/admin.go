@@ -1,11 +1,14 @@
 package proxy
 
 import (
+	"log"
 	"net"
 	"os"
 	"strconv"
+	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/rs/zerolog"
 )
 
 // ListenAdmin opens the admin listener: the bootstrap's admin address (an
@@ -24,4 +27,19 @@ func ListenAdmin(a *corev3.Address) (net.Listener, error) {
 		addr = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
 	}
 	return net.Listen("tcp", addr)
+}
+
+// adminErrorLog is the admin server's net/http ErrorLog: its lines (an
+// accept failing with EMFILE at the fd limit, retried with back-off)
+// become warnings on l, in the proxy's log format, instead of plain text
+// in the middle of JSON lines.
+func adminErrorLog(l zerolog.Logger) *log.Logger {
+	return log.New(warnWriter{l}, "", 0)
+}
+
+type warnWriter struct{ l zerolog.Logger }
+
+func (w warnWriter) Write(p []byte) (int, error) {
+	w.l.Warn().Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

@@ -301,7 +301,8 @@ func (p *Proxy) startConfig() error {
 		p.stopConfig(time.Time{})
 		return fmt.Errorf("bootstrap %s: admin.address: %w", p.cfg.Bootstrap, err)
 	}
-	p.adminHTTP = &http.Server{Handler: adminguard.Wrap(p.newAdmin().Handler(), adminguard.Options{CheckHost: true}), ReadHeaderTimeout: 10 * time.Second}
+	p.adminHTTP = &http.Server{Handler: adminguard.Wrap(p.newAdmin().Handler(), adminguard.Options{CheckHost: true}), ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: adminErrorLog(logging.Component(p.cfg.Log, "admin"))}
 	p.adminAddr = ln.Addr()
 	go p.adminHTTP.Serve(ln)
 	snap := p.dispatcher.Snapshot()
