@@ -305,7 +305,6 @@ func TestSpliceUpstreamResetReachesTLSClient(t *testing.T) {
 // none for its idle timer.
 func TestSpliceGoroutinesPerFlow(t *testing.T) {
 	const flows = 8
-	base := runtime.NumGoroutine()
 	type flow struct {
 		client, server *net.TCPConn
 		res            <-chan Result
@@ -326,21 +325,29 @@ func TestSpliceGoroutinesPerFlow(t *testing.T) {
 		}
 		fs = append(fs, flow{c, s, r})
 	}
-	// The helpers' accept goroutines may still be exiting: wait for the
-	// count to settle (bounded), then require exactly two per flow.
-	want := base + 2*flows
-	got := runtime.NumGoroutine()
-	for deadline := time.Now().Add(5 * time.Second); got > want && time.Now().Before(deadline); got = runtime.NumGoroutine() {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if got != want {
-		t.Errorf("%d goroutines for %d established flows, want %d (2 per flow)", got-base, flows, want-base)
+	if got := spliceGoroutines(); got != 2*flows {
+		t.Errorf("%d splice goroutines for %d established flows, want %d (2 per flow)", got, flows, 2*flows)
 	}
 	for _, f := range fs {
 		f.client.Close()
 		f.server.Close()
 		waitResult(t, f.res)
 	}
+}
+
+// spliceGoroutines counts the goroutines running this package's flow code.
+func spliceGoroutines() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("tcpproxy.Splice")) || bytes.Contains(g, []byte("tcpproxy.(*splice)")) ||
+			bytes.Contains(g, []byte("tcpproxy.pipe")) || bytes.Contains(g, []byte("tcpproxy.(*idleTimer)")) ||
+			bytes.Contains(g, []byte("tcpproxy.watchIdle")) {
+			n++
+		}
+	}
+	return n
 }
 
 // TestSpliceIdleTimerStopsWithFlow: a flow that ends before its idle
