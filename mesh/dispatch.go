@@ -110,7 +110,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	serveFlow(snap, recv, &captured{req: req}, &e, d)
+	serveFlow(snap, recv, captured{req: req}, &e, d)
 	d.o.Access.Log(&e)
 }
 
@@ -123,17 +123,19 @@ type flowSource interface {
 	refuse()
 }
 
+// captured is a value of one pointer: as a flowSource it is stored in the
+// interface as is, with no allocation per flow.
 type captured struct{ req *netstack.TCPRequest }
 
-func (c *captured) id() netstack.FlowID { return c.req.ID }
-func (c *captured) accept() (net.Conn, error) {
+func (c captured) id() netstack.FlowID { return c.req.ID }
+func (c captured) accept() (net.Conn, error) {
 	conn, err := c.req.Accept()
 	if err != nil {
 		return nil, err
 	}
 	return conn, nil
 }
-func (c *captured) refuse() { c.req.Refuse() }
+func (c captured) refuse() { c.req.Refuse() }
 
 // accepted is a connection from a bound listener's socket.
 type accepted struct {
