@@ -352,9 +352,12 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 	access := d.o.Access
 	var logReq func(httpconn.Entry)
 	if access.Enabled() && chain.HTTP.HasAccessLog() {
+		// The closure copies what it needs rather than capture e, which
+		// then stays on the stack of the flow's handler.
+		dir, local, peer := e.Direction, e.DownstreamLocal, e.DownstreamPeer
 		logReq = func(he httpconn.Entry) {
-			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
-				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
+			re := accesslog.Entry{Transport: "http", Direction: dir, Start: he.Start,
+				DownstreamLocal: local, DownstreamPeer: peer,
 				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
 				BytesReceived: he.BytesReceived, BytesSent: he.BytesSent, ResponseFlags: he.ResponseFlags.String(),
 				UpstreamPeerURISAN: he.UpstreamPeerURISAN, UpstreamTransportFailureReason: he.UpstreamTransportFailureReason,
