@@ -110,7 +110,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	serveFlow(snap, recv, &captured{req: req}, &e, d)
+	serveFlow(snap, recv, captured{req: req}, &e, d)
 	d.o.Access.Log(&e)
 }
 
@@ -123,17 +123,19 @@ type flowSource interface {
 	refuse()
 }
 
+// captured is a value of one pointer: as a flowSource it is stored in the
+// interface as is, with no allocation per flow.
 type captured struct{ req *netstack.TCPRequest }
 
-func (c *captured) id() netstack.FlowID { return c.req.ID }
-func (c *captured) accept() (net.Conn, error) {
+func (c captured) id() netstack.FlowID { return c.req.ID }
+func (c captured) accept() (net.Conn, error) {
 	conn, err := c.req.Accept()
 	if err != nil {
 		return nil, err
 	}
 	return conn, nil
 }
-func (c *captured) refuse() { c.req.Refuse() }
+func (c captured) refuse() { c.req.Refuse() }
 
 // accepted is a connection from a bound listener's socket.
 type accepted struct {
@@ -350,9 +352,12 @@ func serveHTTP(d *Dispatcher, snap *Snapshot, l *Listener, chain *Chain, down ne
 	access := d.o.Access
 	var logReq func(httpconn.Entry)
 	if access.Enabled() && chain.HTTP.HasAccessLog() {
+		// The closure copies what it needs rather than capture e, which
+		// then stays on the stack of the flow's handler.
+		dir, local, peer := e.Direction, e.DownstreamLocal, e.DownstreamPeer
 		logReq = func(he httpconn.Entry) {
-			re := accesslog.Entry{Transport: "http", Direction: e.Direction, Start: he.Start,
-				DownstreamLocal: e.DownstreamLocal, DownstreamPeer: e.DownstreamPeer,
+			re := accesslog.Entry{Transport: "http", Direction: dir, Start: he.Start,
+				DownstreamLocal: local, DownstreamPeer: peer,
 				UpstreamHost: he.UpstreamHost, UpstreamCluster: he.UpstreamCluster,
 				BytesReceived: he.BytesReceived, BytesSent: he.BytesSent, ResponseFlags: he.ResponseFlags.String(),
 				UpstreamPeerURISAN: he.UpstreamPeerURISAN, UpstreamTransportFailureReason: he.UpstreamTransportFailureReason,

@@ -70,7 +70,7 @@ func New(o Options) (zerolog.Logger, error) {
 	switch o.Format {
 	case FormatJSON:
 	case FormatConsole, "":
-		out = zerolog.ConsoleWriter{Out: out, TimeFormat: time.RFC3339Nano}
+		out = newConsoleWriter(out, time.RFC3339Nano)
 	default:
 		return zerolog.Nop(), fmt.Errorf("unknown log format %q (want console or json)", o.Format)
 	}

@@ -66,71 +66,100 @@ type direction struct {
 	srcReset bool // reading the source failed with a reset
 	dstReset bool // writing the destination failed: the peer is gone
 	err      error
-}
 
-type directionResult struct {
-	toUp bool // downstream → upstream
-	d    direction
+	// What the direction's end means for Result, set by splice.run.
+	downReset, upReset bool
 }
 
 // Splice copies between down and up until both directions are finished,
 // then closes both. idle <= 0 disables the idle timeout.
+//
+// A flow costs one goroutine besides the caller's: the downstream →
+// upstream direction runs on the caller's goroutine (the netstack handler
+// already has one per flow), the other on its own, and the idle timeout is
+// a runtime timer that checks an activity counter every idle/4, not a
+// goroutine with a ticker. At a connection rate of thousands per second
+// the goroutines and tickers a flow starts and stops are a cost of their
+// own (each start or stop is a scheduler hand-off on a 2-core pod).
 func Splice(down, up net.Conn, idle time.Duration) Result {
-	var activity atomic.Uint64
-	var idleFired atomic.Bool
-	var closeOnce sync.Once
-	closeBoth := func() {
-		closeOnce.Do(func() {
-			down.Close()
-			up.Close()
-		})
-	}
-
+	s := &splice{down: down, up: up}
 	if idle > 0 {
-		stop := watchIdle(idle, &activity, func() {
-			idleFired.Store(true)
-			closeBoth()
-		})
-		defer stop()
+		s.idle.start(idle, &s.activity, s.idleFired)
+		defer s.idle.stop()
 	}
 
-	results := make(chan directionResult, 2)
-	go func() { results <- directionResult{true, pipe(up, down, &activity)} }()
-	go func() { results <- directionResult{false, pipe(down, up, &activity)} }()
+	s.wg.Add(1)
+	go s.run(false)
+	s.run(true)
+	s.wg.Wait()
+	s.closeBoth()
 
-	var res Result
-	for i := 0; i < 2; i++ {
-		r := <-results
-		if r.toUp {
-			res.Received = r.d.n
-		} else {
-			res.Sent = r.d.n
-		}
-		if r.d.eof {
-			continue // the other direction may still be flowing
-		}
-		// Any failure ends both directions. A reset read from one side is
-		// passed on as a reset to the other; a failed write means the
-		// destination peer is gone, so the source is reset too.
-		switch {
-		case r.d.srcReset && r.toUp:
-			res.DownstreamReset = true
-			resetConn(up)
-		case r.d.srcReset:
-			res.UpstreamReset = true
-			resetConn(down)
-		case r.d.dstReset && r.toUp:
-			res.UpstreamReset = true
-			resetConn(down)
-		case r.d.dstReset:
-			res.DownstreamReset = true
-			resetConn(up)
-		}
-		closeBoth()
+	res := Result{Received: s.dirs[1].n, Sent: s.dirs[0].n, IdleTimeout: s.idleTimedOut.Load()}
+	for i := range s.dirs {
+		res.DownstreamReset = res.DownstreamReset || s.dirs[i].downReset
+		res.UpstreamReset = res.UpstreamReset || s.dirs[i].upReset
 	}
-	closeBoth()
-	res.IdleTimeout = idleFired.Load()
 	return res
+}
+
+// splice is one flow's shared state: both directions and the idle timer
+// use it; each direction writes only its own dirs entry.
+type splice struct {
+	down, up     net.Conn
+	activity     atomic.Uint64
+	idleTimedOut atomic.Bool
+	closeOnce    sync.Once
+	wg           sync.WaitGroup
+	idle         idleTimer
+	dirs         [2]direction // [0] upstream → downstream, [1] downstream → upstream
+}
+
+func (s *splice) closeBoth() {
+	s.closeOnce.Do(func() {
+		s.down.Close()
+		s.up.Close()
+	})
+}
+
+func (s *splice) idleFired() {
+	s.idleTimedOut.Store(true)
+	s.closeBoth()
+}
+
+// run copies one direction and, when it fails, ends the flow at once from
+// this goroutine: the other direction may be blocked reading a peer that
+// will never send again, and only closing its connection wakes it.
+func (s *splice) run(toUp bool) {
+	var d *direction
+	if toUp {
+		d = &s.dirs[1]
+		*d = pipe(s.up, s.down, &s.activity)
+	} else {
+		defer s.wg.Done()
+		d = &s.dirs[0]
+		*d = pipe(s.down, s.up, &s.activity)
+	}
+	if d.eof {
+		return // the other direction may still be flowing
+	}
+	// Any failure ends both directions. A reset read from one side is
+	// passed on as a reset to the other; a failed write means the
+	// destination peer is gone, so the source is reset too.
+	switch {
+	case d.srcReset && toUp:
+		d.downReset = true
+		resetConn(s.up)
+	case d.srcReset:
+		d.upReset = true
+		resetConn(s.down)
+	case d.dstReset && toUp:
+		d.upReset = true
+		resetConn(s.down)
+	case d.dstReset:
+		d.downReset = true
+		resetConn(s.up)
+	}
+	s.closeBoth()
 }
 
 // pipe copies src to dst until EOF or an error.
@@ -219,36 +248,53 @@ func resetConn(c net.Conn) {
 	}
 }
 
-// watchIdle calls fire once no activity was recorded for a full idle
+// idleTimer calls fire once no activity was recorded for a full idle
 // period. Activity is a counter bumped per read, so the hot path pays one
-// atomic add and no clock read; the check runs every idle/4.
-func watchIdle(idle time.Duration, activity *atomic.Uint64, fire func()) (stop func()) {
-	tick := idle / 4
-	if tick <= 0 {
-		tick = idle
+// atomic add and no clock read; a runtime timer (no goroutine while it
+// waits) checks the counter every idle/4, so the flow closes between idle
+// and 1.25 × idle after its last read.
+type idleTimer struct {
+	mu       sync.Mutex // orders the timer's callbacks with stop
+	t        *time.Timer
+	stopped  bool
+	tick     time.Duration
+	idle     time.Duration
+	quiet    time.Duration
+	last     uint64
+	activity *atomic.Uint64
+	fire     func()
+}
+
+func (w *idleTimer) start(idle time.Duration, activity *atomic.Uint64, fire func()) {
+	w.tick = idle / 4
+	if w.tick <= 0 {
+		w.tick = idle
 	}
-	t := time.NewTicker(tick)
-	done := make(chan struct{})
-	go func() {
-		defer t.Stop()
-		last := activity.Load()
-		quiet := time.Duration(0)
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-			}
-			if cur := activity.Load(); cur != last {
-				last, quiet = cur, 0
-				continue
-			}
-			quiet += tick
-			if quiet >= idle {
-				fire()
-				return
-			}
-		}
-	}()
-	return func() { close(done) }
+	w.idle, w.activity, w.fire = idle, activity, fire
+	w.mu.Lock()
+	w.t = time.AfterFunc(w.tick, w.check)
+	w.mu.Unlock()
+}
+
+func (w *idleTimer) check() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	if cur := w.activity.Load(); cur != w.last {
+		w.last, w.quiet = cur, 0
+	} else if w.quiet += w.tick; w.quiet >= w.idle {
+		w.stopped = true
+		w.fire()
+		return
+	}
+	w.t.Reset(w.tick)
+}
+
+func (w *idleTimer) stop() {
+	w.mu.Lock()
+	w.stopped = true
+	w.t.Stop()
+	w.mu.Unlock()
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -297,4 +298,135 @@ func TestSpliceUpstreamResetReachesTLSClient(t *testing.T) {
 			t.Errorf("result %+v, want an orderly end with 2 bytes received", r)
 		}
 	}
+}
+
+// TestSpliceGoroutinesPerFlow: an established flow, idle timeout armed,
+// holds two goroutines — the caller's (one direction) and one more — and
+// none for its idle timer.
+func TestSpliceGoroutinesPerFlow(t *testing.T) {
+	const flows = 8
+	type flow struct {
+		client, server *net.TCPConn
+		res            <-chan Result
+	}
+	var fs []flow
+	for i := 0; i < flows; i++ {
+		c, s, r := proxied(t, time.Hour)
+		// One byte each way: both directions are running.
+		c.Write([]byte{1})
+		s.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		s.Write([]byte{2})
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		fs = append(fs, flow{c, s, r})
+	}
+	if got := spliceGoroutines(); got != 2*flows {
+		t.Errorf("%d splice goroutines for %d established flows, want %d (2 per flow)", got, flows, 2*flows)
+	}
+	for _, f := range fs {
+		f.client.Close()
+		f.server.Close()
+		waitResult(t, f.res)
+	}
+}
+
+// spliceGoroutines counts the goroutines running this package's flow code.
+func spliceGoroutines() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("tcpproxy.Splice")) || bytes.Contains(g, []byte("tcpproxy.(*splice)")) ||
+			bytes.Contains(g, []byte("tcpproxy.pipe")) || bytes.Contains(g, []byte("tcpproxy.(*idleTimer)")) ||
+			bytes.Contains(g, []byte("tcpproxy.watchIdle")) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSpliceIdleTimerStopsWithFlow: a flow that ends before its idle
+// timeout leaves no timer behind that could close or flag anything.
+func TestSpliceIdleTimerStopsWithFlow(t *testing.T) {
+	client, server, res := proxied(t, 40*time.Millisecond)
+	client.Close()
+	server.Close()
+	r := waitResult(t, res)
+	if r.IdleTimeout {
+		t.Fatalf("result %+v: idle timeout on a flow that closed first", r)
+	}
+	var w idleTimer
+	var act atomic.Uint64
+	fired := make(chan struct{}, 1)
+	w.start(10*time.Millisecond, &act, func() { fired <- struct{}{} })
+	w.stop()
+	select {
+	case <-fired:
+		t.Fatal("stopped idle timer fired")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// BenchmarkSpliceShortFlow is connect + one 64-byte exchange + close
+// through Splice on loopback, a new flow per iteration: the per-flow
+// share of the connection-rate row (goroutines, timers, buffers).
+func BenchmarkSpliceShortFlow(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer echo.Close()
+	echoDone := make(chan struct{})
+	go func() {
+		defer close(echoDone)
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	msg := make([]byte, 64)
+	buf := make([]byte, 64)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		client, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		down, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		up, err := net.Dial("tcp", echo.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		done := make(chan Result, 1)
+		go func() { done <- Splice(down, up, time.Hour) }()
+		client.Write(msg)
+		if _, err := io.ReadFull(client, buf); err != nil {
+			b.Fatal(err)
+		}
+		client.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, client)
+		client.Close()
+		<-done
+	}
+	b.StopTimer()
+	echo.Close()
+	<-echoDone
 }
