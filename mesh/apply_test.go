@@ -508,3 +508,54 @@ func TestStaticResourcesKeepWholeUpdateErrors(t *testing.T) {
 		t.Fatal("a rejected update swapped the snapshot")
 	}
 }
+
+// TestApplyCarriedAssignments: an assignment the snapshot in force was
+// built with (the same message) is not parsed again for clusters it
+// already serves, but a cluster replaced by a changed configuration gets
+// its hosts from it, and an assignment no cluster uses is still judged
+// when it changes.
+func TestApplyCarriedAssignments(t *testing.T) {
+	a, d := newApplier(t)
+	ip1, ip2 := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80")
+	claA, unused := xdstest.Assignment("a", ip1), xdstest.Assignment("unused", ip2)
+	eps := []*endpointv3.ClusterLoadAssignment{claA, unused}
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{xdstest.EDSCluster("a")}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	s1 := d.Snapshot()
+
+	// Cluster a changes (a new object), its assignment does not.
+	changed := xdstest.EDSCluster("a")
+	changed.ConnectTimeout = durationpb.New(7 * time.Second)
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	s2 := d.Snapshot()
+	if s2.Clusters["a"] == s1.Clusters["a"] {
+		t.Fatal("a changed cluster was carried over")
+	}
+	if got := addrs(s2.Hosts("a")); len(got) != 1 || got[0] != ip1.String() {
+		t.Fatalf("hosts of the replaced cluster a: %v, want [10.0.0.1:80] from its unchanged assignment", got)
+	}
+	if got := addrs(s2.Clusters["a"].Hosts()); len(got) != 1 || got[0] != ip1.String() {
+		t.Fatalf("live hosts of the replaced cluster a: %v, want [10.0.0.1:80]", got)
+	}
+
+	// Nothing changes: everything is carried over.
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if s3 := d.Snapshot(); s3.Clusters["a"] != s2.Clusters["a"] || s3.endpoints["a"] != s2.endpoints["a"] {
+		t.Fatal("an unchanged cluster or its host set was rebuilt")
+	}
+
+	// The unused assignment turns invalid: named, nothing swapped.
+	s3 := d.Snapshot()
+	err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, []*endpointv3.ClusterLoadAssignment{claA, badAssignment("unused")}, nil))
+	if got := rejected(t, err); len(got) != 1 || got[0] != xdsclient.EndpointType+" unused" {
+		t.Fatalf("rejected %v, want exactly the assignment unused", got)
+	}
+	if d.Snapshot() != s3 {
+		t.Fatal("a rejected update swapped the snapshot")
+	}
+}

@@ -200,9 +200,13 @@ func listenerStatPrefix(l *listenerv3.Listener) string {
 			scope = fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue())
 		}
 	}
-	// The replacements of Envoy's sanitizeStatsName.
-	return "listener." + strings.NewReplacer("://", "_", ":/", "_", ":", "_", "\x00", "_").Replace(scope) + "."
+	return "listener." + statNameSanitizer.Replace(scope) + "."
 }
+
+// statNameSanitizer makes the replacements of Envoy's sanitizeStatsName.
+// One for the process: building one per listener took 0.06 s of CPU in
+// a 10,000-listener update.
+var statNameSanitizer = strings.NewReplacer("://", "_", ":/", "_", ":", "_", "\x00", "_")
 
 // BuildOptions carries what building a snapshot needs besides resources.
 type BuildOptions struct {
@@ -363,7 +367,9 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			s.sslStats[name] = ssl
 		}
 		if prev != nil {
-			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
+			// The same message (unchanged resources keep their pointer), or
+			// an equal one.
+			if old := prev.Clusters[name]; old != nil && (prev.clusterProtos[name] == pb || proto.Equal(prev.clusterProtos[name], pb)) {
 				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
 				continue
 			}
@@ -510,17 +516,38 @@ func claim(wild4, wild6 map[uint16]*Listener, l *Listener, proto string) error {
 // be accepted. Server.Apply commits them (one atomic store per cluster)
 // just before the swap. An assignment no EDS cluster uses is still
 // validated, so the NACK names it.
+//
+// An assignment prev was built with (the same message: the xDS client
+// keeps the pointer of a resource that did not change) was validated by
+// that build and is parsed again only for a cluster that is new: at
+// 10,000 services, an update of the listeners used to parse all 10,000
+// assignments again to throw the result away.
 func (s *Snapshot) stageEndpoints(prev *Snapshot, assignments map[string]*endpointv3.ClusterLoadAssignment, errs *buildErrors) {
-	parsed := make(map[string]*cluster.Endpoints, len(assignments))
+	parsed := make(map[string]*cluster.Endpoints)
 	bad := make(map[string]bool)
-	for _, svc := range sortedKeys(assignments) {
-		e, err := cluster.ParseEndpoints(assignments[svc])
+	// parse validates the assignment of svc once; nil if there is none
+	// or it is invalid (bad).
+	parse := func(svc string) *cluster.Endpoints {
+		if e, ok := parsed[svc]; ok || bad[svc] {
+			return e
+		}
+		cla, ok := assignments[svc]
+		if !ok {
+			return nil
+		}
+		e, err := cluster.ParseEndpoints(cla)
 		if err != nil {
 			errs.add(xdsclient.EndpointType, "cluster_load_assignment", svc, true, err)
 			bad[svc] = true
-			continue
+			return nil
 		}
 		parsed[svc] = e
+		return e
+	}
+	for _, svc := range sortedKeys(assignments) {
+		if prev == nil || prev.claProtos[svc] != assignments[svc] {
+			parse(svc)
+		}
 	}
 	for _, name := range sortedKeys(s.Clusters) {
 		c := s.Clusters[name]
@@ -538,13 +565,14 @@ func (s *Snapshot) stageEndpoints(prev *Snapshot, assignments map[string]*endpoi
 			}
 			continue
 		}
-		e := parsed[svc]
+		cla, ok := assignments[svc]
 		if carried && prev.endpoints[name] != nil {
-			if old := prev.claProtos[svc]; e == nil || old == assignments[svc] || proto.Equal(old, assignments[svc]) {
+			if old := prev.claProtos[svc]; !ok || old == cla || proto.Equal(old, cla) {
 				s.endpoints[name] = prev.endpoints[name] // what is in force stays
 				continue
 			}
 		}
+		e := parse(svc)
 		if e == nil {
 			continue // no assignment yet: the cluster warms
 		}
@@ -681,7 +709,7 @@ func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(stri
 		l.tls = l.tls || c.TLS != nil
 	}
 	if prev != nil {
-		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
+		if old := prev.byName[l.Name]; old != nil && (old.Proto == pb || proto.Equal(old.Proto, pb)) {
 			// The same listener: its flows, old and new, drain together.
 			l.drain.close()
 			l.drain = old.drain
