@@ -70,6 +70,9 @@ type source struct {
 	// xdsOn (applyMu): the bootstrap in force has ADS. An update that races
 	// the reload that removed it is refused, not applied.
 	xdsOn bool
+	// mem hands the memory big xDS updates free back to the OS, after
+	// them (memory.go).
+	mem releaser
 
 	// cur is the bootstrap in force and the applier built for it.
 	cur atomic.Pointer[loaded]
@@ -184,6 +187,7 @@ func (s *source) start(b *bootstrapv3.Bootstrap, xcfg *xdsclient.Config) error {
 func (s *source) stop(exitBy time.Time) {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
+	defer s.mem.stop()
 	if s.run == nil {
 		return
 	}
@@ -277,6 +281,9 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	if !s.xdsOn {
 		return errXDSOff
 	}
+	big := false
+	s.mem.begin()
+	defer func() { s.mem.end(big) }()
 	cur := s.cur.Load()
 	sr := cur.b.GetStaticResources()
 	p, err := s.makePlan(sr.GetListeners(), sr.GetClusters(), r, time.Now())
@@ -286,7 +293,7 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	if err != nil {
 		return err
 	}
-	releaseAfterUpdate(s.dynamic, r)
+	big = bigUpdate(s.dynamic, r)
 	s.dynamic = r
 	if _, ok := r.Versions[xdsclient.ListenerType]; ok {
 		// Envoy is LIVE once its first CDS and LDS responses (with the
