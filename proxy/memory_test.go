@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -104,5 +105,26 @@ func TestReleaserAfterTheBurst(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	if n := count(); n != 1 {
 		t.Fatalf("released after stop (%d releases)", n)
+	}
+}
+
+// xdsBusy gives a large xDS response one processor more than the data
+// path's and gives it back; never more than the machine has.
+func TestXDSBusyRaisesGOMAXPROCS(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	if runtime.NumCPU() >= 2 {
+		done := xdsBusy()
+		if n := runtime.GOMAXPROCS(0); n != 2 {
+			t.Errorf("GOMAXPROCS %d while busy, want 2", n)
+		}
+		done()
+		if n := runtime.GOMAXPROCS(0); n != 1 {
+			t.Errorf("GOMAXPROCS %d after, want 1 again", n)
+		}
+	}
+	runtime.GOMAXPROCS(runtime.NumCPU())
+	xdsBusy()()
+	if n := runtime.GOMAXPROCS(0); n != runtime.NumCPU() {
+		t.Errorf("GOMAXPROCS %d, want the %d CPUs untouched", n, runtime.NumCPU())
 	}
 }

@@ -130,11 +130,13 @@ func (s *session) run() error {
 			}
 			if it.r != nil {
 				s.w.observe(it.r)
+				done := s.busy(it.r)
 				if it.r.kind == kindSecret {
 					s.handleSecrets(it.r)
 				} else {
 					s.handle(it.r)
 				}
+				done()
 			}
 		case f := <-s.events:
 			f()
@@ -142,6 +144,14 @@ func (s *session) run() error {
 			s.resubscribeSecrets()
 		}
 	}
+}
+
+// busy tells Config.Busy that r is large; the result ends it.
+func (s *session) busy(r *response) (done func()) {
+	if s.c.cfg.Busy == nil || len(r.resources)+len(r.removed) < LargeResponse {
+		return func() {}
+	}
+	return s.c.cfg.Busy()
 }
 
 // sendFailure returns why the stream failed after a Send error. io.EOF from Send
