@@ -78,6 +78,9 @@ type Snapshot struct {
 	// of the blocks this snapshot uses.
 	store  *stats.Store
 	scopes []stats.Key // may repeat a key
+	// building records what the listener being built registers (nil
+	// outside buildListener), so that a later snapshot can carry it over.
+	building *listenerReg
 
 	// secrets is the SDS secret store the TLS contexts read at each
 	// handshake (BuildOptions.Secrets).
@@ -126,6 +129,49 @@ type Listener struct {
 	// later snapshots that carry this one over.
 	drain   *listenerDrain
 	matcher *filterchain.Matcher
+	// reg is what its build registered in its snapshot: a later snapshot
+	// that carries the listener over registers the same.
+	reg *listenerReg
+}
+
+// listenerReg is what building a listener registered in its snapshot:
+// the stats blocks it counts into (by key, for the sweep) and the shared
+// per-prefix blocks the admin lists.
+type listenerReg struct {
+	scopes []stats.Key
+	tcp    []*tcpproxy.Stats
+	http   map[string]*httpconn.Stats
+	rbac   []*rbac.Filter
+}
+
+// carryListener returns the listener of prev that pb (the same message)
+// built, registered in s as its build registered it in prev, or nil when
+// it must be built: a listener whose message did not change and whose
+// build depends on nothing else that changed (the stats store, the
+// secret store its TLS contexts read, the cluster check, which xDS
+// updates skip) is the same listener. At 10,000 services an assignment update rebuilt all 10,000
+// listeners, ~0.15 s of CPU and ~15 MB of garbage each time.
+func carryListener(s, prev *Snapshot, pb *listenerv3.Listener, dynamic bool, opts BuildOptions) *Listener {
+	if prev == nil || !opts.AllowUnknownClusters || prev.store != s.store {
+		return nil
+	}
+	old := prev.byName[pb.GetName()]
+	if old == nil || old.Proto != pb || old.dynamic != dynamic || old.reg == nil || (old.tls && prev.secrets != s.secrets) {
+		return nil
+	}
+	r := old.reg
+	s.scopes = append(s.scopes, r.scopes...)
+	for _, st := range r.tcp {
+		s.tcpStats[st.Prefix] = st
+	}
+	for prefix, st := range r.http {
+		s.httpStats[prefix] = st
+	}
+	for _, f := range r.rbac {
+		s.rbacStats[f.StatsPrefix] = f.Stats
+		s.rbacShadow[f.ShadowStatsPrefix()] = f.ShadowStats
+	}
+	return old
 }
 
 // Chain is one filter chain: where its flows go, which is its terminal
@@ -413,7 +459,17 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		if name == "" {
 			name = fmt.Sprintf("listeners[%d]", i)
 		}
+		if l := carryListener(s, prev, pb, dynamic, opts); l != nil {
+			if err := s.add(l, opts.Roles); err != nil {
+				errs.add(xdsclient.ListenerType, "listener", name, dynamic, err)
+			}
+			continue
+		}
+		mark := len(s.scopes)
+		s.building = &listenerReg{}
 		l, err := buildListener(s, pb, exists, prev)
+		reg := s.building
+		s.building = nil
 		if err == nil {
 			err = s.add(l, opts.Roles)
 		}
@@ -422,6 +478,8 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			continue
 		}
 		l.dynamic = dynamic
+		reg.scopes = append([]stats.Key(nil), s.scopes[mark:]...)
+		l.reg = reg
 	}
 	if err := errs.err(); err != nil {
 		for _, c := range created {
@@ -746,6 +804,9 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 	tcpStats := func(prefix string) *tcpproxy.Stats {
 		st := scopeOf(s, prefix, func() *tcpproxy.Stats { return &tcpproxy.Stats{Prefix: prefix} })
 		s.tcpStats[prefix] = st
+		if r := s.building; r != nil {
+			r.tcp = append(r.tcp, st)
+		}
 		return st
 	}
 	tp, hcm, authz, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists, tcpStats)
@@ -764,6 +825,12 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 		st := scopeOf(s, "http."+hcm.StatPrefix+".", func() *httpconn.Stats { return new(httpconn.Stats) })
 		hcm.ShareStats(st)
 		s.httpStats[hcm.StatPrefix] = st
+		if r := s.building; r != nil {
+			if r.http == nil {
+				r.http = map[string]*httpconn.Stats{}
+			}
+			r.http[hcm.StatPrefix] = st
+		}
 	}
 	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, TLS: down, HandshakeTimeout: timeout, RBAC: authz}, nil
 }
@@ -777,6 +844,9 @@ func (s *Snapshot) shareRBACStats(f *rbac.Filter) {
 	f.ShadowStats = scopeOf(s, sp, func() *rbac.ShadowStats { return &rbac.ShadowStats{Prefix: sp} })
 	s.rbacStats[f.StatsPrefix] = f.Stats
 	s.rbacShadow[sp] = f.ShadowStats
+	if r := s.building; r != nil {
+		r.rbac = append(r.rbac, f)
+	}
 }
 
 // RBACStats returns the RBAC filters' counter blocks, enforced and
