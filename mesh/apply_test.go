@@ -32,7 +32,7 @@ import (
 
 // newApplier is a proxy configured over xDS with no static resources,
 // serving bound listeners on loopback.
-func newApplier(t *testing.T) (*XDSApplier, *Dispatcher) {
+func newApplier(t testing.TB) (*XDSApplier, *Dispatcher) {
 	t.Helper()
 	d := &Dispatcher{}
 	pools := httpconn.NewPools()
