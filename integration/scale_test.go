@@ -45,7 +45,7 @@ func TestXDSScale(t *testing.T) {
 	}
 	cp.push(t, "0", []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters(), nil)
 	bs := adsBootstrap(t, topo, "DELTA_GRPC")
-	px := startProxy(t, topo, append([]string{"--bootstrap", bs, "--log-level", "warn"}, strings.Fields(os.Getenv("MESHTUN_ARGS"))...)...)
+	px := startProxy(t, topo, append([]string{"--bootstrap", bs, "--log-level", "warn", "--termination-drain-duration", "0s"}, strings.Fields(os.Getenv("MESHTUN_ARGS"))...)...)
 	deadline := time.Now().Add(20 * time.Second)
 	for cp.ackCount(resource.ListenerType) == 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
