@@ -25,13 +25,14 @@ import (
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/httpconn"
+	"github.com/meshtun/meshtun/mesh/stats"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/xdsclient"
 )
 
 // newApplier is a proxy configured over xDS with no static resources,
 // serving bound listeners on loopback.
-func newApplier(t *testing.T) (*XDSApplier, *Dispatcher) {
+func newApplier(t testing.TB) (*XDSApplier, *Dispatcher) {
 	t.Helper()
 	d := &Dispatcher{}
 	pools := httpconn.NewPools()
@@ -506,5 +507,110 @@ func TestStaticResourcesKeepWholeUpdateErrors(t *testing.T) {
 	}
 	if d.Snapshot() != s {
 		t.Fatal("a rejected update swapped the snapshot")
+	}
+}
+
+// TestApplyCarriedAssignments: an assignment the snapshot in force was
+// built with (the same message) is not parsed again for clusters it
+// already serves, but a cluster replaced by a changed configuration gets
+// its hosts from it, and an assignment no cluster uses is still judged
+// when it changes.
+func TestApplyCarriedAssignments(t *testing.T) {
+	a, d := newApplier(t)
+	ip1, ip2 := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80")
+	claA, unused := xdstest.Assignment("a", ip1), xdstest.Assignment("unused", ip2)
+	eps := []*endpointv3.ClusterLoadAssignment{claA, unused}
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{xdstest.EDSCluster("a")}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	s1 := d.Snapshot()
+
+	// Cluster a changes (a new object), its assignment does not.
+	changed := xdstest.EDSCluster("a")
+	changed.ConnectTimeout = durationpb.New(7 * time.Second)
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	s2 := d.Snapshot()
+	if s2.Clusters["a"] == s1.Clusters["a"] {
+		t.Fatal("a changed cluster was carried over")
+	}
+	if got := addrs(s2.Hosts("a")); len(got) != 1 || got[0] != ip1.String() {
+		t.Fatalf("hosts of the replaced cluster a: %v, want [10.0.0.1:80] from its unchanged assignment", got)
+	}
+	if got := addrs(s2.Clusters["a"].Hosts()); len(got) != 1 || got[0] != ip1.String() {
+		t.Fatalf("live hosts of the replaced cluster a: %v, want [10.0.0.1:80]", got)
+	}
+
+	// Nothing changes: everything is carried over.
+	if err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, eps, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if s3 := d.Snapshot(); s3.Clusters["a"] != s2.Clusters["a"] || s3.endpoints["a"] != s2.endpoints["a"] {
+		t.Fatal("an unchanged cluster or its host set was rebuilt")
+	}
+
+	// The unused assignment turns invalid: named, nothing swapped.
+	s3 := d.Snapshot()
+	err := a.Apply(context.Background(), resources([]*clusterv3.Cluster{changed}, []*endpointv3.ClusterLoadAssignment{claA, badAssignment("unused")}, nil))
+	if got := rejected(t, err); len(got) != 1 || got[0] != xdsclient.EndpointType+" unused" {
+		t.Fatalf("rejected %v, want exactly the assignment unused", got)
+	}
+	if d.Snapshot() != s3 {
+		t.Fatal("a rejected update swapped the snapshot")
+	}
+}
+
+// TestApplyCarriesUnchangedListeners: an update that changes only an
+// assignment keeps every listener whose message did not change, the same
+// object (not drained, not rebuilt), with its counters registered in the
+// new snapshot (listed, kept by the sweep); a changed listener is rebuilt
+// and drains.
+func TestApplyCarriesUnchangedListeners(t *testing.T) {
+	a, d := newApplier(t)
+	ip1, ip2 := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80")
+	cs := []*clusterv3.Cluster{xdstest.EDSCluster("c")}
+	tcp := xdstest.TCPListener(t, "tcp", "10.96.0.1", 80, "c", false)
+	web := xdstest.HTTPListener(t, "web", "10.96.0.2", 80, "r", false)
+	other := xdstest.TCPListener(t, "other", "10.96.0.3", 80, "c", false)
+	rc := xdstest.RouteConfig("r", "c")
+	ls := []*listenerv3.Listener{tcp, web, other}
+	if err := a.Apply(context.Background(), resources(cs, []*endpointv3.ClusterLoadAssignment{xdstest.Assignment("c", ip1)}, ls, rc)); err != nil {
+		t.Fatal(err)
+	}
+	s1 := d.Snapshot()
+	blocks := s1.store.Len()
+
+	changed := xdstest.TCPListener(t, "other", "10.96.0.3", 81, "c", false)
+	if err := a.Apply(context.Background(), resources(cs, []*endpointv3.ClusterLoadAssignment{xdstest.Assignment("c", ip2)}, []*listenerv3.Listener{tcp, web, changed}, rc)); err != nil {
+		t.Fatal(err)
+	}
+	s2 := d.Snapshot()
+	for _, name := range []string{"tcp", "web"} {
+		if s2.Listener(name) != s1.Listener(name) {
+			t.Errorf("listener %s, unchanged, was rebuilt", name)
+		}
+	}
+	if s2.Listener("other") == s1.Listener("other") || s2.Listener("other").drain == s1.Listener("other").drain {
+		t.Error("the changed listener was carried over")
+	}
+	if got := addrs(s2.Hosts("c")); len(got) != 1 || got[0] != ip2.String() {
+		t.Errorf("hosts of c: %v, want the new assignment's", got)
+	}
+	// The carried listeners' counters are the snapshot's: listed, and the
+	// blocks the store keeps after the sweep.
+	if _, ok := s2.HTTPStats()["web"]; !ok {
+		t.Error("the carried HTTP listener's http.web. block is not listed")
+	}
+	if len(s2.TCPStats()) != 1 || s2.TCPStats()[0] != s1.TCPStats()[0] {
+		t.Errorf("tcp.* blocks %v, want the one of s1 carried", s2.TCPStats())
+	}
+	l := s2.Listener("tcp")
+	if got := stats.Scope(s2.store, l.Stats.Prefix, func() *ListenerStats { return &ListenerStats{} }); got != l.Stats {
+		t.Error("the carried listener counts into a block the store dropped")
+	}
+	// other's listener block changed name (port 81); nothing else went.
+	if n := s2.store.Len(); n != blocks {
+		t.Errorf("%d stats blocks after the update, want %d (one listener block replaced)", n, blocks)
 	}
 }

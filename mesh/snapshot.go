@@ -78,6 +78,9 @@ type Snapshot struct {
 	// of the blocks this snapshot uses.
 	store  *stats.Store
 	scopes []stats.Key // may repeat a key
+	// building records what the listener being built registers (nil
+	// outside buildListener), so that a later snapshot can carry it over.
+	building *listenerReg
 
 	// secrets is the SDS secret store the TLS contexts read at each
 	// handshake (BuildOptions.Secrets).
@@ -126,6 +129,49 @@ type Listener struct {
 	// later snapshots that carry this one over.
 	drain   *listenerDrain
 	matcher *filterchain.Matcher
+	// reg is what its build registered in its snapshot: a later snapshot
+	// that carries the listener over registers the same.
+	reg *listenerReg
+}
+
+// listenerReg is what building a listener registered in its snapshot:
+// the stats blocks it counts into (by key, for the sweep) and the shared
+// per-prefix blocks the admin lists.
+type listenerReg struct {
+	scopes []stats.Key
+	tcp    []*tcpproxy.Stats
+	http   map[string]*httpconn.Stats
+	rbac   []*rbac.Filter
+}
+
+// carryListener returns the listener of prev that pb (the same message)
+// built, registered in s as its build registered it in prev, or nil when
+// it must be built: a listener whose message did not change and whose
+// build depends on nothing else that changed (the stats store, the
+// secret store its TLS contexts read, the cluster check, which xDS
+// updates skip) is the same listener. At 10,000 services an assignment update rebuilt all 10,000
+// listeners, ~0.15 s of CPU and ~15 MB of garbage each time.
+func carryListener(s, prev *Snapshot, pb *listenerv3.Listener, dynamic bool, opts BuildOptions) *Listener {
+	if prev == nil || !opts.AllowUnknownClusters || prev.store != s.store {
+		return nil
+	}
+	old := prev.byName[pb.GetName()]
+	if old == nil || old.Proto != pb || old.dynamic != dynamic || old.reg == nil || (old.tls && prev.secrets != s.secrets) {
+		return nil
+	}
+	r := old.reg
+	s.scopes = append(s.scopes, r.scopes...)
+	for _, st := range r.tcp {
+		s.tcpStats[st.Prefix] = st
+	}
+	for prefix, st := range r.http {
+		s.httpStats[prefix] = st
+	}
+	for _, f := range r.rbac {
+		s.rbacStats[f.StatsPrefix] = f.Stats
+		s.rbacShadow[f.ShadowStatsPrefix()] = f.ShadowStats
+	}
+	return old
 }
 
 // Chain is one filter chain: where its flows go, which is its terminal
@@ -200,9 +246,13 @@ func listenerStatPrefix(l *listenerv3.Listener) string {
 			scope = fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue())
 		}
 	}
-	// The replacements of Envoy's sanitizeStatsName.
-	return "listener." + strings.NewReplacer("://", "_", ":/", "_", ":", "_", "\x00", "_").Replace(scope) + "."
+	return "listener." + statNameSanitizer.Replace(scope) + "."
 }
+
+// statNameSanitizer makes the replacements of Envoy's sanitizeStatsName.
+// One for the process: building one per listener took 0.06 s of CPU in
+// a 10,000-listener update.
+var statNameSanitizer = strings.NewReplacer("://", "_", ":/", "_", ":", "_", "\x00", "_")
 
 // BuildOptions carries what building a snapshot needs besides resources.
 type BuildOptions struct {
@@ -363,7 +413,9 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			s.sslStats[name] = ssl
 		}
 		if prev != nil {
-			if old := prev.Clusters[name]; old != nil && proto.Equal(prev.clusterProtos[name], pb) {
+			// The same message (unchanged resources keep their pointer), or
+			// an equal one.
+			if old := prev.Clusters[name]; old != nil && (prev.clusterProtos[name] == pb || proto.Equal(prev.clusterProtos[name], pb)) {
 				s.Clusters[name], s.clusterProtos[name], s.httpOpts[name] = old, pb, prev.httpOpts[name]
 				continue
 			}
@@ -407,7 +459,17 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		if name == "" {
 			name = fmt.Sprintf("listeners[%d]", i)
 		}
+		if l := carryListener(s, prev, pb, dynamic, opts); l != nil {
+			if err := s.add(l, opts.Roles); err != nil {
+				errs.add(xdsclient.ListenerType, "listener", name, dynamic, err)
+			}
+			continue
+		}
+		mark := len(s.scopes)
+		s.building = &listenerReg{}
 		l, err := buildListener(s, pb, exists, prev)
+		reg := s.building
+		s.building = nil
 		if err == nil {
 			err = s.add(l, opts.Roles)
 		}
@@ -416,6 +478,8 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 			continue
 		}
 		l.dynamic = dynamic
+		reg.scopes = append([]stats.Key(nil), s.scopes[mark:]...)
+		l.reg = reg
 	}
 	if err := errs.err(); err != nil {
 		for _, c := range created {
@@ -510,17 +574,38 @@ func claim(wild4, wild6 map[uint16]*Listener, l *Listener, proto string) error {
 // be accepted. Server.Apply commits them (one atomic store per cluster)
 // just before the swap. An assignment no EDS cluster uses is still
 // validated, so the NACK names it.
+//
+// An assignment prev was built with (the same message: the xDS client
+// keeps the pointer of a resource that did not change) was validated by
+// that build and is parsed again only for a cluster that is new: at
+// 10,000 services, an update of the listeners used to parse all 10,000
+// assignments again to throw the result away.
 func (s *Snapshot) stageEndpoints(prev *Snapshot, assignments map[string]*endpointv3.ClusterLoadAssignment, errs *buildErrors) {
-	parsed := make(map[string]*cluster.Endpoints, len(assignments))
+	parsed := make(map[string]*cluster.Endpoints)
 	bad := make(map[string]bool)
-	for _, svc := range sortedKeys(assignments) {
-		e, err := cluster.ParseEndpoints(assignments[svc])
+	// parse validates the assignment of svc once; nil if there is none
+	// or it is invalid (bad).
+	parse := func(svc string) *cluster.Endpoints {
+		if e, ok := parsed[svc]; ok || bad[svc] {
+			return e
+		}
+		cla, ok := assignments[svc]
+		if !ok {
+			return nil
+		}
+		e, err := cluster.ParseEndpoints(cla)
 		if err != nil {
 			errs.add(xdsclient.EndpointType, "cluster_load_assignment", svc, true, err)
 			bad[svc] = true
-			continue
+			return nil
 		}
 		parsed[svc] = e
+		return e
+	}
+	for _, svc := range sortedKeys(assignments) {
+		if prev == nil || prev.claProtos[svc] != assignments[svc] {
+			parse(svc)
+		}
 	}
 	for _, name := range sortedKeys(s.Clusters) {
 		c := s.Clusters[name]
@@ -538,13 +623,14 @@ func (s *Snapshot) stageEndpoints(prev *Snapshot, assignments map[string]*endpoi
 			}
 			continue
 		}
-		e := parsed[svc]
+		cla, ok := assignments[svc]
 		if carried && prev.endpoints[name] != nil {
-			if old := prev.claProtos[svc]; e == nil || old == assignments[svc] || proto.Equal(old, assignments[svc]) {
+			if old := prev.claProtos[svc]; !ok || old == cla || proto.Equal(old, cla) {
 				s.endpoints[name] = prev.endpoints[name] // what is in force stays
 				continue
 			}
 		}
+		e := parse(svc)
 		if e == nil {
 			continue // no assignment yet: the cluster warms
 		}
@@ -681,7 +767,7 @@ func buildListener(s *Snapshot, pb *listenerv3.Listener, clusterExists func(stri
 		l.tls = l.tls || c.TLS != nil
 	}
 	if prev != nil {
-		if old := prev.byName[l.Name]; old != nil && proto.Equal(old.Proto, pb) {
+		if old := prev.byName[l.Name]; old != nil && (old.Proto == pb || proto.Equal(old.Proto, pb)) {
 			// The same listener: its flows, old and new, drain together.
 			l.drain.close()
 			l.drain = old.drain
@@ -718,6 +804,9 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 	tcpStats := func(prefix string) *tcpproxy.Stats {
 		st := scopeOf(s, prefix, func() *tcpproxy.Stats { return &tcpproxy.Stats{Prefix: prefix} })
 		s.tcpStats[prefix] = st
+		if r := s.building; r != nil {
+			r.tcp = append(r.tcp, st)
+		}
 		return st
 	}
 	tp, hcm, authz, skipped, err := parseNetworkFilters(fc.GetFilters(), clusterExists, tcpStats)
@@ -736,6 +825,12 @@ func buildChain(s *Snapshot, fc *listenerv3.FilterChain, clusterExists func(stri
 		st := scopeOf(s, "http."+hcm.StatPrefix+".", func() *httpconn.Stats { return new(httpconn.Stats) })
 		hcm.ShareStats(st)
 		s.httpStats[hcm.StatPrefix] = st
+		if r := s.building; r != nil {
+			if r.http == nil {
+				r.http = map[string]*httpconn.Stats{}
+			}
+			r.http[hcm.StatPrefix] = st
+		}
 	}
 	return &Chain{Name: fc.GetName(), TCP: tp, HTTP: hcm, Skipped: skipped, TLS: down, HandshakeTimeout: timeout, RBAC: authz}, nil
 }
@@ -749,6 +844,9 @@ func (s *Snapshot) shareRBACStats(f *rbac.Filter) {
 	f.ShadowStats = scopeOf(s, sp, func() *rbac.ShadowStats { return &rbac.ShadowStats{Prefix: sp} })
 	s.rbacStats[f.StatsPrefix] = f.Stats
 	s.rbacShadow[sp] = f.ShadowStats
+	if r := s.building; r != nil {
+		r.rbac = append(r.rbac, f)
+	}
 }
 
 // RBACStats returns the RBAC filters' counter blocks, enforced and

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -70,6 +71,9 @@ type source struct {
 	// xdsOn (applyMu): the bootstrap in force has ADS. An update that races
 	// the reload that removed it is refused, not applied.
 	xdsOn bool
+	// mem hands the memory big xDS updates free back to the OS, after
+	// them (memory.go).
+	mem releaser
 
 	// cur is the bootstrap in force and the applier built for it.
 	cur atomic.Pointer[loaded]
@@ -184,6 +188,7 @@ func (s *source) start(b *bootstrapv3.Bootstrap, xcfg *xdsclient.Config) error {
 func (s *source) stop(exitBy time.Time) {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
+	defer s.mem.stop()
 	if s.run == nil {
 		return
 	}
@@ -277,6 +282,9 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	if !s.xdsOn {
 		return errXDSOff
 	}
+	big := false
+	s.mem.begin()
+	defer func() { s.mem.end(big) }()
 	cur := s.cur.Load()
 	sr := cur.b.GetStaticResources()
 	p, err := s.makePlan(sr.GetListeners(), sr.GetClusters(), r, time.Now())
@@ -286,7 +294,7 @@ func (s *source) applyXDS(ctx context.Context, r *xdsclient.Resources) error {
 	if err != nil {
 		return err
 	}
-	releaseAfterUpdate(s.dynamic, r)
+	big = bigUpdate(s.dynamic, r)
 	s.dynamic = r
 	if _, ok := r.Versions[xdsclient.ListenerType]; ok {
 		// Envoy is LIVE once its first CDS and LDS responses (with the
@@ -315,7 +323,24 @@ func (s *source) clientConfig(c xdsclient.Config) xdsclient.Config {
 	c.Control = s.control
 	c.Log = logging.Component(s.root, "xds")
 	c.UserAgentVersion = s.version
+	c.Busy = xdsBusy
 	return c
+}
+
+// xdsBusy gives the xDS client one processor beyond --concurrency while it
+// decodes and applies a large response, as Envoy processes xDS on its main
+// thread, which is not one of its --concurrency workers: with GOMAXPROCS 1
+// (meshtun's default on a 2-core pod) a 10,000-service push was decoded
+// on one goroutine and its garbage collections took turns with the build
+// on the same processor, while the pod's other core could have run them.
+// Nothing is raised beyond the machine's CPUs.
+func xdsBusy() (done func()) {
+	n := runtime.GOMAXPROCS(0)
+	if n >= runtime.NumCPU() {
+		return func() {}
+	}
+	runtime.GOMAXPROCS(n + 1)
+	return func() { runtime.GOMAXPROCS(n) }
 }
 
 // runXDS runs the xDS client with xcfg (reloadMu held): the first time a

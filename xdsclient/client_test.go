@@ -6,9 +6,13 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc/codes"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
@@ -320,5 +324,62 @@ func TestWarmingIsVisible(t *testing.T) {
 		srv.set(t, snapshot(t, "v3", c1, xdstest.Assignment(c1.GetName(), netip.MustParseAddrPort("10.0.0.1:80")), l1, xdstest.RouteConfig("80", c1.GetName())))
 		rec.waitApply(t, wait, "listener in force", func(r *Resources) bool { return r.Listeners[l1.GetName()] != nil })
 		xdstest.Eventually(t, wait, "nothing warming", func() bool { return cl.Warming() == nil })
+	})
+}
+
+// Config.Busy is called for a response of LargeResponse resources or more,
+// not for a small one, and its done once the client is through with the
+// response: the update applied and ACKed.
+func TestBusyAroundLargeResponses(t *testing.T) {
+	modes(t, func(t *testing.T, delta bool) {
+		srv := startXDS(t, "127.0.0.1:0", newCache())
+		srv.set(t, snapshot(t, "v1", xdstest.StaticCluster("small", netip.MustParseAddrPort("127.0.0.1:9"))))
+		rec := &recorder{t: t}
+		var mu sync.Mutex
+		var busy, done, appliedAtDone int
+		c := New(Config{
+			Server: srv.addr, Delta: delta, Node: &corev3.Node{Id: testNodeID, Cluster: "app.default"},
+			Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
+			Busy: func() func() {
+				mu.Lock()
+				busy++
+				mu.Unlock()
+				return func() {
+					mu.Lock()
+					defer mu.Unlock()
+					done++
+					if a := rec.lastAccepted(); a != nil {
+						appliedAtDone = len(a.Clusters)
+					}
+				}
+			},
+		}, rec)
+		runClient(t, c)
+		rec.waitApply(t, wait, "the small update", func(r *Resources) bool { return len(r.Clusters) == 1 })
+		mu.Lock()
+		if busy != 0 {
+			t.Errorf("Busy called %d times for a one-cluster response", busy)
+		}
+		mu.Unlock()
+
+		var rs []types.Resource
+		for i := range LargeResponse {
+			rs = append(rs, xdstest.StaticCluster(fmt.Sprintf("c%d", i), netip.MustParseAddrPort("127.0.0.1:9")))
+		}
+		srv.set(t, snapshot(t, "v2", rs...))
+		xdstest.Eventually(t, wait, "ACK of the large update", func() bool { return srv.acked(ClusterType, "v2", delta) })
+		xdstest.Eventually(t, wait, "done of the large response", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return done >= 1
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		if busy != 1 || done != 1 {
+			t.Errorf("Busy %d, done %d: want one each for the one large response", busy, done)
+		}
+		if appliedAtDone != LargeResponse {
+			t.Errorf("at done, %d clusters applied, want the %d of the large response", appliedAtDone, LargeResponse)
+		}
 	})
 }

@@ -68,7 +68,19 @@ type Config struct {
 	// UserAgentVersion is sent as node.user_agent_version (name "meshtun")
 	// unless the bootstrap's node sets them; default "dev".
 	UserAgentVersion string
+
+	// Busy, when set, is called as the client starts on a response of
+	// LargeResponse resources or more, and the function it returns once
+	// the client is done with it: decoded, applied if it completes an
+	// update, ACKed or NACKed. The process may give the client more CPU
+	// meanwhile (meshtun raises GOMAXPROCS; the decoding runs on as many
+	// goroutines as GOMAXPROCS allows).
+	Busy func() (done func())
 }
+
+// LargeResponse is the number of resources from which a response is
+// large (Config.Busy) and is decoded on several goroutines.
+const LargeResponse = 1000
 
 func (c Config) withDefaults() Config {
 	if c.BackoffBase <= 0 {

@@ -1,11 +1,14 @@
 package xdsclient
 
 import (
+	"fmt"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
@@ -120,4 +123,41 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("entry %q holds a resource named %q", e.name, info.name(e.entry.msg))
 		}
 	})
+}
+
+// A large response is decoded on several goroutines and comes out as the
+// sequential decoding did: every resource in the response's order, and
+// of several bad ones, the first in that order named.
+func TestDecodeLargeResponseInParallel(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
+	const n = 3 * LargeResponse
+	raws := make([]rawResource, n)
+	for i := range raws {
+		raws[i] = rawResource{any: xdstest.MustAny(t, xdstest.EDSCluster(fmt.Sprintf("c%05d", i)))}
+	}
+	out, err := decode(&response{kind: kindCluster, resources: raws})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != n {
+		t.Fatalf("%d entries, want %d", len(out), n)
+	}
+	for i, e := range out {
+		if want := fmt.Sprintf("c%05d", i); e.name != want || e.entry.msg.(*clusterv3.Cluster).GetName() != want || !slices.Equal(e.entry.refs, []string{want}) {
+			t.Fatalf("entry %d is %q (refs %v), want %q", i, e.name, e.entry.refs, want)
+		}
+	}
+
+	// A duplicate early in the response, garbage later (decoded by another
+	// goroutine first, perhaps): the duplicate is the error.
+	bad := slices.Clone(raws)
+	bad[n-10] = rawResource{any: &anypb.Any{TypeUrl: ClusterType, Value: []byte{0xff, 0xff}}}
+	bad[7] = raws[3]
+	if _, err := decode(&response{kind: kindCluster, resources: bad}); err == nil || !strings.Contains(err.Error(), `cluster "c00003": duplicate`) {
+		t.Fatalf("err = %v, want the duplicate c00003 (the first problem in order)", err)
+	}
+	bad[7] = raws[7]
+	if _, err := decode(&response{kind: kindCluster, resources: bad}); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("cluster resources[%d]: decoding", n-10)) {
+		t.Fatalf("err = %v, want resources[%d] named", err, n-10)
+	}
 }

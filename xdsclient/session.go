@@ -35,7 +35,7 @@ type session struct {
 
 	cdsResolved      bool // a CDS response was applied or rejected
 	listenersStarted bool
-	fetchTimers      [numKinds]map[string]*time.Timer
+	fetchTimers      [numKinds]map[string]*fetchBatch
 	nacks            [numKinds]nackRepeat
 
 	events  chan func() // work from timers, run on the session goroutine
@@ -58,7 +58,7 @@ func newSession(c *Client, ctx context.Context) *session {
 		s.recv[k] = maps.Clone(acc.entries[k])
 		s.recvVersion[k] = acc.res.Versions[kinds[k].url]
 		s.ackedVersion[k] = s.recvVersion[k]
-		s.fetchTimers[k] = map[string]*time.Timer{}
+		s.fetchTimers[k] = map[string]*fetchBatch{}
 	}
 	for i := range s.lanes {
 		s.subs[s.lanes[i].dep] = s.wanted(&s.lanes[i])
@@ -130,11 +130,13 @@ func (s *session) run() error {
 			}
 			if it.r != nil {
 				s.w.observe(it.r)
+				done := s.busy(it.r)
 				if it.r.kind == kindSecret {
 					s.handleSecrets(it.r)
 				} else {
 					s.handle(it.r)
 				}
+				done()
 			}
 		case f := <-s.events:
 			f()
@@ -142,6 +144,14 @@ func (s *session) run() error {
 			s.resubscribeSecrets()
 		}
 	}
+}
+
+// busy tells Config.Busy that r is large; the result ends it.
+func (s *session) busy(r *response) (done func()) {
+	if s.c.cfg.Busy == nil || len(r.resources)+len(r.removed) < LargeResponse {
+		return func() {}
+	}
+	return s.c.cfg.Busy()
 }
 
 // sendFailure returns why the stream failed after a Send error. io.EOF from Send
@@ -176,8 +186,8 @@ func streamError(err error) error {
 func (s *session) stop() {
 	close(s.done)
 	for k := range numKinds {
-		for _, t := range s.fetchTimers[k] {
-			t.Stop()
+		for _, b := range s.fetchTimers[k] {
+			b.t.Stop()
 		}
 		if t := s.nacks[k].timer; t != nil {
 			t.Stop()

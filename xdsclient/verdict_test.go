@@ -280,6 +280,11 @@ func TestArrivalStopsFetchTimer(t *testing.T) {
 			if n := len(s.fetchTimers[kindEndpoint]); n != 2 {
 				t.Fatalf("%d fetch timers after CDS, want 2 (a, b)", n)
 			}
+			// Subscribed together: one timer for both.
+			batch := s.fetchTimers[kindEndpoint]["a"]
+			if batch == nil || s.fetchTimers[kindEndpoint]["b"] != batch || batch.left != 2 {
+				t.Fatalf("a and b do not share one initial fetch timer: %v", s.fetchTimers[kindEndpoint])
+			}
 			s.handle(&response{kind: kindEndpoint, nonce: "2", version: "e1", delta: delta, resources: []rawResource{
 				raw(t, "a", "a1", xdstest.Assignment("a", netip.MustParseAddrPort("10.0.0.1:80"))),
 			}})
@@ -292,6 +297,9 @@ func TestArrivalStopsFetchTimer(t *testing.T) {
 			}})
 			if n := len(s.fetchTimers[kindEndpoint]); n != 0 {
 				t.Fatalf("%d fetch timers once both arrived, want 0", n)
+			}
+			if batch.t.Stop() {
+				t.Fatal("the timer was still running once all its names arrived")
 			}
 			if v := verdictOf(t, fw, kindEndpoint, "3"); v.nack != nil {
 				t.Fatalf("EDS NACKed: %v", v.nack)
