@@ -103,7 +103,7 @@ func (c *Config) setDefaults(dev wgtun.Device) error {
 		c.DialFirstMax = 16
 	}
 	if c.SynAckRetries < 0 || c.SynAckRetries > 6 {
-		return fmt.Errorf("netstack: SynAckRetries %d out of range 0..6", c.SynAckRetries)
+		return fmt.Errorf("netstack: SynAckRetries %d out of range 1..6", c.SynAckRetries)
 	}
 	if c.SynAckRetries == 0 {
 		c.SynAckRetries = 2
