@@ -247,25 +247,27 @@ func (f *flooder) close() {
 	}
 }
 
-// run sends rate SYNs a second for d, in bursts every 10 ms.
+// run sends rate SYNs a second for d, in bursts every 10 ms; a burst
+// catches up with the schedule when the machine is late.
 func (f *flooder) run(rate int, d time.Duration) {
 	prefix := netip.MustParsePrefix(spoofedPrefix).Addr().As4()
 	to := &syscall.SockaddrInet4{Addr: f.dst.Addr().As4()}
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	end := time.Now().Add(d)
-	perTick := rate / 100
+	start := time.Now()
+	var due int64
 	for now := range tick.C {
-		if now.After(end) {
-			return
-		}
-		for range perTick {
+		elapsed := min(now.Sub(start), d)
+		for target := int64(elapsed) * int64(rate) / int64(time.Second); due < target; due++ {
 			src := prefix
 			src[2], src[3] = byte(rand.IntN(256)), byte(rand.IntN(254)+1)
 			pkt := synPacket(netip.AddrPortFrom(netip.AddrFrom4(src), uint16(1024+rand.IntN(60000))), f.dst, rand.Uint32())
 			if syscall.Sendto(f.fd, pkt, 0, to) == nil {
 				f.sent.Add(1)
 			}
+		}
+		if elapsed >= d {
+			return
 		}
 	}
 }
