@@ -5,6 +5,7 @@ package integration
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -34,7 +35,10 @@ const (
 // connection on behalf of a spoofed SYN beyond the few offered for
 // dial-first at the flood's very start, when the stack cannot yet tell a
 // flood from a burst (at most DialFirstMax, 16; none once the flood is
-// under way). The Dispatcher (a bootstrap) and Passthrough (none) take
+// under way). Meanwhile an inbound connect to a port nothing listens on
+// is accepted and reset (the handshake comes before the dial), and an
+// outbound one is still refused (its budget is untouched: dialed first).
+// The Dispatcher (a bootstrap) and Passthrough (none) take
 // flows by different code, so both are run. With the bootstrap, the admin
 // /stats shows the SYN cookies and the inbound budget in use.
 func TestSynFlood(t *testing.T) {
@@ -102,6 +106,21 @@ func synFlood(t *testing.T, withBootstrap bool) {
 		}
 	}
 	time.Sleep(200 * time.Millisecond) // past the onset's first SYNs
+
+	// With the inbound budget spent, the handshake comes before the dial:
+	// a port the app does not listen on accepts, then resets. Outbound
+	// connects keep their own budget and are still dialed first: a closed
+	// port is refused.
+	time.Sleep(time.Until(onsetAt))
+	if err := resetAfterAccept(topo.Services, ap(topo.PodV4, 9091)); err != nil {
+		t.Errorf("inbound to a closed port during the flood: %v", err)
+	}
+	if c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 8081), 3*time.Second); err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+		if c != nil {
+			c.Close()
+		}
+		t.Errorf("outbound to a closed port during the flood: %v, want refused (dialed first)", err)
+	}
 	wg.Add(2)
 	go try(topo.Pod, svc, "out", &outOK)
 	go try(topo.Services, appAddr.String(), "legit", &inOK)
@@ -151,6 +170,22 @@ func synFlood(t *testing.T, withBootstrap bool) {
 			t.Errorf("half_open_inbound_active = 0 right after the flood, want the flood's half-open flows")
 		}
 	}
+}
+
+// resetAfterAccept dials dst from ns and expects the connection accepted
+// and then reset, with no byte.
+func resetAfterAccept(ns, dst string) error {
+	c, err := dialTCP(ns, dst, 3*time.Second)
+	if err != nil {
+		return fmt.Errorf("connect: %w, want accepted (the handshake before the dial)", err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("read: %d bytes, %v; want a reset", n, err)
+	}
+	return nil
 }
 
 // legitFlow dials dst from ns, sends one line naming the try and expects

@@ -158,8 +158,12 @@ func (a *accepted) id() netstack.FlowID       { return a.fid }
 func (a *accepted) accept() (net.Conn, error) { return a.conn, nil }
 func (a *accepted) refuse()                   { resetConn(a.conn) }
 func resetConn(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
+	switch tc := c.(type) {
+	case *net.TCPConn:
 		tc.SetLinger(0)
+	case netstack.Conn: // a captured flow accepted before its dial (SYN flood)
+		tc.Reset()
+		return
 	}
 	c.Close()
 }
