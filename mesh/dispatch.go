@@ -110,7 +110,20 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	serveFlow(snap, recv, captured{req: req}, &e, d)
+	var src flowSource = captured{req: req}
+	if !req.DialFirst() {
+		// Under a SYN flood the handshake must prove the client real
+		// before any upstream work: the flow is served as one accepted
+		// on a bound socket (a refusal becomes a reset).
+		conn, err := req.Accept()
+		if err != nil {
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			d.o.Access.Log(&e)
+			return
+		}
+		src = &accepted{conn: conn, fid: req.ID}
+	}
+	serveFlow(snap, recv, src, &e, d)
 	d.o.Access.Log(&e)
 }
 
@@ -147,8 +160,12 @@ func (a *accepted) id() netstack.FlowID       { return a.fid }
 func (a *accepted) accept() (net.Conn, error) { return a.conn, nil }
 func (a *accepted) refuse()                   { resetConn(a.conn) }
 func resetConn(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
+	switch tc := c.(type) {
+	case *net.TCPConn:
 		tc.SetLinger(0)
+	case netstack.Conn: // a captured flow accepted before its dial (SYN flood)
+		tc.Reset()
+		return
 	}
 	c.Close()
 }

@@ -22,7 +22,9 @@ const (
 // Passthrough forwards every flow to its original destination over a
 // marked socket. It dials before completing the client's handshake, so a
 // destination that refuses or does not answer is seen by the client as a
-// refused connection (RST) rather than an accepted one that closes.
+// refused connection (RST) rather than an accepted one that closes;
+// except under a SYN flood (netstack.TCPRequest.DialFirst false), when
+// the handshake completes first.
 // It is immutable: NewPassthrough fixes everything it uses.
 type Passthrough struct {
 	o PassthroughOptions
@@ -67,23 +69,39 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src,
 		UpstreamHost: req.ID.Dst, UpstreamCluster: cluster,
 	}
+	// Under a SYN flood the stack says not to dial first: the handshake
+	// must prove the client real before anything is dialed for it.
+	var down netstack.Conn
+	if !req.DialFirst() {
+		var err error
+		if down, err = req.Accept(); err != nil {
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			p.o.Access.Log(&e)
+			return
+		}
+	}
 	up, err := p.o.Dialer.DialTCP(context.Background(), req.ID.Dst, netip.Addr{})
 	if err != nil {
-		req.Refuse()
+		if down != nil {
+			down.Reset()
+		} else {
+			req.Refuse()
+		}
 		e.ResponseFlags = "UF"
 		e.Details = err.Error()
 		p.o.Access.Log(&e)
 		return
 	}
 	e.UpstreamLocal = up.LocalAddr().(*net.TCPAddr).AddrPort()
-	down, err := req.Accept()
-	if err != nil {
-		up.SetLinger(0)
-		up.Close()
-		e.ResponseFlags = "DC"
-		e.Details = err.Error()
-		p.o.Access.Log(&e)
-		return
+	if down == nil {
+		if down, err = req.Accept(); err != nil {
+			up.SetLinger(0)
+			up.Close()
+			e.ResponseFlags = "DC"
+			e.Details = err.Error()
+			p.o.Access.Log(&e)
+			return
+		}
 	}
 	r := tcpproxy.Splice(down, up, p.o.TCPIdleTimeout)
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()

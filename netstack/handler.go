@@ -14,8 +14,11 @@ import (
 // handler may block (dial upstream, sniff the first bytes) without stalling
 // the stack.
 type Handler interface {
-	// HandleTCP is called once per new TCP connection, when its SYN arrives.
-	// The handler must call exactly one of req.Accept or req.Refuse.
+	// HandleTCP is called once per new TCP connection, when its SYN arrives
+	// (under a SYN flood, when the ACK of a SYN cookie completes its
+	// handshake). The handler must call exactly one of req.Accept or
+	// req.Refuse, and may connect upstream before Accept only if
+	// req.DialFirst() says so.
 	HandleTCP(req *TCPRequest)
 
 	// HandleUDP is called once per new UDP 4-tuple. The flow is closed by

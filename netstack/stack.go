@@ -37,10 +37,34 @@ type Config struct {
 	// MTU of the link; defaults to the device's MTU.
 	MTU int
 
-	// MaxInFlightTCP bounds the connections being set up at once (SYN
-	// received, handler not yet decided). Further SYNs are dropped and
-	// retransmitted by the client. Default 4096.
-	MaxInFlightTCP int
+	// Inbound tells the flows to the pod (true: dst is one of the pod's
+	// own addresses) from the pod's outbound flows, for the half-open
+	// budgets below; nil counts every flow as outbound. It must agree with
+	// the Handler's notion of direction (mesh.LocalAddrs.Contains).
+	Inbound func(dst netip.Addr) bool
+
+	// MaxHalfOpenInbound and MaxHalfOpenOutbound bound the TCP flows of
+	// each direction whose SYN was admitted and whose handshake is not
+	// complete (Linux's SYN backlog, one per direction). A SYN beyond is
+	// answered with a SYN cookie (see admission.go). Default 1024 each.
+	MaxHalfOpenInbound, MaxHalfOpenOutbound int
+
+	// MaxHalfOpenPerSource bounds the inbound half-open flows of one
+	// source (an IPv4 address, an IPv6 /64); beyond, its SYNs get cookies.
+	// Default 64.
+	MaxHalfOpenPerSource int
+
+	// DialFirstMax: while fewer than this many flows of a direction are
+	// half-open, a new one is offered to the handler with
+	// TCPRequest.DialFirst true; beyond, the handshake completes first.
+	// Default 16.
+	DialFirstMax int
+
+	// SynAckRetries is how many times a SYN-ACK is retransmitted (after
+	// 1 s, 2 s, 4 s, …) before a half-open flow is given up (Linux's
+	// net.ipv4.tcp_synack_retries), 1..6. Default 2: given up after 7 s.
+	// gVisor's own passive handshake would retransmit for 127 s.
+	SynAckRetries int
 
 	// MaxUDPFlows bounds concurrently tracked UDP 4-tuples. Default 16384.
 	MaxUDPFlows int
@@ -66,8 +90,23 @@ func (c *Config) setDefaults(dev wgtun.Device) error {
 	if c.MTU < 1280 || c.MTU > 65535 {
 		return fmt.Errorf("netstack: MTU %d out of range 1280..65535", c.MTU)
 	}
-	if c.MaxInFlightTCP <= 0 {
-		c.MaxInFlightTCP = 4096
+	if c.MaxHalfOpenInbound <= 0 {
+		c.MaxHalfOpenInbound = 1024
+	}
+	if c.MaxHalfOpenOutbound <= 0 {
+		c.MaxHalfOpenOutbound = 1024
+	}
+	if c.MaxHalfOpenPerSource <= 0 {
+		c.MaxHalfOpenPerSource = 64
+	}
+	if c.DialFirstMax <= 0 {
+		c.DialFirstMax = 16
+	}
+	if c.SynAckRetries < 0 || c.SynAckRetries > 6 {
+		return fmt.Errorf("netstack: SynAckRetries %d out of range 1..6", c.SynAckRetries)
+	}
+	if c.SynAckRetries == 0 {
+		c.SynAckRetries = 2
 	}
 	if c.MaxUDPFlows <= 0 {
 		c.MaxUDPFlows = 16384
@@ -100,6 +139,11 @@ type Stack struct {
 
 	udpFlows atomic.Int64
 
+	adm          *admission
+	cookies      *cookieJar
+	fwd          *tcp.Forwarder
+	synAckWindow time.Duration
+
 	closeOnce sync.Once
 }
 
@@ -112,7 +156,10 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 	if err := cfg.setDefaults(dev); err != nil {
 		return nil, err
 	}
-	s := &Stack{cfg: cfg, log: log, handler: h}
+	s := &Stack{cfg: cfg, log: log, handler: h, adm: newAdmission(&cfg)}
+	// gVisor sends the first SYN-ACK at once and retransmits after 1 s,
+	// then doubling: the n-th retransmit is answered within 2^(n+1)-1 s.
+	s.synAckWindow = time.Duration(1<<(cfg.SynAckRetries+1)-1) * time.Second
 	s.ipstack = stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
@@ -124,8 +171,10 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 
 	// Handlers go in before the NIC exists so no early SYN is answered
 	// with a RST by the default "no endpoint" path.
-	tcpFwd := tcp.NewForwarder(s.ipstack, 0, cfg.MaxInFlightTCP, s.onTCP)
-	s.ipstack.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	// The forwarder's own bound is never reached: admission reserves
+	// less (admission.go).
+	s.fwd = tcp.NewForwarder(s.ipstack, 0, cfg.MaxHalfOpenInbound+cfg.MaxHalfOpenOutbound+1, s.onTCP)
+	s.ipstack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.handleTCP)
 	udpFwd := udp.NewForwarder(s.ipstack, s.onUDP)
 	s.ipstack.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
 
@@ -151,6 +200,15 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
+	// The cookie listeners bind on the NIC, so they come after it, and
+	// before it is enabled, so no SYN finds admission without them.
+	cj, err := newCookieJar(s.ipstack)
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.cookies = cj
+	cj.run(s.onCookieFlow)
 	if err := s.ipstack.EnableNIC(nicID); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("netstack: enable NIC: %s", err)
@@ -185,6 +243,9 @@ func ptr[T any](v T) *T { return &v }
 // left to its owner.
 func (s *Stack) Close() {
 	s.closeOnce.Do(func() {
+		if s.cookies != nil {
+			s.cookies.close()
+		}
 		s.link.Close()
 		s.ipstack.Close()
 		s.ipstack.Destroy()
@@ -193,15 +254,35 @@ func (s *Stack) Close() {
 
 // Stats are the stack's flow counters, for the admin endpoint and tests.
 type Stats struct {
-	TCPForwardDropped uint64 // SYNs dropped: too many connections in setup
+	TCPForwardDropped uint64 // SYNs dropped by gVisor's forwarder bound (admission keeps below it)
 	UDPFlowsActive    int64
+
+	// Half-open TCP flows holding a slot, by direction (gauges).
+	TCPHalfOpenInbound, TCPHalfOpenOutbound int64
+	// SYNs answered with a cookie because their direction's budget, or
+	// their source's share of it, was spent.
+	TCPSynOverBudget, TCPSynOverSourceCap uint64
+	// SYN cookies sent, ACKs that carried a valid one (a connection was
+	// made), and ACKs whose cookie was invalid or expired (answered RST).
+	TCPSynCookiesSent, TCPSynCookiesRecv, TCPSynCookiesFailed uint64
+	// Half-open flows given up after SynAckRetries retransmits.
+	TCPSynAckTimeouts uint64
 }
 
 // Stats returns a snapshot of the counters.
 func (s *Stack) Stats() Stats {
+	tcpStats := s.ipstack.Stats().TCP
 	return Stats{
-		TCPForwardDropped: s.ipstack.Stats().TCP.ForwardMaxInFlightDrop.Value(),
-		UDPFlowsActive:    s.udpFlows.Load(),
+		TCPForwardDropped:   tcpStats.ForwardMaxInFlightDrop.Value(),
+		UDPFlowsActive:      s.udpFlows.Load(),
+		TCPHalfOpenInbound:  s.adm.halfOpen[dirInbound].Load(),
+		TCPHalfOpenOutbound: s.adm.halfOpen[dirOutbound].Load(),
+		TCPSynOverBudget:    s.adm.overBudget.Load(),
+		TCPSynOverSourceCap: s.adm.overSource.Load(),
+		TCPSynCookiesSent:   tcpStats.ListenOverflowSynCookieSent.Value(),
+		TCPSynCookiesRecv:   tcpStats.ListenOverflowSynCookieRcvd.Value(),
+		TCPSynCookiesFailed: tcpStats.ListenOverflowInvalidSynCookieRcvd.Value(),
+		TCPSynAckTimeouts:   s.adm.timeouts.Load(),
 	}
 }
 
@@ -222,13 +303,61 @@ func addrFrom(a tcpip.Address) netip.Addr {
 	return netip.Addr{}
 }
 
-// onTCP runs on the goroutine gVisor's forwarder starts for each SYN.
+// handleTCP is the stack's handler for TCP segments that match no
+// endpoint: SYNs go through admission (admission.go) to the forwarder or
+// to a SYN cookie; an ACK may carry a cookie; anything else is left to
+// the stack, which answers it with a RST.
+func (s *Stack) handleTCP(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	th := header.TCP(pkt.TransportHeader().Slice())
+	if len(th) < header.TCPMinimumSize {
+		return false
+	}
+	switch flags := th.Flags(); {
+	case flags&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) == header.TCPFlagSyn:
+	case flags&(header.TCPFlagSyn|header.TCPFlagRst) == 0 && flags&header.TCPFlagAck != 0:
+		return s.cookies.ack(id, pkt)
+	default:
+		return false
+	}
+	switch s.adm.admit(id) {
+	case admitDrop:
+		return true
+	case admitCookie:
+		s.cookies.synCookie(id, pkt)
+		return true
+	}
+	if !s.fwd.HandlePacket(id, pkt) {
+		s.adm.release(id) // not a valid SYN after all (checksum)
+		return false
+	}
+	return true
+}
+
+// onTCP runs on the goroutine gVisor's forwarder starts for each SYN
+// admission let through.
 func (s *Stack) onTCP(r *tcp.ForwarderRequest) {
-	req := &TCPRequest{ID: flowID(r.ID()), fr: r}
+	tid := r.ID()
+	adm, _ := s.adm.lookup(tid)
+	req := &TCPRequest{ID: flowID(tid), fr: r, tid: tid, s: s, dialFirst: adm.dialFirst}
 	s.handler.HandleTCP(req)
 	// A handler that returned without deciding refuses the flow rather
 	// than leaving the client's SYN unanswered.
 	req.Refuse()
+}
+
+// onCookieFlow runs on a cookie listener's accept loop for each flow a
+// SYN cookie established: the handler gets it already accepted.
+func (s *Stack) onCookieFlow(ep tcpip.Endpoint, wq *waiter.Queue) {
+	info, ok := ep.Info().(*stack.TransportEndpointInfo)
+	if !ok {
+		ep.Abort()
+		return
+	}
+	req := &TCPRequest{ID: flowID(info.ID), ep: ep, wq: wq}
+	go func() {
+		s.handler.HandleTCP(req)
+		req.Refuse()
+	}()
 }
 
 // onUDP runs synchronously in the stack's receive path for the first
@@ -251,15 +380,37 @@ func (s *Stack) onUDP(r *udp.ForwarderRequest) bool {
 	return true
 }
 
-// TCPRequest is a TCP connection whose SYN has arrived and whose handshake
-// waits for the handler's decision.
+// TCPRequest is a TCP connection whose SYN has arrived. Usually its
+// handshake waits for the handler's decision; a connection a SYN cookie
+// let in (the stack was under a SYN flood) arrives with its handshake
+// already complete, and DialFirst is false.
 type TCPRequest struct {
 	ID FlowID
 
 	mu   sync.Mutex
-	fr   *tcp.ForwarderRequest
 	done bool
+
+	// A handshake pending: the forwarder's request and the admission
+	// slots it holds.
+	fr        *tcp.ForwarderRequest
+	tid       stack.TransportEndpointID
+	s         *Stack
+	dialFirst bool
+
+	// A handshake a cookie completed.
+	ep tcpip.Endpoint
+	wq *waiter.Queue
 }
+
+// DialFirst reports whether the handler may connect upstream before it
+// accepts, so that a refused or silent upstream reaches the client as a
+// refused connect (RST) or no answer, as the original destination's own
+// would. It is true while few flows are half-open; under a SYN flood it
+// is false, and the handler must Accept before any upstream work: the
+// SYN may be spoofed, and only the completed handshake proves that a
+// client exists (a kernel listener, and Envoy behind it, always work
+// this way).
+func (r *TCPRequest) DialFirst() bool { return r.dialFirst }
 
 // Accept completes the handshake and returns the flow.
 func (r *TCPRequest) Accept() (Conn, error) {
@@ -269,17 +420,34 @@ func (r *TCPRequest) Accept() (Conn, error) {
 		return nil, errors.New("netstack: flow already accepted or refused")
 	}
 	r.done = true
+	if r.fr == nil {
+		return newEndpointConn(r.ep, r.wq, "tcp", r.ID), nil
+	}
 	var wq waiter.Queue
+	// The forwarder's handshake returns on the first event on wq: it is
+	// woken when the SYN-ACK retransmits are spent, and finds itself not
+	// connected and aborts.
+	var gaveUp atomic.Bool
+	t := time.AfterFunc(r.s.synAckWindow, func() {
+		gaveUp.Store(true)
+		wq.Notify(waiter.WritableEvents)
+	})
 	ep, err := r.fr.CreateEndpoint(&wq)
+	t.Stop()
 	r.fr.Complete(false)
+	r.s.adm.release(r.tid)
 	if err != nil {
+		if gaveUp.Load() {
+			r.s.adm.timeouts.Add(1)
+		}
 		return nil, fmt.Errorf("netstack: accept %v→%v: %w", r.ID.Src, r.ID.Dst, translateError(err))
 	}
 	return newEndpointConn(ep, &wq, "tcp", r.ID), nil
 }
 
-// Refuse answers the SYN with a RST, as a closed port would. It does
-// nothing once the request was accepted or refused.
+// Refuse answers the SYN with a RST, as a closed port would; a flow
+// whose handshake a cookie completed is reset. It does nothing once the
+// request was accepted or refused.
 func (r *TCPRequest) Refuse() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -287,7 +455,12 @@ func (r *TCPRequest) Refuse() {
 		return
 	}
 	r.done = true
+	if r.fr == nil {
+		newEndpointConn(r.ep, r.wq, "tcp", r.ID).Reset()
+		return
+	}
 	r.fr.Complete(true)
+	r.s.adm.release(r.tid)
 }
 
 // Unflushed counts the TCP connections whose data the peer has not all

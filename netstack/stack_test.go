@@ -306,6 +306,9 @@ func TestConfigValidation(t *testing.T) {
 	if _, err := New(dev, HandlerFuncs{}, Config{MTU: 500}, zerolog.Nop()); err == nil || !strings.Contains(err.Error(), "MTU 500") {
 		t.Fatalf("New with MTU 500: %v, want an error naming the MTU", err)
 	}
+	if _, err := New(dev, HandlerFuncs{}, Config{SynAckRetries: 9}, zerolog.Nop()); err == nil || !strings.Contains(err.Error(), "SynAckRetries 9") {
+		t.Fatalf("New with SynAckRetries 9: %v, want an error naming the field", err)
+	}
 	if _, err := New(dev, nil, Config{}, zerolog.Nop()); err == nil {
 		t.Fatal("New with nil handler succeeded")
 	}

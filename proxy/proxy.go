@@ -277,7 +277,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	undo = append(undo, func(time.Time) { undoCapture() })
 
-	st, err := netstack.New(dev.Dev(), p.gate, netstack.Config{UDPIdleTimeout: p.cfg.UDPIdleTimeout}, logging.Component(p.cfg.Log, "netstack"))
+	st, err := netstack.New(dev.Dev(), p.gate, netstack.Config{
+		UDPIdleTimeout: p.cfg.UDPIdleTimeout,
+		// The half-open budgets split by the direction the Gate uses.
+		Inbound: mesh.NewLocalAddrs(p.pod.ips).Contains,
+	}, logging.Component(p.cfg.Log, "netstack"))
 	if err != nil {
 		return err
 	}
@@ -558,11 +562,32 @@ func (p *Proxy) Reload() error {
 }
 
 // Stats returns the counters of the proxy process that are not in the
-// snapshot: bootstrap reloads and the xDS client's, by Envoy name. It reads
-// atomics only and never waits for an update being applied.
+// snapshot: bootstrap reloads and the xDS client's, by Envoy name, and the
+// capture stack's (netstack.*). It reads atomics only and never waits for
+// an update being applied.
 func (p *Proxy) Stats() map[string]uint64 {
-	if p.src == nil {
-		return nil
+	out := map[string]uint64{}
+	if p.src != nil {
+		out = p.src.Stats()
 	}
-	return p.src.Stats()
+	if st := p.stack.Load(); st != nil {
+		netstackStats(st.Stats(), out)
+	}
+	return out
+}
+
+// netstackStats adds the capture stack's counters to out. The names end in
+// _active for gauges, as Envoy's do; the SYN cookie ones are Linux's
+// (TcpExtSyncookiesSent, …).
+func netstackStats(s netstack.Stats, out map[string]uint64) {
+	out["netstack.tcp.half_open_inbound_active"] = uint64(s.TCPHalfOpenInbound)
+	out["netstack.tcp.half_open_outbound_active"] = uint64(s.TCPHalfOpenOutbound)
+	out["netstack.tcp.syn_over_budget"] = s.TCPSynOverBudget
+	out["netstack.tcp.syn_over_source_cap"] = s.TCPSynOverSourceCap
+	out["netstack.tcp.syncookies_sent"] = s.TCPSynCookiesSent
+	out["netstack.tcp.syncookies_recv"] = s.TCPSynCookiesRecv
+	out["netstack.tcp.syncookies_failed"] = s.TCPSynCookiesFailed
+	out["netstack.tcp.synack_timeout"] = s.TCPSynAckTimeouts
+	out["netstack.tcp.forward_dropped"] = s.TCPForwardDropped
+	out["netstack.udp.flows_active"] = uint64(s.UDPFlowsActive)
 }

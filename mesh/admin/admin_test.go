@@ -185,3 +185,23 @@ func TestExtraStatsForReadiness(t *testing.T) {
 		t.Fatalf("readiness stats %q", body)
 	}
 }
+
+// TestExtraGauges: the stats of other components whose names end in
+// _active (the capture stack's half-open flows) or connected_state are
+// gauges in /stats/prometheus; the others are counters.
+func TestExtraGauges(t *testing.T) {
+	d := &mesh.Dispatcher{}
+	ts := httptest.NewServer((&Server{D: d, Start: time.Now(), Extra: func() map[string]uint64 {
+		return map[string]uint64{"netstack.tcp.half_open_inbound_active": 3, "netstack.tcp.syncookies_sent": 7}
+	}}).Handler())
+	defer ts.Close()
+	_, body := get(t, ts, "/stats/prometheus")
+	for _, want := range []string{
+		"# TYPE envoy_netstack_tcp_half_open_inbound_active gauge\nenvoy_netstack_tcp_half_open_inbound_active{} 3\n",
+		"# TYPE envoy_netstack_tcp_syncookies_sent counter\nenvoy_netstack_tcp_syncookies_sent{} 7\n",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/stats/prometheus lacks %q:\n%s", want, body)
+		}
+	}
+}

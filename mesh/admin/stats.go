@@ -174,7 +174,7 @@ func (s *Server) collectRaw() []stat {
 	}
 	if s.Extra != nil {
 		for name, v := range s.Extra() {
-			plain(name, v, strings.HasSuffix(name, "connected_state"))
+			plain(name, v, strings.HasSuffix(name, "connected_state") || strings.HasSuffix(name, "_active"))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
