@@ -52,8 +52,8 @@ type h1conn struct {
 	sniffed bool
 
 	mu        sync.Mutex
-	idle      bool // waiting for a request's first byte
-	draining  bool // responses say "Connection: close", idle ends the connection
+	idle      bool   // waiting for a request's first byte
+	draining  bool   // responses say "Connection: close", idle ends the connection
 	gen       uint64 // the request being served (bodyRead's check)
 	bgOK      bool   // the request body is read: a background read may watch the client
 	bgRunning bool

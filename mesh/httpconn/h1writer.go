@@ -43,7 +43,7 @@ type h1Writer struct {
 	closeAfter    bool // the connection closes after this response
 	fullDuplex    bool
 	hijacked      bool
-	done          bool // the handler returned
+	done          bool        // the handler returned
 	wdeadline     atomic.Bool // the handler set a write deadline
 	err           error
 	headSent      atomic.Bool // for a 100 Continue read on another goroutine
