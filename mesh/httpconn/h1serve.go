@@ -494,6 +494,14 @@ func (hc *h1conn) bodyRead(gen uint64) {
 	}
 }
 
+// pipelined reports whether the next request's bytes are already
+// buffered (its response will flush this one).
+func (hc *h1conn) pipelined() bool {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	return !hc.bgRunning && hc.br.Buffered() > 0
+}
+
 // watchClient reads the connection while a request runs (on the timer's
 // goroutine): bytes are the next pipelined request, kept buffered; an
 // error other than the loop's own abort means the client went, which

@@ -294,7 +294,7 @@ func (w *h1Writer) finish() bool {
 	if w.contentLength >= 0 && !w.isHead && w.written != w.contentLength {
 		w.closeAfter = true // a short body: only the close tells the client
 	}
-	if w.closeAfter || hc.br.Buffered() == 0 {
+	if w.closeAfter || !hc.pipelined() {
 		if err := hc.bw.Flush(); err != nil {
 			w.err = err
 		}
@@ -366,10 +366,9 @@ func (w *h1Writer) flushPartial() {
 }
 
 // Flush sends the head and the body so far (a streaming response). A
-// response whose whole known length is written is left to finish, which
-// sends it with the responses of requests already pipelined behind it:
-// the router flushes after each body read, and this keeps a response of
-// known length at one write.
+// response whose whole known length is written while the next pipelined
+// request is already buffered is left in the buffer: it goes out with
+// the responses behind it, in one write.
 func (w *h1Writer) Flush() { _ = w.FlushError() }
 
 func (w *h1Writer) FlushError() error {
@@ -382,7 +381,7 @@ func (w *h1Writer) FlushError() error {
 	if !w.committed {
 		w.commit()
 	}
-	if w.contentLength >= 0 && w.written == w.contentLength && !w.isHead {
+	if w.contentLength >= 0 && w.written == w.contentLength && !w.isHead && w.hc.pipelined() {
 		return w.err
 	}
 	if err := w.hc.bw.Flush(); err != nil {
