@@ -50,6 +50,7 @@ type h1conn struct {
 	// sniffed: the first request's first bytes already arrived (the
 	// preface sniff waited for them).
 	sniffed bool
+	cut     bool // the connection ends without flushing what is buffered
 
 	mu        sync.Mutex
 	idle      bool   // waiting for a request's first byte
@@ -150,7 +151,9 @@ func (c *Config) serveH1(ctx context.Context, down net.Conn, h *connHandler, dra
 	if hijacked {
 		return // the tunnel owns the connection and its reader
 	}
-	_ = hc.bw.Flush()
+	if !hc.cut {
+		_ = hc.bw.Flush()
+	}
 	_ = g.Close()
 	hc.bw.Reset(nil)
 	h1WriterPool.Put(hc.bw)
@@ -435,6 +438,12 @@ func (hc *h1conn) serveRequest(req *http.Request) bool {
 	aborted := hc.run(w, req)
 	hc.stopWatch()
 	if w.hijacked {
+		return false
+	}
+	if hc.ctx.Err() != nil {
+		// The drain's end or the client gone: the connection is cut,
+		// nothing more of the response goes out.
+		hc.cut = true
 		return false
 	}
 	if aborted {
