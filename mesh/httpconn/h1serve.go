@@ -2,6 +2,7 @@ package httpconn
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -243,13 +244,26 @@ func (hc *h1conn) waitRequest(first bool) bool {
 			return false
 		}
 	}
-	if head > 0 {
+	switch {
+	case hc.headBuffered():
+		// The whole head is here: reading it cannot block, no head
+		// deadline to arm (what idle set is cleared once it is read).
+	case head > 0:
 		_ = hc.conn.SetReadDeadline(time.Now().Add(head))
-	} else if cfg.idleTimeout > 0 {
+	case cfg.idleTimeout > 0:
 		_ = hc.conn.SetReadDeadline(time.Time{})
 	}
 	return true
 }
+
+// headBuffered reports whether the buffer holds a whole request head
+// (its empty line), as it usually does: a client writes a head at once.
+func (hc *h1conn) headBuffered() bool {
+	b, _ := hc.br.Peek(hc.br.Buffered())
+	return bytes.Contains(b, crlfcrlf) || bytes.Contains(b, lflf)
+}
+
+var crlfcrlf, lflf = []byte("\r\n\r\n"), []byte("\n\n")
 
 // checkRequest applies the checks net/http's server makes beyond
 // parsing: the protocol version, Host, and header names and values.
