@@ -3,6 +3,7 @@ package httpconn
 import (
 	"bufio"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -234,7 +235,13 @@ func FuzzH1RequestHead(f *testing.F) {
 	env := newEnv(f)
 	f.Fuzz(func(t *testing.T, raw string) {
 		c := rawConn(t, cfg, env, testPeer)
-		go io.WriteString(c, raw)
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		go func() {
+			io.WriteString(c, raw)
+			// The end of the input: the proxy answers what it has and
+			// closes, so a hang shows as a deadline failure.
+			c.(*net.TCPConn).CloseWrite()
+		}()
 		br := bufio.NewReader(c)
 		for range 16 {
 			resp, err := http.ReadResponse(br, nil)
@@ -247,6 +254,9 @@ func FuzzH1RequestHead(f *testing.F) {
 			if _, err := io.Copy(io.Discard, resp.Body); err != nil {
 				break
 			}
+		}
+		if _, err := io.Copy(io.Discard, br); err != nil {
+			t.Fatalf("the proxy did not close after the input ended: %v", err)
 		}
 	})
 }
