@@ -10,26 +10,33 @@
 // bodies, header names, stats); where it simplifies, the doc comment of
 // the affected function says how.
 //
-// # Why net/http
+// # Why net/http, and where not
 //
-// The codecs are net/http's: Go 1.24+ serves HTTP/1.1 and HTTP/2 with
-// prior knowledge on the same plaintext connection (http.Protocols with
-// UnencryptedHTTP2, the preface decides, which is codec_type AUTO), and its
-// Transport speaks either to an upstream over connections we dial. So
-// there is no second HTTP/2 implementation (golang.org/x/net/http2 is the
-// same code, bundled in the standard library) and no hand-written HTTP/1
-// parser to harden: chunked-encoding and header-size checks are the
-// standard library's, fuzzed and maintained. What net/http tolerates and
-// hides from the handler (Content-Length with Transfer-Encoding, HTTP/1.0
-// with Transfer-Encoding, a head trickling in for ever) is refused by
-// h1Guard, which follows the request framing on the bytes underneath
-// without parsing requests itself. Each
-// downstream connection gets its own http.Server on a one-connection
-// listener, which makes drain per connection: at the drain's start its
-// keep-alives are turned off (HTTP/1.1 answers "Connection: close", an
-// idle connection closes) and HTTP/2 gets GOAWAY from the server's
-// shutdown hook while in-flight requests finish; at the drain's end the
-// connection is closed. Upstream, HTTP/1.1 goes through h1Transport: keep-alive
+// The HTTP/2 codec is net/http's: Go 1.24+ serves HTTP/2 with prior
+// knowledge on a plaintext connection (http.Protocols with
+// UnencryptedHTTP2), and its Transport speaks either to an upstream over
+// connections we dial. So there is no second HTTP/2 implementation
+// (golang.org/x/net/http2 is the same code, bundled in the standard
+// library). codec_type AUTO tells HTTP/2 from HTTP/1.1 by the preface, as
+// Envoy does. An h2c connection gets its own http.Server on a
+// one-connection listener, which makes drain per connection: at the
+// drain's start it gets GOAWAY from the server's shutdown hook while
+// in-flight requests finish; at the drain's end the connection is closed.
+//
+// HTTP/1.x downstream is served by the proxy's own loop (h1serve.go,
+// h1writer.go) rather than http.Server, whose per-request background
+// read goroutine, context and flush were most of the connection
+// manager's CPU. Heads are still parsed by net/http (http.ReadRequest,
+// fuzzed and maintained), with the checks its server adds; what net/http
+// tolerates and hides from the handler (Content-Length with
+// Transfer-Encoding, HTTP/1.0 with Transfer-Encoding, two Host fields, a
+// head trickling in for ever) is refused by h1Guard, which follows the
+// request framing on the bytes underneath without parsing requests
+// itself. The loop runs each request on the connection's goroutine,
+// writes responses with net/http's framing, flushes once per response
+// (once for a batch of pipelined ones) and, at the drain's start, answers
+// "Connection: close" and closes an idle connection; at the drain's end
+// the connection is closed. Upstream, HTTP/1.1 goes through h1Transport: keep-alive
 // connections per host address, the request written and the response read
 // on the stream's own goroutine (http.Transport's per-connection read and
 // write goroutines cost two hand-offs per request, the largest share of
@@ -53,11 +60,13 @@
 //
 // A request goes through the files in this order:
 //
-//   - serve.go: one downstream connection (codec sniffing, the
+//   - serve.go: one downstream connection (codec sniffing, the h2c
 //     http.Server, drain, HTTP/2 limits and premature resets), the
 //     stream's local replies and timers.
-//   - h1guard.go: the HTTP/1 framing checks under net/http (smuggling
-//     shapes, the 408 for a head that does not arrive).
+//   - h1serve.go, h1writer.go: the HTTP/1.x serving loop and its
+//     ResponseWriter.
+//   - h1guard.go: the HTTP/1 framing checks under the loop's parser
+//     (smuggling shapes, the 408 for a head that does not arrive).
 //   - stream.go: one request: its state, path handling, route and
 //     cluster selection, the RBAC and fault filters, the route's action.
 //   - rbac.go: envoy.filters.http.rbac on the mesh/rbac engine, with

@@ -45,6 +45,9 @@ type h1Guard struct {
 
 	sub []byte // a refused head's replacement, delivered before err
 	err error  // sticky: the stream ends here
+	// accounted: the guard answered and logged the request (a refused
+	// head, a head timeout), the loop must not again.
+	accounted bool
 
 	st        uint8
 	remaining int64 // body or chunk bytes left
@@ -77,6 +80,7 @@ type headState struct {
 	teLen    int
 	teVal    [7]byte
 	teTrail  bool
+	hosts    int // Host fields
 
 	chunkDigits int
 	chunkEnd    bool // past the digits (extension or whitespace)
@@ -307,7 +311,7 @@ func (g *h1Guard) fastLine(line []byte) bool {
 		}
 	} else {
 		colon := bytes.IndexByte(line, ':')
-		if line[0] == ' ' || line[0] == '\t' || colon == len("content-length") || colon == len("transfer-encoding") {
+		if line[0] == ' ' || line[0] == '\t' || colon == len("content-length") || colon == len("transfer-encoding") || colon == len("host") {
 			return false
 		}
 		if colon >= 0 {
@@ -343,6 +347,8 @@ func (g *h1Guard) headByte(c byte) {
 			case g.h.nameLen == len("content-length") && string(g.h.name[:g.h.nameLen]) == "content-length":
 				g.h.field = fieldCL
 				g.h.clCur, g.h.clDigits, g.h.clTrail = 0, 0, false
+			case g.h.nameLen == len("host") && string(g.h.name[:g.h.nameLen]) == "host":
+				g.h.hosts++
 			case g.h.nameLen == len("transfer-encoding") && string(g.h.name[:g.h.nameLen]) == "transfer-encoding":
 				g.h.field = fieldTE
 				g.h.teLen, g.h.teTrail = 0, false
@@ -431,6 +437,10 @@ func (g *h1Guard) headDone() (details string, end bool) {
 		details = "http1.invalid_characters"
 	case h.noColon:
 		end = true
+	case h.hosts > 1:
+		// net/http's server refuses this; http.ReadRequest, which the
+		// loop parses with, keeps the first.
+		details = "http1.too_many_Host_headers"
 	case h.teCount > 0 && h.http10:
 		details = "http1.invalid_transfer_encoding"
 	case h.teCount > 0 && h.clSeen && !g.cfg.allowChunkedLength:
@@ -532,19 +542,26 @@ func (g *h1Guard) headTimeout() {
 	g.account(http.StatusRequestTimeout, flags, details)
 }
 
-// account counts and logs a request the guard answered for net/http.
+// account counts and logs a request the guard answered for the loop.
 func (g *h1Guard) account(code int, flags Flags, details string) {
-	st := g.cfg.stats
+	g.accounted = true
+	accountH1(g.cfg, g.info, code, flags, details, g.h.http10)
+}
+
+// accountH1 counts and logs an HTTP/1 request answered before it reached
+// the handler (a refused or timed-out head).
+func accountH1(cfg *Config, info *ConnInfo, code int, flags Flags, details string, http10 bool) {
+	st := cfg.stats
 	st.DownstreamRqTotal.Add(1)
 	st.DownstreamRqHTTP1Total.Add(1)
 	st.countCode(code)
-	if log := g.info.AccessLog; log != nil {
+	if log := info.AccessLog; log != nil {
 		proto := "HTTP/1.1"
-		if g.h.http10 {
+		if http10 {
 			proto = "HTTP/1.0"
 		}
 		log(Entry{Start: time.Now(), Protocol: proto, ResponseCode: code, ResponseFlags: flags,
-			ResponseCodeDetails: details, DownstreamPeer: g.info.Peer, DownstreamLocal: g.info.Local})
+			ResponseCodeDetails: details, DownstreamPeer: info.Peer, DownstreamLocal: info.Local})
 	}
 }
 

@@ -90,8 +90,11 @@ func (c *Config) Serve(ctx context.Context, down net.Conn, env Env, info ConnInf
 		}
 	}
 	if !isH2 {
-		// HTTP/1.x framing checks net/http cannot do (h1Guard).
-		down = newH1Guard(down, c, &h.info)
+		// HTTP/1.x: the proxy's own serving loop (h1serve.go), over the
+		// framing checks of h1Guard.
+		c.serveH1(ctx, down, h, drainC, drainingAtStart, c.codec != codecHTTP1)
+		h.tunnels.Wait() // upgraded connections (tunnel.go)
+		return nil
 	}
 	ln := newOneConnListener(down)
 	srv := &http.Server{
