@@ -380,3 +380,40 @@ func onesSum(b []byte, initial uint16) uint16 {
 	}
 	return uint16(sum)
 }
+
+// TestInboundAcceptBeforeDial: with no flood at all, an inbound flow is
+// accepted before its upstream is dialed. A chain whose tcp_proxy goes to
+// an ordinary cluster (an inbound|port|| cluster with its endpoint at
+// 127.0.0.1) behaves as Envoy: accepted, then reset when the endpoint
+// refuses, and served when it listens. A flow to InboundPassthroughCluster
+// (ORIGINAL_DST) is refused without a handshake when nothing in the pod
+// listens on its destination, and served when something does.
+func TestInboundAcceptBeforeDial(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, "127.0.0.1:9302", echo)
+	startTCPServer(t, topo.Pod, "0.0.0.0:9303", echo)
+	chain := func(port uint16, cluster string) obj {
+		return obj{"name": fmt.Sprintf("inbound-%d", port), "filter_chain_match": obj{"destination_port": port},
+			"filters": []obj{tcpProxy(cluster)}}
+	}
+	in := virtualInbound()
+	in["filter_chains"] = append([]obj{chain(9300, "inbound|9300||"), chain(9302, "inbound|9302||")}, in["filter_chains"].([]obj)...)
+	clusters := append(istioClusters(),
+		staticCluster("inbound|9300||", "ROUND_ROBIN", netip.MustParseAddrPort("127.0.0.1:9300")),
+		staticCluster("inbound|9302||", "ROUND_ROBIN", netip.MustParseAddrPort("127.0.0.1:9302")))
+	startProxy(t, topo, "--bootstrap", writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), in}, clusters))
+
+	if how, err := refusedOrReset(topo.Services, ap(topo.PodV4, 9300)); err != nil || how != "accepted, then reset" {
+		t.Errorf("inbound to a cluster whose endpoint refuses: %q, %v; want accepted, then reset", how, err)
+	}
+	if err := refused(topo.Services, ap(topo.PodV4, 9301)); err != nil {
+		t.Errorf("inbound passthrough to a port nothing listens on: %v", err)
+	}
+	if err := legitFlow(topo.Services, ap(topo.PodV4, 9302), "legit-cluster"); err != nil {
+		t.Errorf("inbound to a cluster whose endpoint listens: %v", err)
+	}
+	if err := legitFlow(topo.Services, ap(topo.PodV4, 9303), "legit-passthrough"); err != nil {
+		t.Errorf("inbound passthrough to a listening port: %v", err)
+	}
+}
