@@ -3,6 +3,7 @@ package netstack
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -198,5 +199,37 @@ func BenchmarkListenProbe(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestListenProbeConcurrent: probes on many goroutines at once, sharing
+// the pooled netlink sockets, each get their own answer.
+func TestListenProbeConcurrent(t *testing.T) {
+	_, open := listenOn(t, "tcp4", "127.0.0.1:0", false)
+	closedL, closed := listenOn(t, "tcp4", "127.0.0.1:0", false)
+	closedL.Close()
+	lo := netip.MustParseAddr("127.0.0.1")
+	errs := make(chan error, 8)
+	for g := range 8 {
+		go func() {
+			// No cache: every call asks the kernel.
+			p := newListenProbe(zerolog.Nop(), 0, monotonicNow, listeningOS)
+			for i := range 200 {
+				port, want := open, true
+				if (g+i)%2 == 1 {
+					port, want = closed, false
+				}
+				if ok, known := p.Listening(netip.AddrPortFrom(lo, port)); ok != want || !known {
+					errs <- fmt.Errorf("goroutine %d probe %d of port %d: %v %v, want %v", g, i, port, ok, known, want)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
 	}
 }
