@@ -23,7 +23,6 @@ const (
 	floodRate     = 1000             // SYN/s
 	floodFor      = 10 * time.Second // bounded
 	floodTries    = 200              // legitimate flows per direction
-	dialFirstMax  = 16               // netstack.Config.DialFirstMax default
 	spoofedPrefix = "198.18.0.0/16"  // RFC 2544 benchmarking range
 )
 
@@ -32,12 +31,15 @@ const (
 // services namespace, so no RST ever comes back and every spoofed flow
 // stays half-open), the pod's new outbound flows and new inbound flows
 // from a real client succeed (≥ 99% of 200 each), and the app gets no
-// connection on behalf of a spoofed SYN beyond the few offered for
-// dial-first at the flood's very start, when the stack cannot yet tell a
-// flood from a burst (at most DialFirstMax, 16; none once the flood is
-// under way). Meanwhile an inbound connect to a port nothing listens on
-// is accepted and reset (the handshake comes before the dial), and an
-// outbound one is still refused (its budget is untouched: dialed first).
+// connection on behalf of a spoofed SYN, from the flood's first SYN to
+// its last: an inbound flow is never dialed before its handshake
+// completes. Before the flood, an inbound connect to a port nothing in
+// the pod listens on, or to one the app listens on only at 127.0.0.1, is
+// refused (the probe of the pod's listening sockets answers before any
+// handshake). During it, such a connect is refused or, once the inbound
+// budget is spent and a SYN cookie completed the handshake, reset with
+// no byte; an outbound one is still refused (its budget is untouched:
+// dialed first).
 // The Dispatcher (a bootstrap) and Passthrough (none) take
 // flows by different code, so both are run. With the bootstrap, the admin
 // /stats shows the SYN cookies and the inbound budget in use.
@@ -58,6 +60,8 @@ func synFlood(t *testing.T, withBootstrap bool) {
 	app := &appRecorder{}
 	appAddr := netip.AddrPortFrom(topo.PodV4, 9090)
 	appSrv := startTCPServer(t, topo.Pod, "0.0.0.0:9090", app.handle)
+	loopOnly := &appRecorder{}
+	loopSrv := startTCPServer(t, topo.Pod, "127.0.0.1:9092", loopOnly.handle)
 	var args []string
 	if withBootstrap {
 		args = []string{"--bootstrap", writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), virtualInbound()}, istioClusters())}
@@ -69,6 +73,13 @@ func synFlood(t *testing.T, withBootstrap bool) {
 	}
 	if err := legitFlow(topo.Services, appAddr.String(), "legit-warm"); err != nil {
 		t.Fatalf("inbound before the flood: %v", err)
+	}
+	// Nothing listens on pod-IP:9091, nor on pod-IP:9092 (only on
+	// 127.0.0.1:9092): refused without a handshake, as without a sidecar.
+	for _, port := range []uint16{9091, 9092} {
+		if err := refused(topo.Services, ap(topo.PodV4, port)); err != nil {
+			t.Errorf("inbound to pod-IP:%d before the flood: %v", port, err)
+		}
 	}
 
 	fl, err := newFlooder(topo.Services, appAddr)
@@ -107,13 +118,16 @@ func synFlood(t *testing.T, withBootstrap bool) {
 	}
 	time.Sleep(200 * time.Millisecond) // past the onset's first SYNs
 
-	// With the inbound budget spent, the handshake comes before the dial:
-	// a port the app does not listen on accepts, then resets. Outbound
-	// connects keep their own budget and are still dialed first: a closed
-	// port is refused.
+	// A port the app does not listen on is refused while the inbound
+	// budget has room (the probe), and once a SYN cookie answers it is
+	// accepted, then reset; it is never served. Outbound connects keep
+	// their own budget and are still dialed first: a closed port is
+	// refused.
 	time.Sleep(time.Until(onsetAt))
-	if err := resetAfterAccept(topo.Services, ap(topo.PodV4, 9091)); err != nil {
+	if how, err := refusedOrReset(topo.Services, ap(topo.PodV4, 9091)); err != nil {
 		t.Errorf("inbound to a closed port during the flood: %v", err)
+	} else {
+		t.Logf("inbound to a closed port during the flood: %s", how)
 	}
 	if c, err := dialTCP(topo.Pod, ap(topo.SvcV4, 8081), 3*time.Second); err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
 		if c != nil {
@@ -142,19 +156,19 @@ func synFlood(t *testing.T, withBootstrap bool) {
 		t.Errorf("inbound: %d of %d flows succeeded during the flood, want ≥ %d", inOK.Load(), floodTries, need)
 	}
 
-	// Connections the app accepted that no legitimate client made: made
-	// for spoofed SYNs offered dial-first at the onset, and none later.
+	// Connections the app accepted that no legitimate client made: none,
+	// neither in the flood's first second nor later.
 	legit, onset, later := app.count(onsetAt)
 	t.Logf("app: %d legitimate connections; %d for spoofed SYNs in the flood's first second, %d later; %d accepted in all",
 		legit, onset, later, len(appSrv.accepted()))
 	if legit < 1+int(inOK.Load()) {
 		t.Errorf("the app served %d legitimate connections, want at least %d", legit, 1+inOK.Load())
 	}
-	if onset > dialFirstMax {
-		t.Errorf("the app got %d connections for spoofed SYNs at the onset, want at most %d (DialFirstMax)", onset, dialFirstMax)
+	if onset != 0 || later != 0 {
+		t.Errorf("the app got %d connections for spoofed SYNs in the flood's first second and %d later, want none", onset, later)
 	}
-	if later != 0 {
-		t.Errorf("the app got %d connections for spoofed SYNs once the flood was under way, want none", later)
+	if n := len(loopSrv.accepted()); n != 0 {
+		t.Errorf("the app listening on 127.0.0.1:9092 got %d connections sent to pod-IP:9092", n)
 	}
 
 	if withBootstrap {
@@ -172,20 +186,37 @@ func synFlood(t *testing.T, withBootstrap bool) {
 	}
 }
 
-// resetAfterAccept dials dst from ns and expects the connection accepted
-// and then reset, with no byte.
-func resetAfterAccept(ns, dst string) error {
+// refused dials dst from ns and expects the connect refused (a RST to
+// the SYN).
+func refused(ns, dst string) error {
+	c, err := dialTCP(ns, dst, 3*time.Second)
+	if err == nil {
+		c.Close()
+		return errors.New("connected, want refused")
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("connect: %w, want refused", err)
+	}
+	return nil
+}
+
+// refusedOrReset dials dst from ns and expects the connect refused, or
+// accepted and then reset with no byte; it says which.
+func refusedOrReset(ns, dst string) (string, error) {
 	c, err := dialTCP(ns, dst, 3*time.Second)
 	if err != nil {
-		return fmt.Errorf("connect: %w, want accepted (the handshake before the dial)", err)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return "refused", nil
+		}
+		return "", fmt.Errorf("connect: %w, want refused, or accepted then reset", err)
 	}
 	defer c.Close()
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	n, err := c.Read(make([]byte, 1))
 	if !errors.Is(err, syscall.ECONNRESET) {
-		return fmt.Errorf("read: %d bytes, %v; want a reset", n, err)
+		return "", fmt.Errorf("accepted, then read: %d bytes, %v; want a reset", n, err)
 	}
-	return nil
+	return "accepted, then reset", nil
 }
 
 // legitFlow dials dst from ns, sends one line naming the try and expects
@@ -348,4 +379,41 @@ func onesSum(b []byte, initial uint16) uint16 {
 		sum = sum>>16 + sum&0xffff
 	}
 	return uint16(sum)
+}
+
+// TestInboundAcceptBeforeDial: with no flood at all, an inbound flow is
+// accepted before its upstream is dialed. A chain whose tcp_proxy goes to
+// an ordinary cluster (an inbound|port|| cluster with its endpoint at
+// 127.0.0.1) behaves as Envoy: accepted, then reset when the endpoint
+// refuses, and served when it listens. A flow to InboundPassthroughCluster
+// (ORIGINAL_DST) is refused without a handshake when nothing in the pod
+// listens on its destination, and served when something does.
+func TestInboundAcceptBeforeDial(t *testing.T) {
+	requireRoot(t)
+	topo := newTopology(t)
+	startTCPServer(t, topo.Pod, "127.0.0.1:9302", echo)
+	startTCPServer(t, topo.Pod, "0.0.0.0:9303", echo)
+	chain := func(port uint16, cluster string) obj {
+		return obj{"name": fmt.Sprintf("inbound-%d", port), "filter_chain_match": obj{"destination_port": port},
+			"filters": []obj{tcpProxy(cluster)}}
+	}
+	in := virtualInbound()
+	in["filter_chains"] = append([]obj{chain(9300, "inbound|9300||"), chain(9302, "inbound|9302||")}, in["filter_chains"].([]obj)...)
+	clusters := append(istioClusters(),
+		staticCluster("inbound|9300||", "ROUND_ROBIN", netip.MustParseAddrPort("127.0.0.1:9300")),
+		staticCluster("inbound|9302||", "ROUND_ROBIN", netip.MustParseAddrPort("127.0.0.1:9302")))
+	startProxy(t, topo, "--bootstrap", writeBootstrap(t, []obj{virtualOutbound("PassthroughCluster"), in}, clusters))
+
+	if how, err := refusedOrReset(topo.Services, ap(topo.PodV4, 9300)); err != nil || how != "accepted, then reset" {
+		t.Errorf("inbound to a cluster whose endpoint refuses: %q, %v; want accepted, then reset", how, err)
+	}
+	if err := refused(topo.Services, ap(topo.PodV4, 9301)); err != nil {
+		t.Errorf("inbound passthrough to a port nothing listens on: %v", err)
+	}
+	if err := legitFlow(topo.Services, ap(topo.PodV4, 9302), "legit-cluster"); err != nil {
+		t.Errorf("inbound to a cluster whose endpoint listens: %v", err)
+	}
+	if err := legitFlow(topo.Services, ap(topo.PodV4, 9303), "legit-passthrough"); err != nil {
+		t.Errorf("inbound passthrough to a listening port: %v", err)
+	}
 }

@@ -45,6 +45,10 @@ type DispatcherOptions struct {
 	// Dialer opens the sockets of udp_proxy sessions; nil sends every UDP
 	// flow to UDP.
 	Dialer *upstream.Dialer
+	// Listening tells whether the pod listens on an inbound flow's
+	// original destination (serveFlow); nil never knows, and such flows
+	// are accepted, then reset if their connect fails.
+	Listening *netstack.ListenProbe
 }
 
 var _ netstack.Handler = (*Dispatcher)(nil)
@@ -110,20 +114,7 @@ func (d *Dispatcher) HandleTCP(req *netstack.TCPRequest) {
 	recv.Stats.DownstreamCxActive.Add(1)
 	defer recv.Stats.DownstreamCxActive.Add(-1)
 	defer recv.Stats.DownstreamCxDestroy.Add(1)
-	var src flowSource = captured{req: req}
-	if !req.DialFirst() {
-		// Under a SYN flood the handshake must prove the client real
-		// before any upstream work: the flow is served as one accepted
-		// on a bound socket (a refusal becomes a reset).
-		conn, err := req.Accept()
-		if err != nil {
-			e.ResponseFlags, e.Details = "DC", err.Error()
-			d.o.Access.Log(&e)
-			return
-		}
-		src = &accepted{conn: conn, fid: req.ID}
-	}
-	serveFlow(snap, recv, src, &e, d)
+	serveFlow(snap, recv, captured{req: req}, &e, d)
 	d.o.Access.Log(&e)
 }
 
@@ -134,6 +125,10 @@ type flowSource interface {
 	id() netstack.FlowID
 	accept() (net.Conn, error)
 	refuse()
+	// dialFirst: the upstream may be connected before accept (see
+	// netstack.TCPRequest.DialFirst); false for an inbound flow, whose
+	// source only its completed handshake proves real.
+	dialFirst() bool
 }
 
 // captured is a value of one pointer: as a flowSource it is stored in the
@@ -148,7 +143,8 @@ func (c captured) accept() (net.Conn, error) {
 	}
 	return conn, nil
 }
-func (c captured) refuse() { c.req.Refuse() }
+func (c captured) refuse()         { c.req.Refuse() }
+func (c captured) dialFirst() bool { return c.req.DialFirst() }
 
 // accepted is a connection from a bound listener's socket.
 type accepted struct {
@@ -159,6 +155,7 @@ type accepted struct {
 func (a *accepted) id() netstack.FlowID       { return a.fid }
 func (a *accepted) accept() (net.Conn, error) { return a.conn, nil }
 func (a *accepted) refuse()                   { resetConn(a.conn) }
+func (a *accepted) dialFirst() bool           { return true } // nothing left to accept
 func resetConn(c net.Conn) {
 	switch tc := c.(type) {
 	case *net.TCPConn:
@@ -176,12 +173,24 @@ func resetConn(c net.Conn) {
 // network filter (httpconn or tcpproxy).
 //
 // Without listener filters the chain is known from the SYN alone, so a
-// captured flow's handshake is left pending until the tcp_proxy upstream
-// is connected: a refused or absent upstream, or no chain, reaches the
-// client as a refused connect (RST), as the original destination itself
-// would answer. A chain that terminates TLS accepts the flow first: its
-// upstream is connected only once the client has proved who it is, so a
-// failed handshake reaches nothing behind the proxy.
+// captured outbound flow's handshake is left pending until the tcp_proxy
+// upstream is connected: a refused or absent upstream, or no chain,
+// reaches the client as a refused connect (RST), as the original
+// destination itself would answer. A chain that terminates TLS accepts
+// the flow first: its upstream is connected only once the client has
+// proved who it is, so a failed handshake reaches nothing behind the
+// proxy.
+//
+// A flow the stack does not offer for dial-first (every inbound flow, and
+// outbound ones under a SYN flood) is accepted before its upstream is
+// connected, as Envoy's virtualInbound does: a failed upstream then
+// resets it. One exception keeps a closed port refused: an inbound flow
+// whose tcp_proxy goes to an ORIGINAL_DST cluster (Istio's
+// InboundPassthroughCluster) is headed for its original destination in
+// the pod, and when the ListenProbe says nothing listens there its SYN
+// is answered with a RST, with no handshake and no dial, as the pod
+// itself would. Other clusters (an inbound|port|| cluster's endpoint) are
+// not probed: Envoy accepts, then resets on a failed connect.
 func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, d *Dispatcher) {
 	fid := src.id()
 	info := filterchain.ConnInfo{
@@ -253,6 +262,22 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		return
 	}
 
+	if raw == nil && !src.dialFirst() {
+		if to, ok := originalDst(snap, chain, fid.Dst); ok && e.Direction == "inbound" {
+			if listening, known := d.o.Listening.Listening(to); known && !listening {
+				e.UpstreamCluster = chain.TCP.Cluster
+				e.ResponseFlags, e.Details = "UF", "nothing listens on "+to.String()
+				src.refuse()
+				return
+			}
+		}
+		var err error
+		if raw, err = src.accept(); err != nil {
+			e.ResponseFlags, e.Details = "DC", err.Error()
+			return
+		}
+		down = raw
+	}
 	up, flags, err := chain.TCP.Connect(snap, fid.Dst, e)
 	if err != nil {
 		e.ResponseFlags, e.Details = flags, err.Error()
@@ -271,6 +296,19 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 	}
 	chain.TCP.Serve(l.drain.closed(), down, up, e)
+}
+
+// originalDst is where chain's tcp_proxy sends a flow to dst when its
+// cluster is ORIGINAL_DST (a single cluster, not weighted ones).
+func originalDst(snap *Snapshot, chain *Chain, dst netip.AddrPort) (netip.AddrPort, bool) {
+	if chain.TCP.Cluster == "" {
+		return netip.AddrPort{}, false
+	}
+	cl := snap.Cluster(chain.TCP.Cluster)
+	if cl == nil {
+		return netip.AddrPort{}, false
+	}
+	return cl.OriginalDestination(dst)
 }
 
 // authorizeFlow runs the chain's network RBAC filters in order, once per

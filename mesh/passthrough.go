@@ -20,11 +20,15 @@ const (
 )
 
 // Passthrough forwards every flow to its original destination over a
-// marked socket. It dials before completing the client's handshake, so a
-// destination that refuses or does not answer is seen by the client as a
-// refused connection (RST) rather than an accepted one that closes;
-// except under a SYN flood (netstack.TCPRequest.DialFirst false), when
-// the handshake completes first.
+// marked socket. An outbound flow is dialed before the client's handshake
+// completes, so a destination that refuses or does not answer is seen by
+// the client as a refused connection (RST) rather than an accepted one
+// that closes; except under a SYN flood (netstack.TCPRequest.DialFirst
+// false), when the handshake completes first. An inbound flow is never
+// dialed before its handshake completes (its source may be spoofed): it
+// is refused at once when the ListenProbe finds nothing listening on its
+// destination in the pod, else accepted, dialed, and reset if the dial
+// fails.
 // It is immutable: NewPassthrough fixes everything it uses.
 type Passthrough struct {
 	o PassthroughOptions
@@ -42,6 +46,10 @@ type PassthroughOptions struct {
 	TCPIdleTimeout time.Duration
 	// Access receives one entry per flow; nil logs nothing.
 	Access *accesslog.Logger
+	// Listening tells whether the pod listens on an inbound flow's
+	// destination; nil never knows, and such flows are accepted, then
+	// reset if their dial fails.
+	Listening *netstack.ListenProbe
 }
 
 var _ netstack.Handler = (*Passthrough)(nil)
@@ -69,10 +77,19 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		DownstreamLocal: req.ID.Dst, DownstreamPeer: req.ID.Src,
 		UpstreamHost: req.ID.Dst, UpstreamCluster: cluster,
 	}
-	// Under a SYN flood the stack says not to dial first: the handshake
-	// must prove the client real before anything is dialed for it.
+	// Inbound, or under a SYN flood, the stack says not to dial first:
+	// the handshake must prove the client real before anything is dialed
+	// for it. A port nothing in the pod listens on is still refused.
 	var down netstack.Conn
 	if !req.DialFirst() {
+		if dir == "inbound" {
+			if listening, known := p.o.Listening.Listening(req.ID.Dst); known && !listening {
+				req.Refuse()
+				e.ResponseFlags, e.Details = "UF", "nothing listens on "+req.ID.Dst.String()
+				p.o.Access.Log(&e)
+				return
+			}
+		}
 		var err error
 		if down, err = req.Accept(); err != nil {
 			e.ResponseFlags, e.Details = "DC", err.Error()

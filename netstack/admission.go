@@ -37,11 +37,19 @@ import (
 //     MaxHalfOpenPerSource of the inbound budget, so one client cannot
 //     starve the others. Outbound SYNs all come from the pod itself: their
 //     budget is their cap.
-//   - While a direction's half-open count is below DialFirstMax the
-//     handler may dial before the handshake (TCPRequest.DialFirst).
-//     Above it the handshake completes first, as on a kernel listener: a
-//     spoofed SYN then never reaches past the stack, and a refused
-//     upstream becomes an accepted connection that is reset.
+//   - An inbound flow is never dialed before its handshake completes
+//     (TCPRequest.DialFirst is false), as behind a kernel listener and
+//     Envoy's virtualInbound: its source may be spoofed, and only the
+//     client's ACK proves it, so the application never gets a connection
+//     for a client that does not exist. A handler that sends it to its
+//     original destination first asks ListenProbe whether anything
+//     listens there, and refuses (RST) if not, as the pod would.
+//   - An outbound flow comes from the pod's own applications: while
+//     fewer than DialFirstMax outbound flows are half-open the handler
+//     may dial before the handshake, so a refused upstream is a refused
+//     connect. Above it the handshake completes first, as on a kernel
+//     listener, and a refused upstream becomes an accepted connection
+//     that is reset.
 //   - A SYN that finds its budget or its source's share spent is not
 //     dropped: it is answered with a SYN cookie by a listening endpoint
 //     that exists only for this (cookie.go), which keeps no state until
@@ -170,7 +178,7 @@ func (a *admission) admit(id stack.TransportEndpointID) verdict {
 		a.overBudget.Add(1)
 		return admitCookie
 	}
-	adm := admitted{dir: d, dialFirst: n <= a.dialFirstMax}
+	adm := admitted{dir: d, dialFirst: d == dirOutbound && n <= a.dialFirstMax}
 	if d == dirInbound {
 		adm.slot = a.slot(id.RemoteAddress)
 		if a.sources[adm.slot].Add(1) > a.perSource {

@@ -254,19 +254,16 @@ func TestSynFloodBudgets(t *testing.T) {
 	}
 
 	// The spoofed half-open flows are given up after 1 retransmit (3 s);
-	// two were offered for dial-first, two were not.
-	dial := 0
+	// none was offered for dial-first, not even the first two (below
+	// DialFirstMax): they are inbound.
 	for range 4 {
 		r := <-got
 		if r.accepted {
 			t.Fatalf("a spoofed flow was accepted: %+v", r)
 		}
 		if r.dialFirst {
-			dial++
+			t.Errorf("an inbound flood flow was offered DialFirst: %+v", r)
 		}
-	}
-	if dial != 2 {
-		t.Errorf("%d of the 4 stateful flood flows were offered DialFirst, want 2 (DialFirstMax)", dial)
 	}
 	st := s.Stats()
 	if st.TCPHalfOpenInbound != 0 || st.TCPHalfOpenOutbound != 0 || st.TCPSynAckTimeouts != 4 {
@@ -305,8 +302,8 @@ func TestSynPerSourceCap(t *testing.T) {
 	for {
 		r := <-got
 		if r.id.Src == other {
-			if !r.accepted || !r.dialFirst {
-				t.Fatalf("other source's flow: %+v, want accepted with DialFirst (few half-open)", r)
+			if !r.accepted || r.dialFirst {
+				t.Fatalf("other source's flow: %+v, want accepted, without DialFirst (inbound, even with few half-open)", r)
 			}
 			break
 		}
@@ -422,5 +419,32 @@ func TestCookieFlowEcho(t *testing.T) {
 				t.Errorf("cookies sent %d, received %d; want 1 and 1", st.TCPSynCookiesSent, st.TCPSynCookiesRecv)
 			}
 		})
+	}
+}
+
+// TestDialFirstOnlyOutbound: outbound flows are offered dial-first while
+// fewer than DialFirstMax outbound flows are half-open, and not beyond;
+// inbound flows never, however few are half-open.
+func TestDialFirstOnlyOutbound(t *testing.T) {
+	a := newAdmission(&Config{MaxHalfOpenInbound: 8, MaxHalfOpenOutbound: 8, MaxHalfOpenPerSource: 8, DialFirstMax: 2, Inbound: isPod})
+	remote := netip.MustParseAddrPort("198.51.100.7:443")
+	var out []bool
+	for i := range 3 {
+		id := flowKey(netip.AddrPortFrom(podAddr, uint16(40000+i)), remote)
+		if a.admit(id) != admitForward {
+			t.Fatalf("outbound SYN %d not admitted", i)
+		}
+		adm, _ := a.lookup(id)
+		out = append(out, adm.dialFirst)
+	}
+	if !out[0] || !out[1] || out[2] {
+		t.Errorf("outbound dial-first %v, want [true true false] (DialFirstMax 2)", out)
+	}
+	id := flowKey(netip.MustParseAddrPort("192.0.2.1:5000"), netip.AddrPortFrom(podAddr, 80))
+	if a.admit(id) != admitForward {
+		t.Fatal("inbound SYN not admitted")
+	}
+	if adm, _ := a.lookup(id); adm.dialFirst {
+		t.Error("the first inbound SYN was offered dial-first")
 	}
 }

@@ -54,10 +54,10 @@ type Config struct {
 	// Default 64.
 	MaxHalfOpenPerSource int
 
-	// DialFirstMax: while fewer than this many flows of a direction are
+	// DialFirstMax: while fewer than this many outbound flows are
 	// half-open, a new one is offered to the handler with
 	// TCPRequest.DialFirst true; beyond, the handshake completes first.
-	// Default 16.
+	// Inbound flows are never offered (admission.go). Default 16.
 	DialFirstMax int
 
 	// SynAckRetries is how many times a SYN-ACK is retransmitted (after
@@ -405,11 +405,13 @@ type TCPRequest struct {
 // DialFirst reports whether the handler may connect upstream before it
 // accepts, so that a refused or silent upstream reaches the client as a
 // refused connect (RST) or no answer, as the original destination's own
-// would. It is true while few flows are half-open; under a SYN flood it
-// is false, and the handler must Accept before any upstream work: the
-// SYN may be spoofed, and only the completed handshake proves that a
-// client exists (a kernel listener, and Envoy behind it, always work
-// this way).
+// would. It is true only for an outbound flow (from the pod's own
+// applications) while few outbound flows are half-open. Otherwise the
+// handler must Accept before any upstream work: the SYN may be spoofed,
+// and only the completed handshake proves that a client exists (a kernel
+// listener, and Envoy behind it, always work this way). An inbound flow
+// sent to its original destination may still be refused first when
+// nothing listens there (ListenProbe).
 func (r *TCPRequest) DialFirst() bool { return r.dialFirst }
 
 // Accept completes the handshake and returns the flow.

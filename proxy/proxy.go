@@ -192,14 +192,18 @@ func New(cfg Config) (*Proxy, error) {
 	// The access log is a logger of its own in /logging ("access"), so
 	// that lowering another component's level does not turn it on.
 	access := accesslog.NewGated(cfg.Log, logging.ComponentGate("access"))
+	// The pod's listening sockets, for the inbound flows sent to their
+	// original destination (accepted before their dial): one probe, one
+	// cache, for both handlers.
+	listening := netstack.NewListenProbe(logging.Component(cfg.Log, "conn_handler"))
 	passthrough := mesh.NewPassthrough(mesh.PassthroughOptions{
-		Dialer: dialer, Local: local, TCPIdleTimeout: cfg.TCPIdleTimeout, Access: access,
+		Dialer: dialer, Local: local, TCPIdleTimeout: cfg.TCPIdleTimeout, Access: access, Listening: listening,
 	})
 	if cfg.Bootstrap == "" {
 		p.gate = mesh.NewGate(passthrough, local)
 		return p, nil
 	}
-	p.dispatcher = mesh.NewDispatcher(mesh.DispatcherOptions{Local: local, Access: access, UDP: passthrough, Dialer: dialer})
+	p.dispatcher = mesh.NewDispatcher(mesh.DispatcherOptions{Local: local, Access: access, UDP: passthrough, Dialer: dialer, Listening: listening})
 	p.gate = mesh.NewGate(p.dispatcher, local)
 	p.srv = &mesh.Server{D: p.dispatcher, Log: logging.Component(cfg.Log, "conn_handler"), Gate: p.gate}
 	p.pools = httpconn.NewPools()

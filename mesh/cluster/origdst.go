@@ -38,18 +38,32 @@ func newOrigDstHosts(c *Cluster, pb *clusterv3.Cluster) *origDstHosts {
 	return o
 }
 
-// get returns the host for the original destination dst (nil when dst is
-// not a usable address: Envoy then has no host either).
-func (o *origDstHosts) get(dst netip.AddrPort) *Host {
-	ip := dst.Addr().Unmap()
-	port := dst.Port()
+// OriginalDestination is the address an ORIGINAL_DST cluster connects to
+// for a flow whose original destination is dst (upstream_port_override
+// applied); false for a cluster of another type, or a dst it would have
+// no host for. Nothing is created or counted.
+func (c *Cluster) OriginalDestination(dst netip.AddrPort) (netip.AddrPort, bool) {
+	o := c.origDst
+	if o == nil {
+		return netip.AddrPort{}, false
+	}
+	ip, port := dst.Addr().Unmap(), dst.Port()
 	if o.portOverride != 0 {
 		port = o.portOverride
 	}
 	if !ip.IsValid() || ip.IsUnspecified() || port == 0 {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(ip, port), true
+}
+
+// get returns the host for the original destination dst (nil when dst is
+// not a usable address: Envoy then has no host either).
+func (o *origDstHosts) get(dst netip.AddrPort) *Host {
+	key, ok := o.c.OriginalDestination(dst)
+	if !ok {
 		return nil
 	}
-	key := netip.AddrPortFrom(ip, port)
 	var h *Host
 	if v, ok := o.m.Load(key); ok {
 		h = v.(*Host)
