@@ -202,9 +202,9 @@ func TestADSClusterWarmsOnSecret(t *testing.T) {
 			_, clusters := a.get(t, "/clusters")
 			return code == 200 && strings.Contains(clusters, secureCluster)
 		})
-		if n := srv.ACKs(resource.SecretType); n == 0 {
-			t.Error("the secret was not ACKed")
-		}
+		// The secret is applied before its ACK is sent: the cluster can be
+		// in force a moment before the server has the ACK.
+		xdstest.Eventually(t, wait, "the secret ACKed", func() bool { return srv.ACKs(resource.SecretType) > 0 })
 		if _, dump := a.get(t, "/config_dump?resource=dynamic_warming_clusters"); strings.Contains(dump, secureCluster) {
 			t.Errorf("still warming: %s", dump)
 		}
