@@ -27,10 +27,17 @@ const outQueueLen = 1024
 
 // linkEndpoint bridges a wireguard-go tun.Device and a gVisor NIC.
 //
-// Inbound (device → stack) runs on one goroutine that reads vectors of up
-// to BatchSize packets (wireguard-go has already split the kernel's TSO
-// super-packets) and passes them through gVisor's GRO, flushed once per
-// vector, so the stack sees few large segments. Outbound (stack → device)
+// On a Linux TUN with a virtio-net header the device's descriptor is read
+// and written directly (vnetIO): packets land in the stack's own buffers,
+// checksums the kernel never computed are not computed here either, TCP
+// super-packets pass whole both ways, and the stack emits large TCP
+// segments (HostGSO). Other devices go through wireguard-go's Read and
+// Write.
+//
+// Inbound (device → stack) runs on one goroutine that reads packets and
+// passes them through gVisor's GRO, flushed whenever the device has
+// nothing more to read (or once per vector on the wireguard-go path), so
+// the stack sees few large segments. Outbound (stack → device)
 // has no goroutine of its own: the stack goroutine that sends a packet
 // writes it, together with whatever other goroutines queued meanwhile, in
 // one vector, which lets wireguard-go coalesce consecutive segments of a
@@ -38,6 +45,7 @@ const outQueueLen = 1024
 // packet's latency.
 type linkEndpoint struct {
 	dev   wgtun.Device
+	raw   *vnetIO // nil: through wireguard-go's Read and Write
 	mtu   atomic.Uint32
 	batch int
 	log   zerolog.Logger
@@ -60,7 +68,7 @@ type linkEndpoint struct {
 	qcond   *sync.Cond // signalled when pending shrinks (backpressure)
 	pending []*stack.PacketBuffer
 	writer  sync.Mutex // held by the goroutine writing to the device
-	wbufs   [][]byte   // guarded by writer
+	wbufs   [][]byte   // guarded by writer; wireguard-go path, made on first use
 	wvec    [][]byte   // guarded by writer
 	wpkts   []*stack.PacketBuffer
 
@@ -76,19 +84,19 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	if batch < 1 {
 		batch = 1
 	}
+	raw, err := newVnetIO(dev)
+	if err != nil {
+		log.Warn().Err(err).Msg("tun: no direct descriptor I/O; using wireguard-go's read and write")
+		raw = nil
+	}
 	e := &linkEndpoint{
 		dev:   dev,
+		raw:   raw,
 		batch: batch,
 		log:   log,
 		done:  make(chan struct{}),
 	}
 	e.qcond = sync.NewCond(&e.qmu)
-	e.wbufs = make([][]byte, batch)
-	for i := range e.wbufs {
-		// Virtual size batch×MTU; only written bytes are touched.
-		e.wbufs[i] = make([]byte, tunOffset+int(mtu))
-	}
-	e.wvec = make([][]byte, 0, batch)
 	e.wpkts = make([]*stack.PacketBuffer, 0, batch)
 	e.mtu.Store(mtu)
 	e.gro.Init(true)
@@ -148,6 +156,24 @@ func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 // kernel as they are.
 func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 	return stack.CapabilityRXChecksumOffload
+}
+
+// GSOMaxSize implements stack.GSOEndpoint: on the raw path the kernel
+// takes TCP segments of up to 64 KiB and splits them only if they leave
+// the host.
+func (e *linkEndpoint) GSOMaxSize() uint32 {
+	if e.raw == nil {
+		return 0
+	}
+	return 1<<16 - 1
+}
+
+// SupportedGSO implements stack.GSOEndpoint.
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.raw == nil {
+		return stack.GSONotSupported
+	}
+	return stack.HostGSOSupported
 }
 
 // ARPHardwareType implements stack.LinkEndpoint.
@@ -271,6 +297,23 @@ func (e *linkEndpoint) writeBatch() bool {
 	if k == 0 {
 		return false
 	}
+	if e.raw != nil {
+		for _, pkt := range e.wpkts {
+			// A packet the kernel refuses is lost as on a wire (see below).
+			_ = e.raw.write(pkt)
+			pkt.DecRef()
+		}
+		clear(e.wpkts)
+		return true
+	}
+	if e.wbufs == nil {
+		mtu := int(e.mtu.Load())
+		e.wbufs = make([][]byte, e.batch)
+		for i := range e.wbufs {
+			e.wbufs[i] = make([]byte, tunOffset+mtu)
+		}
+		e.wvec = make([][]byte, 0, e.batch)
+	}
 	e.wvec = e.wvec[:0]
 	for i, pkt := range e.wpkts {
 		n := tunOffset + copyPacket(e.wbufs[i][tunOffset:], pkt)
@@ -288,6 +331,10 @@ func (e *linkEndpoint) writeBatch() bool {
 // inboundLoop reads packet vectors from the device and injects them into
 // the stack.
 func (e *linkEndpoint) inboundLoop() {
+	if e.raw != nil {
+		e.rawInboundLoop()
+		return
+	}
 	mtu := int(e.mtu.Load())
 	bufs := make([][]byte, e.batch)
 	sizes := make([]int, e.batch)
@@ -344,8 +391,51 @@ func (e *linkEndpoint) deliver(b []byte) {
 		Payload: buffer.MakeWithData(b),
 	})
 	pkt.NetworkProtocolNumber = proto
+	// Checked above: GRO and the stack need not check again.
+	pkt.RXChecksumValidated = true
 	e.gro.Enqueue(pkt)
 	pkt.DecRef()
+}
+
+// groFlushEvery bounds how many packets the raw inbound loop holds in GRO
+// while the device keeps having more: coalescing, but not unbounded delay.
+const groFlushEvery = 64
+
+// rawInboundLoop is inboundLoop on the raw path: one packet per read,
+// GRO flushed when the device runs dry or after groFlushEvery packets.
+func (e *linkEndpoint) rawInboundLoop() {
+	held := 0
+	for {
+		pkt, _, err := e.raw.read(held == 0)
+		if err == errWouldBlock {
+			e.gro.Flush()
+			held = 0
+			continue
+		}
+		if err != nil {
+			switch {
+			case err == errBadChecksum:
+				e.badChecksum.Add(1)
+				continue
+			case err == errVnetBadPacket:
+				continue
+			case errors.Is(err, os.ErrClosed) || isClosed(e.done):
+				return
+			}
+			e.log.Error().Err(err).Msg("tun read failed; stopping inbound path")
+			return
+		}
+		if e.dispatcher.Load() == nil {
+			pkt.DecRef()
+			continue
+		}
+		e.gro.Enqueue(pkt)
+		pkt.DecRef()
+		if held++; held >= groFlushEvery {
+			e.gro.Flush()
+			held = 0
+		}
+	}
 }
 
 // copyPacket copies the packet's bytes (network header onwards) into dst

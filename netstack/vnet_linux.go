@@ -1,0 +1,294 @@
+package netstack
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// vnetHdrLen is sizeof(struct virtio_net_hdr), the header a TUN opened with
+// IFF_VNET_HDR puts in front of every packet, in both directions.
+const vnetHdrLen = 10
+
+// virtio_net_hdr fields (linux/virtio_net.h).
+const (
+	vnetFlagNeedsCsum = 1 // VIRTIO_NET_HDR_F_NEEDS_CSUM: checksum is partial
+	vnetFlagDataValid = 2 // VIRTIO_NET_HDR_F_DATA_VALID: checksum verified
+
+	vnetGSONone  = 0
+	vnetGSOTCPv4 = 1
+	vnetGSOTCPv6 = 4
+)
+
+// vnetHdr is a decoded virtio_net_hdr. The kernel's TUN uses the host's
+// byte order for it (no TUNSETVNETLE/BE is set).
+type vnetHdr struct {
+	flags      uint8
+	gsoType    uint8
+	hdrLen     uint16
+	gsoSize    uint16
+	csumStart  uint16
+	csumOffset uint16
+}
+
+func (h *vnetHdr) decode(b []byte) {
+	h.flags = b[0]
+	h.gsoType = b[1]
+	h.hdrLen = binary.NativeEndian.Uint16(b[2:])
+	h.gsoSize = binary.NativeEndian.Uint16(b[4:])
+	h.csumStart = binary.NativeEndian.Uint16(b[6:])
+	h.csumOffset = binary.NativeEndian.Uint16(b[8:])
+}
+
+func (h *vnetHdr) encode(b []byte) {
+	b[0] = h.flags
+	b[1] = h.gsoType
+	binary.NativeEndian.PutUint16(b[2:], h.hdrLen)
+	binary.NativeEndian.PutUint16(b[4:], h.gsoSize)
+	binary.NativeEndian.PutUint16(b[6:], h.csumStart)
+	binary.NativeEndian.PutUint16(b[8:], h.csumOffset)
+}
+
+// vnetIO moves packets between the stack and a TUN opened with
+// IFF_VNET_HDR by reading and writing its descriptor directly, instead of
+// through wireguard-go's Read and Write:
+//
+//   - Read lands each packet in a gVisor buffer view that becomes the
+//     packet's payload; wireguard-go would read into its own buffer, copy
+//     into ours, and the stack would copy again into a view (two copies of
+//     every byte saved).
+//   - Packets whose checksum the kernel marked partial (its own, never
+//     computed: CHECKSUM_PARTIAL) or verified (DATA_VALID) are handed over
+//     as validated; wireguard-go completes a partial checksum and
+//     validChecksums would verify it again (two passes over every byte).
+//   - A TCP super-packet the kernel sends (TSO) goes to the stack whole:
+//     it is one valid large segment, as GRO would have built.
+//   - Write sends the packet's views with writev behind a virtio header
+//     that carries the stack's GSO request (HostGSO: large TCP segments,
+//     split by the kernel only if they leave the host) and its partial
+//     checksum (the kernel never computes it for local delivery), instead
+//     of copying each packet into a contiguous buffer first.
+//
+// The device's other offloads are narrowed to TCP (TUNSETOFFLOAD without
+// USO): UDP super-packets would need splitting here.
+type vnetIO struct {
+	f  *os.File
+	rc syscall.RawConn
+
+	// Read state, owned by the inbound goroutine.
+	rhdr  [vnetHdrLen]byte
+	rview *buffer.View // next read target, a maximum-size pooled chunk
+	riov  [2]unix.Iovec
+
+	// Write state, guarded by the link's writer mutex.
+	whdr [vnetHdrLen]byte
+	wiov []unix.Iovec
+}
+
+// tcpOffloads are the TUN offloads the raw path handles: checksum and TCP
+// segmentation, no UDP segmentation.
+const tcpOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
+
+// newVnetIO returns raw I/O on dev's descriptor, or nil when dev is not a
+// Linux TUN with a virtio-net header (then wireguard-go's Read and Write
+// are used). wireguard-go enables the header exactly when it batches.
+func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
+	fd, ok := dev.(interface{ File() *os.File })
+	if !ok || dev.BatchSize() <= 1 {
+		return nil, nil
+	}
+	f := fd.File()
+	if f == nil {
+		return nil, nil
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("netstack: TUN descriptor: %w", err)
+	}
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		ierr = unix.IoctlSetInt(int(fd), unix.TUNSETOFFLOAD, tcpOffloads)
+	}); err != nil {
+		return nil, fmt.Errorf("netstack: TUN descriptor: %w", err)
+	}
+	if ierr != nil {
+		return nil, fmt.Errorf("netstack: TUN offloads (TUNSETOFFLOAD): %w", ierr)
+	}
+	return &vnetIO{f: f, rc: rc, wiov: make([]unix.Iovec, 0, 8)}, nil
+}
+
+// copyBelow is the packet size under which a read packet is copied into a
+// view of its own size and the maximum-size read view is kept for the next
+// read: a small packet (an ACK, a request) then pins at most twice its
+// size in the receive queue instead of 64 KiB.
+const copyBelow = buffer.MaxChunkSize / 4
+
+// errVnetBadPacket marks a read packet that is dropped (malformed, or an
+// offload the raw path did not ask for).
+var errVnetBadPacket = errors.New("netstack: malformed TUN packet")
+
+// read reads one packet. It returns the packet ready for the stack (the
+// caller owns the reference) and its network protocol, or
+// errVnetBadPacket or errBadChecksum for a packet to drop, or the device's
+// error.
+//
+// With wait false, a device with nothing to read returns errWouldBlock
+// instead of waiting: the inbound loop flushes GRO before it sleeps.
+func (v *vnetIO) read(wait bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
+	if v.rview == nil {
+		v.rview = buffer.NewViewSize(buffer.MaxChunkSize)
+	}
+	// The view is fresh and unshared: writing into its bytes is safe.
+	data := v.rview.AsSlice()
+	v.riov[0].Base = &v.rhdr[0]
+	v.riov[0].SetLen(vnetHdrLen)
+	v.riov[1].Base = &data[0]
+	v.riov[1].SetLen(len(data))
+	var (
+		n     int
+		errno syscall.Errno
+	)
+	err := v.rc.Read(func(fd uintptr) bool {
+		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), 2)
+		n, errno = int(r), e
+		return !wait || errno != unix.EAGAIN
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	if errno == unix.EAGAIN {
+		return nil, 0, errWouldBlock
+	}
+	if errno != 0 {
+		if errno == unix.EBADFD {
+			return nil, 0, os.ErrClosed
+		}
+		return nil, 0, os.NewSyscallError("readv", errno)
+	}
+	n -= vnetHdrLen
+	if n <= 0 {
+		return nil, 0, errVnetBadPacket
+	}
+	var h vnetHdr
+	h.decode(v.rhdr[:])
+	pkt := data[:n]
+	var proto tcpip.NetworkProtocolNumber
+	switch header.IPVersion(pkt) {
+	case header.IPv4Version:
+		proto = header.IPv4ProtocolNumber
+	case header.IPv6Version:
+		proto = header.IPv6ProtocolNumber
+	default:
+		return nil, 0, errVnetBadPacket
+	}
+	validated := false
+	switch h.gsoType {
+	case vnetGSONone:
+		validated = h.flags&(vnetFlagNeedsCsum|vnetFlagDataValid) != 0
+	case vnetGSOTCPv4, vnetGSOTCPv6:
+		// A TSO super-packet: the kernel's own segment, its IP header
+		// covering the whole, its TCP checksum partial.
+		validated = true
+	default:
+		return nil, 0, errVnetBadPacket
+	}
+	if !validated && !validChecksums(pkt) {
+		return nil, 0, errBadChecksum
+	}
+	var b buffer.Buffer
+	if n < copyBelow {
+		b = buffer.MakeWithData(pkt)
+	} else {
+		v.rview.CapLength(n)
+		b = buffer.MakeWithView(v.rview)
+		v.rview = nil
+	}
+	p := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: b})
+	p.NetworkProtocolNumber = proto
+	p.RXChecksumValidated = true
+	return p, proto, nil
+}
+
+// errWouldBlock is read's answer when it may not wait and nothing is there.
+var errWouldBlock = errors.New("netstack: TUN read would block")
+
+// errBadChecksum marks a read packet dropped for a bad checksum.
+var errBadChecksum = errors.New("netstack: bad checksum")
+
+// write writes one packet with its virtio header. Called with the link's
+// writer mutex held.
+func (v *vnetIO) write(pkt *stack.PacketBuffer) error {
+	h := vnetHdr{gsoType: vnetGSONone}
+	if g := pkt.GSOOptions; g.Type == stack.GSOTCPv4 || g.Type == stack.GSOTCPv6 {
+		// The stack left the pseudo-header sum in the TCP checksum field
+		// (CHECKSUM_PARTIAL): the kernel completes it only if the packet
+		// leaves the host, and splits it into MSS-sized segments only if
+		// it is larger than that.
+		l3 := uint16(pkt.NetworkHeader().View().Size())
+		l4 := uint16(pkt.TransportHeader().View().Size())
+		h.flags = vnetFlagNeedsCsum
+		h.csumStart = l3
+		h.csumOffset = g.CsumOffset
+		h.hdrLen = l3 + l4
+		if g.Type == stack.GSOTCPv4 {
+			h.gsoType = vnetGSOTCPv4
+		} else {
+			h.gsoType = vnetGSOTCPv6
+		}
+		h.gsoSize = g.MSS
+	}
+	h.encode(v.whdr[:])
+	v.wiov = append(v.wiov[:0], iovec(v.whdr[:]))
+	total := vnetHdrLen
+	vl, skip := pkt.AsViewList()
+	for view := vl.Front(); view != nil; view = view.Next() {
+		s := view.AsSlice()
+		if skip >= len(s) {
+			skip -= len(s)
+			continue
+		}
+		s = s[skip:]
+		skip = 0
+		v.wiov = append(v.wiov, iovec(s))
+		total += len(s)
+	}
+	var (
+		n     int
+		errno syscall.Errno
+	)
+	err := v.rc.Write(func(fd uintptr) bool {
+		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&v.wiov[0])), uintptr(len(v.wiov)))
+		n, errno = int(r), e
+		return errno != unix.EAGAIN
+	})
+	clear(v.wiov) // no pointers into packet memory kept
+	if err != nil {
+		return err
+	}
+	if errno != 0 {
+		if errno == unix.EBADFD {
+			return os.ErrClosed
+		}
+		return os.NewSyscallError("writev", errno)
+	}
+	if n != total {
+		return fmt.Errorf("netstack: TUN write of %d bytes wrote %d", total, n)
+	}
+	return nil
+}
+
+func iovec(b []byte) unix.Iovec {
+	v := unix.Iovec{Base: &b[0]}
+	v.SetLen(len(b))
+	return v
+}
