@@ -130,8 +130,22 @@ func Splice(down, up net.Conn, idle time.Duration) Result {
 	return res
 }
 
+// socketSplicer is a flow that moves its received bytes straight into a
+// kernel socket without a buffer of ours in between (netstack flows: one
+// copy per byte instead of two).
+type socketSplicer interface {
+	SpliceTo(dst syscall.RawConn, onData func()) (n int64, srcErr, dstErr error)
+}
+
 // pipe copies src to dst until EOF or an error.
 func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
+	if s, ok := src.(socketSplicer); ok {
+		if tc, ok := dst.(*net.TCPConn); ok {
+			if rc, err := tc.SyscallConn(); err == nil {
+				return pipeSplice(dst, s, rc, activity)
+			}
+		}
+	}
 	class := 0
 	bp := getBuf(class)
 	defer func() { putBuf(class, bp) }()
@@ -177,6 +191,25 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 			class, bp = next, getBuf(next)
 		}
 	}
+}
+
+// pipeSplice is pipe for a src that writes into dst's socket itself.
+func pipeSplice(dst net.Conn, src socketSplicer, rc syscall.RawConn, activity *atomic.Uint64) direction {
+	var d direction
+	n, srcErr, dstErr := src.SpliceTo(rc, func() { activity.Add(1) })
+	d.n = n
+	switch {
+	case dstErr != nil:
+		d.err = dstErr
+		d.dstReset = isReset(dstErr)
+	case srcErr != nil:
+		d.err = srcErr
+		d.srcReset = isReset(srcErr)
+	default:
+		d.eof = true
+		closeWrite(dst)
+	}
+	return d
 }
 
 func isReset(err error) bool {
