@@ -32,6 +32,7 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func()) (n int64, sr
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
 	w := &sockWriter{rc: dst}
+	w.writeFn = w.writeFd
 	defer w.release()
 	for {
 		res, err := c.ep.Read(w, tcpip.ReadOptions{})
@@ -88,7 +89,15 @@ type sockWriter struct {
 	stage   []byte // copied bytes not yet written to the socket
 	err     error  // the socket failed: the copy ends
 	stopped bool   // this Read was stopped by the socket, not by the flow
+
+	// writev's syscall state, in fields so that writeFn (made once) does
+	// not allocate a closure per call.
 	iov     [2]unix.Iovec
+	niov    int
+	wait    bool
+	n       int
+	errno   syscall.Errno
+	writeFn func(fd uintptr) bool
 }
 
 func (w *sockWriter) release() {
@@ -160,39 +169,39 @@ func (w *sockWriter) flush() {
 // writev writes a then b to the socket; with wait false it returns what a
 // non-blocking write took (possibly 0, with a nil error).
 func (w *sockWriter) writev(a, b []byte, wait bool) (int, error) {
-	iov := w.iov[:0]
-	if len(a) > 0 {
-		iov = append(iov, iovec(a))
+	w.niov = 0
+	for _, p := range [2][]byte{a, b} {
+		if len(p) > 0 {
+			w.iov[w.niov] = iovec(p)
+			w.niov++
+		}
 	}
-	if len(b) > 0 {
-		iov = append(iov, iovec(b))
-	}
-	if len(iov) == 0 {
+	if w.niov == 0 {
 		return 0, nil
 	}
-	var (
-		n     int
-		errno syscall.Errno
-	)
-	err := w.rc.Write(func(fd uintptr) bool {
-		for {
-			r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
-			if e == unix.EINTR {
-				continue
-			}
-			n, errno = int(r), e
-			return !wait || errno != unix.EAGAIN
-		}
-	})
+	w.wait = wait
+	err := w.rc.Write(w.writeFn)
 	clear(w.iov[:])
 	if err != nil {
 		return 0, err
 	}
-	switch errno {
+	switch w.errno {
 	case 0:
-		return n, nil
+		return w.n, nil
 	case unix.EAGAIN:
 		return 0, nil
 	}
-	return 0, os.NewSyscallError("writev", errno)
+	return 0, os.NewSyscallError("writev", w.errno)
+}
+
+// writeFd is writev's RawConn callback.
+func (w *sockWriter) writeFd(fd uintptr) bool {
+	for {
+		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.niov))
+		if e == unix.EINTR {
+			continue
+		}
+		w.n, w.errno = int(r), e
+		return !w.wait || e != unix.EAGAIN
+	}
 }

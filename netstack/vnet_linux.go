@@ -93,6 +93,14 @@ type vnetIO struct {
 	// Write state, guarded by the link's writer mutex.
 	whdr [vnetHdrLen]byte
 	wiov []unix.Iovec
+
+	// Syscall results, in fields so that the RawConn callbacks (made
+	// once) do not allocate a closure per packet.
+	rwait          bool
+	rn, wn         int
+	rerrno, werrno syscall.Errno
+	readFn         func(fd uintptr) bool
+	writeFn        func(fd uintptr) bool
 }
 
 // tcpOffloads are the TUN offloads the raw path handles: checksum and TCP
@@ -124,7 +132,18 @@ func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	if ierr != nil {
 		return nil, fmt.Errorf("netstack: TUN offloads (TUNSETOFFLOAD): %w", ierr)
 	}
-	return &vnetIO{f: f, rc: rc, wiov: make([]unix.Iovec, 0, 8)}, nil
+	v := &vnetIO{f: f, rc: rc, wiov: make([]unix.Iovec, 0, 8)}
+	v.readFn = func(fd uintptr) bool {
+		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
+		v.rn, v.rerrno = int(r), e
+		return !v.rwait || e != unix.EAGAIN
+	}
+	v.writeFn = func(fd uintptr) bool {
+		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&v.wiov[0])), uintptr(len(v.wiov)))
+		v.wn, v.werrno = int(r), e
+		return e != unix.EAGAIN
+	}
+	return v, nil
 }
 
 // copyBelow is the packet size under which a read packet is copied into a
@@ -161,15 +180,9 @@ func (v *vnetIO) read(wait bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumb
 	v.riov[0] = iovec(v.rhdr[:])
 	v.riov[1] = iovec(hdata)
 	v.riov[2] = iovec(data)
-	var (
-		n     int
-		errno syscall.Errno
-	)
-	err := v.rc.Read(func(fd uintptr) bool {
-		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
-		n, errno = int(r), e
-		return !wait || errno != unix.EAGAIN
-	})
+	v.rwait = wait
+	err := v.rc.Read(v.readFn)
+	n, errno := v.rn, v.rerrno
 	clear(v.riov[1:]) // no pointers into packet memory kept
 	if err == nil && errno != 0 {
 		switch errno {
@@ -281,15 +294,8 @@ func (v *vnetIO) write(pkt *stack.PacketBuffer) error {
 		v.wiov = append(v.wiov, iovec(s))
 		total += len(s)
 	}
-	var (
-		n     int
-		errno syscall.Errno
-	)
-	err := v.rc.Write(func(fd uintptr) bool {
-		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&v.wiov[0])), uintptr(len(v.wiov)))
-		n, errno = int(r), e
-		return errno != unix.EAGAIN
-	})
+	err := v.rc.Write(v.writeFn)
+	n, errno := v.wn, v.werrno
 	clear(v.wiov) // no pointers into packet memory kept
 	if err != nil {
 		return err
