@@ -266,8 +266,8 @@ func (v *vnetIO) write(pkt *stack.PacketBuffer) error {
 		// (CHECKSUM_PARTIAL): the kernel completes it only if the packet
 		// leaves the host, and splits it into MSS-sized segments only if
 		// it is larger than that.
-		l3 := uint16(pkt.NetworkHeader().View().Size())
-		l4 := uint16(pkt.TransportHeader().View().Size())
+		l3 := uint16(len(pkt.NetworkHeader().Slice()))
+		l4 := uint16(len(pkt.TransportHeader().Slice()))
 		h.flags = vnetFlagNeedsCsum
 		h.csumStart = l3
 		h.csumOffset = g.CsumOffset
