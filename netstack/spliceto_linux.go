@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"errors"
+	"io"
 	"os"
 	"sync"
 	"syscall"
@@ -203,5 +204,147 @@ func (w *sockWriter) writeFd(fd uintptr) bool {
 		}
 		w.n, w.errno = int(r), e
 		return !w.wait || e != unix.EAGAIN
+	}
+}
+
+// SpliceFrom copies what src, a kernel socket, receives into the flow
+// until src's EOF or an error, and calls onData after each batch it moves.
+// It returns the bytes moved, the socket's error (nil at EOF) and the
+// flow's error; at most one of them is set.
+//
+// The stack reads the socket itself, into the send queue's own buffers,
+// sized by what the socket holds (FIONREAD): one copy per byte, the
+// kernel's, instead of a read into a buffer of ours and a copy from it.
+func (c *endpointConn) SpliceFrom(src syscall.RawConn, onData func()) (n int64, srcErr, dstErr error) {
+	if c.network != "tcp" {
+		return 0, nil, c.opErr("write", errors.ErrUnsupported)
+	}
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	r := &sockReader{rc: src}
+	r.waitFn = r.waitReadable
+	r.readFn = r.readFd
+	for {
+		// Wait until the socket has bytes, its EOF or an error.
+		if err := src.Read(r.waitFn); err != nil {
+			return n, err, nil
+		}
+		if r.err != nil {
+			return n, r.err, nil
+		}
+		if r.eof {
+			return n, nil, nil
+		}
+		for r.avail > 0 {
+			m, err := c.ep.Write(r, tcpip.WriteOptions{})
+			n += m
+			r.avail -= int(m)
+			if m > 0 {
+				onData()
+			}
+			if r.err != nil {
+				return n, r.err, nil
+			}
+			if err == nil {
+				if m == 0 {
+					// The socket held less than it said: ask again.
+					r.avail = 0
+				}
+				continue
+			}
+			if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+				return n, nil, c.opError("write", err)
+			}
+			select {
+			case <-c.wCh:
+			case <-c.writeDL.wait():
+				return n, nil, c.opErr("write", os.ErrDeadlineExceeded)
+			}
+		}
+	}
+}
+
+// sockReader is the tcpip.Payloader SpliceFrom hands to the endpoint's
+// Write: Len is what the socket holds, Read reads it without waiting.
+type sockReader struct {
+	rc    syscall.RawConn
+	avail int   // bytes the socket held at the last check, not yet moved
+	eof   bool  // the socket's peer sent FIN
+	err   error // the socket failed
+
+	// Syscall state, in fields so that the callbacks (made once) do not
+	// allocate a closure per call.
+	p      []byte
+	n      int
+	errno  syscall.Errno
+	waitFn func(fd uintptr) bool
+	readFn func(fd uintptr) bool
+}
+
+// waitReadable is the RawConn callback that learns what the socket holds;
+// false (wait) while it holds nothing and is neither closed nor failed.
+func (r *sockReader) waitReadable(fd uintptr) bool {
+	k, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	if err != nil {
+		r.err = os.NewSyscallError("ioctl", err)
+		return true
+	}
+	if k > 0 {
+		r.avail = k
+		return true
+	}
+	// Nothing queued: at EOF, or failed, or not yet.
+	var b [1]byte
+	m, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return false
+	case err != nil:
+		r.err = os.NewSyscallError("recvfrom", err)
+	case m == 0:
+		r.eof = true
+	default:
+		r.avail = m
+	}
+	return true
+}
+
+// Len implements tcpip.Payloader.
+func (r *sockReader) Len() int { return r.avail }
+
+// Read implements io.Reader for the endpoint's Write: io.EOF ends its
+// copy when the socket has nothing more right now (or failed: r.err).
+func (r *sockReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	r.p = p
+	err := r.rc.Read(r.readFn)
+	r.p = nil
+	if err != nil {
+		r.err = err
+		return 0, io.EOF
+	}
+	switch {
+	case r.errno == unix.EAGAIN:
+		return 0, io.EOF
+	case r.errno != 0:
+		r.err = os.NewSyscallError("read", r.errno)
+		return 0, io.EOF
+	case r.n == 0:
+		return 0, io.EOF
+	}
+	return r.n, nil
+}
+
+// readFd is Read's RawConn callback: one non-blocking read.
+func (r *sockReader) readFd(fd uintptr) bool {
+	for {
+		m, _, e := unix.Syscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&r.p[0])), uintptr(len(r.p)))
+		if e == unix.EINTR {
+			continue
+		}
+		r.n, r.errno = int(m), e
+		return true
 	}
 }

@@ -211,3 +211,123 @@ func newPeerMTU(t *testing.T, h Handler, mtu int) *wgnetstack.Net {
 	})
 	return tnet
 }
+
+// fillHandler accepts every flow and fills it from a kernel TCP
+// connection to dst with SpliceFrom, reporting the results.
+type fillHandler struct {
+	dst  string
+	done chan spliceResult
+}
+
+func (h *fillHandler) HandleTCP(r *TCPRequest) {
+	c, err := r.Accept()
+	if err != nil {
+		h.done <- spliceResult{dstErr: err}
+		return
+	}
+	defer c.Close()
+	up, err := net.Dial("tcp", h.dst)
+	if err != nil {
+		h.done <- spliceResult{srcErr: err}
+		return
+	}
+	defer up.Close()
+	rc, err := up.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		h.done <- spliceResult{srcErr: err}
+		return
+	}
+	var res spliceResult
+	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceFrom(rc, func() { res.calls++ })
+	if res.srcErr == nil && res.dstErr == nil {
+		c.(*endpointConn).CloseWrite()
+	}
+	h.done <- res
+}
+
+func (h *fillHandler) HandleUDP(f *UDPFlow) { f.Close() }
+
+// TestSpliceFromSocket moves what a kernel socket receives into flows
+// whose reader is slow (the stack's send buffer fills and SpliceFrom
+// waits), in large and in small writes, and checks every byte and the
+// FIN arrive; a reset socket ends the copy with the socket's error.
+func TestSpliceFromSocket(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		mtu   int
+		write int
+		reset bool
+	}{
+		{"mtu1500", 1500, 256 << 10, false},
+		{"mtu65000", 65000, 256 << 10, false},
+		{"smallWrites", 65000, 100, false},
+		{"reset", 1500, 64 << 10, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			h := &fillHandler{dst: ln.Addr().String(), done: make(chan spliceResult, 1)}
+			tnet := newPeerMTU(t, h, tc.mtu)
+
+			payload := make([]byte, 6<<20)
+			rand.Read(payload)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+				for off := 0; off < len(payload); off += tc.write {
+					if _, err := c.Write(payload[off:min(off+tc.write, len(payload))]); err != nil {
+						return
+					}
+					if tc.reset && off >= 1<<20 {
+						c.(*net.TCPConn).SetLinger(0)
+						return
+					}
+				}
+				c.(*net.TCPConn).CloseWrite()
+			}()
+
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			c, err := tnet.DialContext(ctx, "tcp", "192.0.2.10:8080")
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			time.Sleep(100 * time.Millisecond) // a slow start: the stack's buffers fill
+			got, rerr := io.ReadAll(c)
+
+			var res spliceResult
+			select {
+			case res = <-h.done:
+			case <-time.After(20 * time.Second):
+				t.Fatal("SpliceFrom did not return")
+			}
+			if tc.reset {
+				if !errors.Is(res.srcErr, syscall.ECONNRESET) {
+					t.Fatalf("socket error %v (flow error %v), want ECONNRESET", res.srcErr, res.dstErr)
+				}
+				return
+			}
+			if rerr != nil {
+				t.Fatalf("read: %v", rerr)
+			}
+			if res.srcErr != nil || res.dstErr != nil {
+				t.Fatalf("SpliceFrom: socket error %v, flow error %v", res.srcErr, res.dstErr)
+			}
+			if res.n != int64(len(payload)) || res.calls == 0 {
+				t.Errorf("SpliceFrom moved %d bytes in %d calls, want %d", res.n, res.calls, len(payload))
+			}
+			if sha256.Sum256(got) != sha256.Sum256(payload) {
+				t.Fatalf("received %d bytes, not the %d sent", len(got), len(payload))
+			}
+		})
+	}
+}

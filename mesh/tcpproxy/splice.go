@@ -137,12 +137,25 @@ type socketSplicer interface {
 	SpliceTo(dst syscall.RawConn, onData func()) (n int64, srcErr, dstErr error)
 }
 
+// socketFiller is the other direction: a flow that reads a kernel socket
+// into its own send buffers.
+type socketFiller interface {
+	SpliceFrom(src syscall.RawConn, onData func()) (n int64, srcErr, dstErr error)
+}
+
 // pipe copies src to dst until EOF or an error.
 func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	if s, ok := src.(socketSplicer); ok {
 		if tc, ok := dst.(*net.TCPConn); ok {
 			if rc, err := tc.SyscallConn(); err == nil {
-				return pipeSplice(dst, s, rc, activity)
+				return pipeSplice(dst, rc, activity, s.SpliceTo)
+			}
+		}
+	}
+	if f, ok := dst.(socketFiller); ok {
+		if tc, ok := src.(*net.TCPConn); ok {
+			if rc, err := tc.SyscallConn(); err == nil {
+				return pipeSplice(dst, rc, activity, f.SpliceFrom)
 			}
 		}
 	}
@@ -193,10 +206,12 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	}
 }
 
-// pipeSplice is pipe for a src that writes into dst's socket itself.
-func pipeSplice(dst net.Conn, src socketSplicer, rc syscall.RawConn, activity *atomic.Uint64) direction {
+// pipeSplice is pipe for a netstack flow that moves the bytes to or from
+// the kernel socket rc itself (SpliceTo or SpliceFrom).
+func pipeSplice(dst net.Conn, rc syscall.RawConn, activity *atomic.Uint64,
+	splice func(syscall.RawConn, func()) (int64, error, error)) direction {
 	var d direction
-	n, srcErr, dstErr := src.SpliceTo(rc, func() { activity.Add(1) })
+	n, srcErr, dstErr := splice(rc, func() { activity.Add(1) })
 	d.n = n
 	switch {
 	case dstErr != nil:
