@@ -28,11 +28,11 @@ const outQueueLen = 1024
 // linkEndpoint bridges a wireguard-go tun.Device and a gVisor NIC.
 //
 // On a Linux TUN with a virtio-net header the device's descriptor is read
-// and written directly (vnetIO): packets land in the stack's own buffers,
-// checksums the kernel never computed are not computed here either, TCP
-// super-packets pass whole both ways, and the stack emits large TCP
-// segments (HostGSO). Other devices go through wireguard-go's Read and
-// Write.
+// directly (vnetIO): packets land in the stack's own buffers, checksums
+// the kernel never computed are not computed here either, and TCP
+// super-packets reach the stack whole. Other devices are read through
+// wireguard-go; writes always go through wireguard-go's Write (GRO on
+// write).
 //
 // Inbound (device → stack) runs on one goroutine that reads packets and
 // passes them through gVisor's GRO, flushed whenever the device has
@@ -45,7 +45,7 @@ const outQueueLen = 1024
 // packet's latency.
 type linkEndpoint struct {
 	dev   wgtun.Device
-	raw   *vnetIO // nil: through wireguard-go's Read and Write
+	raw   *vnetIO // nil: reads through wireguard-go's Read
 	mtu   atomic.Uint32
 	batch int
 	log   zerolog.Logger
@@ -86,7 +86,7 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	}
 	raw, err := newVnetIO(dev)
 	if err != nil {
-		log.Warn().Err(err).Msg("tun: no direct descriptor I/O; using wireguard-go's read and write")
+		log.Warn().Err(err).Msg("tun: no direct descriptor reads; using wireguard-go's read")
 		raw = nil
 	}
 	e := &linkEndpoint{
@@ -156,24 +156,6 @@ func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 // kernel as they are.
 func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 	return stack.CapabilityRXChecksumOffload
-}
-
-// GSOMaxSize implements stack.GSOEndpoint: on the raw path the kernel
-// takes TCP segments of up to 64 KiB and splits them only if they leave
-// the host.
-func (e *linkEndpoint) GSOMaxSize() uint32 {
-	if e.raw == nil {
-		return 0
-	}
-	return 1<<16 - 1
-}
-
-// SupportedGSO implements stack.GSOEndpoint.
-func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
-	if e.raw == nil {
-		return stack.GSONotSupported
-	}
-	return stack.HostGSOSupported
 }
 
 // ARPHardwareType implements stack.LinkEndpoint.
@@ -297,16 +279,8 @@ func (e *linkEndpoint) writeBatch() bool {
 	if k == 0 {
 		return false
 	}
-	if e.raw != nil {
-		for _, pkt := range e.wpkts {
-			// A packet the kernel refuses is lost as on a wire (see below).
-			_ = e.raw.write(pkt)
-			pkt.DecRef()
-		}
-		clear(e.wpkts)
-		return true
-	}
 	if e.wbufs == nil {
+		// Made on first use, so that an idle proxy holds no batch buffers.
 		mtu := int(e.mtu.Load())
 		e.wbufs = make([][]byte, e.batch)
 		for i := range e.wbufs {

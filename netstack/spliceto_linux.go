@@ -13,7 +13,7 @@ import (
 )
 
 // SpliceTo copies the flow's received bytes to dst, a kernel socket, until
-// the peer's FIN or an error, and calls onData after each batch it moves.
+// the peer's FIN or an error, and calls onData with the size of each batch it moves.
 // It returns the bytes moved, the flow's error (nil at FIN) and the
 // socket's error; at most one of them is set.
 //
@@ -26,7 +26,7 @@ import (
 // in a staging buffer and written together, as are the bytes of a segment
 // the socket took only in part; the staging buffer is ours, so it is
 // written after Read returns, waiting for the socket as long as needed.
-func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func()) (n int64, srcErr, dstErr error) {
+func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error) {
 	if c.network != "tcp" {
 		return 0, c.opErr("read", errors.ErrUnsupported), nil
 	}
@@ -39,7 +39,7 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func()) (n int64, sr
 		res, err := c.ep.Read(w, tcpip.ReadOptions{})
 		n += int64(res.Count)
 		if res.Count > 0 {
-			onData()
+			onData(res.Count)
 		}
 		if w.err == nil && len(w.stage) > 0 {
 			w.flush()
@@ -208,14 +208,14 @@ func (w *sockWriter) writeFd(fd uintptr) bool {
 }
 
 // SpliceFrom copies what src, a kernel socket, receives into the flow
-// until src's EOF or an error, and calls onData after each batch it moves.
+// until src's EOF or an error, and calls onData with the size of each batch it moves.
 // It returns the bytes moved, the socket's error (nil at EOF) and the
 // flow's error; at most one of them is set.
 //
 // The stack reads the socket itself, into the send queue's own buffers,
 // sized by what the socket holds (FIONREAD): one copy per byte, the
 // kernel's, instead of a read into a buffer of ours and a copy from it.
-func (c *endpointConn) SpliceFrom(src syscall.RawConn, onData func()) (n int64, srcErr, dstErr error) {
+func (c *endpointConn) SpliceFrom(src syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error) {
 	if c.network != "tcp" {
 		return 0, nil, c.opErr("write", errors.ErrUnsupported)
 	}
@@ -240,7 +240,7 @@ func (c *endpointConn) SpliceFrom(src syscall.RawConn, onData func()) (n int64, 
 			n += m
 			r.avail -= int(m)
 			if m > 0 {
-				onData()
+				onData(int(m))
 			}
 			if r.err != nil {
 				return n, r.err, nil

@@ -50,7 +50,7 @@ func (h *spliceHandler) HandleTCP(r *TCPRequest) {
 		return
 	}
 	var res spliceResult
-	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceTo(rc, func() { res.calls++ })
+	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceTo(rc, func(int) { res.calls++ })
 	if res.srcErr == nil && res.dstErr == nil {
 		up.(*net.TCPConn).CloseWrite()
 	}
@@ -238,7 +238,7 @@ func (h *fillHandler) HandleTCP(r *TCPRequest) {
 		return
 	}
 	var res spliceResult
-	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceFrom(rc, func() { res.calls++ })
+	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceFrom(rc, func(int) { res.calls++ })
 	if res.srcErr == nil && res.dstErr == nil {
 		c.(*endpointConn).CloseWrite()
 	}

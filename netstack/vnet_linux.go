@@ -50,15 +50,6 @@ func (h *vnetHdr) decode(b []byte) {
 	h.csumOffset = binary.NativeEndian.Uint16(b[8:])
 }
 
-func (h *vnetHdr) encode(b []byte) {
-	b[0] = h.flags
-	b[1] = h.gsoType
-	binary.NativeEndian.PutUint16(b[2:], h.hdrLen)
-	binary.NativeEndian.PutUint16(b[4:], h.gsoSize)
-	binary.NativeEndian.PutUint16(b[6:], h.csumStart)
-	binary.NativeEndian.PutUint16(b[8:], h.csumOffset)
-}
-
 // vnetIO moves packets between the stack and a TUN opened with
 // IFF_VNET_HDR by reading and writing its descriptor directly, instead of
 // through wireguard-go's Read and Write:
@@ -73,11 +64,12 @@ func (h *vnetHdr) encode(b []byte) {
 //     validChecksums would verify it again (two passes over every byte).
 //   - A TCP super-packet the kernel sends (TSO) goes to the stack whole:
 //     it is one valid large segment, as GRO would have built.
-//   - Write sends the packet's views with writev behind a virtio header
-//     that carries the stack's GSO request (HostGSO: large TCP segments,
-//     split by the kernel only if they leave the host) and its partial
-//     checksum (the kernel never computes it for local delivery), instead
-//     of copying each packet into a contiguous buffer first.
+//
+// Writes stay with wireguard-go (GRO on write). Writing the stack's views
+// with writev and HostGSO (large segments, checksum left partial) was
+// measured faster but broke flows whose packets the kernel forwards out of
+// the pod (inbound capture: connections stalled or were reset), so it is
+// not done.
 //
 // The device's other offloads are narrowed to TCP (TUNSETOFFLOAD without
 // USO): UDP super-packets would need splitting here.
@@ -90,17 +82,12 @@ type vnetIO struct {
 	rview *buffer.View // next read target after the head, a maximum-size pooled chunk
 	riov  [3]unix.Iovec
 
-	// Write state, guarded by the link's writer mutex.
-	whdr [vnetHdrLen]byte
-	wiov []unix.Iovec
-
 	// Syscall results, in fields so that the RawConn callbacks (made
 	// once) do not allocate a closure per packet.
-	rwait          bool
-	rn, wn         int
-	rerrno, werrno syscall.Errno
-	readFn         func(fd uintptr) bool
-	writeFn        func(fd uintptr) bool
+	rwait  bool
+	rn     int
+	rerrno syscall.Errno
+	readFn func(fd uintptr) bool
 }
 
 // tcpOffloads are the TUN offloads the raw path handles: checksum and TCP
@@ -132,16 +119,11 @@ func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	if ierr != nil {
 		return nil, fmt.Errorf("netstack: TUN offloads (TUNSETOFFLOAD): %w", ierr)
 	}
-	v := &vnetIO{f: f, rc: rc, wiov: make([]unix.Iovec, 0, 8)}
+	v := &vnetIO{f: f, rc: rc}
 	v.readFn = func(fd uintptr) bool {
 		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
 		v.rn, v.rerrno = int(r), e
 		return !v.rwait || e != unix.EAGAIN
-	}
-	v.writeFn = func(fd uintptr) bool {
-		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&v.wiov[0])), uintptr(len(v.wiov)))
-		v.wn, v.werrno = int(r), e
-		return e != unix.EAGAIN
 	}
 	return v, nil
 }
@@ -256,61 +238,6 @@ var errWouldBlock = errors.New("netstack: TUN read would block")
 
 // errBadChecksum marks a read packet dropped for a bad checksum.
 var errBadChecksum = errors.New("netstack: bad checksum")
-
-// write writes one packet with its virtio header. Called with the link's
-// writer mutex held.
-func (v *vnetIO) write(pkt *stack.PacketBuffer) error {
-	h := vnetHdr{gsoType: vnetGSONone}
-	if g := pkt.GSOOptions; g.Type == stack.GSOTCPv4 || g.Type == stack.GSOTCPv6 {
-		// The stack left the pseudo-header sum in the TCP checksum field
-		// (CHECKSUM_PARTIAL): the kernel completes it only if the packet
-		// leaves the host, and splits it into MSS-sized segments only if
-		// it is larger than that.
-		l3 := uint16(len(pkt.NetworkHeader().Slice()))
-		l4 := uint16(len(pkt.TransportHeader().Slice()))
-		h.flags = vnetFlagNeedsCsum
-		h.csumStart = l3
-		h.csumOffset = g.CsumOffset
-		h.hdrLen = l3 + l4
-		if g.Type == stack.GSOTCPv4 {
-			h.gsoType = vnetGSOTCPv4
-		} else {
-			h.gsoType = vnetGSOTCPv6
-		}
-		h.gsoSize = g.MSS
-	}
-	h.encode(v.whdr[:])
-	v.wiov = append(v.wiov[:0], iovec(v.whdr[:]))
-	total := vnetHdrLen
-	vl, skip := pkt.AsViewList()
-	for view := vl.Front(); view != nil; view = view.Next() {
-		s := view.AsSlice()
-		if skip >= len(s) {
-			skip -= len(s)
-			continue
-		}
-		s = s[skip:]
-		skip = 0
-		v.wiov = append(v.wiov, iovec(s))
-		total += len(s)
-	}
-	err := v.rc.Write(v.writeFn)
-	n, errno := v.wn, v.werrno
-	clear(v.wiov) // no pointers into packet memory kept
-	if err != nil {
-		return err
-	}
-	if errno != 0 {
-		if errno == unix.EBADFD {
-			return os.ErrClosed
-		}
-		return os.NewSyscallError("writev", errno)
-	}
-	if n != total {
-		return fmt.Errorf("netstack: TUN write of %d bytes wrote %d", total, n)
-	}
-	return nil
-}
 
 func iovec(b []byte) unix.Iovec {
 	v := unix.Iovec{Base: &b[0]}

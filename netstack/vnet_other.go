@@ -25,7 +25,3 @@ var (
 func (*vnetIO) read(bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
 	return nil, 0, errors.New("netstack: no raw TUN path on this platform")
 }
-
-func (*vnetIO) write(*stack.PacketBuffer) error {
-	return errors.New("netstack: no raw TUN path on this platform")
-}

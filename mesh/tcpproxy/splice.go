@@ -134,29 +134,60 @@ func Splice(down, up net.Conn, idle time.Duration) Result {
 // kernel socket without a buffer of ours in between (netstack flows: one
 // copy per byte instead of two).
 type socketSplicer interface {
-	SpliceTo(dst syscall.RawConn, onData func()) (n int64, srcErr, dstErr error)
+	SpliceTo(dst syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error)
 }
 
 // socketFiller is the other direction: a flow that reads a kernel socket
 // into its own send buffers.
 type socketFiller interface {
-	SpliceFrom(src syscall.RawConn, onData func()) (n int64, srcErr, dstErr error)
+	SpliceFrom(src syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error)
+}
+
+// plainUpstream is a cluster's upstream connection (cluster.UpstreamConn):
+// its plaintext socket (nil over TLS), and the cluster's byte counters for
+// bytes moved through that socket directly.
+type plainUpstream interface {
+	TCPConn() *net.TCPConn
+	Moved(received, sent int)
+}
+
+// kernelSocket is c's kernel TCP socket when bytes may bypass c's own Read
+// and Write, and what to call with the bytes moved through it (nil: none).
+func kernelSocket(c net.Conn, sent bool) (syscall.RawConn, func(int), bool) {
+	var tc *net.TCPConn
+	var count func(int)
+	switch v := c.(type) {
+	case *net.TCPConn:
+		tc = v
+	case plainUpstream:
+		if tc = v.TCPConn(); tc != nil {
+			if sent {
+				count = func(n int) { v.Moved(0, n) }
+			} else {
+				count = func(n int) { v.Moved(n, 0) }
+			}
+		}
+	}
+	if tc == nil {
+		return nil, nil, false
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil, nil, false
+	}
+	return rc, count, true
 }
 
 // pipe copies src to dst until EOF or an error.
 func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	if s, ok := src.(socketSplicer); ok {
-		if tc, ok := dst.(*net.TCPConn); ok {
-			if rc, err := tc.SyscallConn(); err == nil {
-				return pipeSplice(dst, rc, activity, s.SpliceTo)
-			}
+		if rc, count, ok := kernelSocket(dst, true); ok {
+			return pipeSplice(dst, rc, activity, count, s.SpliceTo)
 		}
 	}
 	if f, ok := dst.(socketFiller); ok {
-		if tc, ok := src.(*net.TCPConn); ok {
-			if rc, err := tc.SyscallConn(); err == nil {
-				return pipeSplice(dst, rc, activity, f.SpliceFrom)
-			}
+		if rc, count, ok := kernelSocket(src, false); ok {
+			return pipeSplice(dst, rc, activity, count, f.SpliceFrom)
 		}
 	}
 	class := 0
@@ -208,10 +239,15 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 
 // pipeSplice is pipe for a netstack flow that moves the bytes to or from
 // the kernel socket rc itself (SpliceTo or SpliceFrom).
-func pipeSplice(dst net.Conn, rc syscall.RawConn, activity *atomic.Uint64,
-	splice func(syscall.RawConn, func()) (int64, error, error)) direction {
+func pipeSplice(dst net.Conn, rc syscall.RawConn, activity *atomic.Uint64, count func(int),
+	splice func(syscall.RawConn, func(int)) (int64, error, error)) direction {
 	var d direction
-	n, srcErr, dstErr := splice(rc, func() { activity.Add(1) })
+	n, srcErr, dstErr := splice(rc, func(n int) {
+		activity.Add(1)
+		if count != nil {
+			count(n)
+		}
+	})
 	d.n = n
 	switch {
 	case dstErr != nil:
