@@ -50,9 +50,9 @@ func (h *vnetHdr) decode(b []byte) {
 	h.csumOffset = binary.NativeEndian.Uint16(b[8:])
 }
 
-// vnetIO moves packets between the stack and a TUN opened with
-// IFF_VNET_HDR by reading and writing its descriptor directly, instead of
-// through wireguard-go's Read and Write:
+// vnetIO reads packets for the stack from a TUN opened with IFF_VNET_HDR
+// by reading its descriptor directly, instead of through wireguard-go's
+// Read:
 //
 //   - Read lands each packet in a gVisor buffer view that becomes the
 //     packet's payload; wireguard-go would read into its own buffer, copy
@@ -94,9 +94,8 @@ type vnetIO struct {
 // segmentation, no UDP segmentation.
 const tcpOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
 
-// newVnetIO returns raw I/O on dev's descriptor, or nil when dev is not a
-// Linux TUN with a virtio-net header (then wireguard-go's Read and Write
-// are used). wireguard-go enables the header exactly when it batches.
+// newVnetIO returns raw reads of dev's descriptor, or nil when dev is not
+// a Linux TUN with a virtio-net header (then wireguard-go's Read is used). wireguard-go enables the header exactly when it batches.
 func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	fd, ok := dev.(interface{ File() *os.File })
 	if !ok || dev.BatchSize() <= 1 {
