@@ -34,10 +34,10 @@ const outQueueLen = 1024
 // wireguard-go; writes always go through wireguard-go's Write (GRO on
 // write).
 //
-// Inbound (device → stack) runs on one goroutine that reads packets and
-// passes them through gVisor's GRO, flushed whenever the device has
-// nothing more to read (or once per vector on the wireguard-go path), so
-// the stack sees few large segments. Outbound (stack → device)
+// Inbound (device → stack) runs on one goroutine that reads packets: on
+// the raw path each goes to the stack as read (TCP super-packets whole);
+// on the wireguard-go path vectors of split segments go through gVisor's
+// GRO, flushed once per vector, so the stack sees few large segments. Outbound (stack → device)
 // has no goroutine of its own: the stack goroutine that sends a packet
 // writes it, together with whatever other goroutines queued meanwhile, in
 // one vector, which lets wireguard-go coalesce consecutive segments of a
@@ -371,21 +371,13 @@ func (e *linkEndpoint) deliver(b []byte) {
 	pkt.DecRef()
 }
 
-// groFlushEvery bounds how many packets the raw inbound loop holds in GRO
-// while the device keeps having more: coalescing, but not unbounded delay.
-const groFlushEvery = 64
-
 // rawInboundLoop is inboundLoop on the raw path: one packet per read,
-// GRO flushed when the device runs dry or after groFlushEvery packets.
+// delivered at once. GRO is skipped: the kernel already hands over TCP
+// super-packets whole, so it would merge nothing, and holding a packet
+// until the device runs dry costs a read syscall per packet.
 func (e *linkEndpoint) rawInboundLoop() {
-	held := 0
 	for {
-		pkt, _, err := e.raw.read(held == 0)
-		if err == errWouldBlock {
-			e.gro.Flush()
-			held = 0
-			continue
-		}
+		pkt, proto, err := e.raw.read()
 		if err != nil {
 			switch {
 			case err == errBadChecksum:
@@ -399,16 +391,10 @@ func (e *linkEndpoint) rawInboundLoop() {
 			e.log.Error().Err(err).Msg("tun read failed; stopping inbound path")
 			return
 		}
-		if e.dispatcher.Load() == nil {
-			pkt.DecRef()
-			continue
+		if d := (*liveDispatcher)(e).current(); d != nil {
+			d.DeliverNetworkPacket(proto, pkt)
 		}
-		e.gro.Enqueue(pkt)
 		pkt.DecRef()
-		if held++; held >= groFlushEvery {
-			e.gro.Flush()
-			held = 0
-		}
 	}
 }
 

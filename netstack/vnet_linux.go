@@ -84,7 +84,6 @@ type vnetIO struct {
 
 	// Syscall results, in fields so that the RawConn callbacks (made
 	// once) do not allocate a closure per packet.
-	rwait  bool
 	rn     int
 	rerrno syscall.Errno
 	readFn func(fd uintptr) bool
@@ -122,7 +121,7 @@ func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	v.readFn = func(fd uintptr) bool {
 		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
 		v.rn, v.rerrno = int(r), e
-		return !v.rwait || e != unix.EAGAIN
+		return e != unix.EAGAIN
 	}
 	return v, nil
 }
@@ -148,10 +147,7 @@ var errVnetBadPacket = errors.New("netstack: malformed TUN packet")
 // caller owns the reference) and its network protocol, or
 // errVnetBadPacket or errBadChecksum for a packet to drop, or the device's
 // error.
-//
-// With wait false, a device with nothing to read returns errWouldBlock
-// instead of waiting: the inbound loop flushes GRO before it sleeps.
-func (v *vnetIO) read(wait bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
+func (v *vnetIO) read() (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
 	if v.rview == nil {
 		v.rview = buffer.NewViewSize(buffer.MaxChunkSize)
 	}
@@ -161,14 +157,11 @@ func (v *vnetIO) read(wait bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumb
 	v.riov[0] = iovec(v.rhdr[:])
 	v.riov[1] = iovec(hdata)
 	v.riov[2] = iovec(data)
-	v.rwait = wait
 	err := v.rc.Read(v.readFn)
 	n, errno := v.rn, v.rerrno
 	clear(v.riov[1:]) // no pointers into packet memory kept
 	if err == nil && errno != 0 {
 		switch errno {
-		case unix.EAGAIN:
-			err = errWouldBlock
 		case unix.EBADFD:
 			err = os.ErrClosed
 		default:
@@ -231,9 +224,6 @@ func (v *vnetIO) read(wait bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumb
 	p.RXChecksumValidated = true
 	return p, proto, nil
 }
-
-// errWouldBlock is read's answer when it may not wait and nothing is there.
-var errWouldBlock = errors.New("netstack: TUN read would block")
 
 // errBadChecksum marks a read packet dropped for a bad checksum.
 var errBadChecksum = errors.New("netstack: bad checksum")

@@ -19,9 +19,8 @@ func newVnetIO(wgtun.Device) (*vnetIO, error) { return nil, nil }
 var (
 	errVnetBadPacket = errors.New("netstack: malformed TUN packet")
 	errBadChecksum   = errors.New("netstack: bad checksum")
-	errWouldBlock    = errors.New("netstack: TUN read would block")
 )
 
-func (*vnetIO) read(bool) (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
+func (*vnetIO) read() (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
 	return nil, 0, errors.New("netstack: no raw TUN path on this platform")
 }

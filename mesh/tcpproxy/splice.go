@@ -137,12 +137,6 @@ type socketSplicer interface {
 	SpliceTo(dst syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error)
 }
 
-// socketFiller is the other direction: a flow that reads a kernel socket
-// into its own send buffers.
-type socketFiller interface {
-	SpliceFrom(src syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error)
-}
-
 // plainUpstream is a cluster's upstream connection (cluster.UpstreamConn):
 // its plaintext socket (nil over TLS), and the cluster's byte counters for
 // bytes moved through that socket directly.
@@ -151,9 +145,9 @@ type plainUpstream interface {
 	Moved(received, sent int)
 }
 
-// kernelSocket is c's kernel TCP socket when bytes may bypass c's own Read
-// and Write, and what to call with the bytes moved through it (nil: none).
-func kernelSocket(c net.Conn, sent bool) (syscall.RawConn, func(int), bool) {
+// kernelSocket is c's kernel TCP socket when bytes may bypass c's own
+// Write, and what to call with the bytes sent through it (nil: none).
+func kernelSocket(c net.Conn) (syscall.RawConn, func(int), bool) {
 	var tc *net.TCPConn
 	var count func(int)
 	switch v := c.(type) {
@@ -161,11 +155,7 @@ func kernelSocket(c net.Conn, sent bool) (syscall.RawConn, func(int), bool) {
 		tc = v
 	case plainUpstream:
 		if tc = v.TCPConn(); tc != nil {
-			if sent {
-				count = func(n int) { v.Moved(0, n) }
-			} else {
-				count = func(n int) { v.Moved(n, 0) }
-			}
+			count = func(n int) { v.Moved(0, n) }
 		}
 	}
 	if tc == nil {
@@ -181,13 +171,8 @@ func kernelSocket(c net.Conn, sent bool) (syscall.RawConn, func(int), bool) {
 // pipe copies src to dst until EOF or an error.
 func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	if s, ok := src.(socketSplicer); ok {
-		if rc, count, ok := kernelSocket(dst, true); ok {
+		if rc, count, ok := kernelSocket(dst); ok {
 			return pipeSplice(dst, rc, activity, count, s.SpliceTo)
-		}
-	}
-	if f, ok := dst.(socketFiller); ok {
-		if rc, count, ok := kernelSocket(src, false); ok {
-			return pipeSplice(dst, rc, activity, count, f.SpliceFrom)
 		}
 	}
 	class := 0
@@ -237,8 +222,10 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	}
 }
 
-// pipeSplice is pipe for a netstack flow that moves the bytes to or from
-// the kernel socket rc itself (SpliceTo or SpliceFrom).
+// pipeSplice is pipe for a netstack flow that writes its bytes into the
+// kernel socket rc itself (SpliceTo). The other direction stays a copy:
+// reading the socket straight into the stack (SpliceFrom, tried) costs
+// three more syscalls per small message than it saves.
 func pipeSplice(dst net.Conn, rc syscall.RawConn, activity *atomic.Uint64, count func(int),
 	splice func(syscall.RawConn, func(int)) (int64, error, error)) direction {
 	var d direction
