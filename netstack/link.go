@@ -27,10 +27,17 @@ const outQueueLen = 1024
 
 // linkEndpoint bridges a wireguard-go tun.Device and a gVisor NIC.
 //
-// Inbound (device → stack) runs on one goroutine that reads vectors of up
-// to BatchSize packets (wireguard-go has already split the kernel's TSO
-// super-packets) and passes them through gVisor's GRO, flushed once per
-// vector, so the stack sees few large segments. Outbound (stack → device)
+// On a Linux TUN with a virtio-net header the device's descriptor is read
+// directly (vnetIO): packets land in the stack's own buffers, checksums
+// the kernel never computed are not computed here either, and TCP
+// super-packets reach the stack whole. Other devices are read through
+// wireguard-go; writes always go through wireguard-go's Write (GRO on
+// write).
+//
+// Inbound (device → stack) runs on one goroutine that reads packets: on
+// the raw path each goes to the stack as read (TCP super-packets whole);
+// on the wireguard-go path vectors of split segments go through gVisor's
+// GRO, flushed once per vector, so the stack sees few large segments. Outbound (stack → device)
 // has no goroutine of its own: the stack goroutine that sends a packet
 // writes it, together with whatever other goroutines queued meanwhile, in
 // one vector, which lets wireguard-go coalesce consecutive segments of a
@@ -38,6 +45,7 @@ const outQueueLen = 1024
 // packet's latency.
 type linkEndpoint struct {
 	dev   wgtun.Device
+	raw   *vnetIO // nil: reads through wireguard-go's Read
 	mtu   atomic.Uint32
 	batch int
 	log   zerolog.Logger
@@ -60,7 +68,7 @@ type linkEndpoint struct {
 	qcond   *sync.Cond // signalled when pending shrinks (backpressure)
 	pending []*stack.PacketBuffer
 	writer  sync.Mutex // held by the goroutine writing to the device
-	wbufs   [][]byte   // guarded by writer
+	wbufs   [][]byte   // guarded by writer; wireguard-go path, made on first use
 	wvec    [][]byte   // guarded by writer
 	wpkts   []*stack.PacketBuffer
 
@@ -76,19 +84,19 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	if batch < 1 {
 		batch = 1
 	}
+	raw, err := newVnetIO(dev)
+	if err != nil {
+		log.Warn().Err(err).Msg("tun: no direct descriptor reads; using wireguard-go's read")
+		raw = nil
+	}
 	e := &linkEndpoint{
 		dev:   dev,
+		raw:   raw,
 		batch: batch,
 		log:   log,
 		done:  make(chan struct{}),
 	}
 	e.qcond = sync.NewCond(&e.qmu)
-	e.wbufs = make([][]byte, batch)
-	for i := range e.wbufs {
-		// Virtual size batch×MTU; only written bytes are touched.
-		e.wbufs[i] = make([]byte, tunOffset+int(mtu))
-	}
-	e.wvec = make([][]byte, 0, batch)
 	e.wpkts = make([]*stack.PacketBuffer, 0, batch)
 	e.mtu.Store(mtu)
 	e.gro.Init(true)
@@ -271,6 +279,15 @@ func (e *linkEndpoint) writeBatch() bool {
 	if k == 0 {
 		return false
 	}
+	if e.wbufs == nil {
+		// Made on first use, so that an idle proxy holds no batch buffers.
+		mtu := int(e.mtu.Load())
+		e.wbufs = make([][]byte, e.batch)
+		for i := range e.wbufs {
+			e.wbufs[i] = make([]byte, tunOffset+mtu)
+		}
+		e.wvec = make([][]byte, 0, e.batch)
+	}
 	e.wvec = e.wvec[:0]
 	for i, pkt := range e.wpkts {
 		n := tunOffset + copyPacket(e.wbufs[i][tunOffset:], pkt)
@@ -288,6 +305,10 @@ func (e *linkEndpoint) writeBatch() bool {
 // inboundLoop reads packet vectors from the device and injects them into
 // the stack.
 func (e *linkEndpoint) inboundLoop() {
+	if e.raw != nil {
+		e.rawInboundLoop()
+		return
+	}
 	mtu := int(e.mtu.Load())
 	bufs := make([][]byte, e.batch)
 	sizes := make([]int, e.batch)
@@ -344,8 +365,37 @@ func (e *linkEndpoint) deliver(b []byte) {
 		Payload: buffer.MakeWithData(b),
 	})
 	pkt.NetworkProtocolNumber = proto
+	// Checked above: GRO and the stack need not check again.
+	pkt.RXChecksumValidated = true
 	e.gro.Enqueue(pkt)
 	pkt.DecRef()
+}
+
+// rawInboundLoop is inboundLoop on the raw path: one packet per read,
+// delivered at once. GRO is skipped: the kernel already hands over TCP
+// super-packets whole, so it would merge nothing, and holding a packet
+// until the device runs dry costs a read syscall per packet.
+func (e *linkEndpoint) rawInboundLoop() {
+	for {
+		pkt, proto, err := e.raw.read()
+		if err != nil {
+			switch {
+			case err == errBadChecksum:
+				e.badChecksum.Add(1)
+				continue
+			case err == errVnetBadPacket:
+				continue
+			case errors.Is(err, os.ErrClosed) || isClosed(e.done):
+				return
+			}
+			e.log.Error().Err(err).Msg("tun read failed; stopping inbound path")
+			return
+		}
+		if d := (*liveDispatcher)(e).current(); d != nil {
+			d.DeliverNetworkPacket(proto, pkt)
+		}
+		pkt.DecRef()
+	}
 }
 
 // copyPacket copies the packet's bytes (network header onwards) into dst

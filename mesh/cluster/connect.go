@@ -142,8 +142,20 @@ func (u *UpstreamConn) Cluster() *Cluster { return u.c }
 // TCPConn is the underlying socket of a plaintext TCP connection; nil for
 // a pipe host's Unix socket and for a TLS connection, whose bytes must not
 // bypass TLS (no splice, no peek at the socket). Bytes moved through it
-// directly are not counted.
+// directly are counted only when reported with Moved.
 func (u *UpstreamConn) TCPConn() *net.TCPConn { return u.tcp }
+
+// Moved adds bytes received from and sent to the upstream through TCPConn
+// directly (tcp_proxy's zero-copy paths) to the cluster's byte counters,
+// which Read and Write keep otherwise.
+func (u *UpstreamConn) Moved(received, sent int) {
+	if received > 0 {
+		u.c.stats.rxBytes.Add(uint64(received))
+	}
+	if sent > 0 {
+		u.c.stats.txBytes.Add(uint64(sent))
+	}
+}
 
 // TLS is the connection's TLS state as of its handshake, nil when it is
 // plaintext (raw_buffer).
