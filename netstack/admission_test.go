@@ -415,8 +415,12 @@ func TestCookieFlowEcho(t *testing.T) {
 			if <-dialFirst {
 				t.Error("a cookie flow was offered for dial-first")
 			}
-			if st := s.Stats(); st.TCPSynCookiesSent != 1 || st.TCPSynCookiesRecv != 1 {
-				t.Errorf("cookies sent %d, received %d; want 1 and 1", st.TCPSynCookiesSent, st.TCPSynCookiesRecv)
+			// gVisor counts every segment that reaches the cookie
+			// listener with a valid cookie: the handshake's ACK, and on a
+			// loaded machine the first data segment too when it arrives
+			// before the new connection is registered.
+			if st := s.Stats(); st.TCPSynCookiesSent != 1 || st.TCPSynCookiesRecv < 1 {
+				t.Errorf("cookies sent %d, received %d; want 1 and at least 1", st.TCPSynCookiesSent, st.TCPSynCookiesRecv)
 			}
 		})
 	}
