@@ -3,6 +3,7 @@ package netstack
 import (
 	"errors"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -83,11 +84,12 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 		done:  make(chan struct{}),
 	}
 	e.qcond = sync.NewCond(&e.qmu)
-	e.wbufs = make([][]byte, batch)
-	for i := range e.wbufs {
-		// Virtual size batch×MTU; only written bytes are touched.
-		e.wbufs[i] = make([]byte, tunOffset+int(mtu))
-	}
+	// Virtual size batch×MTU; only written bytes are touched. Off the Go
+	// heap (batchBufs): released when the endpoint is collected, since a
+	// writer may hold them until then.
+	var release func()
+	e.wbufs, release = batchBufs(batch, tunOffset+int(mtu))
+	runtime.AddCleanup(e, func(f func()) { f() }, release)
 	e.wvec = make([][]byte, 0, batch)
 	e.wpkts = make([]*stack.PacketBuffer, 0, batch)
 	e.mtu.Store(mtu)
@@ -289,13 +291,13 @@ func (e *linkEndpoint) writeBatch() bool {
 // the stack.
 func (e *linkEndpoint) inboundLoop() {
 	mtu := int(e.mtu.Load())
-	bufs := make([][]byte, e.batch)
+	// Virtual size batch×MTU, but only the bytes actually written are
+	// touched: small segments use a page each, big ones are few. Off the
+	// Go heap (batchBufs); deliver copies out of them, so they are free
+	// once the loop returns.
+	bufs, release := batchBufs(e.batch, tunOffset+mtu)
+	defer release()
 	sizes := make([]int, e.batch)
-	for i := range bufs {
-		// Virtual size batch×MTU, but only the bytes actually written are
-		// touched: small segments use a page each, big ones are few.
-		bufs[i] = make([]byte, tunOffset+mtu)
-	}
 	for {
 		n, err := e.dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
