@@ -221,9 +221,17 @@ func notify(c chan struct{}) {
 }
 
 // deadline is a resettable cancellation channel for one direction of a conn.
+//
+// One timer serves every deadline the conn is given, re-armed with Reset:
+// an HTTP/1.1 keep-alive connection sets and clears its idle deadline on
+// every request, and a new time.AfterFunc each time cost a timer and a
+// closure per request. A callback of an earlier arming may still run after
+// Stop or Reset (it was already waiting for mu); it closes nothing unless
+// the deadline armed now has passed, and re-arms for the rest otherwise.
 type deadline struct {
 	mu     sync.Mutex
-	timer  *time.Timer
+	timer  *time.Timer   // nil until the first deadline in the future
+	when   time.Time     // the armed deadline; zero when none is armed
 	cancel chan struct{} // closed when the deadline passes
 }
 
@@ -239,13 +247,13 @@ func (d *deadline) wait() <-chan struct{} {
 func (d *deadline) set(t time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.timer != nil && !d.timer.Stop() {
-		// The timer fired and closed cancel: start a fresh channel.
-		d.cancel = make(chan struct{})
+	d.when = time.Time{}
+	if d.timer != nil {
+		d.timer.Stop()
 	}
-	d.timer = nil
 	select {
 	case <-d.cancel:
+		// The last deadline passed: a fresh channel for the new one.
 		d.cancel = make(chan struct{})
 	default:
 	}
@@ -257,13 +265,36 @@ func (d *deadline) set(t time.Time) {
 		close(d.cancel)
 		return
 	}
-	cancel := d.cancel
-	d.timer = time.AfterFunc(dur, func() { close(cancel) })
+	d.when = t
+	if d.timer == nil {
+		d.timer = time.AfterFunc(dur, d.fire)
+	} else {
+		d.timer.Reset(dur)
+	}
+}
+
+// fire closes cancel once the armed deadline has passed.
+func (d *deadline) fire() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.when.IsZero() {
+		return // cleared or stopped since this callback was due
+	}
+	if dur := time.Until(d.when); dur > 0 {
+		// A callback of an earlier, sooner deadline: the armed one
+		// is still ahead (Reset already set the timer for it; arming
+		// again only covers a clock that moved).
+		d.timer.Reset(dur)
+		return
+	}
+	d.when = time.Time{}
+	close(d.cancel)
 }
 
 func (d *deadline) stop() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.when = time.Time{}
 	if d.timer != nil {
 		d.timer.Stop()
 	}

@@ -3,6 +3,7 @@ package netstack
 import (
 	"errors"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -280,12 +281,13 @@ func (e *linkEndpoint) writeBatch() bool {
 		return false
 	}
 	if e.wbufs == nil {
-		// Made on first use, so that an idle proxy holds no batch buffers.
-		mtu := int(e.mtu.Load())
-		e.wbufs = make([][]byte, e.batch)
-		for i := range e.wbufs {
-			e.wbufs[i] = make([]byte, tunOffset+mtu)
-		}
+		// Made on first use, so that an idle proxy holds no batch buffers,
+		// and off the Go heap (batchBufs): on the heap their virtual size
+		// counts as live and raises the collector's target. Released when
+		// the endpoint is collected, since a writer may hold them until then.
+		var release func()
+		e.wbufs, release = batchBufs(e.batch, tunOffset+int(e.mtu.Load()))
+		runtime.AddCleanup(e, func(f func()) { f() }, release)
 		e.wvec = make([][]byte, 0, e.batch)
 	}
 	e.wvec = e.wvec[:0]
@@ -310,13 +312,13 @@ func (e *linkEndpoint) inboundLoop() {
 		return
 	}
 	mtu := int(e.mtu.Load())
-	bufs := make([][]byte, e.batch)
+	// Virtual size batch×MTU, but only the bytes actually written are
+	// touched: small segments use a page each, big ones are few. Off the
+	// Go heap (batchBufs); deliver copies out of them, so they are free
+	// once the loop returns.
+	bufs, release := batchBufs(e.batch, tunOffset+mtu)
+	defer release()
 	sizes := make([]int, e.batch)
-	for i := range bufs {
-		// Virtual size batch×MTU, but only the bytes actually written are
-		// touched: small segments use a page each, big ones are few.
-		bufs[i] = make([]byte, tunOffset+mtu)
-	}
 	for {
 		n, err := e.dev.Read(bufs, sizes, tunOffset)
 		if err != nil {

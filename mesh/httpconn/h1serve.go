@@ -416,7 +416,6 @@ func statusLine(code int) string {
 // serveRequest runs the handler for req and finishes its response; false
 // when the connection is not to serve another request.
 func (hc *h1conn) serveRequest(req *http.Request) bool {
-	req = req.WithContext(hc.ctx)
 	req.RemoteAddr = hc.remote
 	w := &hc.w
 	w.reset(hc, req)
@@ -496,7 +495,7 @@ func (hc *h1conn) run(w *h1Writer, r *http.Request) (panicked bool) {
 			}
 		}
 	}()
-	hc.h.ServeHTTP(w, r)
+	hc.h.serveStream(hc.ctx, w, r)
 	return false
 }
 

@@ -376,6 +376,15 @@ func (h *connHandler) streamEnded(reset bool, lifetime time.Duration) {
 }
 
 func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.serveStream(r.Context(), w, r)
+}
+
+// serveStream serves request r, whose context is ctx. The context comes
+// beside the request rather than in it: the HTTP/1.x loop (h1serve.go)
+// reads requests with http.ReadRequest, and r.WithContext would copy each
+// one (a Request is about 250 bytes) only to carry the connection's
+// context.
+func (h *connHandler) serveStream(ctx context.Context, w http.ResponseWriter, r *http.Request) {
 	cfg := h.cfg
 	st := cfg.stats
 	if h.counted.CompareAndSwap(false, true) {
@@ -395,7 +404,7 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.DownstreamRqActive.Add(1)
 
 	s := streamPool.Get().(*stream)
-	s.init(h, w, r)
+	s.init(h, ctx, w, r)
 	defer func() {
 		st.DownstreamRqActive.Add(-1)
 		if h.srv != nil {
@@ -411,7 +420,7 @@ func (h *connHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // reset it (or the connection went), or when the proxy itself reset it
 // for a timeout, which Envoy does not count as a premature reset.
 func (s *stream) clientReset() bool {
-	if s.r.Context().Err() == nil {
+	if s.rctx.Err() == nil {
 		return false
 	}
 	c := context.Cause(s.ctx)

@@ -19,6 +19,7 @@ type stream struct {
 	cfg  *Config
 	w    http.ResponseWriter
 	r    *http.Request
+	rctx context.Context // r's context, passed beside it (see serveStream)
 	e    Entry
 	body *countingBody
 
@@ -41,12 +42,12 @@ type stream struct {
 
 // init readies a pooled stream for request r: the access log entry is
 // started here so that its duration covers the whole exchange.
-func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
+func (s *stream) init(h *connHandler, ctx context.Context, w http.ResponseWriter, r *http.Request) {
 	keep := s.streamReuse
 	if keep.idle == nil {
 		keep.idle = new(idleWatch)
 	}
-	*s = stream{h: h, cfg: h.cfg, w: w, r: r, streamReuse: keep}
+	*s = stream{h: h, cfg: h.cfg, w: w, r: r, rctx: ctx, streamReuse: keep}
 	s.e = Entry{
 		Start:           time.Now(),
 		Method:          r.Method,
@@ -55,7 +56,7 @@ func (s *stream) init(h *connHandler, w http.ResponseWriter, r *http.Request) {
 		DownstreamPeer:  h.info.Peer,
 		DownstreamLocal: h.info.Local,
 	}
-	if info := ConnInfoFrom(r.Context()); info != nil && info.TLSPeer != nil && len(info.TLSPeer.URISANs) > 0 {
+	if info := ConnInfoFrom(ctx); info != nil && info.TLSPeer != nil && len(info.TLSPeer.URISANs) > 0 {
 		s.e.DownstreamPeerURISAN = info.TLSPeer.URISANs[0]
 	}
 	s.target = r.RequestURI
@@ -109,7 +110,7 @@ func (s *stream) serve() {
 	s.e.UserAgent = r.UserAgent()
 
 	// Timers: stream_idle_timeout and request_timeout cancel the stream.
-	s.ctx, s.cancel = context.WithCancelCause(r.Context())
+	s.ctx, s.cancel = context.WithCancelCause(s.rctx)
 	s.idle.reset(s.cancel)
 	if d := cfg.streamIdleTimeout; d > 0 {
 		s.idle.arm(d)

@@ -25,7 +25,7 @@ func TestStreamReleaseResets(t *testing.T) {
 		s := new(stream)
 		r := httptest.NewRequest("POST", "/secret?q=1", strings.NewReader("body"))
 		h := &connHandler{cfg: &Config{stats: new(Stats)}}
-		s.init(h, httptest.NewRecorder(), r)
+		s.init(h, r.Context(), httptest.NewRecorder(), r)
 		s.ctx, s.cancel = context.WithCancelCause(context.Background())
 		s.idle.reset(s.cancel)
 		s.idle.arm(time.Hour)
