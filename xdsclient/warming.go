@@ -28,6 +28,12 @@ func (s *session) handle(r *response) {
 	ln := s.laneOf(k)
 	h := held{kind: k, nonce: r.nonce, version: r.version}
 	decoded, err := decode(r)
+	// The raw resources (each an Any holding a copy of its wire bytes: ~10
+	// MB for 10,000 listeners) are not needed once decoded: dropping them
+	// here lets the collector take them while the update is applied,
+	// instead of keeping them beside the build through Apply.
+	clear(r.resources)
+	r.resources = nil
 	if err != nil {
 		s.reject([]held{h}, err)
 		if k == kindCluster {
