@@ -95,10 +95,18 @@ func (r *recorder) next(static *Dump, res *xdsclient.Resources, drain time.Durat
 // state (the same message, or an equal one re-sent by a state-of-the-world
 // server) keeps its version and time. The previous state is the last
 // dump's sorted records, searched by name: no map beside them (one per
-// type was ~6 MB at 10,000 services).
+// type was ~6 MB at 10,000 services). When every message of the type is
+// the one recorded last time (the xDS client keeps an unchanged resource's
+// pointer), the last records are the answer as they are: the listener
+// update of a 10,000-service push re-recorded 10,000 clusters and 10,000
+// assignments, sorting them again, for nothing.
 func track[M proto.Message](r *recorder, cur map[string][]Record, typ string, in map[string]M, version string, now time.Time) []Record {
-	out := make([]Record, 0, len(in))
 	old := r.prev[typ]
+	if sameRecords(old, in) {
+		cur[typ] = old
+		return old
+	}
+	out := make([]Record, 0, len(in))
 	for name, msg := range in {
 		rec, ok := findRecord(old, name)
 		if !ok || (rec.Msg != proto.Message(msg) && !proto.Equal(rec.Msg, msg)) {
@@ -110,6 +118,21 @@ func track[M proto.Message](r *recorder, cur map[string][]Record, typ string, in
 	sortRecords(out)
 	cur[typ] = out
 	return out
+}
+
+// sameRecords reports whether in holds exactly the messages recorded in
+// old, by name and pointer.
+func sameRecords[M proto.Message](old []Record, in map[string]M) bool {
+	if len(old) != len(in) {
+		return false
+	}
+	for _, rec := range old {
+		msg, ok := in[rec.Name]
+		if !ok || proto.Message(msg) != rec.Msg {
+			return false
+		}
+	}
+	return true
 }
 
 // findRecord finds name in rs, sorted by name.

@@ -59,3 +59,40 @@ func TestRecorderVersions(t *testing.T) {
 		t.Errorf("after the drain time: %d draining, want the 3 just removed", len(d3.DrainingListeners))
 	}
 }
+
+// A kind whose messages are all the ones recorded last time keeps the last
+// records as they are (no new slice), and one message replaced by another
+// pointer in a map of the same size is recorded again.
+func TestRecorderKeepsUnchangedRecords(t *testing.T) {
+	var r recorder
+	t1, t2, t3 := time.Unix(100, 0), time.Unix(200, 0), time.Unix(300, 0)
+	a, b := &listenerv3.Listener{Name: "a"}, &listenerv3.Listener{Name: "b"}
+	res := func(v string, ls ...*listenerv3.Listener) *xdsclient.Resources {
+		m := map[string]*listenerv3.Listener{}
+		for _, x := range ls {
+			m[x.GetName()] = x
+		}
+		return &xdsclient.Resources{Listeners: m, Versions: map[string]string{xdsclient.ListenerType: v}}
+	}
+	d1 := r.next(nil, res("1", a, b), time.Minute, t1)
+	// A new map holding the same messages, as a state-of-the-world server's
+	// re-sent response gives.
+	d2 := r.next(nil, res("2", a, b), time.Minute, t2)
+	if len(d2.Listeners) != 2 || &d2.Listeners[0] != &d1.Listeners[0] {
+		t.Fatalf("unchanged listeners: records copied (%d), want the last dump's slice", len(d2.Listeners))
+	}
+	b2 := &listenerv3.Listener{Name: "b", StatPrefix: "changed"}
+	d3 := r.next(nil, res("3", a, b2), time.Minute, t3)
+	if &d3.Listeners[0] == &d2.Listeners[0] {
+		t.Fatal("a changed listener: the last records reused")
+	}
+	if got := d3.Listeners[1]; got.Name != "b" || got.Msg != b2 || got.Version != "3" || !got.LastUpdated.Equal(t3) {
+		t.Errorf("changed b: %q %v version %q at %v, want the new message, version 3 at %v", got.Name, got.Msg, got.Version, got.LastUpdated, t3)
+	}
+	if got := d3.Listeners[0]; got.Version != "1" || !got.LastUpdated.Equal(t1) {
+		t.Errorf("unchanged a: version %q at %v, want 1 at %v", got.Version, got.LastUpdated, t1)
+	}
+	if len(d3.DrainingListeners) != 1 || d3.DrainingListeners[0].Name != "b" {
+		t.Errorf("draining %v, want the old b", d3.DrainingListeners)
+	}
+}

@@ -352,7 +352,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		Clusters:      make(map[string]*cluster.Cluster, len(clusters)),
 		clusterProtos: make(map[string]*clusterv3.Cluster, len(clusters)),
 		byName:        make(map[string]*Listener, len(listeners)),
-		byAddr:        make(map[netip.AddrPort]*Listener),
+		byAddr:        make(map[netip.AddrPort]*Listener, len(listeners)),
 		wildcard4:     make(map[uint16]*Listener),
 		wildcard6:     make(map[uint16]*Listener),
 		udpByAddr:     make(map[netip.AddrPort]*Listener),
@@ -364,7 +364,7 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		routeProtos:   opts.Routes,
 		claProtos:     opts.Endpoints,
 		endpoints:     make(map[string]*cluster.Staged),
-		tcpStats:      make(map[string]*tcpproxy.Stats),
+		tcpStats:      make(map[string]*tcpproxy.Stats, len(listeners)),
 		rbacStats:     make(map[string]*rbac.Stats),
 		rbacShadow:    make(map[string]*rbac.ShadowStats),
 		httpStats:     make(map[string]*httpconn.Stats),
@@ -373,6 +373,12 @@ func Build(version string, listeners []*listenerv3.Listener, clusters []*cluster
 		store:         opts.Stats,
 		Dump:          opts.Dump,
 		secrets:       opts.Secrets,
+		// A cluster counts into one stats block, a listener into its own
+		// and usually one of its chain's: made at that size, the list
+		// is not regrown (and copied) ~15 times on a 10,000-service
+		// build. The maps above are sized likewise where the number of
+		// entries follows from the input.
+		scopes: make([]stats.Key, 0, len(clusters)+2*len(listeners)),
 	}
 	if s.secrets == nil {
 		s.secrets = secrets.NewStore()

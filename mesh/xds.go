@@ -131,13 +131,12 @@ func (a *XDSApplier) sweep(snap *Snapshot, now time.Time) {
 	}
 	clear(a.draining[len(kept):])
 	a.draining = kept
-	used := make(map[stats.Key]struct{}, len(snap.Scopes()))
-	for _, s := range append([]drainingSnapshot{{snap: snap}}, a.draining...) {
-		for _, k := range s.snap.Scopes() {
-			used[k] = struct{}{}
-		}
+	used := make([][]stats.Key, 0, 1+len(a.draining))
+	used = append(used, snap.Scopes())
+	for _, d := range a.draining {
+		used = append(used, d.snap.Scopes())
 	}
-	snap.store.Retain(func(k stats.Key) bool { _, ok := used[k]; return ok })
+	snap.store.RetainUsed(used...)
 }
 
 // Adopt carries over what old recorded of the resources in force (their

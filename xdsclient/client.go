@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -264,6 +266,7 @@ func (c *Client) runStream(ctx context.Context) (established bool, up time.Durat
 		grpc.WithContextDialer(dialer(c.cfg.Control, c.cfg.Keepalive)),
 		// istiod's responses can exceed gRPC's 4 MiB default; Envoy sets no limit.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
+		experimental.WithBufferPool(recvPool{}),
 	)...)
 	if err != nil {
 		return false, 0, err
@@ -337,4 +340,29 @@ func dial(ctx context.Context, addr string, control func(network, address string
 		d.KeepAlive = -1
 	}
 	return d.DialContext(ctx, network, addr)
+}
+
+// recvPool is gRPC's default buffer pool for buffers up to pooledMax, and
+// plain allocation for larger ones: a whole large response is read into one
+// buffer (10 MB for 10,000 listeners), which the default pool would keep
+// for reuse past the next collection, as live memory that raises the
+// heap's goal while the response's update is built. Responses that large
+// come a few times per push; the buffer is garbage once decoded.
+type recvPool struct{}
+
+const pooledMax = 1 << 20
+
+func (recvPool) Get(n int) *[]byte {
+	if n > pooledMax {
+		b := make([]byte, n)
+		return &b
+	}
+	return mem.DefaultBufferPool().Get(n)
+}
+
+func (recvPool) Put(b *[]byte) {
+	if cap(*b) > pooledMax {
+		return
+	}
+	mem.DefaultBufferPool().Put(b)
 }

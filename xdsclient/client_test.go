@@ -383,3 +383,25 @@ func TestBusyAroundLargeResponses(t *testing.T) {
 		}
 	})
 }
+
+// The receive pool hands out buffers of the length asked for, and a large
+// one (a whole big response) is never kept for reuse; small ones go to
+// gRPC's pool.
+func TestRecvPoolDropsLargeBuffers(t *testing.T) {
+	var p recvPool
+	small := p.Get(100)
+	if len(*small) != 100 {
+		t.Fatalf("small buffer: len %d, want 100", len(*small))
+	}
+	p.Put(small)
+	big := p.Get(pooledMax + 1)
+	if len(*big) != pooledMax+1 {
+		t.Fatalf("large buffer: len %d, want %d", len(*big), pooledMax+1)
+	}
+	first := &(*big)[0]
+	p.Put(big)
+	again := p.Get(pooledMax + 1)
+	if &(*again)[0] == first {
+		t.Fatal("a large buffer was kept and handed out again")
+	}
+}

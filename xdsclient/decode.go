@@ -6,8 +6,10 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"unique"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -163,6 +165,9 @@ func decodeOne(k kind, raw rawResource) (e *entry, name string, err error) {
 			return nil, name, err
 		}
 	}
+	if info.intern != nil {
+		info.intern(msg)
+	}
 	e = &entry{msg: msg, version: raw.version}
 	if info.refs != nil {
 		if e.refs, err = info.refs(msg); err != nil {
@@ -229,4 +234,60 @@ func listenerRefs(m proto.Message) ([]string, error) {
 	}
 	slices.Sort(names)
 	return slices.Compact(names), nil
+}
+
+// intern returns the canonical copy of s: a string repeated in thousands
+// of resources (a filter's name and type URL in every listener, the pod
+// address in the assignment of every port and subset of a service) is then
+// held once instead of once per resource, for as long as any holds it.
+func intern(s string) string {
+	if s == "" {
+		return s
+	}
+	return unique.Make(s).Value()
+}
+
+// internListener interns the filter names and type URLs of a decoded
+// listener: the same few in every listener of a push.
+func internListener(m proto.Message) {
+	l := m.(*listenerv3.Listener)
+	for _, lf := range l.GetListenerFilters() {
+		lf.Name = intern(lf.Name)
+		if tc := lf.GetTypedConfig(); tc != nil {
+			tc.TypeUrl = intern(tc.TypeUrl)
+		}
+	}
+	chain := func(fc *listenerv3.FilterChain) {
+		for _, f := range fc.GetFilters() {
+			f.Name = intern(f.Name)
+			if tc := f.GetTypedConfig(); tc != nil {
+				tc.TypeUrl = intern(tc.TypeUrl)
+			}
+		}
+		if ts := fc.GetTransportSocket(); ts != nil {
+			ts.Name = intern(ts.Name)
+			if tc := ts.GetTypedConfig(); tc != nil {
+				tc.TypeUrl = intern(tc.TypeUrl)
+			}
+		}
+	}
+	for _, fc := range l.GetFilterChains() {
+		chain(fc)
+	}
+	if fc := l.GetDefaultFilterChain(); fc != nil {
+		chain(fc)
+	}
+}
+
+// internAssignment interns the endpoint addresses of a decoded assignment:
+// a pod's address is in the assignment of every port and subset of its
+// service.
+func internAssignment(m proto.Message) {
+	for _, lle := range m.(*endpointv3.ClusterLoadAssignment).GetEndpoints() {
+		for _, lbe := range lle.GetLbEndpoints() {
+			if sa := lbe.GetEndpoint().GetAddress().GetSocketAddress(); sa != nil {
+				sa.Address = intern(sa.Address)
+			}
+		}
+	}
 }

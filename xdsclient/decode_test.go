@@ -7,8 +7,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
@@ -159,5 +161,47 @@ func TestDecodeLargeResponseInParallel(t *testing.T) {
 	bad[7] = raws[7]
 	if _, err := decode(&response{kind: kindCluster, resources: bad}); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("cluster resources[%d]: decoding", n-10)) {
 		t.Fatalf("err = %v, want resources[%d] named", err, n-10)
+	}
+}
+
+// Decoded listeners share one copy of their filters' names and type URLs,
+// and decoded assignments one copy of an endpoint address they repeat; the
+// messages stay equal to what was sent.
+func TestDecodeInternsRepeatedStrings(t *testing.T) {
+	var raws []rawResource
+	var sent []proto.Message
+	for i := range 2 {
+		l := xdstest.TCPListener(t, fmt.Sprintf("l%d", i), "0.0.0.0", uint32(8000+i), "c", true)
+		sent = append(sent, l)
+		raws = append(raws, rawResource{any: xdstest.MustAny(t, l)})
+	}
+	out, err := decode(&response{kind: kindListener, resources: raws})
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(a, b string) bool { return a == b && unsafe.StringData(a) == unsafe.StringData(b) }
+	f0 := out[0].entry.msg.(*listenerv3.Listener).GetFilterChains()[0].GetFilters()[0]
+	f1 := out[1].entry.msg.(*listenerv3.Listener).GetFilterChains()[0].GetFilters()[0]
+	if !same(f0.GetName(), f1.GetName()) || !same(f0.GetTypedConfig().GetTypeUrl(), f1.GetTypedConfig().GetTypeUrl()) {
+		t.Errorf("filter name %q and type URL %q are held twice", f0.GetName(), f0.GetTypedConfig().GetTypeUrl())
+	}
+	for i, d := range out {
+		if !proto.Equal(d.entry.msg, sent[i]) {
+			t.Errorf("listener %d changed by decoding", i)
+		}
+	}
+
+	raws = nil
+	for _, name := range []string{"a", "b"} {
+		raws = append(raws, rawResource{any: xdstest.MustAny(t, xdstest.AssignmentOf(name, xdstest.EndpointsAt(netip.MustParseAddrPort("10.1.2.3:80"))...))})
+	}
+	if out, err = decode(&response{kind: kindEndpoint, resources: raws}); err != nil {
+		t.Fatal(err)
+	}
+	addr := func(i int) string {
+		return out[i].entry.msg.(*endpointv3.ClusterLoadAssignment).GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress()
+	}
+	if !same(addr(0), addr(1)) || addr(0) != "10.1.2.3" {
+		t.Errorf("endpoint address %q held twice", addr(0))
 	}
 }

@@ -104,6 +104,9 @@ type kindInfo struct {
 	refs func(proto.Message) ([]string, error)
 	// empty builds the resource Envoy uses when a dependent resource is missing.
 	empty func(name string) proto.Message
+	// intern, if set, replaces the strings of a decoded resource that
+	// repeat across resources by their canonical copies (decode.go).
+	intern func(proto.Message)
 }
 
 var kinds = [numKinds]kindInfo{
@@ -122,13 +125,15 @@ var kinds = [numKinds]kindInfo{
 		empty: func(name string) proto.Message {
 			return &endpointv3.ClusterLoadAssignment{ClusterName: name}
 		},
+		intern: internAssignment,
 	},
 	kindListener: {
-		url:  ListenerType,
-		noun: "listener",
-		new:  func() proto.Message { return new(listenerv3.Listener) },
-		name: func(m proto.Message) string { return m.(*listenerv3.Listener).GetName() },
-		refs: listenerRefs,
+		url:    ListenerType,
+		noun:   "listener",
+		new:    func() proto.Message { return new(listenerv3.Listener) },
+		name:   func(m proto.Message) string { return m.(*listenerv3.Listener).GetName() },
+		refs:   listenerRefs,
+		intern: internListener,
 	},
 	kindRoute: {
 		url:  RouteType,

@@ -28,6 +28,12 @@ func (s *session) handle(r *response) {
 	ln := s.laneOf(k)
 	h := held{kind: k, nonce: r.nonce, version: r.version}
 	decoded, err := decode(r)
+	// The raw resources (each an Any holding a copy of its wire bytes: ~10
+	// MB for 10,000 listeners) are not needed once decoded: dropping them
+	// here lets the collector take them while the update is applied,
+	// instead of keeping them beside the build through Apply.
+	clear(r.resources)
+	r.resources = nil
 	if err != nil {
 		s.reject([]held{h}, err)
 		if k == kindCluster {
@@ -107,9 +113,11 @@ func synthesized(k kind, name string) *entry {
 
 // wanted returns the dependent names a lane needs: those referenced by the primary
 // resources the server sent and by the accepted ones (still in use while an update
-// warms).
+// warms). The map is made at the size it will most likely have (a cluster
+// names one assignment; a listener usually at most one route configuration):
+// grown from empty to 10,000 names it left ~2 MB of garbage per big push.
 func (s *session) wanted(ln *lane) map[string]bool {
-	want := map[string]bool{}
+	want := make(map[string]bool, max(len(s.recv[ln.primary]), len(s.c.current().entries[ln.primary])))
 	for _, es := range []entries{s.recv[ln.primary], s.c.current().entries[ln.primary]} {
 		for _, e := range es {
 			for _, r := range e.refs {

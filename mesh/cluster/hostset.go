@@ -159,8 +159,30 @@ func (c *Cluster) buildLocalityPicker(hosts []*Host, metas []*hostMeta) *picker 
 }
 
 // dedupe drops repeated addresses (the first entry wins): a host is
-// identified by its address.
+// identified by its address. specs is returned as it is, not copied, when
+// nothing repeats (specs are never written once made), and a short list is
+// checked pairwise rather than through a map: a 10,000-service push parsed
+// and prepared 20,000 three-endpoint lists, and their maps and copies were
+// ~8 MB of garbage on the way to the ACK.
 func dedupe(specs []hostSpec) []hostSpec {
+	if len(specs) <= dedupeScan {
+		for i := 1; i < len(specs); i++ {
+			for j := range i {
+				if specs[i].key() == specs[j].key() {
+					return dedupeMap(specs)
+				}
+			}
+		}
+		return specs
+	}
+	return dedupeMap(specs)
+}
+
+// dedupeScan is the longest list dedupe checks pairwise (at most 120
+// comparisons of two small keys).
+const dedupeScan = 16
+
+func dedupeMap(specs []hostSpec) []hostSpec {
 	seen := make(map[hostKey]struct{}, len(specs))
 	out := specs[:0:0]
 	for _, s := range specs {
@@ -169,6 +191,9 @@ func dedupe(specs []hostSpec) []hostSpec {
 		}
 		seen[s.key()] = struct{}{}
 		out = append(out, s)
+	}
+	if len(out) == len(specs) {
+		return specs
 	}
 	return out
 }
