@@ -69,10 +69,14 @@ func TestSpliceToSocket(t *testing.T) {
 		name  string
 		mtu   int
 		write int
+		size  int
 	}{
-		{"mtu1500", 1500, 256 << 10},
-		{"mtu65000", 65000, 256 << 10},
-		{"smallWrites", 65000, 100},
+		{"mtu1500", 1500, 256 << 10, 6 << 20},
+		{"mtu65000", 65000, 256 << 10, 6 << 20},
+		// 5,243 writes of 100 bytes: many small segments in a row, few
+		// enough for a loaded machine under -race (6 MiB of them took
+		// over 20 s there).
+		{"smallWrites", 65000, 100, 512 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -83,7 +87,7 @@ func TestSpliceToSocket(t *testing.T) {
 			h := &spliceHandler{dst: ln.Addr().String(), done: make(chan spliceResult, 1)}
 			tnet := newPeerMTU(t, h, tc.mtu)
 
-			payload := make([]byte, 6<<20)
+			payload := make([]byte, tc.size)
 			rand.Read(payload)
 			got := make(chan []byte, 1)
 			go func() {

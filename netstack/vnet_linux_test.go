@@ -7,57 +7,18 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"testing"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/netnstest"
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
 // inNetns moves the test goroutine (locked to its thread) into a fresh
-// network namespace until the test ends. Needs root and /dev/net/tun: a
-// failure under CI=true, a skip elsewhere.
-func inNetns(t *testing.T) {
-	t.Helper()
-	reason := ""
-	if os.Geteuid() != 0 {
-		reason = "needs root (network namespace, TUN)"
-	} else if _, err := os.Stat("/dev/net/tun"); err != nil {
-		reason = fmt.Sprintf("no TUN support: %v", err)
-	}
-	if reason != "" {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(reason)
-		}
-		t.Skip(reason)
-	}
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("current netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		t.Fatalf("new netns: %v", err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		if err := netns.Set(orig); err != nil {
-			t.Errorf("back to the original netns: %v (thread left locked)", err)
-			orig.Close()
-			return
-		}
-		orig.Close()
-		runtime.UnlockOSThread()
-	})
-}
+// network namespace until the test ends (netnstest.Enter).
+func inNetns(t *testing.T) { netnstest.Enter(t) }
 
 // TestRawTUNPath runs the stack on a real TUN with the virtio-net header
 // and checks the raw descriptor reads are the ones in use, then echoes

@@ -7,14 +7,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/netnstest"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
@@ -22,24 +21,8 @@ import (
 )
 
 // requireRoot stops a test that needs namespaces and /dev/net/tun where
-// they are not available: a failure under CI=true (CI must not go green by
-// skipping), a skip elsewhere.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	reason := ""
-	if os.Geteuid() != 0 {
-		reason = "needs root (network namespaces, TUN)"
-	} else if _, err := os.Stat("/dev/net/tun"); err != nil {
-		reason = fmt.Sprintf("no TUN support: %v", err)
-	}
-	if reason == "" {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal(reason)
-	}
-	t.Skip(reason)
-}
+// they are not available (netnstest.Require).
+func requireRoot(t *testing.T) { netnstest.Require(t) }
 
 // newNetns locks the test goroutine to its thread and moves the thread into
 // a fresh network namespace until the test ends. Everything the test does
@@ -48,31 +31,7 @@ func requireRoot(t *testing.T) {
 // cleanup; if it cannot, it stays locked and dies with the goroutine.
 func newNetns(t *testing.T) {
 	t.Helper()
-	requireRoot(t)
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("current netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		t.Fatalf("new netns: %v", err)
-	}
-	// Cleanups run on the test goroutine, after the test's own (LIFO), so
-	// devices are closed before the thread leaves the namespace.
-	t.Cleanup(func() {
-		ns.Close()
-		if err := netns.Set(orig); err != nil {
-			t.Errorf("back to the original netns: %v (thread left locked)", err)
-			orig.Close()
-			return
-		}
-		orig.Close()
-		runtime.UnlockOSThread()
-	})
+	netnstest.Enter(t)
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		t.Fatal(err)
