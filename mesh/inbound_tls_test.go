@@ -39,6 +39,8 @@ import (
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/secrets"
 	"github.com/meshtun/meshtun/netstack"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // istioFixtures is real istiod output for one sidecar, PERMISSIVE mTLS
@@ -752,26 +754,12 @@ func TestInboundOpenSSLClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	entries := make(chan accesslog.Entry, 8)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				fid := netstack.FlowID{Src: netip.MustParseAddrPort(c.RemoteAddr().String()), Dst: app.addr}
-				e := accesslog.Entry{Transport: "tcp", Direction: "inbound", Start: time.Now()}
-				serveFlow(in.snap, in.l, &accepted{conn: c, fid: fid}, &e, in.d)
-				entries <- e
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	xdstest.ServeConns(t, ln, func(c net.Conn) {
+		fid := netstack.FlowID{Src: netip.MustParseAddrPort(c.RemoteAddr().String()), Dst: app.addr}
+		e := accesslog.Entry{Transport: "tcp", Direction: "inbound", Start: time.Now()}
+		serveFlow(in.snap, in.l, &accepted{conn: c, fid: fid}, &e, in.d)
+		entries <- e
+	})
 
 	for _, tc := range []struct {
 		name   string

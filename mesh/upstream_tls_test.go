@@ -55,33 +55,18 @@ func startMTLSServer(t *testing.T, ca *testpki.CA, id string) *mtlsServer {
 		t.Fatal(err)
 	}
 	s.addr = ln.Addr().(*net.TCPAddr).AddrPort()
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				tc := c.(*tls.Conn)
-				if tc.Handshake() != nil {
-					return
-				}
-				if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 && len(pc[0].URIs) > 0 {
-					s.mu.Lock()
-					s.clients = append(s.clients, pc[0].URIs[0].String())
-					s.mu.Unlock()
-				}
-				io.Copy(c, c)
-			}()
+	xdstest.ServeConns(t, ln, func(c net.Conn) {
+		tc := c.(*tls.Conn)
+		if tc.Handshake() != nil {
+			return
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+		if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 && len(pc[0].URIs) > 0 {
+			s.mu.Lock()
+			s.clients = append(s.clients, pc[0].URIs[0].String())
+			s.mu.Unlock()
+		}
+		io.Copy(c, c)
+	})
 	return s
 }
 

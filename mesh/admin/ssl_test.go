@@ -28,15 +28,7 @@ func TestClusterSSLStats(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	xdstest.ServeConns(t, ln, func(net.Conn) {}) // hangs up at once
 	const name = "outbound|80||httpbin.default.svc.cluster.local"
 	tlsCluster := xdstest.Cluster(name, xdstest.WithEndpoints(xdstest.Endpoint{Addr: ln.Addr().(*net.TCPAddr).AddrPort(), SocketMatch: xdstest.IstioTLS}),
 		xdstest.WithSocketMatches(xdstest.IstioSocketMatches(testpki.UpstreamSocket("sni", "spiffe://cluster.local/ns/default/sa/httpbin"))...))

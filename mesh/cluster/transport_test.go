@@ -305,33 +305,18 @@ func startTLSServer(t *testing.T, ca *testpki.CA, id string, next []string) *tls
 		t.Fatal(err)
 	}
 	s.addr = ln.Addr().(*net.TCPAddr).AddrPort()
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				b, err := io.ReadAll(c)
-				s.mu.Lock()
-				s.got = append(s.got, b)
-				s.errs = append(s.errs, err)
-				s.mu.Unlock()
-				if err == nil {
-					c.Write([]byte("pong"))
-				}
-				s.done <- struct{}{}
-			}()
+	xdstest.ServeConns(t, ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		s.mu.Lock()
+		s.got = append(s.got, b)
+		s.errs = append(s.errs, err)
+		s.mu.Unlock()
+		if err == nil {
+			c.Write([]byte("pong"))
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
+		s.done <- struct{}{}
+	})
 	return s
 }
 

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestDialAtFileLimit: with the process at its open-file limit, a dial
@@ -29,15 +31,7 @@ func TestDialAtFileLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	xdstest.ServeConns(t, ln, func(net.Conn) {}) // hangs up at once
 	dst := ln.Addr().(*net.TCPAddr).AddrPort()
 	var old syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
