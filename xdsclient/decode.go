@@ -89,9 +89,10 @@ type decoded struct {
 // LargeResponse or more and GOMAXPROCS allows.
 func decodeAll(k kind, raws []rawResource, out []decoded) {
 	run := func(lo, hi int) {
+		sh := newSharer(hi - lo)
 		for i := lo; i < hi; i++ {
 			d := &out[i]
-			d.e, d.name, d.err = decodeOne(k, raws[i])
+			d.e, d.name, d.err = decodeOne(k, raws[i], sh)
 		}
 	}
 	workers := min(runtime.GOMAXPROCS(0), len(raws)/(LargeResponse/2))
@@ -118,8 +119,10 @@ type namedEntry struct {
 
 // decodeOne decodes one resource; name is the best name known for error messages.
 // A named resource without a body is a TTL heartbeat (Envoy keeps the resource as it
-// is): decodeOne returns a nil entry for it.
-func decodeOne(k kind, raw rawResource) (e *entry, name string, err error) {
+// is): decodeOne returns a nil entry for it. sh, if not nil, gives the
+// resource's sub-messages equal to ones of resources decoded before with it
+// their copy (see sharer).
+func decodeOne(k kind, raw rawResource, sh *sharer) (e *entry, name string, err error) {
 	info := &kinds[k]
 	name = raw.name
 	a := raw.any
@@ -165,7 +168,10 @@ func decodeOne(k kind, raw rawResource) (e *entry, name string, err error) {
 			return nil, name, err
 		}
 	}
-	if info.intern != nil {
+	switch {
+	case info.share != nil && sh != nil:
+		info.share(sh, msg, a.GetValue())
+	case info.intern != nil:
 		info.intern(msg)
 	}
 	e = &entry{msg: msg, version: raw.version}

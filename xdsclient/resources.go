@@ -107,15 +107,21 @@ type kindInfo struct {
 	// intern, if set, replaces the strings of a decoded resource that
 	// repeat across resources by their canonical copies (decode.go).
 	intern func(proto.Message)
+	// share, if set, replaces the sub-messages of a decoded resource that
+	// equal ones of the resources decoded before it by their first copy
+	// (share.go).
+	// share replaces intern when the resource's encoding is at hand.
+	share func(s *sharer, m proto.Message, wire []byte)
 }
 
 var kinds = [numKinds]kindInfo{
 	kindCluster: {
-		url:  ClusterType,
-		noun: "cluster",
-		new:  func() proto.Message { return new(clusterv3.Cluster) },
-		name: func(m proto.Message) string { return m.(*clusterv3.Cluster).GetName() },
-		refs: clusterRefs,
+		url:   ClusterType,
+		noun:  "cluster",
+		new:   func() proto.Message { return new(clusterv3.Cluster) },
+		name:  func(m proto.Message) string { return m.(*clusterv3.Cluster).GetName() },
+		refs:  clusterRefs,
+		share: shareCluster,
 	},
 	kindEndpoint: {
 		url:  EndpointType,
@@ -126,6 +132,7 @@ var kinds = [numKinds]kindInfo{
 			return &endpointv3.ClusterLoadAssignment{ClusterName: name}
 		},
 		intern: internAssignment,
+		share:  shareAssignment,
 	},
 	kindListener: {
 		url:    ListenerType,
@@ -134,6 +141,7 @@ var kinds = [numKinds]kindInfo{
 		name:   func(m proto.Message) string { return m.(*listenerv3.Listener).GetName() },
 		refs:   listenerRefs,
 		intern: internListener,
+		share:  shareListener,
 	},
 	kindRoute: {
 		url:  RouteType,

@@ -74,7 +74,7 @@ func (s *session) handleSecrets(r *response) {
 	var errs ResourceErrors
 	var secs []*tlsv3.Secret
 	for i, raw := range r.resources {
-		e, name, err := decodeOne(kindSecret, raw)
+		e, name, err := decodeOne(kindSecret, raw, nil)
 		switch {
 		case err != nil && name == "":
 			errs = append(errs, ResourceError{TypeURL: SecretType, Name: "resources[" + strconv.Itoa(i) + "]", Err: err})
