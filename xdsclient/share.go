@@ -84,13 +84,23 @@ func nextField(b []byte) (num protowire.Number, v []byte, bytes bool, n int) {
 	return num, nil, false, n + m
 }
 
+// action is what fields does with a field.
+type action uint8
+
+const (
+	skip    action = iota
+	share          // share the field's value
+	descend        // hand the value to miss without sharing it whole
+)
+
 // fields shares the message fields of m (decoded from wire) that want
-// accepts: each element of a repeated one, a singular one set by exactly
-// one occurrence on the wire (several are merged into a value no single
-// occurrence encodes). miss, if not nil, is called with each value that
-// was not a repeat (it is now the first of its bytes), with its bytes.
-// Map fields are left as they are.
-func (s *sharer) fields(parent byte, m protoreflect.Message, wire []byte, want func(protoreflect.FieldDescriptor) bool, miss func(fd protoreflect.FieldDescriptor, v protoreflect.Message, wire []byte)) {
+// marks share: each element of a repeated one, a singular one set by
+// exactly one occurrence on the wire (several are merged into a value no
+// single occurrence encodes). miss, if not nil, is called with each value
+// that was not a repeat (it is now the first of its bytes) and each value
+// of a field marked descend, with its bytes. Map fields are left as they
+// are.
+func (s *sharer) fields(parent byte, m protoreflect.Message, wire []byte, want func(protoreflect.FieldDescriptor) action, miss func(fd protoreflect.FieldDescriptor, v protoreflect.Message, wire []byte)) {
 	// The occurrences and the index of the next element of each field
 	// (on the stack: miss may share a child message with fields).
 	var count, index [maxSharedField]uint32
@@ -112,7 +122,11 @@ func (s *sharer) fields(parent byte, m protoreflect.Message, wire []byte, want f
 			continue
 		}
 		fd := fds.ByNumber(num)
-		if fd == nil || fd.Message() == nil || fd.IsMap() || !want(fd) {
+		if fd == nil || fd.Message() == nil || fd.IsMap() {
+			continue
+		}
+		act := want(fd)
+		if act == skip {
 			continue
 		}
 		var cur protoreflect.Message
@@ -131,6 +145,12 @@ func (s *sharer) fields(parent byte, m protoreflect.Message, wire []byte, want f
 			}
 			cur = m.Get(fd).Message()
 		}
+		if act == descend {
+			if miss != nil {
+				miss(fd, cur, v)
+			}
+			continue
+		}
 		c, repeat := s.one(parent, num, v, cur)
 		switch {
 		case !repeat:
@@ -145,35 +165,48 @@ func (s *sharer) fields(parent byte, m protoreflect.Message, wire []byte, want f
 	}
 }
 
-// notIn accepts the fields not named in names.
-func notIn(names ...protoreflect.Name) func(protoreflect.FieldDescriptor) bool {
-	return func(fd protoreflect.FieldDescriptor) bool {
+// notIn shares the fields not named in names.
+func notIn(names ...protoreflect.Name) func(protoreflect.FieldDescriptor) action {
+	return func(fd protoreflect.FieldDescriptor) action {
 		for _, n := range names {
 			if fd.Name() == n {
-				return false
+				return skip
 			}
 		}
-		return true
+		return share
 	}
 }
 
-// named accepts the fields named in names.
-func named(names ...protoreflect.Name) func(protoreflect.FieldDescriptor) bool {
-	return func(fd protoreflect.FieldDescriptor) bool {
+// named shares the fields named in names.
+func named(names ...protoreflect.Name) func(protoreflect.FieldDescriptor) action {
+	return func(fd protoreflect.FieldDescriptor) action {
 		for _, n := range names {
 			if fd.Name() == n {
-				return true
+				return share
 			}
 		}
-		return false
+		return skip
 	}
+}
+
+// listenerShared shares a listener's listener filters and descends into
+// its chains: a chain is nearly always a listener's own (none of the 16
+// chains of istiod's listeners for a sidecar repeats), while its filters
+// repeat (33 filters, 14 different).
+func listenerShared(fd protoreflect.FieldDescriptor) action {
+	switch fd.Name() {
+	case "listener_filters":
+		return share
+	case "filter_chains", "default_filter_chain":
+		return descend
+	}
+	return skip
 }
 
 var (
 	clusterShared    = notIn("metadata", "load_assignment")
 	endpointsField   = named("endpoints")
 	lbEndpointsField = named("lb_endpoints")
-	listenerShared   = named("listener_filters", "filter_chains", "default_filter_chain")
 	chainShared      = named("filters", "transport_socket")
 )
 
@@ -199,9 +232,9 @@ func shareAssignment(s *sharer, m proto.Message, wire []byte) {
 	})
 }
 
-// shareListener shares a listener's listener filters and chains whole,
-// else the network filters and transport socket of each chain (istiod
-// repeats its telemetry filters and mTLS contexts in every listener).
+// shareListener shares a listener's listener filters, and the network
+// filters and transport socket of each of its chains (istiod repeats its
+// telemetry filters and mTLS contexts in every listener).
 // Its strings are interned first, as without a sharer.
 func shareListener(s *sharer, m proto.Message, wire []byte) {
 	internListener(m)
