@@ -226,7 +226,6 @@ func (e *linkEndpoint) Close() {
 // When the list is full, producers wait (backpressure, not drops).
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
-	handshake := false
 	e.qmu.Lock()
 	for _, pkt := range pkts.AsSlice() {
 		for len(e.pending) >= outQueueLen && !isClosed(e.done) {
@@ -241,16 +240,9 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 		}
 		pkt.IncRef()
 		e.pending = append(e.pending, pkt)
-		handshake = handshake || synAckPacket(pkt)
 		n++
 	}
 	e.qmu.Unlock()
-	if handshake {
-		// A SYN-ACK is sent with its endpoint's lock held (synack.go):
-		// written on another goroutine, once this one lets go.
-		go e.flush()
-		return n, nil
-	}
 	e.flush()
 	return n, nil
 }

@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
@@ -20,6 +21,31 @@ import (
 // 10 ms. That was the connect row's tail and most of its gVisor CPU.
 // Handing the SYN-ACK's write to a goroutine of its own lets the sender
 // release the lock first; it costs a goroutine start per connection.
+
+// synAckLink is the link endpoint the NIC writes through: a batch that
+// holds a SYN-ACK is written by a goroutine of its own (with references
+// of its own on the packets, which the caller may release on return);
+// anything else is written by the caller, as linkEndpoint does.
+type synAckLink struct{ *linkEndpoint }
+
+// WritePackets implements stack.LinkEndpoint.
+func (l synAckLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	for _, pkt := range pkts.AsSlice() {
+		if !synAckPacket(pkt) {
+			continue
+		}
+		var own stack.PacketBufferList
+		for _, p := range pkts.AsSlice() {
+			own.PushBack(p.IncRef())
+		}
+		go func() {
+			l.linkEndpoint.WritePackets(own)
+			own.DecRef()
+		}()
+		return own.Len(), nil
+	}
+	return l.linkEndpoint.WritePackets(pkts)
+}
 
 // synAckPacket reports whether pkt is a TCP SYN-ACK.
 func synAckPacket(pkt *stack.PacketBuffer) bool {
