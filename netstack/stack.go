@@ -182,7 +182,7 @@ func New(dev wgtun.Device, h Handler, cfg Config, log zerolog.Logger) (*Stack, e
 	// The NIC starts disabled: a packet already queued in the TUN (a SYN
 	// sent while a restarted proxy was down) must meet promiscuous mode,
 	// spoofing and the routes, not a half-configured NIC that drops it.
-	if err := s.ipstack.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun", Disabled: true}); err != nil {
+	if err := s.ipstack.CreateNICWithOptions(nicID, synAckLink{s.link}, stack.NICOptions{Name: "tun", Disabled: true}); err != nil {
 		s.ipstack.Destroy()
 		return nil, fmt.Errorf("netstack: create NIC: %s", err)
 	}

@@ -62,11 +62,30 @@ func (d *Dialer) Control(network, address string, c syscall.RawConn) error {
 	return nil
 }
 
+// controlTCP is Control for an upstream TCP socket, which also gets the
+// port options of tuneTCP (ports_linux.go); controlTCPBound for one bound
+// to a source address.
+func (d *Dialer) controlTCP(network, address string, c syscall.RawConn) error {
+	return d.controlPorts(network, address, c, false)
+}
+
+func (d *Dialer) controlTCPBound(network, address string, c syscall.RawConn) error {
+	return d.controlPorts(network, address, c, true)
+}
+
+func (d *Dialer) controlPorts(network, address string, c syscall.RawConn, bound bool) error {
+	if err := d.Control(network, address, c); err != nil {
+		return err
+	}
+	return c.Control(func(fd uintptr) { tuneTCP(int(fd), bound) })
+}
+
 // DialTCP connects to dst, optionally from the source address src (Envoy's
 // upstream_bind_config; the zero value lets the kernel choose).
 func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort, src netip.Addr) (*net.TCPConn, error) {
-	nd := net.Dialer{Timeout: d.ConnectTimeout, Control: d.Control, KeepAlive: -1}
+	nd := net.Dialer{Timeout: d.ConnectTimeout, Control: d.controlTCP, KeepAlive: -1}
 	if src.IsValid() {
+		nd.Control = d.controlTCPBound
 		nd.LocalAddr = &net.TCPAddr{IP: src.AsSlice(), Zone: src.Zone()}
 	}
 	c, err := nd.DialContext(ctx, "tcp", dst.String())
