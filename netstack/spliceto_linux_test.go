@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -13,7 +14,11 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/vishvananda/netlink"
+	wgtun "golang.zx2c4.com/wireguard/tun"
 	wgnetstack "golang.zx2c4.com/wireguard/tun/netstack"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
 // spliceHandler accepts every flow and splices it into a kernel TCP
@@ -27,6 +32,9 @@ type spliceResult struct {
 	n              int64
 	srcErr, dstErr error
 	calls          int
+	// memDrops is the flow's segments gVisor dropped because its receive
+	// memory was full (tcp.Stats.ReceiveErrors.SegmentQueueDropped).
+	memDrops uint64
 }
 
 func (h *spliceHandler) HandleTCP(r *TCPRequest) {
@@ -50,7 +58,9 @@ func (h *spliceHandler) HandleTCP(r *TCPRequest) {
 		return
 	}
 	var res spliceResult
-	res.n, res.srcErr, res.dstErr = c.(*endpointConn).SpliceTo(rc, func(int) { res.calls++ })
+	ec := c.(*endpointConn)
+	res.n, res.srcErr, res.dstErr = ec.SpliceTo(rc, func(int) { res.calls++ })
+	res.memDrops = ec.ep.Stats().(*tcp.Stats).ReceiveErrors.SegmentQueueDropped.Value()
 	if res.srcErr == nil && res.dstErr == nil {
 		up.(*net.TCPConn).CloseWrite()
 	}
@@ -63,27 +73,34 @@ func (h *spliceHandler) HandleUDP(f *UDPFlow) { f.Close() }
 // (the socket fills, so Read is stopped and resumed, and partly written
 // segments are staged) and checks every byte arrives in order, for
 // MSS-sized segments (staged) and 64 KiB ones (written directly), in
-// large and in small writes.
+// large and in small writes, and that the stack dropped no segment for
+// want of receive memory.
 func TestSpliceToSocket(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
-		mtu   int
-		write int
-		size  int
+		name     string
+		mtu      int
+		write    int
+		size     int
+		upRcvBuf int // the upstream reader's SO_RCVBUF; 0: the kernel's
 	}{
-		{"mtu1500", 1500, 256 << 10, 6 << 20},
-		{"mtu65000", 65000, 256 << 10, 6 << 20},
-		// 5,243 writes of 100 bytes: many small segments in a row, few
-		// enough for a loaded machine under -race (6 MiB of them took
-		// over 20 s there).
-		{"smallWrites", 65000, 100, 512 << 10},
+		{"mtu1500", 1500, 256 << 10, 6 << 20, 0},
+		{"mtu65000", 65000, 256 << 10, 6 << 20, 0},
+		// Many 100-byte segments in a row, as many as the flow's
+		// receive memory holds: gVisor charges each queued segment its
+		// bookkeeping (SegOverheadSize, ~640 bytes) besides its bytes,
+		// while the window it advertises assumes a segment costs at
+		// most twice its payload, so a peer filling that window with
+		// 100-byte segments outruns the memory and the stack drops
+		// segments inside its own window (tiny-segment flows,
+		// TestSpliceToKernelPeerTinySegments). Past that bound the
+		// outcome is the peer's loss recovery, not SpliceTo's: this
+		// case's gVisor peer retransmits ~2 segments per 200 ms, and
+		// 512 KiB here hung in half the runs. A small upstream receive
+		// buffer still makes the socket fill.
+		{"smallWrites", 65000, 100, tinySegmentBudget(1<<20, 100), 8 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
+			ln := listenRcvBuf(t, tc.upRcvBuf)
 			h := &spliceHandler{dst: ln.Addr().String(), done: make(chan spliceResult, 1)}
 			tnet := newPeerMTU(t, h, tc.mtu)
 
@@ -142,12 +159,47 @@ func TestSpliceToSocket(t *testing.T) {
 			if res.calls == 0 {
 				t.Error("onData never called")
 			}
+			if res.memDrops != 0 {
+				t.Errorf("the stack dropped %d segments for want of receive memory", res.memDrops)
+			}
 			b := <-got
 			if sha256.Sum256(b) != sha256.Sum256(payload) {
 				t.Fatalf("received %d bytes, not the %d sent", len(b), len(payload))
 			}
 		})
 	}
+}
+
+// tinySegmentBudget is the most bytes a flow with receive buffer rcvBuf
+// can have queued in segments of seg bytes without gVisor dropping one:
+// each is charged SegOverheadSize (segment and packet bookkeeping plus the
+// largest IPv4 header), its TCP header (at most 60 bytes) and its payload.
+// A tenth is left for duplicates the peer may retransmit.
+func tinySegmentBudget(rcvBuf, seg int) int {
+	per := tcp.SegOverheadSize + header.TCPHeaderMaximumSize + seg
+	return rcvBuf / per * seg * 9 / 10
+}
+
+// listenRcvBuf listens on loopback; a rcvBuf above zero is given to the
+// accepted sockets (set on the listener, so their window scale fits it).
+func listenRcvBuf(t *testing.T, rcvBuf int) net.Listener {
+	t.Helper()
+	lc := net.ListenConfig{}
+	if rcvBuf > 0 {
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvBuf)
+			})
+			return errors.Join(err, serr)
+		}
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
 }
 
 // TestSpliceToSocketReset: a socket whose peer resets it ends SpliceTo
@@ -214,4 +266,116 @@ func newPeerMTU(t *testing.T, h Handler, mtu int) *wgnetstack.Net {
 		dev.Close()
 	})
 	return tnet
+}
+
+// TestSpliceToKernelPeerTinySegments is TestSpliceToSocket's smallWrites
+// with the kernel as the peer, as for an app in the pod: a TCP_NODELAY
+// socket writes 1 MiB in paced 100-byte writes through a real TUN, so most
+// leave as 100-byte segments, while the upstream reader first stalls and
+// then reads slowly. Far more tiny segments queue than the flow's receive
+// memory holds, and gVisor drops some inside its own window (see
+// tinySegmentBudget); the kernel's SACK recovery must still deliver every
+// byte once the upstream drains, where the gVisor peer of smallWrites
+// recovered so slowly that the flow hung.
+func TestSpliceToKernelPeerTinySegments(t *testing.T) {
+	// The upstream listener lives in the test's own namespace: the
+	// handler dials it from goroutines that are not in the new one.
+	ln := listenRcvBuf(t, 8<<10)
+	inNetns(t)
+	dev, err := wgtun.CreateTUN("mtsplice0", 1500)
+	if err != nil {
+		t.Fatalf("create TUN: %v", err)
+	}
+	go func() {
+		for range dev.Events() {
+		}
+	}()
+	link, err := netlink.LinkByName("mtsplice0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := netlink.ParseAddr("10.99.2.1/24")
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		t.Fatal(err)
+	}
+	h := &spliceHandler{dst: ln.Addr().String(), done: make(chan spliceResult, 1)}
+	s, err := New(dev, h, Config{}, zerolog.Nop())
+	if err != nil {
+		dev.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		s.Close()
+		dev.Close()
+	})
+
+	payload := make([]byte, 1<<20)
+	rand.Read(payload)
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		// Stalled long enough for the flow's receive memory to fill.
+		time.Sleep(500 * time.Millisecond)
+		var b []byte
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := c.Read(buf)
+			b = append(b, buf[:n]...)
+			if err != nil {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		got <- b
+	}()
+
+	c, err := net.DialTimeout("tcp", "10.99.2.2:8080", 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial through the TUN: %v", err)
+	}
+	defer c.Close()
+	werr := make(chan error, 1)
+	go func() {
+		c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+		for off := 0; off < len(payload); off += 100 {
+			if _, err := c.Write(payload[off:min(off+100, len(payload))]); err != nil {
+				werr <- fmt.Errorf("write at %d: %w", off, err)
+				return
+			}
+			// Paced: each write leaves as a segment of its own
+			// instead of joining the previous one in the kernel.
+			time.Sleep(20 * time.Microsecond)
+		}
+		werr <- c.(*net.TCPConn).CloseWrite()
+	}()
+
+	var res spliceResult
+	select {
+	case res = <-h.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("SpliceTo did not return")
+	}
+	if err := <-werr; err != nil {
+		t.Fatal(err)
+	}
+	if res.srcErr != nil || res.dstErr != nil {
+		t.Fatalf("SpliceTo: flow error %v, socket error %v", res.srcErr, res.dstErr)
+	}
+	if res.n != int64(len(payload)) {
+		t.Errorf("SpliceTo moved %d bytes, want %d", res.n, len(payload))
+	}
+	b := <-got
+	if sha256.Sum256(b) != sha256.Sum256(payload) {
+		t.Fatalf("received %d bytes, not the %d sent", len(b), len(payload))
+	}
+	t.Logf("segments dropped for receive memory: %d", res.memDrops)
 }
