@@ -415,7 +415,7 @@ func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Respo
 	a.h.BeginRequest()
 	a.sent = time.Now()
 	if f.h1 != nil {
-		resp, err := f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		resp, err := f.h1.roundTrip(a.ctx, out, a.h, s.h1s)
 		if err == nil {
 			// The connection the head came on: the body's, or an
 			// upgrade's tunnel (whose body is the connection itself).
