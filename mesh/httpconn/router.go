@@ -74,7 +74,7 @@ type attempt struct {
 	n      int
 	h      *cluster.Host
 	hc     *hostConns
-	relRq  func()          // gives back the max_requests slot
+	cl     *cluster.Cluster // holds a max_requests slot of cl until end
 	ctx    context.Context // the per-try timeout's, else the route's
 	cancel context.CancelFunc
 	sent   time.Time
@@ -311,15 +311,14 @@ func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
 		return false
 	}
 	s.e.UpstreamHost = h.Address()
-	relRq, ok := f.cl.TryAcquireRequest()
-	if !ok {
+	if !f.cl.AcquireRequest() {
 		s.overflow()
 		return false
 	}
 	if f.vh.attemptReq {
 		f.hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(n)}
 	}
-	a.n, a.h, a.relRq, a.ctx = n, h, relRq, f.gctx
+	a.n, a.h, a.cl, a.ctx = n, h, f.cl, f.gctx
 	if p := f.policy; p != nil && p.perTry > 0 {
 		if f.deadline != 0 && f.deadline-nanotime() < int64(p.perTry) {
 			// The route timeout comes first: as WithTimeout does under
@@ -340,7 +339,10 @@ func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
 func (a *attempt) end(o cluster.RequestOutcome) {
 	a.hc.active.Add(-1)
 	a.h.EndRequest(o)
-	a.relRq()
+	if a.cl != nil {
+		a.cl.ReleaseRequest()
+		a.cl = nil
+	}
 	if a.cancel != nil {
 		a.cancel()
 	}
