@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"slices"
 	"strings"
 
@@ -167,12 +168,13 @@ func (b *clBody) Read(p []byte) (int, error) {
 	}
 	m, err := b.br.Read(p)
 	b.n -= int64(m)
-	if err == io.EOF {
-		if b.n > 0 {
-			err = io.ErrUnexpectedEOF
-		} else {
-			err = nil
-		}
+	switch {
+	case err == io.EOF && b.n > 0:
+		err = io.ErrUnexpectedEOF
+	case err == nil && b.n == 0:
+		// The EOF comes with the last bytes, as net/http's body gives
+		// it: the upstream connection goes back to its pool at once.
+		err = io.EOF
 	}
 	return m, err
 }
@@ -321,3 +323,173 @@ func parseDigits(v string) int64 {
 	}
 	return n
 }
+
+// fastRequest parses the downstream request head waiting whole in br,
+// within limit bytes, when it is the common kind: a method net/http
+// knows, an origin-form target whose path needs no unescaping, HTTP/1.1
+// or 1.0, fields net/http would accept unchanged, no body or one of a
+// single Content-Length. The request is what http.ReadRequest would
+// return for the same bytes; nil leaves br untouched for it (and for
+// its errors, which name what is wrong).
+func fastRequest(br *bufio.Reader, limit int) *http.Request {
+	buf, _ := br.Peek(br.Buffered())
+	end := bytes.Index(buf, crlfcrlf)
+	if end < 0 || end+4 > limit {
+		return nil
+	}
+	lineEnd := bytes.Index(buf[:end+2], crlf)
+	sp1 := bytes.IndexByte(buf[:lineEnd], ' ')
+	if sp1 <= 0 {
+		return nil
+	}
+	method := knownMethod(buf[:sp1])
+	if method == "" {
+		return nil // CONNECT, PRI, extension methods: net/http's
+	}
+	sp2 := sp1 + 1 + bytes.IndexByte(buf[sp1+1:lineEnd], ' ')
+	if sp2 <= sp1+1 || buf[sp1+1] != '/' {
+		return nil // no target, or not origin-form
+	}
+	var major, minor int
+	switch string(buf[sp2+1 : lineEnd]) {
+	case "HTTP/1.1":
+		major, minor = 1, 1
+	case "HTTP/1.0":
+		major, minor = 1, 0
+	default:
+		return nil
+	}
+	target := buf[sp1+1 : sp2]
+	pathEnd := bytes.IndexByte(target, '?')
+	if pathEnd < 0 {
+		pathEnd = len(target)
+	} else if pathEnd == len(target)-1 || ctlByte(string(target[pathEnd+1:])) {
+		return nil // ForceQuery, or what net/url refuses
+	}
+	for _, c := range target[:pathEnd] {
+		if !plainPathByte[c] {
+			return nil // unescaping, RawPath: net/url's
+		}
+	}
+	lines := 0
+	if lineEnd < end {
+		lines = bytes.Count(buf[lineEnd+2:end+2], crlf)
+	}
+	head := string(buf[:end])
+	h := make(http.Header, lines)
+	vals := make([]string, lines)
+	var cl int64 = -1
+	for i, rest := 0, head[min(lineEnd+2, end):]; rest != ""; i++ {
+		line := rest
+		if j := strings.Index(rest, "\r\n"); j >= 0 {
+			line, rest = rest[:j], rest[j+2:]
+		} else {
+			rest = ""
+		}
+		colon := strings.IndexByte(line, ':')
+		if colon <= 0 {
+			return nil
+		}
+		name, v := line[:colon], textproto.TrimString(line[colon+1:])
+		if !httpguts.ValidHeaderFieldName(name) || !fieldValueOK(v) {
+			return nil
+		}
+		key := textproto.CanonicalMIMEHeaderKey(name)
+		switch key {
+		case "Transfer-Encoding", "Trailer", "Pragma":
+			return nil
+		case "Host":
+			if _, dup := h[key]; dup {
+				return nil // net/http's "too many Host headers"
+			}
+		case "Content-Length":
+			if cl >= 0 {
+				return nil
+			}
+			if cl = parseDigits(v); cl < 0 {
+				return nil
+			}
+		}
+		vals[i] = v
+		if prev, dup := h[key]; dup {
+			h[key] = append(prev, v)
+		} else {
+			h[key] = vals[i : i+1 : i+1]
+		}
+	}
+	uri := head[sp1+1 : sp2]
+	u := &url.URL{Path: uri[:pathEnd]}
+	if pathEnd < len(uri) {
+		u.RawQuery = uri[pathEnd+1:]
+	}
+	conn := h["Connection"]
+	closing := httpguts.HeaderValuesContainsToken(conn, "close")
+	if minor == 0 {
+		closing = closing || !httpguts.HeaderValuesContainsToken(conn, "keep-alive")
+	}
+	proto := "HTTP/1.1"
+	if minor == 0 {
+		proto = "HTTP/1.0"
+	}
+	req := &http.Request{
+		Method:     method,
+		URL:        u,
+		Proto:      proto,
+		ProtoMajor: major,
+		ProtoMinor: minor,
+		Header:     h,
+		Close:      closing,
+		RequestURI: uri,
+		Body:       http.NoBody,
+	}
+	if vs := h["Host"]; len(vs) > 0 {
+		req.Host = vs[0]
+	}
+	br.Discard(end + 4)
+	if cl > 0 {
+		req.ContentLength = cl
+		req.Body = &clBody{br: br, n: cl}
+	}
+	return req
+}
+
+// knownMethod is b as one of net/http's method constants (no string
+// made), or "".
+func knownMethod(b []byte) string {
+	switch string(b) {
+	case "GET":
+		return http.MethodGet
+	case "HEAD":
+		return http.MethodHead
+	case "POST":
+		return http.MethodPost
+	case "PUT":
+		return http.MethodPut
+	case "DELETE":
+		return http.MethodDelete
+	case "OPTIONS":
+		return http.MethodOptions
+	case "PATCH":
+		return http.MethodPatch
+	}
+	return ""
+}
+
+// plainPathByte: bytes a path may hold for net/url to take it as its
+// Path unchanged (nothing to unescape, no RawPath): unreserved
+// characters and the sub-delimiters it leaves unescaped in a path.
+var plainPathByte = func() (t [256]bool) {
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+	}
+	for c := 'A'; c <= 'Z'; c++ {
+		t[c] = true
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for _, c := range "-_.~$&+,/:;=@" {
+		t[c] = true
+	}
+	return t
+}()

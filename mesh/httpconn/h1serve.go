@@ -181,12 +181,19 @@ func (hc *h1conn) loop() (hijacked bool) {
 		if !hc.waitRequest(first) {
 			return false
 		}
-		hc.cr.remain, hc.cr.hitLimit, hc.cr.flush = headLimit, false, true
-		req, err := http.ReadRequest(hc.br)
-		hc.cr.remain, hc.cr.flush = math.MaxInt64, false
-		if err != nil {
-			hc.badRequest(err)
-			return false
+		// A head waiting whole in the buffer, of the usual kind, is
+		// parsed without net/http's allocations (h1fast.go); anything
+		// else, and every error, is http.ReadRequest's.
+		req := fastRequest(hc.br, int(headLimit))
+		if req == nil {
+			hc.cr.remain, hc.cr.hitLimit, hc.cr.flush = headLimit, false, true
+			var err error
+			req, err = http.ReadRequest(hc.br)
+			hc.cr.remain, hc.cr.flush = math.MaxInt64, false
+			if err != nil {
+				hc.badRequest(err)
+				return false
+			}
 		}
 		if d := cfg.headTimeout(); d > 0 || cfg.idleTimeout > 0 {
 			_ = hc.conn.SetReadDeadline(time.Time{})
