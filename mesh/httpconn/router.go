@@ -75,7 +75,7 @@ type attempt struct {
 	h      *cluster.Host
 	hc     *hostConns
 	cl     *cluster.Cluster // holds a max_requests slot of cl until end
-	ctx    context.Context // the per-try timeout's, else the route's
+	ctx    context.Context  // the per-try timeout's, else the route's
 	cancel context.CancelFunc
 	sent   time.Time
 }
