@@ -244,10 +244,11 @@ func fastResponse(br *bufio.Reader, req *http.Request, resp *http.Response, body
 		if colon <= 0 {
 			return false, false // obs-fold, a line without a name
 		}
-		name, v := line[:colon], textproto.TrimString(line[colon+1:])
+		name, v := line[:colon], line[colon+1:]
 		if !httpguts.ValidHeaderFieldName(name) || !fieldValueOK(v) {
 			return false, false
 		}
+		v = textproto.TrimString(v)
 		key := textproto.CanonicalMIMEHeaderKey(name)
 		switch key {
 		case "Transfer-Encoding", "Trailer", "Pragma":
@@ -298,8 +299,8 @@ func fastResponse(br *bufio.Reader, req *http.Request, resp *http.Response, body
 
 var crlf = []byte("\r\n")
 
-// fieldValueOK: v holds no byte net/http's MIME reader refuses in a
-// value (controls but HTAB).
+// fieldValueOK: the raw value v holds no byte net/http's MIME reader
+// refuses in a value (controls but HTAB; a bare CR or LF).
 func fieldValueOK(v string) bool {
 	for i := 0; i < len(v); i++ {
 		if b := v[i]; (b < ' ' && b != '\t') || b == 0x7f {
@@ -390,10 +391,11 @@ func fastRequest(br *bufio.Reader, limit int) *http.Request {
 		if colon <= 0 {
 			return nil
 		}
-		name, v := line[:colon], textproto.TrimString(line[colon+1:])
+		name, v := line[:colon], line[colon+1:]
 		if !httpguts.ValidHeaderFieldName(name) || !fieldValueOK(v) {
 			return nil
 		}
+		v = textproto.TrimString(v)
 		key := textproto.CanonicalMIMEHeaderKey(name)
 		switch key {
 		case "Transfer-Encoding", "Trailer", "Pragma":
@@ -444,6 +446,7 @@ func fastRequest(br *bufio.Reader, limit int) *http.Request {
 	}
 	if vs := h["Host"]; len(vs) > 0 {
 		req.Host = vs[0]
+		delete(h, "Host") // as http.ReadRequest does
 	}
 	br.Discard(end + 4)
 	if cl > 0 {
