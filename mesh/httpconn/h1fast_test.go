@@ -368,3 +368,33 @@ func TestWriteH1RequestMatchesWrite(t *testing.T) {
 		}
 	}
 }
+
+// TestPlainLength: the upstream's Content-Length field is passed on only
+// when it is the length in plain decimal.
+func TestPlainLength(t *testing.T) {
+	for _, tc := range []struct {
+		vs   []string
+		n    int64
+		want bool
+	}{
+		{[]string{"5"}, 5, true},
+		{[]string{"0"}, 0, true},
+		{[]string{"1234"}, 1234, true},
+		{[]string{"007"}, 7, false},
+		{[]string{"5"}, 6, false},
+		{[]string{"5", "5"}, 5, false},
+		{nil, 5, false},
+		{[]string{""}, 0, false},
+		{[]string{"+5"}, 5, false},
+	} {
+		if got := plainLength(tc.vs, tc.n); got != tc.want {
+			t.Errorf("plainLength(%q, %d) = %v, want %v", tc.vs, tc.n, got, tc.want)
+		}
+	}
+	if v := msValues(7); len(v) != 1 || v[0] != "7" || cap(v) != 1 {
+		t.Errorf("msValues(7) = %q (cap %d)", v, cap(v))
+	}
+	if v := msValues(1500); len(v) != 1 || v[0] != "1500" {
+		t.Errorf("msValues(1500) = %q", v)
+	}
+}
