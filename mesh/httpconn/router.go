@@ -230,7 +230,11 @@ func (s *stream) choosePolicy(f *forwarding) {
 		t = policy.perTry
 	}
 	if t > 0 && !s.cfg.filters.suppressEnvoy {
-		f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		if t == f.rt.timeout && f.rt.timeoutVals != nil {
+			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = f.rt.timeoutVals
+		} else {
+			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		}
 	}
 	if t > 0 && grpcTimed {
 		// The upstream learns the time it has, as Envoy rewrites it.
