@@ -420,7 +420,9 @@ func fastRequest(br *bufio.Reader, limit int) *http.Request {
 		}
 	}
 	uri := head[sp1+1 : sp2]
-	u := &url.URL{Path: uri[:pathEnd]}
+	box := new(requestBox) // the request and its URL in one allocation
+	u := &box.u
+	u.Path = uri[:pathEnd]
 	if pathEnd < len(uri) {
 		u.RawQuery = uri[pathEnd+1:]
 	}
@@ -433,7 +435,8 @@ func fastRequest(br *bufio.Reader, limit int) *http.Request {
 	if minor == 0 {
 		proto = "HTTP/1.0"
 	}
-	req := &http.Request{
+	req := &box.r
+	*req = http.Request{
 		Method:     method,
 		URL:        u,
 		Proto:      proto,
@@ -454,6 +457,11 @@ func fastRequest(br *bufio.Reader, limit int) *http.Request {
 		req.Body = &clBody{br: br, n: cl}
 	}
 	return req
+}
+
+type requestBox struct {
+	r http.Request
+	u url.URL
 }
 
 // knownMethod is b as one of net/http's method constants (no string
