@@ -22,6 +22,9 @@ import (
 // processors those hand-offs were the largest share of added tail latency.
 // Connections are kept per host address and reused (keep-alive); a
 // connection is returned to the pool when its response body reaches EOF.
+// A request without a body is written, and a response head of known
+// length that arrived whole is parsed, without net/http's Request.Write
+// and ReadResponse (h1fast.go), which remain for everything else.
 type h1Transport struct {
 	cp *clusterPool
 
