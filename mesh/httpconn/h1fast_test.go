@@ -9,6 +9,10 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
+	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // filled is a reader over raw with as much of it buffered as fits, as
@@ -396,5 +400,39 @@ func TestPlainLength(t *testing.T) {
 	}
 	if v := msValues(1500); len(v) != 1 || v[0] != "1500" {
 		t.Errorf("msValues(1500) = %q", v)
+	}
+}
+
+// TestSharedHeaderValuesStayIntact: values shared across requests stay
+// what they are. x-forwarded-proto's is appended to by a header op on
+// every request, and each request sees one appended value (the shared
+// slice was not written through); Server, x-envoy-expected-rq-timeout-ms
+// and x-envoy-upstream-service-time, set after the header ops, keep one
+// value each.
+func TestSharedHeaderValuesStayIntact(t *testing.T) {
+	u := startUpstream(t, named("u"))
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
+	r := prefixRoute("/", "c")
+	r.RequestHeadersToAdd = []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: "x-forwarded-proto", Value: "extra"}, AppendAction: corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD}}
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, r)))), env)
+	c := client(false)
+	for i := 0; i < 3; i++ {
+		resp, _ := get(t, c, p, "svc", "/")
+		rh := resp.Header
+		if vs := rh.Values("X-Seen-X-Forwarded-Proto"); len(vs) != 2 || vs[0] != "http" || vs[1] != "extra" {
+			t.Fatalf("request %d: x-forwarded-proto upstream = %q, want [http extra]", i, vs)
+		}
+		if vs := rh.Values("X-Seen-X-Envoy-Expected-Rq-Timeout-Ms"); len(vs) != 1 || vs[0] != "15000" {
+			t.Fatalf("request %d: x-envoy-expected-rq-timeout-ms = %q", i, vs)
+		}
+		if vs := rh.Values("Server"); len(vs) != 1 || vs[0] != DefaultServerName {
+			t.Fatalf("request %d: Server = %q", i, vs)
+		}
+		if vs := rh.Values("X-Envoy-Upstream-Service-Time"); len(vs) != 1 || parseDigits(vs[0]) < 0 {
+			t.Fatalf("request %d: x-envoy-upstream-service-time = %q", i, vs)
+		}
+	}
+	if v := schemeValues("http"); len(v) != 1 || cap(v) != 1 || v[0] != "http" {
+		t.Errorf("shared x-forwarded-proto value now %q (cap %d)", v, cap(v))
 	}
 }
