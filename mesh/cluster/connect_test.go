@@ -375,3 +375,39 @@ func TestRequestResources(t *testing.T) {
 		t.Errorf("upstream_rq_total = %d", v)
 	}
 }
+
+// TestAcquireRequestSlot: the closure-free request slot of the HTTP path
+// counts and limits exactly as TryAcquireRequest does.
+func TestAcquireRequestSlot(t *testing.T) {
+	pb := xdstest.Cluster("rq")
+	pb.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{
+		{Priority: corev3.RoutingPriority_DEFAULT, MaxRequests: wrapperspb.UInt32(1)},
+	}}
+	c := newTestCluster(t, pb)
+	if !c.AcquireRequest() {
+		t.Fatal("first request refused")
+	}
+	if c.AcquireRequest() {
+		t.Fatal("second request admitted with max_requests 1")
+	}
+	if _, ok := c.TryAcquireRequest(); ok {
+		t.Fatal("TryAcquireRequest admitted past the slot AcquireRequest holds")
+	}
+	if v := stat(t, c, "upstream_rq_active"); v != 1 {
+		t.Errorf("upstream_rq_active = %d, want 1", v)
+	}
+	if v := stat(t, c, "upstream_rq_pending_overflow"); v != 2 {
+		t.Errorf("upstream_rq_pending_overflow = %d, want 2", v)
+	}
+	c.ReleaseRequest()
+	if v := stat(t, c, "upstream_rq_active"); v != 0 {
+		t.Errorf("upstream_rq_active after release = %d, want 0", v)
+	}
+	if !c.AcquireRequest() {
+		t.Fatal("request refused after release")
+	}
+	c.ReleaseRequest()
+	if v := stat(t, c, "upstream_rq_total"); v != 2 {
+		t.Errorf("upstream_rq_total = %d, want 2", v)
+	}
+}

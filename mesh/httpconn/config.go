@@ -134,6 +134,7 @@ type Config struct {
 	xffTrustedHops        uint32
 	skipXFFAppend         bool
 	serverName            string
+	serverVals            []string // {serverName}, shared by every response (len == cap: an append copies)
 	serverTransform       hcmv3.HttpConnectionManager_ServerHeaderTransformation
 	generateRequestID     bool
 	preserveExternalID    bool
@@ -347,6 +348,7 @@ func parseHCM(h *hcmv3.HttpConnectionManager) (c *Config, err error) {
 	if c.serverName == "" {
 		c.serverName = DefaultServerName
 	}
+	c.serverVals = []string{c.serverName}
 	if v := h.GetGenerateRequestId(); v != nil {
 		c.generateRequestID = v.GetValue()
 	}

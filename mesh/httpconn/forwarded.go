@@ -97,7 +97,7 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr, tls bool) (inte
 			h["X-Forwarded-For"] = []string{ip}
 		}
 		if _, ok := h["X-Forwarded-Proto"]; n == 0 || !ok {
-			h["X-Forwarded-Proto"] = []string{scheme}
+			h["X-Forwarded-Proto"] = schemeValues(scheme)
 		}
 	} else {
 		if xff != "" && strings.IndexByte(xff, ',') < 0 {
@@ -105,11 +105,11 @@ func (c *Config) mutateForwarded(h http.Header, peer netip.Addr, tls bool) (inte
 			internal = err == nil && isInternalAddr(a)
 		}
 		if _, ok := h["X-Forwarded-Proto"]; !ok {
-			h["X-Forwarded-Proto"] = []string{scheme}
+			h["X-Forwarded-Proto"] = schemeValues(scheme)
 		}
 	}
 	if internal {
-		h["X-Envoy-Internal"] = []string{"true"}
+		h["X-Envoy-Internal"] = trueValues
 	} else {
 		delete(h, "X-Envoy-Internal")
 		cleanInternalHeaders(h, c.useRemoteAddress)
@@ -195,4 +195,23 @@ func newUUID() string {
 		j += 2
 	}
 	return string(out[:])
+}
+
+// Header values shared by every request that sets them: their slices
+// have len == cap, so a header op that appends to one copies it, and
+// nothing writes into a header value in place.
+var (
+	httpValues  = []string{"http"}
+	httpsValues = []string{"https"}
+	trueValues  = []string{"true"}
+)
+
+func schemeValues(scheme string) []string {
+	switch scheme {
+	case "http":
+		return httpValues
+	case "https":
+		return httpsValues
+	}
+	return []string{scheme}
 }

@@ -22,6 +22,9 @@ import (
 // processors those hand-offs were the largest share of added tail latency.
 // Connections are kept per host address and reused (keep-alive); a
 // connection is returned to the pool when its response body reaches EOF.
+// A request without a body is written, and a response head of known
+// length that arrived whole is parsed, without net/http's Request.Write
+// and ReadResponse (h1fast.go), which remain for everything else.
 type h1Transport struct {
 	cp *clusterPool
 
@@ -41,6 +44,7 @@ type h1Conn struct {
 	addr     string
 	idleFrom time.Time
 	killFn   func() // kill as a func, made once: the cancel callback of every exchange
+	clb      clBody // the body of a response the fast path parsed (h1fast.go)
 
 	// The idle check (alive): the socket's RawConn and the peek callback
 	// are made once per connection so that a check allocates nothing.
@@ -375,9 +379,9 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // a new connection, when its body can be sent again (GetBody: empty, or
 // still within its retry/resend buffer).
 //
-// body, if not nil, is where the response body wrapper is made (the
-// stream's, reused across its attempts); it must not be in use.
-func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *cluster.Host, body *h1Body) (*http.Response, error) {
+// sc, if not nil, is where the response and its body wrapper are made
+// (the stream's, reused across its attempts); they must not be in use.
+func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *cluster.Host, sc *h1Scratch) (*http.Response, error) {
 	addr := req.URL.Host
 	for try := 0; ; try++ {
 		var c *h1Conn
@@ -397,7 +401,7 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 			}
 			c, reused = nc, handed
 		}
-		resp, err, retry := t.exchange(ctx, c, req, body)
+		resp, err, retry := t.exchange(ctx, c, req, sc)
 		if err == nil {
 			return resp, nil
 		}
@@ -420,7 +424,7 @@ func (t *h1Transport) roundTrip(ctx context.Context, req *http.Request, h *clust
 
 // exchange writes req and reads the response head on c. retry reports
 // that no byte of a response arrived (the request may be resent).
-func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request, body *h1Body) (*http.Response, error, bool) {
+func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request, sc *h1Scratch) (*http.Response, error, bool) {
 	// Cancellation (per-try timeout, downstream gone) unblocks the I/O.
 	stop := context.AfterFunc(ctx, c.killFn)
 	var wdone chan error
@@ -454,9 +458,11 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 			wdone <- err
 		}()
 	} else {
-		if err := req.Write(c.bw); err != nil {
-			stop()
-			return nil, ctxErr(ctx, err), ctx.Err() == nil
+		if !writeH1Request(c.bw, req) {
+			if err := req.Write(c.bw); err != nil {
+				stop()
+				return nil, ctxErr(ctx, err), ctx.Err() == nil
+			}
 		}
 		if err := c.bw.Flush(); err != nil {
 			stop()
@@ -476,9 +482,20 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 		return nil, ctxErr(ctx, err), ctx.Err() == nil
 	}
 	for informational := 0; ; informational++ {
-		resp, err := http.ReadResponse(c.br, req)
-		if err == nil && (informational > maxInformational || tooManyHeaders(resp.Header, maxResponseHeaders)) {
-			err = errUpstreamHead
+		var resp *http.Response
+		var err error
+		if sc != nil && informational == 0 {
+			if ok, tooMany := fastResponse(c.br, req, &sc.resp, &c.clb); ok {
+				resp = &sc.resp
+			} else if tooMany {
+				err = errUpstreamHead
+			}
+		}
+		if resp == nil && err == nil {
+			resp, err = http.ReadResponse(c.br, req)
+			if err == nil && (informational > maxInformational || tooManyHeaders(resp.Header, maxResponseHeaders)) {
+				err = errUpstreamHead
+			}
 		}
 		if err != nil {
 			stop()
@@ -506,7 +523,10 @@ func (t *h1Transport) exchange(ctx context.Context, c *h1Conn, req *http.Request
 			resp.Body = &upgradedConn{c: c}
 			return resp, nil, false
 		}
-		if body == nil {
+		var body *h1Body
+		if sc != nil {
+			body = &sc.body
+		} else {
 			body = new(h1Body)
 		}
 		*body = h1Body{rc: resp.Body, c: c, t: t, stop: stop, keep: !resp.Close && !req.Close, ctx: ctx, wdone: wdone}

@@ -23,11 +23,15 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 	stripHopByHop(h, false)
 	stripPeerMetadata(h)
 	if resp.ContentLength >= 0 && s.r.Method != http.MethodHead {
-		h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
+		// The upstream's own field when it is the length written
+		// plainly (as it nearly always is), else a new one.
+		if !plainLength(resp.Header["Content-Length"], resp.ContentLength) {
+			h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
+		}
 	}
 	s.responseHeaderOps(h, f.routes, f.vh, f.rt, f.wc)
 	if !s.cfg.filters.suppressEnvoy {
-		h["X-Envoy-Upstream-Service-Time"] = []string{strconv.FormatInt(s.e.UpstreamServiceTime.Milliseconds(), 10)}
+		h["X-Envoy-Upstream-Service-Time"] = msValues(s.e.UpstreamServiceTime.Milliseconds())
 	}
 	if f.vh.attemptRsp {
 		h["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(s.e.Attempts)}
@@ -44,7 +48,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 	s.e.ResponseCodeDetails = "via_upstream"
 	s.writeHeader(resp.StatusCode)
 	outcome := outcomeOf(resp.StatusCode)
-	rc := http.NewResponseController(s.w)
+	rc := flusherOf(s.w)
 	if resp.ContentLength < 0 && s.r.Method != http.MethodHead {
 		// A streaming response (chunked, or HTTP/2 without a length:
 		// server-sent events, long polls, gRPC) gets its head at once, as
@@ -52,7 +56,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		// until the first body byte, which such an upstream may send
 		// much later. A response of known length comes whole, soon;
 		// its head goes out with its first bytes (one write, not two).
-		_ = rc.Flush()
+		_ = rc.FlushError()
 	}
 
 	s.idle.writesTo(s.w)
@@ -90,7 +94,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 				s.abort()
 				return outcome
 			}
-			_ = rc.Flush()
+			_ = rc.FlushError()
 		}
 		if rerr == io.EOF {
 			break
@@ -129,3 +133,42 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// flusherOf is how the relay flushes w: its own FlushError (the HTTP/1.x
+// loop's writer, net/http's HTTP/2 one), else through a
+// ResponseController, which costs an allocation per response.
+func flusherOf(w http.ResponseWriter) errFlusher {
+	if f, ok := w.(errFlusher); ok {
+		return f
+	}
+	return rcFlusher{http.NewResponseController(w)}
+}
+
+type errFlusher interface{ FlushError() error }
+
+type rcFlusher struct{ *http.ResponseController }
+
+func (f rcFlusher) FlushError() error { return f.Flush() }
+
+// plainLength: vs is one Content-Length field that says n in plain
+// decimal (no sign, no leading zero).
+func plainLength(vs []string, n int64) bool {
+	return len(vs) == 1 && parseDigits(vs[0]) == n && (len(vs[0]) == 1 || vs[0][0] != '0')
+}
+
+// msValues is a header value of ms milliseconds. Values under
+// len(smallMs) are shared, made once: their slices have len == cap, so
+// a header op that appends to one copies it.
+func msValues(ms int64) []string {
+	if ms >= 0 && ms < int64(len(smallMs)) {
+		return smallMs[ms]
+	}
+	return []string{strconv.FormatInt(ms, 10)}
+}
+
+var smallMs = func() (t [128][]string) {
+	for i := range t {
+		t[i] = []string{strconv.Itoa(i)}
+	}
+	return t
+}()

@@ -74,8 +74,8 @@ type attempt struct {
 	n      int
 	h      *cluster.Host
 	hc     *hostConns
-	relRq  func()          // gives back the max_requests slot
-	ctx    context.Context // the per-try timeout's, else the route's
+	cl     *cluster.Cluster // holds a max_requests slot of cl until end
+	ctx    context.Context  // the per-try timeout's, else the route's
 	cancel context.CancelFunc
 	sent   time.Time
 }
@@ -230,7 +230,11 @@ func (s *stream) choosePolicy(f *forwarding) {
 		t = policy.perTry
 	}
 	if t > 0 && !s.cfg.filters.suppressEnvoy {
-		f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		if t == f.rt.timeout && f.rt.timeoutVals != nil {
+			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = f.rt.timeoutVals
+		} else {
+			f.hdr["X-Envoy-Expected-Rq-Timeout-Ms"] = []string{strconv.FormatInt(t.Milliseconds(), 10)}
+		}
 	}
 	if t > 0 && grpcTimed {
 		// The upstream learns the time it has, as Envoy rewrites it.
@@ -311,15 +315,14 @@ func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
 		return false
 	}
 	s.e.UpstreamHost = h.Address()
-	relRq, ok := f.cl.TryAcquireRequest()
-	if !ok {
+	if !f.cl.AcquireRequest() {
 		s.overflow()
 		return false
 	}
 	if f.vh.attemptReq {
 		f.hdr["X-Envoy-Attempt-Count"] = []string{strconv.Itoa(n)}
 	}
-	a.n, a.h, a.relRq, a.ctx = n, h, relRq, f.gctx
+	a.n, a.h, a.cl, a.ctx = n, h, f.cl, f.gctx
 	if p := f.policy; p != nil && p.perTry > 0 {
 		if f.deadline != 0 && f.deadline-nanotime() < int64(p.perTry) {
 			// The route timeout comes first: as WithTimeout does under
@@ -340,7 +343,10 @@ func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
 func (a *attempt) end(o cluster.RequestOutcome) {
 	a.hc.active.Add(-1)
 	a.h.EndRequest(o)
-	a.relRq()
+	if a.cl != nil {
+		a.cl.ReleaseRequest()
+		a.cl = nil
+	}
 	if a.cancel != nil {
 		a.cancel()
 	}
@@ -415,7 +421,7 @@ func (s *stream) send(f *forwarding, a *attempt, out *http.Request) (*http.Respo
 	a.h.BeginRequest()
 	a.sent = time.Now()
 	if f.h1 != nil {
-		resp, err := f.h1.roundTrip(a.ctx, out, a.h, &s.h1s.body)
+		resp, err := f.h1.roundTrip(a.ctx, out, a.h, s.h1s)
 		if err == nil {
 			// The connection the head came on: the body's, or an
 			// upgrade's tunnel (whose body is the connection itself).

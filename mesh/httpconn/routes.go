@@ -7,6 +7,7 @@ import (
 	"net/textproto"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -83,6 +84,7 @@ type Route struct {
 	regexSubst    string
 	hostRewrite   string
 	timeout       time.Duration // 0: none
+	timeoutVals   []string      // x-envoy-expected-rq-timeout-ms of timeout, shared (len == cap)
 	idleTimeout   time.Duration // -1: the HCM's stream_idle_timeout
 	grpcTO        grpcTimeouts  // max_grpc_timeout, max_stream_duration (grpc.go)
 	retry         *retryPolicy
@@ -424,6 +426,7 @@ func (rt *Route) compileAction(a *routev3.RouteAction) error {
 	if a.GetTimeout() != nil {
 		rt.timeout = a.GetTimeout().AsDuration() // 0 disables
 	}
+	rt.timeoutVals = []string{strconv.FormatInt(rt.timeout.Milliseconds(), 10)}
 	if a.GetIdleTimeout() != nil {
 		rt.idleTimeout = a.GetIdleTimeout().AsDuration()
 	}

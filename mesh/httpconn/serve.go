@@ -525,10 +525,10 @@ func (s *stream) writeHeader(code int) {
 func (s *stream) setServer(h http.Header) {
 	switch s.cfg.serverTransform {
 	case 0: // OVERWRITE
-		h["Server"] = []string{s.cfg.serverName}
+		h["Server"] = s.cfg.serverVals
 	case 1: // APPEND_IF_ABSENT
 		if _, ok := h["Server"]; !ok {
-			h["Server"] = []string{s.cfg.serverName}
+			h["Server"] = s.cfg.serverVals
 		}
 	}
 }

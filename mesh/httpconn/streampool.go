@@ -39,6 +39,9 @@ type h1Scratch struct {
 	req  http.Request
 	url  url.URL
 	body h1Body
+	// resp is the response the fast path parses into (h1fast.go); its
+	// header map is kept and cleared by the next.
+	resp http.Response
 
 	// The last upstream address and its string (the request URL's host).
 	addr    netip.AddrPort
@@ -69,6 +72,9 @@ func (s *stream) release() {
 		h.req = http.Request{}
 		h.url = url.URL{}
 		h.body = h1Body{}
+		hdr := h.resp.Header
+		clear(hdr)
+		h.resp = http.Response{Header: hdr}
 	}
 	*s = stream{streamReuse: keep}
 	streamPool.Put(s)
