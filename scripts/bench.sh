@@ -277,6 +277,21 @@ iperf() {
 	return 1
 }
 
+# cpu_mark notes the measured process's CPU time; cpu_per_gb ROUND MODE
+# ROW BPS then samples ROW_cpu_gb, its CPU seconds since the mark per GB
+# received (BPS over the iperf3 run), nothing for direct (no process).
+cpu_mark() {
+	CPU_MARK_C=
+	[ -z "$MEASURED_PID" ] || CPU_MARK_C=$(proc_cpu_ticks "$MEASURED_PID")
+}
+cpu_per_gb() {
+	[ -n "$CPU_MARK_C" ] || return 0
+	local c1
+	c1=$(proc_cpu_ticks "$MEASURED_PID")
+	sample "$1" "$2" "$3_cpu_gb" "$(awk -v c=$((c1 - CPU_MARK_C)) -v hz="$CLK_TCK" -v s="$SECONDS_PER_TEST" -v b="$4" \
+		'BEGIN { printf "%.3f", (c / hz) / (b / 8 * s / 1e9) }')"
+}
+
 measure() { # measure ROUND MODE
 	local r=$1 mode=$2 dir=$OUT/round$1 bps j
 	mkdir -p "$dir"
@@ -287,11 +302,15 @@ measure() { # measure ROUND MODE
 	fi
 	if [[ $TESTS == *" tcp "* ]]; then
 	log "round $r/$ROUNDS $mode: iperf3 1 stream"
+	cpu_mark
 	bps=$(iperf "$dir/$mode-iperf-P1.json") || die "iperf3 failed"
 	sample "$r" "$mode" tput1 "$bps"
+	cpu_per_gb "$r" "$mode" tput1 "$bps"
 	log "round $r/$ROUNDS $mode: iperf3 4 streams"
+	cpu_mark
 	bps=$(iperf "$dir/$mode-iperf-P4.json" -P 4) || die "iperf3 -P 4 failed"
 	sample "$r" "$mode" tput4 "$bps"
+	cpu_per_gb "$r" "$mode" tput4 "$bps"
 	fi
 	if [[ $TESTS == *" rr "* ]]; then
 	log "round $r/$ROUNDS $mode: rrbench 64 B x $RR_N"
