@@ -29,11 +29,13 @@ const outQueueLen = 1024
 // linkEndpoint bridges a wireguard-go tun.Device and a gVisor NIC.
 //
 // On a Linux TUN with a virtio-net header the device's descriptor is read
-// directly (vnetIO): packets land in the stack's own buffers, checksums
-// the kernel never computed are not computed here either, and TCP
-// super-packets reach the stack whole. Other devices are read through
-// wireguard-go; writes always go through wireguard-go's Write (GRO on
-// write).
+// and written directly (vnetIO): packets land in the stack's own buffers,
+// checksums the kernel never computed are not computed here either, TCP
+// super-packets reach the stack whole, and the stack's TCP endpoints send
+// segments of up to 64 KiB with the checksum left partial (HostGSO), which
+// the kernel splits only if they leave through a device that cannot take
+// them whole. Other devices go through wireguard-go's Read and Write (GRO
+// on write).
 //
 // Inbound (device → stack) runs on one goroutine that reads packets: on
 // the raw path each goes to the stack as read (TCP super-packets whole);
@@ -46,7 +48,7 @@ const outQueueLen = 1024
 // packet's latency.
 type linkEndpoint struct {
 	dev   wgtun.Device
-	raw   *vnetIO // nil: reads through wireguard-go's Read
+	raw   *vnetIO // nil: through wireguard-go's Read and Write
 	mtu   atomic.Uint32
 	batch int
 	log   zerolog.Logger
@@ -87,7 +89,7 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	}
 	raw, err := newVnetIO(dev)
 	if err != nil {
-		log.Warn().Err(err).Msg("tun: no direct descriptor reads; using wireguard-go's read")
+		log.Warn().Err(err).Msg("tun: no direct descriptor I/O; using wireguard-go's read and write")
 		raw = nil
 	}
 	e := &linkEndpoint{
@@ -153,10 +155,28 @@ func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 // RXChecksumValidated with this capability: without it, segments merged by
 // GRO (whose checksums are stale by design) would be dropped. The claim is
 // made true by validChecksums, run on every packet before GRO. TX checksums
-// are computed by the stack: packets the device does not coalesce reach the
-// kernel as they are.
+// are computed by the stack, except for TCP segments under HostGSO (see
+// writeHdr): other packets reach the kernel as they are.
 func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 	return stack.CapabilityRXChecksumOffload
+}
+
+// GSOMaxSize implements stack.GSOEndpoint: on the raw path a TCP segment
+// may fill an IP packet.
+func (e *linkEndpoint) GSOMaxSize() uint32 {
+	if e.raw == nil {
+		return 0
+	}
+	return 1<<16 - 1
+}
+
+// SupportedGSO implements stack.GSOEndpoint: HostGSO on the raw path
+// (vnetIO.write hands segmentation and the checksum to the kernel).
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.raw == nil {
+		return stack.GSONotSupported
+	}
+	return stack.HostGSOSupported
 }
 
 // ARPHardwareType implements stack.LinkEndpoint.
@@ -279,6 +299,15 @@ func (e *linkEndpoint) writeBatch() bool {
 	e.qmu.Unlock()
 	if k == 0 {
 		return false
+	}
+	if e.raw != nil {
+		for _, pkt := range e.wpkts {
+			// A packet the kernel refuses is lost as on a wire (below).
+			_ = e.raw.write(pkt)
+			pkt.DecRef()
+		}
+		clear(e.wpkts)
+		return true
 	}
 	if e.wbufs == nil {
 		// Made on first use, so that an idle proxy holds no batch buffers,

@@ -50,26 +50,27 @@ func (h *vnetHdr) decode(b []byte) {
 	h.csumOffset = binary.NativeEndian.Uint16(b[8:])
 }
 
-// vnetIO reads packets for the stack from a TUN opened with IFF_VNET_HDR
-// by reading its descriptor directly, instead of through wireguard-go's
-// Read:
+// vnetIO moves packets between the stack and a TUN opened with
+// IFF_VNET_HDR by reading and writing its descriptor directly, instead of
+// through wireguard-go's Read and Write:
 //
 //   - Read lands each packet in a gVisor buffer view that becomes the
 //     packet's payload; wireguard-go would read into its own buffer, copy
 //     into ours, and the stack would copy again into a view (two copies of
 //     every byte saved).
+//
 //   - Packets whose checksum the kernel marked partial (its own, never
 //     computed: CHECKSUM_PARTIAL) or verified (DATA_VALID) are handed over
 //     as validated; wireguard-go completes a partial checksum and
 //     validChecksums would verify it again (two passes over every byte).
+//
 //   - A TCP super-packet the kernel sends (TSO) goes to the stack whole:
 //     it is one valid large segment, as GRO would have built.
 //
-// Writes stay with wireguard-go (GRO on write). Writing the stack's views
-// with writev and HostGSO (large segments, checksum left partial) was
-// measured faster but broke flows whose packets the kernel forwards out of
-// the pod (inbound capture: connections stalled or were reset), so it is
-// not done.
+//   - Write sends the packet's views with writev (no copy into a
+//     contiguous buffer) behind a virtio header that carries the stack's
+//     GSO request and partial checksum (writeHdr): one write per 64 KiB
+//     segment instead of one per MTU-sized one, and no checksum pass.
 //
 // The device's other offloads are narrowed to TCP (TUNSETOFFLOAD without
 // USO): UDP super-packets would need splitting here.
@@ -87,14 +88,22 @@ type vnetIO struct {
 	rn     int
 	rerrno syscall.Errno
 	readFn func(fd uintptr) bool
+
+	// Write state, guarded by the link's writer mutex.
+	whdr    [vnetHdrLen]byte
+	wiov    []unix.Iovec
+	wn      int
+	werrno  syscall.Errno
+	writeFn func(fd uintptr) bool
 }
 
 // tcpOffloads are the TUN offloads the raw path handles: checksum and TCP
 // segmentation, no UDP segmentation.
 const tcpOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
 
-// newVnetIO returns raw reads of dev's descriptor, or nil when dev is not
-// a Linux TUN with a virtio-net header (then wireguard-go's Read is used). wireguard-go enables the header exactly when it batches.
+// newVnetIO returns raw I/O on dev's descriptor, or nil when dev is not a
+// Linux TUN with a virtio-net header (then wireguard-go's Read and Write
+// are used). wireguard-go enables the header exactly when it batches.
 func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	fd, ok := dev.(interface{ File() *os.File })
 	if !ok || dev.BatchSize() <= 1 {
@@ -121,6 +130,12 @@ func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	v.readFn = func(fd uintptr) bool {
 		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
 		v.rn, v.rerrno = int(r), e
+		return e != unix.EAGAIN
+	}
+	v.wiov = make([]unix.Iovec, 0, 8)
+	v.writeFn = func(fd uintptr) bool {
+		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&v.wiov[0])), uintptr(len(v.wiov)))
+		v.wn, v.werrno = int(r), e
 		return e != unix.EAGAIN
 	}
 	return v, nil
@@ -227,6 +242,94 @@ func (v *vnetIO) read() (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error
 
 // errBadChecksum marks a read packet dropped for a bad checksum.
 var errBadChecksum = errors.New("netstack: bad checksum")
+
+func (h *vnetHdr) encode(b []byte) {
+	b[0] = h.flags
+	b[1] = h.gsoType
+	binary.NativeEndian.PutUint16(b[2:], h.hdrLen)
+	binary.NativeEndian.PutUint16(b[4:], h.gsoSize)
+	binary.NativeEndian.PutUint16(b[6:], h.csumStart)
+	binary.NativeEndian.PutUint16(b[8:], h.csumOffset)
+}
+
+// writeHdr is the virtio header for a packet the stack sends. A TCP
+// segment of an endpoint with HostGSO carries only the pseudo-header sum
+// in its checksum field (CHECKSUM_PARTIAL): the header says where the
+// kernel completes it, which it does only if the packet leaves the host
+// through a device without checksum offload.
+//
+// The header asks for segmentation (gso_type, gso_size) only when the
+// payload is larger than one segment. The kernel decides whether a packet
+// from a TUN is a GSO one by its length past a 20-byte TCP header, options
+// counted as payload; one with a TCP option (gVisor always sends
+// timestamps) and a payload of one full segment is then marked GSO, and
+// forwarding it out of the host's namespace (a veth, where GSO from a TUN
+// is re-validated in validate_xmit_skb) makes tcp_gso_segment refuse it
+// (payload ≤ gso_size): the packet is dropped, its retransmission (one
+// segment again) too, and the flow stalls until the stack resets it.
+// Locally delivered packets never reach that check.
+func writeHdr(pkt *stack.PacketBuffer) vnetHdr {
+	g := pkt.GSOOptions
+	if (g.Type != stack.GSOTCPv4 && g.Type != stack.GSOTCPv6) || !g.NeedsCsum {
+		// The stack computed every checksum.
+		return vnetHdr{gsoType: vnetGSONone}
+	}
+	l3 := len(pkt.NetworkHeader().Slice())
+	l4 := len(pkt.TransportHeader().Slice())
+	h := vnetHdr{
+		flags:      vnetFlagNeedsCsum,
+		gsoType:    vnetGSONone,
+		csumStart:  uint16(l3),
+		csumOffset: g.CsumOffset,
+		hdrLen:     uint16(l3 + l4),
+	}
+	if g.MSS > 0 && pkt.Data().Size() > int(g.MSS) {
+		h.gsoSize = g.MSS
+		if g.Type == stack.GSOTCPv4 {
+			h.gsoType = vnetGSOTCPv4
+		} else {
+			h.gsoType = vnetGSOTCPv6
+		}
+	}
+	return h
+}
+
+// write writes one packet with its virtio header (writeHdr). Called with
+// the link's writer mutex held.
+func (v *vnetIO) write(pkt *stack.PacketBuffer) error {
+	h := writeHdr(pkt)
+	h.encode(v.whdr[:])
+	v.wiov = append(v.wiov[:0], iovec(v.whdr[:]))
+	total := vnetHdrLen
+	vl, skip := pkt.AsViewList()
+	for view := vl.Front(); view != nil; view = view.Next() {
+		s := view.AsSlice()
+		if skip >= len(s) {
+			skip -= len(s)
+			continue
+		}
+		s = s[skip:]
+		skip = 0
+		v.wiov = append(v.wiov, iovec(s))
+		total += len(s)
+	}
+	err := v.rc.Write(v.writeFn)
+	n, errno := v.wn, v.werrno
+	clear(v.wiov) // no pointers into packet memory kept
+	if err != nil {
+		return err
+	}
+	if errno != 0 {
+		if errno == unix.EBADFD {
+			return os.ErrClosed
+		}
+		return os.NewSyscallError("writev", errno)
+	}
+	if n != total {
+		return fmt.Errorf("netstack: TUN write of %d bytes wrote %d", total, n)
+	}
+	return nil
+}
 
 func iovec(b []byte) unix.Iovec {
 	v := unix.Iovec{Base: &b[0]}

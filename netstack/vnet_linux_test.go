@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
 	wgtun "golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 // inNetns moves the test goroutine (locked to its thread) into a fresh
@@ -21,10 +22,10 @@ import (
 func inNetns(t *testing.T) { netnstest.Enter(t) }
 
 // TestRawTUNPath runs the stack on a real TUN with the virtio-net header
-// and checks the raw descriptor reads are the ones in use, then echoes
-// 8 MiB from a kernel socket through it: TSO super-packets and
-// checksum-partial packets read, 64 KiB and small packets both ways,
-// every byte intact.
+// and checks the raw descriptor I/O is the one in use, then echoes 8 MiB
+// from a kernel socket through it: TSO super-packets and checksum-partial
+// packets read, HostGSO segments written, 64 KiB and small packets both
+// ways, every byte intact.
 func TestRawTUNPath(t *testing.T) {
 	for _, mtu := range []int{65535, 1500} {
 		t.Run(fmt.Sprint("mtu", mtu), func(t *testing.T) {
@@ -61,6 +62,9 @@ func TestRawTUNPath(t *testing.T) {
 			})
 			if s.link.raw == nil {
 				t.Fatal("the link does not use the raw virtio-net path on a vnet TUN")
+			}
+			if s.link.SupportedGSO() != stack.HostGSOSupported || s.link.GSOMaxSize() == 0 {
+				t.Fatal("raw path without HostGSO")
 			}
 
 			c, err := net.DialTimeout("tcp", netip.MustParseAddrPort("10.99.0.2:7").String(), 5*time.Second)

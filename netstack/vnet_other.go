@@ -24,3 +24,7 @@ var (
 func (*vnetIO) read() (*stack.PacketBuffer, tcpip.NetworkProtocolNumber, error) {
 	return nil, 0, errors.New("netstack: no raw TUN path on this platform")
 }
+
+func (*vnetIO) write(*stack.PacketBuffer) error {
+	return errors.New("netstack: no raw TUN path on this platform")
+}

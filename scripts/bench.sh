@@ -11,7 +11,8 @@
 # splices), and with `meshtun proxy` capturing the pod (CAPTURE, and VIP:
 # through a service listener); the order flips every round so drift hits
 # every side alike:
-#   iperf3 1 stream and 4 streams (bits/s received), 64-byte request/response
+#   iperf3 1 stream and 4 streams (bits/s received; both directions, with the
+#   measured proxy's CPU seconds per GB), 64-byte request/response
 #   latency on one connection (p50/p99), new connection + one RR (p50/p99).
 # The "load" test measures the cost of the proxy process itself, Istio's
 # published yardstick: HTTP/1.1 keep-alive at a fixed BENCH_HTTP_RATE for
@@ -33,7 +34,8 @@
 #   BENCH_DIRECT_ONLY=1      skip everything that needs the proxy
 #   BENCH_OUT=/tmp/meshtun-bench   logs, raw iperf3 JSON, results
 #   BENCH_LOAD_SECONDS=30    duration of the fixed-rate CPU/RSS load test
-#   BENCH_TESTS="tcp rr connect http load"   which measurements to run
+#   BENCH_TESTS="tcp tcpr rr connect http load"   which measurements to run
+#                            (tcpr: iperf3 -R, the service sends to the pod)
 #   BENCH_HTTP_RBAC=1        the vip HTTP listener runs one istiod-shaped
 #                            ALLOW envoy.filters.http.rbac policy (method,
 #                            path, source IP) before the router: compare its
@@ -43,7 +45,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${BENCH_ROUNDS:-3}
-TESTS=" ${BENCH_TESTS:-tcp rr connect http load} "
+TESTS=" ${BENCH_TESTS:-tcp tcpr rr connect http load} "
 LOAD_SECONDS=${BENCH_LOAD_SECONDS:-30}
 SECONDS_PER_TEST=${BENCH_SECONDS:-5}
 RR_N=${BENCH_RR_N:-20000}
@@ -277,6 +279,21 @@ iperf() {
 	return 1
 }
 
+# cpu_mark notes the measured process's CPU time; cpu_per_gb ROUND MODE
+# ROW BPS then samples ROW_cpu_gb, its CPU seconds since the mark per GB
+# received (BPS over the iperf3 run), nothing for direct (no process).
+cpu_mark() {
+	CPU_MARK_C=
+	[ -z "$MEASURED_PID" ] || CPU_MARK_C=$(proc_cpu_ticks "$MEASURED_PID")
+}
+cpu_per_gb() {
+	[ -n "$CPU_MARK_C" ] || return 0
+	local c1
+	c1=$(proc_cpu_ticks "$MEASURED_PID")
+	sample "$1" "$2" "$3_cpu_gb" "$(awk -v c=$((c1 - CPU_MARK_C)) -v hz="$CLK_TCK" -v s="$SECONDS_PER_TEST" -v b="$4" \
+		'BEGIN { printf "%.3f", (c / hz) / (b / 8 * s / 1e9) }')"
+}
+
 measure() { # measure ROUND MODE
 	local r=$1 mode=$2 dir=$OUT/round$1 bps j
 	mkdir -p "$dir"
@@ -287,11 +304,29 @@ measure() { # measure ROUND MODE
 	fi
 	if [[ $TESTS == *" tcp "* ]]; then
 	log "round $r/$ROUNDS $mode: iperf3 1 stream"
+	cpu_mark
 	bps=$(iperf "$dir/$mode-iperf-P1.json") || die "iperf3 failed"
 	sample "$r" "$mode" tput1 "$bps"
+	cpu_per_gb "$r" "$mode" tput1 "$bps"
 	log "round $r/$ROUNDS $mode: iperf3 4 streams"
+	cpu_mark
 	bps=$(iperf "$dir/$mode-iperf-P4.json" -P 4) || die "iperf3 -P 4 failed"
 	sample "$r" "$mode" tput4 "$bps"
+	cpu_per_gb "$r" "$mode" tput4 "$bps"
+	fi
+	if [[ $TESTS == *" tcpr "* ]]; then
+	# The download direction (iperf3 -R: the service sends): the proxy
+	# writes the data into the pod, through the TUN under capture.
+	log "round $r/$ROUNDS $mode: iperf3 1 stream, reverse"
+	cpu_mark
+	bps=$(iperf "$dir/$mode-iperf-R1.json" -R) || die "iperf3 -R failed"
+	sample "$r" "$mode" tputr1 "$bps"
+	cpu_per_gb "$r" "$mode" tputr1 "$bps"
+	log "round $r/$ROUNDS $mode: iperf3 4 streams, reverse"
+	cpu_mark
+	bps=$(iperf "$dir/$mode-iperf-R4.json" -R -P 4) || die "iperf3 -R -P 4 failed"
+	sample "$r" "$mode" tputr4 "$bps"
+	cpu_per_gb "$r" "$mode" tputr4 "$bps"
 	fi
 	if [[ $TESTS == *" rr "* ]]; then
 	log "round $r/$ROUNDS $mode: rrbench 64 B x $RR_N"
@@ -542,6 +577,8 @@ lrow() {
 	printf '%s\n' "---------------------------+-----------+-----------+-----------+-----------+-------------+-------------+------------"
 	row "TCP 1 stream (Gbit/s)" tput1 tput
 	row "TCP 4 streams (Gbit/s)" tput4 tput
+	row "TCP 1 stream, -R (Gbit/s)" tputr1 tput
+	row "TCP 4 streams, -R (Gbit/s)" tputr4 tput
 	row "RR 64 B p50 (us)" rr_p50 lat
 	row "RR 64 B p99 (us)" rr_p99 lat
 	row "connect+RR p50 (us)" conn_p50 lat
@@ -558,6 +595,16 @@ lrow() {
 		lrow "RSS high-water mark (MB)" load_hwm_kb 1024 "%.1f" ""
 		lrow "idle RSS (MB)" idle_rss_kb 1024 "%.1f" "goal: <= 20"
 		lrow "req/s achieved" load_rps 1 "%.0f" ""
+	fi
+	if [[ $TESTS == *" tcp "* || $TESTS == *" tcpr "* ]]; then
+		echo
+		echo "Proxy CPU seconds per GB received during the iperf3 rows (utime+stime from /proc):"
+		printf "%-34s | %9s | %9s | %9s | %s\n" metric redirect "capture" "vip" ""
+		printf '%s\n' "-----------------------------------+-----------+-----------+-----------+------------------------------------------"
+		lrow "TCP 1 stream" tput1_cpu_gb 1 "%.3f" ""
+		lrow "TCP 4 streams" tput4_cpu_gb 1 "%.3f" ""
+		lrow "TCP 1 stream, -R" tputr1_cpu_gb 1 "%.3f" ""
+		lrow "TCP 4 streams, -R" tputr4_cpu_gb 1 "%.3f" ""
 	fi
 	[[ $TESTS != *" http "* ]] ||
 	awk -F'\t' '$3 == "http_rps" { v[$2] = v[$2] " " int($4) } END { printf "HTTP max req/s per round (10 conns): direct%s | redirect%s | capture%s | vip (HCM)%s\n", v["direct"], v["redirect"], v["capture"], v["vip"] }' "$SAMPLES"
