@@ -175,6 +175,11 @@ func onlyTimestamps(th header.TCP) bool {
 	return true
 }
 
+// slotOf returns the index of k's slot.
+func (d *ackDelay) slotOf(k *ackKey) uint32 {
+	return uint32(maphash.Bytes(d.seed, k[:])) & (ackSlots - 1)
+}
+
 // seqAfter reports a > b in sequence-number space.
 func seqAfter(a, b uint32) bool { return int32(a-b) > 0 }
 
@@ -185,7 +190,7 @@ func (d *ackDelay) send(pkt *stack.PacketBuffer) bool {
 	if !parseTCP(pkt, &info) {
 		return d.enqueue(pkt)
 	}
-	i := uint32(maphash.Bytes(d.seed, info.key[:])) & (ackSlots - 1)
+	i := d.slotOf(&info.key)
 	s := &d.slots[i]
 	s.mu.Lock()
 	if !s.used || s.key != info.key {
