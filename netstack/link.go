@@ -64,6 +64,8 @@ type linkEndpoint struct {
 	gro         gro.GRO // owned by the inbound goroutine; delivers to live
 	badChecksum atomic.Uint64
 
+	acks *ackDelay // pure ACKs held per flow on the way out
+
 	// Outbound combining writer: producers append to pending; whoever
 	// holds writer drains pending to the device. No goroutine hand-off
 	// when idle, vectors of up to batch packets under load.
@@ -104,6 +106,7 @@ func newLinkEndpoint(dev wgtun.Device, mtu uint32, log zerolog.Logger) *linkEndp
 	e.mtu.Store(mtu)
 	e.gro.Init(true)
 	e.gro.Dispatcher = (*liveDispatcher)(e)
+	e.acks = newAckDelay(mtu, e.enqueue, e.flush)
 	return e
 }
 
@@ -237,34 +240,45 @@ func (e *linkEndpoint) Close() {
 		e.pending = nil
 		e.qcond.Broadcast()
 		e.qmu.Unlock()
+		// After the broadcast: a sender waiting for room holds its slot.
+		e.acks.close()
 	})
 }
 
-// WritePackets implements stack.LinkWriter. The packets are appended to
-// the pending list; if no other goroutine is writing to the device, this
-// one becomes the writer and drains the list, its own packets included.
-// When the list is full, producers wait (backpressure, not drops).
+// WritePackets implements stack.LinkWriter. Each packet is appended to
+// the pending list (a pure ACK may be held instead, see ackDelay); if no
+// other goroutine is writing to the device, this one becomes the writer
+// and drains the list, its own packets included. When the list is full,
+// producers wait (backpressure, not drops).
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
-	e.qmu.Lock()
 	for _, pkt := range pkts.AsSlice() {
-		for len(e.pending) >= outQueueLen && !isClosed(e.done) {
-			e.qcond.Wait()
+		if !e.acks.send(pkt) {
+			break
 		}
-		if isClosed(e.done) {
-			e.qmu.Unlock()
-			if n == 0 {
-				return 0, &tcpip.ErrClosedForSend{}
-			}
-			return n, nil
-		}
-		pkt.IncRef()
-		e.pending = append(e.pending, pkt)
 		n++
 	}
-	e.qmu.Unlock()
 	e.flush()
+	if n == 0 && pkts.Len() > 0 {
+		return 0, &tcpip.ErrClosedForSend{}
+	}
 	return n, nil
+}
+
+// enqueue appends pkt (with a reference of its own) to the pending list,
+// waiting while the list is full; false once the endpoint is closed.
+func (e *linkEndpoint) enqueue(pkt *stack.PacketBuffer) bool {
+	e.qmu.Lock()
+	defer e.qmu.Unlock()
+	for len(e.pending) >= outQueueLen && !isClosed(e.done) {
+		e.qcond.Wait()
+	}
+	if isClosed(e.done) {
+		return false
+	}
+	pkt.IncRef()
+	e.pending = append(e.pending, pkt)
+	return true
 }
 
 // flush writes pending packets while this goroutine can hold the writer

@@ -194,10 +194,14 @@ func (w *sockWriter) writev(a, b []byte, wait bool) (int, error) {
 	return 0, os.NewSyscallError("writev", w.errno)
 }
 
-// writeFd is writev's RawConn callback.
+// writeFd is writev's RawConn callback. The socket is non-blocking (a
+// full one returns EAGAIN and the poller waits), so the raw syscall never
+// blocks, and skips the runtime's syscall bookkeeping, which wakes its
+// idle monitor thread (sysmon) with a futex on the first syscall after an
+// idle spell: once per request on a request/response flow.
 func (w *sockWriter) writeFd(fd uintptr) bool {
 	for {
-		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.niov))
+		r, _, e := unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.niov))
 		if e == unix.EINTR {
 			continue
 		}

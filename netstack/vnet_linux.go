@@ -128,7 +128,12 @@ func newVnetIO(dev wgtun.Device) (*vnetIO, error) {
 	}
 	v := &vnetIO{f: f, rc: rc}
 	v.readFn = func(fd uintptr) bool {
-		r, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
+		// Raw: the descriptor is non-blocking, so the read never waits
+		// (an empty device returns EAGAIN and the poller waits). The
+		// runtime's syscall bookkeeping would wake its monitor thread
+		// (sysmon) from its idle sleep on every packet after an idle
+		// spell: a futex wake and a thread switch per request.
+		r, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&v.riov[0])), uintptr(len(v.riov)))
 		v.rn, v.rerrno = int(r), e
 		return e != unix.EAGAIN
 	}
