@@ -294,11 +294,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 
 	p.log.Log().Str("level", "info").Str("capture", p.cfg.Capture).Interface("pod_ips", p.pod.ips).Msg("proxy ready")
 	// Start-up is over: what it alone touched of the binary goes.
-	if n, err := releaseStartupPages(); err != nil {
-		p.log.Debug().Err(err).Msg("start-up pages of the executable not released")
-	} else {
-		p.log.Debug().Int64("bytes", n).Msg("start-up pages of the executable released")
-	}
+	n, err := releaseStartupPages()
+	p.log.Debug().Int64("bytes", n).Err(err).Msg("start-up pages of the executable released")
 	p.serve(ctx)
 	return nil
 }
