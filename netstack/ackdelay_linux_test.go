@@ -9,7 +9,6 @@ import (
 
 	"github.com/meshtun/meshtun/internal/netnstest"
 	"github.com/rs/zerolog"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
@@ -53,25 +52,7 @@ func (exchangeHandler) HandleUDP(f *UDPFlow) { f.Close() }
 func tunStack(t testing.TB, h Handler) (*Stack, *countingDev, *net.TCPConn) {
 	t.Helper()
 	netnstest.Enter(t)
-	tdev, err := wgtun.CreateTUN("mtack0", 65535)
-	if err != nil {
-		t.Fatalf("create TUN: %v", err)
-	}
-	go func() {
-		for range tdev.Events() {
-		}
-	}()
-	link, err := netlink.LinkByName("mtack0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, _ := netlink.ParseAddr("10.98.0.1/24")
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatal(err)
-	}
+	tdev := upTUN(t, "mtack0", 65535, "10.98.0.1/24")
 	dev := &countingDev{Device: tdev}
 	s, err := New(dev, h, Config{}, zerolog.Nop())
 	if err != nil {

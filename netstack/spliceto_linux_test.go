@@ -14,8 +14,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/vishvananda/netlink"
-	wgtun "golang.zx2c4.com/wireguard/tun"
 	wgnetstack "golang.zx2c4.com/wireguard/tun/netstack"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -282,25 +280,7 @@ func TestSpliceToKernelPeerTinySegments(t *testing.T) {
 	// handler dials it from goroutines that are not in the new one.
 	ln := listenRcvBuf(t, 8<<10)
 	inNetns(t)
-	dev, err := wgtun.CreateTUN("mtsplice0", 1500)
-	if err != nil {
-		t.Fatalf("create TUN: %v", err)
-	}
-	go func() {
-		for range dev.Events() {
-		}
-	}()
-	link, err := netlink.LinkByName("mtsplice0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, _ := netlink.ParseAddr("10.99.2.1/24")
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		t.Fatal(err)
-	}
+	dev := upTUN(t, "mtsplice0", 1500, "10.99.2.1/24")
 	h := &spliceHandler{dst: ln.Addr().String(), done: make(chan spliceResult, 1)}
 	s, err := New(dev, h, Config{}, zerolog.Nop())
 	if err != nil {

@@ -12,8 +12,6 @@ import (
 
 	"github.com/meshtun/meshtun/internal/netnstest"
 	"github.com/rs/zerolog"
-	"github.com/vishvananda/netlink"
-	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -30,27 +28,7 @@ func TestRawTUNPath(t *testing.T) {
 	for _, mtu := range []int{65535, 1500} {
 		t.Run(fmt.Sprint("mtu", mtu), func(t *testing.T) {
 			inNetns(t)
-			dev, err := wgtun.CreateTUN("mtraw0", mtu)
-			if err != nil {
-				t.Fatalf("create TUN: %v", err)
-			}
-			// wireguard-go's status goroutines block until their events
-			// are taken; the channel closes with the device.
-			go func() {
-				for range dev.Events() {
-				}
-			}()
-			link, err := netlink.LinkByName("mtraw0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr, _ := netlink.ParseAddr("10.99.0.1/24")
-			if err := netlink.AddrAdd(link, addr); err != nil {
-				t.Fatal(err)
-			}
-			if err := netlink.LinkSetUp(link); err != nil {
-				t.Fatal(err)
-			}
+			dev := upTUN(t, "mtraw0", mtu, "10.99.0.1/24")
 			s, err := New(dev, &echoTCP{}, Config{}, zerolog.Nop())
 			if err != nil {
 				dev.Close()
