@@ -42,7 +42,13 @@ func releaseStartupPages() (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	maps, err := os.ReadFile("/proc/self/maps")
+	// smaps, not maps: a read-only mapping may still hold pages the
+	// process wrote before making it read-only (the RELRO data of a PIE
+	// or cgo build, relocated by the dynamic linker, then mprotected).
+	// Those are private copies ("Anonymous" in smaps) that MADV_DONTNEED
+	// would throw away, reverting the data to the file's: such a mapping
+	// is left alone.
+	maps, err := os.ReadFile("/proc/self/smaps")
 	if err != nil {
 		return 0, err
 	}
@@ -55,11 +61,7 @@ func releaseStartupPages() (int64, error) {
 		defer unix.Close(fd)
 	}
 	var total int64
-	for _, line := range bytes.Split(maps, []byte("\n")) {
-		m, ok := parseMapsLine(line)
-		if !ok || m.path != exe || m.writable {
-			continue // not the executable, or its data (written: not clean)
-		}
+	for _, m := range cleanMappings(maps, exe) {
 		if err := releaseFileMapping(m.start, m.end-m.start, fd, m.offset); err != nil {
 			return total, fmt.Errorf("executable mapping %x-%x: %w", m.start, m.end, err)
 		}
@@ -100,6 +102,54 @@ func releaseFileMapping(addr, n uintptr, fd int, off int64) error {
 		return fmt.Errorf("posix_fadvise(POSIX_FADV_DONTNEED): %w", err)
 	}
 	return nil
+}
+
+// cleanMappings returns the mappings of the file path in smaps (the text
+// of /proc/self/smaps) that were never written: not writable, and holding
+// no private (anonymous) copy of a page.
+func cleanMappings(smaps []byte, path string) []mapping {
+	var out []mapping
+	var cur mapping
+	var curOK, dirty bool
+	flush := func() {
+		if curOK && !dirty && !cur.writable && cur.path == path {
+			out = append(out, cur)
+		}
+	}
+	for _, line := range bytes.Split(smaps, []byte("\n")) {
+		if isMapsHead(line) {
+			flush()
+			cur, curOK = parseMapsLine(line) // false for an anonymous mapping
+			dirty = false
+			continue
+		}
+		// "Anonymous:   12 kB": pages of the mapping the process copied.
+		if v, ok := bytes.CutPrefix(line, []byte("Anonymous:")); ok {
+			f := bytes.Fields(v)
+			if len(f) == 0 || string(f[0]) != "0" {
+				dirty = true
+			}
+		}
+	}
+	flush()
+	return out
+}
+
+// isMapsHead reports whether line starts a mapping in smaps
+// ("start-end perms offset dev inode [path]") rather than being one of
+// its "Field: value" lines.
+func isMapsHead(line []byte) bool {
+	f := bytes.Fields(line)
+	if len(f) < 5 {
+		return false
+	}
+	a, b, ok := bytes.Cut(f[0], []byte("-"))
+	if !ok {
+		return false
+	}
+	_, err1 := strconv.ParseUint(string(a), 16, 64)
+	_, err2 := strconv.ParseUint(string(b), 16, 64)
+	return err1 == nil && err2 == nil
 }
 
 // mapping is one line of /proc/self/maps.

@@ -255,3 +255,39 @@ func TestReleaseWithoutWritePermission(t *testing.T) {
 		t.Fatalf("Rss %d kB after a release by a thread that may not write the file: want 0", got)
 	}
 }
+
+// TestCleanMappingsSkipsWritten: a read-only mapping of the executable
+// holding private copies of pages (RELRO data the dynamic linker relocated)
+// is not released, nor a writable one; an anonymous mapping's pages are
+// not counted against the file mapping before it.
+func TestCleanMappingsSkipsWritten(t *testing.T) {
+	const smaps = `00400000-00800000 r-xp 00000000 08:01 42 /bin/meshtun
+Size:               4096 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me
+00800000-00900000 r--p 00400000 08:01 42 /bin/meshtun
+Size:               1024 kB
+Anonymous:             8 kB
+VmFlags: rd mr mw me
+00900000-00a00000 r--p 00500000 08:01 42 /bin/meshtun
+Anonymous:             0 kB
+00a00000-00b00000 rw-p 00000000 00:00 0
+Anonymous:           512 kB
+00b00000-00c00000 rw-p 00600000 08:01 42 /bin/meshtun
+Anonymous:             0 kB
+00c00000-00d00000 r--p 00000000 08:01 43 /lib/other.so
+Anonymous:             0 kB
+`
+	got := cleanMappings([]byte(smaps), "/bin/meshtun")
+	var starts []uintptr
+	for _, m := range got {
+		starts = append(starts, m.start)
+	}
+	want := []uintptr{0x400000, 0x900000}
+	if fmt.Sprint(starts) != fmt.Sprint(want) {
+		t.Fatalf("clean mappings start at %x, want %x", starts, want)
+	}
+	if got[1].offset != 0x500000 {
+		t.Errorf("offset %x, want 500000", got[1].offset)
+	}
+}
