@@ -104,29 +104,8 @@ func TestSpliceToSocket(t *testing.T) {
 
 			payload := make([]byte, tc.size)
 			rand.Read(payload)
-			got := make(chan []byte, 1)
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					got <- nil
-					return
-				}
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(20 * time.Second))
-				// A slow reader: the proxy's socket fills up.
-				time.Sleep(100 * time.Millisecond)
-				var b []byte
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					b = append(b, buf[:n]...)
-					if err != nil {
-						break
-					}
-					time.Sleep(100 * time.Microsecond)
-				}
-				got <- b
-			}()
+			// A slow reader: the proxy's socket fills up.
+			got := slowUpstream(ln, 100*time.Millisecond)
 
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
@@ -294,29 +273,8 @@ func TestSpliceToKernelPeerTinySegments(t *testing.T) {
 
 	payload := make([]byte, 1<<20)
 	rand.Read(payload)
-	got := make(chan []byte, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			got <- nil
-			return
-		}
-		defer c.Close()
-		c.SetReadDeadline(time.Now().Add(20 * time.Second))
-		// Stalled long enough for the flow's receive memory to fill.
-		time.Sleep(500 * time.Millisecond)
-		var b []byte
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := c.Read(buf)
-			b = append(b, buf[:n]...)
-			if err != nil {
-				break
-			}
-			time.Sleep(100 * time.Microsecond)
-		}
-		got <- b
-	}()
+	// Stalled long enough for the flow's receive memory to fill.
+	got := slowUpstream(ln, 500*time.Millisecond)
 
 	c, err := net.DialTimeout("tcp", "10.99.2.2:8080", 5*time.Second)
 	if err != nil {
@@ -358,4 +316,33 @@ func TestSpliceToKernelPeerTinySegments(t *testing.T) {
 		t.Fatalf("received %d bytes, not the %d sent", len(b), len(payload))
 	}
 	t.Logf("segments dropped for receive memory: %d", res.memDrops)
+}
+
+// slowUpstream accepts one connection on ln and reads it slowly: nothing
+// for stall, then 32 KiB at most every 100 µs, until EOF, an error or 20 s.
+// What it read arrives on the channel (nil if the accept failed).
+func slowUpstream(ln net.Listener, stall time.Duration) <-chan []byte {
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		time.Sleep(stall)
+		var b []byte
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := c.Read(buf)
+			b = append(b, buf[:n]...)
+			if err != nil {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		got <- b
+	}()
+	return got
 }
