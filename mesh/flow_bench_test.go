@@ -4,7 +4,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -25,19 +24,7 @@ func BenchmarkServeFlowTCP(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	defer func() { ln.Close(); wg.Wait() }()
+	xdstest.ServeConns(b, ln, func(c net.Conn) { io.Copy(c, c) })
 	echo := netip.MustParseAddrPort(ln.Addr().String())
 
 	l := xdstest.TCPListener(b, "l", "0.0.0.0", 9000, "echo", false)
