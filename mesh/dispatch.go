@@ -24,13 +24,15 @@ import (
 // listener of their original destination; inbound flows enter the inbound
 // virtual listener. The listener's filter chain then decides.
 //
-// Only the snapshot in force changes while it runs (Swap); the rest is
-// fixed by NewDispatcher. A zero Dispatcher has no local addresses (every
-// flow is outbound), logs nothing and closes the UDP flows no UDP
-// listener takes.
+// Only the snapshot in force and the table of recently reached
+// destinations change while it runs; the rest is fixed by NewDispatcher.
+// A zero Dispatcher has no local addresses (every flow is outbound), logs
+// nothing, closes the UDP flows no UDP listener takes and never accepts a
+// flow before its upstream is connected when it could dial first.
 type Dispatcher struct {
-	snap atomic.Pointer[Snapshot]
-	o    DispatcherOptions
+	snap  atomic.Pointer[Snapshot]
+	o     DispatcherOptions
+	reach *reachable // flows' original destinations (reachable.go)
 }
 
 // DispatcherOptions is what a Dispatcher is made with.
@@ -55,7 +57,9 @@ var _ netstack.Handler = (*Dispatcher)(nil)
 
 // NewDispatcher is a Dispatcher with o and no snapshot: until the first
 // Swap, TCP flows are refused and UDP flows go to o.UDP.
-func NewDispatcher(o DispatcherOptions) *Dispatcher { return &Dispatcher{o: o} }
+func NewDispatcher(o DispatcherOptions) *Dispatcher {
+	return &Dispatcher{o: o, reach: newReachable()}
+}
 
 // Swap installs a new snapshot for new flows and returns the previous one.
 // Flows in progress keep the snapshot they started with.
@@ -184,7 +188,11 @@ func resetConn(c net.Conn) {
 // A flow the stack does not offer for dial-first (every inbound flow, and
 // outbound ones under a SYN flood) is accepted before its upstream is
 // connected, as Envoy's virtualInbound does: a failed upstream then
-// resets it. One exception keeps a closed port refused: an inbound flow
+// resets it. So is a flow that could dial first when its original
+// destination's last flow got its upstream connected within
+// reachableFor: its handshake completes while the upstream is connected,
+// and a failed connect resets it and makes the next flow dial first
+// again (optimistic accept, reachable.go). One exception keeps a closed port refused: an inbound flow
 // whose tcp_proxy goes to an ORIGINAL_DST cluster (Istio's
 // InboundPassthroughCluster) is headed for its original destination in
 // the pod, and when the ListenProbe says nothing listens there its SYN
@@ -278,8 +286,31 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 		down = raw
 	}
-	up, flags, err := chain.TCP.Connect(snap, fid.Dst, e)
+	var up *cluster.UpstreamConn
+	var flags string
+	var err error
+	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst) {
+		var aerr error
+		raw, up, aerr, err = acceptWhileDialing(src.accept, func() (*cluster.UpstreamConn, error) {
+			u, f, err := chain.TCP.Connect(snap, fid.Dst, e)
+			flags = f
+			return u, err
+		})
+		if aerr != nil {
+			if err == nil {
+				up.Reset()
+			} else {
+				d.reach.failed(fid.Dst)
+			}
+			e.ResponseFlags, e.Details = "DC", aerr.Error()
+			return
+		}
+		down = raw
+	} else {
+		up, flags, err = chain.TCP.Connect(snap, fid.Dst, e)
+	}
 	if err != nil {
+		d.reach.failed(fid.Dst)
 		e.ResponseFlags, e.Details = flags, err.Error()
 		if tc, ok := down.(*Downstream); ok {
 			tc.Reset()
@@ -288,6 +319,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 		return
 	}
+	d.reach.connected(fid.Dst)
 	if down == nil {
 		if down, err = src.accept(); err != nil {
 			up.Reset()

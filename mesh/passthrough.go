@@ -24,14 +24,22 @@ const (
 // completes, so a destination that refuses or does not answer is seen by
 // the client as a refused connection (RST) rather than an accepted one
 // that closes; except under a SYN flood (netstack.TCPRequest.DialFirst
-// false), when the handshake completes first. An inbound flow is never
+// false), when the handshake completes first, and for a destination that
+// accepted an upstream connect within reachableFor, whose handshake
+// completes while it is dialed (optimistic accept, reachable.go): if that
+// dial fails after all, the flow is reset. An inbound flow is never
 // dialed before its handshake completes (its source may be spoofed): it
 // is refused at once when the ListenProbe finds nothing listening on its
 // destination in the pod, else accepted, dialed, and reset if the dial
 // fails.
-// It is immutable: NewPassthrough fixes everything it uses.
+// NewPassthrough fixes everything it uses but the table of recently
+// reached destinations.
 type Passthrough struct {
-	o PassthroughOptions
+	o     PassthroughOptions
+	reach *reachable
+	// dial is o.Dialer.DialTCP from no particular source address; tests
+	// send it elsewhere.
+	dial func(context.Context, netip.AddrPort) (*net.TCPConn, error)
 }
 
 // PassthroughOptions is what a Passthrough is made with.
@@ -59,7 +67,11 @@ func NewPassthrough(o PassthroughOptions) *Passthrough {
 	if o.Dialer == nil {
 		panic("mesh: NewPassthrough without a Dialer")
 	}
-	return &Passthrough{o: o}
+	p := &Passthrough{o: o, reach: newReachable()}
+	p.dial = func(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
+		return o.Dialer.DialTCP(ctx, dst, netip.Addr{})
+	}
+	return p
 }
 
 func (p *Passthrough) direction(dst netip.Addr) (string, string) {
@@ -97,8 +109,29 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 			return
 		}
 	}
-	up, err := p.o.Dialer.DialTCP(context.Background(), req.ID.Dst, netip.Addr{})
+	var up *net.TCPConn
+	var err error
+	if down == nil && p.reach.known(req.ID.Dst) {
+		var aerr error
+		down, up, aerr, err = acceptWhileDialing(req.Accept, func() (*net.TCPConn, error) {
+			return p.dial(context.Background(), req.ID.Dst)
+		})
+		if aerr != nil {
+			if err == nil {
+				up.SetLinger(0)
+				up.Close()
+			} else {
+				p.reach.failed(req.ID.Dst)
+			}
+			e.ResponseFlags, e.Details = "DC", aerr.Error()
+			p.o.Access.Log(&e)
+			return
+		}
+	} else {
+		up, err = p.dial(context.Background(), req.ID.Dst)
+	}
 	if err != nil {
+		p.reach.failed(req.ID.Dst)
 		if down != nil {
 			down.Reset()
 		} else {
@@ -109,6 +142,7 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		p.o.Access.Log(&e)
 		return
 	}
+	p.reach.connected(req.ID.Dst)
 	e.UpstreamLocal = up.LocalAddr().(*net.TCPAddr).AddrPort()
 	if down == nil {
 		if down, err = req.Accept(); err != nil {
