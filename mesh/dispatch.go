@@ -289,7 +289,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	var up *cluster.UpstreamConn
 	var flags string
 	var err error
-	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst) {
+	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst) && connectRoom(snap, chain) {
 		var aerr error
 		raw, up, aerr, err = acceptWhileDialing(src.accept, func() (*cluster.UpstreamConn, error) {
 			u, f, err := chain.TCP.Connect(snap, fid.Dst, e)
@@ -310,7 +310,9 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		up, flags, err = chain.TCP.Connect(snap, fid.Dst, e)
 	}
 	if err != nil {
-		d.reach.failed(fid.Dst)
+		if flags != "UO" { // an overflow says nothing of the destination
+			d.reach.failed(fid.Dst)
+		}
 		e.ResponseFlags, e.Details = flags, err.Error()
 		if tc, ok := down.(*Downstream); ok {
 			tc.Reset()
@@ -328,6 +330,24 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 	}
 	chain.TCP.Serve(l.drain.closed(), down, up, e)
+}
+
+// connectRoom reports whether chain's tcp_proxy cluster (a single one, not
+// weighted ones) has a max_connections slot free: an optimistic accept is
+// tried only then, so that a full circuit breaker is still a refused
+// connect (UO), as the README promises. Two flows racing for the last
+// slot may still see one accepted and then reset, which is what Envoy
+// does with every overflow.
+func connectRoom(snap *Snapshot, chain *Chain) bool {
+	if chain.TCP.Cluster == "" {
+		return false
+	}
+	cl := snap.Cluster(chain.TCP.Cluster)
+	if cl == nil {
+		return false
+	}
+	res := cl.Resources(cluster.PriorityDefault)
+	return res.Connections() < int64(res.Thresholds().MaxConnections)
 }
 
 // originalDst is where chain's tcp_proxy sends a flow to dst when its

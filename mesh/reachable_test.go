@@ -14,9 +14,11 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/rs/zerolog"
 	wgnetstack "golang.zx2c4.com/wireguard/tun/netstack"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
 	"github.com/meshtun/meshtun/mesh/accesslog"
+	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/upstream"
 	"github.com/meshtun/meshtun/netstack"
 )
@@ -253,7 +255,9 @@ func TestServeFlowOptimisticAccept(t *testing.T) {
 	echo := netip.MustParseAddrPort(ln.Addr().String())
 
 	l := xdstest.TCPListener(t, "l", "0.0.0.0", 9000, "echo", false)
-	s, err := Build("1", []*listenerv3.Listener{l}, []*clusterv3.Cluster{xdstest.StaticCluster("echo", echo)}, nil, buildOpts())
+	cl := xdstest.StaticCluster("echo", echo)
+	cl.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(1)}}}
+	s, err := Build("1", []*listenerv3.Listener{l}, []*clusterv3.Cluster{cl}, nil, buildOpts())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,12 +269,44 @@ func TestServeFlowOptimisticAccept(t *testing.T) {
 		serveFlow(s, s.Listener("l"), captured{req: req}, &e, d)
 	}})
 
+	// The cluster allows one connection at a time: each flow's slot is
+	// waited for to be free again before the next one.
+	res := s.Cluster("echo").Resources(cluster.PriorityDefault)
+	connections := func(n int64) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); res.Connections() != n; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the cluster has %d connections, want %d", res.Connections(), n)
+			}
+		}
+	}
+
 	const vip = "10.96.0.1:9000"
 	echoOnce(t, tnet, vip)
 	if !d.reach.known(netip.MustParseAddrPort(vip)) {
 		t.Fatal("a destination whose upstream was just connected is not known")
 	}
+	connections(0)
 	echoOnce(t, tnet, vip)
+	connections(0)
+
+	// A full circuit breaker (max_connections 1, held by c) is still a
+	// refused connect for a known destination: no optimistic accept then.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := tnet.DialContext(ctx, "tcp", vip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	connections(1)
+	refusedConnect(t, tnet, vip)
+	c.Close()
+	connections(0)
+	// An overflow is the proxy's own refusal, not the destination's: it
+	// stays known.
+	if !d.reach.known(netip.MustParseAddrPort(vip)) {
+		t.Fatal("an overflow made the destination unknown")
+	}
 
 	ln.Close() // the cluster's endpoint now refuses
 	acceptedThenReset(t, tnet, vip)
