@@ -13,7 +13,8 @@
 # every side alike:
 #   iperf3 1 stream and 4 streams (bits/s received; both directions, with the
 #   measured proxy's CPU seconds per GB), 64-byte request/response
-#   latency on one connection (p50/p99), new connection + one RR (p50/p99).
+#   latency on one connection (p50/p99), new connection + one RR (p50/p99;
+#   each connect row to a destination port of its own, see CONNECT_PORT_BASE).
 # The "load" test measures the cost of the proxy process itself, Istio's
 # published yardstick: HTTP/1.1 keep-alive at a fixed BENCH_HTTP_RATE for
 # BENCH_LOAD_SECONDS through the http_connection_manager (vip) and through
@@ -61,6 +62,13 @@ POD=mtb-pod
 SVC=mtb-svc
 SVC_IP=10.77.0.1
 RR_PORT=7777
+# Each connect row (round, mode) dials a destination port of its own: a
+# row leaves about 2 x BENCH_CONNECT_N TIME_WAIT sockets in the pod for 60 s,
+# and on one shared port a later row's connect() (the app's, and the
+# proxy's upstream) would probe past all of them for a free source port
+# (the kernel's ~14k even ports fill within a round): that measured the
+# earlier rows, not the path.
+CONNECT_PORT_BASE=7800
 IPERF_PORT=5201
 HTTP_PORT=8080
 HTTP_RATE=${BENCH_HTTP_RATE:-1000}
@@ -167,7 +175,9 @@ in_pod() { ip netns exec $POD "$@"; }
 
 ip netns exec $SVC iperf3 -s -p $IPERF_PORT >"$OUT/iperf3-server.log" 2>&1 &
 PIDS+=($!)
-ip netns exec $SVC "$RRB" server -listen ":$RR_PORT" >"$OUT/rrbench-server.log" 2>&1 &
+CONNECT_LISTEN=""
+for i in $(seq 0 $((4 * ROUNDS - 1))); do CONNECT_LISTEN+=",:$((CONNECT_PORT_BASE + i))"; done
+ip netns exec $SVC "$RRB" server -listen ":$RR_PORT$CONNECT_LISTEN" >"$OUT/rrbench-server.log" 2>&1 &
 PIDS+=($!)
 ip netns exec $SVC "$RRB" httpserver -listen ":$HTTP_PORT" >"$OUT/rrbench-httpserver.log" 2>&1 &
 PIDS+=($!)
@@ -294,6 +304,19 @@ cpu_per_gb() {
 		'BEGIN { printf "%.3f", (c / hz) / (b / 8 * s / 1e9) }')"
 }
 
+# connect_port ROUND MODE: the destination port of that connect row.
+connect_port() {
+	local i
+	case $2 in
+	direct) i=0 ;;
+	redirect) i=1 ;;
+	capture) i=2 ;;
+	vip) i=3 ;;
+	*) die "connect_port: unknown mode $2" ;;
+	esac
+	echo $((CONNECT_PORT_BASE + ($1 - 1) * 4 + i))
+}
+
 measure() { # measure ROUND MODE
 	local r=$1 mode=$2 dir=$OUT/round$1 bps j
 	mkdir -p "$dir"
@@ -336,8 +359,10 @@ measure() { # measure ROUND MODE
 	sample "$r" "$mode" rr_p99 "$(jfield "$j" p99_us)"
 	fi
 	if [[ $TESTS == *" connect "* ]]; then
-	log "round $r/$ROUNDS $mode: rrbench -connect x $CONNECT_N"
-	j=$(in_pod "$RRB" client -addr $TARGET:$RR_PORT -size 64 -n "$CONNECT_N" -warmup 100 -connect) || die "rrbench -connect failed"
+	local cport
+	cport=$(connect_port "$r" "$mode")
+	log "round $r/$ROUNDS $mode: rrbench -connect x $CONNECT_N (port $cport)"
+	j=$(in_pod "$RRB" client -addr $TARGET:$cport -size 64 -n "$CONNECT_N" -warmup 100 -connect) || die "rrbench -connect failed"
 	echo "$j" >"$dir/$mode-connect.json"
 	sample "$r" "$mode" conn_p50 "$(jfield "$j" p50_us)"
 	sample "$r" "$mode" conn_p99 "$(jfield "$j" p99_us)"
@@ -419,7 +444,7 @@ measure_capture() { # measure_capture ROUND
 # vip_bootstrap writes the bootstrap of the "vip" mode.
 vip_bootstrap() {
 	local f=$OUT/vip-bootstrap.json listeners="" clusters="" port
-	for port in $IPERF_PORT $RR_PORT; do
+	for port in $IPERF_PORT $RR_PORT $(seq $CONNECT_PORT_BASE $((CONNECT_PORT_BASE + 4 * ROUNDS - 1))); do
 		listeners+="${listeners:+,}{\"name\":\"${VIP}_$port\",\"address\":{\"socket_address\":{\"address\":\"$VIP\",\"port_value\":$port}},\"bind_to_port\":false,\"traffic_direction\":\"OUTBOUND\",\"filter_chains\":[{\"filters\":[{\"name\":\"envoy.filters.network.tcp_proxy\",\"typed_config\":{\"@type\":\"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\",\"stat_prefix\":\"svc$port\",\"cluster\":\"outbound|$port||svc\"}}]}]}"
 		clusters+=",{\"name\":\"outbound|$port||svc\",\"type\":\"STATIC\",\"connect_timeout\":\"5s\",\"load_assignment\":{\"cluster_name\":\"outbound|$port||svc\",\"endpoints\":[{\"lb_endpoints\":[{\"endpoint\":{\"address\":{\"socket_address\":{\"address\":\"$SVC_IP\",\"port_value\":$port}}}}]}]}}"
 	done

@@ -31,6 +31,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,12 +71,26 @@ func usage() {
 
 func server(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
-	listen := fs.String("listen", ":7777", "TCP listen address")
+	listen := fs.String("listen", ":7777", "TCP listen addresses, comma-separated")
 	_ = fs.Parse(args)
-	ln, err := net.Listen("tcp", *listen)
-	if err != nil {
-		return err
+	addrs := strings.Split(*listen, ",")
+	lns := make([]net.Listener, len(addrs))
+	for i, a := range addrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return err
+		}
+		lns[i] = ln
 	}
+	errc := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() { errc <- serveEcho(ln) }()
+	}
+	return <-errc
+}
+
+// serveEcho accepts on ln until it fails, echoing each connection.
+func serveEcho(ln net.Listener) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
