@@ -65,8 +65,9 @@ type h1Conn struct {
 // request finds the end of stream before any response byte and, having
 // no body, is sent again on a new connection (roundTrip), as it is when
 // the close races the write anyway. A request with a body is always
-// checked: its resend depends on its body still being buffered.
-const idleCheckAfter = 2 * time.Millisecond
+// checked: its resend depends on its body still being buffered. (A
+// variable for the tests only.)
+var idleCheckAfter = 2 * time.Millisecond
 
 // Upstream response heads are bounded as Envoy bounds them (60 KiB and
 // 100 headers by default): an upstream that sends an endless head, or an

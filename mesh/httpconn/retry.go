@@ -319,7 +319,7 @@ func (s *stream) retry(cl *cluster.Cluster, p *retryPolicy, attempt int, tried *
 		return true
 	case <-s.ctx.Done():
 		// The route timeout, which bounds the back-offs too: the next
-		// attempt fails at once and the stream is answered 504 (UT).
+		// attempt does not begin (beginAttempt answers 504, UT).
 		return !s.cancelled()
 	}
 }

@@ -309,6 +309,13 @@ func (s *stream) cancelled() bool {
 	return c != nil && c != errRouteTimeout
 }
 
+// routeTimeout answers a stream whose route timeout fired: 504 (UT).
+func (s *stream) routeTimeout(f *forwarding) {
+	f.stats.RqTimeout.Add(1)
+	s.e.ResponseFlags |= FlagUT
+	s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
+}
+
 // armRouteIdle applies the route's idle_timeout, which replaces the
 // connection manager's stream_idle_timeout for this stream, also when
 // that one is disabled.
@@ -323,6 +330,12 @@ func (s *stream) armRouteIdle(rt *Route) {
 // max_requests breaker, and the per-try timeout. The attempt then holds
 // what a.end gives back.
 func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
+	if n > 1 && context.Cause(s.ctx) == errRouteTimeout {
+		// The route timeout cut the back-off (retry): no attempt goes
+		// after it.
+		s.routeTimeout(f)
+		return false
+	}
 	s.e.Attempts = n
 	if n > 1 {
 		// The previous attempt's writer may still read its headers.
@@ -626,9 +639,7 @@ func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 		s.failStream(err)
 		return attemptFailure{outcome: cluster.RequestError}
 	case f.gctx.Err() != nil:
-		f.stats.RqTimeout.Add(1)
-		s.e.ResponseFlags |= FlagUT
-		s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
+		s.routeTimeout(f)
 		return attemptFailure{outcome: cluster.RequestTimeout}
 	case a.ctx.Err() != nil:
 		f.stats.RqPerTryTimeout.Add(1)
