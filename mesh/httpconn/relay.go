@@ -13,6 +13,10 @@ import (
 // relay sends the upstream response downstream.
 func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcome {
 	if resp.StatusCode == http.StatusSwitchingProtocols || (isConnect(s.r) && resp.StatusCode >= 200 && resp.StatusCode < 300) {
+		// The route timeout bounded the wait for the tunnel's response
+		// only (the h1 transport let go of it then): it must not cancel
+		// the stream, and with it the tunnel, later.
+		s.stopRouteTimeout(f)
 		return s.tunnel(resp, f)
 	}
 	defer resp.Body.Close()
@@ -101,7 +105,7 @@ func (s *stream) relay(resp *http.Response, f *forwarding) cluster.RequestOutcom
 		}
 		if rerr != nil {
 			switch {
-			case s.ctx.Err() != nil:
+			case s.cancelled():
 				switch context.Cause(s.ctx) {
 				case errStreamIdle:
 					s.e.ResponseFlags |= FlagSI

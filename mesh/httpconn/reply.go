@@ -128,7 +128,7 @@ func (s *stream) overflow() {
 // timeout or disconnect as failStream does, anything else (a malformed
 // body) as the client's fault, 400 (DPE).
 func (s *stream) requestBodyError(err error) {
-	if s.ctx.Err() != nil {
+	if s.cancelled() {
 		s.failStream(err)
 		return
 	}

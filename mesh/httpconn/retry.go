@@ -318,6 +318,8 @@ func (s *stream) retry(cl *cluster.Cluster, p *retryPolicy, attempt int, tried *
 	case <-t.C:
 		return true
 	case <-s.ctx.Done():
-		return false
+		// The route timeout, which bounds the back-offs too: the next
+		// attempt does not begin (beginAttempt answers 504, UT).
+		return !s.cancelled()
 	}
 }

@@ -62,8 +62,10 @@ type forwarding struct {
 	timeout    time.Duration // the route timeout; 0: none
 	body       *retryBody    // nil: no request body
 
-	gctx     context.Context // ended by the route timeout (s.ctx without one)
-	gcancel  context.CancelCauseFunc
+	// gctx ends with the route timeout. The router's is s.ctx, which the
+	// route timeout cancels with errRouteTimeout (startRouteTimeout); a
+	// terminated CONNECT's is its own (connect.go).
+	gctx     context.Context
 	deadline int64 // nanotime of the route timeout; 0: none
 
 	exclude func(*cluster.Host) bool // previous_hosts, once a retry set it
@@ -264,29 +266,54 @@ func (s *stream) bufferBody(f *forwarding) {
 func (f *forwarding) replayable() bool { return f.body == nil || f.body.replayable() }
 
 // startRouteTimeout starts the route timeout, which bounds all attempts
-// and back-offs together: it cancels f.gctx from the stream's reusable
-// timer (context.WithTimeout would make a timer and a timer context per
-// request). f.gctx has no Deadline; nothing reads it.
+// and back-offs together and the response until its end. It cancels the
+// stream's own context, with the cause errRouteTimeout, from the stream's
+// reusable timer, as the max stream duration does: a context of its own
+// per request (a cancel context, its Done channel, and the child map and
+// AfterFunc of every exchange under it) was a third of the proxy's
+// allocations per request. The router answers a stream so ended 504
+// (UT); s.cancelled tells it from a stream the client or another timeout
+// ended. f.gctx has no Deadline; nothing reads it.
 func (s *stream) startRouteTimeout(f *forwarding) {
 	f.gctx = s.ctx
 	if f.timeout <= 0 {
 		return
 	}
-	f.gctx, f.gcancel = context.WithCancelCause(s.ctx)
 	if s.rto == nil {
 		s.rto = new(deadlineTimer)
 	}
 	f.deadline = nanotime() + int64(f.timeout)
-	s.rto.start(f.timeout, f.gcancel)
+	s.rto.startCause(f.timeout, s.cancel, errRouteTimeout)
 }
 
 // stopRouteTimeout ends the route timeout when the router is done (the
-// response relayed or the stream answered).
+// response relayed or the stream answered) or hands the stream over to a
+// tunnel, which the route timeout does not bound.
 func (s *stream) stopRouteTimeout(f *forwarding) {
-	if f.gcancel != nil {
+	if f.deadline != 0 {
 		s.rto.stop()
-		f.gcancel(context.Canceled)
+		f.deadline = 0
 	}
+}
+
+// errRouteTimeout is the cause of a stream's context the route timeout
+// ended.
+var errRouteTimeout = errors.New("httpconn: route timeout")
+
+// cancelled reports that the stream's context ended for a reason other
+// than the route timeout: the client went, or a stream timeout (idle,
+// request, max duration) fired. The stream is then failed as such
+// (failStream), not answered 504.
+func (s *stream) cancelled() bool {
+	c := context.Cause(s.ctx)
+	return c != nil && c != errRouteTimeout
+}
+
+// routeTimeout answers a stream whose route timeout fired: 504 (UT).
+func (s *stream) routeTimeout(f *forwarding) {
+	f.stats.RqTimeout.Add(1)
+	s.e.ResponseFlags |= FlagUT
+	s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
 }
 
 // armRouteIdle applies the route's idle_timeout, which replaces the
@@ -303,6 +330,12 @@ func (s *stream) armRouteIdle(rt *Route) {
 // max_requests breaker, and the per-try timeout. The attempt then holds
 // what a.end gives back.
 func (s *stream) beginAttempt(f *forwarding, a *attempt, n int) bool {
+	if n > 1 && context.Cause(s.ctx) == errRouteTimeout {
+		// The route timeout cut the back-off (retry): no attempt goes
+		// after it.
+		s.routeTimeout(f)
+		return false
+	}
 	s.e.Attempts = n
 	if n > 1 {
 		// The previous attempt's writer may still read its headers.
@@ -595,20 +628,18 @@ type attemptFailure struct {
 func (s *stream) classify(f *forwarding, a *attempt, err error) attemptFailure {
 	const prefix = "upstream connect error or disconnect/reset before headers. "
 	if s.body != nil {
-		if berr := s.body.readErr(); berr != nil && s.ctx.Err() == nil {
+		if berr := s.body.readErr(); berr != nil && !s.cancelled() {
 			s.requestBodyError(berr)
 			return attemptFailure{outcome: cluster.RequestError}
 		}
 	}
 	p := f.policy
 	switch {
-	case s.ctx.Err() != nil:
+	case s.cancelled():
 		s.failStream(err)
 		return attemptFailure{outcome: cluster.RequestError}
 	case f.gctx.Err() != nil:
-		f.stats.RqTimeout.Add(1)
-		s.e.ResponseFlags |= FlagUT
-		s.localReply(http.StatusGatewayTimeout, "upstream request timeout", "upstream_response_timeout")
+		s.routeTimeout(f)
 		return attemptFailure{outcome: cluster.RequestTimeout}
 	case a.ctx.Err() != nil:
 		f.stats.RqPerTryTimeout.Add(1)

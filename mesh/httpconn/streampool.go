@@ -80,8 +80,9 @@ func (s *stream) release() {
 	streamPool.Put(s)
 }
 
-// deadlineTimer is a reusable one-shot timeout that cancels a context: the
-// route timeout without a timer and timer context per request. Like
+// deadlineTimer is a reusable one-shot timeout that cancels a context with
+// a cause: the route timeout and the max stream duration cancel the
+// stream's context without a timer per request. Like
 // idleWatch, a fire left from an earlier use checks the current deadline
 // under mu, so it can neither cancel a later use early nor late.
 type deadlineTimer struct {
@@ -90,11 +91,6 @@ type deadlineTimer struct {
 	deadline int64 // nanotime; 0: disarmed
 	cancel   context.CancelCauseFunc
 	cause    error
-}
-
-// start arms the timer to call cancel(context.DeadlineExceeded) after d.
-func (dt *deadlineTimer) start(d time.Duration, cancel context.CancelCauseFunc) {
-	dt.startCause(d, cancel, context.DeadlineExceeded)
 }
 
 // startCause arms the timer to call cancel(cause) after d.

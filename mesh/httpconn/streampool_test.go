@@ -42,7 +42,7 @@ func TestStreamReleaseResets(t *testing.T) {
 		s.h1s.req = http.Request{Method: "POST", URL: &s.h1s.url, Header: http.Header{"X-Secret": {"1"}}}
 		s.h1s.body = h1Body{keep: true, done: true}
 		s.rto = new(deadlineTimer)
-		s.rto.start(time.Hour, s.cancel)
+		s.rto.startCause(time.Hour, s.cancel, errRouteTimeout)
 		s.rto.stop()
 		idle, rto, h1s := s.idle, s.rto, s.h1s
 		s.idle.stop()

@@ -331,3 +331,35 @@ func TestParseUpgradeConfigs(t *testing.T) {
 		t.Errorf("route duplicate: %v", err)
 	}
 }
+
+// TestUpgradeOutlivesRouteTimeout: the route timeout bounds the wait for
+// an upgrade's 101 only. A tunnel that moves bytes for longer than the
+// route timeout is not cut by it (the timeout cancels the stream's
+// context, which the tunnel watches, so the tunnel must stop it), and no
+// upstream timeout is counted.
+func TestUpgradeOutlivesRouteTimeout(t *testing.T) {
+	u := startUpstream(t, rawEcho(nil))
+	rt := prefixRoute("/", "c")
+	routeAction(rt).Timeout = durationpb.New(100 * time.Millisecond)
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
+	p := startProxy(t, mustParse(t, wsHCM(routeConfig(vhost("v", []string{"*"}, rt)), "websocket")), env)
+	resp, conn, br := rawUpgrade(t, p, "/", "websocket")
+	if resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %d", resp.StatusCode)
+	}
+	b := make([]byte, 1)
+	for i := 0; i < 5; i++ { // 5 × 60 ms of traffic: three times the route timeout
+		io.WriteString(conn, "k")
+		if _, err := io.ReadFull(br, b); err != nil {
+			t.Fatalf("tunnel cut after %d round trips: %v", i, err)
+		}
+		time.Sleep(60 * time.Millisecond)
+	}
+	conn.Close()
+	if e := p.waitEntries(t, 1)[0]; e.ResponseCode != 101 || e.ResponseFlags.Has(FlagUT) {
+		t.Errorf("tunnel: %d flags %v, want 101 without UT", e.ResponseCode, e.ResponseFlags)
+	}
+	if v := clusterStat(t, env.clusters["c"], "upstream_rq_timeout"); v != 0 {
+		t.Errorf("upstream_rq_timeout = %d, want 0", v)
+	}
+}

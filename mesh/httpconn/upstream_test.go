@@ -278,6 +278,77 @@ func TestStaleKeepAliveConnection(t *testing.T) {
 	}
 }
 
+// TestStaleKeepAliveBodilessRequests: a bodiless request skips the
+// checkout peek on a connection idle under idleCheckAfter (raised here so
+// that the upstream's FIN has surely arrived), so it is written into the
+// connection the upstream closed after the previous response (no
+// "Connection: close"); it meets the end of stream before a response byte
+// and is resent on a new connection. Every GET succeeds, every one but the
+// first is resent (none was checked), none is counted a retry, and the
+// upstream's handler sees each once.
+func TestStaleKeepAliveBodilessRequests(t *testing.T) {
+	defer func(d time.Duration) { idleCheckAfter = d }(idleCheckAfter)
+	idleCheckAfter = time.Hour
+	u := startRawUpstream(t, true, false)
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, prefixRoute("/", "c"))))), env)
+	c := client(false)
+	const n = 6
+	for i := 0; i < n; i++ {
+		time.Sleep(20 * time.Millisecond) // the upstream's FIN has arrived
+		resp, err := c.Get("http://" + p.addr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %d: %d, want 200", i, resp.StatusCode)
+		}
+	}
+	v, _ := env.pools.m.Load("c")
+	if resent := v.(*clusterPool).h1.resent.Load(); resent != n-1 {
+		t.Errorf("%d requests resent, want %d (each but the first went, unchecked, into a closed connection)", resent, n-1)
+	}
+	if got := u.requests.Load(); got != n {
+		t.Errorf("the upstream handled %d requests, want %d", got, n)
+	}
+	if v := clusterStat(t, env.clusters["c"], "upstream_rq_retry"); v != 0 {
+		t.Errorf("upstream_rq_retry = %d: a resend on a dead connection is not a retry", v)
+	}
+}
+
+// TestRouteTimeoutCutsBackOff: the route timeout bounds the retries'
+// back-offs too. It fires in a back-off of up to an hour after a
+// retriable 503: the stream is answered 504 (UT) then, and no attempt
+// goes after it.
+func TestRouteTimeoutCutsBackOff(t *testing.T) {
+	var requests atomic.Int64
+	u := startUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	env := newEnv(t, xdstest.StaticCluster("c", u.addr))
+	rt := prefixRoute("/", "c")
+	routeAction(rt).Timeout = durationpb.New(100 * time.Millisecond)
+	routeAction(rt).RetryPolicy = &routev3.RetryPolicy{RetryOn: "5xx", NumRetries: wrapperspb.UInt32(2),
+		RetryBackOff: &routev3.RetryPolicy_RetryBackOff{BaseInterval: durationpb.New(time.Hour), MaxInterval: durationpb.New(time.Hour)}}
+	p := startProxy(t, mustParse(t, hcm(routeConfig(vhost("v", []string{"*"}, rt)))), env)
+	resp, body := get(t, client(false), p, "x", "/")
+	if resp.StatusCode != 504 || body != "upstream request timeout" {
+		t.Errorf("route timeout in a back-off: %d %q, want 504 \"upstream request timeout\"", resp.StatusCode, body)
+	}
+	if e := p.lastEntry(t); !e.ResponseFlags.Has(FlagUT) || e.Attempts != 1 {
+		t.Errorf("flags %s attempts %d, want UT after 1 attempt", e.ResponseFlags, e.Attempts)
+	}
+	if n := requests.Load(); n != 1 {
+		t.Errorf("the upstream saw %d requests, want 1 (none after the route timeout)", n)
+	}
+	if v := clusterStat(t, env.clusters["c"], "upstream_rq_timeout"); v != 1 {
+		t.Errorf("upstream_rq_timeout = %d, want 1", v)
+	}
+}
+
 // TestIdleCheckAllocationFree: the checkout liveness peek allocates
 // nothing and sees the upstream's close.
 func TestIdleCheckAllocationFree(t *testing.T) {
