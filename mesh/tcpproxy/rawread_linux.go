@@ -23,16 +23,14 @@ import (
 // req/s). The descriptor is non-blocking, so the raw read never waits:
 // an empty socket returns EAGAIN and the poller waits for it.
 //
-// After a read that did not fill the buffer the socket's receive queue
-// was empty (a TCP read copies until the buffer is full or the queue is
-// empty), so the next Read waits for the poller first instead of reading
-// EAGAIN: any byte, FIN or error arriving later is a new edge for the
-// edge-triggered poller, and a wake-up for an edge already consumed costs
-// one read that finds nothing. That is one syscall fewer per response.
+// A read that did not fill the buffer is still followed by one that finds
+// the socket empty (EAGAIN) before the poller waits: a TCP read copies
+// until the receive queue is empty, but it also consumes a FIN that came
+// in the same segment as the last bytes, whose edge the poller has
+// already delivered, so waiting first would miss the end of the stream.
 type rawSocketReader struct {
-	rc      syscall.RawConn
-	count   func(n int) // bytes received, for the cluster's counters; nil: none
-	drained bool        // the last read left the receive queue empty
+	rc    syscall.RawConn
+	count func(n int) // bytes received, for the cluster's counters; nil: none
 
 	// The callback's state, in fields so that readFn (made once) does not
 	// allocate a closure per call.
@@ -86,7 +84,6 @@ func (r *rawSocketReader) Read(p []byte) (int, error) {
 	case r.n == 0:
 		return 0, io.EOF
 	}
-	r.drained = r.n < len(p)
 	if r.count != nil {
 		r.count(r.n)
 	}
@@ -96,12 +93,6 @@ func (r *rawSocketReader) Read(p []byte) (int, error) {
 // readFd is the RawConn callback: false asks the poller to wait for the
 // socket to become readable.
 func (r *rawSocketReader) readFd(fd uintptr) bool {
-	if r.drained {
-		// Nothing was left after the last read: wait for the poller's
-		// next edge before reading.
-		r.drained = false
-		return false
-	}
 	for {
 		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&r.buf[0])), uintptr(len(r.buf)))
 		if e == syscall.EINTR {
