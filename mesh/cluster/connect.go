@@ -106,6 +106,7 @@ type UpstreamConn struct {
 	raw    net.Conn     // the socket
 	rawTCP *net.TCPConn // raw when it is TCP (Reset's SO_LINGER)
 	tcp    *net.TCPConn // raw when TCP and plaintext: TCPConn
+	rio    *rawSock     // tcp's raw reads and writes (nil: through conn)
 	tls    *tls.ConnectionState
 	// peerURISAN is the TLS peer certificate's first URI SAN, taken once
 	// at the handshake for every access log line of the connection.
@@ -121,7 +122,7 @@ var _ net.Conn = (*UpstreamConn)(nil)
 // secured makes sc, the transport's connection over u.raw, the one u
 // reads and writes.
 func (u *UpstreamConn) secured(sc net.Conn) {
-	u.conn, u.tcp = sc, nil
+	u.conn, u.tcp, u.rio = sc, nil, nil
 	if s, ok := sc.(interface{ ConnectionState() tls.ConnectionState }); ok {
 		cs := s.ConnectionState()
 		u.tls = &cs
@@ -172,7 +173,13 @@ type halfCloser interface {
 }
 
 func (u *UpstreamConn) Read(p []byte) (int, error) {
-	n, err := u.conn.Read(p)
+	var n int
+	var err error
+	if u.rio != nil {
+		n, err = u.rio.Read(p)
+	} else {
+		n, err = u.conn.Read(p)
+	}
 	if n > 0 {
 		u.c.stats.rxBytes.Add(uint64(n))
 	}
@@ -180,7 +187,13 @@ func (u *UpstreamConn) Read(p []byte) (int, error) {
 }
 
 func (u *UpstreamConn) Write(p []byte) (int, error) {
-	n, err := u.conn.Write(p)
+	var n int
+	var err error
+	if u.rio != nil {
+		n, err = u.rio.Write(p)
+	} else {
+		n, err = u.conn.Write(p)
+	}
 	if n > 0 {
 		u.c.stats.txBytes.Add(uint64(n))
 	}

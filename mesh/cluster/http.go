@@ -195,6 +195,9 @@ func (c *Cluster) ConnectHostFor(ctx context.Context, h *Host, appProto string) 
 		conn = tc
 	}
 	u := &UpstreamConn{conn: conn, raw: conn, rawTCP: tc, tcp: tc, host: h, c: c, res: res}
+	if tc != nil {
+		u.rio = newRawSock(tc)
+	}
 	var reason string
 	if err == nil {
 		if tr := c.tr.at(h.meta.Load().ts); tr != nil {

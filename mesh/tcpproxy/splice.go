@@ -207,6 +207,14 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 			return pipeSplice(dst, rc, activity, count, s.SpliceTo)
 		}
 	}
+	var rd io.Reader = src
+	if _, ok := dst.(socketSplicer); ok {
+		// A kernel socket into a netstack flow: raw reads (see
+		// rawSocketReader).
+		if r := newRawSocketReader(src); r != nil {
+			rd = r
+		}
+	}
 	class := 0
 	bp := getBuf(class)
 	defer func() { putBuf(class, bp) }()
@@ -214,7 +222,7 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	var d direction
 	for {
 		buf := *bp
-		n, rerr := src.Read(buf)
+		n, rerr := rd.Read(buf)
 		if n > 0 {
 			activity.Add(1)
 			wn, werr := dst.Write(buf[:n])
