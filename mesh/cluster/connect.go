@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"sync/atomic"
 	"time"
+
+	"github.com/meshtun/meshtun/internal/rawsock"
 )
 
 // ConnectError is a failed connect to a picked host.
@@ -102,11 +104,11 @@ func (c *Cluster) released(h *Host, res *Resources) {
 // Write. Over TLS the bytes counted are the plaintext ones, as Envoy counts
 // what its transport socket hands the connection.
 type UpstreamConn struct {
-	conn   net.Conn     // what Read and Write use: raw, or TLS over it
-	raw    net.Conn     // the socket
-	rawTCP *net.TCPConn // raw when it is TCP (Reset's SO_LINGER)
-	tcp    *net.TCPConn // raw when TCP and plaintext: TCPConn
-	rio    *rawSock     // tcp's raw reads and writes (nil: through conn)
+	conn   net.Conn      // what Read and Write use: raw, or TLS over it
+	raw    net.Conn      // the socket
+	rawTCP *net.TCPConn  // raw when it is TCP (Reset's SO_LINGER)
+	tcp    *net.TCPConn  // raw when TCP and plaintext: TCPConn
+	rio    *rawsock.Conn // tcp's raw reads and writes (nil: through conn)
 	tls    *tls.ConnectionState
 	// peerURISAN is the TLS peer certificate's first URI SAN, taken once
 	// at the handshake for every access log line of the connection.

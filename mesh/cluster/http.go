@@ -13,6 +13,8 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+
+	"github.com/meshtun/meshtun/internal/rawsock"
 )
 
 // This file holds what an HTTP connection manager needs from a cluster
@@ -196,7 +198,7 @@ func (c *Cluster) ConnectHostFor(ctx context.Context, h *Host, appProto string) 
 	}
 	u := &UpstreamConn{conn: conn, raw: conn, rawTCP: tc, tcp: tc, host: h, c: c, res: res}
 	if tc != nil {
-		u.rio = newRawSock(tc)
+		u.rio = rawsock.New(tc)
 	}
 	var reason string
 	if err == nil {

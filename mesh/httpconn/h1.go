@@ -130,14 +130,10 @@ var errUpgradeCut = errors.New("httpconn: upgrade cancelled as the upstream swit
 
 func newH1Conn(pc *pooledConn, addr string) *h1Conn {
 	c := &h1Conn{pc: pc, addr: addr}
-	// On Linux a plaintext TCP socket is read and written with raw
-	// system calls (rawsock_linux.go).
-	var rw io.ReadWriter = pc
-	if r := newRawIO(pc); r != nil {
-		rw = r
-	}
-	c.bw = bufio.NewWriterSize(rw, 16<<10)
-	c.lim = headLimit{r: rw, n: -1}
+	// A plaintext TCP socket is read and written with raw system calls
+	// by the cluster's UpstreamConn (internal/rawsock).
+	c.bw = bufio.NewWriterSize(pc, 16<<10)
+	c.lim = headLimit{r: pc, n: -1}
 	c.br = bufio.NewReaderSize(&c.lim, h1ReadBuffer)
 	c.killFn = c.kill
 	if tc := pc.TCPConn(); tc != nil && canPeek {

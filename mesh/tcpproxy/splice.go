@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/meshtun/meshtun/internal/rawsock"
 )
 
 // Copy buffers come in size classes. A direction starts with the smallest
@@ -209,10 +211,13 @@ func pipe(dst, src net.Conn, activity *atomic.Uint64) direction {
 	}
 	var rd io.Reader = src
 	if _, ok := dst.(socketSplicer); ok {
-		// A kernel socket into a netstack flow: raw reads (see
-		// rawSocketReader).
-		if r := newRawSocketReader(src); r != nil {
-			rd = r
+		// A bare kernel socket (passthrough) into a netstack flow: raw
+		// reads, as a cluster's upstream connection already does
+		// (internal/rawsock says why).
+		if tc, ok := src.(*net.TCPConn); ok {
+			if r := rawsock.New(tc); r != nil {
+				rd = r
+			}
 		}
 	}
 	class := 0

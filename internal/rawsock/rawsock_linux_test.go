@@ -1,9 +1,12 @@
-package cluster
+//go:build linux
+
+package rawsock
 
 import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"syscall"
 	"testing"
@@ -35,13 +38,13 @@ func tcpPair(t *testing.T) (client, server *net.TCPConn) {
 	return c.(*net.TCPConn), s.(*net.TCPConn)
 }
 
-// TestRawSockReadWrite: a write larger than the socket buffers completes
+// TestReadWrite: a write larger than the socket buffers completes
 // whole (the raw write waits for the poller on EAGAIN) and a reader with a
 // small buffer gets every byte in order, then EOF.
-func TestRawSockReadWrite(t *testing.T) {
+func TestReadWrite(t *testing.T) {
 	c, s := tcpPair(t)
 	c.SetWriteBuffer(16 << 10)
-	w := newRawSock(c)
+	w := New(c)
 	payload := make([]byte, 8<<20)
 	for i := range payload {
 		payload[i] = byte(i * 7)
@@ -55,7 +58,7 @@ func TestRawSockReadWrite(t *testing.T) {
 		c.CloseWrite()
 		done <- err
 	}()
-	r := newRawSock(s)
+	r := New(s)
 	s.SetReadDeadline(time.Now().Add(20 * time.Second))
 	var got bytes.Buffer
 	buf := make([]byte, 3000)
@@ -77,10 +80,10 @@ func TestRawSockReadWrite(t *testing.T) {
 	}
 }
 
-// TestRawSockErrors: the errors are net.TCPConn's: an *net.OpError with
+// TestErrors: the errors are net.TCPConn's: an *net.OpError with
 // Op "read" or "write" around a deadline (Timeout), a reset (ECONNRESET
 // or EPIPE) or a closed socket (net.ErrClosed).
-func TestRawSockErrors(t *testing.T) {
+func TestErrors(t *testing.T) {
 	opErr := func(t *testing.T, err error, op string) *net.OpError {
 		t.Helper()
 		var oe *net.OpError
@@ -92,7 +95,7 @@ func TestRawSockErrors(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
 		c, _ := tcpPair(t)
 		c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
-		_, err := newRawSock(c).Read(make([]byte, 8))
+		_, err := New(c).Read(make([]byte, 8))
 		if oe := opErr(t, err, "read"); !oe.Timeout() {
 			t.Fatalf("read past the deadline: %v, want a timeout", err)
 		}
@@ -101,7 +104,7 @@ func TestRawSockErrors(t *testing.T) {
 		c, s := tcpPair(t)
 		s.SetLinger(0)
 		s.Close()
-		r := newRawSock(c)
+		r := New(c)
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		_, err := r.Read(make([]byte, 8))
 		opErr(t, err, "read")
@@ -116,7 +119,7 @@ func TestRawSockErrors(t *testing.T) {
 	})
 	t.Run("closed", func(t *testing.T) {
 		c, _ := tcpPair(t)
-		r := newRawSock(c)
+		r := New(c)
 		done := make(chan error, 1)
 		go func() {
 			_, err := r.Read(make([]byte, 8))
@@ -138,7 +141,7 @@ func TestRawSockErrors(t *testing.T) {
 		c, s := tcpPair(t)
 		s.Write([]byte("x"))
 		s.CloseWrite()
-		r := newRawSock(c)
+		r := New(c)
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		buf := make([]byte, 8)
 		if n, err := r.Read(buf); n != 1 || err != nil {
@@ -148,4 +151,78 @@ func TestRawSockErrors(t *testing.T) {
 			t.Fatalf("read after the FIN: %d, %v; want io.EOF", n, err)
 		}
 	})
+}
+
+// TestReadDeliversAll: messages written with and without pauses (so reads
+// find the socket empty and wait for the poller, or find bytes already
+// there), some larger than the read buffer, reach the reader whole and in
+// order, then EOF.
+func TestReadDeliversAll(t *testing.T) {
+	c, s := tcpPair(t)
+	r := New(c)
+	rng := rand.New(rand.NewPCG(1, 2))
+	var want bytes.Buffer
+	var msgs [][]byte
+	for i := range 300 {
+		m := make([]byte, 1+rng.IntN(6000))
+		for j := range m {
+			m[j] = byte(i + j)
+		}
+		msgs = append(msgs, m)
+		want.Write(m)
+	}
+	go func() {
+		for i, m := range msgs {
+			if _, err := s.Write(m); err != nil {
+				return
+			}
+			if i%3 == 0 {
+				time.Sleep(time.Duration(rng.IntN(300)) * time.Microsecond)
+			}
+		}
+		s.CloseWrite()
+	}()
+	var got bytes.Buffer
+	buf := make([]byte, 2048)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		n, err := r.Read(buf)
+		got.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", got.Len(), err)
+		}
+	}
+	if !bytes.Equal(got.Bytes(), want.Bytes()) {
+		t.Fatalf("read %d bytes, want the %d written, in order", got.Len(), want.Len())
+	}
+}
+
+// TestReadFINWithLastBytes: the FIN rides on the last segment, so one
+// read returns the bytes and consumes the FIN, and no further poller edge
+// comes; the next Read must still see EOF rather than wait.
+func TestReadFINWithLastBytes(t *testing.T) {
+	c, s := tcpPair(t)
+	r := New(c)
+	buf := make([]byte, 64)
+	for i := range 50 {
+		if _, err := s.Write([]byte("last")); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := r.Read(buf); n != 4 || err != nil {
+			t.Fatalf("round %d: read %d, %v; want 4 bytes", i, n, err)
+		}
+	}
+	s.Write([]byte("end"))
+	s.CloseWrite()
+	time.Sleep(20 * time.Millisecond) // bytes and FIN queued before the read
+	if n, err := r.Read(buf); n != 3 || err != nil {
+		t.Fatalf("read %d, %v; want the last 3 bytes", n, err)
+	}
+	if n, err := r.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("read after the last bytes: %d, %v; want EOF", n, err)
+	}
 }

@@ -12,11 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/rawsock"
 	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
-// TestRawSockIO: a plaintext upstream connection of the h1 transport is
-// read and written with raw system calls, and behaves as net.TCPConn: all
+// TestRawSockIO: a plaintext upstream connection of the h1 transport (read
+// and written with raw system calls by cluster.UpstreamConn) behaves as
+// net.TCPConn: all
 // of a write larger than one call's bound arrives, reads wait for data
 // (the poller), the peer's FIN reads io.EOF, a deadline (the exchange's
 // kill) unblocks a waiting read with a timeout *net.OpError "read", and
@@ -48,14 +50,11 @@ func TestRawSockIO(t *testing.T) {
 	defer pc.Close()
 	server := <-accepted
 	defer server.Close()
-	rw := newRawIO(pc)
-	if _, ok := rw.(*rawSock); !ok {
-		t.Fatalf("plaintext TCP connection: raw I/O %T, want *rawSock", rw)
-	}
+	var rw io.ReadWriter = pc
 	rx0, tx0 := clusterStat(t, cl, "upstream_cx_rx_bytes_total"), clusterStat(t, cl, "upstream_cx_tx_bytes_total")
 
 	// A write of several calls' worth, read whole by the peer.
-	out := bytes.Repeat([]byte("0123456789abcdef"), (3*rawWriteMax+100)/16)
+	out := bytes.Repeat([]byte("0123456789abcdef"), (3*rawsock.WriteChunk+100)/16)
 	got := make(chan []byte, 1)
 	go func() {
 		b, _ := io.ReadAll(io.LimitReader(server, int64(len(out))))
