@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/gopool"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
@@ -337,7 +338,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 			return
 		}
 	}
-	var spawn func(func())
+	spawn := gopool.Go
 	if sp != nil {
 		spawn = sp.run
 	}

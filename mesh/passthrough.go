@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/gopool"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
 	"github.com/meshtun/meshtun/mesh/udpproxy"
@@ -161,7 +162,7 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 			return
 		}
 	}
-	var spawn func(func())
+	spawn := gopool.Go
 	if sp != nil {
 		spawn = sp.run
 	}

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/meshtun/meshtun/internal/gopool"
 )
 
 // Optimistic accept: when a captured outbound flow may be dialed first
@@ -119,13 +121,13 @@ func acceptWhileDialing[D, U any](accept func() (D, error), dial func() (U, erro
 	var wg sync.WaitGroup
 	wg.Add(1)
 	sp = make(spare, 1)
-	go func() {
+	gopool.Go(func() {
 		up, dialErr = dial()
 		wg.Done()
 		if f := <-sp; f != nil {
 			f()
 		}
-	}()
+	})
 	down, acceptErr = accept()
 	wg.Wait()
 	return down, up, sp, acceptErr, dialErr
