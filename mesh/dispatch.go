@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/gopool"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/cluster"
 	"github.com/meshtun/meshtun/mesh/filterchain"
@@ -289,13 +290,21 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	var up *cluster.UpstreamConn
 	var flags string
 	var err error
+	// sp, when not nil, is the goroutine that dialed: it runs the
+	// splice's second direction (tcpproxy.SpliceOn), or is released on
+	// any other way out.
+	var sp spare
 	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst) && connectRoom(snap, chain) {
 		var aerr error
-		raw, up, aerr, err = acceptWhileDialing(src.accept, func() (*cluster.UpstreamConn, error) {
+		raw, up, sp, aerr, err = acceptWhileDialing(src.accept, func() (*cluster.UpstreamConn, error) {
 			u, f, err := chain.TCP.Connect(snap, fid.Dst, e)
 			flags = f
 			return u, err
 		})
+		if err != nil || aerr != nil {
+			sp.release()
+			sp = nil
+		}
 		if aerr != nil {
 			if err == nil {
 				up.Reset()
@@ -329,7 +338,11 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 			return
 		}
 	}
-	chain.TCP.Serve(l.drain.closed(), down, up, e)
+	spawn := gopool.Go
+	if sp != nil {
+		spawn = sp.run
+	}
+	chain.TCP.ServeOn(l.drain.closed(), down, up, e, spawn)
 }
 
 // connectRoom reports whether chain's tcp_proxy cluster (a single one, not

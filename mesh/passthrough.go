@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshtun/meshtun/internal/gopool"
 	"github.com/meshtun/meshtun/mesh/accesslog"
 	"github.com/meshtun/meshtun/mesh/tcpproxy"
 	"github.com/meshtun/meshtun/mesh/udpproxy"
@@ -111,11 +112,18 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 	}
 	var up *net.TCPConn
 	var err error
+	// sp, when not nil, is the goroutine that dialed: it runs the
+	// splice's second direction, or is released on any other way out.
+	var sp spare
 	if down == nil && p.reach.known(req.ID.Dst) {
 		var aerr error
-		down, up, aerr, err = acceptWhileDialing(req.Accept, func() (*net.TCPConn, error) {
+		down, up, sp, aerr, err = acceptWhileDialing(req.Accept, func() (*net.TCPConn, error) {
 			return p.dial(context.Background(), req.ID.Dst)
 		})
+		if err != nil || aerr != nil {
+			sp.release()
+			sp = nil
+		}
 		if aerr != nil {
 			if err == nil {
 				up.SetLinger(0)
@@ -154,7 +162,11 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 			return
 		}
 	}
-	r := tcpproxy.Splice(down, up, p.o.TCPIdleTimeout)
+	spawn := gopool.Go
+	if sp != nil {
+		spawn = sp.run
+	}
+	r := tcpproxy.SpliceOn(down, up, p.o.TCPIdleTimeout, spawn)
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
 	p.o.Access.Log(&e)
 }

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/meshtun/meshtun/internal/gopool"
 )
 
 // Optimistic accept: when a captured outbound flow may be dialed first
@@ -108,14 +110,36 @@ func (r *reachable) failed(dst netip.AddrPort) {
 // acceptWhileDialing completes a flow's handshake (accept) while its
 // upstream is connected (dial) on a goroutine of its own, and returns
 // once both are known. The caller owns both results, whichever failed.
-func acceptWhileDialing[D, U any](accept func() (D, error), dial func() (U, error)) (down D, up U, acceptErr, dialErr error) {
+//
+// The dialing goroutine then stays parked on the returned spare until the
+// caller gives it the flow's second splice direction (spare.run, as
+// tcpproxy.SpliceOn's spawn) or lets it go (spare.release): one goroutine
+// started per flow instead of two, and the stack the dial grew is used
+// again rather than grown afresh in a new one. The caller must call
+// exactly one of the two.
+func acceptWhileDialing[D, U any](accept func() (D, error), dial func() (U, error)) (down D, up U, sp spare, acceptErr, dialErr error) {
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	sp = make(spare, 1)
+	gopool.Go(func() {
 		up, dialErr = dial()
-	}()
+		wg.Done()
+		if f := <-sp; f != nil {
+			f()
+		}
+	})
 	down, acceptErr = accept()
 	wg.Wait()
-	return down, up, acceptErr, dialErr
+	return down, up, sp, acceptErr, dialErr
 }
+
+// spare is a goroutine acceptWhileDialing keeps for its caller: it runs
+// the one function sent to it, or ends on nil. Buffered, so handing it
+// over never blocks.
+type spare chan func()
+
+// run has the spare goroutine run f; it is tcpproxy.SpliceOn's spawn.
+func (s spare) run(f func()) { s <- f }
+
+// release lets the spare goroutine end unused.
+func (s spare) release() { s <- nil }

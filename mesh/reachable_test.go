@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -314,4 +316,44 @@ func TestServeFlowOptimisticAccept(t *testing.T) {
 		t.Fatal("a destination whose connect failed is still known")
 	}
 	refusedConnect(t, tnet, vip)
+}
+
+// TestAcceptWhileDialingSpare: the goroutine that dialed is the one that
+// runs the function handed to its spare (the splice's second direction),
+// and a released spare runs nothing and ends (the package's leak check
+// fails on a goroutine left parked).
+func TestAcceptWhileDialingSpare(t *testing.T) {
+	var dialG uint64
+	_, up, sp, aerr, derr := acceptWhileDialing(
+		func() (int, error) { return 1, nil },
+		func() (int, error) { dialG = goroutineID(); return 2, nil })
+	if aerr != nil || derr != nil || up != 2 {
+		t.Fatalf("accept %v, dial %v (%d)", aerr, derr, up)
+	}
+	ran := make(chan uint64, 1)
+	sp.run(func() { ran <- goroutineID() })
+	select {
+	case g := <-ran:
+		if g != dialG || g == goroutineID() {
+			t.Errorf("spare ran on goroutine %d, want the dialing goroutine %d", g, dialG)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("spare did not run its function")
+	}
+
+	_, _, sp, _, derr = acceptWhileDialing(
+		func() (int, error) { return 1, nil },
+		func() (int, error) { return 0, io.ErrUnexpectedEOF })
+	if derr != io.ErrUnexpectedEOF {
+		t.Fatalf("dial error %v, want the dial's own", derr)
+	}
+	sp.release()
+}
+
+// goroutineID is the calling goroutine's number, from its stack header.
+func goroutineID() uint64 {
+	var b [64]byte
+	s := strings.TrimPrefix(string(b[:runtime.Stack(b[:], false)]), "goroutine ")
+	id, _ := strconv.ParseUint(s[:strings.IndexByte(s, ' ')], 10, 64)
+	return id
 }

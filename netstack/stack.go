@@ -28,6 +28,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/meshtun/meshtun/internal/gopool"
 )
 
 const nicID tcpip.NICID = 1
@@ -334,8 +336,17 @@ func (s *Stack) handleTCP(id stack.TransportEndpointID, pkt *stack.PacketBuffer)
 }
 
 // onTCP runs on the goroutine gVisor's forwarder starts for each SYN
-// admission let through.
+// admission let through. It hands the flow to a worker goroutine
+// (gopool) at once: the handler runs for the flow's life through deep
+// call chains (gVisor's endpoint creation, the upstream dial, the
+// splice), and on the forwarder's fresh goroutine each flow grew its
+// stack anew; a worker keeps the stack the last flow grew.
 func (s *Stack) onTCP(r *tcp.ForwarderRequest) {
+	gopool.Go(func() { s.serveTCP(r) })
+}
+
+// serveTCP runs the handler on one forwarded SYN.
+func (s *Stack) serveTCP(r *tcp.ForwarderRequest) {
 	tid := r.ID()
 	adm, _ := s.adm.lookup(tid)
 	req := &TCPRequest{ID: flowID(tid), fr: r, tid: tid, s: s, dialFirst: adm.dialFirst}
@@ -354,10 +365,10 @@ func (s *Stack) onCookieFlow(ep tcpip.Endpoint, wq *waiter.Queue) {
 		return
 	}
 	req := &TCPRequest{ID: flowID(info.ID), ep: ep, wq: wq}
-	go func() {
+	gopool.Go(func() {
 		s.handler.HandleTCP(req)
 		req.Refuse()
-	}()
+	})
 }
 
 // onUDP runs synchronously in the stack's receive path for the first

@@ -88,6 +88,12 @@ func (t *Config) Connect(clusters Clusters, origDst netip.AddrPort, e *accesslog
 // listener's drain end: a flow still open then is closed, and its log
 // entry says "listener drained".
 func (t *Config) Serve(closed context.Context, down net.Conn, up *cluster.UpstreamConn, e *accesslog.Entry) {
+	t.ServeOn(closed, down, up, e, nil)
+}
+
+// ServeOn is Serve with the upstream → downstream direction run by spawn
+// (SpliceOn).
+func (t *Config) ServeOn(closed context.Context, down net.Conn, up *cluster.UpstreamConn, e *accesslog.Entry, spawn func(func())) {
 	// The callback is registered on the listener's context: no goroutine
 	// per flow waits for the drain.
 	var drained atomic.Bool
@@ -98,7 +104,7 @@ func (t *Config) Serve(closed context.Context, down net.Conn, up *cluster.Upstre
 	})
 	st := t.Stats
 	st.DownstreamCxTotal.Add(1)
-	r := Splice(down, up, t.IdleTimeout)
+	r := SpliceOn(down, up, t.IdleTimeout, spawn)
 	stop()
 	e.BytesReceived, e.BytesSent, e.ResponseFlags = r.Received, r.Sent, r.ResponseFlags()
 	st.DownstreamRxBytes.Add(uint64(r.Received))

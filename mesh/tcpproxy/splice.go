@@ -84,6 +84,16 @@ type direction struct {
 // the goroutines and tickers a flow starts and stops are a cost of their
 // own (each start or stop is a scheduler hand-off on a 2-core pod).
 func Splice(down, up net.Conn, idle time.Duration) Result {
+	return SpliceOn(down, up, idle, nil)
+}
+
+// SpliceOn is Splice with the upstream → downstream direction run by
+// spawn (nil: a goroutine of its own). A caller that already has a second
+// goroutine for the flow, one that dialed the upstream while the caller
+// accepted the downstream, hands it the direction and saves starting a
+// goroutine per flow and growing its stack again. spawn must run its
+// function exactly once.
+func SpliceOn(down, up net.Conn, idle time.Duration, spawn func(func())) Result {
 	s := &splice{down: down, up: up}
 	if idle > 0 {
 		s.idle.start(idle, &s.activity, s.idleFired)
@@ -91,7 +101,11 @@ func Splice(down, up net.Conn, idle time.Duration) Result {
 	}
 
 	s.wg.Add(1)
-	go s.run(false)
+	if spawn == nil {
+		go s.run(false)
+	} else {
+		spawn(s.runUp)
+	}
 	s.run(true)
 	s.wg.Wait()
 	s.closeBoth()
@@ -127,6 +141,10 @@ func (s *splice) idleFired() {
 	s.idleTimedOut.Store(true)
 	s.closeBoth()
 }
+
+// runUp is run(false), the upstream → downstream direction, as a func
+// value for SpliceOn's spawn.
+func (s *splice) runUp() { s.run(false) }
 
 // run copies one direction and, when it fails, ends the flow at once from
 // this goroutine: the other direction may be blocked reading a peer that

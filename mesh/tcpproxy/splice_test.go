@@ -430,3 +430,38 @@ func BenchmarkSpliceShortFlow(b *testing.B) {
 	echo.Close()
 	<-echoDone
 }
+
+// TestSpliceOnRunsUpstreamDirectionOnSpawn: SpliceOn hands the upstream →
+// downstream direction to spawn exactly once, and the flow still carries
+// both directions and half-closes through it.
+func TestSpliceOnRunsUpstreamDirectionOnSpawn(t *testing.T) {
+	client, down := pair(t)
+	up, server := pair(t)
+	var spawned atomic.Int32
+	ch := make(chan Result, 1)
+	go func() {
+		ch <- SpliceOn(down, up, 0, func(f func()) {
+			spawned.Add(1)
+			go f()
+		})
+	}()
+	client.Write([]byte("ping"))
+	client.CloseWrite()
+	server.SetDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(server); err != nil || string(got) != "ping" {
+		t.Fatalf("server got %q (err %v), want ping then EOF", got, err)
+	}
+	server.Write([]byte("pong"))
+	server.CloseWrite()
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(client); err != nil || string(got) != "pong" {
+		t.Fatalf("client got %q (err %v), want pong then EOF", got, err)
+	}
+	r := waitResult(t, ch)
+	if r.Received != 4 || r.Sent != 4 {
+		t.Errorf("result %+v, want 4 bytes each way", r)
+	}
+	if n := spawned.Load(); n != 1 {
+		t.Errorf("spawn called %d times, want 1", n)
+	}
+}
