@@ -41,7 +41,8 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 	var skip skipWriter
 	defer w.release()
 	tuner, _ := c.ep.(rcvBufTuner)
-	short := 0 // bytes a peek found when it ended short of its target
+	untuned := 0 // bytes moved and not yet reported to tuner
+	short := 0   // bytes a peek found when it ended short of its target
 	for {
 		queued, qerr := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
 		if qerr != nil {
@@ -68,8 +69,9 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 			n += int64(res.Count)
 			if res.Count > 0 {
 				onData(res.Count)
-				if tuner != nil {
-					tuner.ModerateRecvBuf(res.Count)
+				if untuned += res.Count; tuner != nil && untuned >= tuneEvery {
+					tuner.ModerateRecvBuf(untuned)
+					untuned = 0
 				}
 			}
 			if cerr != nil || res.Count != batch {
@@ -115,6 +117,12 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 // and writes it in fewer, larger batches, and the stack sends fewer
 // ACKs into the TUN. A flow that is read slowly never grows.
 type rcvBufTuner interface{ ModerateRecvBuf(copied int) }
+
+// tuneEvery is how many bytes SpliceTo moves between reports to the
+// auto-tuning (each takes the endpoint's lock): a request/response flow
+// does not pay one per request, and a bulk flow reports about once per
+// batch.
+const tuneEvery = 64 << 10
 
 // spliceBatch bounds the bytes one writev of SpliceTo carries (the
 // upstream socket's buffer takes about this much at once).
