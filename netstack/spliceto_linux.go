@@ -54,6 +54,30 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 			// write what the last peek found rather than peek forever.
 			w.target, short = min(w.target, short), 0
 		}
+		if queued > 0 && queued < copyUnder {
+			// A request-sized queue: copied out by one plain Read
+			// (no peek and consume) and written from the copy.
+			w.stageBuf()
+			cw := (*stageWriter)(w)
+			res, err := c.ep.Read(cw, tcpip.ReadOptions{})
+			n += int64(res.Count)
+			if res.Count > 0 {
+				onData(res.Count)
+				untuned += res.Count
+			}
+			if w.flush(); w.err != nil {
+				return n, nil, w.err
+			}
+			if err != nil {
+				if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
+					return n, nil, nil
+				}
+				if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+					return n, c.opError("read", err), nil
+				}
+			}
+			continue
+		}
 		_, err := c.ep.Read(w, tcpip.ReadOptions{Peek: true})
 		batch, gathered := w.end()
 		if batch == 0 && w.err == nil {
@@ -138,6 +162,25 @@ const maxIovecs = 512
 const stageSize = 64 << 10
 
 var stagePool = sync.Pool{New: func() any { b := make([]byte, 0, stageSize); return &b }}
+
+// copyUnder is the queue size under which SpliceTo copies instead of
+// gathering views: for a request, one copy costs less than the second
+// Read (and endpoint lock) that consuming a peek takes.
+const copyUnder = 16 << 10
+
+// stageWriter is sockWriter copying into its staging buffer, for a plain
+// Read of a small queue; a piece that does not fit stops the Read and
+// stays queued.
+type stageWriter sockWriter
+
+func (s *stageWriter) Write(p []byte) (int, error) {
+	k := copy(s.stage[len(s.stage):cap(s.stage)], p)
+	s.stage = s.stage[:len(s.stage)+k]
+	if k < len(p) {
+		return k, errStop
+	}
+	return k, nil
+}
 
 // errStop ends the stack's Read early.
 var errStop = errors.New("netstack: splice stopped")
