@@ -43,23 +43,15 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 	tuner, _ := c.ep.(rcvBufTuner)
 	untuned := 0 // bytes moved and not yet reported to tuner
 	short := 0   // bytes a peek found when it ended short of its target
+	bulk := false
 	for {
-		queued, qerr := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
-		if qerr != nil {
-			queued = 0
-		}
-		w.target = min(max(queued, 1), spliceBatch)
-		if short > 0 {
-			// The queue held less than it counted (it never should):
-			// write what the last peek found rather than peek forever.
-			w.target, short = min(w.target, short), 0
-		}
-		if queued > 0 && queued < copyUnder {
-			// A request-sized queue: copied out by one plain Read
-			// (no peek and consume) and written from the copy.
+		if !bulk {
+			// Request-sized reads: copied out by one plain Read (no
+			// peek and consume, no queue query) and written from the
+			// copy. A read of copyUnder bytes or more switches to
+			// gathering.
 			w.stageBuf()
-			cw := (*stageWriter)(w)
-			res, err := c.ep.Read(cw, tcpip.ReadOptions{})
+			res, err := c.ep.Read((*stageWriter)(w), tcpip.ReadOptions{})
 			n += int64(res.Count)
 			if res.Count > 0 {
 				onData(res.Count)
@@ -68,15 +60,37 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 			if w.flush(); w.err != nil {
 				return n, nil, w.err
 			}
-			if err != nil {
+			bulk = res.Count >= copyUnder
+			if err == nil {
+				continue
+			}
+			if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
 				if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
 					return n, nil, nil
 				}
-				if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
-					return n, c.opError("read", err), nil
-				}
+				return n, c.opError("read", err), nil
+			}
+			w.release()
+			select {
+			case <-c.rCh:
+			case <-c.readDL.wait():
+				return n, c.opErr("read", os.ErrDeadlineExceeded), nil
 			}
 			continue
+		}
+		queued, qerr := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+		if qerr != nil {
+			queued = 0
+		}
+		if queued < copyUnder {
+			bulk = false
+			continue
+		}
+		w.target = min(queued, spliceBatch)
+		if short > 0 {
+			// The queue held less than it counted (it never should):
+			// write what the last peek found rather than peek forever.
+			w.target, short = min(w.target, short), 0
 		}
 		_, err := c.ep.Read(w, tcpip.ReadOptions{Peek: true})
 		batch, gathered := w.end()
@@ -163,9 +177,10 @@ const stageSize = 64 << 10
 
 var stagePool = sync.Pool{New: func() any { b := make([]byte, 0, stageSize); return &b }}
 
-// copyUnder is the queue size under which SpliceTo copies instead of
-// gathering views: for a request, one copy costs less than the second
-// Read (and endpoint lock) that consuming a peek takes.
+// copyUnder is the read size under which SpliceTo copies instead of
+// gathering views: for a request, one copy costs less than the queue
+// query and the second Read (two more takes of the endpoint's lock) that
+// gathering and consuming a peek need.
 const copyUnder = 16 << 10
 
 // stageWriter is sockWriter copying into its staging buffer, for a plain

@@ -492,10 +492,10 @@ func TestSpliceToBatchesQueuedSegments(t *testing.T) {
 		}
 	}
 	res, _ := spliceThrough(t, h, ln, 65000, payload)
-	// One writev for the batch, one more if the socket took it only in
-	// part (the rest is staged and written after a wait).
+	// One write for the first read, which SpliceTo copies (a flow
+	// starts as request/response), and one writev for the rest.
 	if res.writes > 2 {
-		t.Errorf("%d socket writes for %d bytes queued in %d+ segments, want 1 (2 if the socket filled)", res.writes, len(payload), len(payload)/65000)
+		t.Errorf("%d socket writes for %d bytes queued in %d+ segments, want at most 2", res.writes, len(payload), len(payload)/65000)
 	}
 }
 
