@@ -17,14 +17,18 @@ import (
 // socket's error; at most one of them is set.
 //
 // Unlike Read into a buffer and Write to the socket, segments go from the
-// stack's receive queue to the socket with one copy, the kernel's: each
-// segment is written by a non-blocking write from inside the stack's
-// Read, and a write the socket cannot take stops that Read, leaving the
-// rest queued (a blocking write there would hold the endpoint's lock and
-// stall the flow's other direction). Pieces under stageBelow are gathered
-// in a staging buffer and written together, as are the bytes of a segment
-// the socket took only in part; the staging buffer is ours, so it is
-// written after Read returns, waiting for the socket as long as needed.
+// stack's receive queue to the socket with one copy, the kernel's, and
+// many at a time: a peeking Read gathers the queued segments' views (up to
+// spliceBatch bytes) into one iovec array and writes it with one
+// non-blocking writev from inside that Read, while the endpoint's lock
+// keeps the views alive; a second Read then consumes what the socket took.
+// One writev per 64 KiB segment (the TUN's largest packet) cost a syscall,
+// a socket lock and a push per segment, and woke the upstream's reader per
+// segment. A write the socket takes only in part stops there: the next
+// bytes (up to stageSize) are copied into a staging buffer, which is
+// ours, and written after the Read returns, waiting for the socket as long
+// as needed (a blocking write inside Read would hold the endpoint's lock
+// and stall the flow's other direction).
 func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int64, srcErr, dstErr error) {
 	if c.network != "tcp" {
 		return 0, c.opErr("read", errors.ErrUnsupported), nil
@@ -33,21 +37,96 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 	defer c.readMu.Unlock()
 	w := &sockWriter{rc: dst}
 	w.writeFn = w.writeFd
+	w.iov = make([]unix.Iovec, 0, maxIovecs)
+	var skip skipWriter
 	defer w.release()
+	tuner, _ := c.ep.(rcvBufTuner)
+	untuned := 0 // bytes moved and not yet reported to tuner
+	short := 0   // bytes a peek found when it ended short of its target
+	bulk := false
 	for {
-		res, err := c.ep.Read(w, tcpip.ReadOptions{})
-		n += int64(res.Count)
-		if res.Count > 0 {
-			onData(res.Count)
+		if !bulk {
+			// Request-sized reads: copied out by one plain Read (no
+			// peek and consume, no queue query) and written from the
+			// copy. A read of copyUnder bytes or more switches to
+			// gathering.
+			w.stageBuf()
+			res, err := c.ep.Read((*stageWriter)(w), tcpip.ReadOptions{})
+			n += int64(res.Count)
+			if res.Count > 0 {
+				onData(res.Count)
+				untuned += res.Count
+			}
+			if w.flush(); w.err != nil {
+				return n, nil, w.err
+			}
+			bulk = res.Count >= copyUnder
+			if err == nil {
+				continue
+			}
+			if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+				if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
+					return n, nil, nil
+				}
+				return n, c.opError("read", err), nil
+			}
+			w.release()
+			select {
+			case <-c.rCh:
+			case <-c.readDL.wait():
+				return n, c.opErr("read", os.ErrDeadlineExceeded), nil
+			}
+			continue
 		}
-		if w.err == nil && len(w.stage) > 0 {
-			w.flush()
+		queued, qerr := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+		if qerr != nil {
+			queued = 0
+		}
+		if queued < copyUnder {
+			bulk = false
+			continue
+		}
+		w.target = min(queued, spliceBatch)
+		if short > 0 {
+			// The queue held less than it counted (it never should):
+			// write what the last peek found rather than peek forever.
+			w.target, short = min(w.target, short), 0
+		}
+		_, err := c.ep.Read(w, tcpip.ReadOptions{Peek: true})
+		batch, gathered := w.end()
+		if batch == 0 && w.err == nil {
+			short = gathered
 		}
 		if w.err != nil {
 			return n, nil, w.err
 		}
-		if err == nil || w.stopped {
-			w.stopped = false
+		if batch > 0 {
+			// Consume what the socket took or the staging buffer holds.
+			skip.left = batch
+			res, cerr := c.ep.Read(&skip, tcpip.ReadOptions{})
+			n += int64(res.Count)
+			if res.Count > 0 {
+				onData(res.Count)
+				if untuned += res.Count; tuner != nil && untuned >= tuneEvery {
+					tuner.ModerateRecvBuf(untuned)
+					untuned = 0
+				}
+			}
+			if cerr != nil || res.Count != batch {
+				// Only Close or Abort purge the queue under us.
+				if cerr == nil {
+					cerr = &tcpip.ErrConnectionAborted{}
+				}
+				return n, c.opError("read", cerr), nil
+			}
+		}
+		if len(w.stage) > 0 {
+			w.flush()
+			if w.err != nil {
+				return n, nil, w.err
+			}
+		}
+		if err == nil {
 			continue
 		}
 		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
@@ -67,32 +146,91 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 	}
 }
 
-// stageBelow is the piece size under which SpliceTo copies into its
-// staging buffer instead of writing the piece by itself: one syscall per
-// small piece (a 1,448-byte segment from a 1,500-MTU path) would cost
-// more than the copy.
-const stageBelow = 16 << 10
+// rcvBufTuner is gVisor's receive-buffer auto-tuning, which its own
+// sockets drive by reporting every read (tcp.Endpoint.ModerateRecvBuf).
+// SpliceTo reports what it moves, so a flow that keeps up with a fast
+// sender grows its buffer (up to the stack's maximum, 8 MiB by default)
+// past the 1 MiB default and its window (half the buffer) past 512 KiB:
+// the sender keeps more in flight, SpliceTo finds more queued per wake-up
+// and writes it in fewer, larger batches, and the stack sends fewer
+// ACKs into the TUN. A flow that is read slowly never grows.
+type rcvBufTuner interface{ ModerateRecvBuf(copied int) }
 
-// stageSize is the staging buffer's size: a segment view (a chunk, at most
-// 64 KiB) always fits in an empty one.
+// tuneEvery is how many bytes SpliceTo moves between reports to the
+// auto-tuning (each takes the endpoint's lock): a request/response flow
+// does not pay one per request, and a bulk flow reports about once per
+// batch.
+const tuneEvery = 64 << 10
+
+// spliceBatch bounds the bytes one writev of SpliceTo carries (the
+// upstream socket's buffer takes about this much at once).
+const spliceBatch = 1 << 20
+
+// maxIovecs bounds the pieces of one writev (the kernel's UIO_MAXIOV is
+// 1024); a batch of small segments ends there (512 pieces are 370 KiB of
+// 1,448-byte segments from a 1,500-MTU path, one or two pieces each).
+const maxIovecs = 512
+
+// stageSize is the staging buffer's size: what SpliceTo keeps of a
+// segment the socket took only in part.
 const stageSize = 64 << 10
 
 var stagePool = sync.Pool{New: func() any { b := make([]byte, 0, stageSize); return &b }}
 
-// errStop ends the stack's Read early; sockWriter's fields say why.
+// copyUnder is the read size under which SpliceTo copies instead of
+// gathering views: for a request, one copy costs less than the queue
+// query and the second Read (two more takes of the endpoint's lock) that
+// gathering and consuming a peek need.
+const copyUnder = 16 << 10
+
+// stageWriter is sockWriter copying into its staging buffer, for a plain
+// Read of a small queue; a piece that does not fit stops the Read and
+// stays queued.
+type stageWriter sockWriter
+
+func (s *stageWriter) Write(p []byte) (int, error) {
+	k := copy(s.stage[len(s.stage):cap(s.stage)], p)
+	s.stage = s.stage[:len(s.stage)+k]
+	if k < len(p) {
+		return k, errStop
+	}
+	return k, nil
+}
+
+// errStop ends the stack's Read early.
 var errStop = errors.New("netstack: splice stopped")
 
-// sockWriter is the io.Writer SpliceTo hands to the endpoint's Read.
+// skipWriter consumes the first left bytes a Read hands it.
+type skipWriter struct{ left int }
+
+func (s *skipWriter) Write(p []byte) (int, error) {
+	if len(p) <= s.left {
+		s.left -= len(p)
+		return len(p), nil
+	}
+	k := s.left
+	s.left = 0
+	return k, errStop
+}
+
+// sockWriter is the io.Writer SpliceTo hands to the endpoint's peeking
+// Read: it gathers the views it is given (the stack's memory, valid only
+// while that Read runs) and writes them, from inside the Read, once it
+// holds target bytes.
 type sockWriter struct {
-	rc      syscall.RawConn
-	stagep  *[]byte
-	stage   []byte // copied bytes not yet written to the socket
-	err     error  // the socket failed: the copy ends
-	stopped bool   // this Read was stopped by the socket, not by the flow
+	rc       syscall.RawConn
+	target   int          // bytes to gather before writing
+	iov      []unix.Iovec // the views gathered, not yet written
+	gathered int
+	done     bool // the batch was written (or failed): this Read is over
+	batch    int  // bytes the batch moved: written, plus staged
+	stagep   *[]byte
+	stage    []byte // copied bytes not yet written to the socket
+	err      error  // the socket failed: the copy ends
 
 	// writev's syscall state, in fields so that writeFn (made once) does
 	// not allocate a closure per call.
-	iov     [2]unix.Iovec
+	wiov    *unix.Iovec
 	niov    int
 	wait    bool
 	n       int
@@ -115,49 +253,73 @@ func (w *sockWriter) stageBuf() {
 	}
 }
 
-// Write implements io.Writer for the stack's Read: p is the stack's memory,
-// valid only during the call, so it is either written now or copied.
+// Write implements io.Writer for the stack's peeking Read.
 func (w *sockWriter) Write(p []byte) (int, error) {
-	if w.err != nil {
+	if w.done {
 		return 0, errStop
 	}
-	if len(p) < stageBelow {
-		w.stageBuf()
-		if len(w.stage)+len(p) <= cap(w.stage) {
-			w.stage = append(w.stage, p...)
-			return len(p), nil
-		}
+	if len(p) == 0 {
+		return 0, nil
 	}
-	// Write what is staged and p together, without waiting.
-	staged := len(w.stage)
-	m, err := w.writev(w.stage, p, false)
-	if m < staged {
-		w.stage = w.stage[:copy(w.stage, w.stage[m:])]
-		m = 0
-	} else {
-		w.stage = w.stage[:0]
-		m -= staged
+	w.iov = append(w.iov, iovec(p))
+	w.gathered += len(p)
+	if w.gathered < w.target && len(w.iov) < cap(w.iov) {
+		return len(p), nil
 	}
+	w.done = true
+	w.writeBatch()
+	return len(p), errStop
+}
+
+// writeBatch writes the gathered views without waiting, and copies into
+// the staging buffer what fits of the part the socket did not take.
+// Called from inside the peeking Read: the views are still the stack's.
+func (w *sockWriter) writeBatch() {
+	m, err := w.writev(w.iov, false)
 	if err != nil {
 		w.err = err
-		return m, errStop
+		return
 	}
-	if m == len(p) {
-		return m, nil
+	w.batch = m
+	if m == w.gathered {
+		return
 	}
-	// The socket is full: keep what fits of the rest (ours now), leave
-	// the remainder queued in the stack, and stop this Read.
+	// The socket is full: keep what fits of the rest, leave the
+	// remainder queued in the stack.
 	w.stageBuf()
-	k := min(len(p)-m, cap(w.stage)-len(w.stage))
-	w.stage = append(w.stage, p[m:m+k]...)
-	w.stopped = true
-	return m + k, errStop
+	for _, v := range w.iov {
+		l := int(v.Len)
+		if m >= l {
+			m -= l
+			continue
+		}
+		b := unsafe.Slice(v.Base, l)[m:]
+		m = 0
+		k := copy(w.stage[len(w.stage):cap(w.stage)], b)
+		w.stage = w.stage[:len(w.stage)+k]
+		w.batch += k
+		if len(w.stage) == cap(w.stage) {
+			break
+		}
+	}
+}
+
+// end closes a peeking Read: it drops the gathered views (never used after
+// the Read returns) and returns the bytes the Read's batch moved and
+// the bytes it gathered.
+func (w *sockWriter) end() (batch, gathered int) {
+	clear(w.iov)
+	w.iov = w.iov[:0]
+	batch, gathered = w.batch, w.gathered
+	w.gathered, w.batch, w.done = 0, 0, false
+	return batch, gathered
 }
 
 // flush writes the staging buffer, waiting for the socket.
 func (w *sockWriter) flush() {
 	for len(w.stage) > 0 {
-		m, err := w.writev(w.stage, nil, true)
+		v := [1]unix.Iovec{iovec(w.stage)}
+		m, err := w.writev(v[:], true)
 		w.stage = w.stage[:copy(w.stage, w.stage[m:])]
 		if err != nil {
 			w.err = err
@@ -166,22 +328,15 @@ func (w *sockWriter) flush() {
 	}
 }
 
-// writev writes a then b to the socket; with wait false it returns what a
+// writev writes iov to the socket; with wait false it returns what a
 // non-blocking write took (possibly 0, with a nil error).
-func (w *sockWriter) writev(a, b []byte, wait bool) (int, error) {
-	w.niov = 0
-	for _, p := range [2][]byte{a, b} {
-		if len(p) > 0 {
-			w.iov[w.niov] = iovec(p)
-			w.niov++
-		}
-	}
-	if w.niov == 0 {
+func (w *sockWriter) writev(iov []unix.Iovec, wait bool) (int, error) {
+	if len(iov) == 0 {
 		return 0, nil
 	}
-	w.wait = wait
+	w.wiov, w.niov, w.wait = &iov[0], len(iov), wait
 	err := w.rc.Write(w.writeFn)
-	clear(w.iov[:])
+	w.wiov = nil
 	if err != nil {
 		return 0, err
 	}
@@ -201,7 +356,7 @@ func (w *sockWriter) writev(a, b []byte, wait bool) (int, error) {
 // idle spell: once per request on a request/response flow.
 func (w *sockWriter) writeFd(fd uintptr) bool {
 	for {
-		r, _, e := unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.niov))
+		r, _, e := unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(w.wiov)), uintptr(w.niov))
 		if e == unix.EINTR {
 			continue
 		}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/rs/zerolog"
 	wgnetstack "golang.zx2c4.com/wireguard/tun/netstack"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
@@ -345,4 +346,178 @@ func slowUpstream(ln net.Listener, stall time.Duration) <-chan []byte {
 		got <- b
 	}()
 	return got
+}
+
+// countingRawConn counts the socket writes SpliceTo makes (one rc.Write
+// per writev it issues, plus one per wait for a full socket).
+type countingRawConn struct {
+	syscall.RawConn
+	writes int
+}
+
+func (c *countingRawConn) Write(f func(fd uintptr) bool) error {
+	c.writes++
+	return c.RawConn.Write(f)
+}
+
+// hookHandler accepts a flow, dials dst, runs before on the flow, splices
+// it through a countingRawConn and reports the result and the writes.
+type hookHandler struct {
+	dst    string
+	before func(*endpointConn) error
+	done   chan hookResult
+}
+
+type hookResult struct {
+	n              int64
+	srcErr, dstErr error
+	writes         int
+	rcvBuf         int64 // the flow's receive buffer once SpliceTo returned
+}
+
+func (h *hookHandler) HandleTCP(r *TCPRequest) {
+	c, err := r.Accept()
+	if err != nil {
+		h.done <- hookResult{srcErr: err}
+		return
+	}
+	defer c.Close()
+	ec := c.(*endpointConn)
+	up, err := net.Dial("tcp", h.dst)
+	if err != nil {
+		h.done <- hookResult{dstErr: err}
+		return
+	}
+	defer up.Close()
+	rc, err := up.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		h.done <- hookResult{dstErr: err}
+		return
+	}
+	if h.before != nil {
+		if err := h.before(ec); err != nil {
+			h.done <- hookResult{srcErr: err}
+			return
+		}
+	}
+	crc := &countingRawConn{RawConn: rc}
+	var res hookResult
+	res.n, res.srcErr, res.dstErr = ec.SpliceTo(crc, func(int) {})
+	res.writes = crc.writes
+	res.rcvBuf = ec.ep.SocketOptions().GetReceiveBufferSize()
+	up.(*net.TCPConn).CloseWrite()
+	h.done <- res
+}
+
+func (h *hookHandler) HandleUDP(f *UDPFlow) { f.Close() }
+
+// fastUpstream accepts one connection on ln and reads it to EOF.
+func fastUpstream(ln net.Listener) <-chan []byte {
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		b, _ := io.ReadAll(c)
+		got <- b
+	}()
+	return got
+}
+
+// spliceThrough sends payload from a gVisor peer with the given MTU
+// through a flow h splices and returns h's result and what the upstream
+// received.
+func spliceThrough(t *testing.T, h *hookHandler, ln net.Listener, mtu int, payload []byte) (hookResult, []byte) {
+	t.Helper()
+	tnet := newPeerMTU(t, h, mtu)
+	got := fastUpstream(ln)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := tnet.DialContext(ctx, "tcp", "192.0.2.10:8080")
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Write(payload); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	var res hookResult
+	select {
+	case res = <-h.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("SpliceTo did not return")
+	}
+	if res.srcErr != nil || res.dstErr != nil {
+		t.Fatalf("SpliceTo: flow error %v, socket error %v", res.srcErr, res.dstErr)
+	}
+	if res.n != int64(len(payload)) {
+		t.Errorf("SpliceTo moved %d bytes, want %d", res.n, len(payload))
+	}
+	b := <-got
+	if sha256.Sum256(b) != sha256.Sum256(payload) {
+		t.Fatalf("upstream received %d bytes, not the %d sent", len(b), len(payload))
+	}
+	return res, b
+}
+
+// TestSpliceToBatchesQueuedSegments: segments queued in the flow when
+// SpliceTo looks go to the socket in one writev, not one per segment
+// (each writev costs a syscall, a socket lock and a push, and wakes the
+// upstream's reader).
+func TestSpliceToBatchesQueuedSegments(t *testing.T) {
+	ln := listenRcvBuf(t, 0)
+	payload := make([]byte, 6*60<<10) // 6+ segments of a 65,000-byte MTU
+	rand.Read(payload)
+	h := &hookHandler{dst: ln.Addr().String(), done: make(chan hookResult, 1)}
+	h.before = func(ec *endpointConn) error {
+		// Wait until the whole payload is queued in the flow.
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			q, err := ec.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+			if err != nil {
+				return fmt.Errorf("queue size: %s", err)
+			}
+			if q == len(payload) {
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%d of %d bytes queued after 10 s", q, len(payload))
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	res, _ := spliceThrough(t, h, ln, 65000, payload)
+	// One write for the first read, which SpliceTo copies (a flow
+	// starts as request/response), and one writev for the rest.
+	if res.writes > 2 {
+		t.Errorf("%d socket writes for %d bytes queued in %d+ segments, want at most 2", res.writes, len(payload), len(payload)/65000)
+	}
+}
+
+// TestSpliceToGrowsReceiveBuffer: a flow whose upstream keeps up grows its
+// receive buffer past the stack's default by gVisor's auto-tuning, which
+// SpliceTo drives by reporting what it moves (nothing else reads the
+// flow, so without the reports the buffer stays at the default).
+func TestSpliceToGrowsReceiveBuffer(t *testing.T) {
+	ln := listenRcvBuf(t, 0)
+	payload := make([]byte, 32<<20)
+	rand.Read(payload)
+	h := &hookHandler{dst: ln.Addr().String(), done: make(chan hookResult, 1)}
+	var initial int64
+	h.before = func(ec *endpointConn) error {
+		initial = ec.ep.SocketOptions().GetReceiveBufferSize()
+		return nil
+	}
+	res, _ := spliceThrough(t, h, ln, 65000, payload)
+	if initial != 1<<20 {
+		t.Fatalf("receive buffer %d at the start, want the default %d", initial, 1<<20)
+	}
+	if res.rcvBuf <= initial {
+		t.Errorf("receive buffer %d after 32 MiB spliced, want it grown past %d", res.rcvBuf, initial)
+	}
 }
