@@ -294,9 +294,14 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	// splice's second direction (tcpproxy.SpliceOn), or is released on
 	// any other way out.
 	var sp spare
-	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst) && connectRoom(snap, chain) {
+	rfd, optimistic := -1, false
+	if _, ok := src.(captured); ok && raw == nil && d.reach.known(fid.Dst, chain.TCP.Cluster) && connectRoom(snap, chain) {
+		rfd, optimistic = upstream.ReserveFD()
+	}
+	if optimistic {
 		var aerr error
 		raw, up, sp, aerr, err = acceptWhileDialing(src.accept, func() (*cluster.UpstreamConn, error) {
+			upstream.ReleaseFD(rfd)
 			u, f, err := chain.TCP.Connect(snap, fid.Dst, e)
 			flags = f
 			return u, err
@@ -309,7 +314,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 			if err == nil {
 				up.Reset()
 			} else {
-				d.reach.failed(fid.Dst)
+				d.reach.failed(fid.Dst, chain.TCP.Cluster)
 			}
 			e.ResponseFlags, e.Details = "DC", aerr.Error()
 			return
@@ -320,7 +325,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 	}
 	if err != nil {
 		if flags != "UO" { // an overflow says nothing of the destination
-			d.reach.failed(fid.Dst)
+			d.reach.failed(fid.Dst, chain.TCP.Cluster)
 		}
 		e.ResponseFlags, e.Details = flags, err.Error()
 		if tc, ok := down.(*Downstream); ok {
@@ -330,7 +335,7 @@ func serveFlow(snap *Snapshot, l *Listener, src flowSource, e *accesslog.Entry, 
 		}
 		return
 	}
-	d.reach.connected(fid.Dst)
+	d.reach.connected(fid.Dst, chain.TCP.Cluster)
 	if down == nil {
 		if down, err = src.accept(); err != nil {
 			up.Reset()

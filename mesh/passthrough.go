@@ -115,9 +115,14 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 	// sp, when not nil, is the goroutine that dialed: it runs the
 	// splice's second direction, or is released on any other way out.
 	var sp spare
-	if down == nil && p.reach.known(req.ID.Dst) {
+	rfd, optimistic := -1, false
+	if down == nil && p.reach.known(req.ID.Dst, "") {
+		rfd, optimistic = upstream.ReserveFD()
+	}
+	if optimistic {
 		var aerr error
 		down, up, sp, aerr, err = acceptWhileDialing(req.Accept, func() (*net.TCPConn, error) {
+			upstream.ReleaseFD(rfd)
 			return p.dial(context.Background(), req.ID.Dst)
 		})
 		if err != nil || aerr != nil {
@@ -129,7 +134,7 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 				up.SetLinger(0)
 				up.Close()
 			} else {
-				p.reach.failed(req.ID.Dst)
+				p.reach.failed(req.ID.Dst, "")
 			}
 			e.ResponseFlags, e.Details = "DC", aerr.Error()
 			p.o.Access.Log(&e)
@@ -139,7 +144,7 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		up, err = p.dial(context.Background(), req.ID.Dst)
 	}
 	if err != nil {
-		p.reach.failed(req.ID.Dst)
+		p.reach.failed(req.ID.Dst, "")
 		if down != nil {
 			down.Reset()
 		} else {
@@ -150,7 +155,7 @@ func (p *Passthrough) HandleTCP(req *netstack.TCPRequest) {
 		p.o.Access.Log(&e)
 		return
 	}
-	p.reach.connected(req.ID.Dst)
+	p.reach.connected(req.ID.Dst, "")
 	e.UpstreamLocal = up.LocalAddr().(*net.TCPAddr).AddrPort()
 	if down == nil {
 		if down, err = req.Accept(); err != nil {

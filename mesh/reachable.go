@@ -52,6 +52,7 @@ type reachable struct {
 type reachableSlot struct {
 	mu  sync.Mutex
 	dst netip.AddrPort
+	via string
 	at  time.Duration // since epoch; 0: empty
 }
 
@@ -59,49 +60,57 @@ func newReachable() *reachable {
 	return &reachable{seed: maphash.MakeSeed(), epoch: time.Now()}
 }
 
-func (r *reachable) slot(dst netip.AddrPort) *reachableSlot {
+// slot is where (dst, via) is kept. via is the cluster a flow to dst is
+// forwarded through: a connect through one cluster (a service listener's
+// endpoints) says nothing of another (PassthroughCluster, once that
+// listener is removed, dials dst itself).
+func (r *reachable) slot(dst netip.AddrPort, via string) *reachableSlot {
 	var k [18]byte
 	a := dst.Addr().As16()
 	copy(k[:], a[:])
 	k[16], k[17] = byte(dst.Port()>>8), byte(dst.Port())
-	return &r.slots[maphash.Bytes(r.seed, k[:])%reachableSlots]
+	var h maphash.Hash
+	h.SetSeed(r.seed)
+	h.Write(k[:])
+	h.WriteString(via)
+	return &r.slots[h.Sum64()%reachableSlots]
 }
 
-// known reports whether an upstream connect to dst succeeded within
-// reachableFor. A nil table knows nothing.
-func (r *reachable) known(dst netip.AddrPort) bool {
+// known reports whether an upstream connect to dst through via succeeded
+// within reachableFor. A nil table knows nothing.
+func (r *reachable) known(dst netip.AddrPort, via string) bool {
 	if r == nil {
 		return false
 	}
 	now := time.Since(r.epoch)
-	s := r.slot(dst)
+	s := r.slot(dst, via)
 	s.mu.Lock()
-	ok := s.at != 0 && s.dst == dst && now-s.at < reachableFor
+	ok := s.at != 0 && s.dst == dst && s.via == via && now-s.at < reachableFor
 	s.mu.Unlock()
 	return ok
 }
 
-// connected records a successful upstream connect to dst.
-func (r *reachable) connected(dst netip.AddrPort) {
+// connected records a successful upstream connect to dst through via.
+func (r *reachable) connected(dst netip.AddrPort, via string) {
 	if r == nil {
 		return
 	}
 	now := max(time.Since(r.epoch), 1)
-	s := r.slot(dst)
+	s := r.slot(dst, via)
 	s.mu.Lock()
-	s.dst, s.at = dst, now
+	s.dst, s.via, s.at = dst, via, now
 	s.mu.Unlock()
 }
 
 // failed forgets dst after a connect to it failed: its next flow dials
 // first again.
-func (r *reachable) failed(dst netip.AddrPort) {
+func (r *reachable) failed(dst netip.AddrPort, via string) {
 	if r == nil {
 		return
 	}
-	s := r.slot(dst)
+	s := r.slot(dst, via)
 	s.mu.Lock()
-	if s.dst == dst {
+	if s.dst == dst && s.via == via {
 		s.at = 0
 	}
 	s.mu.Unlock()

@@ -29,27 +29,35 @@ func TestReachableTable(t *testing.T) {
 	r := newReachable()
 	a := netip.MustParseAddrPort("10.0.0.1:80")
 	b := netip.MustParseAddrPort("[fd00::1]:80")
-	if r.known(a) {
+	if r.known(a, "") {
 		t.Fatal("an empty table knows a destination")
 	}
-	r.connected(a)
-	if !r.known(a) || r.known(b) {
-		t.Fatalf("after a's connect: known(a)=%v known(b)=%v, want true false", r.known(a), r.known(b))
+	r.connected(a, "")
+	if !r.known(a, "") || r.known(b, "") {
+		t.Fatalf("after a's connect: known(a)=%v known(b)=%v, want true false", r.known(a, ""), r.known(b, ""))
 	}
-	if r.known(netip.MustParseAddrPort("10.0.0.1:81")) {
+	if r.known(netip.MustParseAddrPort("10.0.0.1:81"), "") {
 		t.Error("another port of a's address is known")
 	}
-	r.failed(b) // b holds no slot: a stays
-	if !r.known(a) {
+	if r.known(a, "outbound|80||svc") {
+		t.Error("a connect through the passthrough made a known through another cluster")
+	}
+	r.connected(a, "outbound|80||svc")
+	r.failed(a, "PassthroughCluster")
+	if !r.known(a, "outbound|80||svc") {
+		t.Error("a failure through another cluster forgot a through its own")
+	}
+	r.failed(b, "") // b holds no slot: a stays
+	if !r.known(a, "") {
 		t.Error("a failure of another destination forgot a")
 	}
-	r.failed(a)
-	if r.known(a) {
+	r.failed(a, "")
+	if r.known(a, "") {
 		t.Error("a is still known after its connect failed")
 	}
-	r.connected(a)
+	r.connected(a, "")
 	r.epoch = r.epoch.Add(-reachableFor) // a's connect is now reachableFor old
-	if r.known(a) {
+	if r.known(a, "") {
 		t.Error("a is still known reachableFor after its last connect")
 	}
 
@@ -57,23 +65,23 @@ func TestReachableTable(t *testing.T) {
 	var c netip.AddrPort
 	for p := uint16(1); ; p++ {
 		c = netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), p)
-		if r.slot(c) == r.slot(a) {
+		if r.slot(c, "") == r.slot(a, "") {
 			break
 		}
 	}
-	r.connected(a)
-	r.connected(c)
-	if r.known(a) || !r.known(c) {
-		t.Errorf("after c took a's slot: known(a)=%v known(c)=%v, want false true", r.known(a), r.known(c))
+	r.connected(a, "")
+	r.connected(c, "")
+	if r.known(a, "") || !r.known(c, "") {
+		t.Errorf("after c took a's slot: known(a)=%v known(c)=%v, want false true", r.known(a, ""), r.known(c, ""))
 	}
 
 	var none *reachable
-	none.connected(a)
-	none.failed(a)
-	if none.known(a) {
+	none.connected(a, "")
+	none.failed(a, "")
+	if none.known(a, "") {
 		t.Error("a nil table knows a destination")
 	}
-	if n := testing.AllocsPerRun(100, func() { r.connected(a); r.known(a) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { r.connected(a, ""); r.known(a, "") }); n != 0 {
 		t.Errorf("connected+known allocate %v times, want 0", n)
 	}
 }
@@ -209,7 +217,7 @@ func TestPassthroughOptimisticAccept(t *testing.T) {
 	refusedConnect(t, tnet, never)
 
 	echoOnce(t, tnet, good) // dialed first, and now known
-	if !p.reach.known(netip.MustParseAddrPort(good)) {
+	if !p.reach.known(netip.MustParseAddrPort(good), "") {
 		t.Fatal("a destination just reached is not known")
 	}
 	// Known: the client's connect completes while the dial is held back
@@ -238,7 +246,7 @@ func TestPassthroughOptimisticAccept(t *testing.T) {
 	// does), and forgotten, so the next connect is refused again.
 	goodUp.Store(&closed)
 	acceptedThenReset(t, tnet, good)
-	if p.reach.known(netip.MustParseAddrPort(good)) {
+	if p.reach.known(netip.MustParseAddrPort(good), "") {
 		t.Fatal("a destination whose dial failed is still known")
 	}
 	refusedConnect(t, tnet, good)
@@ -285,7 +293,7 @@ func TestServeFlowOptimisticAccept(t *testing.T) {
 
 	const vip = "10.96.0.1:9000"
 	echoOnce(t, tnet, vip)
-	if !d.reach.known(netip.MustParseAddrPort(vip)) {
+	if !d.reach.known(netip.MustParseAddrPort(vip), "echo") {
 		t.Fatal("a destination whose upstream was just connected is not known")
 	}
 	connections(0)
@@ -306,13 +314,13 @@ func TestServeFlowOptimisticAccept(t *testing.T) {
 	connections(0)
 	// An overflow is the proxy's own refusal, not the destination's: it
 	// stays known.
-	if !d.reach.known(netip.MustParseAddrPort(vip)) {
+	if !d.reach.known(netip.MustParseAddrPort(vip), "echo") {
 		t.Fatal("an overflow made the destination unknown")
 	}
 
 	ln.Close() // the cluster's endpoint now refuses
 	acceptedThenReset(t, tnet, vip)
-	if d.reach.known(netip.MustParseAddrPort(vip)) {
+	if d.reach.known(netip.MustParseAddrPort(vip), "echo") {
 		t.Fatal("a destination whose connect failed is still known")
 	}
 	refusedConnect(t, tnet, vip)

@@ -61,20 +61,8 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 				return n, nil, w.err
 			}
 			bulk = res.Count >= copyUnder
-			if err == nil {
-				continue
-			}
-			if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
-				if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
-					return n, nil, nil
-				}
-				return n, c.opError("read", err), nil
-			}
-			w.release()
-			select {
-			case <-c.rCh:
-			case <-c.readDL.wait():
-				return n, c.opErr("read", os.ErrDeadlineExceeded), nil
+			if done, rerr := c.spliceWait(err, w); done {
+				return n, rerr, nil
 			}
 			continue
 		}
@@ -126,23 +114,33 @@ func (c *endpointConn) SpliceTo(dst syscall.RawConn, onData func(n int)) (n int6
 				return n, nil, w.err
 			}
 		}
-		if err == nil {
-			continue
+		if done, rerr := c.spliceWait(err, w); done {
+			return n, rerr, nil
 		}
-		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
-			if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
-				return n, nil, nil
-			}
-			return n, c.opError("read", err), nil
+	}
+}
+
+// spliceWait handles the error of SpliceTo's read: nil goes on at once;
+// an empty queue (ErrWouldBlock) waits for the next segment, with w's
+// staging buffer (empty) back in the pool meanwhile, unless the read
+// deadline passes; the peer's FIN ends the splice (done, nil); any other
+// error ends it with that error.
+func (c *endpointConn) spliceWait(err tcpip.Error, w *sockWriter) (done bool, rerr error) {
+	if err == nil {
+		return false, nil
+	}
+	if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+		if _, ok := err.(*tcpip.ErrClosedForReceive); ok {
+			return true, nil
 		}
-		// Nothing queued: the staging buffer (empty) goes back to the
-		// pool while the flow waits.
-		w.release()
-		select {
-		case <-c.rCh:
-		case <-c.readDL.wait():
-			return n, c.opErr("read", os.ErrDeadlineExceeded), nil
-		}
+		return true, c.opError("read", err)
+	}
+	w.release()
+	select {
+	case <-c.rCh:
+		return false, nil
+	case <-c.readDL.wait():
+		return true, c.opErr("read", os.ErrDeadlineExceeded)
 	}
 }
 

@@ -4,7 +4,6 @@ package httpconn
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/meshtun/meshtun/internal/rawsock"
-	"github.com/meshtun/meshtun/internal/xdstest"
 )
 
 // TestRawSockIO: a plaintext upstream connection of the h1 transport (read
@@ -24,32 +22,7 @@ import (
 // kill) unblocks a waiting read with a timeout *net.OpError "read", and
 // the bytes count as the cluster's upstream_cx_rx/tx_bytes_total.
 func TestRawSockIO(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
-		}
-	}()
-	addr := ln.Addr().(*net.TCPAddr).AddrPort()
-	env := newEnv(t, xdstest.StaticCluster("c", addr))
-	cl := env.clusters["c"]
-	cp, err := env.pools.get(cl, env.opts["c"])
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := cp.dialHost(context.Background(), addr.String(), cl.Hosts()[0], false, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	server := <-accepted
-	defer server.Close()
+	pc, server, cl := dialPooled(t)
 	var rw io.ReadWriter = pc
 	rx0, tx0 := clusterStat(t, cl, "upstream_cx_rx_bytes_total"), clusterStat(t, cl, "upstream_cx_tx_bytes_total")
 
@@ -86,7 +59,7 @@ func TestRawSockIO(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 		pc.SetDeadline(time.Unix(1, 0))
 	}()
-	_, err = rw.Read(buf)
+	_, err := rw.Read(buf)
 	var oe *net.OpError
 	if !errors.As(err, &oe) || oe.Op != "read" || !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Read after the deadline: %v, want a *net.OpError \"read\" with os.ErrDeadlineExceeded", err)

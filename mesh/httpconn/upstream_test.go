@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshtun/meshtun/internal/xdstest"
+	"github.com/meshtun/meshtun/mesh/cluster"
 )
 
 // retryAll is a policy under which every attempt may be retried, as
@@ -349,9 +350,11 @@ func TestRouteTimeoutCutsBackOff(t *testing.T) {
 	}
 }
 
-// TestIdleCheckAllocationFree: the checkout liveness peek allocates
-// nothing and sees the upstream's close.
-func TestIdleCheckAllocationFree(t *testing.T) {
+// dialPooled connects a pooled upstream connection of cluster "c" to a
+// loopback listener and returns it, the listener's end, and the cluster;
+// both ends close when the test ends.
+func dialPooled(t *testing.T) (*pooledConn, net.Conn, *cluster.Cluster) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -375,9 +378,17 @@ func TestIdleCheckAllocationFree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newH1Conn(pc, addr.String())
-	defer c.pc.Close()
+	t.Cleanup(func() { pc.Close() })
 	server := <-accepted
+	t.Cleanup(func() { server.Close() })
+	return pc, server, cl
+}
+
+// TestIdleCheckAllocationFree: the checkout liveness peek allocates
+// nothing and sees the upstream's close.
+func TestIdleCheckAllocationFree(t *testing.T) {
+	pc, server, _ := dialPooled(t)
+	c := newH1Conn(pc, pc.RemoteAddr().String())
 	if !c.alive() {
 		t.Fatal("open idle connection reported dead")
 	}
